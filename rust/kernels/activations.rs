@@ -1,0 +1,149 @@
+//! Per-token int8 activation quantization, exactly as BitNet b1.58 defines it:
+//! `s = 127 / max(absmax(x), 1e-5)`, `q = clamp(round_half_even(x * s), -128, 127)`,
+//! all in f32, one division then one multiplication (transformers' order).
+
+use super::packing::{blocks_for, BLOCK};
+use crate::error::{Result, TritError};
+
+/// Lower bound on a token's absmax, as in transformers (avoids dividing by zero).
+pub const ABSMAX_FLOOR: f32 = 1e-5;
+
+/// A batch of quantized tokens, laid out for the kernels.
+#[derive(Clone, Debug, Default)]
+pub struct QuantizedActivations {
+    m: usize,
+    k: usize,
+    k_padded: usize,
+    /// [m, k_padded] int8 codes, zero past k (zero padding keeps the padded
+    /// weights' codes out of every sum).
+    q: Vec<i8>,
+    /// [m] the multiplier `s` of each token: `x ≈ q / s`.
+    scale: Vec<f32>,
+    /// [m] Σ_k q[t, k]: the kernels subtract it to undo the `+1` of the weight codes.
+    sum: Vec<i32>,
+}
+
+impl QuantizedActivations {
+    /// Quantizes `x` ([m, k] row-major f32) token by token. Values must be finite.
+    pub fn quantize(x: &[f32], m: usize, k: usize) -> Result<Self> {
+        let mut out = QuantizedActivations::default();
+        out.requantize(x, m, k)?;
+        Ok(out)
+    }
+
+    /// As `quantize`, reusing this batch's buffers (no allocation once they are big enough).
+    pub fn requantize(&mut self, x: &[f32], m: usize, k: usize) -> Result<()> {
+        if m == 0 || k == 0 {
+            return Err(TritError::invalid(format!(
+                "activations need at least one token and one feature, got [{m}, {k}]"
+            )));
+        }
+        if x.len() != m * k {
+            return Err(TritError::invalid(format!(
+                "activations hold {} values, not m * k = {m} * {k}",
+                x.len()
+            )));
+        }
+        if let Some(pos) = x.iter().position(|v| !v.is_finite()) {
+            return Err(TritError::invalid(format!(
+                "activation [{}, {}] is {}; activations must be finite",
+                pos / k,
+                pos % k,
+                x[pos]
+            )));
+        }
+        let k_padded = blocks_for(k) * BLOCK;
+        self.m = m;
+        self.k = k;
+        self.k_padded = k_padded;
+        self.q.clear();
+        self.q.resize(m * k_padded, 0);
+        self.scale.clear();
+        self.sum.clear();
+        for (token, q_row) in x.chunks_exact(k).zip(self.q.chunks_exact_mut(k_padded)) {
+            let (s, sum) = quantize_token(token, &mut q_row[..k]);
+            self.scale.push(s);
+            self.sum.push(sum);
+        }
+        Ok(())
+    }
+
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn k_padded(&self) -> usize {
+        self.k_padded
+    }
+
+    /// All codes, [m, k_padded].
+    pub fn codes(&self) -> &[i8] {
+        &self.q
+    }
+
+    /// The codes of token `t`, [k_padded].
+    pub fn token(&self, t: usize) -> &[i8] {
+        &self.q[t * self.k_padded..(t + 1) * self.k_padded]
+    }
+
+    /// [m] per-token multipliers.
+    pub fn scales(&self) -> &[f32] {
+        &self.scale
+    }
+
+    /// [m] per-token code sums.
+    pub fn sums(&self) -> &[i32] {
+        &self.sum
+    }
+}
+
+/// Quantizes one token into `q` (same length as `x`); returns its multiplier and code sum.
+pub fn quantize_token(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    debug_assert_eq!(x.len(), q.len());
+    let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let s = 127.0f32 / absmax.max(ABSMAX_FLOOR);
+    let mut sum = 0i32;
+    for (qi, &xi) in q.iter_mut().zip(x) {
+        // The clamp matters only for -128: |x * s| <= 127 up to rounding.
+        let code = (xi * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+        *qi = code;
+        sum += i32::from(code);
+    }
+    (s, sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_the_formula_on_a_worked_example() {
+        let x = [0.5f32, -1.0, 0.25, 0.0, 1.0 / 254.0];
+        let qa = QuantizedActivations::quantize(&x, 1, 5).unwrap();
+        assert_eq!(qa.scales()[0], 127.0);
+        // 0.5*127 = 63.5 -> 64 (half to even), 0.25*127 = 31.75 -> 32, 127/254 = 0.5 -> 0.
+        assert_eq!(&qa.token(0)[..5], &[64, -127, 32, 0, 0]);
+        assert_eq!(qa.sums()[0], 64 - 127 + 32);
+        assert_eq!(qa.k_padded(), 256);
+        assert!(qa.token(0)[5..].iter().all(|&v| v == 0));
+    }
+
+    #[test]
+    fn all_zero_token_uses_the_floor() {
+        let qa = QuantizedActivations::quantize(&[0.0; 3], 1, 3).unwrap();
+        assert_eq!(qa.scales()[0], 127.0 / 1e-5);
+        assert_eq!(qa.sums()[0], 0);
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert!(QuantizedActivations::quantize(&[], 0, 4).is_err());
+        assert!(QuantizedActivations::quantize(&[1.0; 3], 1, 4).is_err());
+        assert!(QuantizedActivations::quantize(&[1.0, f32::NAN], 1, 2).is_err());
+        assert!(QuantizedActivations::quantize(&[1.0, f32::INFINITY], 2, 1).is_err());
+    }
+}

@@ -1,0 +1,299 @@
+//! Packed-ternary matrix multiplication: `y[t, n] = (Σ_k q[t, k] · W[n, k]) / s[t] · scale`.
+//!
+//! `scalar` defines the meaning; every SIMD path must produce exactly the same
+//! integer dots (and so the same f32 bits, since the float epilogue is shared).
+//! The path is chosen once per process: the best the CPU supports, or the one
+//! named by `TRIT_KERNEL`.
+
+pub mod activations;
+pub mod packing;
+pub mod scalar;
+
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_avx512;
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+use rayon::ThreadPool;
+
+pub use activations::QuantizedActivations;
+pub use packing::TernaryMatrix;
+
+use crate::error::{Result, TritError};
+
+/// Environment variable that forces a kernel path.
+pub const KERNEL_ENV: &str = "TRIT_KERNEL";
+
+/// A kernel path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Portable Rust; the definition the others are tested against.
+    Scalar,
+    /// x86-64 AVX2 (`vpmaddubsw`).
+    Avx2,
+    /// x86-64 AVX-512 BW, with VNNI's `vpdpbusd` where the CPU has it.
+    Avx512,
+    /// aarch64 Advanced SIMD.
+    Neon,
+}
+
+impl Kernel {
+    /// Every path, from the most portable to the fastest.
+    pub const ALL: [Kernel; 4] = [Kernel::Scalar, Kernel::Neon, Kernel::Avx2, Kernel::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
+            Kernel::Neon => "neon",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Kernel> {
+        Kernel::ALL.into_iter().find(|k| k.name() == name.trim().to_ascii_lowercase())
+    }
+
+    /// Whether this CPU (and this build's target) can run the path.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Kernel::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The paths this CPU can run, most portable first.
+    pub fn supported() -> Vec<Kernel> {
+        Kernel::ALL.into_iter().filter(|k| k.is_supported()).collect()
+    }
+
+    /// The fastest path this CPU can run.
+    pub fn best() -> Kernel {
+        Kernel::ALL.into_iter().rev().find(|k| k.is_supported()).unwrap_or(Kernel::Scalar)
+    }
+
+    /// This path, or an error saying why it cannot run here.
+    pub fn require(self) -> Result<Kernel> {
+        if self.is_supported() {
+            Ok(self)
+        } else {
+            Err(TritError::KernelUnavailable(format!(
+                "kernel {:?} cannot run on this CPU; it supports {}",
+                self.name(),
+                names(&Kernel::supported())
+            )))
+        }
+    }
+
+    /// The path in use: `TRIT_KERNEL` if set, else the best. Decided once per process.
+    pub fn active() -> Result<Kernel> {
+        static ACTIVE: OnceLock<Result<Kernel>> = OnceLock::new();
+        ACTIVE
+            .get_or_init(|| match std::env::var(KERNEL_ENV) {
+                Ok(name) if !name.trim().is_empty() => Kernel::parse(&name)?.require(),
+                _ => Ok(Kernel::best()),
+            })
+            .clone()
+    }
+
+    /// The path named `name`, or an error listing the valid names.
+    pub fn parse(name: &str) -> Result<Kernel> {
+        Kernel::from_name(name).ok_or_else(|| {
+            TritError::invalid(format!(
+                "unknown kernel {name:?}; expected one of {}",
+                names(&Kernel::ALL)
+            ))
+        })
+    }
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn names(kernels: &[Kernel]) -> String {
+    kernels.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+}
+
+/// The float epilogue shared by every path: one division by the activation
+/// multiplier, then one multiplication by the weight scale.
+#[inline(always)]
+pub fn dequantize(dot: i32, x_scale: f32, w_scale: f32) -> f32 {
+    dot as f32 / x_scale * w_scale
+}
+
+/// Raw dots of one token against `rows`: `dots[i] = Σ_k xq[k] · W[rows.start + i, k]`.
+/// `xq` is [k_padded] (zero past n_in) and `xsum` its sum.
+fn gemv_dots(kernel: Kernel, w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
+    debug_assert!(kernel.is_supported());
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the path was checked to be supported by this CPU.
+        Kernel::Avx2 => unsafe { x86_avx2::gemv(w, xq, xsum, rows, dots) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx512 => unsafe { x86_avx512::gemv(w, xq, xsum, rows, dots) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        Kernel::Neon => unsafe { neon::gemv(w, xq, xsum, rows, dots) },
+        _ => scalar::gemv(w, xq, xsum, rows, dots),
+    }
+}
+
+/// Raw dots of every token of `x` against `rows`: `dots` is [rows.len(), m].
+fn gemm_dots(kernel: Kernel, w: &TernaryMatrix, x: &QuantizedActivations, rows: Range<usize>, dots: &mut [i32]) {
+    debug_assert!(kernel.is_supported());
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the path was checked to be supported by this CPU.
+        Kernel::Avx2 => unsafe { x86_avx2::gemm(w, x, rows, dots) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx512 => unsafe { x86_avx512::gemm(w, x, rows, dots) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        Kernel::Neon => unsafe { neon::gemm(w, x, rows, dots) },
+        _ => scalar::gemm(w, x, rows, dots),
+    }
+}
+
+/// Rows handed to one rayon task: a few tasks per thread so that a core
+/// slowed by other work is balanced by stealing, rounded to `align` rows (a
+/// multiple of every kernel's row tile), and not so few that the split costs
+/// more than it gains.
+fn rows_per_task(n_out: usize, threads: usize, align: usize, min_rows: usize) -> usize {
+    let tasks = if threads <= 1 { 1 } else { threads * 4 };
+    let rows = n_out.div_ceil(tasks).max(min_rows);
+    rows.div_ceil(align) * align
+}
+
+/// Row tile every kernel divides evenly: AVX2 uses 3 and 4, AVX-512 4, NEON 4.
+const ROW_ALIGN: usize = 12;
+
+/// `y[t, n] = (Σ_k x[t, k] · W[n, k]) / s[t] · W.scale`, y is [m, n_out].
+pub fn matmul_into(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    y: &mut [f32],
+    kernel: Kernel,
+    pool: &ThreadPool,
+) -> Result<()> {
+    let kernel = kernel.require()?;
+    if x.k() != w.n_in() {
+        return Err(TritError::invalid(format!(
+            "activations have {} features but the matrix takes {} inputs",
+            x.k(),
+            w.n_in()
+        )));
+    }
+    let (m, n_out) = (x.m(), w.n_out());
+    if y.len() != m * n_out {
+        return Err(TritError::invalid(format!(
+            "output holds {} values, not m * n_out = {m} * {n_out}",
+            y.len()
+        )));
+    }
+    let threads = pool.current_num_threads();
+    let w_scale = w.scale();
+    if m == 1 {
+        let (xq, xsum, xs) = (x.token(0), x.sums()[0], x.scales()[0]);
+        let chunk = rows_per_task(n_out, threads, ROW_ALIGN, 48);
+        pool.install(|| {
+            y.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| {
+                // Dots in pieces through a stack buffer: no allocation per call.
+                const PIECE: usize = 96;
+                let mut dots = [0i32; PIECE];
+                for (p, ys) in ys.chunks_mut(PIECE).enumerate() {
+                    let start = c * chunk + p * PIECE;
+                    let dots = &mut dots[..ys.len()];
+                    gemv_dots(kernel, w, xq, xsum, start..start + ys.len(), dots);
+                    for (yv, &d) in ys.iter_mut().zip(dots.iter()) {
+                        *yv = dequantize(d, xs, w_scale);
+                    }
+                }
+            })
+        });
+        return Ok(());
+    }
+    let chunk = rows_per_task(n_out, threads, ROW_ALIGN, 24);
+    let out = OutPtr(y.as_mut_ptr());
+    pool.install(|| {
+        (0..n_out.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let rows = c * chunk..((c + 1) * chunk).min(n_out);
+            let mut dots = vec![0i32; rows.len() * m]; // [rows, m]
+            gemm_dots(kernel, w, x, rows.clone(), &mut dots);
+            for (i, n) in rows.enumerate() {
+                for t in 0..m {
+                    let value = dequantize(dots[i * m + t], x.scales()[t], w_scale);
+                    // SAFETY: t < m and n < n_out, so the index is inside y, and
+                    // tasks own disjoint sets of columns n, so no two write one place.
+                    unsafe { out.get().add(t * n_out + n).write(value) };
+                }
+            }
+        })
+    });
+    Ok(())
+}
+
+/// The output pointer shared by GEMM tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (see matmul_into).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    // A method (not field access) so closures capture the Send wrapper, not the raw pointer.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Convenience: allocates y.
+pub fn matmul(w: &TernaryMatrix, x: &QuantizedActivations, kernel: Kernel, pool: &ThreadPool) -> Result<Vec<f32>> {
+    let mut y = vec![0.0f32; x.m() * w.n_out()];
+    matmul_into(w, x, &mut y, kernel, pool)?;
+    Ok(y)
+}
+
+/// Scratch memory with 64-byte lines, for unpacked weight codes.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+#[allow(dead_code)]
+pub(crate) struct CacheLine([u8; 64]);
+
+/// A zeroed buffer of at least `bytes` bytes, 64-byte aligned.
+#[allow(dead_code)]
+pub(crate) fn aligned_scratch(bytes: usize) -> Vec<CacheLine> {
+    vec![CacheLine([0; 64]); bytes.div_ceil(64)]
+}
+
+/// Inputs per k-block of the GEMMs: the activations of all `m` tokens over
+/// one k-block (`m * kb` bytes) are re-read for every row tile, so they should
+/// stay in a core's L2 (256 KiB is a safe share of it on current x86 and Arm).
+#[allow(dead_code)]
+pub(crate) fn gemm_k_block(m: usize, k_padded: usize) -> usize {
+    const L2_SHARE: usize = 256 * 1024;
+    let kb = (L2_SHARE / m.max(1)) / packing::BLOCK * packing::BLOCK;
+    kb.clamp(packing::BLOCK, k_padded)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,119 @@
+//! Every supported kernel path against the scalar definition (exact), and the
+//! scalar definition against a plain i64 reference over unpacked weights.
+
+use super::*;
+use crate::threads;
+use proptest::prelude::*;
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+fn random_matrix(n_out: usize, n_in: usize, seed: u64) -> TernaryMatrix {
+    let mut s = seed | 1;
+    let w: Vec<i8> = (0..n_out * n_in).map(|_| (xorshift(&mut s) % 3) as i8 - 1).collect();
+    TernaryMatrix::pack(&w, n_out, n_in, 0.75).unwrap()
+}
+
+fn random_activations(m: usize, k: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..m * k).map(|_| (xorshift(&mut s) % 20001) as f32 / 1000.0 - 10.0).collect()
+}
+
+/// Activations whose codes hit the extremes -128 and 127, the worst case for overflow.
+fn extreme_activations(m: usize, k: usize) -> QuantizedActivations {
+    let x: Vec<f32> = (0..m * k).map(|i| if i % 2 == 0 { -1.0 } else { 1.0 }).collect();
+    let mut qa = QuantizedActivations::quantize(&x, m, k).unwrap();
+    assert_eq!(qa.scales()[0], 127.0);
+    // Make them -128 (clamp's lower bound) by pushing one value past the absmax.
+    let x2: Vec<f32> = x.iter().map(|&v| if v < 0.0 { -1.004 } else { 1.0 }).collect();
+    qa.requantize(&x2, m, k).unwrap();
+    qa
+}
+
+fn reference_dots(w: &TernaryMatrix, x: &QuantizedActivations) -> Vec<i32> {
+    let wu = w.unpack();
+    let mut dots = vec![0i32; x.m() * w.n_out()]; // [m, n_out]
+    for t in 0..x.m() {
+        for n in 0..w.n_out() {
+            let d: i64 = (0..w.n_in()).map(|k| i64::from(wu[n * w.n_in() + k]) * i64::from(x.token(t)[k])).sum();
+            dots[t * w.n_out() + n] = d as i32;
+        }
+    }
+    dots
+}
+
+fn check_all_kernels(w: &TernaryMatrix, x: &QuantizedActivations) {
+    let pool = threads::pool(Some(2)).unwrap();
+    let reference = reference_dots(w, x);
+    let expected: Vec<f32> = (0..x.m() * w.n_out())
+        .map(|i| dequantize(reference[i], x.scales()[i / w.n_out()], w.scale()))
+        .collect();
+    for kernel in Kernel::supported() {
+        let y = matmul(w, x, kernel, &pool).unwrap();
+        let same = y.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "kernel {kernel} differs from the reference at [{}, {}]", x.m(), w.n_out());
+    }
+}
+
+#[test]
+fn model_shapes_agree() {
+    for (n_out, n_in) in [(640, 2560), (160, 2560), (64, 6912)] {
+        let w = random_matrix(n_out, n_in, n_out as u64);
+        for m in [1, 5] {
+            let x = QuantizedActivations::quantize(&random_activations(m, n_in, m as u64), m, n_in).unwrap();
+            check_all_kernels(&w, &x);
+        }
+    }
+}
+
+#[test]
+fn extreme_codes_do_not_overflow() {
+    // All weights +1 or all -1 against ±128/127 codes over a long row: the worst case for i16 sums.
+    for value in [1i8, -1] {
+        let (n_out, n_in) = (13, 4096 + 256 * 3 + 7);
+        let w = TernaryMatrix::pack(&vec![value; n_out * n_in], n_out, n_in, 1.0).unwrap();
+        for m in [1, 7] {
+            let x = extreme_activations(m, n_in);
+            check_all_kernels(&w, &x);
+        }
+    }
+    // Weights that follow the sign of the activations: every product is +128 or +127.
+    let (n_out, n_in) = (5, 3000);
+    let w = TernaryMatrix::from_fn(n_out, n_in, 1.0, |_, k| if k % 2 == 0 { -1 } else { 1 }).unwrap();
+    check_all_kernels(&w, &extreme_activations(4, n_in));
+}
+
+#[test]
+fn matmul_rejects_mismatched_shapes() {
+    let pool = threads::pool(Some(1)).unwrap();
+    let w = random_matrix(4, 10, 1);
+    let x = QuantizedActivations::quantize(&[1.0; 9], 1, 9).unwrap();
+    assert!(matmul(&w, &x, Kernel::Scalar, &pool).is_err());
+    let x = QuantizedActivations::quantize(&[1.0; 10], 1, 10).unwrap();
+    let mut y = vec![0.0; 3];
+    assert!(matmul_into(&w, &x, &mut y, Kernel::Scalar, &pool).is_err());
+}
+
+#[test]
+fn kernel_names_round_trip() {
+    for kernel in Kernel::ALL {
+        assert_eq!(Kernel::from_name(kernel.name()), Some(kernel));
+    }
+    assert!(Kernel::parse("sse9").is_err());
+    assert!(Kernel::supported().contains(&Kernel::Scalar));
+    assert!(Kernel::best().is_supported());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn random_shapes_agree(n_out in 1usize..80, n_in in 1usize..1100, m in 1usize..71, seed in any::<u64>()) {
+        let w = random_matrix(n_out, n_in, seed);
+        let x = QuantizedActivations::quantize(&random_activations(m, n_in, seed), m, n_in).unwrap();
+        check_all_kernels(&w, &x);
+    }
+}

@@ -1,0 +1,204 @@
+//! AVX2 kernels. Weights arrive as codes `w + 1` in {0, 1, 2} (see `packing`),
+//! multiplied with int8 activations by `vpmaddubsw` (unsigned × signed, pairs
+//! summed into i16), widened to i32 by `vpmaddwd` with ones. The `+ 1` adds
+//! Σ_k x[k] to every dot; it is subtracted once at the end.
+//!
+//! Overflow: a `vpmaddubsw` lane is c0·x0 + c1·x1 with c ≤ 2 and |x| ≤ 128, so
+//! |lane| ≤ 512 and 63 of them still fit an i16 (63 · 512 = 32256 < 32767).
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::packing::{PackedBlock, TernaryMatrix, BLOCK};
+use super::{aligned_scratch, gemm_k_block, QuantizedActivations};
+
+/// GEMV: blocks summed in i16 before widening. Each block adds 8 `vpmaddubsw`
+/// lanes (2 halves × 4 planes) to a row's accumulator: 4 · 8 · 512 = 16384.
+const GEMV_I16_BLOCKS: usize = 4;
+/// GEMV rows per tile: they share each activation load.
+const GEMV_ROWS: usize = 4;
+
+/// The four 32-code planes held by 32 packed bytes: plane i has the codes of
+/// bits 2i..2i+1.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn planes(packed: __m256i) -> [__m256i; 4] {
+    let mask = _mm256_set1_epi8(3);
+    [
+        _mm256_and_si256(packed, mask),
+        _mm256_and_si256(_mm256_srli_epi16::<2>(packed), mask),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(packed), mask),
+        _mm256_and_si256(_mm256_srli_epi16::<6>(packed), mask),
+    ]
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// # Safety
+/// The CPU must support AVX2; `xq` must hold at least `w.k_padded()` values.
+#[target_feature(enable = "avx2")]
+pub unsafe fn gemv(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
+    assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
+    let mut n = rows.start;
+    for out in dots.chunks_mut(GEMV_ROWS) {
+        match out.len() {
+            4 => gemv_tile::<4>(w, xq, xsum, n, out),
+            3 => gemv_tile::<3>(w, xq, xsum, n, out),
+            2 => gemv_tile::<2>(w, xq, xsum, n, out),
+            _ => gemv_tile::<1>(w, xq, xsum, n, out),
+        }
+        n += out.len();
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn gemv_tile<const R: usize>(w: &TernaryMatrix, xq: &[i8], xsum: i32, n0: usize, out: &mut [i32]) {
+    let ones = _mm256_set1_epi16(1);
+    let rows: [*const PackedBlock; R] = std::array::from_fn(|j| w.row(n0 + j).as_ptr());
+    let x = xq.as_ptr();
+    let n_blocks = w.blocks_per_row();
+    let mut acc32 = [_mm256_setzero_si256(); R];
+    let mut b0 = 0;
+    while b0 < n_blocks {
+        let b1 = (b0 + GEMV_I16_BLOCKS).min(n_blocks);
+        let mut acc16 = [_mm256_setzero_si256(); R];
+        for b in b0..b1 {
+            for half in 0..2 {
+                // Activations 64i + 32·half .. +32 of block b meet plane i of this half.
+                let xs: [__m256i; 4] = std::array::from_fn(|i| {
+                    _mm256_loadu_si256(x.add(b * BLOCK + 64 * i + 32 * half).cast())
+                });
+                for j in 0..R {
+                    // PackedBlock is 64-byte aligned, so each half is 32-byte aligned.
+                    let packed = _mm256_load_si256(rows[j].add(b).cast::<u8>().add(32 * half).cast());
+                    let codes = planes(packed);
+                    for i in 0..4 {
+                        acc16[j] = _mm256_add_epi16(acc16[j], _mm256_maddubs_epi16(codes[i], xs[i]));
+                    }
+                }
+            }
+        }
+        for j in 0..R {
+            acc32[j] = _mm256_add_epi32(acc32[j], _mm256_madd_epi16(acc16[j], ones));
+        }
+        b0 = b1;
+    }
+    for j in 0..R {
+        out[j] = hsum_epi32(acc32[j]) - xsum;
+    }
+}
+
+/// GEMM tile: 3 rows × 3 tokens = 9 accumulators, plus 3 + 3 operands, in 16 registers.
+const TILE: usize = 3;
+/// GEMM steps of 32 inputs summed in i16: 32 · 512 = 16384.
+const GEMM_I16_STEPS: usize = 32;
+
+/// # Safety
+/// The CPU must support AVX2. `dots` is [rows.len(), x.m()].
+#[target_feature(enable = "avx2")]
+pub unsafe fn gemm(w: &TernaryMatrix, x: &QuantizedActivations, rows: Range<usize>, dots: &mut [i32]) {
+    let (m, kp) = (x.m(), w.k_padded());
+    assert!(x.k_padded() == kp && dots.len() == rows.len() * m && rows.end <= w.n_out());
+    dots.fill(0);
+    let kb = gemm_k_block(m, kp);
+    let mut scratch = aligned_scratch(TILE * kb);
+    let codes = scratch.as_mut_ptr().cast::<u8>(); // [TILE, kb] unpacked codes
+    let acts = x.codes().as_ptr(); // [m, kp]
+    for k0 in (0..kp).step_by(kb) {
+        let len = kb.min(kp - k0);
+        let blocks = k0 / BLOCK..(k0 + len) / BLOCK;
+        for r0 in rows.clone().step_by(TILE) {
+            let nr = TILE.min(rows.end - r0);
+            for j in 0..nr {
+                unpack_codes(&w.row(r0 + j)[blocks.clone()], codes.add(j * kb));
+            }
+            let out_row = (r0 - rows.start) * m;
+            for t0 in (0..m).step_by(TILE) {
+                let nt = TILE.min(m - t0);
+                let a = acts.add(t0 * kp + k0);
+                let out = &mut dots[out_row + t0..];
+                match (nr, nt) {
+                    (3, 3) => tile::<3, 3>(codes, kb, a, kp, len, out, m),
+                    (3, 2) => tile::<3, 2>(codes, kb, a, kp, len, out, m),
+                    (3, _) => tile::<3, 1>(codes, kb, a, kp, len, out, m),
+                    (2, 3) => tile::<2, 3>(codes, kb, a, kp, len, out, m),
+                    (2, 2) => tile::<2, 2>(codes, kb, a, kp, len, out, m),
+                    (2, _) => tile::<2, 1>(codes, kb, a, kp, len, out, m),
+                    (_, 3) => tile::<1, 3>(codes, kb, a, kp, len, out, m),
+                    (_, 2) => tile::<1, 2>(codes, kb, a, kp, len, out, m),
+                    _ => tile::<1, 1>(codes, kb, a, kp, len, out, m),
+                }
+            }
+        }
+    }
+    for row_dots in dots.chunks_exact_mut(m) {
+        for (dot, &sum) in row_dots.iter_mut().zip(x.sums()) {
+            *dot -= sum;
+        }
+    }
+}
+
+/// Writes the codes of `blocks` in input order to `out` (32-byte aligned).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_codes(blocks: &[PackedBlock], out: *mut u8) {
+    for (b, block) in blocks.iter().enumerate() {
+        for half in 0..2 {
+            let packed = _mm256_load_si256(block.0.as_ptr().add(32 * half).cast());
+            for (i, codes) in planes(packed).into_iter().enumerate() {
+                _mm256_store_si256(out.add(b * BLOCK + 64 * i + 32 * half).cast(), codes);
+            }
+        }
+    }
+}
+
+/// `out[j·m + i] += Σ_{k < len} codes[j·code_stride + k] · acts[i·act_stride + k]`
+/// for NR rows j and NT tokens i.
+#[inline]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const NR: usize, const NT: usize>(
+    codes: *const u8,
+    code_stride: usize,
+    acts: *const i8,
+    act_stride: usize,
+    len: usize,
+    out: &mut [i32],
+    m: usize,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc32 = [[_mm256_setzero_si256(); NT]; NR];
+    let mut k = 0;
+    while k < len {
+        let end = (k + GEMM_I16_STEPS * 32).min(len);
+        let mut acc16 = [[_mm256_setzero_si256(); NT]; NR];
+        while k < end {
+            let a: [__m256i; NT] = std::array::from_fn(|i| _mm256_loadu_si256(acts.add(i * act_stride + k).cast()));
+            for j in 0..NR {
+                let c = _mm256_load_si256(codes.add(j * code_stride + k).cast());
+                for i in 0..NT {
+                    acc16[j][i] = _mm256_add_epi16(acc16[j][i], _mm256_maddubs_epi16(c, a[i]));
+                }
+            }
+            k += 32;
+        }
+        for j in 0..NR {
+            for i in 0..NT {
+                acc32[j][i] = _mm256_add_epi32(acc32[j][i], _mm256_madd_epi16(acc16[j][i], ones));
+            }
+        }
+    }
+    for j in 0..NR {
+        for i in 0..NT {
+            out[j * m + i] += hsum_epi32(acc32[j][i]);
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! AVX-512 kernels. The same scheme as AVX2 (codes `w + 1` times int8
+//! activations, Σx subtracted at the end) on 64-byte vectors: one 64-byte
+//! block shifted by 2i and masked gives the codes of 64 consecutive inputs.
+//! With VNNI, `vpdpbusd` multiplies and sums four u8 × i8 products straight
+//! into i32 lanes; without it, `vpmaddubsw` + `vpmaddwd` do the same in two
+//! steps (|pair| ≤ 512 in i16, widened at once, so nothing can overflow).
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::packing::{PackedBlock, TernaryMatrix, BLOCK};
+use super::{aligned_scratch, gemm_k_block, QuantizedActivations};
+
+/// GEMV rows per tile: they share each activation load.
+const GEMV_ROWS: usize = 4;
+/// GEMM tile: 4 rows × 4 tokens = 16 accumulators + 8 operands, of 32 registers.
+const TILE: usize = 4;
+
+/// acc + Σ of the four u8 × i8 products in each 32-bit lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn dot_vnni(acc: __m512i, codes: __m512i, acts: __m512i) -> __m512i {
+    _mm512_dpbusd_epi32(acc, codes, acts)
+}
+
+/// The same sum as `dot_vnni`, without VNNI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn dot_bw(acc: __m512i, codes: __m512i, acts: __m512i) -> __m512i {
+    let pairs = _mm512_maddubs_epi16(codes, acts);
+    _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn planes(packed: __m512i) -> [__m512i; 4] {
+    let mask = _mm512_set1_epi8(3);
+    [
+        _mm512_and_si512(packed, mask),
+        _mm512_and_si512(_mm512_srli_epi16::<2>(packed), mask),
+        _mm512_and_si512(_mm512_srli_epi16::<4>(packed), mask),
+        _mm512_and_si512(_mm512_srli_epi16::<6>(packed), mask),
+    ]
+}
+
+fn has_vnni() -> bool {
+    is_x86_feature_detected!("avx512vnni")
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F and BW; `xq` must hold `w.k_padded()` values.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn gemv(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
+    assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
+    if has_vnni() {
+        gemv_with::<true>(w, xq, xsum, rows, dots)
+    } else {
+        gemv_with::<false>(w, xq, xsum, rows, dots)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn gemv_with<const VNNI: bool>(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
+    let mut n = rows.start;
+    for out in dots.chunks_mut(GEMV_ROWS) {
+        match out.len() {
+            4 => gemv_tile::<4, VNNI>(w, xq, xsum, n, out),
+            3 => gemv_tile::<3, VNNI>(w, xq, xsum, n, out),
+            2 => gemv_tile::<2, VNNI>(w, xq, xsum, n, out),
+            _ => gemv_tile::<1, VNNI>(w, xq, xsum, n, out),
+        }
+        n += out.len();
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn gemv_tile<const R: usize, const VNNI: bool>(
+    w: &TernaryMatrix,
+    xq: &[i8],
+    xsum: i32,
+    n0: usize,
+    out: &mut [i32],
+) {
+    let rows: [*const PackedBlock; R] = std::array::from_fn(|j| w.row(n0 + j).as_ptr());
+    let x = xq.as_ptr();
+    let mut acc = [_mm512_setzero_si512(); R];
+    for b in 0..w.blocks_per_row() {
+        let xs: [__m512i; 4] = std::array::from_fn(|i| _mm512_loadu_si512(x.add(b * BLOCK + 64 * i).cast()));
+        for j in 0..R {
+            let codes = planes(_mm512_load_si512(rows[j].add(b).cast()));
+            for i in 0..4 {
+                acc[j] = step::<VNNI>(acc[j], codes[i], xs[i]);
+            }
+        }
+    }
+    for j in 0..R {
+        out[j] = _mm512_reduce_add_epi32(acc[j]) - xsum;
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn step<const VNNI: bool>(acc: __m512i, codes: __m512i, acts: __m512i) -> __m512i {
+    if VNNI {
+        // SAFETY: VNNI is only true when `has_vnni()` said so.
+        dot_vnni(acc, codes, acts)
+    } else {
+        dot_bw(acc, codes, acts)
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F and BW. `dots` is [rows.len(), x.m()].
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn gemm(w: &TernaryMatrix, x: &QuantizedActivations, rows: Range<usize>, dots: &mut [i32]) {
+    let (m, kp) = (x.m(), w.k_padded());
+    assert!(x.k_padded() == kp && dots.len() == rows.len() * m && rows.end <= w.n_out());
+    if has_vnni() {
+        gemm_with::<true>(w, x, rows, dots)
+    } else {
+        gemm_with::<false>(w, x, rows, dots)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn gemm_with<const VNNI: bool>(w: &TernaryMatrix, x: &QuantizedActivations, rows: Range<usize>, dots: &mut [i32]) {
+    let (m, kp) = (x.m(), w.k_padded());
+    dots.fill(0);
+    let kb = gemm_k_block(m, kp);
+    let mut scratch = aligned_scratch(TILE * kb);
+    let codes = scratch.as_mut_ptr().cast::<u8>(); // [TILE, kb] unpacked codes
+    let acts = x.codes().as_ptr(); // [m, kp]
+    for k0 in (0..kp).step_by(kb) {
+        let len = kb.min(kp - k0);
+        let blocks = k0 / BLOCK..(k0 + len) / BLOCK;
+        for r0 in rows.clone().step_by(TILE) {
+            let nr = TILE.min(rows.end - r0);
+            for j in 0..nr {
+                for (b, block) in w.row(r0 + j)[blocks.clone()].iter().enumerate() {
+                    let packed = _mm512_load_si512(block.0.as_ptr().cast());
+                    for (i, plane) in planes(packed).into_iter().enumerate() {
+                        _mm512_store_si512(codes.add(j * kb + b * BLOCK + 64 * i).cast(), plane);
+                    }
+                }
+            }
+            let out_row = (r0 - rows.start) * m;
+            for t0 in (0..m).step_by(TILE) {
+                let nt = TILE.min(m - t0);
+                let a = acts.add(t0 * kp + k0);
+                let out = &mut dots[out_row + t0..];
+                macro_rules! run {
+                    ($nr:literal, $nt:literal) => {
+                        tile::<$nr, $nt, VNNI>(codes, kb, a, kp, len, out, m)
+                    };
+                }
+                match (nr, nt) {
+                    (4, 4) => run!(4, 4),
+                    (4, 3) => run!(4, 3),
+                    (4, 2) => run!(4, 2),
+                    (4, _) => run!(4, 1),
+                    (3, 4) => run!(3, 4),
+                    (3, 3) => run!(3, 3),
+                    (3, 2) => run!(3, 2),
+                    (3, _) => run!(3, 1),
+                    (2, 4) => run!(2, 4),
+                    (2, 3) => run!(2, 3),
+                    (2, 2) => run!(2, 2),
+                    (2, _) => run!(2, 1),
+                    (_, 4) => run!(1, 4),
+                    (_, 3) => run!(1, 3),
+                    (_, 2) => run!(1, 2),
+                    _ => run!(1, 1),
+                }
+            }
+        }
+    }
+    for row_dots in dots.chunks_exact_mut(m) {
+        for (dot, &sum) in row_dots.iter_mut().zip(x.sums()) {
+            *dot -= sum;
+        }
+    }
+}
+
+/// `out[j·m + i] += Σ_{k < len} codes[j·code_stride + k] · acts[i·act_stride + k]`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const NR: usize, const NT: usize, const VNNI: bool>(
+    codes: *const u8,
+    code_stride: usize,
+    acts: *const i8,
+    act_stride: usize,
+    len: usize,
+    out: &mut [i32],
+    m: usize,
+) {
+    let mut acc = [[_mm512_setzero_si512(); NT]; NR];
+    let mut k = 0;
+    while k < len {
+        let a: [__m512i; NT] = std::array::from_fn(|i| _mm512_loadu_si512(acts.add(i * act_stride + k).cast()));
+        for j in 0..NR {
+            let c = _mm512_load_si512(codes.add(j * code_stride + k).cast());
+            for i in 0..NT {
+                acc[j][i] = step::<VNNI>(acc[j][i], c, a[i]);
+            }
+        }
+        k += 64;
+    }
+    for j in 0..NR {
+        for i in 0..NT {
+            out[j * m + i] += _mm512_reduce_add_epi32(acc[j][i]);
+        }
+    }
+}
