@@ -18,8 +18,9 @@ pub const THREADS_ENV: &str = "TRIT_NUM_THREADS";
 /// kernels are bound by, so they do not help).
 pub fn default_threads() -> Result<usize> {
     match std::env::var(THREADS_ENV) {
-        Ok(text) => parse_threads(&text)
-            .ok_or_else(|| TritError::invalid(format!("{THREADS_ENV}={text:?} is not a positive integer"))),
+        Ok(text) => parse_threads(&text).ok_or_else(|| {
+            TritError::invalid(format!("{THREADS_ENV}={text:?} is not a positive integer"))
+        }),
         Err(_) => Ok(num_cpus::get_physical().max(1)),
     }
 }
@@ -36,13 +37,18 @@ pub fn pool(threads: Option<usize>) -> Result<Arc<ThreadPool>> {
     let n = match threads {
         Some(0) => return Err(TritError::invalid("threads must be at least 1")),
         Some(n) if n > MAX_THREADS => {
-            return Err(TritError::invalid(format!("threads={n} is more than {MAX_THREADS}")))
+            return Err(TritError::invalid(format!(
+                "threads={n} is more than {MAX_THREADS}"
+            )))
         }
         Some(n) => n,
         None => default_threads()?,
     };
     static POOLS: OnceLock<Mutex<HashMap<usize, Arc<ThreadPool>>>> = OnceLock::new();
-    let mut pools = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if let Some(pool) = pools.get(&n) {
         return Ok(pool.clone());
     }

@@ -68,6 +68,34 @@ impl QuantizedActivations {
         Ok(())
     }
 
+    /// A batch from codes already quantized elsewhere: `codes` is [m, k], `scales` [m].
+    pub fn from_codes(codes: &[i8], m: usize, k: usize, scales: &[f32]) -> Result<Self> {
+        if m == 0 || k == 0 || codes.len() != m * k || scales.len() != m {
+            return Err(TritError::invalid(format!(
+                "codes [{}] and scales [{}] do not make a batch of [{m}, {k}]",
+                codes.len(),
+                scales.len()
+            )));
+        }
+        let k_padded = blocks_for(k) * BLOCK;
+        let mut q = vec![0i8; m * k_padded];
+        for (row, src) in q.chunks_exact_mut(k_padded).zip(codes.chunks_exact(k)) {
+            row[..k].copy_from_slice(src);
+        }
+        let sum = codes
+            .chunks_exact(k)
+            .map(|row| row.iter().map(|&v| i32::from(v)).sum())
+            .collect();
+        Ok(QuantizedActivations {
+            m,
+            k,
+            k_padded,
+            q,
+            scale: scales.to_vec(),
+            sum,
+        })
+    }
+
     pub fn m(&self) -> usize {
         self.m
     }
@@ -145,5 +173,16 @@ mod tests {
         assert!(QuantizedActivations::quantize(&[1.0; 3], 1, 4).is_err());
         assert!(QuantizedActivations::quantize(&[1.0, f32::NAN], 1, 2).is_err());
         assert!(QuantizedActivations::quantize(&[1.0, f32::INFINITY], 2, 1).is_err());
+        assert!(QuantizedActivations::from_codes(&[1, 2, 3], 1, 2, &[1.0]).is_err());
+        assert!(QuantizedActivations::from_codes(&[1, 2], 1, 2, &[]).is_err());
+    }
+
+    #[test]
+    fn from_codes_pads_and_sums() {
+        let qa =
+            QuantizedActivations::from_codes(&[-128, 127, 5, 1, 2, 3], 2, 3, &[2.0, 3.0]).unwrap();
+        assert_eq!(qa.sums(), &[4, 6]);
+        assert_eq!(&qa.token(1)[..4], &[1, 2, 3, 0]);
+        assert_eq!(qa.scales(), &[2.0, 3.0]);
     }
 }

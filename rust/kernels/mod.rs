@@ -58,7 +58,9 @@ impl Kernel {
     }
 
     pub fn from_name(name: &str) -> Option<Kernel> {
-        Kernel::ALL.into_iter().find(|k| k.name() == name.trim().to_ascii_lowercase())
+        Kernel::ALL
+            .into_iter()
+            .find(|k| k.name() == name.trim().to_ascii_lowercase())
     }
 
     /// Whether this CPU (and this build's target) can run the path.
@@ -80,12 +82,19 @@ impl Kernel {
 
     /// The paths this CPU can run, most portable first.
     pub fn supported() -> Vec<Kernel> {
-        Kernel::ALL.into_iter().filter(|k| k.is_supported()).collect()
+        Kernel::ALL
+            .into_iter()
+            .filter(|k| k.is_supported())
+            .collect()
     }
 
     /// The fastest path this CPU can run.
     pub fn best() -> Kernel {
-        Kernel::ALL.into_iter().rev().find(|k| k.is_supported()).unwrap_or(Kernel::Scalar)
+        Kernel::ALL
+            .into_iter()
+            .rev()
+            .find(|k| k.is_supported())
+            .unwrap_or(Kernel::Scalar)
     }
 
     /// This path, or an error saying why it cannot run here.
@@ -94,7 +103,7 @@ impl Kernel {
             Ok(self)
         } else {
             Err(TritError::KernelUnavailable(format!(
-                "kernel {:?} cannot run on this CPU; it supports {}",
+                "kernel '{}' cannot run on this CPU; it supports {}",
                 self.name(),
                 names(&Kernel::supported())
             )))
@@ -116,7 +125,7 @@ impl Kernel {
     pub fn parse(name: &str) -> Result<Kernel> {
         Kernel::from_name(name).ok_or_else(|| {
             TritError::invalid(format!(
-                "unknown kernel {name:?}; expected one of {}",
+                "unknown kernel '{name}'; expected one of {}",
                 names(&Kernel::ALL)
             ))
         })
@@ -130,7 +139,11 @@ impl fmt::Display for Kernel {
 }
 
 fn names(kernels: &[Kernel]) -> String {
-    kernels.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+    kernels
+        .iter()
+        .map(|k| k.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The float epilogue shared by every path: one division by the activation
@@ -142,7 +155,14 @@ pub fn dequantize(dot: i32, x_scale: f32, w_scale: f32) -> f32 {
 
 /// Raw dots of one token against `rows`: `dots[i] = Σ_k xq[k] · W[rows.start + i, k]`.
 /// `xq` is [k_padded] (zero past n_in) and `xsum` its sum.
-fn gemv_dots(kernel: Kernel, w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
+fn gemv_dots(
+    kernel: Kernel,
+    w: &TernaryMatrix,
+    xq: &[i8],
+    xsum: i32,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
     debug_assert!(kernel.is_supported());
     match kernel {
         #[cfg(target_arch = "x86_64")]
@@ -159,7 +179,13 @@ fn gemv_dots(kernel: Kernel, w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Rang
 }
 
 /// Raw dots of every token of `x` against `rows`: `dots` is [rows.len(), m].
-fn gemm_dots(kernel: Kernel, w: &TernaryMatrix, x: &QuantizedActivations, rows: Range<usize>, dots: &mut [i32]) {
+fn gemm_dots(
+    kernel: Kernel,
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
     debug_assert!(kernel.is_supported());
     match kernel {
         #[cfg(target_arch = "x86_64")]
@@ -267,7 +293,12 @@ impl OutPtr {
 }
 
 /// Convenience: allocates y.
-pub fn matmul(w: &TernaryMatrix, x: &QuantizedActivations, kernel: Kernel, pool: &ThreadPool) -> Result<Vec<f32>> {
+pub fn matmul(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    kernel: Kernel,
+    pool: &ThreadPool,
+) -> Result<Vec<f32>> {
     let mut y = vec![0.0f32; x.m() * w.n_out()];
     matmul_into(w, x, &mut y, kernel, pool)?;
     Ok(y)

@@ -73,7 +73,9 @@ impl TernaryMatrix {
     ) -> Result<Self> {
         check_dims(n_out, n_in)?;
         if !scale.is_finite() {
-            return Err(TritError::invalid(format!("scale must be finite, got {scale}")));
+            return Err(TritError::invalid(format!(
+                "scale must be finite, got {scale}"
+            )));
         }
         let per_row = blocks_for(n_in);
         let mut blocks = vec![PackedBlock([ZERO_BYTE; BLOCK_BYTES]); n_out * per_row];
@@ -86,7 +88,12 @@ impl TernaryMatrix {
                 *cell = (*cell & !(3 << shift)) | (((w + 1) as u8) << shift);
             }
         }
-        Ok(TernaryMatrix { n_out, n_in, scale, blocks })
+        Ok(TernaryMatrix {
+            n_out,
+            n_in,
+            scale,
+            blocks,
+        })
     }
 
     pub fn n_out(&self) -> usize {
@@ -142,7 +149,11 @@ impl TernaryMatrix {
 #[inline]
 fn position(k: usize) -> (usize, usize, u32) {
     let within = k % BLOCK;
-    (k / BLOCK, within % BLOCK_BYTES, 2 * (within / BLOCK_BYTES) as u32)
+    (
+        k / BLOCK,
+        within % BLOCK_BYTES,
+        2 * (within / BLOCK_BYTES) as u32,
+    )
 }
 
 fn check_dims(n_out: usize, n_in: usize) -> Result<()> {
@@ -163,7 +174,17 @@ mod tests {
     fn layout_matches_the_documented_bit_positions() {
         // Weight 64*i + j of a block sits in byte j, bits 2i..2i+1.
         let n_in = 300;
-        let w: Vec<i8> = (0..n_in).map(|k| if k == 70 { 1 } else if k == 260 { -1 } else { 0 }).collect();
+        let w: Vec<i8> = (0..n_in)
+            .map(|k| {
+                if k == 70 {
+                    1
+                } else if k == 260 {
+                    -1
+                } else {
+                    0
+                }
+            })
+            .collect();
         let m = TernaryMatrix::pack(&w, 1, n_in, 1.0).unwrap();
         let row = m.row(0);
         assert_eq!(row.len(), 2);

@@ -14,24 +14,25 @@ fn xorshift(state: &mut u64) -> u64 {
 
 fn random_matrix(n_out: usize, n_in: usize, seed: u64) -> TernaryMatrix {
     let mut s = seed | 1;
-    let w: Vec<i8> = (0..n_out * n_in).map(|_| (xorshift(&mut s) % 3) as i8 - 1).collect();
+    let w: Vec<i8> = (0..n_out * n_in)
+        .map(|_| (xorshift(&mut s) % 3) as i8 - 1)
+        .collect();
     TernaryMatrix::pack(&w, n_out, n_in, 0.75).unwrap()
 }
 
 fn random_activations(m: usize, k: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..m * k).map(|_| (xorshift(&mut s) % 20001) as f32 / 1000.0 - 10.0).collect()
+    (0..m * k)
+        .map(|_| (xorshift(&mut s) % 20001) as f32 / 1000.0 - 10.0)
+        .collect()
 }
 
-/// Activations whose codes hit the extremes -128 and 127, the worst case for overflow.
+/// Codes at the extremes -128 and 127 (alternating), the worst case for overflow.
 fn extreme_activations(m: usize, k: usize) -> QuantizedActivations {
-    let x: Vec<f32> = (0..m * k).map(|i| if i % 2 == 0 { -1.0 } else { 1.0 }).collect();
-    let mut qa = QuantizedActivations::quantize(&x, m, k).unwrap();
-    assert_eq!(qa.scales()[0], 127.0);
-    // Make them -128 (clamp's lower bound) by pushing one value past the absmax.
-    let x2: Vec<f32> = x.iter().map(|&v| if v < 0.0 { -1.004 } else { 1.0 }).collect();
-    qa.requantize(&x2, m, k).unwrap();
-    qa
+    let codes: Vec<i8> = (0..m * k)
+        .map(|i| if i % 2 == 0 { -128 } else { 127 })
+        .collect();
+    QuantizedActivations::from_codes(&codes, m, k, &vec![1.0; m]).unwrap()
 }
 
 fn reference_dots(w: &TernaryMatrix, x: &QuantizedActivations) -> Vec<i32> {
@@ -39,7 +40,9 @@ fn reference_dots(w: &TernaryMatrix, x: &QuantizedActivations) -> Vec<i32> {
     let mut dots = vec![0i32; x.m() * w.n_out()]; // [m, n_out]
     for t in 0..x.m() {
         for n in 0..w.n_out() {
-            let d: i64 = (0..w.n_in()).map(|k| i64::from(wu[n * w.n_in() + k]) * i64::from(x.token(t)[k])).sum();
+            let d: i64 = (0..w.n_in())
+                .map(|k| i64::from(wu[n * w.n_in() + k]) * i64::from(x.token(t)[k]))
+                .sum();
             dots[t * w.n_out() + n] = d as i32;
         }
     }
@@ -54,8 +57,16 @@ fn check_all_kernels(w: &TernaryMatrix, x: &QuantizedActivations) {
         .collect();
     for kernel in Kernel::supported() {
         let y = matmul(w, x, kernel, &pool).unwrap();
-        let same = y.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "kernel {kernel} differs from the reference at [{}, {}]", x.m(), w.n_out());
+        let same = y
+            .iter()
+            .zip(&expected)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "kernel {kernel} differs from the reference at [{}, {}]",
+            x.m(),
+            w.n_out()
+        );
     }
 }
 
@@ -64,7 +75,8 @@ fn model_shapes_agree() {
     for (n_out, n_in) in [(640, 2560), (160, 2560), (64, 6912)] {
         let w = random_matrix(n_out, n_in, n_out as u64);
         for m in [1, 5] {
-            let x = QuantizedActivations::quantize(&random_activations(m, n_in, m as u64), m, n_in).unwrap();
+            let x = QuantizedActivations::quantize(&random_activations(m, n_in, m as u64), m, n_in)
+                .unwrap();
             check_all_kernels(&w, &x);
         }
     }
@@ -83,8 +95,16 @@ fn extreme_codes_do_not_overflow() {
     }
     // Weights that follow the sign of the activations: every product is +128 or +127.
     let (n_out, n_in) = (5, 3000);
-    let w = TernaryMatrix::from_fn(n_out, n_in, 1.0, |_, k| if k % 2 == 0 { -1 } else { 1 }).unwrap();
-    check_all_kernels(&w, &extreme_activations(4, n_in));
+    for sign in [1i8, -1] {
+        let w = TernaryMatrix::from_fn(
+            n_out,
+            n_in,
+            1.0,
+            |_, k| if k % 2 == 0 { -sign } else { sign },
+        )
+        .unwrap();
+        check_all_kernels(&w, &extreme_activations(4, n_in));
+    }
 }
 
 #[test]

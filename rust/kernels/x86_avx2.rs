@@ -60,7 +60,13 @@ pub unsafe fn gemv(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, 
 
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn gemv_tile<const R: usize>(w: &TernaryMatrix, xq: &[i8], xsum: i32, n0: usize, out: &mut [i32]) {
+unsafe fn gemv_tile<const R: usize>(
+    w: &TernaryMatrix,
+    xq: &[i8],
+    xsum: i32,
+    n0: usize,
+    out: &mut [i32],
+) {
     let ones = _mm256_set1_epi16(1);
     let rows: [*const PackedBlock; R] = std::array::from_fn(|j| w.row(n0 + j).as_ptr());
     let x = xq.as_ptr();
@@ -78,10 +84,12 @@ unsafe fn gemv_tile<const R: usize>(w: &TernaryMatrix, xq: &[i8], xsum: i32, n0:
                 });
                 for j in 0..R {
                     // PackedBlock is 64-byte aligned, so each half is 32-byte aligned.
-                    let packed = _mm256_load_si256(rows[j].add(b).cast::<u8>().add(32 * half).cast());
+                    let packed =
+                        _mm256_load_si256(rows[j].add(b).cast::<u8>().add(32 * half).cast());
                     let codes = planes(packed);
                     for i in 0..4 {
-                        acc16[j] = _mm256_add_epi16(acc16[j], _mm256_maddubs_epi16(codes[i], xs[i]));
+                        acc16[j] =
+                            _mm256_add_epi16(acc16[j], _mm256_maddubs_epi16(codes[i], xs[i]));
                     }
                 }
             }
@@ -104,7 +112,12 @@ const GEMM_I16_STEPS: usize = 32;
 /// # Safety
 /// The CPU must support AVX2. `dots` is [rows.len(), x.m()].
 #[target_feature(enable = "avx2")]
-pub unsafe fn gemm(w: &TernaryMatrix, x: &QuantizedActivations, rows: Range<usize>, dots: &mut [i32]) {
+pub unsafe fn gemm(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
     let (m, kp) = (x.m(), w.k_padded());
     assert!(x.k_padded() == kp && dots.len() == rows.len() * m && rows.end <= w.n_out());
     dots.fill(0);
@@ -181,7 +194,8 @@ unsafe fn tile<const NR: usize, const NT: usize>(
         let end = (k + GEMM_I16_STEPS * 32).min(len);
         let mut acc16 = [[_mm256_setzero_si256(); NT]; NR];
         while k < end {
-            let a: [__m256i; NT] = std::array::from_fn(|i| _mm256_loadu_si256(acts.add(i * act_stride + k).cast()));
+            let a: [__m256i; NT] =
+                std::array::from_fn(|i| _mm256_loadu_si256(acts.add(i * act_stride + k).cast()));
             for j in 0..NR {
                 let c = _mm256_load_si256(codes.add(j * code_stride + k).cast());
                 for i in 0..NT {

@@ -61,7 +61,13 @@ pub unsafe fn gemv(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, 
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn gemv_with<const VNNI: bool>(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
+unsafe fn gemv_with<const VNNI: bool>(
+    w: &TernaryMatrix,
+    xq: &[i8],
+    xsum: i32,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
     let mut n = rows.start;
     for out in dots.chunks_mut(GEMV_ROWS) {
         match out.len() {
@@ -87,7 +93,8 @@ unsafe fn gemv_tile<const R: usize, const VNNI: bool>(
     let x = xq.as_ptr();
     let mut acc = [_mm512_setzero_si512(); R];
     for b in 0..w.blocks_per_row() {
-        let xs: [__m512i; 4] = std::array::from_fn(|i| _mm512_loadu_si512(x.add(b * BLOCK + 64 * i).cast()));
+        let xs: [__m512i; 4] =
+            std::array::from_fn(|i| _mm512_loadu_si512(x.add(b * BLOCK + 64 * i).cast()));
         for j in 0..R {
             let codes = planes(_mm512_load_si512(rows[j].add(b).cast()));
             for i in 0..4 {
@@ -114,7 +121,12 @@ unsafe fn step<const VNNI: bool>(acc: __m512i, codes: __m512i, acts: __m512i) ->
 /// # Safety
 /// The CPU must support AVX-512 F and BW. `dots` is [rows.len(), x.m()].
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn gemm(w: &TernaryMatrix, x: &QuantizedActivations, rows: Range<usize>, dots: &mut [i32]) {
+pub unsafe fn gemm(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
     let (m, kp) = (x.m(), w.k_padded());
     assert!(x.k_padded() == kp && dots.len() == rows.len() * m && rows.end <= w.n_out());
     if has_vnni() {
@@ -126,7 +138,12 @@ pub unsafe fn gemm(w: &TernaryMatrix, x: &QuantizedActivations, rows: Range<usiz
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn gemm_with<const VNNI: bool>(w: &TernaryMatrix, x: &QuantizedActivations, rows: Range<usize>, dots: &mut [i32]) {
+unsafe fn gemm_with<const VNNI: bool>(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
     let (m, kp) = (x.m(), w.k_padded());
     dots.fill(0);
     let kb = gemm_k_block(m, kp);
@@ -200,7 +217,8 @@ unsafe fn tile<const NR: usize, const NT: usize, const VNNI: bool>(
     let mut acc = [[_mm512_setzero_si512(); NT]; NR];
     let mut k = 0;
     while k < len {
-        let a: [__m512i; NT] = std::array::from_fn(|i| _mm512_loadu_si512(acts.add(i * act_stride + k).cast()));
+        let a: [__m512i; NT] =
+            std::array::from_fn(|i| _mm512_loadu_si512(acts.add(i * act_stride + k).cast()));
         for j in 0..NR {
             let c = _mm512_load_si512(codes.add(j * code_stride + k).cast());
             for i in 0..NT {

@@ -1,0 +1,324 @@
+//! The PyO3 binding layer: converts and validates arguments, runs the engine
+//! with the GIL released, and maps engine errors to Python exceptions. No
+//! arithmetic lives here.
+
+use numpy::{
+    dtype, IntoPyArray, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
+
+use crate::error::TritError;
+use crate::kernels::{self, Kernel, QuantizedActivations};
+use crate::threads;
+
+// ---------------------------------------------------------------- exceptions
+
+static TRIT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static INVALID_INPUT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static KERNEL_UNAVAILABLE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// Makes `class name(*bases)` with a docstring, as the `class` statement would.
+fn new_exception<'py>(
+    py: Python<'py>,
+    name: &str,
+    bases: &[Bound<'py, PyAny>],
+    doc: &str,
+) -> PyResult<Bound<'py, PyType>> {
+    let namespace = PyDict::new(py);
+    namespace.set_item("__doc__", doc)?;
+    namespace.set_item("__module__", "trit._core")?;
+    let class = py
+        .get_type::<PyType>()
+        .call1((name, PyTuple::new(py, bases)?, namespace))?;
+    Ok(class.cast_into::<PyType>()?)
+}
+
+fn add_exceptions(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let base = new_exception(
+        py,
+        "TritError",
+        &[py.get_type::<PyException>().into_any()],
+        "Base class of every error trit raises.",
+    )?;
+    let invalid = new_exception(
+        py,
+        "InvalidInputError",
+        &[
+            base.clone().into_any(),
+            py.get_type::<PyValueError>().into_any(),
+        ],
+        "The input is at fault: a wrong shape, dtype or value, a malformed file.",
+    )?;
+    let unavailable = new_exception(
+        py,
+        "KernelUnavailableError",
+        &[
+            base.clone().into_any(),
+            py.get_type::<PyRuntimeError>().into_any(),
+        ],
+        "The requested kernel path cannot run on this CPU.",
+    )?;
+    m.add("TritError", &base)?;
+    m.add("InvalidInputError", &invalid)?;
+    m.add("KernelUnavailableError", &unavailable)?;
+    let _ = TRIT_ERROR.set(py, base.unbind());
+    let _ = INVALID_INPUT_ERROR.set(py, invalid.unbind());
+    let _ = KERNEL_UNAVAILABLE_ERROR.set(py, unavailable.unbind());
+    Ok(())
+}
+
+fn to_py_err(err: TritError) -> PyErr {
+    Python::attach(|py| {
+        let class = match &err {
+            TritError::InvalidInput(_) => &INVALID_INPUT_ERROR,
+            TritError::KernelUnavailable(_) => &KERNEL_UNAVAILABLE_ERROR,
+        };
+        match class.get(py) {
+            Some(class) => PyErr::from_type(class.bind(py).clone(), err.to_string()),
+            None => PyRuntimeError::new_err(err.to_string()),
+        }
+    })
+}
+
+fn invalid(msg: impl Into<String>) -> PyErr {
+    to_py_err(TritError::invalid(msg))
+}
+
+trait IntoPyResult<T> {
+    fn py(self) -> PyResult<T>;
+}
+
+impl<T> IntoPyResult<T> for Result<T, TritError> {
+    fn py(self) -> PyResult<T> {
+        self.map_err(to_py_err)
+    }
+}
+
+// ---------------------------------------------------------------- arrays
+
+/// Checks that `obj` is a numpy array of dtype T with 1 or 2 dimensions, none
+/// empty, and copies it out in C order (any strides accepted).
+/// Returns (values, shape).
+fn read_array<T: numpy::Element + Copy>(
+    obj: &Bound<'_, PyAny>,
+    what: &str,
+    dtype_name: &str,
+) -> PyResult<(Vec<T>, Vec<usize>)> {
+    let py = obj.py();
+    let array = obj.cast::<PyUntypedArray>().map_err(|_| {
+        invalid(format!(
+            "{what} must be a numpy array of {dtype_name}, got {}",
+            type_name(obj)
+        ))
+    })?;
+    if !array.dtype().is_equiv_to(&dtype::<T>(py)) {
+        return Err(invalid(format!(
+            "{what} must have dtype {dtype_name}, got {}",
+            array.dtype().str()?
+        )));
+    }
+    let shape = array.shape().to_vec();
+    if !(1..=2).contains(&shape.len()) {
+        return Err(invalid(format!(
+            "{what} must be 1-D or 2-D, got shape {shape:?}"
+        )));
+    }
+    if shape.contains(&0) {
+        return Err(invalid(format!(
+            "{what} has an empty dimension: shape {shape:?}"
+        )));
+    }
+    let readonly: PyReadonlyArrayDyn<'_, T> = obj.extract()?;
+    let view = readonly.as_array();
+    // ndarray's as_slice is Some only in C order; any other layout (Fortran, strided)
+    // is copied element by element in logical order.
+    let values = match view.as_slice() {
+        Some(slice) => slice.to_vec(),
+        None => view.iter().copied().collect(),
+    };
+    Ok((values, shape))
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Rows and columns of a 1-D (one row) or 2-D shape.
+fn rows_cols(shape: &[usize]) -> (usize, usize) {
+    match shape {
+        [n] => (1, *n),
+        [m, n] => (*m, *n),
+        _ => unreachable!("read_array admits 1-D and 2-D only"),
+    }
+}
+
+fn kernel_arg(kernel: Option<&str>) -> PyResult<Kernel> {
+    match kernel {
+        Some(name) => Kernel::parse(name).and_then(Kernel::require).py(),
+        None => Kernel::active().py(),
+    }
+}
+
+// ---------------------------------------------------------------- TernaryMatrix
+
+/// A ternary weight matrix W[n_out, n_in] in {-1, 0, 1}, packed 2 bits per
+/// weight, with one float32 scale: the real weights are W * scale.
+#[pyclass(name = "TernaryMatrix", module = "trit._core", frozen)]
+struct PyTernaryMatrix {
+    inner: kernels::TernaryMatrix,
+}
+
+#[pymethods]
+impl PyTernaryMatrix {
+    /// Packs `w` (int8 [n_out, n_in], values in {-1, 0, 1}) with `scale`.
+    #[staticmethod]
+    fn pack(py: Python<'_>, w: &Bound<'_, PyAny>, scale: f64) -> PyResult<Self> {
+        let (values, shape) = read_array::<i8>(w, "w", "int8")?;
+        if shape.len() != 2 {
+            return Err(invalid(format!(
+                "w must be 2-D [n_out, n_in], got shape {shape:?}"
+            )));
+        }
+        let scale = scale as f32;
+        if !scale.is_finite() {
+            return Err(invalid(format!(
+                "scale must be a finite float32, got {scale}"
+            )));
+        }
+        let inner = py
+            .detach(|| kernels::TernaryMatrix::pack(&values, shape[0], shape[1], scale))
+            .py()?;
+        Ok(PyTernaryMatrix { inner })
+    }
+
+    /// (n_out, n_in)
+    #[getter]
+    fn shape(&self) -> (usize, usize) {
+        (self.inner.n_out(), self.inner.n_in())
+    }
+
+    #[getter]
+    fn scale(&self) -> f32 {
+        self.inner.scale()
+    }
+
+    /// Bytes of packed weights.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.packed_bytes()
+    }
+
+    /// The weights as int8 [n_out, n_in].
+    fn unpack<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArrayDyn<i8>>> {
+        let values = py.detach(|| self.inner.unpack());
+        values
+            .into_pyarray(py)
+            .reshape(vec![self.inner.n_out(), self.inner.n_in()])
+    }
+
+    /// y = quantize(x) @ W.T * scale, with x float32 [n_in] or [m, n_in];
+    /// returns float32 [n_out] or [m, n_out].
+    #[pyo3(signature = (x, *, kernel=None, threads=None))]
+    fn matmul<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        kernel: Option<&str>,
+        threads: Option<usize>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let (values, shape) = read_array::<f32>(x, "x", "float32")?;
+        let (m, k) = rows_cols(&shape);
+        if k != self.inner.n_in() {
+            return Err(invalid(format!(
+                "x has {k} features in its last dimension but the matrix takes {} inputs",
+                self.inner.n_in()
+            )));
+        }
+        let kernel = kernel_arg(kernel)?;
+        let pool = threads::pool(threads).py()?;
+        let y = py
+            .detach(|| {
+                let qa = QuantizedActivations::quantize(&values, m, k)?;
+                kernels::matmul(&self.inner, &qa, kernel, &pool)
+            })
+            .py()?;
+        let out_shape = if shape.len() == 1 {
+            vec![self.inner.n_out()]
+        } else {
+            vec![m, self.inner.n_out()]
+        };
+        y.into_pyarray(py).reshape(out_shape)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "TernaryMatrix(shape=({}, {}), scale={})",
+            self.inner.n_out(),
+            self.inner.n_in(),
+            self.inner.scale()
+        )
+    }
+}
+
+// ---------------------------------------------------------------- functions
+
+/// (codes, per-token multipliers)
+type QuantizedPair<'py> = (Bound<'py, PyArrayDyn<i8>>, Bound<'py, PyArrayDyn<f32>>);
+
+/// Per-token absmax int8 quantization of float32 x ([n] or [m, n]): returns
+/// (q int8 of x's shape, s float32 [m]) with x ≈ q / s.
+#[pyfunction]
+fn quantize_activations<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<QuantizedPair<'py>> {
+    let (values, shape) = read_array::<f32>(x, "x", "float32")?;
+    let (m, k) = rows_cols(&shape);
+    let qa = py
+        .detach(|| QuantizedActivations::quantize(&values, m, k))
+        .py()?;
+    let mut codes = Vec::with_capacity(m * k);
+    for t in 0..m {
+        codes.extend_from_slice(&qa.token(t)[..k]);
+    }
+    let q = codes.into_pyarray(py).reshape(shape)?;
+    let s = qa.scales().to_vec().into_pyarray(py).reshape(vec![m])?;
+    Ok((q, s))
+}
+
+/// Names of the kernel paths this CPU can run, most portable first.
+#[pyfunction]
+fn available_kernels() -> Vec<&'static str> {
+    Kernel::supported().into_iter().map(Kernel::name).collect()
+}
+
+/// Name of the kernel path in use (TRIT_KERNEL, or the best available).
+#[pyfunction]
+fn active_kernel() -> PyResult<&'static str> {
+    Kernel::active().map(Kernel::name).py()
+}
+
+/// The default number of threads (TRIT_NUM_THREADS, or the physical cores).
+#[pyfunction]
+fn default_threads() -> PyResult<usize> {
+    threads::default_threads().py()
+}
+
+#[pymodule]
+fn _core(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
+    add_exceptions(py, m)?;
+    m.add_class::<PyTernaryMatrix>()?;
+    m.add_function(wrap_pyfunction!(quantize_activations, m)?)?;
+    m.add_function(wrap_pyfunction!(available_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(active_kernel, m)?)?;
+    m.add_function(wrap_pyfunction!(default_threads, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
