@@ -1,1 +1,142 @@
-fn main() {}
+//! Kernel benchmarks at the shapes of BitNet b1.58 2B4T.
+//!
+//! Units: `gemv*` groups report GB/s of packed weights streamed (criterion's
+//! "GB/s", decimal); `gemm_m128` reports ternary multiply-accumulates per second
+//! (criterion's "elem/s": one element = one MAC); `read_bandwidth` is the
+//! machine's streaming read speed (a plain sum over a buffer far larger than the
+//! L3 cache), the ceiling a memory-bound GEMV can reach.
+//!
+//! Run: `cargo bench --bench kernels` (all), or a filter such as
+//! `cargo bench --bench kernels -- gemv/avx2`. `TRIT_BENCH_KERNELS=avx2,scalar`
+//! limits the paths.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rayon::prelude::*;
+use trit::kernels::{matmul_into, Kernel, QuantizedActivations, TernaryMatrix};
+use trit::threads;
+
+/// (n_in, n_out) of the 2B4T projections: q/o, k/v, gate/up, down.
+const SHAPES: [(usize, usize); 4] = [(2560, 2560), (2560, 640), (2560, 6912), (6912, 2560)];
+const THREADS: [usize; 2] = [1, 2];
+const GEMM_TOKENS: usize = 128;
+/// Buffer for the read-bandwidth test and the streamed GEMV: well past any L3.
+const STREAM_BYTES: usize = 256 << 20;
+
+fn kernels() -> Vec<Kernel> {
+    let wanted = std::env::var("TRIT_BENCH_KERNELS").ok();
+    Kernel::supported()
+        .into_iter()
+        .filter(|k| wanted.as_deref().is_none_or(|w| w.split(',').any(|name| name.trim() == k.name())))
+        .collect()
+}
+
+fn random_matrix(n_out: usize, n_in: usize, seed: u64) -> TernaryMatrix {
+    let mut state = seed | 1;
+    TernaryMatrix::from_fn(n_out, n_in, 1.0, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % 3) as i8 - 1
+    })
+    .unwrap()
+}
+
+fn activations(m: usize, k: usize) -> QuantizedActivations {
+    let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+    QuantizedActivations::quantize(&x, m, k).unwrap()
+}
+
+fn read_bandwidth(c: &mut Criterion) {
+    let buffer: Vec<u64> = (0..STREAM_BYTES / 8).map(|i| i as u64).collect();
+    let mut group = c.benchmark_group("read_bandwidth");
+    group.throughput(Throughput::BytesDecimal(STREAM_BYTES as u64));
+    group.sample_size(20);
+    for threads in THREADS {
+        let pool = threads::pool(Some(threads)).unwrap();
+        group.bench_function(BenchmarkId::from_parameter(format!("t{threads}")), |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    buffer
+                        .par_chunks(buffer.len() / threads)
+                        .map(|chunk| chunk.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+                        .reduce(|| 0, u64::wrapping_add)
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+fn gemv(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gemv");
+    for (n_in, n_out) in SHAPES {
+        let w = random_matrix(n_out, n_in, 7);
+        let x = activations(1, n_in);
+        let mut y = vec![0.0f32; n_out];
+        group.throughput(Throughput::BytesDecimal(w.packed_bytes() as u64));
+        for kernel in kernels() {
+            for threads in THREADS {
+                let pool = threads::pool(Some(threads)).unwrap();
+                let id = BenchmarkId::new(format!("{kernel}/t{threads}"), format!("{n_in}x{n_out}"));
+                group.bench_function(id, |b| {
+                    b.iter(|| matmul_into(&w, black_box(&x), &mut y, kernel, &pool).unwrap())
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+/// GEMV over many 2560→6912 matrices in turn, so every weight comes from memory.
+fn gemv_streamed(c: &mut Criterion) {
+    let (n_in, n_out) = (2560, 6912);
+    let count = STREAM_BYTES / (n_out * n_in / 4);
+    let matrices: Vec<TernaryMatrix> = (0..count).map(|i| random_matrix(n_out, n_in, i as u64 + 1)).collect();
+    let bytes: usize = matrices.iter().map(TernaryMatrix::packed_bytes).sum();
+    let x = activations(1, n_in);
+    let mut y = vec![0.0f32; n_out];
+    let mut group = c.benchmark_group("gemv_streamed");
+    group.throughput(Throughput::BytesDecimal(bytes as u64));
+    group.sample_size(20);
+    for kernel in kernels().into_iter().filter(|&k| k != Kernel::Scalar) {
+        for threads in THREADS {
+            let pool = threads::pool(Some(threads)).unwrap();
+            let id = BenchmarkId::new(format!("{kernel}/t{threads}"), format!("{count}x{n_in}x{n_out}"));
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    for w in &matrices {
+                        matmul_into(w, black_box(&x), &mut y, kernel, &pool).unwrap();
+                    }
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn gemm(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gemm_m128");
+    group.sample_size(10);
+    for (n_in, n_out) in SHAPES {
+        let w = random_matrix(n_out, n_in, 11);
+        let x = activations(GEMM_TOKENS, n_in);
+        let mut y = vec![0.0f32; GEMM_TOKENS * n_out];
+        group.throughput(Throughput::Elements((GEMM_TOKENS * n_in * n_out) as u64));
+        // The scalar path is the definition, not a contender: seconds per call here.
+        for kernel in kernels().into_iter().filter(|&k| k != Kernel::Scalar) {
+            for threads in THREADS {
+                let pool = threads::pool(Some(threads)).unwrap();
+                let id = BenchmarkId::new(format!("{kernel}/t{threads}"), format!("{n_in}x{n_out}"));
+                group.bench_function(id, |b| {
+                    b.iter(|| matmul_into(&w, black_box(&x), &mut y, kernel, &pool).unwrap())
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, read_bandwidth, gemv, gemv_streamed, gemm);
+criterion_main!(benches);

@@ -62,7 +62,7 @@ def test_pack_unpack_round_trip(n_out: int, n_in: int, seed: int) -> None:
 def test_every_kernel_matches_scalar_and_numpy(n_out: int, n_in: int, m: int, seed: int) -> None:
     w, x = random_case(seed, n_out, n_in, m)
     matrix = TernaryMatrix.pack(w, 0.37)
-    expected = numpy_matmul(w, np.float32(0.37), x)
+    expected = numpy_matmul(w, 0.37, x)
     scalar = matrix.matmul(x, kernel="scalar")
     # Integer accumulation is exact and the float epilogue is shared: same bits.
     np.testing.assert_array_equal(scalar.view(np.uint32), expected.view(np.uint32))
@@ -76,7 +76,7 @@ def test_every_kernel_matches_scalar_and_numpy(n_out: int, n_in: int, m: int, se
 def test_model_shapes(kernel: str, n_out: int, n_in: int) -> None:
     w, x = random_case(n_out + n_in, n_out, n_in, 9)
     matrix = TernaryMatrix.pack(w, 1.25)
-    expected = numpy_matmul(w, np.float32(1.25), x)
+    expected = numpy_matmul(w, 1.25, x)
     np.testing.assert_array_equal(matrix.matmul(x, kernel=kernel), expected)
     np.testing.assert_array_equal(matrix.matmul(x[3], kernel=kernel), expected[3])
 

@@ -1,9 +1,22 @@
 """The compiled engine. Use it through `trit` and `trit.kernels`."""
 
+from typing import final
+
 import numpy as np
 import numpy.typing as npt
 
 __version__: str
+__all__ = [
+    "InvalidInputError",
+    "KernelUnavailableError",
+    "TernaryMatrix",
+    "TritError",
+    "__version__",
+    "active_kernel",
+    "available_kernels",
+    "default_threads",
+    "quantize_activations",
+]
 
 class TritError(Exception):
     """Base class of every error trit raises."""
@@ -14,6 +27,7 @@ class InvalidInputError(TritError, ValueError):
 class KernelUnavailableError(TritError, RuntimeError):
     """The requested kernel path cannot run on this CPU."""
 
+@final
 class TernaryMatrix:
     """A ternary weight matrix W[n_out, n_in] in {-1, 0, 1}, packed 2 bits per weight,
     with one float32 scale: the real weights are W * scale."""
