@@ -88,13 +88,52 @@ impl Kernel {
             .collect()
     }
 
-    /// The fastest path this CPU can run.
+    /// The fastest path this CPU can run that passes `self_check`.
     pub fn best() -> Kernel {
         Kernel::ALL
             .into_iter()
             .rev()
-            .find(|k| k.is_supported())
+            .find(|k| k.is_supported() && k.self_check())
             .unwrap_or(Kernel::Scalar)
+    }
+
+    /// Whether this path computes a small awkward case exactly as the scalar
+    /// path does. The default path is chosen only among those that pass, so a
+    /// path that could not be exercised where it was built (CI machines lack
+    /// some instruction sets) never silently gives wrong answers; a path
+    /// forced by name is not checked, so tests see its real behaviour.
+    fn self_check(self) -> bool {
+        if self == Kernel::Scalar {
+            return true;
+        }
+        // Ragged shapes: a partial block, partial row and token tiles, codes at both extremes.
+        let (n_out, n_in, m) = (13, 2 * packing::BLOCK + 77, 5);
+        let Ok(w) =
+            TernaryMatrix::from_fn(n_out, n_in, 0.5, |n, k| ((n * 7 + k * 13) % 3) as i8 - 1)
+        else {
+            return false;
+        };
+        let codes: Vec<i8> = (0..m * n_in).map(|i| (i * 37 % 256) as u8 as i8).collect();
+        let Ok(x) = QuantizedActivations::from_codes(&codes, m, n_in, &[1.0; 5]) else {
+            return false;
+        };
+        let mut expected = vec![0i32; n_out * m];
+        let mut got = vec![0i32; n_out * m];
+        gemm_dots(Kernel::Scalar, &w, &x, 0..n_out, &mut expected);
+        gemm_dots(self, &w, &x, 0..n_out, &mut got);
+        let gemm_ok = got == expected;
+        let mut got = vec![0i32; n_out];
+        gemv_dots(self, &w, x.token(1), x.sums()[1], 0..n_out, &mut got);
+        let gemv_ok = got
+            .iter()
+            .zip(expected.chunks_exact(m))
+            .all(|(&g, row)| g == row[1]);
+        if !(gemm_ok && gemv_ok) {
+            eprintln!(
+                "trit: kernel {self} failed its self-check on this CPU and is not used by default"
+            );
+        }
+        gemm_ok && gemv_ok
     }
 
     /// This path, or an error saying why it cannot run here.

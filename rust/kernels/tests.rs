@@ -168,3 +168,10 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn every_supported_path_passes_its_self_check() {
+    for kernel in Kernel::supported() {
+        assert!(kernel.self_check(), "{kernel}");
+    }
+}
