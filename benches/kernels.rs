@@ -28,7 +28,11 @@ fn kernels() -> Vec<Kernel> {
     let wanted = std::env::var("TRIT_BENCH_KERNELS").ok();
     Kernel::supported()
         .into_iter()
-        .filter(|k| wanted.as_deref().is_none_or(|w| w.split(',').any(|name| name.trim() == k.name())))
+        .filter(|k| {
+            wanted
+                .as_deref()
+                .is_none_or(|w| w.split(',').any(|name| name.trim() == k.name()))
+        })
         .collect()
 }
 
@@ -44,7 +48,9 @@ fn random_matrix(n_out: usize, n_in: usize, seed: u64) -> TernaryMatrix {
 }
 
 fn activations(m: usize, k: usize) -> QuantizedActivations {
-    let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
     QuantizedActivations::quantize(&x, m, k).unwrap()
 }
 
@@ -79,7 +85,8 @@ fn gemv(c: &mut Criterion) {
         for kernel in kernels() {
             for threads in THREADS {
                 let pool = threads::pool(Some(threads)).unwrap();
-                let id = BenchmarkId::new(format!("{kernel}/t{threads}"), format!("{n_in}x{n_out}"));
+                let id =
+                    BenchmarkId::new(format!("{kernel}/t{threads}"), format!("{n_in}x{n_out}"));
                 group.bench_function(id, |b| {
                     b.iter(|| matmul_into(&w, black_box(&x), &mut y, kernel, &pool).unwrap())
                 });
@@ -93,7 +100,9 @@ fn gemv(c: &mut Criterion) {
 fn gemv_streamed(c: &mut Criterion) {
     let (n_in, n_out) = (2560, 6912);
     let count = STREAM_BYTES / (n_out * n_in / 4);
-    let matrices: Vec<TernaryMatrix> = (0..count).map(|i| random_matrix(n_out, n_in, i as u64 + 1)).collect();
+    let matrices: Vec<TernaryMatrix> = (0..count)
+        .map(|i| random_matrix(n_out, n_in, i as u64 + 1))
+        .collect();
     let bytes: usize = matrices.iter().map(TernaryMatrix::packed_bytes).sum();
     let x = activations(1, n_in);
     let mut y = vec![0.0f32; n_out];
@@ -103,7 +112,10 @@ fn gemv_streamed(c: &mut Criterion) {
     for kernel in kernels().into_iter().filter(|&k| k != Kernel::Scalar) {
         for threads in THREADS {
             let pool = threads::pool(Some(threads)).unwrap();
-            let id = BenchmarkId::new(format!("{kernel}/t{threads}"), format!("{count}x{n_in}x{n_out}"));
+            let id = BenchmarkId::new(
+                format!("{kernel}/t{threads}"),
+                format!("{count}x{n_in}x{n_out}"),
+            );
             group.bench_function(id, |b| {
                 b.iter(|| {
                     for w in &matrices {
@@ -128,7 +140,8 @@ fn gemm(c: &mut Criterion) {
         for kernel in kernels().into_iter().filter(|&k| k != Kernel::Scalar) {
             for threads in THREADS {
                 let pool = threads::pool(Some(threads)).unwrap();
-                let id = BenchmarkId::new(format!("{kernel}/t{threads}"), format!("{n_in}x{n_out}"));
+                let id =
+                    BenchmarkId::new(format!("{kernel}/t{threads}"), format!("{n_in}x{n_out}"));
                 group.bench_function(id, |b| {
                     b.iter(|| matmul_into(&w, black_box(&x), &mut y, kernel, &pool).unwrap())
                 });

@@ -6,6 +6,8 @@
 
 pub mod error;
 pub mod kernels;
+pub mod model;
+pub mod sampling;
 pub mod threads;
 
 #[cfg(feature = "python")]
