@@ -101,7 +101,7 @@ impl Config {
                 )));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(TritError::invalid(format!(
                 "config: num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
@@ -116,7 +116,7 @@ impl Config {
             )));
         }
         // RoPE rotates the two halves of each head (rotate_half).
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(TritError::invalid(format!(
                 "config: head_dim {} must be even for rotary embeddings",
                 self.head_dim
@@ -130,7 +130,7 @@ impl Config {
                 ("intermediate_size", self.intermediate_size),
                 ("hidden_size", self.hidden_size),
             ] {
-                if out % 4 != 0 {
+                if !out.is_multiple_of(4) {
                     return Err(TritError::invalid(format!(
                         "config: {name} = {out} is not a multiple of 4, which packed weights need"
                     )));
