@@ -153,8 +153,7 @@ class Generator:
             raise InvalidInputError("the prompt has no tokens")
         if len(ids) > self.n_ctx:
             raise InvalidInputError(
-                f"the prompt has {len(ids)} tokens, more than the context size n_ctx = "
-                f"{self.n_ctx}"
+                f"the prompt has {len(ids)} tokens, more than the context size n_ctx = {self.n_ctx}"
             )
         return ids
 

@@ -87,7 +87,9 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Path:
             name, revision=revision, allow_patterns=ALLOW_PATTERNS
         )
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise InvalidInputError(f"no model {name!r} (revision {revision}) on the Hub: {exc}") from exc
+        raise InvalidInputError(
+            f"no model {name!r} (revision {revision}) on the Hub: {exc}"
+        ) from exc
     except LocalEntryNotFoundError as exc:
         raise TritError(
             f"{name!r} is not in the local Hugging Face cache and cannot be downloaded "
@@ -207,8 +209,7 @@ def _quantization(cfg: dict[str, Any], path: Path) -> tuple[str, str]:
         )
     if linear_class == "bitlinear" and mode == "online":
         raise InvalidInputError(
-            f'{path}: unsupported quantization config: "online" needs linear_class '
-            '"autobitlinear"'
+            f'{path}: unsupported quantization config: "online" needs linear_class "autobitlinear"'
         )
     if q.get("use_rms_norm"):
         raise InvalidInputError(
@@ -357,7 +358,10 @@ def load_model(folder: Path, *, threads: int | None = None) -> Model:
                 with t.path.open("rb") as f:
                     maps[t.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             args.append((t.name, t.dtype, t.shape, _bytes_of(maps[t.path], t)))
-        model, messages = Model.load(config, args, threads=threads)
+        try:
+            model, messages = Model.load(config, args, threads=threads)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{folder}: {exc}") from None
     finally:
         # Drop every view before closing its map: an exported buffer keeps a
         # map from closing, and the views may sit in a traceback's frame.

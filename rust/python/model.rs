@@ -138,7 +138,11 @@ impl PyModelConfig {
             c.rope_theta,
             c.rms_norm_eps,
             c.max_position_embeddings,
-            if c.tie_word_embeddings { "True" } else { "False" },
+            if c.tie_word_embeddings {
+                "True"
+            } else {
+                "False"
+            },
             c.linear_class.name(),
             c.quantization_mode.name()
         )
