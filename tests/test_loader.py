@@ -240,7 +240,11 @@ def test_bitlinear_scales_are_divided(model_copy: Path) -> None:
 
 
 def test_hub_ids_respect_offline_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import huggingface_hub.constants
+
+    # The env var is read when huggingface_hub is imported; set both.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TritError, match="not in the local Hugging Face cache"):
