@@ -3,6 +3,7 @@
 //! all in f32, one division then one multiplication (transformers' order).
 
 use super::packing::{blocks_for, BLOCK};
+use super::{aligned_scratch, CacheLine};
 use crate::error::{Result, TritError};
 
 /// Lower bound on a token's absmax, as in transformers (avoids dividing by zero).
@@ -15,8 +16,9 @@ pub struct QuantizedActivations {
     k: usize,
     k_padded: usize,
     /// [m, k_padded] int8 codes, zero past k (zero padding keeps the padded
-    /// weights' codes out of every sum).
-    q: Vec<i8>,
+    /// weights' codes out of every sum). Stored in 64-byte lines so every
+    /// token starts on a cache line and SIMD loads never split one.
+    q: Vec<CacheLine>,
     /// [m] the multiplier `s` of each token: `x ≈ q / s`.
     scale: Vec<f32>,
     /// [m] Σ_k q[t, k]: the kernels subtract it to undo the `+1` of the weight codes.
@@ -57,10 +59,13 @@ impl QuantizedActivations {
         self.k = k;
         self.k_padded = k_padded;
         self.q.clear();
-        self.q.resize(m * k_padded, 0);
+        self.q.resize(m * k_padded / 64, CacheLine([0; 64]));
         self.scale.clear();
         self.sum.clear();
-        for (token, q_row) in x.chunks_exact(k).zip(self.q.chunks_exact_mut(k_padded)) {
+        for (token, q_row) in x
+            .chunks_exact(k)
+            .zip(as_codes_mut(&mut self.q).chunks_exact_mut(k_padded))
+        {
             let (s, sum) = quantize_token(token, &mut q_row[..k]);
             self.scale.push(s);
             self.sum.push(sum);
@@ -78,8 +83,11 @@ impl QuantizedActivations {
             )));
         }
         let k_padded = blocks_for(k) * BLOCK;
-        let mut q = vec![0i8; m * k_padded];
-        for (row, src) in q.chunks_exact_mut(k_padded).zip(codes.chunks_exact(k)) {
+        let mut q = aligned_scratch(m * k_padded);
+        for (row, src) in as_codes_mut(&mut q)
+            .chunks_exact_mut(k_padded)
+            .zip(codes.chunks_exact(k))
+        {
             row[..k].copy_from_slice(src);
         }
         let sum = codes
@@ -110,12 +118,15 @@ impl QuantizedActivations {
 
     /// All codes, [m, k_padded].
     pub fn codes(&self) -> &[i8] {
-        &self.q
+        let lines: &[CacheLine] = &self.q;
+        // SAFETY: the lines are plain bytes (m * k_padded of them, k_padded being a
+        // multiple of 64), and i8 has the size and alignment of u8.
+        unsafe { std::slice::from_raw_parts(lines.as_ptr().cast::<i8>(), lines.len() * 64) }
     }
 
     /// The codes of token `t`, [k_padded].
     pub fn token(&self, t: usize) -> &[i8] {
-        &self.q[t * self.k_padded..(t + 1) * self.k_padded]
+        &self.codes()[t * self.k_padded..(t + 1) * self.k_padded]
     }
 
     /// [m] per-token multipliers.
@@ -127,6 +138,13 @@ impl QuantizedActivations {
     pub fn sums(&self) -> &[i32] {
         &self.sum
     }
+}
+
+/// The bytes of `lines` as int8 codes.
+fn as_codes_mut(lines: &mut [CacheLine]) -> &mut [i8] {
+    // SAFETY: the lines are plain bytes, i8 has the size and alignment of u8,
+    // and the borrow is exclusive.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<i8>(), lines.len() * 64) }
 }
 
 /// Quantizes one token into `q` (same length as `x`); returns its multiplier and code sum.

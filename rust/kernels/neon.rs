@@ -1,21 +1,25 @@
 //! Neon (aarch64 Advanced SIMD) kernels, baseline instructions only (no
-//! `sdot`). 16 packed bytes of a block (chunk q, bytes 16q..16q + 16) shifted
-//! by 2i and masked give the codes of the 16 consecutive inputs
-//! 64i + 16q .. +16 (see `packing`).
+//! `sdot`). The same scheme as AVX2: weights stay codes `w + 1` in {0, 1, 2}
+//! (see `packing`), are multiplied with the int8 activations, and Σ_k x[k]
+//! (`xsum`, the token's sum) is subtracted once per dot to undo the `+ 1`.
+//! 16 packed bytes of a block (chunk q, bytes 16q..16q + 16) shifted right by
+//! 2i and masked with 3 give the codes of the 16 consecutive inputs
+//! 64i + 16q .. +16.
 //!
-//! Unlike the x86 paths, the codes are turned into signed weights `w = code - 1`
-//! in {-1, 0, 1} while they are extracted, at the cost of one instruction per
-//! 64 weights: `usra` (shift right and accumulate) adds the shifted 2-bit field
-//! to 0xFF, which wraps to `code - 1`. Neon's widening multiply is signed ×
-//! signed anyway, so nothing is lost, no Σx correction is needed (`xsum` is
-//! unused, as in `scalar`) and the products are half as large as code products.
+//! Why codes rather than signed weights `code - 1`: the decode is 3 shifts and
+//! 3 masks per 64 weights, and the `- 1` would add 4 more instructions (LLVM
+//! turns a shift-right-accumulate onto -1 back into shift, mask, add) in the
+//! GEMV, whose cost per weight byte is exactly this decode plus the multiplies.
+//! Neon's widening multiply is signed × signed, so the codes simply enter it as
+//! small non-negative i8 values.
 //!
 //! Products are widened i8 × i8 → i16 and summed per lane by `smlal`/`smlal2`
-//! (`vmlal_s8` on the low 8 bytes, `vmlal_high_s8` on the high 8), then folded
-//! pairwise into i32 by `sadalp` (`vpadalq_s16`) before an i16 lane can overflow.
+//! (`vmlal_s8` on the low 8 bytes of a vector, `vmlal_high_s8` on the high 8),
+//! then folded pairwise into i32 by `sadalp` (`vpadalq_s16`) before an i16
+//! lane can overflow.
 //!
-//! Overflow: |w · x| ≤ 1 · 128 (codes run from -128 to 127; -1 · -128 = +128),
-//! so an i16 lane holds 255 products (255 · 128 = 32640 ≤ 32767). Each
+//! Overflow: |code · x| ≤ 2 · 128 = 256 (activation codes run from -128 to
+//! 127), so an i16 lane holds 127 products (127 · 256 = 32512 ≤ 32767). Each
 //! constant below states how many products it lets a lane collect.
 
 use std::arch::aarch64::*;
@@ -27,53 +31,47 @@ use super::{aligned_scratch, gemm_k_block, QuantizedActivations};
 /// GEMV rows per tile: they share each activation load.
 const GEMV_ROWS: usize = 4;
 /// GEMV blocks summed in i16 before widening. A row has two i16 accumulators
-/// (low and high 8 bytes of each product vector, two independent dependency
-/// chains); each block adds 16 products to every lane of each (4 chunks × 4
-/// planes): 8 · 16 · 128 = 16384.
-const GEMV_I16_BLOCKS: usize = 8;
+/// (products of the low and of the high 8 bytes: two independent dependency
+/// chains); a block adds 16 products (4 chunks × 4 planes) to every lane of
+/// each: 4 · 16 · 256 = 16384.
+const GEMV_I16_BLOCKS: usize = 4;
 
 /// GEMM tile: 4 rows × 4 tokens = 16 i16 accumulators + 4 + 4 operands, of 32
-/// registers (the i32 accumulators are only touched when the i16 ones are
+/// registers (the i32 accumulators are touched only when the i16 ones are
 /// widened, outside the inner loop).
 const TILE_ROWS: usize = 4;
 const TILE_TOKENS: usize = 4;
-/// GEMM steps of 16 inputs summed in i16: each step adds 2 products to every
-/// lane (`smlal` + `smlal2`): 64 · 2 · 128 = 16384.
-const GEMM_I16_STEPS: usize = 64;
+/// GEMM steps of 16 inputs summed in i16: a step adds 2 products to every lane
+/// (`smlal` + `smlal2` into one accumulator): 32 · 2 · 256 = 16384.
+const GEMM_I16_STEPS: usize = 32;
 
-/// The signed weights held by 16 packed bytes: plane i has `((byte >> 2i) & 3) - 1`.
+/// The four 16-code planes held by 16 packed bytes: plane i has the codes of
+/// bits 2i..2i+1.
 #[inline]
 #[target_feature(enable = "neon")]
-fn weights(packed: uint8x16_t) -> [int8x16_t; 4] {
-    // 0xFF + code wraps to code - 1.
-    let minus_one = vdupq_n_u8(0xFF);
-    let w0 = vaddq_u8(vandq_u8(packed, vdupq_n_u8(0x03)), minus_one);
-    let w1 = vsraq_n_u8::<2>(minus_one, vandq_u8(packed, vdupq_n_u8(0x0C)));
-    let w2 = vsraq_n_u8::<4>(minus_one, vandq_u8(packed, vdupq_n_u8(0x30)));
-    // The top field needs no mask: the shift clears everything above it.
-    let w3 = vsraq_n_u8::<6>(minus_one, packed);
-    [w0, w1, w2, w3].map(|v| vreinterpretq_s8_u8(v))
-}
-
-/// `acc + Σ` of the 16 products `w[l] · x[l]`, two per i16 lane.
-#[inline]
-#[target_feature(enable = "neon")]
-fn mlal2(acc: int16x8_t, w: int8x16_t, x: int8x16_t) -> int16x8_t {
-    vmlal_high_s8(vmlal_s8(acc, vget_low_s8(w), vget_low_s8(x)), w, x)
+fn planes(packed: uint8x16_t) -> [int8x16_t; 4] {
+    let mask = vdupq_n_u8(3);
+    [
+        vreinterpretq_s8_u8(vandq_u8(packed, mask)),
+        vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8::<2>(packed), mask)),
+        vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8::<4>(packed), mask)),
+        // The top field needs no mask: the shift clears everything above it.
+        vreinterpretq_s8_u8(vshrq_n_u8::<6>(packed)),
+    ]
 }
 
 /// # Safety
 /// The CPU must support Neon; `xq` must hold at least `w.k_padded()` values.
 #[target_feature(enable = "neon")]
-pub unsafe fn gemv(w: &TernaryMatrix, xq: &[i8], _xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
+pub unsafe fn gemv(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
     assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
     let mut n = rows.start;
     for out in dots.chunks_mut(GEMV_ROWS) {
         match out.len() {
-            4 => gemv_tile::<4>(w, xq, n, out),
-            3 => gemv_tile::<3>(w, xq, n, out),
-            2 => gemv_tile::<2>(w, xq, n, out),
-            _ => gemv_tile::<1>(w, xq, n, out),
+            4 => gemv_tile::<4>(w, xq, xsum, n, out),
+            3 => gemv_tile::<3>(w, xq, xsum, n, out),
+            2 => gemv_tile::<2>(w, xq, xsum, n, out),
+            _ => gemv_tile::<1>(w, xq, xsum, n, out),
         }
         n += out.len();
     }
@@ -81,7 +79,13 @@ pub unsafe fn gemv(w: &TernaryMatrix, xq: &[i8], _xsum: i32, rows: Range<usize>,
 
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn gemv_tile<const R: usize>(w: &TernaryMatrix, xq: &[i8], n0: usize, out: &mut [i32]) {
+unsafe fn gemv_tile<const R: usize>(
+    w: &TernaryMatrix,
+    xq: &[i8],
+    xsum: i32,
+    n0: usize,
+    out: &mut [i32],
+) {
     let rows: [*const u8; R] = std::array::from_fn(|j| w.row(n0 + j).as_ptr().cast::<u8>());
     let x = xq.as_ptr();
     let n_blocks = w.blocks_per_row();
@@ -97,10 +101,11 @@ unsafe fn gemv_tile<const R: usize>(w: &TernaryMatrix, xq: &[i8], n0: usize, out
                 let xs: [int8x16_t; 4] =
                     std::array::from_fn(|i| vld1q_s8(x.add(b * BLOCK + 64 * i + 16 * q)));
                 for j in 0..R {
-                    let ws = weights(vld1q_u8(rows[j].add(b * BLOCK_BYTES + 16 * q)));
+                    let codes = planes(vld1q_u8(rows[j].add(b * BLOCK_BYTES + 16 * q)));
                     for i in 0..4 {
-                        acc16[j][0] = vmlal_s8(acc16[j][0], vget_low_s8(ws[i]), vget_low_s8(xs[i]));
-                        acc16[j][1] = vmlal_high_s8(acc16[j][1], ws[i], xs[i]);
+                        let (c, a) = (codes[i], xs[i]);
+                        acc16[j][0] = vmlal_s8(acc16[j][0], vget_low_s8(c), vget_low_s8(a));
+                        acc16[j][1] = vmlal_high_s8(acc16[j][1], c, a);
                     }
                 }
             }
@@ -111,7 +116,7 @@ unsafe fn gemv_tile<const R: usize>(w: &TernaryMatrix, xq: &[i8], n0: usize, out
         b0 = b1;
     }
     for j in 0..R {
-        out[j] = vaddvq_s32(acc32[j]);
+        out[j] = vaddvq_s32(acc32[j]) - xsum;
     }
 }
 
@@ -129,7 +134,7 @@ pub unsafe fn gemm(
     dots.fill(0);
     let kb = gemm_k_block(m, kp);
     let mut scratch = aligned_scratch(TILE_ROWS * kb);
-    let ws = scratch.as_mut_ptr().cast::<i8>(); // [TILE_ROWS, kb] signed weights
+    let codes = scratch.as_mut_ptr().cast::<i8>(); // [TILE_ROWS, kb] unpacked codes
     let acts = x.codes().as_ptr(); // [m, kp]
     for k0 in (0..kp).step_by(kb) {
         let len = kb.min(kp - k0);
@@ -137,7 +142,7 @@ pub unsafe fn gemm(
         for r0 in rows.clone().step_by(TILE_ROWS) {
             let nr = TILE_ROWS.min(rows.end - r0);
             for j in 0..nr {
-                unpack_weights(&w.row(r0 + j)[blocks.clone()], ws.add(j * kb));
+                unpack_codes(&w.row(r0 + j)[blocks.clone()], codes.add(j * kb));
             }
             let out_row = (r0 - rows.start) * m;
             for t0 in (0..m).step_by(TILE_TOKENS) {
@@ -146,7 +151,7 @@ pub unsafe fn gemm(
                 let out = &mut dots[out_row + t0..];
                 macro_rules! run {
                     ($nr:literal, $nt:literal) => {
-                        tile::<$nr, $nt>(ws, kb, a, kp, len, out, m)
+                        tile::<$nr, $nt>(codes, kb, a, kp, len, out, m)
                     };
                 }
                 match (nr, nt) {
@@ -170,30 +175,35 @@ pub unsafe fn gemm(
             }
         }
     }
+    for row_dots in dots.chunks_exact_mut(m) {
+        for (dot, &sum) in row_dots.iter_mut().zip(x.sums()) {
+            *dot -= sum;
+        }
+    }
 }
 
-/// Writes the signed weights of `blocks` in input order to `out`.
+/// Writes the codes of `blocks` in input order to `out`.
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn unpack_weights(blocks: &[PackedBlock], out: *mut i8) {
+unsafe fn unpack_codes(blocks: &[PackedBlock], out: *mut i8) {
     for (b, block) in blocks.iter().enumerate() {
         for q in 0..4 {
-            let planes = weights(vld1q_u8(block.0.as_ptr().add(16 * q)));
-            for (i, plane) in planes.into_iter().enumerate() {
-                vst1q_s8(out.add(b * BLOCK + 64 * i + 16 * q), plane);
+            let packed = vld1q_u8(block.0.as_ptr().add(16 * q));
+            for (i, codes) in planes(packed).into_iter().enumerate() {
+                vst1q_s8(out.add(b * BLOCK + 64 * i + 16 * q), codes);
             }
         }
     }
 }
 
-/// `out[j·m + i] += Σ_{k < len} ws[j·w_stride + k] · acts[i·act_stride + k]`
+/// `out[j·m + i] += Σ_{k < len} codes[j·code_stride + k] · acts[i·act_stride + k]`
 /// for NR rows j and NT tokens i; `len` is a multiple of 16.
 #[inline]
 #[target_feature(enable = "neon")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile<const NR: usize, const NT: usize>(
-    ws: *const i8,
-    w_stride: usize,
+    codes: *const i8,
+    code_stride: usize,
     acts: *const i8,
     act_stride: usize,
     len: usize,
@@ -209,9 +219,10 @@ unsafe fn tile<const NR: usize, const NT: usize>(
             let a: [int8x16_t; NT] =
                 std::array::from_fn(|i| vld1q_s8(acts.add(i * act_stride + k)));
             for j in 0..NR {
-                let c = vld1q_s8(ws.add(j * w_stride + k));
+                let c = vld1q_s8(codes.add(j * code_stride + k));
                 for i in 0..NT {
-                    acc16[j][i] = mlal2(acc16[j][i], c, a[i]);
+                    let lo = vmlal_s8(acc16[j][i], vget_low_s8(c), vget_low_s8(a[i]));
+                    acc16[j][i] = vmlal_high_s8(lo, c, a[i]);
                 }
             }
             k += 16;

@@ -137,3 +137,41 @@ proptest! {
         check_all_kernels(&w, &x);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// The per-path entry points on arbitrary row ranges (matmul only hands them
+    /// ranges starting at multiples of its task size) and GEMM with one token.
+    #[test]
+    fn row_ranges_agree(
+        n_out in 1usize..40,
+        n_in in 1usize..800,
+        m in 1usize..9,
+        start in 0usize..40,
+        len in 1usize..40,
+        seed in any::<u64>(),
+    ) {
+        let start = start % n_out;
+        let rows = start..(start + len).min(n_out);
+        let w = random_matrix(n_out, n_in, seed);
+        let x = QuantizedActivations::quantize(&random_activations(m, n_in, seed), m, n_in).unwrap();
+        let mut expected = vec![0i32; rows.len() * m];
+        gemm_dots(Kernel::Scalar, &w, &x, rows.clone(), &mut expected);
+        for kernel in Kernel::supported() {
+            let mut dots = vec![0i32; rows.len() * m];
+            gemm_dots(kernel, &w, &x, rows.clone(), &mut dots);
+            prop_assert_eq!(&dots, &expected, "gemm {}", kernel);
+            let mut dots = vec![0i32; rows.len()];
+            gemv_dots(kernel, &w, x.token(m - 1), x.sums()[m - 1], rows.clone(), &mut dots);
+            let column: Vec<i32> = expected.chunks_exact(m).map(|row| row[m - 1]).collect();
+            prop_assert_eq!(&dots, &column, "gemv {}", kernel);
+        }
+    }
+}
+
+#[test]
+fn every_supported_path_passes_its_self_check() {
+    for kernel in Kernel::supported() {
+        assert!(kernel.self_check(), "{kernel}");
+    }
+}

@@ -12,11 +12,11 @@ use std::ops::Range;
 use super::packing::{PackedBlock, TernaryMatrix, BLOCK};
 use super::{aligned_scratch, gemm_k_block, QuantizedActivations};
 
-/// GEMV: blocks summed in i16 before widening. Each block adds 8 `vpmaddubsw`
-/// lanes (2 halves × 4 planes) to a row's accumulator: 4 · 8 · 512 = 16384.
+/// GEMV: blocks summed in i16 before widening. Each block adds 4 `vpmaddubsw`
+/// lanes (4 planes) to each of a row's two accumulators: 4 · 4 · 512 = 8192.
 const GEMV_I16_BLOCKS: usize = 4;
-/// GEMV rows per tile: they share each activation load.
-const GEMV_ROWS: usize = 4;
+/// GEMV: blocks (of 64 bytes) to prefetch ahead of the one being read.
+pub(crate) const GEMV_PREFETCH: usize = 32;
 
 /// The four 32-code planes held by 32 packed bytes: plane i has the codes of
 /// bits 2i..2i+1.
@@ -46,62 +46,43 @@ fn hsum_epi32(v: __m256i) -> i32 {
 #[target_feature(enable = "avx2")]
 pub unsafe fn gemv(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
     assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
-    let mut n = rows.start;
-    for out in dots.chunks_mut(GEMV_ROWS) {
-        match out.len() {
-            4 => gemv_tile::<4>(w, xq, xsum, n, out),
-            3 => gemv_tile::<3>(w, xq, xsum, n, out),
-            2 => gemv_tile::<2>(w, xq, xsum, n, out),
-            _ => gemv_tile::<1>(w, xq, xsum, n, out),
-        }
-        n += out.len();
+    for (dot, n) in dots.iter_mut().zip(rows) {
+        *dot = gemv_row(w.row(n), xq, xsum);
     }
 }
 
+/// One row at a time, so the weights are read as one sequential stream: on
+/// Zen 3, tiles of 4 rows sharing activation loads ran as fast in cache but
+/// streamed from memory at half the speed (4 interleaved streams defeat the
+/// hardware prefetcher), and a software prefetch `GEMV_PREFETCH` ahead took a
+/// single stream from 83% to ~94% of the measured read bandwidth.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn gemv_tile<const R: usize>(
-    w: &TernaryMatrix,
-    xq: &[i8],
-    xsum: i32,
-    n0: usize,
-    out: &mut [i32],
-) {
+unsafe fn gemv_row(row: &[PackedBlock], xq: &[i8], xsum: i32) -> i32 {
     let ones = _mm256_set1_epi16(1);
-    let rows: [*const PackedBlock; R] = std::array::from_fn(|j| w.row(n0 + j).as_ptr());
     let x = xq.as_ptr();
-    let n_blocks = w.blocks_per_row();
-    let mut acc32 = [_mm256_setzero_si256(); R];
-    let mut b0 = 0;
-    while b0 < n_blocks {
-        let b1 = (b0 + GEMV_I16_BLOCKS).min(n_blocks);
-        let mut acc16 = [_mm256_setzero_si256(); R];
-        for b in b0..b1 {
+    let mut acc32 = _mm256_setzero_si256();
+    for (group, blocks) in row.chunks(GEMV_I16_BLOCKS).enumerate() {
+        // One accumulator per half: two independent add chains.
+        let mut acc16 = [_mm256_setzero_si256(); 2];
+        for (i_block, block) in blocks.iter().enumerate() {
+            let b = group * GEMV_I16_BLOCKS + i_block;
+            let ahead = (block as *const PackedBlock).wrapping_add(GEMV_PREFETCH);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
             for half in 0..2 {
-                // Activations 64i + 32·half .. +32 of block b meet plane i of this half.
-                let xs: [__m256i; 4] = std::array::from_fn(|i| {
-                    _mm256_loadu_si256(x.add(b * BLOCK + 64 * i + 32 * half).cast())
-                });
-                for j in 0..R {
-                    // PackedBlock is 64-byte aligned, so each half is 32-byte aligned.
-                    let packed =
-                        _mm256_load_si256(rows[j].add(b).cast::<u8>().add(32 * half).cast());
-                    let codes = planes(packed);
-                    for i in 0..4 {
-                        acc16[j] =
-                            _mm256_add_epi16(acc16[j], _mm256_maddubs_epi16(codes[i], xs[i]));
-                    }
+                // PackedBlock is 64-byte aligned, so each half is 32-byte aligned.
+                let codes = planes(_mm256_load_si256(block.0.as_ptr().add(32 * half).cast()));
+                for (i, plane) in codes.into_iter().enumerate() {
+                    // Activations 64i + 32·half .. +32 of block b meet plane i of this half.
+                    let xs = _mm256_loadu_si256(x.add(b * BLOCK + 64 * i + 32 * half).cast());
+                    acc16[half] = _mm256_add_epi16(acc16[half], _mm256_maddubs_epi16(plane, xs));
                 }
             }
         }
-        for j in 0..R {
-            acc32[j] = _mm256_add_epi32(acc32[j], _mm256_madd_epi16(acc16[j], ones));
-        }
-        b0 = b1;
+        acc32 = _mm256_add_epi32(acc32, _mm256_madd_epi16(acc16[0], ones));
+        acc32 = _mm256_add_epi32(acc32, _mm256_madd_epi16(acc16[1], ones));
     }
-    for j in 0..R {
-        out[j] = hsum_epi32(acc32[j]) - xsum;
-    }
+    hsum_epi32(acc32) - xsum
 }
 
 /// GEMM tile: 3 rows × 3 tokens = 9 accumulators, plus 3 + 3 operands, in 16 registers.

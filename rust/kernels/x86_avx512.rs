@@ -9,10 +9,9 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::packing::{PackedBlock, TernaryMatrix, BLOCK};
+use super::x86_avx2::GEMV_PREFETCH;
 use super::{aligned_scratch, gemm_k_block, QuantizedActivations};
 
-/// GEMV rows per tile: they share each activation load.
-const GEMV_ROWS: usize = 4;
 /// GEMM tile: 4 rows × 4 tokens = 16 accumulators + 8 operands, of 32 registers.
 const TILE: usize = 4;
 
@@ -68,43 +67,31 @@ unsafe fn gemv_with<const VNNI: bool>(
     rows: Range<usize>,
     dots: &mut [i32],
 ) {
-    let mut n = rows.start;
-    for out in dots.chunks_mut(GEMV_ROWS) {
-        match out.len() {
-            4 => gemv_tile::<4, VNNI>(w, xq, xsum, n, out),
-            3 => gemv_tile::<3, VNNI>(w, xq, xsum, n, out),
-            2 => gemv_tile::<2, VNNI>(w, xq, xsum, n, out),
-            _ => gemv_tile::<1, VNNI>(w, xq, xsum, n, out),
-        }
-        n += out.len();
+    for (dot, n) in dots.iter_mut().zip(rows) {
+        *dot = gemv_row::<VNNI>(w.row(n), xq, xsum);
     }
 }
 
+/// One row at a time with a software prefetch, for the reasons given at
+/// `x86_avx2::gemv_row` (a single sequential stream per core).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn gemv_tile<const R: usize, const VNNI: bool>(
-    w: &TernaryMatrix,
-    xq: &[i8],
-    xsum: i32,
-    n0: usize,
-    out: &mut [i32],
-) {
-    let rows: [*const PackedBlock; R] = std::array::from_fn(|j| w.row(n0 + j).as_ptr());
+unsafe fn gemv_row<const VNNI: bool>(row: &[PackedBlock], xq: &[i8], xsum: i32) -> i32 {
     let x = xq.as_ptr();
-    let mut acc = [_mm512_setzero_si512(); R];
-    for b in 0..w.blocks_per_row() {
-        let xs: [__m512i; 4] =
-            std::array::from_fn(|i| _mm512_loadu_si512(x.add(b * BLOCK + 64 * i).cast()));
-        for j in 0..R {
-            let codes = planes(_mm512_load_si512(rows[j].add(b).cast()));
-            for i in 0..4 {
-                acc[j] = step::<VNNI>(acc[j], codes[i], xs[i]);
-            }
+    let mut acc = _mm512_setzero_si512();
+    for (b, block) in row.iter().enumerate() {
+        let ahead = (block as *const PackedBlock).wrapping_add(GEMV_PREFETCH);
+        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+        let codes = planes(_mm512_load_si512(block.0.as_ptr().cast()));
+        for (i, plane) in codes.into_iter().enumerate() {
+            acc = step::<VNNI>(
+                acc,
+                plane,
+                _mm512_loadu_si512(x.add(b * BLOCK + 64 * i).cast()),
+            );
         }
     }
-    for j in 0..R {
-        out[j] = _mm512_reduce_add_epi32(acc[j]) - xsum;
-    }
+    _mm512_reduce_add_epi32(acc) - xsum
 }
 
 #[inline]
