@@ -7,6 +7,8 @@
 pub mod bandwidth;
 pub mod error;
 pub mod kernels;
+pub mod model;
+pub mod sampling;
 pub mod threads;
 
 #[cfg(feature = "python")]

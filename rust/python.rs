@@ -15,6 +15,8 @@ use crate::error::TritError;
 use crate::kernels::{self, Kernel, QuantizedActivations};
 use crate::threads;
 
+mod model;
+
 // ---------------------------------------------------------------- exceptions
 
 static TRIT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
@@ -315,6 +317,10 @@ fn default_threads() -> PyResult<usize> {
 fn _core(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     add_exceptions(py, m)?;
     m.add_class::<PyTernaryMatrix>()?;
+    m.add_class::<model::PyModelConfig>()?;
+    m.add_class::<model::PyModel>()?;
+    m.add_class::<model::PySession>()?;
+    m.add_class::<model::PySampler>()?;
     m.add_function(wrap_pyfunction!(quantize_activations, m)?)?;
     m.add_function(wrap_pyfunction!(available_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(active_kernel, m)?)?;

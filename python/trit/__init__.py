@@ -7,8 +7,11 @@ from trit._core import (
     TritError,
     __version__,
 )
+from trit.generator import GenerationStats, Generator
 
 __all__ = [
+    "GenerationStats",
+    "Generator",
     "InvalidInputError",
     "KernelUnavailableError",
     "TritError",

@@ -9,6 +9,10 @@ __version__: str
 __all__ = [
     "InvalidInputError",
     "KernelUnavailableError",
+    "Model",
+    "ModelConfig",
+    "Sampler",
+    "Session",
     "TernaryMatrix",
     "TritError",
     "__version__",
@@ -48,6 +52,104 @@ class TernaryMatrix:
         kernel: str | None = None,
         threads: int | None = None,
     ) -> npt.NDArray[np.float32]: ...
+
+@final
+class ModelConfig:
+    """The hyper-parameters of a BitNet b1.58 model."""
+
+    def __new__(
+        cls,
+        *,
+        vocab_size: int,
+        hidden_size: int,
+        intermediate_size: int,
+        num_hidden_layers: int,
+        num_attention_heads: int,
+        num_key_value_heads: int,
+        rope_theta: float,
+        rms_norm_eps: float,
+        max_position_embeddings: int,
+        head_dim: int | None = None,
+        tie_word_embeddings: bool = True,
+        linear_class: str = "bitlinear",
+        quantization_mode: str = "offline",
+    ) -> ModelConfig: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def intermediate_size(self) -> int: ...
+    @property
+    def num_hidden_layers(self) -> int: ...
+    @property
+    def num_attention_heads(self) -> int: ...
+    @property
+    def num_key_value_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def rope_theta(self) -> float: ...
+    @property
+    def rms_norm_eps(self) -> float: ...
+    @property
+    def max_position_embeddings(self) -> int: ...
+    @property
+    def tie_word_embeddings(self) -> bool: ...
+    @property
+    def linear_class(self) -> str: ...
+    @property
+    def quantization_mode(self) -> str: ...
+
+@final
+class Model:
+    """A loaded model; immutable, shared by its sessions."""
+
+    @staticmethod
+    def load(
+        config: ModelConfig,
+        tensors: list[tuple[str, str, list[int], npt.NDArray[np.uint8]]],
+        *,
+        threads: int | None = None,
+    ) -> tuple[Model, list[str]]: ...
+    @property
+    def config(self) -> ModelConfig: ...
+    def projection(self, layer: int, name: str) -> TernaryMatrix: ...
+
+@final
+class Sampler:
+    """How the next token is picked: greedy when temperature is 0."""
+
+    def __new__(
+        cls,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int = 0,
+    ) -> Sampler: ...
+
+@final
+class Session:
+    """One sequence on a model: KV cache for n_ctx positions and the tokens in it."""
+
+    def __new__(
+        cls, model: Model, *, n_ctx: int | None = None, threads: int | None = None
+    ) -> Session: ...
+    @property
+    def n_ctx(self) -> int: ...
+    @property
+    def threads(self) -> int: ...
+    @property
+    def tokens(self) -> list[int]: ...
+    def prefill(self, ids: list[int]) -> int: ...
+    def push(self, token: int) -> None: ...
+    def logits(self, ids: list[int]) -> npt.NDArray[np.float32]: ...
+    def last_logits(self) -> npt.NDArray[np.float32] | None: ...
+    def sample(self, sampler: Sampler) -> int: ...
+    def reset(self) -> None: ...
 
 def quantize_activations(
     x: npt.NDArray[np.float32],

@@ -1,0 +1,146 @@
+"""The `trit` command: `trit generate` and `trit chat`.
+
+Each subcommand is a function taking the parsed arguments; a new one (bench,
+perplexity, serve) adds a parser in `_parser` and a function here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from trit._core import TritError
+from trit.generator import Generator, Message
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, help="model folder or Hugging Face repo id")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("-t", "--threads", type=int, help="worker threads (default: physical cores)")
+    p.add_argument("-c", "--ctx", type=int, help="context size (default: the model's maximum)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-new-tokens", type=int, default=256, help="default: 256")
+    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0: off (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: off (default)")
+    p.add_argument("--min-p", type=float, default=0.0, help="0: off (default)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1: off (default)")
+    p.add_argument("--seed", type=int, help="random seed (default: random)")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "temperature": args.temp,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repeat_penalty,
+        "seed": args.seed,
+    }
+
+
+def _load(args: argparse.Namespace) -> Generator:
+    return Generator.from_pretrained(
+        args.model, threads=args.threads, n_ctx=args.ctx, revision=args.revision
+    )
+
+
+def _print_stream(pieces: Iterable[str]) -> str:
+    out = []
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        out.append(piece)
+    return "".join(out)
+
+
+def _report(g: Generator) -> None:
+    s = g.last_stats
+    if s is None:
+        return
+    print(
+        f"\nprompt: {s.prompt_tokens} tokens ({s.prompt_tokens_processed} processed) in "
+        f"{s.prompt_seconds:.3f} s, {s.prompt_tokens_per_s:.1f} tokens/s\n"
+        f"generation: {s.new_tokens} tokens in {s.decode_seconds:.3f} s, "
+        f"{s.decode_tokens_per_s:.1f} tokens/s ({s.finish_reason})",
+        file=sys.stderr,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    g = _load(args)
+    _print_stream(g.stream(args.prompt, args.max_new_tokens, **_sampling(args)))
+    sys.stdout.write("\n")
+    _report(g)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    g = _load(args)
+    system: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("trit chat: /reset clears the history, Ctrl-D leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history = list(system)
+            g.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        reply = _print_stream(g.chat_stream(history, args.max_new_tokens, **_sampling(args)))
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+        if args.verbose:
+            _report(g)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trit", description="CPU inference for ternary (BitNet b1.58) language models"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    _add_model_args(p)
+    p.add_argument("-p", "--prompt", required=True, help="the text to continue")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with the model, using its chat template")
+    _add_model_args(p)
+    p.add_argument("--system", help="a system message that starts every conversation")
+    p.add_argument("-v", "--verbose", action="store_true", help="print speeds after each reply")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except TritError as exc:
+        print(f"trit: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Text generation with a BitNet b1.58 model.
+
+>>> g = trit.Generator.from_pretrained("microsoft/bitnet-b1.58-2B-4T")  # doctest: +SKIP
+>>> g.generate("The capital of France is", max_new_tokens=8)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from trit._core import InvalidInputError, Model, ModelConfig, Sampler, Session
+from trit.loader import load_model, read_json, resolve
+from trit.tokenizer import Tokenizer
+
+Prompt = Union[str, Sequence[int]]
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Timings of the last generation."""
+
+    prompt_tokens: int
+    """Tokens in the prompt."""
+    prompt_tokens_processed: int
+    """Of those, tokens actually run (the rest were reused from the cache)."""
+    prompt_seconds: float
+    new_tokens: int
+    """Tokens generated (a final eos is not counted)."""
+    decode_seconds: float
+    """Time spent after the prompt: one forward pass and one sampling per token."""
+    decode_passes: int
+    """Forward passes of single tokens (the first new token comes from the prompt pass)."""
+    finish_reason: str
+    """"eos", "stop" (a stop string), "length" (max_new_tokens) or "context" (n_ctx full)."""
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens_processed / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_passes / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def _eos_ids(folder: Path, tokenizer: Tokenizer) -> set[int]:
+    """Stop tokens: generation_config.json's eos_token_id, else config.json's."""
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if path.exists():
+            eos = read_json(path).get("eos_token_id")
+            if isinstance(eos, int):
+                return {eos}
+            if isinstance(eos, list) and eos:
+                return {int(e) for e in eos}
+    if tokenizer.eos_token is not None:
+        eos_id = tokenizer.token_id(tokenizer.eos_token)
+        if eos_id is not None:
+            return {eos_id}
+    return set()
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that could begin a stop string."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return hold
+
+
+class Generator:
+    """A model, its tokenizer and one cached sequence.
+
+    Successive calls reuse the cached tokens their prompt starts with (a chat
+    history only runs its new turn). Not safe to use from several threads at
+    once; make one Generator per thread.
+    """
+
+    def __init__(
+        self, model: Model, tokenizer: Tokenizer, session: Session, eos_ids: set[int]
+    ) -> None:
+        self._model = model
+        self.tokenizer = tokenizer
+        self._session = session
+        self.eos_ids = frozenset(eos_ids)
+        self.last_stats: GenerationStats | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        threads: int | None = None,
+        n_ctx: int | None = None,
+        revision: str | None = None,
+    ) -> Generator:
+        """Loads a local folder or a Hugging Face repo id. `n_ctx` (default:
+        the model's max_position_embeddings) sets the context size; `threads`
+        the worker threads (default: TRIT_NUM_THREADS or the physical cores)."""
+        folder = resolve(name_or_path, revision=revision)
+        tokenizer = Tokenizer(folder)
+        model = load_model(folder, threads=threads)
+        session = Session(model, n_ctx=n_ctx, threads=threads)
+        return cls(model, tokenizer, session, _eos_ids(folder, tokenizer))
+
+    @property
+    def config(self) -> ModelConfig:
+        return self._model.config
+
+    @property
+    def model(self) -> Model:
+        return self._model
+
+    @property
+    def n_ctx(self) -> int:
+        return self._session.n_ctx
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
+        """Logits at every position of `ids`: float32 [len(ids), vocab]."""
+        return self._session.logits(self._ids(ids))
+
+    def _ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            if not all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt
+            ):
+                raise InvalidInputError("a token-id prompt must hold only ints")
+            ids = [int(t) for t in prompt]
+        else:
+            raise InvalidInputError(
+                f"prompt must be a str or a list of token ids, got {type(prompt).__name__}"
+            )
+        if not ids:
+            raise InvalidInputError("the prompt has no tokens")
+        if len(ids) > self.n_ctx:
+            raise InvalidInputError(
+                f"the prompt has {len(ids)} tokens, more than the context size n_ctx = {self.n_ctx}"
+            )
+        return ids
+
+    def generate(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 256,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> str:
+        """The continuation of `prompt` as text. A str prompt is tokenized as
+        the tokenizer says (BOS added); a list of ids is used as given.
+        Greedy when temperature is 0. Stops at an eos token, after
+        `max_new_tokens`, or before the first `stop` string."""
+        return "".join(
+            self.stream(
+                prompt,
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                repetition_penalty=repetition_penalty,
+                seed=seed,
+                stop=stop,
+            )
+        )
+
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 256,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> Iterator[str]:
+        """As `generate`, yielding text pieces as they are produced. A piece
+        never ends inside a UTF-8 character or inside a possible stop string."""
+        sampler = Sampler(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=secrets.randbits(64) if seed is None else seed,
+        )
+        if isinstance(stop, str):
+            stop = [stop]
+        stops = list(stop)
+        if not all(isinstance(s, str) and s for s in stops):
+            raise InvalidInputError("stop strings must be non-empty str")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise InvalidInputError("max_new_tokens must be an int")
+        if max_new_tokens < 0:
+            raise InvalidInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        ids = self._ids(prompt)
+        # Validation is done before the first next(): errors surface at the
+        # call, not at the first iteration.
+        return self._stream(ids, sampler, max_new_tokens, stops)
+
+    def _stream(
+        self, ids: list[int], sampler: Sampler, max_new_tokens: int, stops: list[str]
+    ) -> Iterator[str]:
+        session = self._session
+        self.last_stats = None
+        t0 = time.perf_counter()
+        processed = session.prefill(ids) if max_new_tokens else 0
+        t1 = time.perf_counter()
+        text_stream = self.tokenizer.stream()
+        text, emitted, new_tokens, passes = "", 0, 0, 0
+        finish = "length"
+        for step in range(max_new_tokens):
+            token = session.sample(sampler)
+            if token in self.eos_ids:
+                finish = "eos"
+                break
+            new_tokens += 1
+            text += text_stream.step(token)
+            cut = min((i for i in (text.find(s, emitted) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                emitted = cut
+                finish = "stop"
+                break
+            safe = len(text) - _held_back(text[emitted:], stops)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if step + 1 == max_new_tokens:
+                break
+            if len(session.tokens) >= session.n_ctx:
+                finish = "context"
+                break
+            session.push(token)
+            passes += 1
+        if finish != "stop" and len(text) > emitted:
+            yield text[emitted:]
+        self.last_stats = GenerationStats(
+            prompt_tokens=len(ids),
+            prompt_tokens_processed=processed,
+            prompt_seconds=t1 - t0,
+            new_tokens=new_tokens,
+            decode_seconds=time.perf_counter() - t1,
+            decode_passes=passes,
+            finish_reason=finish,
+        )
+
+    def chat(self, messages: Sequence[Message], max_new_tokens: int = 256, **kwargs: Any) -> str:
+        """The assistant's reply to `messages` (dicts with "role" and
+        "content"), rendered with the model's chat template. Takes the
+        sampling arguments of `generate`."""
+        return "".join(self.chat_stream(messages, max_new_tokens, **kwargs))
+
+    def chat_stream(
+        self, messages: Sequence[Message], max_new_tokens: int = 256, **kwargs: Any
+    ) -> Iterator[str]:
+        """As `chat`, yielding text pieces."""
+        ids = self.tokenizer.encode_chat(messages)
+        return self.stream(ids, max_new_tokens, **kwargs)
+
+    def reset(self) -> None:
+        """Forgets the cached tokens."""
+        self._session.reset()

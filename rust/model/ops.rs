@@ -1,0 +1,175 @@
+//! The float pieces of the forward pass, written to follow transformers'
+//! float32 op order (FORMATS.md 1), because int8 activation rounding turns
+//! ulp-level differences into visible ones.
+
+/// RMSNorm of one token: `w * (x * rsqrt(mean(x²) + eps))`, in f32.
+/// `x`, `w` and `out` have the same length.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    debug_assert!(x.len() == w.len() && x.len() == out.len());
+    // The mean of squares in f64, rounded once: as accurate as torch's f32
+    // cascade sum, so both agree to the last ulp or so.
+    let sum: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let variance = (sum / x.len() as f64) as f32;
+    // torch's rsqrt on CPU is 1 / sqrt(v): two roundings, as here.
+    let r = 1.0f32 / (variance + eps).sqrt();
+    for ((o, &xv), &wv) in out.iter_mut().zip(x).zip(w) {
+        *o = wv * (xv * r);
+    }
+}
+
+/// RMSNorm of `rows` tokens laid out [rows, w.len()].
+pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        rms_norm(xr, w, eps, or);
+    }
+}
+
+/// In-place softmax in f32: subtract the max, exponentiate, divide by the sum.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// The relu² GLU of BitNet's MLP, in place in `gate`: `relu(gate)² * up`.
+pub fn relu2_glu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let r = g.max(0.0);
+        *g = (r * r) * u;
+    }
+}
+
+/// Rotary embedding tables for positions 0..n_pos, rotate_half ("NeoX") style.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    half: usize,
+    cos: Vec<f32>, // [n_pos, head_dim / 2]
+    sin: Vec<f32>, // [n_pos, head_dim / 2]
+}
+
+impl Rope {
+    /// As transformers: `inv_freq[i] = 1 / theta^((2i as f32) / head_dim)` in
+    /// f32, the angle `pos * inv_freq[i]` one f32 product, cos and sin in f32.
+    /// The second half of a head uses the same angles (`cat(freqs, freqs)`).
+    pub fn new(head_dim: usize, theta: f32, n_pos: usize) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(n_pos * half);
+        let mut sin = Vec::with_capacity(n_pos * half);
+        for pos in 0..n_pos {
+            for &f in &inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Rope { half, cos, sin }
+    }
+
+    /// Rotates one head vector ([head_dim]) for position `pos`:
+    /// `x * cos + rotate_half(x) * sin`, `rotate_half(x) = cat(-x[half:], x[:half])`.
+    #[inline]
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let h = self.half;
+        let cos = &self.cos[pos * h..(pos + 1) * h];
+        let sin = &self.sin[pos * h..(pos + 1) * h];
+        let (lo, hi) = x.split_at_mut(h);
+        for i in 0..h {
+            let (a, b) = (lo[i], hi[i]);
+            lo[i] = a * cos[i] + (-b) * sin[i];
+            hi[i] = b * cos[i] + a * sin[i];
+        }
+    }
+
+    /// Positions the tables cover.
+    pub fn len(&self) -> usize {
+        self.cos.len() / self.half.max(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_matches_the_formula() {
+        let x = [1.0f32, -2.0, 3.0, 0.5];
+        let w = [1.0f32, 0.5, 2.0, 1.0];
+        let mut out = [0.0f32; 4];
+        rms_norm(&x, &w, 1e-5, &mut out);
+        let ms = (1.0 + 4.0 + 9.0 + 0.25) / 4.0;
+        let r = 1.0 / (ms + 1e-5f64).sqrt();
+        for i in 0..4 {
+            let want = f64::from(w[i]) * f64::from(x[i]) * r;
+            assert!(
+                (f64::from(out[i]) - want).abs() < 1e-6,
+                "{i}: {} vs {want}",
+                out[i]
+            );
+        }
+        // All zeros stay zero thanks to eps (no NaN).
+        rms_norm(&[0.0; 4], &w, 1e-5, &mut out);
+        assert_eq!(out, [0.0; 4]);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_is_shift_invariant() {
+        let mut a = [1.0f32, 2.0, 3.0];
+        let mut b = [101.0f32, 102.0, 103.0];
+        softmax(&mut a);
+        softmax(&mut b);
+        assert!((a.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        for i in 0..3 {
+            assert!((a[i] - b[i]).abs() < 1e-6);
+        }
+        let e = 1f64.exp();
+        let z = 1.0 + e + e * e;
+        assert!((f64::from(a[2]) - e * e / z).abs() < 1e-6);
+        let mut big = [1000.0f32, -1000.0];
+        softmax(&mut big);
+        assert_eq!(big, [1.0, 0.0]);
+    }
+
+    #[test]
+    fn relu2_squares_the_positive_part() {
+        let mut g = [-1.0f32, 0.0, 2.0, 3.0];
+        relu2_glu(&mut g, &[5.0, 5.0, 0.5, -1.0]);
+        assert_eq!(g, [0.0, 0.0, 2.0, -9.0]);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_j_and_j_plus_half() {
+        let rope = Rope::new(4, 10000.0, 8);
+        assert_eq!(rope.len(), 8);
+        // Position 0 is the identity.
+        let mut x = [1.0f32, 2.0, 3.0, 4.0];
+        rope.apply(&mut x, 0);
+        assert_eq!(x, [1.0, 2.0, 3.0, 4.0]);
+        // Position 3: pair (0, 2) turns by 3 rad (inv_freq 1), pair (1, 3) by
+        // 3 / 100 rad (inv_freq 10000^-0.5).
+        let mut x = [1.0f32, 2.0, 3.0, 4.0];
+        rope.apply(&mut x, 3);
+        let rot = |a: f64, b: f64, t: f64| (a * t.cos() - b * t.sin(), b * t.cos() + a * t.sin());
+        let (x0, x2) = rot(1.0, 3.0, 3.0);
+        let (x1, x3) = rot(2.0, 4.0, 0.03);
+        for (got, want) in x.iter().zip([x0, x1, x2, x3]) {
+            assert!((f64::from(*got) - want).abs() < 1e-5, "{got} vs {want}");
+        }
+        // Rotation keeps each pair's norm.
+        let n = |a: f32, b: f32| (a * a + b * b).sqrt();
+        assert!((n(x[0], x[2]) - n(1.0, 3.0)).abs() < 1e-5);
+    }
+}

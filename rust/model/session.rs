@@ -1,0 +1,429 @@
+//! One sequence being run through a model: its KV cache, its scratch
+//! buffers, and the forward pass (FORMATS.md 1).
+//!
+//! A prompt is processed in batches (GEMM, causal attention inside the batch),
+//! then tokens one at a time (GEMV). A new prompt that starts with tokens
+//! already in the cache only processes the rest. Every forward pass runs
+//! inside one `pool.install`, so the matmuls are issued from a pool thread
+//! (calling into a pool from outside costs tens of µs per call).
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use rayon::ThreadPool;
+
+use super::cache::KvCache;
+use super::ops::{relu2_glu, rms_norm, rms_norm_rows, softmax, Rope};
+use super::tensor::dot_f32;
+use super::weights::Model;
+use crate::error::{Result, TritError};
+use crate::kernels::{matmul_into, Kernel, QuantizedActivations};
+use crate::threads;
+
+/// Most tokens of a prompt processed in one batch: bounds the scratch memory
+/// ([batch, intermediate] floats) while keeping the GEMMs wide.
+pub const MAX_BATCH: usize = 256;
+
+/// Which positions of a batch need logits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Logits {
+    /// Only the last token's (prompt processing and decoding).
+    Last,
+    /// Every token's, appended to the output.
+    All,
+}
+
+/// Buffers reused from call to call; sized for the largest batch seen.
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,      // [T, hidden] residual stream
+    a: Vec<f32>,      // [T, hidden] normalised input of a block
+    q: Vec<f32>,      // [T, n_heads * head_dim]
+    k: Vec<f32>,      // [T, n_kv_heads * head_dim]
+    v: Vec<f32>,      // [T, n_kv_heads * head_dim]
+    heads: Vec<f32>,  // [n_heads, T, head_dim] attention output, head-major
+    o: Vec<f32>,      // [T, n_heads * head_dim] attention output, token-major
+    proj: Vec<f32>,   // [T, hidden] output of o_proj / down_proj
+    gate: Vec<f32>,   // [T, intermediate]
+    up: Vec<f32>,     // [T, intermediate]
+    scores: Vec<f32>, // [n_heads, n_ctx] attention weights of one token
+    normed: Vec<f32>, // [hidden] final-normed token
+    qa: QuantizedActivations,
+}
+
+/// Resizes without shrinking capacity: no allocation once the largest batch ran.
+fn fit(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    buf.resize(len, 0.0);
+    &mut buf[..]
+}
+
+/// One sequence: cache, tokens in it, and the logits after its last token.
+pub struct Session {
+    model: Arc<Model>,
+    pool: Arc<ThreadPool>,
+    kernel: Kernel,
+    rope: Rope,
+    cache: KvCache,
+    /// The tokens whose keys and values are in the cache, in order.
+    tokens: Vec<u32>,
+    /// [vocab] logits predicting the token after `tokens` (empty when unknown).
+    last_logits: Vec<f32>,
+    scratch: Scratch,
+}
+
+impl Session {
+    /// A session of up to `n_ctx` positions (at most the model's
+    /// max_position_embeddings), running on `threads` threads (None: default).
+    pub fn new(model: Arc<Model>, n_ctx: Option<usize>, threads: Option<usize>) -> Result<Self> {
+        let c = &model.config;
+        let n_ctx = n_ctx.unwrap_or(c.max_position_embeddings);
+        if n_ctx == 0 || n_ctx > c.max_position_embeddings {
+            return Err(TritError::invalid(format!(
+                "n_ctx must be between 1 and the model's max_position_embeddings ({}), got {n_ctx}",
+                c.max_position_embeddings
+            )));
+        }
+        let pool = threads::pool(threads)?;
+        let kernel = Kernel::active()?;
+        let rope = Rope::new(c.head_dim, c.rope_theta, n_ctx);
+        let cache = KvCache::new(c.num_layers, c.num_kv_heads, n_ctx, c.head_dim);
+        let scratch = Scratch {
+            scores: vec![0.0; c.num_heads * n_ctx],
+            normed: vec![0.0; c.hidden_size],
+            ..Default::default()
+        };
+        Ok(Session {
+            model,
+            pool,
+            kernel,
+            rope,
+            cache,
+            tokens: Vec::new(),
+            last_logits: Vec::new(),
+            scratch,
+        })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.cache.n_ctx()
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Tokens currently in the cache.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Logits predicting the next token, [vocab]; None before any input.
+    pub fn last_logits(&self) -> Option<&[f32]> {
+        (!self.last_logits.is_empty()).then_some(&self.last_logits[..])
+    }
+
+    /// Forgets the cached tokens.
+    pub fn reset(&mut self) {
+        self.tokens.clear();
+        self.last_logits.clear();
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(TritError::invalid("the input has no tokens"));
+        }
+        if ids.len() > self.n_ctx() {
+            return Err(TritError::invalid(format!(
+                "the input has {} tokens, more than the context size n_ctx = {}",
+                ids.len(),
+                self.n_ctx()
+            )));
+        }
+        let vocab = self.model.config.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(TritError::invalid(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Makes `ids` the sequence, reusing the longest cached prefix, and
+    /// computes the logits after its last token. Returns how many tokens were
+    /// actually processed. Refuses, before any work, input longer than n_ctx.
+    pub fn prefill(&mut self, ids: &[u32]) -> Result<usize> {
+        self.check_ids(ids)?;
+        let shared = self
+            .tokens
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // The last token is always run again: its logits are not kept.
+        let start = shared.min(ids.len() - 1);
+        self.tokens.truncate(start);
+        self.last_logits.clear();
+        let mut out = Vec::new();
+        self.run(&ids[start..], Logits::Last, &mut out)?;
+        Ok(ids.len() - start)
+    }
+
+    /// Appends one token and computes the logits after it.
+    pub fn push(&mut self, id: u32) -> Result<()> {
+        if self.tokens.len() >= self.n_ctx() {
+            return Err(TritError::invalid(format!(
+                "the context is full (n_ctx = {})",
+                self.n_ctx()
+            )));
+        }
+        self.check_ids(&[id])?;
+        let mut out = Vec::new();
+        self.run(&[id], Logits::Last, &mut out)
+    }
+
+    /// Logits at every position of `ids`, [ids.len(), vocab], computed from an
+    /// empty cache (cached positions keep no logits). The cache then holds `ids`.
+    pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        self.reset();
+        let mut out = Vec::with_capacity(ids.len() * self.model.config.vocab_size);
+        self.run(ids, Logits::All, &mut out)?;
+        Ok(out)
+    }
+
+    /// Runs `ids` after the cached tokens, in batches, inside the pool.
+    fn run(&mut self, ids: &[u32], which: Logits, out: &mut Vec<f32>) -> Result<()> {
+        if self.tokens.len() + ids.len() > self.n_ctx() {
+            return Err(TritError::invalid(format!(
+                "{} cached + {} new tokens exceed the context size n_ctx = {}",
+                self.tokens.len(),
+                ids.len(),
+                self.n_ctx()
+            )));
+        }
+        let pool = self.pool.clone();
+        pool.install(|| {
+            for (i, batch) in ids.chunks(MAX_BATCH).enumerate() {
+                let last_batch = (i + 1) * MAX_BATCH >= ids.len();
+                let logits = match which {
+                    Logits::All => Some(Logits::All),
+                    Logits::Last if last_batch => Some(Logits::Last),
+                    Logits::Last => None,
+                };
+                self.forward(batch, logits, out, &pool)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The forward pass of one batch at positions `tokens.len()..`; appends
+    /// the requested logits to `out` (and keeps the last row in `last_logits`).
+    fn forward(
+        &mut self,
+        ids: &[u32],
+        logits: Option<Logits>,
+        out: &mut Vec<f32>,
+        pool: &ThreadPool,
+    ) -> Result<()> {
+        let model = self.model.clone();
+        let c = &model.config;
+        let (t_len, start) = (ids.len(), self.tokens.len());
+        let (hidden, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let eps = c.rms_norm_eps;
+        let kernel = self.kernel;
+        let s = &mut self.scratch;
+
+        let x = fit(&mut s.x, t_len * hidden);
+        for (row, &id) in x.chunks_exact_mut(hidden).zip(ids) {
+            model.embed.row_into(id as usize, row); // no embedding scaling
+        }
+        for (l, layer) in model.layers.iter().enumerate() {
+            // ---- attention block
+            rms_norm_rows(&s.x, &layer.input_norm, eps, fit(&mut s.a, t_len * hidden));
+            // One quantisation of the block input serves q, k and v.
+            s.qa.requantize(&s.a, t_len, hidden)?;
+            matmul_into(&layer.q, &s.qa, fit(&mut s.q, t_len * q_dim), kernel, pool)?;
+            matmul_into(&layer.k, &s.qa, fit(&mut s.k, t_len * kv_dim), kernel, pool)?;
+            matmul_into(&layer.v, &s.qa, fit(&mut s.v, t_len * kv_dim), kernel, pool)?;
+            for t in 0..t_len {
+                let pos = start + t;
+                for head in s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
+                    self.rope.apply(head, pos);
+                }
+                let k_row = &mut s.k[t * kv_dim..(t + 1) * kv_dim];
+                let v_row = &s.v[t * kv_dim..(t + 1) * kv_dim];
+                for (g, (kh, vh)) in k_row
+                    .chunks_exact_mut(hd)
+                    .zip(v_row.chunks_exact(hd))
+                    .enumerate()
+                {
+                    self.rope.apply(kh, pos);
+                    self.cache.write(l, g, pos, kh, vh);
+                }
+            }
+            attention(
+                &self.cache,
+                l,
+                c.num_heads,
+                c.group_size(),
+                hd,
+                start,
+                t_len,
+                &s.q,
+                fit(&mut s.heads, c.num_heads * t_len * hd),
+                &mut s.scores,
+            );
+            // [n_heads, T, hd] -> [T, n_heads * hd] (concat_heads)
+            let o = fit(&mut s.o, t_len * q_dim);
+            for (h, head) in s.heads.chunks_exact(t_len * hd).enumerate() {
+                for (t, src) in head.chunks_exact(hd).enumerate() {
+                    o[t * q_dim + h * hd..t * q_dim + (h + 1) * hd].copy_from_slice(src);
+                }
+            }
+            // attn_sub_norm comes before o_proj.
+            rms_norm_rows(
+                &s.o,
+                &layer.attn_sub_norm,
+                eps,
+                fit(&mut s.a, t_len * q_dim),
+            );
+            s.qa.requantize(&s.a, t_len, q_dim)?;
+            matmul_into(
+                &layer.o,
+                &s.qa,
+                fit(&mut s.proj, t_len * hidden),
+                kernel,
+                pool,
+            )?;
+            for (xv, &p) in s.x.iter_mut().zip(&s.proj) {
+                *xv += p;
+            }
+
+            // ---- MLP block
+            rms_norm_rows(&s.x, &layer.post_norm, eps, fit(&mut s.a, t_len * hidden));
+            // One quantisation serves gate and up.
+            s.qa.requantize(&s.a, t_len, hidden)?;
+            matmul_into(
+                &layer.gate,
+                &s.qa,
+                fit(&mut s.gate, t_len * inter),
+                kernel,
+                pool,
+            )?;
+            matmul_into(
+                &layer.up,
+                &s.qa,
+                fit(&mut s.up, t_len * inter),
+                kernel,
+                pool,
+            )?;
+            relu2_glu(&mut s.gate, &s.up);
+            // ffn_sub_norm comes before down_proj; `up` is free to hold it.
+            rms_norm_rows(&s.gate, &layer.ffn_sub_norm, eps, &mut s.up);
+            s.qa.requantize(&s.up, t_len, inter)?;
+            matmul_into(
+                &layer.down,
+                &s.qa,
+                fit(&mut s.proj, t_len * hidden),
+                kernel,
+                pool,
+            )?;
+            for (xv, &p) in s.x.iter_mut().zip(&s.proj) {
+                *xv += p;
+            }
+        }
+        self.tokens.extend_from_slice(ids);
+
+        let rows = match logits {
+            None => return Ok(()),
+            Some(Logits::Last) => t_len - 1..t_len,
+            Some(Logits::All) => 0..t_len,
+        };
+        let vocab = c.vocab_size;
+        let head = model.head();
+        self.last_logits.resize(vocab, 0.0);
+        for t in rows {
+            rms_norm(
+                &s.x[t * hidden..(t + 1) * hidden],
+                &model.norm,
+                eps,
+                &mut s.normed,
+            );
+            let normed = &s.normed;
+            // The head stays in bf16 and is computed in f32, never quantised.
+            self.last_logits
+                .par_chunks_mut(512)
+                .enumerate()
+                .for_each(|(chunk, ys)| {
+                    for (i, y) in ys.iter_mut().enumerate() {
+                        *y = head.dot_row(chunk * 512 + i, normed);
+                    }
+                });
+            if logits == Some(Logits::All) {
+                out.extend_from_slice(&self.last_logits);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the KV cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.nbytes()
+    }
+}
+
+/// Causal attention of a batch of `t_len` tokens at positions `start..` over
+/// the cache (which already holds the batch's own keys and values).
+/// `q` is [T, n_heads * hd] (rotated); writes `heads` [n_heads, T, hd].
+/// `scores` is [n_heads, n_ctx] scratch. Heads run in parallel.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    cache: &KvCache,
+    layer: usize,
+    n_heads: usize,
+    group: usize,
+    hd: usize,
+    start: usize,
+    t_len: usize,
+    q: &[f32],
+    heads: &mut [f32],
+    scores: &mut [f32],
+) {
+    let n_ctx = cache.n_ctx();
+    let q_dim = n_heads * hd;
+    // As transformers: head_dim ** -0.5 as a Python float, applied in f32
+    // after the dot product.
+    let scaling = (hd as f64).powf(-0.5) as f32;
+    heads
+        .par_chunks_mut(t_len * hd)
+        .zip(scores.par_chunks_mut(n_ctx))
+        .enumerate()
+        .for_each(|(h, (out_h, sc))| {
+            // kv head g serves query heads g*group .. (g+1)*group (repeat_kv).
+            let g = h / group;
+            let n_all = start + t_len;
+            let keys = cache.keys(layer, g, n_all); // [n_all, hd]
+            let values = cache.values(layer, g, n_all); // [n_all, hd]
+            for t in 0..t_len {
+                let n = start + t + 1; // causal: positions 0..=start+t
+                let qv = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+                let sc = &mut sc[..n];
+                for (j, s) in sc.iter_mut().enumerate() {
+                    *s = dot_f32(qv, &keys[j * hd..(j + 1) * hd]) * scaling;
+                }
+                softmax(sc);
+                let o = &mut out_h[t * hd..(t + 1) * hd];
+                o.fill(0.0);
+                for (j, &p) in sc.iter().enumerate() {
+                    for (ov, &vv) in o.iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
+                        *ov += p * vv;
+                    }
+                }
+            }
+        });
+}

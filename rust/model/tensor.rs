@@ -1,0 +1,292 @@
+//! Raw tensors handed over by the loader (bytes + dtype + shape), and the
+//! half-precision storage the embedding table keeps.
+
+use crate::error::{Result, TritError};
+
+/// Element types of safetensors files that BitNet checkpoints use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    U8,
+    BF16,
+    F16,
+    F32,
+}
+
+impl DType {
+    /// The safetensors name ("U8", "BF16", "F16", "F32").
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "U8" => Ok(DType::U8),
+            "BF16" => Ok(DType::BF16),
+            "F16" => Ok(DType::F16),
+            "F32" => Ok(DType::F32),
+            _ => Err(TritError::invalid(format!(
+                "unsupported tensor dtype {name:?}; expected U8, BF16, F16 or F32"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::U8 => "U8",
+            DType::BF16 => "BF16",
+            DType::F16 => "F16",
+            DType::F32 => "F32",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            DType::U8 => 1,
+            DType::BF16 | DType::F16 => 2,
+            DType::F32 => 4,
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        self != DType::U8
+    }
+}
+
+/// One tensor as stored on disk: little-endian bytes, row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct RawTensor<'a> {
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
+}
+
+impl<'a> RawTensor<'a> {
+    /// A tensor whose byte count matches its shape and dtype.
+    pub fn new(name: &str, dtype: DType, shape: &'a [usize], data: &'a [u8]) -> Result<Self> {
+        let numel = numel(shape).ok_or_else(|| {
+            TritError::invalid(format!("tensor {name:?}: shape {shape:?} overflows"))
+        })?;
+        if numel.checked_mul(dtype.size()) != Some(data.len()) {
+            return Err(TritError::invalid(format!(
+                "tensor {name:?}: {} bytes for {} {shape:?}, which needs {}",
+                data.len(),
+                dtype.name(),
+                numel.saturating_mul(dtype.size())
+            )));
+        }
+        Ok(RawTensor { dtype, shape, data })
+    }
+
+    pub fn numel(&self) -> usize {
+        self.data.len() / self.dtype.size()
+    }
+
+    /// Element `i` as f32 (exact for every float dtype; U8 as its value).
+    #[inline]
+    pub fn get_f32(&self, i: usize) -> f32 {
+        let d = self.data;
+        match self.dtype {
+            DType::U8 => f32::from(d[i]),
+            DType::BF16 => bf16_to_f32(u16::from_le_bytes([d[2 * i], d[2 * i + 1]])),
+            DType::F16 => f16_to_f32(u16::from_le_bytes([d[2 * i], d[2 * i + 1]])),
+            DType::F32 => f32::from_le_bytes([d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]]),
+        }
+    }
+
+    /// All elements as f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        (0..self.numel()).map(|i| self.get_f32(i)).collect()
+    }
+}
+
+fn numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+/// bfloat16 bits to f32: bf16 is the top half of an f32, so this is exact.
+#[inline(always)]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// IEEE half bits to f32 (exact: every half is an f32).
+pub fn f16_to_f32(bits: u16) -> f32 {
+    let sign = u32::from(bits >> 15) << 31;
+    let exp = u32::from((bits >> 10) & 0x1f);
+    let mant = u32::from(bits & 0x3ff);
+    let magnitude = match (exp, mant) {
+        (0, 0) => 0,
+        // Subnormal half: mant * 2^-24, exact in f32.
+        (0, _) => return sign_of(sign) * (mant as f32) * f32::powi(2.0, -24),
+        (31, 0) => 0xff << 23,
+        (31, _) => (0xff << 23) | (mant << 13),
+        _ => ((exp + 127 - 15) << 23) | (mant << 13),
+    };
+    f32::from_bits(sign | magnitude)
+}
+
+fn sign_of(sign_bit: u32) -> f32 {
+    if sign_bit != 0 {
+        -1.0
+    } else {
+        1.0
+    }
+}
+
+/// A row-major float matrix kept in its on-disk precision, so a 128256×2560
+/// bf16 embedding costs 656 MB rather than 1.3 GB as f32.
+#[derive(Clone, Debug)]
+pub enum HalfMatrix {
+    /// bfloat16 bits, [rows, cols].
+    Bf16 {
+        rows: usize,
+        cols: usize,
+        bits: Vec<u16>,
+    },
+    /// f32 values, [rows, cols] (F16 and F32 checkpoints; F16 is widened once).
+    F32 {
+        rows: usize,
+        cols: usize,
+        values: Vec<f32>,
+    },
+}
+
+impl HalfMatrix {
+    /// Copies a 2-D float tensor.
+    pub fn from_raw(t: &RawTensor<'_>) -> Self {
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        match t.dtype {
+            DType::BF16 => HalfMatrix::Bf16 {
+                rows,
+                cols,
+                bits: t
+                    .data
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
+            },
+            _ => HalfMatrix::F32 {
+                rows,
+                cols,
+                values: t.to_f32(),
+            },
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        match self {
+            HalfMatrix::Bf16 { rows, .. } | HalfMatrix::F32 { rows, .. } => *rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            HalfMatrix::Bf16 { cols, .. } | HalfMatrix::F32 { cols, .. } => *cols,
+        }
+    }
+
+    /// Row `r` widened to f32 into `out` ([cols]).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        match self {
+            HalfMatrix::Bf16 { cols, bits, .. } => {
+                for (o, &b) in out.iter_mut().zip(&bits[r * cols..(r + 1) * cols]) {
+                    *o = bf16_to_f32(b);
+                }
+            }
+            HalfMatrix::F32 { cols, values, .. } => {
+                out.copy_from_slice(&values[r * cols..(r + 1) * cols]);
+            }
+        }
+    }
+
+    /// Σ_j row_r[j] · x[j] in f32.
+    #[inline]
+    pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
+        match self {
+            HalfMatrix::Bf16 { cols, bits, .. } => {
+                dot_lanes(&bits[r * cols..(r + 1) * cols], x, |b| bf16_to_f32(*b))
+            }
+            HalfMatrix::F32 { cols, values, .. } => {
+                dot_lanes(&values[r * cols..(r + 1) * cols], x, |v| *v)
+            }
+        }
+    }
+}
+
+/// Σ_j a[j] · b[j] in f32 (the attention scores).
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    dot_lanes(a, b, |v| *v)
+}
+
+/// A float dot product with 8 independent partial sums: the compiler keeps
+/// the lanes in one vector register (it may not reorder one serial sum), and
+/// the error stays at the level of a BLAS blocked sum.
+#[inline(always)]
+fn dot_lanes<T>(w: &[T], x: &[f32], widen: impl Fn(&T) -> f32) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0.0f32; LANES];
+    let mut wc = w.chunks_exact(LANES);
+    let mut xc = x.chunks_exact(LANES);
+    for (wv, xv) in (&mut wc).zip(&mut xc) {
+        for l in 0..LANES {
+            acc[l] += widen(&wv[l]) * xv[l];
+        }
+    }
+    let mut tail = 0.0f32;
+    for (wv, xv) in wc.remainder().iter().zip(xc.remainder()) {
+        tail += widen(wv) * xv;
+    }
+    let pairs = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    (pairs[0] + pairs[2]) + (pairs[1] + pairs[3]) + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_formats_widen_exactly() {
+        assert_eq!(bf16_to_f32(0x3f80), 1.0);
+        assert_eq!(bf16_to_f32(0xc040), -3.0);
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x8001), -(2f32.powi(-24)));
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+        assert!(f16_to_f32(0x7e00).is_nan());
+    }
+
+    #[test]
+    fn raw_tensor_checks_its_byte_count() {
+        let data = [0u8; 6];
+        assert!(RawTensor::new("t", DType::BF16, &[3], &data).is_ok());
+        assert!(RawTensor::new("t", DType::F32, &[3], &data).is_err());
+        assert!(DType::parse("F64").is_err());
+    }
+
+    #[test]
+    fn half_matrix_rows_and_dots() {
+        // [[1, 2, ..., 11], [-1, ..., -11]] in bf16 (small integers are exact).
+        let values: Vec<f32> = (1..=11)
+            .map(|v| v as f32)
+            .chain((1..=11).map(|v| -(v as f32)))
+            .collect();
+        let bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
+        let shape = [2, 11];
+        let t = RawTensor::new("e", DType::BF16, &shape, &bytes).unwrap();
+        let m = HalfMatrix::from_raw(&t);
+        let mut row = [0.0f32; 11];
+        m.row_into(1, &mut row);
+        assert_eq!(row[10], -11.0);
+        let x = [1.0f32; 11];
+        assert_eq!(m.dot_row(0, &x), 66.0);
+        assert_eq!(m.dot_row(1, &x), -66.0);
+    }
+}

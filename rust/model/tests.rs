@@ -1,0 +1,288 @@
+//! End-to-end checks of the model on a tiny random checkpoint built in
+//! memory. The numbers themselves are checked against transformers by the
+//! Python tests (tests/fixtures); these check the engine's own invariants.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::config::tiny;
+use super::*;
+use crate::threads;
+
+/// Owned tensors: name → (dtype, shape, bytes).
+type Owned = HashMap<String, (DType, Vec<usize>, Vec<u8>)>;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Roughly uniform in [-1, 1).
+    fn float(&mut self) -> f32 {
+        (self.next() % 2000) as f32 / 1000.0 - 1.0
+    }
+}
+
+fn bf16_bytes(values: impl Iterator<Item = f32>) -> Vec<u8> {
+    values
+        .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+        .collect()
+}
+
+fn checkpoint(c: &Config, seed: u64) -> Owned {
+    let mut rng = Rng(seed | 1);
+    let mut t = Owned::new();
+    let mut float = |t: &mut Owned, name: String, shape: Vec<usize>, base: f32, spread: f32| {
+        let n: usize = shape.iter().product();
+        let bytes = bf16_bytes((0..n).map(|_| base + spread * rng.float()));
+        t.insert(name, (DType::BF16, shape, bytes));
+    };
+    float(
+        &mut t,
+        "model.embed_tokens.weight".into(),
+        vec![c.vocab_size, c.hidden_size],
+        0.0,
+        1.0,
+    );
+    float(
+        &mut t,
+        "model.norm.weight".into(),
+        vec![c.hidden_size],
+        1.0,
+        0.5,
+    );
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        for (name, len) in [
+            ("input_layernorm", c.hidden_size),
+            ("post_attention_layernorm", c.hidden_size),
+            ("self_attn.attn_sub_norm", c.hidden_size),
+            ("mlp.ffn_sub_norm", c.intermediate_size),
+        ] {
+            float(&mut t, format!("{p}.{name}.weight"), vec![len], 1.0, 0.5);
+        }
+        for proj in Proj::ALL {
+            let (n_out, n_in) = proj.dims(c);
+            // Master weights; online models use them directly, offline ones
+            // get them packed the Hugging Face way below.
+            float(
+                &mut t,
+                format!("{p}.{}.weight", proj.path()),
+                vec![n_out, n_in],
+                0.0,
+                1.0,
+            );
+        }
+    }
+    if c.quantization_mode == QuantizationMode::Offline {
+        pack_all(c, &mut t);
+    }
+    t
+}
+
+/// Replaces float projection masters with HF-packed U8 + weight_scale.
+fn pack_all(c: &Config, t: &mut Owned) {
+    for l in 0..c.num_layers {
+        for proj in Proj::ALL {
+            let name = format!("model.layers.{l}.{}.weight", proj.path());
+            let (n_out, n_in) = proj.dims(c);
+            let (_, shape, bytes) = t.remove(&name).unwrap();
+            let raw = RawTensor::new(&name, DType::BF16, &shape, &bytes).unwrap();
+            let m = weights::ternarize_absmean(&raw, n_out, n_in);
+            let w = m.unpack();
+            let rows = n_out / 4;
+            let mut packed = vec![0u8; rows * n_in];
+            for n in 0..n_out {
+                for k in 0..n_in {
+                    let code = (w[n * n_in + k] + 1) as u8;
+                    packed[(n % rows) * n_in + k] |= code << (2 * (n / rows));
+                }
+            }
+            t.insert(name.clone(), (DType::U8, vec![rows, n_in], packed));
+            let scale = bf16_bytes(std::iter::once(m.scale()));
+            t.insert(format!("{name}_scale"), (DType::BF16, vec![1], scale));
+        }
+    }
+}
+
+fn build(c: &Config, owned: &Owned) -> crate::Result<(Model, Vec<String>)> {
+    let views: HashMap<String, RawTensor<'_>> = owned
+        .iter()
+        .map(|(k, (d, s, b))| (k.clone(), RawTensor::new(k, *d, s, b).unwrap()))
+        .collect();
+    load(c.clone(), &views, &threads::pool(Some(2)).unwrap())
+}
+
+fn model(c: &Config) -> Arc<Model> {
+    let (m, warnings) = build(c, &checkpoint(c, 5)).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    Arc::new(m)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+}
+
+#[test]
+fn decoding_with_the_cache_equals_the_full_pass() {
+    for mode in [QuantizationMode::Offline, QuantizationMode::Online] {
+        let c = Config {
+            quantization_mode: mode,
+            ..tiny()
+        };
+        let m = model(&c);
+        let ids = [3u32, 17, 0, 39, 8, 8, 21];
+        let vocab = c.vocab_size;
+        let mut full = Session::new(m.clone(), None, Some(2)).unwrap();
+        let all = full.logits(&ids).unwrap();
+        assert_eq!(all.len(), ids.len() * vocab);
+        assert!(all.iter().all(|v| v.is_finite()));
+        // Prompt of 3, then one token at a time.
+        let mut s = Session::new(m.clone(), Some(16), Some(1)).unwrap();
+        assert_eq!(s.prefill(&ids[..3]).unwrap(), 3);
+        assert_eq!(s.last_logits().unwrap(), &all[2 * vocab..3 * vocab]);
+        for (i, &id) in ids.iter().enumerate().skip(3) {
+            s.push(id).unwrap();
+            // Integer dots are exact and every token's float work is the same
+            // code, so batch and step agree to the bit.
+            assert_eq!(
+                s.last_logits().unwrap(),
+                &all[i * vocab..(i + 1) * vocab],
+                "token {i}"
+            );
+        }
+        assert_eq!(s.tokens(), &ids);
+    }
+}
+
+#[test]
+fn prefix_reuse_processes_only_new_tokens() {
+    let c = tiny();
+    let m = model(&c);
+    let mut s = Session::new(m.clone(), None, Some(2)).unwrap();
+    assert_eq!(s.prefill(&[1, 2, 3, 4]).unwrap(), 4);
+    assert_eq!(s.prefill(&[1, 2, 3, 4, 5, 6]).unwrap(), 2);
+    let reused = s.last_logits().unwrap().to_vec();
+    // Same input again: only the last token is recomputed.
+    assert_eq!(s.prefill(&[1, 2, 3, 4, 5, 6]).unwrap(), 1);
+    assert_eq!(s.last_logits().unwrap(), &reused[..]);
+    // Diverging at position 2: positions 2.. are recomputed.
+    assert_eq!(s.prefill(&[1, 2, 9, 4]).unwrap(), 2);
+    let mut fresh = Session::new(m, None, Some(2)).unwrap();
+    fresh.prefill(&[1, 2, 3, 4, 5, 6]).unwrap();
+    assert_eq!(max_diff(fresh.last_logits().unwrap(), &reused), 0.0);
+}
+
+#[test]
+fn long_prompts_run_in_batches() {
+    let c = Config {
+        max_position_embeddings: 2 * session::MAX_BATCH + 40,
+        ..tiny()
+    };
+    let m = model(&c);
+    let ids: Vec<u32> = (0..session::MAX_BATCH as u32 + 30)
+        .map(|i| (i * 7) % 40)
+        .collect();
+    let mut a = Session::new(m.clone(), None, Some(2)).unwrap();
+    let all = a.logits(&ids).unwrap();
+    let mut b = Session::new(m, None, Some(2)).unwrap();
+    b.prefill(&ids).unwrap();
+    let last = &all[(ids.len() - 1) * c.vocab_size..];
+    assert_eq!(b.last_logits().unwrap(), last);
+}
+
+#[test]
+fn refuses_bad_input_before_any_work() {
+    let c = tiny();
+    let m = model(&c);
+    let mut s = Session::new(m.clone(), Some(4), Some(1)).unwrap();
+    let err = s.prefill(&[1, 2, 3, 4, 5]).unwrap_err();
+    assert!(err.to_string().contains("n_ctx = 4"), "{err}");
+    assert!(s.tokens().is_empty());
+    assert!(s.prefill(&[]).is_err());
+    assert!(s
+        .prefill(&[40])
+        .unwrap_err()
+        .to_string()
+        .contains("vocabulary"));
+    s.prefill(&[1, 2, 3, 4]).unwrap();
+    assert!(s.push(5).unwrap_err().to_string().contains("full"));
+    assert!(Session::new(m.clone(), Some(0), None).is_err());
+    assert!(Session::new(m, Some(c.max_position_embeddings + 1), None).is_err());
+}
+
+#[test]
+fn loading_names_the_faulty_tensor() {
+    let c = tiny();
+    let good = checkpoint(&c, 9);
+    let mut t = good.clone();
+    t.remove("model.layers.1.mlp.up_proj.weight_scale");
+    let err = build(&c, &t).unwrap_err().to_string();
+    assert!(
+        err.contains("missing tensor \"model.layers.1.mlp.up_proj.weight_scale\""),
+        "{err}"
+    );
+
+    let mut t = good.clone();
+    t.get_mut("model.norm.weight").unwrap().1 = vec![c.hidden_size / 2, 2];
+    let err = build(&c, &t).unwrap_err().to_string();
+    assert!(
+        err.contains("\"model.norm.weight\" has shape [8, 2]"),
+        "{err}"
+    );
+
+    let mut t = good.clone();
+    let e = t.get_mut("model.layers.0.self_attn.k_proj.weight").unwrap();
+    e.0 = DType::BF16;
+    e.1 = vec![e.2.len() / 2];
+    let err = build(&c, &t).unwrap_err().to_string();
+    assert!(
+        err.contains("k_proj.weight") && err.contains("must be U8"),
+        "{err}"
+    );
+
+    // An all-zero tensor and an extra tensor load, with warnings.
+    let mut t = good;
+    let e = t.get_mut("model.layers.0.mlp.ffn_sub_norm.weight").unwrap();
+    e.2.iter_mut().for_each(|b| *b = 0);
+    t.insert("lm_head.weight".into(), (DType::BF16, vec![1], vec![0, 0]));
+    let (_, warnings) = build(&c, &t).unwrap();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings
+        .iter()
+        .any(|w| w.contains("ffn_sub_norm.weight\" is all zeros")));
+    assert!(warnings.iter().any(|w| w.contains("lm_head.weight")));
+}
+
+#[test]
+fn bitlinear_divides_by_the_stored_scale() {
+    // The same ternary weights stored with 1/mean|W| under "bitlinear" must
+    // give the same model as mean|W| under "autobitlinear".
+    let c = tiny();
+    let auto = checkpoint(&c, 13);
+    let mut inverse = auto.clone();
+    for (name, (_, _, bytes)) in inverse.iter_mut() {
+        if name.ends_with("weight_scale") {
+            let v = f32::from_bits(u32::from(u16::from_le_bytes([bytes[0], bytes[1]])) << 16);
+            *bytes = bf16_bytes(std::iter::once(1.0 / v));
+        }
+    }
+    let bit = Config {
+        linear_class: LinearClass::BitLinear,
+        ..c.clone()
+    };
+    let (a, _) = build(&c, &auto).unwrap();
+    let (b, _) = build(&bit, &inverse).unwrap();
+    for (la, lb) in a.layers.iter().zip(&b.layers) {
+        for p in Proj::ALL {
+            let (sa, sb) = (la.proj(p).scale(), lb.proj(p).scale());
+            // bf16 rounding of the stored inverse: within 2^-8 relative.
+            assert!((sa - sb).abs() <= sa * 0.008, "{p:?}: {sa} vs {sb}");
+            assert_eq!(la.proj(p).unpack(), lb.proj(p).unpack());
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! Building the model's weights from raw checkpoint tensors, with every
+//! tensor's presence, shape and dtype checked first.
+//!
+//! Projections arrive either packed the Hugging Face way (U8 `[out/4, in]` plus
+//! `weight_scale`, FORMATS.md 0) or as float masters that are ternarised here
+//! with absmean (FORMATS.md 4). Either way they become `TernaryMatrix`es whose
+//! scale multiplies. Norms become f32 (bf16 widens exactly); the embedding
+//! keeps its bf16 storage.
+
+use std::collections::{HashMap, HashSet};
+
+use rayon::prelude::*;
+use rayon::ThreadPool;
+
+use super::config::{Config, LinearClass, QuantizationMode};
+use super::tensor::{DType, HalfMatrix, RawTensor};
+use crate::error::{Result, TritError};
+use crate::kernels::TernaryMatrix;
+
+/// The seven ternary projections of a decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// The module path inside a layer, as transformers names it.
+    pub fn path(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    /// "q_proj", "gate_proj", ...
+    pub fn short_name(self) -> &'static str {
+        self.path().rsplit('.').next().unwrap_or("")
+    }
+
+    pub fn parse(name: &str) -> Result<Proj> {
+        Proj::ALL
+            .into_iter()
+            .find(|p| p.short_name() == name)
+            .ok_or_else(|| {
+                TritError::invalid(format!(
+                    "unknown projection {name:?}; expected one of q_proj, k_proj, v_proj, \
+                     o_proj, gate_proj, up_proj, down_proj"
+                ))
+            })
+    }
+
+    /// (n_out, n_in) of the full-size weight.
+    pub fn dims(self, c: &Config) -> (usize, usize) {
+        match self {
+            Proj::Q => (c.q_dim(), c.hidden_size),
+            Proj::K | Proj::V => (c.kv_dim(), c.hidden_size),
+            Proj::O => (c.hidden_size, c.q_dim()),
+            Proj::Gate | Proj::Up => (c.intermediate_size, c.hidden_size),
+            Proj::Down => (c.hidden_size, c.intermediate_size),
+        }
+    }
+}
+
+/// One decoder layer.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub input_norm: Vec<f32>,    // [hidden]
+    pub q: TernaryMatrix,        // [q_dim, hidden]
+    pub k: TernaryMatrix,        // [kv_dim, hidden]
+    pub v: TernaryMatrix,        // [kv_dim, hidden]
+    pub attn_sub_norm: Vec<f32>, // [q_dim] (= hidden)
+    pub o: TernaryMatrix,        // [hidden, q_dim]
+    pub post_norm: Vec<f32>,     // [hidden]
+    pub gate: TernaryMatrix,     // [intermediate, hidden]
+    pub up: TernaryMatrix,       // [intermediate, hidden]
+    pub ffn_sub_norm: Vec<f32>,  // [intermediate]
+    pub down: TernaryMatrix,     // [hidden, intermediate]
+}
+
+impl Layer {
+    pub fn proj(&self, p: Proj) -> &TernaryMatrix {
+        match p {
+            Proj::Q => &self.q,
+            Proj::K => &self.k,
+            Proj::V => &self.v,
+            Proj::O => &self.o,
+            Proj::Gate => &self.gate,
+            Proj::Up => &self.up,
+            Proj::Down => &self.down,
+        }
+    }
+}
+
+/// A loaded BitNet b1.58 model: configuration and weights, immutable and
+/// shared by every session.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub config: Config,
+    pub embed: HalfMatrix, // [vocab, hidden], bf16 as stored
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>, // [hidden]
+    /// [vocab, hidden] when the head is not tied to the embedding.
+    pub lm_head: Option<HalfMatrix>,
+}
+
+impl Model {
+    /// The matrix the logits are computed with.
+    pub fn head(&self) -> &HalfMatrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+/// The tensors of a checkpoint, by name, with what the loader used.
+struct Checkpoint<'t, 'a> {
+    tensors: &'t HashMap<String, RawTensor<'a>>,
+    used: std::sync::Mutex<HashSet<String>>,
+    warnings: std::sync::Mutex<Vec<String>>,
+}
+
+impl<'a> Checkpoint<'_, 'a> {
+    fn take(&self, name: &str) -> Result<RawTensor<'a>> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| TritError::invalid(format!("missing tensor {name:?}")))?;
+        self.used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
+        Ok(*t)
+    }
+
+    fn warn(&self, msg: String) {
+        self.warnings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(msg);
+    }
+
+    /// A float tensor of exactly `shape`, checked to hold only finite values.
+    fn float(&self, name: &str, shape: &[usize]) -> Result<RawTensor<'a>> {
+        let t = self.take(name)?;
+        if !t.dtype.is_float() {
+            return Err(TritError::invalid(format!(
+                "tensor {name:?} has dtype {}; expected BF16, F16 or F32",
+                t.dtype.name()
+            )));
+        }
+        if t.shape != shape {
+            return Err(TritError::invalid(format!(
+                "tensor {name:?} has shape {:?}; expected {shape:?}",
+                t.shape
+            )));
+        }
+        let mut all_zero = true;
+        for i in 0..t.numel() {
+            let v = t.get_f32(i);
+            if !v.is_finite() {
+                return Err(TritError::invalid(format!(
+                    "tensor {name:?} holds a non-finite value ({v}) at flat index {i}"
+                )));
+            }
+            all_zero &= v == 0.0;
+        }
+        if all_zero {
+            self.warn(format!("tensor {name:?} is all zeros"));
+        }
+        Ok(t)
+    }
+
+    /// A norm weight vector of `len` values, widened to f32.
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        Ok(self.float(name, &[len])?.to_f32())
+    }
+
+    /// A ternary projection, packed or from float masters per the config.
+    fn projection(&self, config: &Config, layer: usize, p: Proj) -> Result<TernaryMatrix> {
+        let (n_out, n_in) = p.dims(config);
+        let name = format!("model.layers.{layer}.{}.weight", p.path());
+        let m = match config.quantization_mode {
+            QuantizationMode::Offline => {
+                let scale_name = format!("model.layers.{layer}.{}.weight_scale", p.path());
+                let ws = self.scalar(&scale_name)?;
+                if ws == 0.0 {
+                    self.warn(format!("tensor {scale_name:?} is zero"));
+                }
+                // FORMATS.md 0: AutoBitLinear stores mean|W| and multiplies;
+                // BitLinear stores 1/mean|W| and divides.
+                let scale = match config.linear_class {
+                    LinearClass::AutoBitLinear => ws,
+                    LinearClass::BitLinear => {
+                        if ws == 0.0 {
+                            return Err(TritError::invalid(format!(
+                                "tensor {scale_name:?} is zero, but linear_class \"bitlinear\" \
+                                 divides by it"
+                            )));
+                        }
+                        1.0 / ws
+                    }
+                };
+                let t = self.take(&name)?;
+                // 0x55 is four zero codes. (A float master that ternarises to
+                // all zeros is itself all zeros, which `float` reports.)
+                if t.data.iter().all(|&b| b == 0x55) {
+                    self.warn(format!("tensor {name:?} has only zero ternary weights"));
+                }
+                unpack_hf(&name, &t, n_out, n_in, scale)?
+            }
+            QuantizationMode::Online => {
+                let t = self.float(&name, &[n_out, n_in])?;
+                ternarize_absmean(&t, n_out, n_in)
+            }
+        };
+        Ok(m)
+    }
+
+    /// A one-element float tensor (shape [1] as transformers saves it, or []).
+    fn scalar(&self, name: &str) -> Result<f32> {
+        let t = self.take(name)?;
+        if !t.dtype.is_float() || t.numel() != 1 || t.shape.len() > 1 {
+            return Err(TritError::invalid(format!(
+                "tensor {name:?} is {} {:?}; expected a float tensor of shape [1]",
+                t.dtype.name(),
+                t.shape
+            )));
+        }
+        let v = t.get_f32(0);
+        if !v.is_finite() {
+            return Err(TritError::invalid(format!(
+                "tensor {name:?} is {v}; expected a finite scale"
+            )));
+        }
+        Ok(v)
+    }
+}
+
+/// Decodes a Hugging Face packed weight, U8 `[out/4, in]` (FORMATS.md 0):
+/// output row `i*R + r` (R = out/4) sits in bits `2i..2i+1` of packed row `r`,
+/// as the code `value + 1`.
+pub fn unpack_hf(
+    name: &str,
+    t: &RawTensor<'_>,
+    n_out: usize,
+    n_in: usize,
+    scale: f32,
+) -> Result<TernaryMatrix> {
+    let rows = n_out / 4;
+    if t.dtype != DType::U8 || t.shape != [rows, n_in] {
+        return Err(TritError::invalid(format!(
+            "tensor {name:?} is {} {:?}; a packed weight of [{n_out}, {n_in}] must be U8 [{rows}, {n_in}]",
+            t.dtype.name(),
+            t.shape
+        )));
+    }
+    // Code 3 (both bits of a pair set) is not a ternary value: the file is not
+    // what it claims to be, so refuse it rather than compute with garbage.
+    if let Some(pos) = t.data.iter().position(|&b| b & (b >> 1) & 0x55 != 0) {
+        return Err(TritError::invalid(format!(
+            "tensor {name:?} holds byte {:#04x} at [{}, {}], which has the 2-bit code 3; \
+             packed ternary weights use codes 0, 1, 2",
+            t.data[pos],
+            pos / n_in,
+            pos % n_in
+        )));
+    }
+    TernaryMatrix::from_fn(n_out, n_in, scale, |n, k| {
+        let (plane, r) = (n / rows, n % rows);
+        ((t.data[r * n_in + k] >> (2 * plane)) & 3) as i8 - 1
+    })
+}
+
+/// Absmean ternarisation of a float master (FORMATS.md 4, transformers'
+/// `WeightQuant`): `s = 1 / max(mean|W|, 1e-5)` in f32,
+/// `T = clamp(round_half_even(W * s), -1, 1)`, and the weight used is `T / s`,
+/// so the matrix scale is `1 / s`.
+pub fn ternarize_absmean(t: &RawTensor<'_>, n_out: usize, n_in: usize) -> TernaryMatrix {
+    let w = t.to_f32(); // [n_out, n_in]
+                        // The mean in f64, rounded once: torch's f32 cascade sum is that accurate
+                        // too, so both land on the same f32 (one ulp apart at worst).
+    let sum: f64 = w.iter().map(|v| f64::from(v.abs())).sum();
+    let mean = (sum / w.len() as f64) as f32;
+    let s = 1.0f32 / mean.max(1e-5);
+    let scale = 1.0f32 / s;
+    TernaryMatrix::from_fn(n_out, n_in, scale, |n, k| {
+        (w[n * n_in + k] * s).round_ties_even().clamp(-1.0, 1.0) as i8
+    })
+    .expect("dimensions and scale were checked")
+}
+
+/// Builds the model from `tensors` (name → raw tensor). Returns it with the
+/// warnings a user should see (all-zero tensors, tensors left unused).
+pub fn load(
+    config: Config,
+    tensors: &HashMap<String, RawTensor<'_>>,
+    pool: &ThreadPool,
+) -> Result<(Model, Vec<String>)> {
+    config.validate()?;
+    let ck = Checkpoint {
+        tensors,
+        used: Default::default(),
+        warnings: Default::default(),
+    };
+    let c = &config;
+    let (hidden, inter) = (c.hidden_size, c.intermediate_size);
+    let embed =
+        HalfMatrix::from_raw(&ck.float("model.embed_tokens.weight", &[c.vocab_size, hidden])?);
+    let norm = ck.vector("model.norm.weight", hidden)?;
+    let lm_head = if c.tie_word_embeddings {
+        None
+    } else {
+        Some(HalfMatrix::from_raw(
+            &ck.float("lm_head.weight", &[c.vocab_size, hidden])?,
+        ))
+    };
+    let load_layer = |l: usize| -> Result<Layer> {
+        let prefix = format!("model.layers.{l}");
+        Ok(Layer {
+            input_norm: ck.vector(&format!("{prefix}.input_layernorm.weight"), hidden)?,
+            q: ck.projection(c, l, Proj::Q)?,
+            k: ck.projection(c, l, Proj::K)?,
+            v: ck.projection(c, l, Proj::V)?,
+            attn_sub_norm: ck.vector(
+                &format!("{prefix}.self_attn.attn_sub_norm.weight"),
+                c.q_dim(),
+            )?,
+            o: ck.projection(c, l, Proj::O)?,
+            post_norm: ck.vector(&format!("{prefix}.post_attention_layernorm.weight"), hidden)?,
+            gate: ck.projection(c, l, Proj::Gate)?,
+            up: ck.projection(c, l, Proj::Up)?,
+            ffn_sub_norm: ck.vector(&format!("{prefix}.mlp.ffn_sub_norm.weight"), inter)?,
+            down: ck.projection(c, l, Proj::Down)?,
+        })
+    };
+    // Layers unpack independently; the real model has 30 of them.
+    let layers = pool.install(|| {
+        (0..c.num_layers)
+            .into_par_iter()
+            .map(load_layer)
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let mut warnings = ck.warnings.into_inner().unwrap_or_else(|e| e.into_inner());
+    let used = ck.used.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut unused: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
+    if !unused.is_empty() {
+        unused.sort();
+        let shown: Vec<&str> = unused.iter().take(5).map(|s| s.as_str()).collect();
+        warnings.push(format!(
+            "{} tensor(s) in the checkpoint are not used by the model: {}{}",
+            unused.len(),
+            shown.join(", "),
+            if unused.len() > 5 { ", ..." } else { "" }
+        ));
+    }
+    // Layers run in parallel, so their warnings come in any order; sort for
+    // reproducible messages.
+    warnings.sort();
+    Ok((
+        Model {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        },
+        warnings,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpacks_the_documented_worked_example() {
+        // FORMATS.md 0, case1 column 0: rows 0..7 = [0,1,0,-1,-1,-1,1,1]
+        // pack to P[0,0] = 133 and P[1,0] = 130 (R = 2).
+        let data = [133u8, 130];
+        let shape = [2, 1];
+        let t = RawTensor::new("w", DType::U8, &shape, &data).unwrap();
+        let m = unpack_hf("w", &t, 8, 1, 1.5).unwrap();
+        assert_eq!(m.unpack(), vec![0, 1, 0, -1, -1, -1, 1, 1]);
+        assert_eq!(m.scale(), 1.5);
+    }
+
+    #[test]
+    fn refuses_code_three_and_wrong_shapes() {
+        let data = [0b11u8, 0x55];
+        let shape = [2, 1];
+        let t = RawTensor::new("w", DType::U8, &shape, &data).unwrap();
+        let err = unpack_hf("w", &t, 8, 1, 1.0).unwrap_err();
+        assert!(err.to_string().contains("code 3"), "{err}");
+        assert!(unpack_hf("w", &t, 4, 2, 1.0).is_err());
+    }
+
+    #[test]
+    fn absmean_ternarisation_follows_transformers() {
+        // mean|W| = (0.5 + 1.5 + 0.1 + 2.0) / 4 = 1.025; W*s = [0.49, -1.46, 0.098, 1.95].
+        let w = [0.5f32, -1.5, 0.1, 2.0];
+        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let shape = [2, 2];
+        let t = RawTensor::new("w", DType::F32, &shape, &bytes).unwrap();
+        let m = ternarize_absmean(&t, 2, 2);
+        assert_eq!(m.unpack(), vec![0, -1, 0, 1]);
+        let s = 1.0f32 / 1.025f32;
+        assert_eq!(m.scale(), 1.0f32 / s);
+    }
+}

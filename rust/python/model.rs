@@ -1,0 +1,340 @@
+//! Bindings for the model, its sessions and the sampler. Arguments are
+//! converted and checked here with the GIL held; loading, forward passes and
+//! sampling run detached.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1};
+use pyo3::prelude::*;
+
+use super::{invalid, IntoPyResult, PyTernaryMatrix};
+use crate::model::{self, Config, DType, LinearClass, QuantizationMode, RawTensor};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::threads;
+
+/// The hyper-parameters of a BitNet b1.58 model.
+#[pyclass(name = "ModelConfig", module = "trit._core", frozen)]
+#[derive(Clone)]
+pub(super) struct PyModelConfig {
+    inner: Config,
+}
+
+#[pymethods]
+impl PyModelConfig {
+    #[new]
+    #[pyo3(signature = (
+        *, vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+        num_attention_heads, num_key_value_heads, rope_theta, rms_norm_eps,
+        max_position_embeddings, head_dim=None, tie_word_embeddings=true,
+        linear_class="bitlinear", quantization_mode="offline"
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        vocab_size: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+        num_key_value_heads: usize,
+        rope_theta: f64,
+        rms_norm_eps: f64,
+        max_position_embeddings: usize,
+        head_dim: Option<usize>,
+        tie_word_embeddings: bool,
+        linear_class: &str,
+        quantization_mode: &str,
+    ) -> PyResult<Self> {
+        if num_attention_heads == 0 {
+            return Err(invalid("config: num_attention_heads must be positive"));
+        }
+        let inner = Config {
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_layers: num_hidden_layers,
+            num_heads: num_attention_heads,
+            num_kv_heads: num_key_value_heads,
+            head_dim: head_dim.unwrap_or(hidden_size / num_attention_heads),
+            // transformers keeps these as Python floats and meets them in f32 ops.
+            rope_theta: rope_theta as f32,
+            rms_norm_eps: rms_norm_eps as f32,
+            max_position_embeddings,
+            tie_word_embeddings,
+            linear_class: LinearClass::parse(linear_class).py()?,
+            quantization_mode: QuantizationMode::parse(quantization_mode).py()?,
+        };
+        inner.validate().py()?;
+        Ok(PyModelConfig { inner })
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size
+    }
+    #[getter]
+    fn hidden_size(&self) -> usize {
+        self.inner.hidden_size
+    }
+    #[getter]
+    fn intermediate_size(&self) -> usize {
+        self.inner.intermediate_size
+    }
+    #[getter]
+    fn num_hidden_layers(&self) -> usize {
+        self.inner.num_layers
+    }
+    #[getter]
+    fn num_attention_heads(&self) -> usize {
+        self.inner.num_heads
+    }
+    #[getter]
+    fn num_key_value_heads(&self) -> usize {
+        self.inner.num_kv_heads
+    }
+    #[getter]
+    fn head_dim(&self) -> usize {
+        self.inner.head_dim
+    }
+    #[getter]
+    fn rope_theta(&self) -> f32 {
+        self.inner.rope_theta
+    }
+    #[getter]
+    fn rms_norm_eps(&self) -> f32 {
+        self.inner.rms_norm_eps
+    }
+    #[getter]
+    fn max_position_embeddings(&self) -> usize {
+        self.inner.max_position_embeddings
+    }
+    #[getter]
+    fn tie_word_embeddings(&self) -> bool {
+        self.inner.tie_word_embeddings
+    }
+    #[getter]
+    fn linear_class(&self) -> &'static str {
+        self.inner.linear_class.name()
+    }
+    #[getter]
+    fn quantization_mode(&self) -> &'static str {
+        self.inner.quantization_mode.name()
+    }
+
+    fn __repr__(&self) -> String {
+        let c = &self.inner;
+        format!(
+            "ModelConfig(vocab_size={}, hidden_size={}, intermediate_size={}, \
+             num_hidden_layers={}, num_attention_heads={}, num_key_value_heads={}, \
+             head_dim={}, rope_theta={}, rms_norm_eps={}, max_position_embeddings={}, \
+             tie_word_embeddings={}, linear_class={:?}, quantization_mode={:?})",
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_layers,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.rope_theta,
+            c.rms_norm_eps,
+            c.max_position_embeddings,
+            if c.tie_word_embeddings {
+                "True"
+            } else {
+                "False"
+            },
+            c.linear_class.name(),
+            c.quantization_mode.name()
+        )
+    }
+}
+
+/// One checkpoint tensor as the loader hands it over:
+/// (name, safetensors dtype, shape, uint8 array of its bytes).
+type TensorArg<'py> = (String, String, Vec<usize>, PyReadonlyArray1<'py, u8>);
+
+/// A loaded model; immutable, shared by its sessions.
+#[pyclass(name = "Model", module = "trit._core", frozen)]
+pub(super) struct PyModel {
+    inner: Arc<model::Model>,
+}
+
+#[pymethods]
+impl PyModel {
+    /// Builds the model from checkpoint tensors. Returns it with warnings
+    /// (all-zero or unused tensors) for the caller to show.
+    #[staticmethod]
+    #[pyo3(signature = (config, tensors, *, threads=None))]
+    fn load(
+        py: Python<'_>,
+        config: &PyModelConfig,
+        tensors: Vec<TensorArg<'_>>,
+        threads: Option<usize>,
+    ) -> PyResult<(PyModel, Vec<String>)> {
+        let pool = threads::pool(threads).py()?;
+        let mut map = HashMap::with_capacity(tensors.len());
+        for (name, dtype, shape, data) in &tensors {
+            let dtype =
+                DType::parse(dtype).map_err(|e| invalid(format!("tensor {name:?}: {e}")))?;
+            let bytes = data
+                .as_slice()
+                .map_err(|_| invalid(format!("tensor {name:?}: data must be contiguous")))?;
+            let t = RawTensor::new(name, dtype, shape, bytes).py()?;
+            if map.insert(name.clone(), t).is_some() {
+                return Err(invalid(format!("tensor {name:?} is given twice")));
+            }
+        }
+        let config = config.inner.clone();
+        // The arrays in `tensors` stay borrowed (and alive) until this returns.
+        let (m, warnings) = py.detach(|| model::load(config, &map, &pool)).py()?;
+        Ok((PyModel { inner: Arc::new(m) }, warnings))
+    }
+
+    #[getter]
+    fn config(&self) -> PyModelConfig {
+        PyModelConfig {
+            inner: self.inner.config.clone(),
+        }
+    }
+
+    /// A copy of projection `name` ("q_proj", ..., "down_proj") of `layer`.
+    fn projection(&self, layer: usize, name: &str) -> PyResult<PyTernaryMatrix> {
+        let p = model::Proj::parse(name).py()?;
+        let l = self.inner.layers.get(layer).ok_or_else(|| {
+            invalid(format!(
+                "layer {layer} does not exist; the model has {}",
+                self.inner.layers.len()
+            ))
+        })?;
+        Ok(PyTernaryMatrix {
+            inner: l.proj(p).clone(),
+        })
+    }
+}
+
+/// How the next token is picked: greedy when temperature is 0.
+#[pyclass(name = "Sampler", module = "trit._core")]
+pub(super) struct PySampler {
+    inner: Sampler,
+}
+
+#[pymethods]
+impl PySampler {
+    #[new]
+    #[pyo3(signature = (
+        *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=0
+    ))]
+    fn new(
+        temperature: f64,
+        top_k: i64,
+        top_p: f64,
+        min_p: f64,
+        repetition_penalty: f64,
+        seed: u64,
+    ) -> PyResult<Self> {
+        if top_k < 0 {
+            return Err(invalid(format!("top_k must be >= 0, got {top_k}")));
+        }
+        let params = SamplingParams {
+            temperature: temperature as f32,
+            top_k: top_k as usize,
+            top_p: top_p as f32,
+            min_p: min_p as f32,
+            repetition_penalty: repetition_penalty as f32,
+        };
+        Ok(PySampler {
+            inner: Sampler::new(params, seed).py()?,
+        })
+    }
+}
+
+fn token_ids(ids: Vec<i64>) -> PyResult<Vec<u32>> {
+    ids.into_iter()
+        .map(|id| {
+            u32::try_from(id).map_err(|_| invalid(format!("token id {id} is not a valid id")))
+        })
+        .collect()
+}
+
+/// One sequence on a model: KV cache for n_ctx positions and the tokens in it.
+#[pyclass(name = "Session", module = "trit._core")]
+pub(super) struct PySession {
+    inner: model::Session,
+}
+
+#[pymethods]
+impl PySession {
+    #[new]
+    #[pyo3(signature = (model, *, n_ctx=None, threads=None))]
+    fn new(model: &PyModel, n_ctx: Option<usize>, threads: Option<usize>) -> PyResult<Self> {
+        Ok(PySession {
+            inner: model::Session::new(model.inner.clone(), n_ctx, threads).py()?,
+        })
+    }
+
+    #[getter]
+    fn n_ctx(&self) -> usize {
+        self.inner.n_ctx()
+    }
+
+    #[getter]
+    fn threads(&self) -> usize {
+        self.inner.threads()
+    }
+
+    /// The tokens in the cache.
+    #[getter]
+    fn tokens(&self) -> Vec<u32> {
+        self.inner.tokens().to_vec()
+    }
+
+    /// Makes `ids` the sequence (reusing the cached prefix) and computes the
+    /// logits after it; returns the number of tokens processed.
+    fn prefill(&mut self, py: Python<'_>, ids: Vec<i64>) -> PyResult<usize> {
+        let ids = token_ids(ids)?;
+        let s = &mut self.inner;
+        py.detach(|| s.prefill(&ids)).py()
+    }
+
+    /// Appends one token and computes the logits after it.
+    fn push(&mut self, py: Python<'_>, token: i64) -> PyResult<()> {
+        let id = token_ids(vec![token])?[0];
+        let s = &mut self.inner;
+        py.detach(|| s.push(id)).py()
+    }
+
+    /// Logits at every position of `ids`: float32 [len(ids), vocab].
+    fn logits<'py>(
+        &mut self,
+        py: Python<'py>,
+        ids: Vec<i64>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let ids = token_ids(ids)?;
+        let vocab = self.inner.model().config.vocab_size;
+        let s = &mut self.inner;
+        let values = py.detach(|| s.logits(&ids)).py()?;
+        values.into_pyarray(py).reshape([ids.len(), vocab])
+    }
+
+    /// Logits predicting the next token, float32 [vocab]; None before any input.
+    fn last_logits<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyArray1<f32>>> {
+        self.inner
+            .last_logits()
+            .map(|l| l.to_vec().into_pyarray(py))
+    }
+
+    /// Picks the next token from the current logits.
+    fn sample(&self, py: Python<'_>, sampler: &mut PySampler) -> PyResult<u32> {
+        let s = &self.inner;
+        let logits = s
+            .last_logits()
+            .ok_or_else(|| invalid("nothing to sample from: feed the session a prompt first"))?;
+        let sampler = &mut sampler.inner;
+        py.detach(|| sampler.sample(logits, s.tokens())).py()
+    }
+
+    /// Forgets the cached tokens.
+    fn reset(&mut self) {
+        self.inner.reset();
+    }
+}

@@ -1,0 +1,377 @@
+//! Choosing the next token from logits: greedy, or sampling with
+//! temperature, top-k, top-p and min-p, after a repetition penalty, in the
+//! order transformers applies them. Seeded, so the same seed and inputs give
+//! the same tokens.
+
+use crate::error::{Result, TritError};
+
+/// How to pick tokens. `temperature == 0` means greedy; `top_k == 0`,
+/// `top_p == 1`, `min_p == 0` and `repetition_penalty == 1` switch a filter off.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        let p = self;
+        if !(p.temperature.is_finite() && p.temperature >= 0.0) {
+            return Err(TritError::invalid(format!(
+                "temperature must be a finite number >= 0, got {}",
+                p.temperature
+            )));
+        }
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            return Err(TritError::invalid(format!(
+                "top_p must be in (0, 1], got {}",
+                p.top_p
+            )));
+        }
+        if !(0.0..=1.0).contains(&p.min_p) {
+            return Err(TritError::invalid(format!(
+                "min_p must be in [0, 1], got {}",
+                p.min_p
+            )));
+        }
+        if !(p.repetition_penalty.is_finite() && p.repetition_penalty > 0.0) {
+            return Err(TritError::invalid(format!(
+                "repetition_penalty must be a finite number > 0, got {}",
+                p.repetition_penalty
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// PCG32 (XSH-RR): small, fast, and good enough for sampling.
+#[derive(Clone, Debug)]
+pub struct Pcg32 {
+    state: u64,
+    inc: u64,
+}
+
+impl Pcg32 {
+    const MUL: u64 = 6364136223846793005;
+
+    pub fn new(seed: u64) -> Self {
+        // The standard seeding: stream from a fixed odd increment, state
+        // advanced past the seed so nearby seeds give unrelated streams.
+        let mut rng = Pcg32 {
+            state: 0,
+            inc: (0xda3e_39cb_94b9_5bdb << 1) | 1,
+        };
+        rng.next_u32();
+        rng.state = rng.state.wrapping_add(seed);
+        rng.next_u32();
+        rng
+    }
+
+    pub fn next_u32(&mut self) -> u32 {
+        let old = self.state;
+        self.state = old.wrapping_mul(Self::MUL).wrapping_add(self.inc);
+        let xorshifted = (((old >> 18) ^ old) >> 27) as u32;
+        let rot = (old >> 59) as u32;
+        xorshifted.rotate_right(rot)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        let bits = (u64::from(self.next_u32()) << 32) | u64::from(self.next_u32());
+        (bits >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Picks tokens according to `SamplingParams`, with its own RNG.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Pcg32,
+    work: Vec<f32>,              // [vocab] penalised, tempered logits
+    candidates: Vec<(f32, u32)>, // surviving (logit, id) pairs
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, seed: u64) -> Result<Self> {
+        params.validate()?;
+        Ok(Sampler {
+            params,
+            rng: Pcg32::new(seed),
+            work: Vec::new(),
+            candidates: Vec::new(),
+        })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The next token given `logits` ([vocab]) and the tokens so far
+    /// (`history`, prompt included, for the repetition penalty).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        if logits.is_empty() {
+            return Err(TritError::invalid("no logits to sample from"));
+        }
+        let p = self.params;
+        let work = &mut self.work;
+        work.clear();
+        work.extend_from_slice(logits);
+        if p.repetition_penalty != 1.0 {
+            // As transformers' RepetitionPenaltyLogitsProcessor: each token
+            // seen is penalised once, from its original logit.
+            for &id in history {
+                if let Some(&l) = logits.get(id as usize) {
+                    work[id as usize] = if l > 0.0 {
+                        l / p.repetition_penalty
+                    } else {
+                        l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.temperature == 0.0 {
+            return Ok(argmax(work));
+        }
+        let cands = &mut self.candidates;
+        cands.clear();
+        cands.extend(
+            work.iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_nan())
+                .map(|(i, &l)| (l / p.temperature, i as u32)),
+        );
+        if cands.is_empty() {
+            return Err(TritError::invalid("every logit is NaN"));
+        }
+        // top-k: keep every logit >= the k-th largest (ties at the edge kept).
+        if p.top_k > 0 && p.top_k < cands.len() {
+            let k = p.top_k;
+            cands.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
+            let kth = cands[k - 1].0;
+            cands.retain(|c| c.0 >= kth);
+        }
+        if p.top_p < 1.0 {
+            // top-p as transformers: in ascending order, drop tokens while the
+            // cumulative probability is <= 1 - top_p; the top token always stays.
+            cands.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
+            let probs = softmax_of(cands);
+            let mut cum = 0.0f32;
+            let mut drop = 0;
+            for (i, &pr) in probs.iter().enumerate() {
+                cum += pr;
+                if cum <= 1.0 - p.top_p && i + 1 < probs.len() {
+                    drop = i + 1;
+                } else {
+                    break;
+                }
+            }
+            cands.drain(..drop);
+        }
+        if p.min_p > 0.0 {
+            let probs = softmax_of(cands);
+            let top = probs.iter().fold(0.0f32, |m, &v| m.max(v));
+            let threshold = p.min_p * top;
+            let mut i = 0;
+            cands.retain(|_| {
+                let keep = probs[i] >= threshold;
+                i += 1;
+                keep
+            });
+        }
+        // Draw from the softmax of what is left.
+        let probs = softmax_of(cands);
+        let total: f64 = probs.iter().map(|&v| f64::from(v)).sum();
+        let mut u = self.rng.next_f64() * total;
+        for (c, &pr) in cands.iter().zip(&probs) {
+            u -= f64::from(pr);
+            if u < 0.0 {
+                return Ok(c.1);
+            }
+        }
+        // Rounding left u just above zero: take the last token with mass.
+        let last = cands
+            .iter()
+            .zip(&probs)
+            .rev()
+            .find(|(_, &pr)| pr > 0.0)
+            .map_or(cands[0].1, |(c, _)| c.1);
+        Ok(last)
+    }
+}
+
+/// Index of the first largest value (torch.argmax's tie rule).
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] || x[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Softmax of the candidates' logits, in their order.
+fn softmax_of(cands: &[(f32, u32)]) -> Vec<f32> {
+    let max = cands.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.0));
+    let mut probs: Vec<f32> = cands.iter().map(|c| (c.0 - max).exp()).collect();
+    let sum: f32 = probs.iter().sum();
+    for v in &mut probs {
+        *v /= sum;
+    }
+    probs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> SamplingParams {
+        SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rejects_invalid_values() {
+        let bad = [
+            SamplingParams {
+                temperature: -0.1,
+                ..params()
+            },
+            SamplingParams {
+                temperature: f32::NAN,
+                ..params()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..params()
+            },
+            SamplingParams {
+                top_p: 1.5,
+                ..params()
+            },
+            SamplingParams {
+                min_p: -0.1,
+                ..params()
+            },
+            SamplingParams {
+                min_p: 1.1,
+                ..params()
+            },
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..params()
+            },
+        ];
+        for p in bad {
+            assert!(Sampler::new(p, 0).is_err(), "{p:?}");
+        }
+        assert!(Sampler::new(params(), 0).is_ok());
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut s = Sampler::new(SamplingParams::default(), 0).unwrap();
+        assert_eq!(s.sample(&[1.0, 3.0, 3.0, -1.0], &[]).unwrap(), 1);
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative() {
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(p, 0).unwrap();
+        // 4.0 -> 2.0 loses to 3.0; seen twice it is still penalised once.
+        assert_eq!(s.sample(&[4.0, 3.0], &[0, 0]).unwrap(), 1);
+        // -1.0 -> -2.0 loses to -1.5.
+        assert_eq!(s.sample(&[-1.0, -1.5], &[0]).unwrap(), 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_filters_hold() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let draw = |p: SamplingParams, seed: u64| -> Vec<u32> {
+            let mut s = Sampler::new(p, seed).unwrap();
+            (0..200).map(|_| s.sample(&logits, &[]).unwrap()).collect()
+        };
+        assert_eq!(draw(params(), 7), draw(params(), 7));
+        assert_ne!(draw(params(), 7), draw(params(), 8));
+        // top_k = 3 only ever yields the 3 largest logits.
+        let mut order: Vec<u32> = (0..50).collect();
+        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        let top3 = &order[..3];
+        let got = draw(
+            SamplingParams {
+                top_k: 3,
+                ..params()
+            },
+            1,
+        );
+        assert!(got.iter().all(|t| top3.contains(t)));
+        assert!(top3.iter().all(|t| got.contains(t)));
+        // A tiny top_p keeps only the most likely token.
+        let got = draw(
+            SamplingParams {
+                top_p: 1e-6,
+                ..params()
+            },
+            2,
+        );
+        assert!(got.iter().all(|&t| t == order[0]));
+        // min_p = 1 keeps only tokens as likely as the top one.
+        let got = draw(
+            SamplingParams {
+                min_p: 1.0,
+                ..params()
+            },
+            3,
+        );
+        assert!(got.iter().all(|&t| t == order[0]));
+    }
+
+    #[test]
+    fn temperature_sampling_follows_the_softmax() {
+        // Two tokens with probabilities 0.2 and 0.8 (logit gap ln 4).
+        let logits = [0.0f32, 4f32.ln()];
+        let mut s = Sampler::new(params(), 42).unwrap();
+        let n = 20_000;
+        let ones = (0..n)
+            .filter(|_| s.sample(&logits, &[]).unwrap() == 1)
+            .count();
+        let frac = ones as f64 / n as f64;
+        assert!((frac - 0.8).abs() < 0.02, "{frac}");
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        // Probabilities 0.5, 0.3, 0.2: top_p 0.75 keeps the first two.
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_p: 0.75,
+                ..params()
+            },
+            5,
+        )
+        .unwrap();
+        let got: Vec<u32> = (0..500).map(|_| s.sample(&logits, &[]).unwrap()).collect();
+        assert!(got.contains(&0) && got.contains(&1) && !got.contains(&2));
+    }
+}
