@@ -109,6 +109,47 @@ def cmd_chat(args: argparse.Namespace) -> int:
             _report(g)
 
 
+def _int_list(text: str) -> list[int]:
+    """`1,2,4` -> [1, 2, 4] (llama-bench's list syntax)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from trit import bench
+
+    if (args.model is None) == (args.synthetic is None):
+        print("trit bench: error: give -m MODEL or --synthetic NAME", file=sys.stderr)
+        return 2
+    try:
+        results = bench.run(
+            args.model,
+            synthetic_name=args.synthetic,
+            n_prompt=args.n_prompt,
+            n_gen=args.n_gen,
+            threads=args.threads or bench.env_threads(),
+            depths=args.ctx,
+            repetitions=args.repetitions,
+            progress=None if args.json else (lambda msg: print(f"[{msg}]", file=sys.stderr)),
+        )
+    except ValueError as exc:
+        if isinstance(exc, TritError):
+            raise
+        print(f"trit bench: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([r.to_json() for r in results], indent=2))
+    else:
+        print(bench.markdown(results))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trit", description="CPU inference for ternary (BitNet b1.58) language models"
@@ -127,6 +168,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print speeds after each reply")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    from trit.synthetic import SHAPES
+
+    p = sub.add_parser("bench", help="measure prompt and generation speed (llama-bench style)")
+    p.add_argument("-m", "--model", help="model folder or Hugging Face repo id")
+    p.add_argument(
+        "--synthetic",
+        choices=sorted(SHAPES),
+        help="random weights with the shapes of a published model (written once to ~/.cache/trit)",
+    )
+    p.add_argument("-p", "--n-prompt", type=_int_list, default=[128], help="pp sizes (default 128)")
+    p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="tg sizes (default 128)")
+    p.add_argument("-t", "--threads", type=_int_list, help="thread counts (default 1,cores)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="default 5")
+    p.add_argument(
+        "--ctx", type=_int_list, default=[0], help="tokens in the cache before tg (default 0)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -175,6 +175,14 @@ impl HalfMatrix {
         }
     }
 
+    /// Bytes held in memory.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            HalfMatrix::Bf16 { bits, .. } => bits.len() * 2,
+            HalfMatrix::F32 { values, .. } => values.len() * 4,
+        }
+    }
+
     pub fn cols(&self) -> usize {
         match self {
             HalfMatrix::Bf16 { cols, .. } | HalfMatrix::F32 { cols, .. } => *cols,

@@ -129,6 +129,40 @@ impl Model {
     pub fn head(&self) -> &HalfMatrix {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
+
+    /// Bytes of the layers read once per token: packed projections and norms.
+    fn layer_bytes(&self) -> usize {
+        let f32s = std::mem::size_of::<f32>();
+        self.layers
+            .iter()
+            .map(|l| {
+                Proj::ALL
+                    .iter()
+                    .map(|&p| l.proj(p).packed_bytes())
+                    .sum::<usize>()
+                    + (l.input_norm.len()
+                        + l.attn_sub_norm.len()
+                        + l.post_norm.len()
+                        + l.ffn_sub_norm.len())
+                        * f32s
+            })
+            .sum::<usize>()
+            + self.norm.len() * f32s
+    }
+
+    /// Bytes of all weights in memory.
+    pub fn weight_bytes(&self) -> usize {
+        self.layer_bytes()
+            + self.embed.nbytes()
+            + self.lm_head.as_ref().map_or(0, HalfMatrix::nbytes)
+    }
+
+    /// Bytes of weights read to generate one token: every layer, the whole
+    /// head, and one embedding row (the rest of an untied embedding is not touched).
+    pub fn bytes_per_token(&self) -> usize {
+        let row = self.embed.nbytes() / self.embed.rows().max(1);
+        self.layer_bytes() + self.head().nbytes() + if self.lm_head.is_some() { row } else { 0 }
+    }
 }
 
 /// The tensors of a checkpoint, by name, with what the loader used.

@@ -197,6 +197,18 @@ impl PyModel {
         }
     }
 
+    /// Bytes of all weights in memory.
+    #[getter]
+    fn weight_bytes(&self) -> usize {
+        self.inner.weight_bytes()
+    }
+
+    /// Bytes of weights read to generate one token.
+    #[getter]
+    fn bytes_per_token(&self) -> usize {
+        self.inner.bytes_per_token()
+    }
+
     /// A copy of projection `name` ("q_proj", ..., "down_proj") of `layer`.
     fn projection(&self, layer: usize, name: &str) -> PyResult<PyTernaryMatrix> {
         let p = model::Proj::parse(name).py()?;
