@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +204,7 @@ def _timings(
     for n_p in (p for p in n_prompt if p > 0):
         say(f"{n_threads} thread(s): pp{n_p}")
         prompt = ids[:n_p]
-        seconds = _time(lambda p=prompt: session.prefill(p), repetitions, setup=session.reset)
+        seconds = _time(partial(session.prefill, prompt), repetitions, setup=session.reset)
         out.append((n_p, 0, 0, seconds))
     for depth in depths:
         for n_g in (n for n in n_gen if n > 0):
@@ -218,7 +219,7 @@ def _timings(
 
             # Back to just the context before each run: the cached prefix is
             # reused, so this re-runs a single token, untimed.
-            seconds = _time(tg, repetitions, setup=lambda c=context: session.prefill(c))
+            seconds = _time(tg, repetitions, setup=partial(session.prefill, context))
             out.append((0, n_g, depth, seconds))
     return out
 
