@@ -207,15 +207,12 @@ impl<'a> Checkpoint<'_, 'a> {
                 t.shape
             )));
         }
-        let mut all_zero = true;
-        for i in 0..t.numel() {
-            let v = t.get_f32(i);
-            if !v.is_finite() {
-                return Err(TritError::invalid(format!(
-                    "tensor {name:?} holds a non-finite value ({v}) at flat index {i}"
-                )));
-            }
-            all_zero &= v == 0.0;
+        let (bad, all_zero) = scan_floats(&t);
+        if let Some(i) = bad {
+            return Err(TritError::invalid(format!(
+                "tensor {name:?} holds a non-finite value ({}) at flat index {i}",
+                t.get_f32(i)
+            )));
         }
         if all_zero {
             self.warn(format!("tensor {name:?} is all zeros"));
@@ -289,6 +286,43 @@ impl<'a> Checkpoint<'_, 'a> {
     }
 }
 
+/// The index of the first non-finite value of a float tensor, and whether all
+/// its values are zero. Works on the bits (an all-ones exponent is inf or NaN)
+/// in parallel chunks: the embedding of a real model has 328 million values.
+fn scan_floats(t: &RawTensor<'_>) -> (Option<usize>, bool) {
+    // (element size, exponent mask, magnitude mask) of each float dtype.
+    let (size, exponent, magnitude): (usize, u32, u32) = match t.dtype {
+        DType::BF16 => (2, 0x7F80, 0x7FFF),
+        DType::F16 => (2, 0x7C00, 0x7FFF),
+        DType::F32 => (4, 0x7F80_0000, 0x7FFF_FFFF),
+        _ => unreachable!("scan_floats is called on float tensors"),
+    };
+    const CHUNK: usize = 1 << 20; // elements
+    let scan = |(c, bytes): (usize, &[u8])| {
+        let mut any_nonzero = false;
+        for (i, e) in bytes.chunks_exact(size).enumerate() {
+            let bits = if size == 2 {
+                u32::from(u16::from_le_bytes([e[0], e[1]]))
+            } else {
+                u32::from_le_bytes([e[0], e[1], e[2], e[3]])
+            };
+            if bits & exponent == exponent {
+                return (Some(c * CHUNK + i), false);
+            }
+            any_nonzero |= bits & magnitude != 0;
+        }
+        (None, !any_nonzero)
+    };
+    let parts: Vec<(Option<usize>, bool)> = t
+        .data
+        .par_chunks(CHUNK * size)
+        .enumerate()
+        .map(scan)
+        .collect();
+    let bad = parts.iter().find_map(|&(b, _)| b);
+    (bad, parts.iter().all(|&(_, zero)| zero))
+}
+
 /// Decodes a Hugging Face packed weight, U8 `[out/4, in]` (FORMATS.md 0):
 /// output row `i*R + r` (R = out/4) sits in bits `2i..2i+1` of packed row `r`,
 /// as the code `value + 1`.
@@ -318,10 +352,7 @@ pub fn unpack_hf(
             pos % n_in
         )));
     }
-    TernaryMatrix::from_fn(n_out, n_in, scale, |n, k| {
-        let (plane, r) = (n / rows, n % rows);
-        ((t.data[r * n_in + k] >> (2 * plane)) & 3) as i8 - 1
-    })
+    TernaryMatrix::from_hf_packed(t.data, n_out, n_in, scale)
 }
 
 /// Absmean ternarisation of a float master (FORMATS.md 4, transformers'
