@@ -112,6 +112,7 @@ class Model:
         tensors: list[tuple[str, str, list[int], npt.NDArray[np.uint8]]],
         *,
         threads: int | None = None,
+        release_file_pages: bool = False,
     ) -> tuple[Model, list[str]]: ...
     @property
     def config(self) -> ModelConfig: ...

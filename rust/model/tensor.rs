@@ -217,6 +217,28 @@ impl HalfMatrix {
     }
 }
 
+/// Drops the whole pages inside `bytes` from this process's resident memory.
+///
+/// # Safety
+/// `bytes` must lie in a read-only mapping of a file that nothing writes
+/// through: then the pages are read back from the file if touched again, and
+/// the content never changes. On anonymous memory this would zero the pages.
+pub unsafe fn release_file_pages(bytes: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096; // every Linux page size is a multiple of this
+        let start = (bytes.as_ptr() as usize).next_multiple_of(PAGE);
+        let end = (bytes.as_ptr() as usize + bytes.len()) / PAGE * PAGE;
+        if end > start {
+            // A failed madvise only leaves the pages resident: nothing to handle.
+            // SAFETY: per the contract, [start, end) is file-backed and read-only.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = bytes;
+}
+
 impl HalfMatrix {
     /// `out[i] = row_{first + i} · x` for each i: the output head. Picks the
     /// SIMD path once per call (not per row): AVX2 + FMA where the CPU has

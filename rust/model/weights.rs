@@ -170,6 +170,9 @@ struct Checkpoint<'t, 'a> {
     tensors: &'t HashMap<String, RawTensor<'a>>,
     used: std::sync::Mutex<HashSet<String>>,
     warnings: std::sync::Mutex<Vec<String>>,
+    /// The tensors are views of a read-only file mapping, whose pages can be
+    /// dropped from memory once converted (see `release`).
+    file_backed: bool,
 }
 
 impl<'a> Checkpoint<'_, 'a> {
@@ -183,6 +186,22 @@ impl<'a> Checkpoint<'_, 'a> {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string());
         Ok(*t)
+    }
+
+    /// Drops the file pages of every tensor whose name starts with `prefix`,
+    /// once converted: peak memory then stays near the model's own size
+    /// instead of the model plus the whole file.
+    fn release(&self, prefix: &str) {
+        if !self.file_backed {
+            return;
+        }
+        for (name, t) in self.tensors {
+            if name.starts_with(prefix) {
+                // SAFETY: `file_backed` is set only by `load_file_backed`, whose
+                // caller promises that the tensors lie in a read-only file mapping.
+                unsafe { super::tensor::release_file_pages(t.data) };
+            }
+        }
     }
 
     fn warn(&self, msg: String) {
@@ -380,27 +399,53 @@ pub fn load(
     tensors: &HashMap<String, RawTensor<'_>>,
     pool: &ThreadPool,
 ) -> Result<(Model, Vec<String>)> {
+    load_from(config, tensors, pool, false)
+}
+
+/// As `load`, dropping each tensor's pages from resident memory once it is
+/// converted, so that peak memory stays near the model's size rather than the
+/// model plus the whole checkpoint file.
+///
+/// # Safety
+/// Every tensor must lie in a read-only mapping of a file that nothing writes
+/// through (see `release_file_pages`).
+pub unsafe fn load_file_backed(
+    config: Config,
+    tensors: &HashMap<String, RawTensor<'_>>,
+    pool: &ThreadPool,
+) -> Result<(Model, Vec<String>)> {
+    load_from(config, tensors, pool, true)
+}
+
+fn load_from(
+    config: Config,
+    tensors: &HashMap<String, RawTensor<'_>>,
+    pool: &ThreadPool,
+    file_backed: bool,
+) -> Result<(Model, Vec<String>)> {
     config.validate()?;
     let ck = Checkpoint {
         tensors,
         used: Default::default(),
         warnings: Default::default(),
+        file_backed,
     };
     let c = &config;
     let (hidden, inter) = (c.hidden_size, c.intermediate_size);
     let embed =
         HalfMatrix::from_raw(&ck.float("model.embed_tokens.weight", &[c.vocab_size, hidden])?);
+    ck.release("model.embed_tokens.");
     let norm = ck.vector("model.norm.weight", hidden)?;
     let lm_head = if c.tie_word_embeddings {
         None
     } else {
-        Some(HalfMatrix::from_raw(
-            &ck.float("lm_head.weight", &[c.vocab_size, hidden])?,
-        ))
+        let head = HalfMatrix::from_raw(&ck.float("lm_head.weight", &[c.vocab_size, hidden])?);
+        ck.release("lm_head.");
+        Some(head)
     };
     let load_layer = |l: usize| -> Result<Layer> {
         let prefix = format!("model.layers.{l}");
-        Ok(Layer {
+        let layer = Layer {
             input_norm: ck.vector(&format!("{prefix}.input_layernorm.weight"), hidden)?,
             q: ck.projection(c, l, Proj::Q)?,
             k: ck.projection(c, l, Proj::K)?,
@@ -415,7 +460,9 @@ pub fn load(
             up: ck.projection(c, l, Proj::Up)?,
             ffn_sub_norm: ck.vector(&format!("{prefix}.mlp.ffn_sub_norm.weight"), inter)?,
             down: ck.projection(c, l, Proj::Down)?,
-        })
+        };
+        ck.release(&format!("{prefix}."));
+        Ok(layer)
     };
     // Layers unpack independently; the real model has 30 of them.
     let layers = pool.install(|| {
