@@ -9,14 +9,18 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
+from trit import models
 from trit._core import TritError
 from trit.generator import Generator, Message
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", required=True, help="model folder or Hugging Face repo id")
+    p.add_argument(
+        "-m", "--model", help="model folder or Hugging Face repo id (default: the bundled model)"
+    )
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("-t", "--threads", type=int, help="worker threads (default: physical cores)")
     p.add_argument("-c", "--ctx", type=int, help="context size (default: the model's maximum)")
@@ -119,14 +123,31 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"trit perplexity: error: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    g = _load(args)
+    result = g.perplexity(text, ctx=args.ctx, stride=args.stride, progress=sys.stderr.isatty())
+    print(
+        f"perplexity {result.ppl:.4f} over {result.n_tokens} tokens "
+        f"(mean NLL {result.nll:.5f} nats, ctx {result.ctx}, stride {result.stride})"
+    )
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from trit import bench
 
-    if (args.model is None) == (args.synthetic is None):
-        print("trit bench: error: give -m MODEL or --synthetic NAME", file=sys.stderr)
+    if args.model is not None and args.synthetic is not None:
+        print("trit bench: error: give -m MODEL or --synthetic NAME, not both", file=sys.stderr)
         return 2
+    if args.model is None and args.synthetic is None:
+        args.model = str(models.path())
     try:
         results = bench.run(
             args.model,
@@ -171,8 +192,17 @@ def _parser() -> argparse.ArgumentParser:
 
     from trit.synthetic import SHAPES
 
+    p = sub.add_parser("perplexity", help="perplexity of the model over a text file")
+    p.add_argument("file", help="a UTF-8 text file")
+    p.add_argument("-m", "--model", help="model folder or Hub repo id (default: the bundled model)")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("-t", "--threads", type=int, help="worker threads (default: physical cores)")
+    p.add_argument("-c", "--ctx", type=int, help="tokens per window (default: the model's maximum)")
+    p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx / 2)")
+    p.set_defaults(func=cmd_perplexity)
+
     p = sub.add_parser("bench", help="measure prompt and generation speed (llama-bench style)")
-    p.add_argument("-m", "--model", help="model folder or Hugging Face repo id")
+    p.add_argument("-m", "--model", help="model folder or Hub repo id (default: the bundled model)")
     p.add_argument(
         "--synthetic",
         choices=sorted(SHAPES),
