@@ -1,14 +1,17 @@
-"""The `trit` command: `trit generate` and `trit chat`.
+"""The `trit` command: `trit generate`, `trit chat` and `trit serve`.
 
 Each subcommand is a function taking the parsed arguments; a new one (bench,
-perplexity, serve) adds a parser in `_parser` and a function here.
+perplexity) adds a parser in `_parser` and a function here.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from trit._core import TritError
@@ -19,7 +22,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, help="model folder or Hugging Face repo id")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("-t", "--threads", type=int, help="worker threads (default: physical cores)")
-    p.add_argument("-c", "--ctx", type=int, help="context size (default: the model's maximum)")
+    p.add_argument(
+        "-c", "--ctx", "--n-ctx", type=int, help="context size (default: the model's maximum)"
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -109,6 +114,64 @@ def cmd_chat(args: argparse.Namespace) -> int:
             _report(g)
 
 
+def _model_id(args: argparse.Namespace) -> str:
+    """The id the server answers to: --served-model-name, else the repo id,
+    else the local folder's name."""
+    if args.served_model_name:
+        return str(args.served_model_name)
+    path = Path(args.model)
+    return path.resolve().name if path.exists() else str(args.model)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from trit.server import create_app
+    except ImportError as exc:
+        print(
+            f"trit: error: `trit serve` needs the serve extra ({exc}): pip install 'trit[serve]'",
+            file=sys.stderr,
+        )
+        return 1
+    if args.max_concurrency < 1:
+        print("trit: error: --max-concurrency must be >= 1", file=sys.stderr)
+        return 2
+    g = _load(args)
+    name = _model_id(args)
+    app = create_app(
+        g, model_name=name, api_key=args.api_key or None, max_concurrency=args.max_concurrency
+    )
+    if not _is_loopback(args.host) and not args.api_key:
+        print(
+            f"trit: warning: listening on {args.host} without --api-key: anyone who can reach "
+            "this port can use the model",
+            file=sys.stderr,
+        )
+    print(
+        f"trit serve: model {name!r} (n_ctx {g.n_ctx}) on http://{args.host}:{args.port}/v1, "
+        f"one request at a time, up to {args.max_concurrency} queued",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trit", description="CPU inference for ternary (BitNet b1.58) language models"
@@ -127,6 +190,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print speeds after each reply")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (needs trit[serve])",
+        description="Serves /v1/chat/completions, /v1/completions, /v1/models and /health. "
+        "Requests run one at a time, in arrival order (queued, not batched).",
+    )
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TRIT_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1/* (default: $TRIT_API_KEY; none: open)",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=16,
+        help="requests running or queued at once; more get a 503 (default: 16)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        help="the model id clients use (default: the repo id, or the folder's name)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (default: info)",
+    )
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
