@@ -98,6 +98,9 @@ class Generator:
         self._session = session
         self.eos_ids = frozenset(eos_ids)
         self.last_stats: GenerationStats | None = None
+        # Read once: the session is borrowed while it computes (with the GIL
+        # released), and other threads may still ask for n_ctx meanwhile.
+        self._n_ctx = session.n_ctx
 
     @classmethod
     def from_pretrained(
@@ -127,7 +130,7 @@ class Generator:
 
     @property
     def n_ctx(self) -> int:
-        return self._session.n_ctx
+        return self._n_ctx
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)

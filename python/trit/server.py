@@ -262,15 +262,14 @@ def _message_text(content: Any, where: str) -> str:
             if not isinstance(part, dict) or part.get("type") != "text":
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise _invalid(
-                    f"{where}.content[{j}]: trit takes only text parts, got {kind!r}",
-                    f"{where}.content",
+                    f"{where}.content[{j}]: trit takes only text parts, got {kind!r}", "messages"
                 )
             text = part.get("text")
             if not isinstance(text, str):
-                raise _invalid(f"{where}.content[{j}].text must be a string", f"{where}.content")
+                raise _invalid(f"{where}.content[{j}].text must be a string", "messages")
             parts.append(text)
         return "".join(parts)
-    raise _invalid(f"{where}.content must be a string or a list of text parts", where)
+    raise _invalid(f"{where}.content must be a string or a list of text parts", "messages")
 
 
 def parse_chat(body: dict[str, Any], g: Generator) -> GenerationRequest:
