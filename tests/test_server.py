@@ -210,6 +210,17 @@ def test_developer_role_is_a_system_message(base: str) -> None:
     assert a.usage == b.usage
 
 
+def test_multi_turn_with_the_returned_message(base: str) -> None:
+    c = client(base)
+    first = c.chat.completions.create(model=NAME, messages=HI, max_tokens=6, temperature=0)
+    turn: Any = [*HI, first.choices[0].message, {"role": "user", "content": "And then?"}]
+    r = c.chat.completions.create(model=NAME, messages=turn, max_tokens=6, temperature=0)
+    ref = reference()
+    history = [*HI, {"role": "assistant", "content": first.choices[0].message.content}]
+    history.append({"role": "user", "content": "And then?"})
+    assert r.choices[0].message.content == ref.chat(history, 6)
+
+
 def test_completions_text_and_token_prompts(base: str) -> None:
     ref = reference()
     c = client(base)
@@ -378,7 +389,7 @@ ERRORS: list[tuple[str, Any, int, str | None, str | None]] = [
     ),
     (
         CHAT,
-        chat(messages=[{"role": "assistant", "content": "x", "tool_calls": []}]),
+        chat(messages=[{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]),
         400,
         "messages",
         None,

@@ -204,10 +204,17 @@ class GenerationRequest:
     """How many alternatives to report per token (0: only the chosen one); None: no log-probs."""
 
 
-def _common(
-    body: dict[str, Any], g: Generator, ids: list[int], max_tokens: int | None, param: str
-) -> tuple[list[int], int, dict[str, Any], bool, bool]:
-    """Checks the prompt length and the sampling fields."""
+def _request(
+    body: dict[str, Any],
+    g: Generator,
+    ids: list[int],
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    param: str,
+) -> GenerationRequest:
+    """Checks the prompt's length (`param` names it) and the fields both
+    endpoints share. `max_tokens` None: up to the end of the context."""
     if not ids:
         raise _invalid("the prompt has no tokens", param)
     if len(ids) > g.n_ctx:
@@ -250,7 +257,7 @@ def _common(
         if not isinstance(options, dict):
             raise _invalid("`stream_options` must be an object", "stream_options")
         include_usage = _boolean(options, "include_usage")
-    return ids, max_tokens, sampling, stream, include_usage
+    return GenerationRequest(ids, max_tokens, sampling, stream, include_usage, logprobs)
 
 
 def _message_text(content: Any, where: str) -> str:
@@ -284,7 +291,9 @@ def parse_chat(body: dict[str, Any], g: Generator) -> GenerationRequest:
         if not isinstance(m, dict):
             raise _invalid(f"{where} must be an object with role and content", "messages")
         for key, value in m.items():
-            if key not in ("role", "content", "name") and value is not None:
+            # Clients send back whole assistant messages: "refusal": null,
+            # "tool_calls": [] ... ask for nothing.
+            if key not in ("role", "content", "name") and value not in (None, [], {}, ""):
                 raise _invalid(f"{where}: trit does not support `{key}` in messages", "messages")
         role = m.get("role")
         if role not in _MESSAGE_ROLES:
@@ -307,8 +316,7 @@ def parse_chat(body: dict[str, Any], g: Generator) -> GenerationRequest:
         logprobs = top or 0
     elif top is not None:
         raise _invalid("`top_logprobs` needs `logprobs: true`", "top_logprobs")
-    ids, max_tokens, sampling, stream, usage = _common(body, g, ids, max_tokens, "messages")
-    return GenerationRequest(ids, max_tokens, sampling, stream, usage, logprobs)
+    return _request(body, g, ids, max_tokens=max_tokens, logprobs=logprobs, param="messages")
 
 
 def parse_completion(body: dict[str, Any], g: Generator) -> GenerationRequest:
@@ -341,8 +349,7 @@ def parse_completion(body: dict[str, Any], g: Generator) -> GenerationRequest:
         raise _invalid("`prompt` must be a string or a non-empty list of token ids", "prompt")
     max_tokens = _integer(body, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS, lo=1)
     logprobs = _integer(body, "logprobs", None, lo=0, hi=MAX_COMPLETION_LOGPROBS)
-    ids, max_tokens, sampling, stream, usage = _common(body, g, ids, max_tokens, "prompt")
-    return GenerationRequest(ids, max_tokens, sampling, stream, usage, logprobs)
+    return _request(body, g, ids, max_tokens=max_tokens, logprobs=logprobs, param="prompt")
 
 
 # ---------------------------------------------------------------------------
@@ -473,7 +480,7 @@ class Job:
 
 class Scheduler:
     """A fair (FIFO) queue in front of one Generator. All its state lives on
-    the event loop's thread; only `Job.run` runs in the worker."""
+    the event loop's thread; only `_run` runs in the worker thread."""
 
     def __init__(self, generator: Generator, max_concurrency: int) -> None:
         if max_concurrency < 1:
@@ -751,7 +758,8 @@ def create_app(
         _authorized(request, api_key)
         body = await _json_body(request)
         check_model(body)
-        req = parse(body, generator)
+        # Tokenizing a long prompt takes a while: not on the event loop.
+        req = await asyncio.to_thread(parse, body, generator)
         job = scheduler.submit(req)
         if req.stream:
             return EventStreamResponse(scheduler, job, lambda j: stream_events(req, j))
