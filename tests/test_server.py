@@ -607,14 +607,14 @@ def test_disconnect_mid_stream_frees_the_slot() -> None:
                         break
             r.close()
         t_closed = time.monotonic()
-        wait_for(lambda: health(url)["running"] == 0, "the generation to stop", limit=2)
+        wait_for(lambda: health(url)["running"] == 0, "the generation to stop", limit=5)
         assert g.tokens < 100  # stopped long before 200
         stopped_at = g.tokens
         # the only slot is free: the next request is served at once
         g.delay = 0.0
         r2 = httpx.post(f"{url}{CHAT}", json=chat(max_tokens=5, temperature=0), timeout=TIMEOUT)
         assert r2.status_code == 200 and r2.json()["usage"]["completion_tokens"] == 5
-        assert time.monotonic() - t_closed < 5
+        assert time.monotonic() - t_closed < 6  # the rest of the generation: ~10 s
         assert g.tokens == stopped_at + 5
 
 
@@ -628,10 +628,10 @@ def test_disconnect_while_queued_leaves_the_queue() -> None:
             b = open_stream(second, url, chat(max_tokens=100, temperature=0))
             wait_for(lambda: health(url)["waiting"] == 1, "the second request to queue")
             b.close()
-            wait_for(lambda: health(url)["waiting"] == 0, "the queue to empty", limit=2)
+            wait_for(lambda: health(url)["waiting"] == 0, "the queue to empty", limit=5)
             assert health(url)["running"] == 1  # the first goes on
             a.close()
-        wait_for(lambda: health(url)["running"] == 0, "the generation to stop", limit=2)
+        wait_for(lambda: health(url)["running"] == 0, "the generation to stop", limit=5)
 
 
 def test_non_stream_client_timeout_stops_the_generation() -> None:
@@ -640,7 +640,7 @@ def test_non_stream_client_timeout_stops_the_generation() -> None:
     with serving(create_app(g, model_name=NAME)) as url:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}{CHAT}", json=chat(max_tokens=200), timeout=0.5)
-        wait_for(lambda: health(url)["running"] == 0, "the generation to stop", limit=2)
+        wait_for(lambda: health(url)["running"] == 0, "the generation to stop", limit=5)
         assert g.tokens < 100
 
 
