@@ -368,7 +368,8 @@ def _token_logprob(token: int, logits: npt.NDArray[np.float32], top: int) -> Tok
     temperature, top-p and the other filters, as OpenAI reports them)."""
     x = logits.astype(np.float64)
     m = float(x.max())
-    lp = x - (m + math.log(float(np.exp(x - m).sum())))
+    # -inf (a masked logit) is not JSON: floor at -9999, as OpenAI does.
+    lp = np.maximum(x - (m + math.log(float(np.exp(x - m).sum()))), -9999.0)
     best: list[tuple[int, float]] = []
     if top:
         idx = np.argpartition(-lp, top - 1)[:top]
