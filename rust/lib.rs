@@ -4,6 +4,7 @@
 //! `python` module is a thin PyO3 layer over them, compiled only with the
 //! `python` feature that maturin turns on.
 
+pub mod bandwidth;
 pub mod error;
 pub mod kernels;
 pub mod model;

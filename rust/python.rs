@@ -313,6 +313,20 @@ fn default_threads() -> PyResult<usize> {
     threads::default_threads().py()
 }
 
+/// The machine's streaming read bandwidth in GB/s: the median of `reps`
+/// passes summing a buffer of `bytes` with `threads` threads.
+#[pyfunction]
+#[pyo3(signature = (bytes, threads=None, reps=5))]
+fn read_bandwidth(
+    py: Python<'_>,
+    bytes: usize,
+    threads: Option<usize>,
+    reps: usize,
+) -> PyResult<f64> {
+    py.detach(|| crate::bandwidth::read_bandwidth(bytes, threads, reps))
+        .py()
+}
+
 #[pymodule]
 fn _core(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     add_exceptions(py, m)?;
@@ -325,6 +339,7 @@ fn _core(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(available_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(active_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(read_bandwidth, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -249,3 +249,19 @@ def test_hub_ids_respect_offline_mode(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TritError, match="not in the local Hugging Face cache"):
         Generator.from_pretrained("someone/bitnet-that-is-not-cached")
+
+
+def test_releasing_pages_needs_read_only_arrays(model_copy: Path) -> None:
+    from trit._core import Model
+    from trit.loader import checkpoint_tensors, model_config
+
+    config, _ = model_config(model_copy)
+    tensors = []
+    for t in checkpoint_tensors(model_copy):
+        data = np.fromfile(t.path, dtype=np.uint8, count=t.end - t.start, offset=t.start)
+        tensors.append((t.name, t.dtype, t.shape, data))  # writable, anonymous memory
+    with pytest.raises(InvalidInputError, match="release_file_pages needs read-only"):
+        Model.load(config, tensors, release_file_pages=True)
+    model, _ = Model.load(config, tensors)  # copies are fine without releasing
+    reference = Generator.from_pretrained(model_copy).model
+    assert model.weight_bytes == reference.weight_bytes

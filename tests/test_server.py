@@ -722,7 +722,5 @@ def test_trit_serve_errors() -> None:
     )
     r = run("-m", str(FIXTURES / "missing"), "--port", str(free_port()))
     assert r.returncode == 1 and r.stderr.startswith("trit: error: no model folder")
-    r = run("--port", "1")
-    assert r.returncode == 2 and "-m/--model" in r.stderr
     r = run("-m", str(MODEL_DIR), "--max-concurrency", "0")
     assert r.returncode == 2 and "--max-concurrency" in r.stderr

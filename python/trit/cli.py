@@ -1,7 +1,7 @@
-"""The `trit` command: `trit generate`, `trit chat` and `trit serve`.
+"""The `trit` command: `trit generate`, `chat`, `perplexity`, `bench` and `serve`.
 
-Each subcommand is a function taking the parsed arguments; a new one (bench,
-perplexity) adds a parser in `_parser` and a function here.
+Each subcommand is a function taking the parsed arguments; a new one adds a
+parser in `_parser` and a function here.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from trit import models
 from trit._core import TritError
 from trit.generator import Generator, Message
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", required=True, help="model folder or Hugging Face repo id")
+    p.add_argument(
+        "-m", "--model", help="model folder or Hugging Face repo id (default: the bundled model)"
+    )
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("-t", "--threads", type=int, help="worker threads (default: physical cores)")
     p.add_argument(
@@ -114,11 +117,71 @@ def cmd_chat(args: argparse.Namespace) -> int:
             _report(g)
 
 
+def _int_list(text: str) -> list[int]:
+    """`1,2,4` -> [1, 2, 4] (llama-bench's list syntax)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"trit perplexity: error: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    g = _load(args)
+    result = g.perplexity(text, ctx=args.ctx, stride=args.stride, progress=sys.stderr.isatty())
+    print(
+        f"perplexity {result.ppl:.4f} over {result.n_tokens} tokens "
+        f"(mean NLL {result.nll:.5f} nats, ctx {result.ctx}, stride {result.stride})"
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from trit import bench
+
+    if args.model is not None and args.synthetic is not None:
+        print("trit bench: error: give -m MODEL or --synthetic NAME, not both", file=sys.stderr)
+        return 2
+    if args.model is None and args.synthetic is None:
+        args.model = str(models.path())
+    try:
+        results = bench.run(
+            args.model,
+            synthetic_name=args.synthetic,
+            n_prompt=args.n_prompt,
+            n_gen=args.n_gen,
+            threads=args.threads or bench.env_threads(),
+            depths=args.ctx,
+            repetitions=args.repetitions,
+            progress=None if args.json else (lambda msg: print(f"[{msg}]", file=sys.stderr)),
+        )
+    except ValueError as exc:
+        if isinstance(exc, TritError):
+            raise
+        print(f"trit bench: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([r.to_json() for r in results], indent=2))
+    else:
+        print(bench.markdown(results))
+    return 0
+
+
 def _model_id(args: argparse.Namespace) -> str:
     """The id the server answers to: --served-model-name, else the repo id,
-    else the local folder's name."""
+    else the local folder's name (the bundled model's without -m)."""
     if args.served_model_name:
         return str(args.served_model_name)
+    if args.model is None:
+        return models.DEFAULT
     path = Path(args.model)
     return path.resolve().name if path.exists() else str(args.model)
 
@@ -190,6 +253,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print speeds after each reply")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    from trit.synthetic import SHAPES
+
+    p = sub.add_parser("perplexity", help="perplexity of the model over a text file")
+    p.add_argument("file", help="a UTF-8 text file")
+    p.add_argument("-m", "--model", help="model folder or Hub repo id (default: the bundled model)")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("-t", "--threads", type=int, help="worker threads (default: physical cores)")
+    p.add_argument("-c", "--ctx", type=int, help="tokens per window (default: the model's maximum)")
+    p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx / 2)")
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("bench", help="measure prompt and generation speed (llama-bench style)")
+    p.add_argument("-m", "--model", help="model folder or Hub repo id (default: the bundled model)")
+    p.add_argument(
+        "--synthetic",
+        choices=sorted(SHAPES),
+        help="random weights with the shapes of a published model (written once to ~/.cache/trit)",
+    )
+    p.add_argument("-p", "--n-prompt", type=_int_list, default=[128], help="pp sizes (default 128)")
+    p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="tg sizes (default 128)")
+    p.add_argument("-t", "--threads", type=_int_list, help="thread counts (default 1,cores)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="default 5")
+    p.add_argument(
+        "--ctx", type=_int_list, default=[0], help="tokens in the cache before tg (default 0)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "serve",

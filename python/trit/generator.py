@@ -16,8 +16,10 @@ from typing import Any, Union
 import numpy as np
 import numpy.typing as npt
 
+from trit import models, perplexity
 from trit._core import InvalidInputError, Model, ModelConfig, Sampler, Session
 from trit.loader import load_model, read_json, resolve
+from trit.perplexity import Perplexity
 from trit.tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -105,15 +107,20 @@ class Generator:
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | Path,
+        name_or_path: str | Path | None = None,
         *,
         threads: int | None = None,
         n_ctx: int | None = None,
         revision: str | None = None,
     ) -> Generator:
-        """Loads a local folder or a Hugging Face repo id. `n_ctx` (default:
-        the model's max_position_embeddings) sets the context size; `threads`
-        the worker threads (default: TRIT_NUM_THREADS or the physical cores)."""
+        """Loads a local folder or a Hugging Face repo id; with no name, the
+        model that ships with trit (`trit.models`). `n_ctx` (default: the
+        model's max_position_embeddings) sets the context size; `threads` the
+        worker threads (default: TRIT_NUM_THREADS or the physical cores)."""
+        if name_or_path is None:
+            if revision is not None:
+                raise InvalidInputError("revision= needs a Hub repo id")
+            name_or_path = models.path()
         folder = resolve(name_or_path, revision=revision)
         tokenizer = Tokenizer(folder)
         model = load_model(folder, threads=threads)
@@ -141,6 +148,25 @@ class Generator:
     def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
         """Logits at every position of `ids`: float32 [len(ids), vocab]."""
         return self._session.logits(self._ids(ids))
+
+    def perplexity(
+        self,
+        text: str,
+        *,
+        ctx: int | None = None,
+        stride: int | None = None,
+        progress: bool = False,
+    ) -> Perplexity:
+        """Perplexity of the model over `text` (see `trit.perplexity`): windows
+        of `ctx` tokens (default: n_ctx) every `stride` tokens (default: ctx // 2)."""
+        ctx = self.n_ctx if ctx is None else ctx
+        if ctx > self.n_ctx:
+            raise InvalidInputError(f"ctx={ctx} is more than the context size n_ctx = {self.n_ctx}")
+        stride = max(ctx // 2, 1) if stride is None else stride
+        ids = self.encode(text)
+        return perplexity.compute(
+            ids, self._session.logits, ctx=ctx, stride=stride, progress=progress
+        )
 
     def _ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -359,7 +359,10 @@ def load_model(folder: Path, *, threads: int | None = None) -> Model:
                     maps[t.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             args.append((t.name, t.dtype, t.shape, _bytes_of(maps[t.path], t)))
         try:
-            model, messages = Model.load(config, args, threads=threads)
+            # The views are read-only views of read-only maps: the engine may
+            # drop their pages as it converts them, keeping peak memory near
+            # the model's size rather than model plus file.
+            model, messages = Model.load(config, args, threads=threads, release_file_pages=True)
         except InvalidInputError as exc:
             raise InvalidInputError(f"{folder}: {exc}") from None
     finally:

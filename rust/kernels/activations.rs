@@ -147,6 +147,18 @@ fn as_codes_mut(lines: &mut [CacheLine]) -> &mut [i8] {
     unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<i8>(), lines.len() * 64) }
 }
 
+/// `v.round_ties_even()` for |v| < 2^22, without a libm call: adding and
+/// subtracting 1.5 · 2^23 leaves no fraction bits, so the addition itself rounds,
+/// and IEEE addition rounds half to even. (The baseline x86-64 target has no
+/// rounding instruction, so `round_ties_even` is a call per value; this form
+/// vectorizes.) Larger values are not needed here: |x · s| <= 127.
+#[inline(always)]
+fn round_half_even_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    debug_assert!(v.abs() < 4_194_304.0);
+    (v + MAGIC) - MAGIC
+}
+
 /// Quantizes one token into `q` (same length as `x`); returns its multiplier and code sum.
 pub fn quantize_token(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     debug_assert_eq!(x.len(), q.len());
@@ -155,7 +167,7 @@ pub fn quantize_token(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     let mut sum = 0i32;
     for (qi, &xi) in q.iter_mut().zip(x) {
         // The clamp matters only for -128: |x * s| <= 127 up to rounding.
-        let code = (xi * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+        let code = round_half_even_small(xi * s).clamp(-128.0, 127.0) as i8;
         *qi = code;
         sum += i32::from(code);
     }
@@ -176,6 +188,26 @@ mod tests {
         assert_eq!(qa.sums()[0], 64 - 127 + 32);
         assert_eq!(qa.k_padded(), 256);
         assert!(qa.token(0)[5..].iter().all(|&v| v == 0));
+    }
+
+    #[test]
+    fn fast_rounding_is_round_half_even() {
+        let mut v = -300.0f32;
+        while v <= 300.0 {
+            assert_eq!(round_half_even_small(v), v.round_ties_even(), "{v}");
+            v += 0.125; // every tie and its neighbours
+        }
+        for v in [
+            0.49999997f32,
+            -0.49999997,
+            2.5,
+            -2.5,
+            127.49999,
+            126.5,
+            -127.5,
+        ] {
+            assert_eq!(round_half_even_small(v), v.round_ties_even(), "{v}");
+        }
     }
 
     #[test]

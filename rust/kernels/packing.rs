@@ -72,11 +72,7 @@ impl TernaryMatrix {
         mut weight: impl FnMut(usize, usize) -> i8,
     ) -> Result<Self> {
         check_dims(n_out, n_in)?;
-        if !scale.is_finite() {
-            return Err(TritError::invalid(format!(
-                "scale must be finite, got {scale}"
-            )));
-        }
+        check_scale(scale)?;
         let per_row = blocks_for(n_in);
         let mut blocks = vec![PackedBlock([ZERO_BYTE; BLOCK_BYTES]); n_out * per_row];
         for n in 0..n_out {
@@ -86,6 +82,60 @@ impl TernaryMatrix {
                 let (block, byte, shift) = position(k);
                 let cell = &mut blocks[n * per_row + block].0[byte];
                 *cell = (*cell & !(3 << shift)) | (((w + 1) as u8) << shift);
+            }
+        }
+        Ok(TernaryMatrix {
+            n_out,
+            n_in,
+            scale,
+            blocks,
+        })
+    }
+
+    /// Repacks a Hugging Face packed weight: `packed` is U8 [n_out / 4, n_in]
+    /// whose packed row `r` holds output row `i * n_out / 4 + r` in bits
+    /// `2i..2i+1` as the code `w + 1` (FORMATS.md 0). The codes are the same
+    /// as ours, only placed differently, so bytes are assembled directly.
+    /// The caller checks that no code is 3 and that n_out is a multiple of 4.
+    pub fn from_hf_packed(packed: &[u8], n_out: usize, n_in: usize, scale: f32) -> Result<Self> {
+        check_dims(n_out, n_in)?;
+        check_scale(scale)?;
+        if !n_out.is_multiple_of(4) || packed.len() != n_out / 4 * n_in {
+            return Err(TritError::invalid(format!(
+                "a packed weight of [{n_out}, {n_in}] must hold [{}, {n_in}] bytes, got {}",
+                n_out / 4,
+                packed.len()
+            )));
+        }
+        let per_row = blocks_for(n_in);
+        let rows = n_out / 4;
+        let mut blocks = vec![PackedBlock([ZERO_BYTE; BLOCK_BYTES]); n_out * per_row];
+        for (n, row) in blocks.chunks_exact_mut(per_row).enumerate() {
+            let (shift, source) = (2 * (n / rows), &packed[(n % rows) * n_in..][..n_in]);
+            let code = |k: usize| {
+                if k < n_in {
+                    (source[k] >> shift) & 3
+                } else {
+                    1
+                }
+            };
+            for (b, block) in row.iter_mut().enumerate() {
+                let k0 = b * BLOCK;
+                if k0 + BLOCK <= n_in {
+                    let src = &source[k0..k0 + BLOCK];
+                    for (j, byte) in block.0.iter_mut().enumerate() {
+                        *byte = ((src[j] >> shift) & 3)
+                            | ((src[j + 64] >> shift) & 3) << 2
+                            | ((src[j + 128] >> shift) & 3) << 4
+                            | ((src[j + 192] >> shift) & 3) << 6;
+                    }
+                } else {
+                    for (j, byte) in block.0.iter_mut().enumerate() {
+                        let k = k0 + j;
+                        *byte =
+                            code(k) | code(k + 64) << 2 | code(k + 128) << 4 | code(k + 192) << 6;
+                    }
+                }
             }
         }
         Ok(TernaryMatrix {
@@ -156,6 +206,15 @@ fn position(k: usize) -> (usize, usize, u32) {
     )
 }
 
+fn check_scale(scale: f32) -> Result<()> {
+    if !scale.is_finite() {
+        return Err(TritError::invalid(format!(
+            "scale must be finite, got {scale}"
+        )));
+    }
+    Ok(())
+}
+
 fn check_dims(n_out: usize, n_in: usize) -> Result<()> {
     if n_out == 0 || n_in == 0 {
         return Err(TritError::invalid(format!(
@@ -206,6 +265,22 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn hf_packed_matches_its_definition(rows in 1usize..5, n_in in 1usize..600, seed in any::<u64>()) {
+            let n_out = 4 * rows;
+            let mut state = seed | 1;
+            let packed: Vec<u8> = (0..rows * n_in).map(|_| {
+                state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+                let c = |s: u64| (s % 3) as u8;
+                c(state) | c(state >> 8) << 2 | c(state >> 16) << 4 | c(state >> 24) << 6
+            }).collect();
+            let fast = TernaryMatrix::from_hf_packed(&packed, n_out, n_in, 0.5).unwrap();
+            let slow = TernaryMatrix::from_fn(n_out, n_in, 0.5, |n, k| {
+                ((packed[(n % rows) * n_in + k] >> (2 * (n / rows))) & 3) as i8 - 1
+            }).unwrap();
+            prop_assert_eq!(fast, slow);
+        }
+
         #[test]
         fn pack_unpack_round_trips(n_out in 1usize..9, n_in in 1usize..700, seed in any::<u64>()) {
             let mut state = seed | 1;

@@ -359,11 +359,7 @@ impl Session {
             self.last_logits
                 .par_chunks_mut(512)
                 .enumerate()
-                .for_each(|(chunk, ys)| {
-                    for (i, y) in ys.iter_mut().enumerate() {
-                        *y = head.dot_row(chunk * 512 + i, normed);
-                    }
-                });
+                .for_each(|(chunk, ys)| head.dot_rows(chunk * 512, normed, ys));
             if logits == Some(Logits::All) {
                 out.extend_from_slice(&self.last_logits);
             }

@@ -129,6 +129,40 @@ impl Model {
     pub fn head(&self) -> &HalfMatrix {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
+
+    /// Bytes of the layers read once per token: packed projections and norms.
+    fn layer_bytes(&self) -> usize {
+        let f32s = std::mem::size_of::<f32>();
+        self.layers
+            .iter()
+            .map(|l| {
+                Proj::ALL
+                    .iter()
+                    .map(|&p| l.proj(p).packed_bytes())
+                    .sum::<usize>()
+                    + (l.input_norm.len()
+                        + l.attn_sub_norm.len()
+                        + l.post_norm.len()
+                        + l.ffn_sub_norm.len())
+                        * f32s
+            })
+            .sum::<usize>()
+            + self.norm.len() * f32s
+    }
+
+    /// Bytes of all weights in memory.
+    pub fn weight_bytes(&self) -> usize {
+        self.layer_bytes()
+            + self.embed.nbytes()
+            + self.lm_head.as_ref().map_or(0, HalfMatrix::nbytes)
+    }
+
+    /// Bytes of weights read to generate one token: every layer, the whole
+    /// head, and one embedding row (the rest of an untied embedding is not touched).
+    pub fn bytes_per_token(&self) -> usize {
+        let row = self.embed.nbytes() / self.embed.rows().max(1);
+        self.layer_bytes() + self.head().nbytes() + if self.lm_head.is_some() { row } else { 0 }
+    }
 }
 
 /// The tensors of a checkpoint, by name, with what the loader used.
@@ -136,6 +170,9 @@ struct Checkpoint<'t, 'a> {
     tensors: &'t HashMap<String, RawTensor<'a>>,
     used: std::sync::Mutex<HashSet<String>>,
     warnings: std::sync::Mutex<Vec<String>>,
+    /// The tensors are views of a read-only file mapping, whose pages can be
+    /// dropped from memory once converted (see `release`).
+    file_backed: bool,
 }
 
 impl<'a> Checkpoint<'_, 'a> {
@@ -149,6 +186,22 @@ impl<'a> Checkpoint<'_, 'a> {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string());
         Ok(*t)
+    }
+
+    /// Drops the file pages of every tensor whose name starts with `prefix`,
+    /// once converted: peak memory then stays near the model's own size
+    /// instead of the model plus the whole file.
+    fn release(&self, prefix: &str) {
+        if !self.file_backed {
+            return;
+        }
+        for (name, t) in self.tensors {
+            if name.starts_with(prefix) {
+                // SAFETY: `file_backed` is set only by `load_file_backed`, whose
+                // caller promises that the tensors lie in a read-only file mapping.
+                unsafe { super::tensor::release_file_pages(t.data) };
+            }
+        }
     }
 
     fn warn(&self, msg: String) {
@@ -173,15 +226,12 @@ impl<'a> Checkpoint<'_, 'a> {
                 t.shape
             )));
         }
-        let mut all_zero = true;
-        for i in 0..t.numel() {
-            let v = t.get_f32(i);
-            if !v.is_finite() {
-                return Err(TritError::invalid(format!(
-                    "tensor {name:?} holds a non-finite value ({v}) at flat index {i}"
-                )));
-            }
-            all_zero &= v == 0.0;
+        let (bad, all_zero) = scan_floats(&t);
+        if let Some(i) = bad {
+            return Err(TritError::invalid(format!(
+                "tensor {name:?} holds a non-finite value ({}) at flat index {i}",
+                t.get_f32(i)
+            )));
         }
         if all_zero {
             self.warn(format!("tensor {name:?} is all zeros"));
@@ -255,6 +305,43 @@ impl<'a> Checkpoint<'_, 'a> {
     }
 }
 
+/// The index of the first non-finite value of a float tensor, and whether all
+/// its values are zero. Works on the bits (an all-ones exponent is inf or NaN)
+/// in parallel chunks: the embedding of a real model has 328 million values.
+fn scan_floats(t: &RawTensor<'_>) -> (Option<usize>, bool) {
+    // (element size, exponent mask, magnitude mask) of each float dtype.
+    let (size, exponent, magnitude): (usize, u32, u32) = match t.dtype {
+        DType::BF16 => (2, 0x7F80, 0x7FFF),
+        DType::F16 => (2, 0x7C00, 0x7FFF),
+        DType::F32 => (4, 0x7F80_0000, 0x7FFF_FFFF),
+        _ => unreachable!("scan_floats is called on float tensors"),
+    };
+    const CHUNK: usize = 1 << 20; // elements
+    let scan = |(c, bytes): (usize, &[u8])| {
+        let mut any_nonzero = false;
+        for (i, e) in bytes.chunks_exact(size).enumerate() {
+            let bits = if size == 2 {
+                u32::from(u16::from_le_bytes([e[0], e[1]]))
+            } else {
+                u32::from_le_bytes([e[0], e[1], e[2], e[3]])
+            };
+            if bits & exponent == exponent {
+                return (Some(c * CHUNK + i), false);
+            }
+            any_nonzero |= bits & magnitude != 0;
+        }
+        (None, !any_nonzero)
+    };
+    let parts: Vec<(Option<usize>, bool)> = t
+        .data
+        .par_chunks(CHUNK * size)
+        .enumerate()
+        .map(scan)
+        .collect();
+    let bad = parts.iter().find_map(|&(b, _)| b);
+    (bad, parts.iter().all(|&(_, zero)| zero))
+}
+
 /// Decodes a Hugging Face packed weight, U8 `[out/4, in]` (FORMATS.md 0):
 /// output row `i*R + r` (R = out/4) sits in bits `2i..2i+1` of packed row `r`,
 /// as the code `value + 1`.
@@ -284,10 +371,7 @@ pub fn unpack_hf(
             pos % n_in
         )));
     }
-    TernaryMatrix::from_fn(n_out, n_in, scale, |n, k| {
-        let (plane, r) = (n / rows, n % rows);
-        ((t.data[r * n_in + k] >> (2 * plane)) & 3) as i8 - 1
-    })
+    TernaryMatrix::from_hf_packed(t.data, n_out, n_in, scale)
 }
 
 /// Absmean ternarisation of a float master (FORMATS.md 4, transformers'
@@ -315,27 +399,53 @@ pub fn load(
     tensors: &HashMap<String, RawTensor<'_>>,
     pool: &ThreadPool,
 ) -> Result<(Model, Vec<String>)> {
+    load_from(config, tensors, pool, false)
+}
+
+/// As `load`, dropping each tensor's pages from resident memory once it is
+/// converted, so that peak memory stays near the model's size rather than the
+/// model plus the whole checkpoint file.
+///
+/// # Safety
+/// Every tensor must lie in a read-only mapping of a file that nothing writes
+/// through (see `release_file_pages`).
+pub unsafe fn load_file_backed(
+    config: Config,
+    tensors: &HashMap<String, RawTensor<'_>>,
+    pool: &ThreadPool,
+) -> Result<(Model, Vec<String>)> {
+    load_from(config, tensors, pool, true)
+}
+
+fn load_from(
+    config: Config,
+    tensors: &HashMap<String, RawTensor<'_>>,
+    pool: &ThreadPool,
+    file_backed: bool,
+) -> Result<(Model, Vec<String>)> {
     config.validate()?;
     let ck = Checkpoint {
         tensors,
         used: Default::default(),
         warnings: Default::default(),
+        file_backed,
     };
     let c = &config;
     let (hidden, inter) = (c.hidden_size, c.intermediate_size);
     let embed =
         HalfMatrix::from_raw(&ck.float("model.embed_tokens.weight", &[c.vocab_size, hidden])?);
+    ck.release("model.embed_tokens.");
     let norm = ck.vector("model.norm.weight", hidden)?;
     let lm_head = if c.tie_word_embeddings {
         None
     } else {
-        Some(HalfMatrix::from_raw(
-            &ck.float("lm_head.weight", &[c.vocab_size, hidden])?,
-        ))
+        let head = HalfMatrix::from_raw(&ck.float("lm_head.weight", &[c.vocab_size, hidden])?);
+        ck.release("lm_head.");
+        Some(head)
     };
     let load_layer = |l: usize| -> Result<Layer> {
         let prefix = format!("model.layers.{l}");
-        Ok(Layer {
+        let layer = Layer {
             input_norm: ck.vector(&format!("{prefix}.input_layernorm.weight"), hidden)?,
             q: ck.projection(c, l, Proj::Q)?,
             k: ck.projection(c, l, Proj::K)?,
@@ -350,7 +460,9 @@ pub fn load(
             up: ck.projection(c, l, Proj::Up)?,
             ffn_sub_norm: ck.vector(&format!("{prefix}.mlp.ffn_sub_norm.weight"), inter)?,
             down: ck.projection(c, l, Proj::Down)?,
-        })
+        };
+        ck.release(&format!("{prefix}."));
+        Ok(layer)
     };
     // Layers unpack independently; the real model has 30 of them.
     let layers = pool.install(|| {

@@ -162,20 +162,35 @@ pub(super) struct PyModel {
 #[pymethods]
 impl PyModel {
     /// Builds the model from checkpoint tensors. Returns it with warnings
-    /// (all-zero or unused tensors) for the caller to show.
+    /// (all-zero or unused tensors) for the caller to show. With
+    /// `release_file_pages`, every array must be a read-only view of a
+    /// read-only file mapping (the loader's mmap): each tensor's pages are
+    /// dropped from resident memory once converted.
     #[staticmethod]
-    #[pyo3(signature = (config, tensors, *, threads=None))]
+    #[pyo3(signature = (config, tensors, *, threads=None, release_file_pages=false))]
     fn load(
         py: Python<'_>,
         config: &PyModelConfig,
         tensors: Vec<TensorArg<'_>>,
         threads: Option<usize>,
+        release_file_pages: bool,
     ) -> PyResult<(PyModel, Vec<String>)> {
         let pool = threads::pool(threads).py()?;
         let mut map = HashMap::with_capacity(tensors.len());
         for (name, dtype, shape, data) in &tensors {
             let dtype =
                 DType::parse(dtype).map_err(|e| invalid(format!("tensor {name:?}: {e}")))?;
+            if release_file_pages
+                && data
+                    .getattr("flags")?
+                    .getattr("writeable")?
+                    .extract::<bool>()?
+            {
+                // Dropping the pages of writable (anonymous) memory would zero it.
+                return Err(invalid(format!(
+                    "tensor {name:?}: release_file_pages needs read-only arrays of a file mapping"
+                )));
+            }
             let bytes = data
                 .as_slice()
                 .map_err(|_| invalid(format!("tensor {name:?}: data must be contiguous")))?;
@@ -186,7 +201,17 @@ impl PyModel {
         }
         let config = config.inner.clone();
         // The arrays in `tensors` stay borrowed (and alive) until this returns.
-        let (m, warnings) = py.detach(|| model::load(config, &map, &pool)).py()?;
+        let (m, warnings) = py
+            .detach(|| {
+                if release_file_pages {
+                    // SAFETY: the caller promises file-mapped arrays; they are
+                    // read-only views, checked above.
+                    unsafe { model::load_file_backed(config, &map, &pool) }
+                } else {
+                    model::load(config, &map, &pool)
+                }
+            })
+            .py()?;
         Ok((PyModel { inner: Arc::new(m) }, warnings))
     }
 
@@ -195,6 +220,18 @@ impl PyModel {
         PyModelConfig {
             inner: self.inner.config.clone(),
         }
+    }
+
+    /// Bytes of all weights in memory.
+    #[getter]
+    fn weight_bytes(&self) -> usize {
+        self.inner.weight_bytes()
+    }
+
+    /// Bytes of weights read to generate one token.
+    #[getter]
+    fn bytes_per_token(&self) -> usize {
+        self.inner.bytes_per_token()
     }
 
     /// A copy of projection `name` ("q_proj", ..., "down_proj") of `layer`.
