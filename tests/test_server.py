@@ -30,7 +30,7 @@ import uvicorn
 from conftest import FIXTURES, generator
 from fastapi import FastAPI
 
-from trit import Generator
+from trit import Generator, models
 from trit.generator import Prompt, TokenCallback
 from trit.server import create_app
 
@@ -674,11 +674,13 @@ def free_port() -> int:
         return port
 
 
-def test_trit_serve_command() -> None:
+@contextmanager
+def trit_serve(*args: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Runs `trit serve ARGS` on a free port until it answers /health; yields
+    its URL and the process, and stops it with SIGTERM at the end."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "trit.cli", "serve", "-m", str(MODEL_DIR), "-t", "1"]
-    cmd += ["--port", str(port), "--api-key", "k3y", "--n-ctx", "128", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "trit.cli", "serve", "-t", "1", "--port", str(port), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -690,13 +692,23 @@ def test_trit_serve_command() -> None:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_trit_serve_command() -> None:
+    args = ["-m", str(MODEL_DIR), "--api-key", "k3y", "--n-ctx", "128", "--log-level", "warning"]
+    with trit_serve(*args) as (url, proc):
         c = client(url, api_key="k3y")
         assert [m.id for m in c.models.list()] == ["tiny-gqa-packed"]  # the folder's name
         r = c.chat.completions.create(
-            model="tiny-gqa-packed",
-            messages=HI,
-            max_tokens=4,
-            temperature=0,
+            model="tiny-gqa-packed", messages=HI, max_tokens=4, temperature=0
         )
         assert r.usage is not None and r.usage.prompt_tokens == 17
         with pytest.raises(openai.AuthenticationError):
@@ -704,23 +716,32 @@ def test_trit_serve_command() -> None:
         too_long = {"model": "tiny-gqa-packed", "prompt": "word " * 200}  # > --n-ctx 128
         raw = httpx.post(f"{url}{COMP}", json=too_long, headers={"Authorization": "Bearer k3y"})
         assert raw.status_code == 400 and "128" in raw.json()["error"]["message"]
-    finally:
-        proc.terminate()
-        try:
-            _, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
+    _, err = proc.communicate()
     # uvicorn shuts down gracefully, then re-raises the signal it caught
     assert proc.returncode == -signal.SIGTERM, err
     assert "trit serve: model 'tiny-gqa-packed' (n_ctx 128)" in err
 
 
-def test_trit_serve_errors() -> None:
-    run: Any = lambda *a: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "trit.cli", "serve", *a], capture_output=True, text=True, timeout=60
+def serve_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trit.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    r = run("-m", str(FIXTURES / "missing"), "--port", str(free_port()))
+
+
+def test_trit_serve_errors() -> None:
+    r = serve_cli("-m", str(FIXTURES / "missing"), "--port", str(free_port()))
     assert r.returncode == 1 and r.stderr.startswith("trit: error: no model folder")
-    r = run("-m", str(MODEL_DIR), "--max-concurrency", "0")
+    r = serve_cli("-m", str(MODEL_DIR), "--max-concurrency", "0")
     assert r.returncode == 2 and "--max-concurrency" in r.stderr
+
+
+def test_trit_serve_without_a_model_serves_the_bundled_one() -> None:
+    if models.DEFAULT not in models.names():
+        r = serve_cli("--port", str(free_port()))
+        assert r.returncode == 1 and "bundled model" in r.stderr
+        return
+    with trit_serve("--log-level", "warning") as (url, _):
+        assert [m.id for m in client(url).models.list()] == [models.DEFAULT]
