@@ -220,8 +220,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "this port can use the model",
             file=sys.stderr,
         )
+    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
     print(
-        f"trit serve: model {name!r} (n_ctx {g.n_ctx}) on http://{args.host}:{args.port}/v1, "
+        f"trit serve: model {name!r} (n_ctx {g.n_ctx}) on http://{host}:{args.port}/v1, "
         f"one request at a time, up to {args.max_concurrency} queued",
         file=sys.stderr,
     )
