@@ -201,3 +201,49 @@ def test_chat_reuses_the_cached_history() -> None:
     assert second is not None
     # At least the first turn's prompt was reused from the cache.
     assert second.prompt_tokens - second.prompt_tokens_processed >= first.prompt_tokens - 1
+
+
+def test_on_token_sees_each_token_and_its_logits() -> None:
+    g = generator("tiny-mha-packed")
+    prompt = g.encode("The quick brown fox")
+    seen: list[tuple[int, np.ndarray]] = []
+    text = g.generate(prompt, 8, on_token=lambda t, logits: seen.append((t, logits.copy())))
+    stats = g.last_stats
+    assert stats is not None
+    tokens = [t for t, _ in seen]
+    assert len(tokens) == stats.new_tokens + (stats.finish_reason == "eos")
+    assert text == g.decode([t for t in tokens if t not in g.eos_ids], skip_special_tokens=True)
+    full = g.logits(prompt + tokens)  # teacher-forced: row T-1+i predicts token i
+    for i, (token, logits) in enumerate(seen):
+        assert logits.shape == (g.config.vocab_size,) and logits.dtype == np.float32
+        assert token == int(logits.argmax())  # greedy
+        np.testing.assert_allclose(logits, full[len(prompt) - 1 + i], atol=1e-4)
+
+
+def test_on_token_can_stop_the_generation() -> None:
+    g = generator("tiny-gqa-packed")
+    count = 0
+
+    class Enough(Exception):
+        pass
+
+    def hook(token: int, logits: np.ndarray) -> None:
+        nonlocal count
+        count += 1
+        if count == 3:
+            raise Enough
+
+    with pytest.raises(Enough):
+        g.generate([509], 50, on_token=hook)
+    assert count == 3
+    assert g.generate([509], 4) == generator("tiny-gqa-sharded").generate([509], 4)
+
+
+def test_token_bytes_spell_the_text() -> None:
+    tok = generator("tiny-gqa-packed").tokenizer
+    for case in CASES["encode"]:
+        ids = case["ids_no_special"]
+        assert b"".join(tok.token_bytes(t) for t in ids) == case["decoded"].encode(), case["text"]
+    assert tok.token_bytes(511) == b"<|eot_id|>"
+    with pytest.raises(InvalidInputError):
+        tok.token_bytes(10_000)

@@ -1,12 +1,14 @@
-"""The `trit` command: `trit generate` and `trit chat`.
+"""The `trit` command: `trit generate`, `chat`, `perplexity`, `bench` and `serve`.
 
-Each subcommand is a function taking the parsed arguments; a new one (bench,
-perplexity, serve) adds a parser in `_parser` and a function here.
+Each subcommand is a function taking the parsed arguments; a new one adds a
+parser in `_parser` and a function here.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,7 +25,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("-t", "--threads", type=int, help="worker threads (default: physical cores)")
-    p.add_argument("-c", "--ctx", type=int, help="context size (default: the model's maximum)")
+    p.add_argument(
+        "-c", "--ctx", "--n-ctx", type=int, help="context size (default: the model's maximum)"
+    )
     _add_head_arg(p)
 
 
@@ -182,6 +186,67 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_id(args: argparse.Namespace) -> str:
+    """The id the server answers to: --served-model-name, else the repo id,
+    else the local folder's name (the bundled model's without -m)."""
+    if args.served_model_name:
+        return str(args.served_model_name)
+    if args.model is None:
+        return models.DEFAULT
+    path = Path(args.model)
+    return path.resolve().name if path.exists() else str(args.model)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from trit.server import create_app
+    except ImportError as exc:
+        print(
+            f"trit: error: `trit serve` needs the serve extra ({exc}): pip install 'trit[serve]'",
+            file=sys.stderr,
+        )
+        return 1
+    if args.max_concurrency < 1:
+        print("trit: error: --max-concurrency must be >= 1", file=sys.stderr)
+        return 2
+    g = _load(args)
+    name = _model_id(args)
+    app = create_app(
+        g, model_name=name, api_key=args.api_key or None, max_concurrency=args.max_concurrency
+    )
+    if not _is_loopback(args.host) and not args.api_key:
+        print(
+            f"trit: warning: listening on {args.host} without --api-key: anyone who can reach "
+            "this port can use the model",
+            file=sys.stderr,
+        )
+    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
+    print(
+        f"trit serve: model {name!r} (n_ctx {g.n_ctx}) on http://{host}:{args.port}/v1, "
+        f"one request at a time, up to {args.max_concurrency} queued",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trit", description="CPU inference for ternary (BitNet b1.58) language models"
@@ -230,6 +295,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_head_arg(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (needs trit[serve])",
+        description="Serves /v1/chat/completions, /v1/completions, /v1/models and /health. "
+        "Requests run one at a time, in arrival order (queued, not batched).",
+    )
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TRIT_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1/* (default: $TRIT_API_KEY; none: open)",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=16,
+        help="requests running or queued at once; more get a 503 (default: 16)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        help="the model id clients use (default: the repo id, or the folder's name)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (default: info)",
+    )
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -24,6 +24,9 @@ from trit.tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
 Message = dict[str, Any]
+TokenCallback = Callable[[int, npt.NDArray[np.float32]], None]
+"""`on_token(token, logits)`: called once per sampled token (an eos too) with
+the logits it was sampled from, float32 [vocab], before any sampling filter."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,9 @@ class Generator:
         self._session = session
         self.eos_ids = frozenset(eos_ids)
         self.last_stats: GenerationStats | None = None
+        # Read once: the session is borrowed while it computes (with the GIL
+        # released), and other threads may still ask for n_ctx meanwhile.
+        self._n_ctx = session.n_ctx
 
     @classmethod
     def from_pretrained(
@@ -134,7 +140,7 @@ class Generator:
 
     @property
     def n_ctx(self) -> int:
-        return self._session.n_ctx
+        return self._n_ctx
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -198,11 +204,17 @@ class Generator:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        on_token: TokenCallback | None = None,
     ) -> str:
         """The continuation of `prompt` as text. A str prompt is tokenized as
         the tokenizer says (BOS added); a list of ids is used as given.
         Greedy when temperature is 0. Stops at an eos token, after
-        `max_new_tokens`, or before the first `stop` string."""
+        `max_new_tokens`, or before the first `stop` string.
+
+        `on_token(token, logits)` is called after each token is sampled, with
+        the raw logits (float32 [vocab]) it was drawn from: for log-probs, or
+        to stop early, since an exception it raises ends the generation (and
+        comes out of this call)."""
         return "".join(
             self.stream(
                 prompt,
@@ -214,6 +226,7 @@ class Generator:
                 repetition_penalty=repetition_penalty,
                 seed=seed,
                 stop=stop,
+                on_token=on_token,
             )
         )
 
@@ -229,6 +242,7 @@ class Generator:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        on_token: TokenCallback | None = None,
     ) -> Iterator[str]:
         """As `generate`, yielding text pieces as they are produced. A piece
         never ends inside a UTF-8 character or inside a possible stop string."""
@@ -252,10 +266,15 @@ class Generator:
         ids = self._ids(prompt)
         # Validation is done before the first next(): errors surface at the
         # call, not at the first iteration.
-        return self._stream(ids, sampler, max_new_tokens, stops)
+        return self._stream(ids, sampler, max_new_tokens, stops, on_token)
 
     def _stream(
-        self, ids: list[int], sampler: Sampler, max_new_tokens: int, stops: list[str]
+        self,
+        ids: list[int],
+        sampler: Sampler,
+        max_new_tokens: int,
+        stops: list[str],
+        on_token: TokenCallback | None,
     ) -> Iterator[str]:
         session = self._session
         self.last_stats = None
@@ -267,6 +286,10 @@ class Generator:
         finish = "length"
         for step in range(max_new_tokens):
             token = session.sample(sampler)
+            if on_token is not None:
+                logits = session.last_logits()
+                assert logits is not None  # sample() just used them
+                on_token(token, logits)
             if token in self.eos_ids:
                 finish = "eos"
                 break

@@ -10,10 +10,23 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as _HfTokenizer
-from tokenizers.decoders import DecodeStream
+from tokenizers.decoders import ByteLevel, DecodeStream
 
 from trit._core import InvalidInputError
 from trit.loader import read_json
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, reversed: the printable character that
+    stands for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars: dict[str, int] = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 def _token_text(value: Any) -> str | None:
@@ -39,6 +52,12 @@ class Tokenizer:
         self.bos_token = _token_text(self._config.get("bos_token"))
         self.eos_token = _token_text(self._config.get("eos_token"))
         self.chat_template = self._find_template(folder)
+        self._special_ids = {
+            i: t.content for i, t in self._tok.get_added_tokens_decoder().items() if t.special
+        }
+        self._byte_alphabet = (
+            _byte_level_alphabet() if isinstance(self._tok.decoder, ByteLevel) else None
+        )
 
     def _find_template(self, folder: Path) -> str | None:
         template = self._config.get("chat_template")
@@ -56,6 +75,20 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes that token id `token` stands for in decoded text: with a
+        byte-level BPE, a token can hold part of a UTF-8 character, which
+        `decode([token])` would turn into U+FFFD. Special tokens give their text."""
+        if token in self._special_ids:
+            return self._special_ids[token].encode()
+        piece = self._tok.id_to_token(token)
+        if piece is None:
+            raise InvalidInputError(f"token id {token} is not in the vocabulary")
+        alphabet = self._byte_alphabet
+        if alphabet is not None and all(c in alphabet for c in piece):
+            return bytes(alphabet[c] for c in piece)
+        return self.decode([token]).encode()
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` applies the tokenizer's
