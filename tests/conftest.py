@@ -17,7 +17,8 @@ def generator(name: str) -> Generator:
     """One Generator per fixture model for the whole run (loading is cheap,
     but the tests call this often)."""
     if name not in _cache:
-        _cache[name] = Generator.from_pretrained(FIXTURES / name, threads=2)
+        # The bf16 head, as transformers computes: these are compared with it.
+        _cache[name] = Generator.from_pretrained(FIXTURES / name, threads=2, head="bf16")
     return _cache[name]
 
 

@@ -162,3 +162,23 @@ def test_config_is_read() -> None:
     assert c.rope_theta == 10000.0 and c.vocab_size == 512
     assert c.linear_class == "autobitlinear" and c.quantization_mode == "offline"
     assert generator("tiny-gqa-bf16").config.quantization_mode == "online"
+
+
+def test_int8_head_is_close_and_smaller() -> None:
+    """The int8 head (opt-in) against the bf16 one on a fixture: the bound is
+    what was measured on these tiny models (hidden 64: the per-row int8 steps
+    are coarse), and a 1-token prompt isolates the head's own error."""
+    path = FIXTURES / "tiny-gqa-packed"
+    exact = Generator.from_pretrained(path, head="bf16")
+    fast = Generator.from_pretrained(path, head="int8")
+    la, lb = exact.logits([509]), fast.logits([509])
+    assert np.abs(la - lb).max() < 1.0
+    assert np.abs(la - lb).mean() < 0.2
+    assert la.argmax() == lb.argmax()
+    # Tied: the embedding itself became int8 (1 byte per value plus row scales).
+    cfg = exact.config
+    values = cfg.vocab_size * cfg.hidden_size
+    saved = 2 * values - (values + 4 * cfg.vocab_size)
+    assert exact.model.weight_bytes - fast.model.weight_bytes == saved
+    with pytest.raises(ValueError, match="head must be one of"):
+        Generator.from_pretrained(path, head="fp4")

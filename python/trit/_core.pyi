@@ -113,6 +113,7 @@ class Model:
         *,
         threads: int | None = None,
         release_file_pages: bool = False,
+        int8_head: bool = False,
     ) -> tuple[Model, list[str]]: ...
     @property
     def config(self) -> ModelConfig: ...

@@ -37,6 +37,7 @@ class BenchResult:
 
     model: str
     model_size: int  # bytes of weights in memory
+    head: str  # precision of the output head
     n_threads: int
     n_prompt: int  # tokens of a pp test (0 for tg)
     n_gen: int  # tokens of a tg test (0 for pp)
@@ -112,6 +113,7 @@ def run(
     repetitions: int = 5,
     seed: int = 0,
     progress: object = None,
+    head: str = "bf16",
 ) -> list[BenchResult]:
     """Runs every test for every thread count; see the module docstring."""
     if (model is None) == (synthetic_name is None):
@@ -142,12 +144,13 @@ def run(
 
     _reset_peak_rss()
     start = time.perf_counter()
-    loaded: Model = load_model(folder)
+    loaded: Model = load_model(folder, head=head)
     load_s = time.perf_counter() - start
     cfg = loaded.config
     size, per_token = loaded.weight_bytes, loaded.bytes_per_token
     rng = np.random.default_rng(seed)
-    longest = max([*n_prompt, *(d + n for d in depths for n in n_gen), 1])
+    # A tg test starts from at least one token: max(depth, 1) + n positions.
+    longest = max([*n_prompt, *(max(d, 1) + n for d in depths for n in n_gen), 1])
     if longest > cfg.max_position_embeddings:
         raise ValueError(
             f"the tests need {longest} positions but the model has {cfg.max_position_embeddings}"
@@ -168,6 +171,7 @@ def run(
                 BenchResult(
                     model=label,
                     model_size=size,
+                    head=head,
                     n_threads=n_threads,
                     n_prompt=n_p,
                     n_gen=n_g,
@@ -231,15 +235,15 @@ def _gib(n: int) -> str:
 def markdown(results: Sequence[BenchResult]) -> str:
     """A llama-bench style table, plus the memory and load figures."""
     lines = [
-        "| model | size | kernel | threads | test | t/s | roofline t/s | of roofline |",
-        "|---|---:|---|---:|---|---:|---:|---:|",
+        "| model | size | head | kernel | threads | test | t/s | roofline t/s | of roofline |",
+        "|---|---:|---|---|---:|---|---:|---:|---:|",
     ]
     for r in results:
         frac = f"{100 * r.roofline_fraction:.0f} %" if r.n_gen else ""
         roof = f"{r.roofline_ts:.1f}" if r.n_gen else ""
         lines.append(
-            f"| {r.model} | {_gib(r.model_size)} | {r.kernel} | {r.n_threads} | {r.test} "
-            f"| {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {roof} | {frac} |"
+            f"| {r.model} | {_gib(r.model_size)} | {r.head} | {r.kernel} | {r.n_threads} "
+            f"| {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {roof} | {frac} |"
         )
     if results:
         r = results[0]

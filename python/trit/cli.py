@@ -28,6 +28,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-c", "--ctx", "--n-ctx", type=int, help="context size (default: the model's maximum)"
     )
+    _add_head_arg(p)
+
+
+def _add_head_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--head",
+        choices=["int8", "bf16"],
+        default="bf16",
+        help="output head precision: bf16 (default, as stored) or int8 (faster, less exact)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +63,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace) -> Generator:
     return Generator.from_pretrained(
-        args.model, threads=args.threads, n_ctx=args.ctx, revision=args.revision
+        args.model, threads=args.threads, n_ctx=args.ctx, revision=args.revision, head=args.head
     )
 
 
@@ -161,6 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             threads=args.threads or bench.env_threads(),
             depths=args.ctx,
             repetitions=args.repetitions,
+            head=args.head,
             progress=None if args.json else (lambda msg: print(f"[{msg}]", file=sys.stderr)),
         )
     except ValueError as exc:
@@ -264,6 +275,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, help="worker threads (default: physical cores)")
     p.add_argument("-c", "--ctx", type=int, help="tokens per window (default: the model's maximum)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx / 2)")
+    _add_head_arg(p)
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="measure prompt and generation speed (llama-bench style)")
@@ -281,6 +293,7 @@ def _parser() -> argparse.ArgumentParser:
         "--ctx", type=_int_list, default=[0], help="tokens in the cache before tg (default 0)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_head_arg(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

@@ -112,18 +112,21 @@ class Generator:
         threads: int | None = None,
         n_ctx: int | None = None,
         revision: str | None = None,
+        head: str = "bf16",
     ) -> Generator:
         """Loads a local folder or a Hugging Face repo id; with no name, the
         model that ships with trit (`trit.models`). `n_ctx` (default: the
         model's max_position_embeddings) sets the context size; `threads` the
-        worker threads (default: TRIT_NUM_THREADS or the physical cores)."""
+        worker threads (default: TRIT_NUM_THREADS or the physical cores);
+        `head` the output head's precision: "bf16" (default, as stored, as
+        transformers computes) or "int8" (faster, less accurate)."""
         if name_or_path is None:
             if revision is not None:
                 raise InvalidInputError("revision= needs a Hub repo id")
             name_or_path = models.path()
         folder = resolve(name_or_path, revision=revision)
         tokenizer = Tokenizer(folder)
-        model = load_model(folder, threads=threads)
+        model = load_model(folder, threads=threads, head=head)
         session = Session(model, n_ctx=n_ctx, threads=threads)
         return cls(model, tokenizer, session, _eos_ids(folder, tokenizer))
 

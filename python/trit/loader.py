@@ -345,9 +345,19 @@ def _bytes_of(m: mmap.mmap, t: _Tensor) -> np.ndarray:
     return np.frombuffer(m, dtype=np.uint8, count=t.end - t.start, offset=t.start)
 
 
-def load_model(folder: Path, *, threads: int | None = None) -> Model:
+HEADS = ("int8", "bf16")
+
+
+def load_model(folder: Path, *, threads: int | None = None, head: str = "bf16") -> Model:
     """Reads the checkpoint in `folder` into the engine. Load warnings (an
-    all-zero tensor, unused tensors) are issued with `warnings.warn`."""
+    all-zero tensor, unused tensors) are issued with `warnings.warn`.
+
+    `head` is the precision of the output head: "bf16" (default) keeps it as
+    stored, as transformers computes; "int8" requantizes its rows (and, for a
+    tied head, the embedding lookups) to int8, halving the bytes each generated
+    token reads at a measurable cost in accuracy (README, "Output head")."""
+    if head not in HEADS:
+        raise InvalidInputError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     config, _ = model_config(folder)
     tensors = checkpoint_tensors(folder)
     maps: dict[Path, mmap.mmap] = {}
@@ -362,7 +372,9 @@ def load_model(folder: Path, *, threads: int | None = None) -> Model:
             # The views are read-only views of read-only maps: the engine may
             # drop their pages as it converts them, keeping peak memory near
             # the model's size rather than model plus file.
-            model, messages = Model.load(config, args, threads=threads, release_file_pages=True)
+            model, messages = Model.load(
+                config, args, threads=threads, release_file_pages=True, int8_head=head == "int8"
+            )
         except InvalidInputError as exc:
             raise InvalidInputError(f"{folder}: {exc}") from None
     finally:

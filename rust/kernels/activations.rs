@@ -153,7 +153,7 @@ fn as_codes_mut(lines: &mut [CacheLine]) -> &mut [i8] {
 /// rounding instruction, so `round_ties_even` is a call per value; this form
 /// vectorizes.) Larger values are not needed here: |x · s| <= 127.
 #[inline(always)]
-fn round_half_even_small(v: f32) -> f32 {
+pub(crate) fn round_half_even_small(v: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     debug_assert!(v.abs() < 4_194_304.0);
     (v + MAGIC) - MAGIC

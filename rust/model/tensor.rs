@@ -1,7 +1,10 @@
 //! Raw tensors handed over by the loader (bytes + dtype + shape), and the
 //! half-precision storage the embedding table keeps.
 
+use rayon::prelude::*;
+
 use crate::error::{Result, TritError};
+use crate::kernels::activations::round_half_even_small;
 
 /// Element types of safetensors files that BitNet checkpoints use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,10 +132,11 @@ fn sign_of(sign_bit: u32) -> f32 {
     }
 }
 
-/// A row-major float matrix kept in its on-disk precision, so a 128256×2560
-/// bf16 embedding costs 656 MB rather than 1.3 GB as f32.
+/// A row-major float matrix (the embedding and the output head) kept in its
+/// on-disk precision, so a 128256×2560 bf16 embedding costs 656 MB rather than
+/// 1.3 GB as f32 — or requantized to int8 rows (`to_int8`), 328 MB.
 #[derive(Clone, Debug)]
-pub enum HalfMatrix {
+pub enum DenseMatrix {
     /// bfloat16 bits, [rows, cols].
     Bf16 {
         rows: usize,
@@ -145,14 +149,21 @@ pub enum HalfMatrix {
         cols: usize,
         values: Vec<f32>,
     },
+    /// Symmetric int8 rows: row r is `codes[r] / scales[r]`, codes in [-127, 127].
+    Int8 {
+        rows: usize,
+        cols: usize,
+        codes: Vec<i8>,   // [rows, cols]
+        scales: Vec<f32>, // [rows] multipliers, 127 / absmax of the row
+    },
 }
 
-impl HalfMatrix {
+impl DenseMatrix {
     /// Copies a 2-D float tensor.
     pub fn from_raw(t: &RawTensor<'_>) -> Self {
         let (rows, cols) = (t.shape[0], t.shape[1]);
         match t.dtype {
-            DType::BF16 => HalfMatrix::Bf16 {
+            DType::BF16 => DenseMatrix::Bf16 {
                 rows,
                 cols,
                 bits: t
@@ -161,7 +172,7 @@ impl HalfMatrix {
                     .map(|b| u16::from_le_bytes([b[0], b[1]]))
                     .collect(),
             },
-            _ => HalfMatrix::F32 {
+            _ => DenseMatrix::F32 {
                 rows,
                 cols,
                 values: t.to_f32(),
@@ -171,34 +182,75 @@ impl HalfMatrix {
 
     pub fn rows(&self) -> usize {
         match self {
-            HalfMatrix::Bf16 { rows, .. } | HalfMatrix::F32 { rows, .. } => *rows,
+            DenseMatrix::Bf16 { rows, .. }
+            | DenseMatrix::F32 { rows, .. }
+            | DenseMatrix::Int8 { rows, .. } => *rows,
         }
     }
 
     /// Bytes held in memory.
     pub fn nbytes(&self) -> usize {
         match self {
-            HalfMatrix::Bf16 { bits, .. } => bits.len() * 2,
-            HalfMatrix::F32 { values, .. } => values.len() * 4,
+            DenseMatrix::Bf16 { bits, .. } => bits.len() * 2,
+            DenseMatrix::F32 { values, .. } => values.len() * 4,
+            DenseMatrix::Int8 { codes, scales, .. } => codes.len() + scales.len() * 4,
+        }
+    }
+
+    /// The matrix requantized to symmetric int8 rows (the activation formula
+    /// of BitNet, per row, with -128 excluded so that |code| <= 127).
+    pub fn to_int8(&self) -> DenseMatrix {
+        let (rows, cols) = (self.rows(), self.cols());
+        let mut codes = vec![0i8; rows * cols];
+        let mut scales = vec![0.0f32; rows];
+        // 128256 rows for a real model: in parallel.
+        codes
+            .par_chunks_mut(cols)
+            .zip(scales.par_iter_mut())
+            .enumerate()
+            .for_each_init(
+                || vec![0.0f32; cols],
+                |row, (r, (out, scale))| {
+                    self.row_into(r, row);
+                    *scale = quantize_row_symmetric(row, out);
+                },
+            );
+        DenseMatrix::Int8 {
+            rows,
+            cols,
+            codes,
+            scales,
         }
     }
 
     pub fn cols(&self) -> usize {
         match self {
-            HalfMatrix::Bf16 { cols, .. } | HalfMatrix::F32 { cols, .. } => *cols,
+            DenseMatrix::Bf16 { cols, .. }
+            | DenseMatrix::F32 { cols, .. }
+            | DenseMatrix::Int8 { cols, .. } => *cols,
         }
     }
 
     /// Row `r` widened to f32 into `out` ([cols]).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         match self {
-            HalfMatrix::Bf16 { cols, bits, .. } => {
+            DenseMatrix::Bf16 { cols, bits, .. } => {
                 for (o, &b) in out.iter_mut().zip(&bits[r * cols..(r + 1) * cols]) {
                     *o = bf16_to_f32(b);
                 }
             }
-            HalfMatrix::F32 { cols, values, .. } => {
+            DenseMatrix::F32 { cols, values, .. } => {
                 out.copy_from_slice(&values[r * cols..(r + 1) * cols]);
+            }
+            DenseMatrix::Int8 {
+                cols,
+                codes,
+                scales,
+                ..
+            } => {
+                for (o, &q) in out.iter_mut().zip(&codes[r * cols..(r + 1) * cols]) {
+                    *o = f32::from(q) / scales[r];
+                }
             }
         }
     }
@@ -207,11 +259,16 @@ impl HalfMatrix {
     #[inline]
     pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
         match self {
-            HalfMatrix::Bf16 { cols, bits, .. } => {
+            DenseMatrix::Bf16 { cols, bits, .. } => {
                 dot_lanes(&bits[r * cols..(r + 1) * cols], x, |b| bf16_to_f32(*b))
             }
-            HalfMatrix::F32 { cols, values, .. } => {
+            DenseMatrix::F32 { cols, values, .. } => {
                 dot_lanes(&values[r * cols..(r + 1) * cols], x, |v| *v)
+            }
+            DenseMatrix::Int8 { .. } => {
+                let mut out = [0.0f32];
+                self.dot_rows(r, x, &mut out);
+                out[0]
             }
         }
     }
@@ -239,14 +296,33 @@ pub unsafe fn release_file_pages(bytes: &[u8]) {
     let _ = bytes;
 }
 
-impl HalfMatrix {
+impl DenseMatrix {
     /// `out[i] = row_{first + i} · x` for each i: the output head. Picks the
     /// SIMD path once per call (not per row): AVX2 + FMA where the CPU has
     /// them, else `dot_row`. Both sum in f32; they differ only in the order of
     /// the additions (a relative difference of about 1e-6).
+    ///
+    /// An int8 matrix quantizes x the same way (per call) and multiplies in
+    /// integers: `out[i] = (Σ qx · q_r) / sx / s_r`.
     pub fn dot_rows(&self, first: usize, x: &[f32], out: &mut [f32]) {
+        if let DenseMatrix::Int8 {
+            cols,
+            codes,
+            scales,
+            ..
+        } = self
+        {
+            let mut qx = vec![0i8; *cols];
+            let sx = quantize_row_symmetric(x, &mut qx);
+            let dot = int8_dot_fn();
+            for (i, y) in out.iter_mut().enumerate() {
+                let r = first + i;
+                *y = dot(&codes[r * cols..(r + 1) * cols], &qx) as f32 / sx / scales[r];
+            }
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
-        if let HalfMatrix::Bf16 { cols, bits, .. } = self {
+        if let DenseMatrix::Bf16 { cols, bits, .. } = self {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 for (i, y) in out.iter_mut().enumerate() {
                     let r = first + i;
@@ -262,9 +338,68 @@ impl HalfMatrix {
     }
 }
 
+/// Per-row symmetric int8: `s = 127 / max(absmax, 1e-5)`,
+/// `q = clamp(round_half_even(x · s), -127, 127)`; returns s.
+fn quantize_row_symmetric(x: &[f32], q: &mut [i8]) -> f32 {
+    let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let s = 127.0f32 / absmax.max(1e-5);
+    for (qi, &xi) in q.iter_mut().zip(x) {
+        *qi = round_half_even_small(xi * s).clamp(-127.0, 127.0) as i8;
+    }
+    s
+}
+
+/// Σ a[i] · b[i] of int8 vectors: the definition the SIMD version must match.
+pub fn int8_dot_scalar(a: &[i8], b: &[i8]) -> i32 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| i32::from(x) * i32::from(y))
+        .sum()
+}
+
+/// The int8 dot for this CPU, chosen once per call site.
+fn int8_dot_fn() -> fn(&[i8], &[i8]) -> i32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        return |a, b| {
+            // SAFETY: AVX2 was detected just above.
+            unsafe { x86::int8_dot(a, b) }
+        };
+    }
+    int8_dot_scalar
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// Σ a[i] · b[i] with |a[i]|, |b[i]| <= 127 (both symmetric int8):
+    /// `vpmaddubsw(|a|, sign(b, a))` makes the products exact (|pair| <=
+    /// 2 · 127 · 127 = 32258 fits an i16), widened at once by `vpmaddwd`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; a and b have the same length.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn int8_dot(a: &[i8], b: &[i8]) -> i32 {
+        assert_eq!(a.len(), b.len());
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_si256();
+        let mut j = 0;
+        while j + 32 <= a.len() {
+            let av = _mm256_loadu_si256(a.as_ptr().add(j).cast());
+            let bv = _mm256_loadu_si256(b.as_ptr().add(j).cast());
+            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(av, av), _mm256_sign_epi8(bv, av));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+            j += 32;
+        }
+        let s = _mm_add_epi32(
+            _mm256_castsi256_si128(acc),
+            _mm256_extracti128_si256::<1>(acc),
+        );
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s) + super::int8_dot_scalar(&a[j..], &b[j..])
+    }
 
     /// Σ_j bf16(w[j]) · x[j]: 32 products per step in four independent FMA chains.
     ///
@@ -301,12 +436,51 @@ mod head_tests {
     use super::*;
 
     #[test]
+    fn int8_dot_paths_agree() {
+        for n in [1usize, 31, 32, 33, 2560, 2579] {
+            let a: Vec<i8> = (0..n)
+                .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
+                .collect();
+            let b: Vec<i8> = (0..n)
+                .map(|i| ((i * 91 % 255) as i32 - 127) as i8)
+                .collect();
+            assert_eq!(int8_dot_fn()(&a, &b), int8_dot_scalar(&a, &b), "n = {n}");
+            let extreme = vec![-127i8; n];
+            assert_eq!(int8_dot_fn()(&extreme, &extreme), 127 * 127 * n as i32);
+        }
+    }
+
+    #[test]
+    fn int8_head_is_close_to_bf16() {
+        let (rows, cols) = (9, 300);
+        let bits: Vec<u16> = (0..rows * cols)
+            .map(|i| ((i * 2654435761) >> 9) as u16 & 0xBFFF)
+            .collect();
+        let m = DenseMatrix::Bf16 { rows, cols, bits };
+        let q = m.to_int8();
+        assert_eq!(q.nbytes(), rows * cols + rows * 4);
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        let (mut exact, mut approx) = (vec![0.0; rows], vec![0.0; rows]);
+        m.dot_rows(0, &x, &mut exact);
+        q.dot_rows(0, &x, &mut approx);
+        for r in 0..rows {
+            let mut row = vec![0.0; cols];
+            m.row_into(r, &mut row);
+            let magnitude: f32 = row.iter().zip(&x).map(|(w, v)| (w * v).abs()).sum();
+            // Two roundings of at most half a step (absmax / 254) per product.
+            assert!((exact[r] - approx[r]).abs() <= 0.01 * magnitude, "row {r}");
+        }
+    }
+
+    #[test]
     fn dot_rows_agrees_with_dot_row() {
         let (rows, cols) = (7, 2560 + 19);
         let bits: Vec<u16> = (0..rows * cols)
             .map(|i| ((i * 2654435761) >> 7) as u16 & 0xBFFF)
             .collect();
-        let m = HalfMatrix::Bf16 {
+        let m = DenseMatrix::Bf16 {
             rows,
             cols,
             bits: bits.clone(),
@@ -401,7 +575,7 @@ mod tests {
             .collect();
         let shape = [2, 11];
         let t = RawTensor::new("e", DType::BF16, &shape, &bytes).unwrap();
-        let m = HalfMatrix::from_raw(&t);
+        let m = DenseMatrix::from_raw(&t);
         let mut row = [0.0f32; 11];
         m.row_into(1, &mut row);
         assert_eq!(row[10], -11.0);

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use super::config::{Config, LinearClass, QuantizationMode};
-use super::tensor::{DType, HalfMatrix, RawTensor};
+use super::tensor::{DType, DenseMatrix, RawTensor};
 use crate::error::{Result, TritError};
 use crate::kernels::TernaryMatrix;
 
@@ -117,17 +117,27 @@ impl Layer {
 #[derive(Clone, Debug)]
 pub struct Model {
     pub config: Config,
-    pub embed: HalfMatrix, // [vocab, hidden], bf16 as stored
+    pub embed: DenseMatrix, // [vocab, hidden], bf16 as stored
     pub layers: Vec<Layer>,
     pub norm: Vec<f32>, // [hidden]
     /// [vocab, hidden] when the head is not tied to the embedding.
-    pub lm_head: Option<HalfMatrix>,
+    pub lm_head: Option<DenseMatrix>,
 }
 
 impl Model {
     /// The matrix the logits are computed with.
-    pub fn head(&self) -> &HalfMatrix {
+    pub fn head(&self) -> &DenseMatrix {
         self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Requantizes the output head to int8 rows (`DenseMatrix::to_int8`):
+    /// half the bytes of bf16 to read per generated token. A tied head is the
+    /// embedding, whose lookups then read the int8 rows too.
+    pub fn quantize_head(&mut self) {
+        match &mut self.lm_head {
+            Some(head) => *head = head.to_int8(),
+            None => self.embed = self.embed.to_int8(),
+        }
     }
 
     /// Bytes of the layers read once per token: packed projections and norms.
@@ -154,7 +164,7 @@ impl Model {
     pub fn weight_bytes(&self) -> usize {
         self.layer_bytes()
             + self.embed.nbytes()
-            + self.lm_head.as_ref().map_or(0, HalfMatrix::nbytes)
+            + self.lm_head.as_ref().map_or(0, DenseMatrix::nbytes)
     }
 
     /// Bytes of weights read to generate one token: every layer, the whole
@@ -433,13 +443,13 @@ fn load_from(
     let c = &config;
     let (hidden, inter) = (c.hidden_size, c.intermediate_size);
     let embed =
-        HalfMatrix::from_raw(&ck.float("model.embed_tokens.weight", &[c.vocab_size, hidden])?);
+        DenseMatrix::from_raw(&ck.float("model.embed_tokens.weight", &[c.vocab_size, hidden])?);
     ck.release("model.embed_tokens.");
     let norm = ck.vector("model.norm.weight", hidden)?;
     let lm_head = if c.tie_word_embeddings {
         None
     } else {
-        let head = HalfMatrix::from_raw(&ck.float("lm_head.weight", &[c.vocab_size, hidden])?);
+        let head = DenseMatrix::from_raw(&ck.float("lm_head.weight", &[c.vocab_size, hidden])?);
         ck.release("lm_head.");
         Some(head)
     };

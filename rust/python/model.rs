@@ -165,15 +165,17 @@ impl PyModel {
     /// (all-zero or unused tensors) for the caller to show. With
     /// `release_file_pages`, every array must be a read-only view of a
     /// read-only file mapping (the loader's mmap): each tensor's pages are
-    /// dropped from resident memory once converted.
+    /// dropped from resident memory once converted. With `int8_head`, the
+    /// output head is requantized to int8 rows (see `DenseMatrix::to_int8`).
     #[staticmethod]
-    #[pyo3(signature = (config, tensors, *, threads=None, release_file_pages=false))]
+    #[pyo3(signature = (config, tensors, *, threads=None, release_file_pages=false, int8_head=false))]
     fn load(
         py: Python<'_>,
         config: &PyModelConfig,
         tensors: Vec<TensorArg<'_>>,
         threads: Option<usize>,
         release_file_pages: bool,
+        int8_head: bool,
     ) -> PyResult<(PyModel, Vec<String>)> {
         let pool = threads::pool(threads).py()?;
         let mut map = HashMap::with_capacity(tensors.len());
@@ -203,13 +205,17 @@ impl PyModel {
         // The arrays in `tensors` stay borrowed (and alive) until this returns.
         let (m, warnings) = py
             .detach(|| {
-                if release_file_pages {
+                let (mut m, warnings) = if release_file_pages {
                     // SAFETY: the caller promises file-mapped arrays; they are
                     // read-only views, checked above.
                     unsafe { model::load_file_backed(config, &map, &pool) }
                 } else {
                     model::load(config, &map, &pool)
+                }?;
+                if int8_head {
+                    pool.install(|| m.quantize_head());
                 }
+                Ok::<_, crate::TritError>((m, warnings))
             })
             .py()?;
         Ok((PyModel { inner: Arc::new(m) }, warnings))
