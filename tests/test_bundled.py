@@ -1,0 +1,43 @@
+"""The model that ships in the package: it loads with no name and no network,
+writes text, and trit's perplexity on its held-out text agrees with the
+training script's own evaluation (tools/train_tiny.py, torch in inference
+mode), recorded in tests/fixtures/tiny-fortunes-eval.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import FIXTURES
+from test_cli import run
+
+from trit import Generator, models
+
+EVAL = json.loads((FIXTURES / "tiny-fortunes-eval.json").read_text())["perplexity"]
+
+
+@pytest.fixture(scope="module")
+def bundled() -> Generator:
+    return Generator.from_pretrained()
+
+
+def test_it_is_the_default_and_ships_with_the_package(bundled: Generator) -> None:
+    assert models.DEFAULT in models.names()
+    assert (models.path() / "model.safetensors").is_file()
+    assert bundled.decode(bundled.encode("Hello there", add_special_tokens=False)) == "Hello there"
+
+
+def test_perplexity_matches_the_training_evaluation(bundled: Generator) -> None:
+    text = (FIXTURES / "tiny-fortunes-valid.txt").read_text(encoding="utf-8")
+    result = bundled.perplexity(text, ctx=EVAL["ctx"], stride=EVAL["stride"])
+    assert result.n_tokens == EVAL["training_script"]["n_scored"]
+    # The issue's bar is 1 %; measured: 93.0981 here, 93.0971 by the training script.
+    assert result.ppl == pytest.approx(EVAL["training_script"]["ppl"], rel=0.01)
+    assert result.ppl == pytest.approx(EVAL["transformers"]["ppl"], rel=0.01)
+
+
+def test_generate_without_a_model_writes_words() -> None:
+    out = run("generate", "-p", "Once upon a time", "-n", "24", "--seed", "1", "--temp", "0.8")
+    assert out.returncode == 0, out.stderr
+    words = out.stdout.split()
+    assert len(words) >= 8
