@@ -550,6 +550,17 @@ def tensor_stats(tensors: dict) -> dict:
     }
 
 
+def numpy_reference(folder: Path, ids: list[int]) -> dict:
+    """The same perplexity from make_fixtures' independent numpy implementation of the format."""
+
+    class NumpyModel:
+        def __call__(self, input_ids, use_cache=False):
+            logits = mf.numpy_forward(folder, input_ids[0].tolist())
+            return argparse.Namespace(logits=torch.from_numpy(logits)[None])
+
+    return sliding_nll(NumpyModel(), ids)
+
+
 def samples(model, hf_tok, seed: int) -> list[dict]:
     model.generation_config.pad_token_id = hf_tok.convert_tokens_to_ids(mf.EOS)
     runs = [
@@ -638,6 +649,10 @@ def main() -> int:
     rel = hf["valid"]["ppl"] / own["valid"]["ppl"] - 1
     print(f"transformers: {json.dumps(hf)}; relative difference {rel:+.3%}", flush=True)
     assert abs(rel) < 0.01, rel
+    ref = numpy_reference(args.out, hf_ids)
+    rel_np = ref["ppl"] / hf["valid"]["ppl"] - 1
+    print(f"numpy reference: {json.dumps(ref)}; vs transformers {rel_np:+.5%}", flush=True)
+    assert abs(rel_np) < 1e-3, rel_np
     gen = samples(loaded, hf_tok, args.seed)
     for s in gen:
         print(f"--- {s['prompt']!r} {s['settings']}\n{s['text']}", flush=True)
@@ -663,6 +678,12 @@ def main() -> int:
             "transformers": hf["valid"],
             "training_script": own["valid"],
             "relative_difference": rel,
+            "numpy_reference": ref
+            | {
+                "what": "tools/make_fixtures.py numpy_forward: FORMATS.md 0-2 in numpy float32, "
+                "independent of transformers' modules",
+                "relative_difference_to_transformers": rel_np,
+            },
         },
         "perplexity_llama_style": {
             "method": "llama.cpp llama-perplexity: floor(n_tokens / ctx) non-overlapping chunks, "
@@ -761,6 +782,8 @@ ctx {ppl["ctx"]}, stride {ppl["stride"]} (transformers-docs method, details and 
   **{ppl["transformers"]["ppl"]:.3f}**
 - the training script's own evaluation (fp32 master weights, online quantisation):
   {ppl["training_script"]["ppl"]:.3f} (relative difference {ppl["relative_difference"]:+.3%})
+- `numpy_forward` of tools/make_fixtures.py (FORMATS.md 0-2 in numpy, no transformers):
+  {ppl["numpy_reference"]["ppl"]:.3f}
 - llama-perplexity-style (ctx {ppl["ctx"]}, second half of each chunk):
   {report["perplexity_llama_style"]["transformers"]["ppl"]:.3f}
 - training text, same method (first {report["validation_entries"]} training entries):
@@ -773,23 +796,27 @@ by the tokenizer):
 
 ## How it was made
 
-`python tools/train_tiny.py` (from the trit repository, in the venv described in
-`tests/fixtures/README.md`, after `apt-get install -y fortunes fortunes-min`). Training: AdamW
-(betas 0.9/0.95), settings {json.dumps(train_info["args"])}, linear warm-up then cosine decay,
-windows of 256 tokens (half start at an entry with BOS, half anywhere),
-{train_info["tokens_seen"]:,} tokens seen (the training stream has
-{train_info["train_stream_tokens"]:,}), float32 on one CPU thread:
-{train_info["train_seconds"]} s. Quantisation-aware from the first step: transformers'
-`AutoBitLinear(online_quant=True)`: absmean ternary weights and per-token absmax int8
-activations with straight-through gradients. Everything is seeded; a rerun with the same
-versions on the same kind of machine gives the same model. Versions:
-{json.dumps(report["versions"])}.
+Command: `python tools/train_tiny.py` (from the trit repository, in the venv described in
+`tests/fixtures/README.md`, after `apt-get install -y fortunes fortunes-min`).
+
+- Quantisation-aware from the first step: transformers' `AutoBitLinear(online_quant=True)`,
+  i.e. absmean ternary weights and per-token absmax int8 activations in the forward pass with
+  straight-through gradients, float32 master weights; exported by ternarising the masters.
+- AdamW (betas 0.9/0.95, weight decay on matrices only), linear warm-up then cosine decay,
+  gradient clipping: `{json.dumps(train_info["args"])}`.
+- Windows of 256 tokens (half start at an entry with BOS, half anywhere);
+  {train_info["tokens_seen"]:,} tokens seen, about
+  {train_info["tokens_seen"] / train_info["train_stream_tokens"]:.1f} passes over the
+  {train_info["train_stream_tokens"]:,}-token training stream.
+- float32 on one CPU thread: {train_info["train_seconds"]} s of training.
+- Everything is seeded; a rerun with the same versions on the same kind of machine gives the
+  same model. Versions: `{json.dumps(report["versions"])}`.
 
 ## Training data and licence
 
-- Source: the Debian packages {sources}: the fortune cookie files in `{corpus["directory"]}`
-  ({sets}). The offensive set (`fortunes-off`) is not used; `ascii-art` (pictures) and `ethnic`
-  were left out as well.
+- Source: the Debian packages {sources}: the fortune cookie files in
+  `{corpus["directory"]}`: {sets}. The offensive set (`fortunes-off`) is not used;
+  `ascii-art` (pictures) and `ethnic` were left out as well.
 - Licence: BSD, per `/usr/share/doc/fortunes/copyright` ("This program falls under the BSD
   copyright", Copyright (c) 1991 The Regents of the University of California).
 - Preparation: entries split at `%` lines, overstrike sequences (`x\\b`) removed, trailing spaces
