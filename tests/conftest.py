@@ -10,16 +10,18 @@ from trit import Generator
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = ["tiny-gqa-packed", "tiny-mha-packed", "tiny-gqa-bf16", "tiny-gqa-sharded"]
 
-_cache: dict[str, Generator] = {}
+_cache: dict[tuple[str, bool], Generator] = {}
 
 
-def generator(name: str) -> Generator:
+def generator(name: str, *, exact: bool = True) -> Generator:
     """One Generator per fixture model for the whole run (loading is cheap,
-    but the tests call this often)."""
-    if name not in _cache:
-        # The bf16 head, as transformers computes: these are compared with it.
-        _cache[name] = Generator.from_pretrained(FIXTURES / name, threads=2, head="bf16")
-    return _cache[name]
+    but the tests call this often). `exact`: the bf16 head, as transformers
+    computes (the fixtures' expected values come from it); otherwise trit's
+    defaults, as the CLI and the server load a model."""
+    if (name, exact) not in _cache:
+        options = {"head": "bf16"} if exact else {}
+        _cache[name, exact] = Generator.from_pretrained(FIXTURES / name, threads=2, **options)
+    return _cache[name, exact]
 
 
 @pytest.fixture

@@ -152,7 +152,8 @@ def test_threads_do_not_change_results() -> None:
     z = expected("tiny-gqa-packed")
     ids = z["prompt3_ids"].tolist()
     g1 = Generator.from_pretrained(FIXTURES / "tiny-gqa-packed", threads=1)
-    np.testing.assert_array_equal(g1.logits(ids), generator("tiny-gqa-packed").logits(ids))
+    g2 = generator("tiny-gqa-packed", exact=False)
+    np.testing.assert_array_equal(g1.logits(ids), g2.logits(ids))
 
 
 def test_config_is_read() -> None:

@@ -113,7 +113,7 @@ def run(
     repetitions: int = 5,
     seed: int = 0,
     progress: object = None,
-    head: str = "bf16",
+    head: str = "int8",
 ) -> list[BenchResult]:
     """Runs every test for every thread count; see the module docstring."""
     if (model is None) == (synthetic_name is None):

@@ -348,14 +348,15 @@ def _bytes_of(m: mmap.mmap, t: _Tensor) -> np.ndarray:
 HEADS = ("int8", "bf16")
 
 
-def load_model(folder: Path, *, threads: int | None = None, head: str = "bf16") -> Model:
+def load_model(folder: Path, *, threads: int | None = None, head: str = "int8") -> Model:
     """Reads the checkpoint in `folder` into the engine. Load warnings (an
     all-zero tensor, unused tensors) are issued with `warnings.warn`.
 
-    `head` is the precision of the output head: "bf16" (default) keeps it as
-    stored, as transformers computes; "int8" requantizes its rows (and, for a
-    tied head, the embedding lookups) to int8, halving the bytes each generated
-    token reads at a measurable cost in accuracy (README, "Output head")."""
+    `head` is the precision of the output head: "int8" (default) quantizes
+    its rows (and, for a tied head, the embedding lookups) to int8, halving
+    the bytes each generated token reads for a perplexity change of about
+    0.02 % (README, "Output head"); "bf16" keeps it as stored, and the logits
+    are then transformers' own."""
     if head not in HEADS:
         raise InvalidInputError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     config, _ = model_config(folder)

@@ -11,7 +11,7 @@ pub mod weights;
 pub use config::{Config, LinearClass, QuantizationMode};
 pub use session::Session;
 pub use tensor::{DType, RawTensor};
-pub use weights::{load, load_file_backed, Model, Proj};
+pub use weights::{load, load_file_backed, HeadPrecision, Model, Proj};
 
 #[cfg(test)]
 mod tests;

@@ -354,12 +354,7 @@ impl Session {
                 eps,
                 &mut s.normed,
             );
-            let normed = &s.normed;
-            // The head stays in bf16 and is computed in f32, never quantised.
-            self.last_logits
-                .par_chunks_mut(512)
-                .enumerate()
-                .for_each(|(chunk, ys)| head.dot_rows(chunk * 512, normed, ys));
+            head.matvec(&s.normed, &mut self.last_logits);
             if logits == Some(Logits::All) {
                 out.extend_from_slice(&self.last_logits);
             }

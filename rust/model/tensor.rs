@@ -96,6 +96,35 @@ impl<'a> RawTensor<'a> {
     pub fn to_f32(&self) -> Vec<f32> {
         (0..self.numel()).map(|i| self.get_f32(i)).collect()
     }
+
+    /// Row `r` of a 2-D tensor as f32 into `out` ([shape[1]]); the dtype is
+    /// matched once per row, not per element.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let cols = self.shape[1];
+        let bytes = &self.data[r * cols * self.dtype.size()..(r + 1) * cols * self.dtype.size()];
+        match self.dtype {
+            DType::BF16 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+                }
+            }
+            DType::F16 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+                }
+            }
+            DType::F32 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            DType::U8 => {
+                for (o, &b) in out.iter_mut().zip(bytes) {
+                    *o = f32::from(b);
+                }
+            }
+        }
+    }
 }
 
 fn numel(shape: &[usize]) -> Option<usize> {
@@ -200,27 +229,14 @@ impl DenseMatrix {
     /// The matrix requantized to symmetric int8 rows (the activation formula
     /// of BitNet, per row, with -128 excluded so that |code| <= 127).
     pub fn to_int8(&self) -> DenseMatrix {
-        let (rows, cols) = (self.rows(), self.cols());
-        let mut codes = vec![0i8; rows * cols];
-        let mut scales = vec![0.0f32; rows];
-        // 128256 rows for a real model: in parallel.
-        codes
-            .par_chunks_mut(cols)
-            .zip(scales.par_iter_mut())
-            .enumerate()
-            .for_each_init(
-                || vec![0.0f32; cols],
-                |row, (r, (out, scale))| {
-                    self.row_into(r, row);
-                    *scale = quantize_row_symmetric(row, out);
-                },
-            );
-        DenseMatrix::Int8 {
-            rows,
-            cols,
-            codes,
-            scales,
-        }
+        int8_rows(self.rows(), self.cols(), |r, row| self.row_into(r, row))
+    }
+
+    /// A 2-D float tensor quantized straight to int8 rows, as `to_int8` would
+    /// from `from_raw`, without the half-precision copy in between (656 MB for
+    /// the 2B4T embedding): peak memory at load stays at the int8 size.
+    pub fn int8_from_raw(t: &RawTensor<'_>) -> DenseMatrix {
+        int8_rows(t.shape[0], t.shape[1], |r, row| t.row_into(r, row))
     }
 
     pub fn cols(&self) -> usize {
@@ -297,6 +313,43 @@ pub unsafe fn release_file_pages(bytes: &[u8]) {
 }
 
 impl DenseMatrix {
+    /// `out[i] = row_i · x` for every row, in parallel chunks: the logits.
+    /// An int8 matrix quantizes x once here (see `dot_rows`).
+    pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        // 512 rows of 2560 columns: 1.3 MB (int8) or 2.6 MB (bf16) a task.
+        const ROWS_PER_TASK: usize = 512;
+        if let DenseMatrix::Int8 { cols, .. } = self {
+            let mut qx = vec![0i8; *cols];
+            let sx = quantize_row_symmetric(x, &mut qx);
+            out.par_chunks_mut(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(c, ys)| self.int8_dot_rows(c * ROWS_PER_TASK, &qx, sx, ys));
+            return;
+        }
+        out.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(c, ys)| self.dot_rows(c * ROWS_PER_TASK, x, ys));
+    }
+
+    /// Rows of an int8 matrix times quantized activations `qx` (scale `sx`):
+    /// `out[i] = (Σ qx · q_r) / sx / s_r`, r = first + i.
+    fn int8_dot_rows(&self, first: usize, qx: &[i8], sx: f32, out: &mut [f32]) {
+        let DenseMatrix::Int8 {
+            cols,
+            codes,
+            scales,
+            ..
+        } = self
+        else {
+            unreachable!("int8_dot_rows is called on int8 matrices");
+        };
+        let dot = int8_dot_fn();
+        for (i, y) in out.iter_mut().enumerate() {
+            let r = first + i;
+            *y = dot(&codes[r * cols..(r + 1) * cols], qx) as f32 / sx / scales[r];
+        }
+    }
+
     /// `out[i] = row_{first + i} · x` for each i: the output head. Picks the
     /// SIMD path once per call (not per row): AVX2 + FMA where the CPU has
     /// them, else `dot_row`. Both sum in f32; they differ only in the order of
@@ -305,20 +358,10 @@ impl DenseMatrix {
     /// An int8 matrix quantizes x the same way (per call) and multiplies in
     /// integers: `out[i] = (Σ qx · q_r) / sx / s_r`.
     pub fn dot_rows(&self, first: usize, x: &[f32], out: &mut [f32]) {
-        if let DenseMatrix::Int8 {
-            cols,
-            codes,
-            scales,
-            ..
-        } = self
-        {
+        if let DenseMatrix::Int8 { cols, .. } = self {
             let mut qx = vec![0i8; *cols];
             let sx = quantize_row_symmetric(x, &mut qx);
-            let dot = int8_dot_fn();
-            for (i, y) in out.iter_mut().enumerate() {
-                let r = first + i;
-                *y = dot(&codes[r * cols..(r + 1) * cols], &qx) as f32 / sx / scales[r];
-            }
+            self.int8_dot_rows(first, &qx, sx, out);
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -335,6 +378,30 @@ impl DenseMatrix {
         for (i, y) in out.iter_mut().enumerate() {
             *y = self.dot_row(first + i, x);
         }
+    }
+}
+
+/// Builds an int8 matrix row by row (in parallel: a real vocabulary has
+/// 128256 rows) from `fill_row(r, out)`, which writes row r as f32.
+fn int8_rows(rows: usize, cols: usize, fill_row: impl Fn(usize, &mut [f32]) + Sync) -> DenseMatrix {
+    let mut codes = vec![0i8; rows * cols];
+    let mut scales = vec![0.0f32; rows];
+    codes
+        .par_chunks_mut(cols.max(1))
+        .zip(scales.par_iter_mut())
+        .enumerate()
+        .for_each_init(
+            || vec![0.0f32; cols],
+            |row, (r, (out, scale))| {
+                fill_row(r, row);
+                *scale = quantize_row_symmetric(row, out);
+            },
+        );
+    DenseMatrix::Int8 {
+        rows,
+        cols,
+        codes,
+        scales,
     }
 }
 

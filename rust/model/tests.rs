@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::config::tiny;
+use super::tensor::DenseMatrix;
 use super::*;
 use crate::threads;
 
@@ -109,11 +110,19 @@ fn pack_all(c: &Config, t: &mut Owned) {
 }
 
 fn build(c: &Config, owned: &Owned) -> crate::Result<(Model, Vec<String>)> {
+    build_with(c, owned, HeadPrecision::AsStored)
+}
+
+fn build_with(
+    c: &Config,
+    owned: &Owned,
+    head: HeadPrecision,
+) -> crate::Result<(Model, Vec<String>)> {
     let views: HashMap<String, RawTensor<'_>> = owned
         .iter()
         .map(|(k, (d, s, b))| (k.clone(), RawTensor::new(k, *d, s, b).unwrap()))
         .collect();
-    load(c.clone(), &views, &threads::pool(Some(2)).unwrap())
+    load(c.clone(), &views, &threads::pool(Some(2)).unwrap(), head)
 }
 
 fn model(c: &Config) -> Arc<Model> {
@@ -285,4 +294,38 @@ fn bitlinear_divides_by_the_stored_scale() {
             assert_eq!(la.proj(p).unpack(), lb.proj(p).unpack());
         }
     }
+}
+
+#[test]
+fn an_int8_head_is_quantized_straight_from_the_checkpoint() {
+    let c = tiny();
+    let owned = checkpoint(&c, 7);
+    let (exact, _) = build(&c, &owned).unwrap();
+    let (int8, _) = build_with(&c, &owned, HeadPrecision::Int8).unwrap();
+    // The same codes and scales as requantizing the loaded bf16 matrix.
+    let (
+        DenseMatrix::Int8 { codes, scales, .. },
+        DenseMatrix::Int8 {
+            codes: c2,
+            scales: s2,
+            ..
+        },
+    ) = (&int8.embed, &exact.embed.to_int8())
+    else {
+        panic!("the tied head is not int8");
+    };
+    assert_eq!(codes, c2);
+    assert_eq!(scales, s2);
+    assert!(int8.weight_bytes() < exact.weight_bytes());
+    // Logits stay close to the exact head's (1 % of their spread).
+    let ids = [1u32, 5, 9];
+    let mut a = Session::new(Arc::new(exact), None, Some(1)).unwrap();
+    let mut b = Session::new(Arc::new(int8), None, Some(1)).unwrap();
+    let (la, lb) = (a.logits(&ids).unwrap(), b.logits(&ids).unwrap());
+    let spread = la.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(
+        max_diff(&la, &lb) < 0.25 * spread,
+        "{} vs {spread}",
+        max_diff(&la, &lb)
+    );
 }

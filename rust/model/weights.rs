@@ -130,16 +130,6 @@ impl Model {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Requantizes the output head to int8 rows (`DenseMatrix::to_int8`):
-    /// half the bytes of bf16 to read per generated token. A tied head is the
-    /// embedding, whose lookups then read the int8 rows too.
-    pub fn quantize_head(&mut self) {
-        match &mut self.lm_head {
-            Some(head) => *head = head.to_int8(),
-            None => self.embed = self.embed.to_int8(),
-        }
-    }
-
     /// Bytes of the layers read once per token: packed projections and norms.
     fn layer_bytes(&self) -> usize {
         let f32s = std::mem::size_of::<f32>();
@@ -402,14 +392,28 @@ pub fn ternarize_absmean(t: &RawTensor<'_>, n_out: usize, n_in: usize) -> Ternar
     .expect("dimensions and scale were checked")
 }
 
+/// The precision the output head is kept in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HeadPrecision {
+    /// As stored (bf16 for published checkpoints), computed in f32: the
+    /// logits of transformers.
+    #[default]
+    AsStored,
+    /// Requantized to symmetric int8 rows (`DenseMatrix::int8_from_raw`): half
+    /// the bytes a generated token reads from a bf16 head. A tied head is the
+    /// embedding, whose lookups then read the int8 rows too.
+    Int8,
+}
+
 /// Builds the model from `tensors` (name → raw tensor). Returns it with the
 /// warnings a user should see (all-zero tensors, tensors left unused).
 pub fn load(
     config: Config,
     tensors: &HashMap<String, RawTensor<'_>>,
     pool: &ThreadPool,
+    head: HeadPrecision,
 ) -> Result<(Model, Vec<String>)> {
-    load_from(config, tensors, pool, false)
+    load_from(config, tensors, pool, head, false)
 }
 
 /// As `load`, dropping each tensor's pages from resident memory once it is
@@ -423,14 +427,16 @@ pub unsafe fn load_file_backed(
     config: Config,
     tensors: &HashMap<String, RawTensor<'_>>,
     pool: &ThreadPool,
+    head: HeadPrecision,
 ) -> Result<(Model, Vec<String>)> {
-    load_from(config, tensors, pool, true)
+    load_from(config, tensors, pool, head, true)
 }
 
 fn load_from(
     config: Config,
     tensors: &HashMap<String, RawTensor<'_>>,
     pool: &ThreadPool,
+    head: HeadPrecision,
     file_backed: bool,
 ) -> Result<(Model, Vec<String>)> {
     config.validate()?;
@@ -442,16 +448,24 @@ fn load_from(
     };
     let c = &config;
     let (hidden, inter) = (c.hidden_size, c.intermediate_size);
-    let embed =
-        DenseMatrix::from_raw(&ck.float("model.embed_tokens.weight", &[c.vocab_size, hidden])?);
+    let head_matrix = |t: &RawTensor<'_>| match head {
+        HeadPrecision::AsStored => DenseMatrix::from_raw(t),
+        HeadPrecision::Int8 => pool.install(|| DenseMatrix::int8_from_raw(t)),
+    };
+    let embed_t = ck.float("model.embed_tokens.weight", &[c.vocab_size, hidden])?;
+    let embed = if c.tie_word_embeddings {
+        head_matrix(&embed_t)
+    } else {
+        DenseMatrix::from_raw(&embed_t)
+    };
     ck.release("model.embed_tokens.");
     let norm = ck.vector("model.norm.weight", hidden)?;
     let lm_head = if c.tie_word_embeddings {
         None
     } else {
-        let head = DenseMatrix::from_raw(&ck.float("lm_head.weight", &[c.vocab_size, hidden])?);
+        let matrix = head_matrix(&ck.float("lm_head.weight", &[c.vocab_size, hidden])?);
         ck.release("lm_head.");
-        Some(head)
+        Some(matrix)
     };
     let load_layer = |l: usize| -> Result<Layer> {
         let prefix = format!("model.layers.{l}");

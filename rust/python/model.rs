@@ -166,7 +166,7 @@ impl PyModel {
     /// `release_file_pages`, every array must be a read-only view of a
     /// read-only file mapping (the loader's mmap): each tensor's pages are
     /// dropped from resident memory once converted. With `int8_head`, the
-    /// output head is requantized to int8 rows (see `DenseMatrix::to_int8`).
+    /// output head is quantized to int8 rows (see `HeadPrecision::Int8`).
     #[staticmethod]
     #[pyo3(signature = (config, tensors, *, threads=None, release_file_pages=false, int8_head=false))]
     fn load(
@@ -205,17 +205,18 @@ impl PyModel {
         // The arrays in `tensors` stay borrowed (and alive) until this returns.
         let (m, warnings) = py
             .detach(|| {
-                let (mut m, warnings) = if release_file_pages {
+                let head = if int8_head {
+                    model::HeadPrecision::Int8
+                } else {
+                    model::HeadPrecision::AsStored
+                };
+                if release_file_pages {
                     // SAFETY: the caller promises file-mapped arrays; they are
                     // read-only views, checked above.
-                    unsafe { model::load_file_backed(config, &map, &pool) }
+                    unsafe { model::load_file_backed(config, &map, &pool, head) }
                 } else {
-                    model::load(config, &map, &pool)
-                }?;
-                if int8_head {
-                    pool.install(|| m.quantize_head());
+                    model::load(config, &map, &pool, head)
                 }
-                Ok::<_, crate::TritError>((m, warnings))
             })
             .py()?;
         Ok((PyModel { inner: Arc::new(m) }, warnings))
