@@ -16,11 +16,15 @@ _cache: dict[tuple[str, bool], Generator] = {}
 def generator(name: str, *, exact: bool = True) -> Generator:
     """One Generator per fixture model for the whole run (loading is cheap,
     but the tests call this often). `exact`: the bf16 head, as transformers
-    computes (the fixtures' expected values come from it); otherwise trit's
+    and an f32 KV cache, as transformers computes (the fixtures' expected
+    values come from it); otherwise trit's
     defaults, as the CLI and the server load a model."""
     if (name, exact) not in _cache:
-        options = {"head": "bf16"} if exact else {}
-        _cache[name, exact] = Generator.from_pretrained(FIXTURES / name, threads=2, **options)
+        if exact:
+            g = Generator.from_pretrained(FIXTURES / name, threads=2, head="bf16", kv_cache="f32")
+        else:
+            g = Generator.from_pretrained(FIXTURES / name, threads=2)
+        _cache[name, exact] = g
     return _cache[name, exact]
 
 

@@ -33,6 +33,9 @@ def test_run_reports_every_test() -> None:
         assert r.peak_rss_bytes > r.model_size > 0
         assert (r.n_prompt == 0) != (r.n_gen == 0)
         assert (r.roofline_fraction > 0) == (r.n_gen > 0)
+        assert (r.head, r.type_k, r.type_v) == ("int8", "f16", "f16")
+    # A filled cache adds its keys and values to what a token reads.
+    assert results[2].roofline_ts < results[1].roofline_ts
     assert "| tg4 @ d16 |" in bench.markdown(results)
 
 
@@ -49,7 +52,8 @@ def test_cli_json() -> None:
     out = run("bench", "-m", MODEL, "-p", "8", "-n", "4", "-t", "1", "-r", "1", "--json")
     assert out.returncode == 0, out.stderr
     (pp, tg) = json.loads(out.stdout)
-    for key in ("n_prompt", "n_gen", "n_threads", "avg_ts", "stddev_ts", "model_size"):
+    keys = ("n_prompt", "n_gen", "n_threads", "avg_ts", "stddev_ts", "model_size", "type_k")
+    for key in keys:
         assert key in pp and key in tg
     assert (pp["n_prompt"], pp["n_gen"], tg["n_prompt"], tg["n_gen"]) == (8, 0, 0, 4)
     assert tg["roofline_fraction"] > 0 and tg["kernel"] and tg["peak_rss_bytes"] > 0

@@ -88,7 +88,7 @@ def test_cached_greedy_decoding_follows_transformers(name: str) -> None:
         prompt = z[f"prompt{int(z[f'gen{j}_prompt_index'])}_ids"].tolist()
         new = z[f"gen{j}_new_ids"].tolist()
         margins = z[f"gen{j}_step_margin"]
-        session = Session(g.model, threads=1)
+        session = Session(g.model, threads=1, kv_cache="f32")
         sampler = Sampler(temperature=0.0)
         session.prefill(prompt)
         for i, want in enumerate(new):
@@ -130,7 +130,7 @@ def test_prefix_reuse_gives_the_same_logits() -> None:
     g, z = generator("tiny-mha-packed"), expected("tiny-mha-packed")
     ids = z["prompt3_ids"].tolist()
     full = g.logits(ids)
-    s = Session(g.model, threads=2)
+    s = Session(g.model, threads=2, kv_cache="f32")
     assert s.prefill(ids[:25]) == 25
     assert s.prefill(ids) == len(ids) - 25  # only the new tokens run
     last = s.last_logits()
@@ -166,12 +166,14 @@ def test_config_is_read() -> None:
 
 
 def test_int8_head_is_close_and_smaller() -> None:
-    """The int8 head (opt-in) against the bf16 one on a fixture: the bound is
-    what was measured on these tiny models (hidden 64: the per-row int8 steps
-    are coarse), and a 1-token prompt isolates the head's own error."""
+    """The int8 head (the default) against the bf16 one on a fixture: the
+    bound is what was measured on these tiny random models (hidden 64: the
+    per-row int8 steps are coarse; on the bundled real model the perplexity
+    moves by 0.02 %, tests/test_bundled.py), and a 1-token prompt isolates the
+    head's own error."""
     path = FIXTURES / "tiny-gqa-packed"
-    exact = Generator.from_pretrained(path, head="bf16")
-    fast = Generator.from_pretrained(path, head="int8")
+    exact = Generator.from_pretrained(path, head="bf16", kv_cache="f32")
+    fast = Generator.from_pretrained(path, head="int8", kv_cache="f32")
     la, lb = exact.logits([509]), fast.logits([509])
     assert np.abs(la - lb).max() < 1.0
     assert np.abs(la - lb).mean() < 0.2

@@ -143,10 +143,19 @@ class Session:
     """One sequence on a model: KV cache for n_ctx positions and the tokens in it."""
 
     def __new__(
-        cls, model: Model, *, n_ctx: int | None = None, threads: int | None = None
+        cls,
+        model: Model,
+        *,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        kv_cache: str = "f16",
     ) -> Session: ...
     @property
     def n_ctx(self) -> int: ...
+    @property
+    def kv_cache(self) -> str: ...
+    @property
+    def cache_bytes(self) -> int: ...
     @property
     def threads(self) -> int: ...
     @property

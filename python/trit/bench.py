@@ -38,6 +38,8 @@ class BenchResult:
     model: str
     model_size: int  # bytes of weights in memory
     head: str  # precision of the output head
+    type_k: str  # KV cache precision (llama-bench's name; keys and values alike)
+    type_v: str
     n_threads: int
     n_prompt: int  # tokens of a pp test (0 for tg)
     n_gen: int  # tokens of a tg test (0 for pp)
@@ -114,6 +116,7 @@ def run(
     seed: int = 0,
     progress: object = None,
     head: str = "int8",
+    kv_cache: str = "f16",
 ) -> list[BenchResult]:
     """Runs every test for every thread count; see the module docstring."""
     if (model is None) == (synthetic_name is None):
@@ -159,19 +162,24 @@ def run(
     kernel = active_kernel()
 
     results = []
+    # Bytes of keys and values one cached position adds to every token's reads.
+    kv_per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+    kv_per_position *= 2 if kv_cache == "f16" else 4
     for n_threads in threads:
         bandwidth = bandwidths[n_threads]
-        roofline = bandwidth * 1e9 / per_token
-        session = Session(loaded, n_ctx=longest, threads=n_threads)
+        session = Session(loaded, n_ctx=longest, threads=n_threads, kv_cache=kv_cache)
         for n_p, n_g, depth, seconds in _timings(
             session, ids, n_prompt, n_gen, depths, repetitions, say, n_threads
         ):
             avg, sd, rates = _summary(n_p or n_g, seconds)
+            roofline = bandwidth * 1e9 / (per_token + kv_per_position * depth)
             results.append(
                 BenchResult(
                     model=label,
                     model_size=size,
                     head=head,
+                    type_k=kv_cache,
+                    type_v=kv_cache,
                     n_threads=n_threads,
                     n_prompt=n_p,
                     n_gen=n_g,
@@ -235,14 +243,15 @@ def _gib(n: int) -> str:
 def markdown(results: Sequence[BenchResult]) -> str:
     """A llama-bench style table, plus the memory and load figures."""
     lines = [
-        "| model | size | head | kernel | threads | test | t/s | roofline t/s | of roofline |",
-        "|---|---:|---|---|---:|---|---:|---:|---:|",
+        "| model | size | head | kv | kernel | threads | test | t/s | roofline t/s | of roofline |",
+        "|---|---:|---|---|---|---:|---|---:|---:|---:|",
     ]
     for r in results:
         frac = f"{100 * r.roofline_fraction:.0f} %" if r.n_gen else ""
         roof = f"{r.roofline_ts:.1f}" if r.n_gen else ""
         lines.append(
-            f"| {r.model} | {_gib(r.model_size)} | {r.head} | {r.kernel} | {r.n_threads} "
+            f"| {r.model} | {_gib(r.model_size)} | {r.head} | {r.type_k} | {r.kernel} "
+            f"| {r.n_threads} "
             f"| {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {roof} | {frac} |"
         )
     if results:

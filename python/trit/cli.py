@@ -28,16 +28,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-c", "--ctx", "--n-ctx", type=int, help="context size (default: the model's maximum)"
     )
-    _add_head_arg(p)
+    _add_precision_args(p)
 
 
-def _add_head_arg(p: argparse.ArgumentParser) -> None:
+def _add_precision_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--head",
         choices=["int8", "bf16"],
         default="int8",
         help="output head precision: int8 (default, half the bytes per token) or bf16 "
         "(as stored: transformers' exact logits)",
+    )
+    p.add_argument(
+        "--kv-cache",
+        choices=["f16", "f32"],
+        default="f16",
+        help="KV cache precision: f16 (default, half the bytes attention reads) or f32 "
+        "(exact: transformers' attention)",
     )
 
 
@@ -64,7 +71,12 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace) -> Generator:
     return Generator.from_pretrained(
-        args.model, threads=args.threads, n_ctx=args.ctx, revision=args.revision, head=args.head
+        args.model,
+        threads=args.threads,
+        n_ctx=args.ctx,
+        revision=args.revision,
+        head=args.head,
+        kv_cache=args.kv_cache,
     )
 
 
@@ -173,6 +185,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             depths=args.ctx,
             repetitions=args.repetitions,
             head=args.head,
+            kv_cache=args.kv_cache,
             progress=None if args.json else (lambda msg: print(f"[{msg}]", file=sys.stderr)),
         )
     except ValueError as exc:
@@ -276,7 +289,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, help="worker threads (default: physical cores)")
     p.add_argument("-c", "--ctx", type=int, help="tokens per window (default: the model's maximum)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx / 2)")
-    _add_head_arg(p)
+    _add_precision_args(p)
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="measure prompt and generation speed (llama-bench style)")
@@ -294,7 +307,7 @@ def _parser() -> argparse.ArgumentParser:
         "--ctx", type=_int_list, default=[0], help="tokens in the cache before tg (default 0)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _add_head_arg(p)
+    _add_precision_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

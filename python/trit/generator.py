@@ -113,13 +113,17 @@ class Generator:
         n_ctx: int | None = None,
         revision: str | None = None,
         head: str = "int8",
+        kv_cache: str = "f16",
     ) -> Generator:
         """Loads a local folder or a Hugging Face repo id; with no name, the
         model that ships with trit (`trit.models`). `n_ctx` (default: the
         model's max_position_embeddings) sets the context size; `threads` the
         worker threads (default: TRIT_NUM_THREADS or the physical cores);
         `head` the output head's precision: "int8" (default: half the bytes
-        per generated token) or "bf16" (as stored: transformers' logits)."""
+        per generated token) or "bf16" (as stored: transformers' logits);
+        `kv_cache` the KV cache's: "f16" (default: half the bytes attention
+        reads) or "f32" (transformers' attention). With head="bf16" and
+        kv_cache="f32" the logits are transformers' own (README, "Precision")."""
         if name_or_path is None:
             if revision is not None:
                 raise InvalidInputError("revision= needs a Hub repo id")
@@ -127,7 +131,7 @@ class Generator:
         folder = resolve(name_or_path, revision=revision)
         tokenizer = Tokenizer(folder)
         model = load_model(folder, threads=threads, head=head)
-        session = Session(model, n_ctx=n_ctx, threads=threads)
+        session = Session(model, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
         return cls(model, tokenizer, session, _eos_ids(folder, tokenizer))
 
     @property

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
-use super::cache::KvCache;
-use super::ops::{relu2_glu, rms_norm, rms_norm_rows, softmax, Rope};
-use super::tensor::dot_f32;
+use super::attention::{attend, AttentionPath};
+use super::cache::{KvCache, KvType};
+use super::ops::{relu2_glu, rms_norm, rms_norm_rows, Rope};
 use super::weights::Model;
 use crate::error::{Result, TritError};
 use crate::kernels::{matmul_into, Kernel, QuantizedActivations};
@@ -62,6 +62,7 @@ pub struct Session {
     model: Arc<Model>,
     pool: Arc<ThreadPool>,
     kernel: Kernel,
+    attention_path: AttentionPath,
     rope: Rope,
     cache: KvCache,
     /// The tokens whose keys and values are in the cache, in order.
@@ -73,8 +74,14 @@ pub struct Session {
 
 impl Session {
     /// A session of up to `n_ctx` positions (at most the model's
-    /// max_position_embeddings), running on `threads` threads (None: default).
-    pub fn new(model: Arc<Model>, n_ctx: Option<usize>, threads: Option<usize>) -> Result<Self> {
+    /// max_position_embeddings), running on `threads` threads (None: default),
+    /// its cache holding keys and values as `kv`.
+    pub fn new(
+        model: Arc<Model>,
+        n_ctx: Option<usize>,
+        threads: Option<usize>,
+        kv: KvType,
+    ) -> Result<Self> {
         let c = &model.config;
         let n_ctx = n_ctx.unwrap_or(c.max_position_embeddings);
         if n_ctx == 0 || n_ctx > c.max_position_embeddings {
@@ -86,7 +93,7 @@ impl Session {
         let pool = threads::pool(threads)?;
         let kernel = Kernel::active()?;
         let rope = Rope::new(c.head_dim, c.rope_theta, n_ctx);
-        let cache = KvCache::new(c.num_layers, c.num_kv_heads, n_ctx, c.head_dim);
+        let cache = KvCache::new(c.num_layers, c.num_kv_heads, n_ctx, c.head_dim, kv);
         let scratch = Scratch {
             scores: vec![0.0; c.num_heads * n_ctx],
             normed: vec![0.0; c.hidden_size],
@@ -96,6 +103,7 @@ impl Session {
             model,
             pool,
             kernel,
+            attention_path: AttentionPath::for_kernel(kernel),
             rope,
             cache,
             tokens: Vec::new(),
@@ -267,6 +275,7 @@ impl Session {
                 }
             }
             attention(
+                self.attention_path,
                 &self.cache,
                 l,
                 c.num_heads,
@@ -366,6 +375,11 @@ impl Session {
     pub fn cache_bytes(&self) -> usize {
         self.cache.nbytes()
     }
+
+    /// What the KV cache stores keys and values as.
+    pub fn kv_type(&self) -> KvType {
+        self.cache.kind()
+    }
 }
 
 /// Causal attention of a batch of `t_len` tokens at positions `start..` over
@@ -374,6 +388,7 @@ impl Session {
 /// `scores` is [n_heads, n_ctx] scratch. Heads run in parallel.
 #[allow(clippy::too_many_arguments)]
 fn attention(
+    path: AttentionPath,
     cache: &KvCache,
     layer: usize,
     n_heads: usize,
@@ -398,23 +413,11 @@ fn attention(
             // kv head g serves query heads g*group .. (g+1)*group (repeat_kv).
             let g = h / group;
             let n_all = start + t_len;
-            let keys = cache.keys(layer, g, n_all); // [n_all, hd]
-            let values = cache.values(layer, g, n_all); // [n_all, hd]
-            for t in 0..t_len {
-                let n = start + t + 1; // causal: positions 0..=start+t
+            let (keys, values) = (cache.keys(layer, g, n_all), cache.values(layer, g, n_all));
+            for (t, o) in out_h.chunks_exact_mut(hd).enumerate() {
                 let qv = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
-                let sc = &mut sc[..n];
-                for (j, s) in sc.iter_mut().enumerate() {
-                    *s = dot_f32(qv, &keys[j * hd..(j + 1) * hd]) * scaling;
-                }
-                softmax(sc);
-                let o = &mut out_h[t * hd..(t + 1) * hd];
-                o.fill(0.0);
-                for (j, &p) in sc.iter().enumerate() {
-                    for (ov, &vv) in o.iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
-                        *ov += p * vv;
-                    }
-                }
+                // causal: positions 0..=start+t
+                attend(path, qv, keys, values, start + t + 1, scaling, sc, o);
             }
         });
 }

@@ -138,7 +138,12 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn decoding_with_the_cache_equals_the_full_pass() {
-    for mode in [QuantizationMode::Offline, QuantizationMode::Online] {
+    let cases = [
+        (QuantizationMode::Offline, KvType::F32),
+        (QuantizationMode::Online, KvType::F32),
+        (QuantizationMode::Offline, KvType::F16),
+    ];
+    for (mode, kv) in cases {
         let c = Config {
             quantization_mode: mode,
             ..tiny()
@@ -146,12 +151,12 @@ fn decoding_with_the_cache_equals_the_full_pass() {
         let m = model(&c);
         let ids = [3u32, 17, 0, 39, 8, 8, 21];
         let vocab = c.vocab_size;
-        let mut full = Session::new(m.clone(), None, Some(2)).unwrap();
+        let mut full = Session::new(m.clone(), None, Some(2), kv).unwrap();
         let all = full.logits(&ids).unwrap();
         assert_eq!(all.len(), ids.len() * vocab);
         assert!(all.iter().all(|v| v.is_finite()));
         // Prompt of 3, then one token at a time.
-        let mut s = Session::new(m.clone(), Some(16), Some(1)).unwrap();
+        let mut s = Session::new(m.clone(), Some(16), Some(1), kv).unwrap();
         assert_eq!(s.prefill(&ids[..3]).unwrap(), 3);
         assert_eq!(s.last_logits().unwrap(), &all[2 * vocab..3 * vocab]);
         for (i, &id) in ids.iter().enumerate().skip(3) {
@@ -172,7 +177,7 @@ fn decoding_with_the_cache_equals_the_full_pass() {
 fn prefix_reuse_processes_only_new_tokens() {
     let c = tiny();
     let m = model(&c);
-    let mut s = Session::new(m.clone(), None, Some(2)).unwrap();
+    let mut s = Session::new(m.clone(), None, Some(2), KvType::F32).unwrap();
     assert_eq!(s.prefill(&[1, 2, 3, 4]).unwrap(), 4);
     assert_eq!(s.prefill(&[1, 2, 3, 4, 5, 6]).unwrap(), 2);
     let reused = s.last_logits().unwrap().to_vec();
@@ -181,7 +186,7 @@ fn prefix_reuse_processes_only_new_tokens() {
     assert_eq!(s.last_logits().unwrap(), &reused[..]);
     // Diverging at position 2: positions 2.. are recomputed.
     assert_eq!(s.prefill(&[1, 2, 9, 4]).unwrap(), 2);
-    let mut fresh = Session::new(m, None, Some(2)).unwrap();
+    let mut fresh = Session::new(m, None, Some(2), KvType::F32).unwrap();
     fresh.prefill(&[1, 2, 3, 4, 5, 6]).unwrap();
     assert_eq!(max_diff(fresh.last_logits().unwrap(), &reused), 0.0);
 }
@@ -196,9 +201,9 @@ fn long_prompts_run_in_batches() {
     let ids: Vec<u32> = (0..session::MAX_BATCH as u32 + 30)
         .map(|i| (i * 7) % 40)
         .collect();
-    let mut a = Session::new(m.clone(), None, Some(2)).unwrap();
+    let mut a = Session::new(m.clone(), None, Some(2), KvType::F32).unwrap();
     let all = a.logits(&ids).unwrap();
-    let mut b = Session::new(m, None, Some(2)).unwrap();
+    let mut b = Session::new(m, None, Some(2), KvType::F32).unwrap();
     b.prefill(&ids).unwrap();
     let last = &all[(ids.len() - 1) * c.vocab_size..];
     assert_eq!(b.last_logits().unwrap(), last);
@@ -208,7 +213,7 @@ fn long_prompts_run_in_batches() {
 fn refuses_bad_input_before_any_work() {
     let c = tiny();
     let m = model(&c);
-    let mut s = Session::new(m.clone(), Some(4), Some(1)).unwrap();
+    let mut s = Session::new(m.clone(), Some(4), Some(1), KvType::F32).unwrap();
     let err = s.prefill(&[1, 2, 3, 4, 5]).unwrap_err();
     assert!(err.to_string().contains("n_ctx = 4"), "{err}");
     assert!(s.tokens().is_empty());
@@ -220,8 +225,8 @@ fn refuses_bad_input_before_any_work() {
         .contains("vocabulary"));
     s.prefill(&[1, 2, 3, 4]).unwrap();
     assert!(s.push(5).unwrap_err().to_string().contains("full"));
-    assert!(Session::new(m.clone(), Some(0), None).is_err());
-    assert!(Session::new(m, Some(c.max_position_embeddings + 1), None).is_err());
+    assert!(Session::new(m.clone(), Some(0), None, KvType::F32).is_err());
+    assert!(Session::new(m, Some(c.max_position_embeddings + 1), None, KvType::F32).is_err());
 }
 
 #[test]
@@ -319,13 +324,31 @@ fn an_int8_head_is_quantized_straight_from_the_checkpoint() {
     assert!(int8.weight_bytes() < exact.weight_bytes());
     // Logits stay close to the exact head's (1 % of their spread).
     let ids = [1u32, 5, 9];
-    let mut a = Session::new(Arc::new(exact), None, Some(1)).unwrap();
-    let mut b = Session::new(Arc::new(int8), None, Some(1)).unwrap();
+    let mut a = Session::new(Arc::new(exact), None, Some(1), KvType::F32).unwrap();
+    let mut b = Session::new(Arc::new(int8), None, Some(1), KvType::F32).unwrap();
     let (la, lb) = (a.logits(&ids).unwrap(), b.logits(&ids).unwrap());
     let spread = la.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     assert!(
         max_diff(&la, &lb) < 0.25 * spread,
         "{} vs {spread}",
         max_diff(&la, &lb)
+    );
+}
+
+#[test]
+fn an_f16_cache_is_close_to_the_f32_one_and_half_its_size() {
+    let c = tiny();
+    let m = model(&c);
+    let ids = [3u32, 17, 0, 39, 8, 8, 21, 5, 5, 30];
+    let mut exact = Session::new(m.clone(), Some(32), Some(1), KvType::F32).unwrap();
+    let mut half = Session::new(m, Some(32), Some(1), KvType::F16).unwrap();
+    assert_eq!(half.kv_type(), KvType::F16);
+    assert_eq!(2 * half.cache_bytes(), exact.cache_bytes());
+    let (a, b) = (exact.logits(&ids).unwrap(), half.logits(&ids).unwrap());
+    let spread = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(
+        max_diff(&a, &b) < 0.05 * spread,
+        "{} vs {spread}",
+        max_diff(&a, &b)
     );
 }

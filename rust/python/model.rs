@@ -309,16 +309,34 @@ pub(super) struct PySession {
 #[pymethods]
 impl PySession {
     #[new]
-    #[pyo3(signature = (model, *, n_ctx=None, threads=None))]
-    fn new(model: &PyModel, n_ctx: Option<usize>, threads: Option<usize>) -> PyResult<Self> {
+    #[pyo3(signature = (model, *, n_ctx=None, threads=None, kv_cache="f16"))]
+    fn new(
+        model: &PyModel,
+        n_ctx: Option<usize>,
+        threads: Option<usize>,
+        kv_cache: &str,
+    ) -> PyResult<Self> {
+        let kv = model::KvType::parse(kv_cache).py()?;
         Ok(PySession {
-            inner: model::Session::new(model.inner.clone(), n_ctx, threads).py()?,
+            inner: model::Session::new(model.inner.clone(), n_ctx, threads, kv).py()?,
         })
     }
 
     #[getter]
     fn n_ctx(&self) -> usize {
         self.inner.n_ctx()
+    }
+
+    /// What the KV cache stores keys and values as: "f16" or "f32".
+    #[getter]
+    fn kv_cache(&self) -> &'static str {
+        self.inner.kv_type().name()
+    }
+
+    /// Bytes of the KV cache.
+    #[getter]
+    fn cache_bytes(&self) -> usize {
+        self.inner.cache_bytes()
     }
 
     #[getter]

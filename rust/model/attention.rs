@@ -1,0 +1,555 @@
+//! One query head attending to the cached keys and values of its KV head:
+//! `out = Σ_j softmax_j(q · k_j · scaling) v_j`, in f32 whatever the cache
+//! stores.
+//!
+//! `scalar` defines the result; the AVX2 twin (with FMA and F16C) performs the
+//! very same floating-point operations in the same order — sums kept in eight
+//! lanes and reduced by the same tree, fused multiply-adds where the scalar
+//! code has `mul_add`, the same polynomial exp — so the two agree to the bit
+//! and the tests compare them exactly. The softmax is normalized once at the
+//! end (`Σ e_j v_j / Σ e_j`) rather than per weight: the same value up to
+//! rounding, and `n` fewer divisions.
+
+use super::cache::{KvElement, KvRows};
+use crate::kernels::Kernel;
+
+/// Which implementation runs attention; chosen once per session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionPath {
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl AttentionPath {
+    /// The SIMD path wherever the matmul kernel is not forced to `scalar`
+    /// and the CPU has the instructions; the scalar one otherwise.
+    pub fn for_kernel(kernel: Kernel) -> AttentionPath {
+        #[cfg(target_arch = "x86_64")]
+        if kernel != Kernel::Scalar && AttentionPath::Avx2.is_supported() {
+            return AttentionPath::Avx2;
+        }
+        let _ = kernel;
+        AttentionPath::Scalar
+    }
+
+    pub fn is_supported(self) -> bool {
+        match self {
+            AttentionPath::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            AttentionPath::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+        }
+    }
+}
+
+/// Attention of query `q` ([hd]) over positions 0..n of `keys` and `values`
+/// ([n, hd] each); writes `out` ([hd]). `scores` is scratch of at least n.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    path: AttentionPath,
+    q: &[f32],
+    keys: KvRows<'_>,
+    values: KvRows<'_>,
+    n: usize,
+    scaling: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    assert!(n >= 1 && scores.len() >= n && out.len() == hd);
+    match (keys, values) {
+        (KvRows::F32(k), KvRows::F32(v)) => {
+            attend_typed(path, q, &k[..n * hd], &v[..n * hd], scaling, scores, out)
+        }
+        (KvRows::F16(k), KvRows::F16(v)) => {
+            attend_typed(path, q, &k[..n * hd], &v[..n * hd], scaling, scores, out)
+        }
+        _ => unreachable!("keys and values share the cache's type"),
+    }
+}
+
+fn attend_typed<T: KvElement + simd::Load>(
+    path: AttentionPath,
+    q: &[f32],
+    keys: &[T],
+    values: &[T],
+    scaling: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    match path {
+        AttentionPath::Scalar => scalar::attend(q, keys, values, scaling, scores, out),
+        #[cfg(target_arch = "x86_64")]
+        AttentionPath::Avx2 => {
+            assert!(path.is_supported(), "AVX2 attention on a CPU without it");
+            // SAFETY: the CPU has AVX2, FMA and F16C (asserted just above).
+            unsafe { simd::attend(q, keys, values, scaling, scores, out) }
+        }
+    }
+}
+
+/// Sum of eight lanes in the order `_mm256` code reduces them:
+/// halves first (l + l+4), then quarters, then the last pair.
+#[inline(always)]
+fn reduce_lanes(a: [f32; 8]) -> f32 {
+    let b = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    let c = [b[0] + b[2], b[1] + b[3]];
+    c[0] + c[1]
+}
+
+/// Cephes' single-precision exp: `x = n ln2 + r`, |r| <= ln2 / 2, a degree-5
+/// polynomial for exp(r) - 1 - r, then a scaling by 2^n. Within 2 ulp of the
+/// true value on [-87, 88]; inputs are clamped to that range (exp(-87) is
+/// 1.6e-38, nothing beside the softmax's largest weight, 1).
+pub mod exp_consts {
+    pub const MIN: f32 = -87.0;
+    pub const MAX: f32 = 88.0;
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    pub const LN2_HI: f32 = 0.693_359_4;
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    pub const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ];
+}
+
+pub mod scalar {
+    use super::exp_consts as c;
+    use super::{reduce_lanes, KvElement};
+
+    /// exp(x) as the SIMD paths compute it, lane by lane.
+    #[inline(always)]
+    pub fn exp(x: f32) -> f32 {
+        // Not `clamp`: a NaN becomes MIN here, as `vmaxps` makes it.
+        #[allow(clippy::manual_clamp)]
+        let x = x.max(c::MIN).min(c::MAX);
+        let n = (x * c::LOG2E).round_ties_even();
+        let r = (-n).mul_add(c::LN2_HI, x);
+        let r = (-n).mul_add(c::LN2_LO, r);
+        let mut p = c::P[0];
+        for &coef in &c::P[1..] {
+            p = p.mul_add(r, coef);
+        }
+        let y = p.mul_add(r * r, r) + 1.0;
+        y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    }
+
+    /// Σ_d q[d] · k[d]: eight lanes of fused multiply-adds, reduced, then
+    /// the last hd % 8 products one by one.
+    #[inline(always)]
+    pub fn dot<T: KvElement>(q: &[f32], k: &[T]) -> f32 {
+        let full = q.len() / 8 * 8;
+        let mut acc = [0.0f32; 8];
+        for c in (0..full).step_by(8) {
+            for l in 0..8 {
+                acc[l] = q[c + l].mul_add(k[c + l].to_f32(), acc[l]);
+            }
+        }
+        let mut total = reduce_lanes(acc);
+        for d in full..q.len() {
+            total = q[d].mul_add(k[d].to_f32(), total);
+        }
+        total
+    }
+
+    /// Σ x in eight lanes, reduced, then the tail.
+    #[inline(always)]
+    pub fn sum(x: &[f32]) -> f32 {
+        let full = x.len() / 8 * 8;
+        let mut acc = [0.0f32; 8];
+        for c in (0..full).step_by(8) {
+            for l in 0..8 {
+                acc[l] += x[c + l];
+            }
+        }
+        let mut total = reduce_lanes(acc);
+        for &v in &x[full..] {
+            total += v;
+        }
+        total
+    }
+
+    /// The definition: see the module's comment.
+    pub fn attend<T: KvElement>(
+        q: &[f32],
+        keys: &[T],   // [n, hd]
+        values: &[T], // [n, hd]
+        scaling: f32,
+        scores: &mut [f32],
+        out: &mut [f32], // [hd]
+    ) {
+        let hd = q.len();
+        let n = keys.len() / hd;
+        let scores = &mut scores[..n];
+        for (j, s) in scores.iter_mut().enumerate() {
+            *s = dot(q, &keys[j * hd..(j + 1) * hd]) * scaling;
+        }
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        for s in scores.iter_mut() {
+            *s = exp(*s - max);
+        }
+        let total = sum(scores);
+        for (d, o) in out.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for (j, &e) in scores.iter().enumerate() {
+                acc = e.mul_add(values[j * hd + d].to_f32(), acc);
+            }
+            *o = acc / total;
+        }
+    }
+}
+
+mod simd {
+    use super::super::cache::F16;
+
+    /// Loads eight cached values as f32.
+    pub trait Load: Sized {
+        /// # Safety
+        /// `p` points at 8 readable elements; the CPU has AVX2 and F16C.
+        #[cfg(target_arch = "x86_64")]
+        unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    }
+
+    impl Load for f32 {
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+            // SAFETY: per the trait's contract.
+            unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+        }
+    }
+
+    impl Load for F16 {
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn load8(p: *const F16) -> std::arch::x86_64::__m256 {
+            use std::arch::x86_64::*;
+            // SAFETY: per the trait's contract; F16 is a transparent u16.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    pub use x86::attend;
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        use super::super::exp_consts as c;
+        use super::super::scalar;
+        use super::super::KvElement;
+        use super::Load;
+
+        #[inline(always)]
+        unsafe fn reduce(v: __m256) -> f32 {
+            // (l + l+4), then (l + l+2), then the pair: as `reduce_lanes`.
+            let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+            _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)))
+        }
+
+        #[inline(always)]
+        unsafe fn exp8(x: __m256) -> __m256 {
+            let x = _mm256_min_ps(
+                _mm256_max_ps(x, _mm256_set1_ps(c::MIN)),
+                _mm256_set1_ps(c::MAX),
+            );
+            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(x, _mm256_set1_ps(c::LOG2E)),
+            );
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(c::LN2_HI), x);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(c::LN2_LO), r);
+            let mut p = _mm256_set1_ps(c::P[0]);
+            for &coef in &c::P[1..] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(coef));
+            }
+            let y = _mm256_add_ps(
+                _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+                _mm256_set1_ps(1.0),
+            );
+            let exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+            _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(exponent)))
+        }
+
+        /// `scalar::attend`, eight lanes at a time.
+        ///
+        /// # Safety
+        /// The CPU must support AVX2, FMA and F16C.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn attend<T: KvElement + Load>(
+            q: &[f32],
+            keys: &[T],
+            values: &[T],
+            scaling: f32,
+            scores: &mut [f32],
+            out: &mut [f32],
+        ) {
+            let hd = q.len();
+            let n = keys.len() / hd;
+            assert!(values.len() == keys.len() && scores.len() >= n && out.len() == hd);
+            let full = hd / 8 * 8;
+            let (qp, kp, vp) = (q.as_ptr(), keys.as_ptr(), values.as_ptr());
+
+            // Scores, four keys at a time so that four FMA chains overlap.
+            let mut j = 0;
+            while j < n {
+                let keys_now = (n - j).min(4);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for c in (0..full).step_by(8) {
+                    let qv = _mm256_loadu_ps(qp.add(c));
+                    for (u, a) in acc.iter_mut().enumerate().take(keys_now) {
+                        *a = _mm256_fmadd_ps(qv, T::load8(kp.add((j + u) * hd + c)), *a);
+                    }
+                }
+                for (u, &a) in acc.iter().enumerate().take(keys_now) {
+                    let k = &keys[(j + u) * hd..(j + u + 1) * hd];
+                    let mut total = reduce(a);
+                    for d in full..hd {
+                        total = q[d].mul_add(k[d].to_f32(), total);
+                    }
+                    scores[j + u] = total * scaling;
+                }
+                j += keys_now;
+            }
+
+            // exp(s - max) and their sum.
+            let scores = &mut scores[..n];
+            let full_n = n / 8 * 8;
+            let mut max8 = _mm256_set1_ps(f32::NEG_INFINITY);
+            for c in (0..full_n).step_by(8) {
+                max8 = _mm256_max_ps(max8, _mm256_loadu_ps(scores.as_ptr().add(c)));
+            }
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), max8);
+            let max = lanes
+                .iter()
+                .chain(&scores[full_n..])
+                .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let max8 = _mm256_set1_ps(max);
+            let mut sum8 = _mm256_setzero_ps();
+            for c in (0..full_n).step_by(8) {
+                let p = scores.as_mut_ptr().add(c);
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), max8));
+                _mm256_storeu_ps(p, e);
+                sum8 = _mm256_add_ps(sum8, e);
+            }
+            let mut total = reduce(sum8);
+            for s in &mut scores[full_n..] {
+                *s = scalar::exp(*s - max);
+                total += *s;
+            }
+
+            // Σ e_j v_j: 64 outputs (eight registers) per pass over the values,
+            // then 8 at a time, then the last hd % 8 one by one.
+            let total8 = _mm256_set1_ps(total);
+            let mut d = 0;
+            while d + 64 <= full {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (j, &e) in scores.iter().enumerate() {
+                    let e = _mm256_set1_ps(e);
+                    let row = vp.add(j * hd + d);
+                    for (b, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(e, T::load8(row.add(8 * b)), *a);
+                    }
+                }
+                for (b, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(d + 8 * b), _mm256_div_ps(*a, total8));
+                }
+                d += 64;
+            }
+            while d < full {
+                let mut acc = _mm256_setzero_ps();
+                for (j, &e) in scores.iter().enumerate() {
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(e), T::load8(vp.add(j * hd + d)), acc);
+                }
+                _mm256_storeu_ps(out.as_mut_ptr().add(d), _mm256_div_ps(acc, total8));
+                d += 8;
+            }
+            for (d, o) in out.iter_mut().enumerate().skip(full) {
+                let mut acc = 0.0f32;
+                for (j, &e) in scores.iter().enumerate() {
+                    acc = e.mul_add(values[j * hd + d].to_f32(), acc);
+                }
+                *o = acc / total;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::cache::F16;
+    use super::*;
+
+    fn paths() -> Vec<AttentionPath> {
+        let mut p = vec![AttentionPath::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if AttentionPath::Avx2.is_supported() {
+            p.push(AttentionPath::Avx2);
+        }
+        p
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn float(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+    }
+
+    /// The textbook formula in f64: softmax weights, then their sum of values.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], scaling: f32) -> Vec<f64> {
+        let hd = q.len();
+        let n = k.len() / hd;
+        let s: Vec<f64> = (0..n)
+            .map(|j| {
+                (0..hd)
+                    .map(|d| f64::from(q[d]) * f64::from(k[j * hd + d]))
+                    .sum::<f64>()
+                    * f64::from(scaling)
+            })
+            .collect();
+        let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+        let total: f64 = e.iter().sum();
+        (0..hd)
+            .map(|d| (0..n).map(|j| e[j] * f64::from(v[j * hd + d])).sum::<f64>() / total)
+            .collect()
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = f64::from(x).exp();
+            let got = f64::from(scalar::exp(x));
+            assert!(
+                ((got - want) / want).abs() < 2.5e-7,
+                "exp({x}) = {got}, want {want}"
+            );
+            x += 0.000_37;
+        }
+        assert_eq!(scalar::exp(0.0), 1.0);
+        assert!(scalar::exp(-1000.0) < 1e-37);
+        assert_eq!(scalar::exp(f32::NEG_INFINITY), scalar::exp(-87.0));
+    }
+
+    #[test]
+    fn every_path_equals_scalar_bit_for_bit_and_the_formula() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for &(hd, n) in &[
+            (128usize, 1usize),
+            (128, 7),
+            (128, 300),
+            (64, 33),
+            (16, 5),
+            (8, 9),
+            (12, 17),
+            (3, 4),
+            (72, 65),
+            (200, 11),
+        ] {
+            let scaling = (hd as f32).powf(-0.5);
+            // Scores of several units: a peaked softmax, as in real models.
+            let q: Vec<f32> = (0..hd).map(|_| 3.0 * rng.float()).collect();
+            let k: Vec<f32> = (0..n * hd).map(|_| 3.0 * rng.float()).collect();
+            let v: Vec<f32> = (0..n * hd).map(|_| rng.float()).collect();
+            let k16: Vec<F16> = k.iter().map(|&x| F16::from_f32(x)).collect();
+            let v16: Vec<F16> = v.iter().map(|&x| F16::from_f32(x)).collect();
+            let want = reference(&q, &k, &v, scaling);
+            let mut first: Option<Vec<f32>> = None;
+            for path in paths() {
+                let mut scores = vec![0.0; n + 3];
+                let mut out = vec![0.0; hd];
+                attend(
+                    path,
+                    &q,
+                    KvRows::F32(&k),
+                    KvRows::F32(&v),
+                    n,
+                    scaling,
+                    &mut scores,
+                    &mut out,
+                );
+                for (d, (&o, &w)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (f64::from(o) - w).abs() < 1e-5,
+                        "{path:?} hd {hd} n {n} d {d}"
+                    );
+                }
+                match &first {
+                    None => first = Some(out.clone()),
+                    Some(f) => assert_eq!(f, &out, "{path:?} hd {hd} n {n}"),
+                }
+            }
+            // f16: the same agreement between paths, and close to the f32 result.
+            let mut first16: Option<Vec<f32>> = None;
+            for path in paths() {
+                let mut scores = vec![0.0; n];
+                let mut out = vec![0.0; hd];
+                attend(
+                    path,
+                    &q,
+                    KvRows::F16(&k16),
+                    KvRows::F16(&v16),
+                    n,
+                    scaling,
+                    &mut scores,
+                    &mut out,
+                );
+                for (d, (&o, &w)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (f64::from(o) - w).abs() < 1e-2,
+                        "f16 {path:?} hd {hd} n {n} d {d}"
+                    );
+                }
+                match &first16 {
+                    None => first16 = Some(out.clone()),
+                    Some(f) => assert_eq!(f, &out, "f16 {path:?} hd {hd} n {n}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_first_n_positions_count() {
+        let (hd, n) = (16, 3);
+        let q = vec![0.5f32; hd];
+        let mut k = vec![0.1f32; 5 * hd];
+        let mut v = vec![1.0f32; 5 * hd];
+        // Positions past n hold huge values that must not leak in.
+        k[n * hd..].fill(100.0);
+        v[n * hd..].fill(-1e6);
+        for path in paths() {
+            let mut scores = vec![0.0; 5];
+            let mut out = vec![0.0; hd];
+            attend(
+                path,
+                &q,
+                KvRows::F32(&k),
+                KvRows::F32(&v),
+                n,
+                0.25,
+                &mut scores,
+                &mut out,
+            );
+            assert!(
+                out.iter().all(|&o| (o - 1.0).abs() < 1e-6),
+                "{path:?}: {out:?}"
+            );
+        }
+    }
+}
