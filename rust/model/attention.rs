@@ -47,48 +47,107 @@ impl AttentionPath {
     }
 }
 
-/// Attention of query `q` ([hd]) over positions 0..n of `keys` and `values`
-/// ([n, hd] each); writes `out` ([hd]). `scores` is scratch of at least n.
+/// Attention of the query heads that share one KV head (a GQA group) over
+/// positions 0..n of `keys` and `values` ([>= n, hd] each). `q` is
+/// [heads, hd]; head h's scores go to `scores[h * scores_stride..][..n]`
+/// (scratch) and its output to `out[h * out_stride..][..hd]`. The SIMD path
+/// reads each key and value once for up to four heads; every head's result is
+/// exactly `scalar::attend` of that head.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(
+pub fn attend_group(
     path: AttentionPath,
     q: &[f32],
+    hd: usize,
     keys: KvRows<'_>,
     values: KvRows<'_>,
     n: usize,
     scaling: f32,
     scores: &mut [f32],
+    scores_stride: usize,
     out: &mut [f32],
+    out_stride: usize,
 ) {
-    let hd = q.len();
-    assert!(n >= 1 && scores.len() >= n && out.len() == hd);
+    assert!(hd >= 1 && n >= 1 && q.len().is_multiple_of(hd) && !q.is_empty());
+    let heads = q.len() / hd;
+    assert!(scores_stride >= n && scores.len() >= (heads - 1) * scores_stride + n);
+    assert!(out_stride >= hd && out.len() >= (heads - 1) * out_stride + hd);
+    let group = Group {
+        q,
+        hd,
+        n,
+        scaling,
+        scores,
+        scores_stride,
+        out,
+        out_stride,
+    };
     match (keys, values) {
-        (KvRows::F32(k), KvRows::F32(v)) => {
-            attend_typed(path, q, &k[..n * hd], &v[..n * hd], scaling, scores, out)
-        }
-        (KvRows::F16(k), KvRows::F16(v)) => {
-            attend_typed(path, q, &k[..n * hd], &v[..n * hd], scaling, scores, out)
-        }
+        (KvRows::F32(k), KvRows::F32(v)) => group.run(path, &k[..n * hd], &v[..n * hd]),
+        (KvRows::F16(k), KvRows::F16(v)) => group.run(path, &k[..n * hd], &v[..n * hd]),
         _ => unreachable!("keys and values share the cache's type"),
     }
 }
 
-fn attend_typed<T: KvElement + simd::Load>(
-    path: AttentionPath,
-    q: &[f32],
-    keys: &[T],
-    values: &[T],
+/// The arguments of `attend_group`, checked.
+struct Group<'a> {
+    q: &'a [f32],
+    hd: usize,
+    n: usize,
     scaling: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    match path {
-        AttentionPath::Scalar => scalar::attend(q, keys, values, scaling, scores, out),
-        #[cfg(target_arch = "x86_64")]
-        AttentionPath::Avx2 => {
-            assert!(path.is_supported(), "AVX2 attention on a CPU without it");
-            // SAFETY: the CPU has AVX2, FMA and F16C (asserted just above).
-            unsafe { simd::attend(q, keys, values, scaling, scores, out) }
+    scores: &'a mut [f32],
+    scores_stride: usize,
+    out: &'a mut [f32],
+    out_stride: usize,
+}
+
+impl Group<'_> {
+    fn run<T: KvElement + simd::Load>(self, path: AttentionPath, keys: &[T], values: &[T]) {
+        let (hd, n) = (self.hd, self.n);
+        let heads = self.q.len() / hd;
+        match path {
+            AttentionPath::Scalar => {
+                for h in 0..heads {
+                    scalar::attend(
+                        &self.q[h * hd..(h + 1) * hd],
+                        keys,
+                        values,
+                        self.scaling,
+                        &mut self.scores[h * self.scores_stride..h * self.scores_stride + n],
+                        &mut self.out[h * self.out_stride..h * self.out_stride + hd],
+                    );
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            AttentionPath::Avx2 => {
+                assert!(path.is_supported(), "AVX2 attention on a CPU without it");
+                let mut h = 0;
+                while h < heads {
+                    let take = (heads - h).min(4);
+                    let args = simd::Heads {
+                        q: self.q[h * hd..(h + take) * hd].as_ptr(),
+                        hd,
+                        n,
+                        scaling: self.scaling,
+                        // SAFETY (of the offsets): the bounds were asserted in
+                        // attend_group for every head.
+                        scores: self.scores[h * self.scores_stride..].as_mut_ptr(),
+                        scores_stride: self.scores_stride,
+                        out: self.out[h * self.out_stride..].as_mut_ptr(),
+                        out_stride: self.out_stride,
+                    };
+                    // SAFETY: the CPU has AVX2, FMA and F16C (asserted above);
+                    // `args` points at `take` heads' valid, disjoint rows.
+                    unsafe {
+                        match take {
+                            4 => simd::attend::<T, 4>(args, keys, values),
+                            3 => simd::attend::<T, 3>(args, keys, values),
+                            2 => simd::attend::<T, 2>(args, keys, values),
+                            _ => simd::attend::<T, 1>(args, keys, values),
+                        }
+                    }
+                    h += take;
+                }
+            }
         }
     }
 }
@@ -238,6 +297,21 @@ mod simd {
         }
     }
 
+    /// H query heads of one group: q [H, hd]; head h's scores at
+    /// `scores + h * scores_stride` (n of them), its output at
+    /// `out + h * out_stride` (hd of them).
+    #[cfg(target_arch = "x86_64")]
+    pub struct Heads {
+        pub q: *const f32,
+        pub hd: usize,
+        pub n: usize,
+        pub scaling: f32,
+        pub scores: *mut f32,
+        pub scores_stride: usize,
+        pub out: *mut f32,
+        pub out_stride: usize,
+    }
+
     #[cfg(target_arch = "x86_64")]
     pub use x86::attend;
 
@@ -248,7 +322,7 @@ mod simd {
         use super::super::exp_consts as c;
         use super::super::scalar;
         use super::super::KvElement;
-        use super::Load;
+        use super::{Heads, Load};
 
         #[inline(always)]
         unsafe fn reduce(v: __m256) -> f32 {
@@ -281,49 +355,45 @@ mod simd {
             _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(exponent)))
         }
 
-        /// `scalar::attend`, eight lanes at a time.
-        ///
-        /// # Safety
-        /// The CPU must support AVX2, FMA and F16C.
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn attend<T: KvElement + Load>(
-            q: &[f32],
+        /// Scores of keys j..j+K for H heads: each key is loaded (and
+        /// widened) once for all heads; H·K independent FMA chains.
+        #[inline(always)]
+        unsafe fn scores_step<T: KvElement + Load, const H: usize, const K: usize>(
+            a: &Heads,
             keys: &[T],
-            values: &[T],
-            scaling: f32,
-            scores: &mut [f32],
-            out: &mut [f32],
+            j: usize,
         ) {
-            let hd = q.len();
-            let n = keys.len() / hd;
-            assert!(values.len() == keys.len() && scores.len() >= n && out.len() == hd);
-            let full = hd / 8 * 8;
-            let (qp, kp, vp) = (q.as_ptr(), keys.as_ptr(), values.as_ptr());
-
-            // Scores, four keys at a time so that four FMA chains overlap.
-            let mut j = 0;
-            while j < n {
-                let keys_now = (n - j).min(4);
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for c in (0..full).step_by(8) {
-                    let qv = _mm256_loadu_ps(qp.add(c));
-                    for (u, a) in acc.iter_mut().enumerate().take(keys_now) {
-                        *a = _mm256_fmadd_ps(qv, T::load8(kp.add((j + u) * hd + c)), *a);
+            let (hd, full) = (a.hd, a.hd / 8 * 8);
+            let kp = keys.as_ptr();
+            let mut acc = [[_mm256_setzero_ps(); K]; H];
+            for c in (0..full).step_by(8) {
+                let mut kv = [_mm256_setzero_ps(); K];
+                for (u, k) in kv.iter_mut().enumerate() {
+                    *k = T::load8(kp.add((j + u) * hd + c));
+                }
+                for (h, acc_h) in acc.iter_mut().enumerate() {
+                    let qv = _mm256_loadu_ps(a.q.add(h * hd + c));
+                    for (u, acc_hu) in acc_h.iter_mut().enumerate() {
+                        *acc_hu = _mm256_fmadd_ps(qv, kv[u], *acc_hu);
                     }
                 }
-                for (u, &a) in acc.iter().enumerate().take(keys_now) {
-                    let k = &keys[(j + u) * hd..(j + u + 1) * hd];
-                    let mut total = reduce(a);
-                    for d in full..hd {
-                        total = q[d].mul_add(k[d].to_f32(), total);
-                    }
-                    scores[j + u] = total * scaling;
-                }
-                j += keys_now;
             }
+            for (h, acc_h) in acc.iter().enumerate() {
+                for (u, &acc_hu) in acc_h.iter().enumerate() {
+                    let k = &keys[(j + u) * hd..(j + u + 1) * hd];
+                    let mut total = reduce(acc_hu);
+                    for (d, kd) in k.iter().enumerate().skip(full) {
+                        total = (*a.q.add(h * hd + d)).mul_add(kd.to_f32(), total);
+                    }
+                    *a.scores.add(h * a.scores_stride + j + u) = total * a.scaling;
+                }
+            }
+        }
 
-            // exp(s - max) and their sum.
-            let scores = &mut scores[..n];
+        /// exp(s - max) over one head's scores, in place; returns their sum.
+        #[inline(always)]
+        unsafe fn softmax_weights(scores: &mut [f32]) -> f32 {
+            let n = scores.len();
             let full_n = n / 8 * 8;
             let mut max8 = _mm256_set1_ps(f32::NEG_INFINITY);
             for c in (0..full_n).step_by(8) {
@@ -348,39 +418,90 @@ mod simd {
                 *s = scalar::exp(*s - max);
                 total += *s;
             }
+            total
+        }
 
-            // Σ e_j v_j: 64 outputs (eight registers) per pass over the values,
-            // then 8 at a time, then the last hd % 8 one by one.
-            let total8 = _mm256_set1_ps(total);
-            let mut d = 0;
-            while d + 64 <= full {
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for (j, &e) in scores.iter().enumerate() {
-                    let e = _mm256_set1_ps(e);
-                    let row = vp.add(j * hd + d);
-                    for (b, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(e, T::load8(row.add(8 * b)), *a);
+        /// out[h][d..d+8B] = Σ_j e_h[j] v_j[d..d+8B] / total_h: each value row
+        /// is loaded (and widened) once for all heads.
+        #[inline(always)]
+        unsafe fn values_step<T: KvElement + Load, const H: usize, const B: usize>(
+            a: &Heads,
+            values: &[T],
+            d: usize,
+            totals: &[f32; H],
+        ) {
+            let vp = values.as_ptr();
+            let mut acc = [[_mm256_setzero_ps(); B]; H];
+            for j in 0..a.n {
+                let mut v = [_mm256_setzero_ps(); B];
+                for (b, vb) in v.iter_mut().enumerate() {
+                    *vb = T::load8(vp.add(j * a.hd + d + 8 * b));
+                }
+                for (h, acc_h) in acc.iter_mut().enumerate() {
+                    let e = _mm256_broadcast_ss(&*a.scores.add(h * a.scores_stride + j));
+                    for (b, acc_hb) in acc_h.iter_mut().enumerate() {
+                        *acc_hb = _mm256_fmadd_ps(e, v[b], *acc_hb);
                     }
                 }
-                for (b, a) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(out.as_mut_ptr().add(d + 8 * b), _mm256_div_ps(*a, total8));
-                }
-                d += 64;
             }
-            while d < full {
-                let mut acc = _mm256_setzero_ps();
-                for (j, &e) in scores.iter().enumerate() {
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(e), T::load8(vp.add(j * hd + d)), acc);
+            for (h, acc_h) in acc.iter().enumerate() {
+                let total = _mm256_set1_ps(totals[h]);
+                for (b, &acc_hb) in acc_h.iter().enumerate() {
+                    let o = a.out.add(h * a.out_stride + d + 8 * b);
+                    _mm256_storeu_ps(o, _mm256_div_ps(acc_hb, total));
                 }
-                _mm256_storeu_ps(out.as_mut_ptr().add(d), _mm256_div_ps(acc, total8));
-                d += 8;
             }
-            for (d, o) in out.iter_mut().enumerate().skip(full) {
-                let mut acc = 0.0f32;
-                for (j, &e) in scores.iter().enumerate() {
-                    acc = e.mul_add(values[j * hd + d].to_f32(), acc);
+        }
+
+        /// `scalar::attend` for each of H heads sharing keys and values,
+        /// eight lanes at a time.
+        ///
+        /// # Safety
+        /// The CPU must support AVX2, FMA and F16C; `a` describes H heads
+        /// whose q, score and output rows are valid and disjoint; keys and
+        /// values are [a.n, a.hd].
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn attend<T: KvElement + Load, const H: usize>(
+            a: Heads,
+            keys: &[T],
+            values: &[T],
+        ) {
+            let (hd, n) = (a.hd, a.n);
+            assert!(keys.len() == n * hd && values.len() == n * hd);
+            let full = hd / 8 * 8;
+
+            let mut j = 0;
+            while j + 2 <= n {
+                scores_step::<T, H, 2>(&a, keys, j);
+                j += 2;
+            }
+            if j < n {
+                scores_step::<T, H, 1>(&a, keys, j);
+            }
+
+            let mut totals = [0.0f32; H];
+            for (h, total) in totals.iter_mut().enumerate() {
+                let scores = std::slice::from_raw_parts_mut(a.scores.add(h * a.scores_stride), n);
+                *total = softmax_weights(scores);
+            }
+
+            let mut d = 0;
+            while d + 16 <= full {
+                values_step::<T, H, 2>(&a, values, d, &totals);
+                d += 16;
+            }
+            if d < full {
+                values_step::<T, H, 1>(&a, values, d, &totals);
+            }
+            for (h, &total) in totals.iter().enumerate() {
+                let scores = std::slice::from_raw_parts(a.scores.add(h * a.scores_stride), n);
+                for d in full..hd {
+                    let mut acc = 0.0f32;
+                    for (j, &e) in scores.iter().enumerate() {
+                        acc = e.mul_add(values[j * hd + d].to_f32(), acc);
+                    }
+                    *a.out.add(h * a.out_stride + d) = acc / total;
                 }
-                *o = acc / total;
             }
         }
     }
@@ -447,79 +568,102 @@ mod tests {
         assert_eq!(scalar::exp(f32::NEG_INFINITY), scalar::exp(-87.0));
     }
 
+    /// Runs `attend_group` on `path` with padded strides; returns each
+    /// head's output.
+    #[allow(clippy::too_many_arguments)]
+    fn run_group(
+        path: AttentionPath,
+        q: &[f32],
+        hd: usize,
+        keys: KvRows<'_>,
+        values: KvRows<'_>,
+        n: usize,
+        scaling: f32,
+    ) -> Vec<Vec<f32>> {
+        let heads = q.len() / hd;
+        let (ss, os) = (n + 5, hd + 3);
+        let mut scores = vec![0.0; heads * ss];
+        let mut out = vec![f32::NAN; heads * os];
+        attend_group(
+            path,
+            q,
+            hd,
+            keys,
+            values,
+            n,
+            scaling,
+            &mut scores,
+            ss,
+            &mut out,
+            os,
+        );
+        // The padding between rows is left alone.
+        for h in 0..heads {
+            assert!(out[h * os + hd..(h + 1) * os].iter().all(|v| v.is_nan()));
+        }
+        (0..heads)
+            .map(|h| out[h * os..h * os + hd].to_vec())
+            .collect()
+    }
+
     #[test]
     fn every_path_equals_scalar_bit_for_bit_and_the_formula() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        for &(hd, n) in &[
-            (128usize, 1usize),
-            (128, 7),
-            (128, 300),
-            (64, 33),
-            (16, 5),
-            (8, 9),
-            (12, 17),
-            (3, 4),
-            (72, 65),
-            (200, 11),
+        for &(hd, n, heads) in &[
+            (128usize, 1usize, 4usize),
+            (128, 7, 4),
+            (128, 300, 4),
+            (128, 301, 5),
+            (64, 33, 1),
+            (16, 5, 2),
+            (8, 9, 3),
+            (12, 17, 4),
+            (3, 4, 2),
+            (72, 65, 8),
+            (200, 11, 1),
         ] {
             let scaling = (hd as f32).powf(-0.5);
             // Scores of several units: a peaked softmax, as in real models.
-            let q: Vec<f32> = (0..hd).map(|_| 3.0 * rng.float()).collect();
+            let q: Vec<f32> = (0..heads * hd).map(|_| 3.0 * rng.float()).collect();
             let k: Vec<f32> = (0..n * hd).map(|_| 3.0 * rng.float()).collect();
             let v: Vec<f32> = (0..n * hd).map(|_| rng.float()).collect();
             let k16: Vec<F16> = k.iter().map(|&x| F16::from_f32(x)).collect();
             let v16: Vec<F16> = v.iter().map(|&x| F16::from_f32(x)).collect();
-            let want = reference(&q, &k, &v, scaling);
-            let mut first: Option<Vec<f32>> = None;
-            for path in paths() {
-                let mut scores = vec![0.0; n + 3];
-                let mut out = vec![0.0; hd];
-                attend(
-                    path,
-                    &q,
-                    KvRows::F32(&k),
-                    KvRows::F32(&v),
-                    n,
-                    scaling,
-                    &mut scores,
-                    &mut out,
-                );
-                for (d, (&o, &w)) in out.iter().zip(&want).enumerate() {
-                    assert!(
-                        (f64::from(o) - w).abs() < 1e-5,
-                        "{path:?} hd {hd} n {n} d {d}"
-                    );
-                }
-                match &first {
-                    None => first = Some(out.clone()),
-                    Some(f) => assert_eq!(f, &out, "{path:?} hd {hd} n {n}"),
-                }
-            }
-            // f16: the same agreement between paths, and close to the f32 result.
-            let mut first16: Option<Vec<f32>> = None;
-            for path in paths() {
+            // The definition, head by head, and the formula.
+            let mut want32 = Vec::new();
+            let mut want16 = Vec::new();
+            for h in 0..heads {
+                let qh = &q[h * hd..(h + 1) * hd];
                 let mut scores = vec![0.0; n];
                 let mut out = vec![0.0; hd];
-                attend(
+                scalar::attend(qh, &k, &v, scaling, &mut scores, &mut out);
+                let exact = reference(qh, &k, &v, scaling);
+                for (d, (&o, &w)) in out.iter().zip(&exact).enumerate() {
+                    assert!((f64::from(o) - w).abs() < 1e-5, "hd {hd} n {n} h {h} d {d}");
+                }
+                want32.push(out.clone());
+                scalar::attend(qh, &k16, &v16, scaling, &mut scores, &mut out);
+                for (d, (&o, &w)) in out.iter().zip(&exact).enumerate() {
+                    assert!(
+                        (f64::from(o) - w).abs() < 1e-2,
+                        "f16 hd {hd} n {n} h {h} d {d}"
+                    );
+                }
+                want16.push(out);
+            }
+            for path in paths() {
+                let got = run_group(path, &q, hd, KvRows::F32(&k), KvRows::F32(&v), n, scaling);
+                assert_eq!(got, want32, "{path:?} f32 hd {hd} n {n} heads {heads}");
+                let got = run_group(
                     path,
                     &q,
+                    hd,
                     KvRows::F16(&k16),
                     KvRows::F16(&v16),
                     n,
                     scaling,
-                    &mut scores,
-                    &mut out,
                 );
-                for (d, (&o, &w)) in out.iter().zip(&want).enumerate() {
-                    assert!(
-                        (f64::from(o) - w).abs() < 1e-2,
-                        "f16 {path:?} hd {hd} n {n} d {d}"
-                    );
-                }
-                match &first16 {
-                    None => first16 = Some(out.clone()),
-                    Some(f) => assert_eq!(f, &out, "f16 {path:?} hd {hd} n {n}"),
-                }
+                assert_eq!(got, want16, "{path:?} f16 hd {hd} n {n} heads {heads}");
             }
         }
     }
@@ -527,29 +671,17 @@ mod tests {
     #[test]
     fn only_the_first_n_positions_count() {
         let (hd, n) = (16, 3);
-        let q = vec![0.5f32; hd];
+        let q = vec![0.5f32; 2 * hd];
         let mut k = vec![0.1f32; 5 * hd];
         let mut v = vec![1.0f32; 5 * hd];
         // Positions past n hold huge values that must not leak in.
         k[n * hd..].fill(100.0);
         v[n * hd..].fill(-1e6);
         for path in paths() {
-            let mut scores = vec![0.0; 5];
-            let mut out = vec![0.0; hd];
-            attend(
-                path,
-                &q,
-                KvRows::F32(&k),
-                KvRows::F32(&v),
-                n,
-                0.25,
-                &mut scores,
-                &mut out,
-            );
-            assert!(
-                out.iter().all(|&o| (o - 1.0).abs() < 1e-6),
-                "{path:?}: {out:?}"
-            );
+            let out = run_group(path, &q, hd, KvRows::F32(&k), KvRows::F32(&v), n, 0.25);
+            for o in out {
+                assert!(o.iter().all(|&x| (x - 1.0).abs() < 1e-6), "{path:?}: {o:?}");
+            }
         }
     }
 }

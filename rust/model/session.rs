@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
-use super::attention::{attend, AttentionPath};
+use super::attention::{attend_group, AttentionPath};
 use super::cache::{KvCache, KvType};
 use super::ops::{relu2_glu, rms_norm, rms_norm_rows, Rope};
 use super::weights::Model;
@@ -385,7 +385,8 @@ impl Session {
 /// Causal attention of a batch of `t_len` tokens at positions `start..` over
 /// the cache (which already holds the batch's own keys and values).
 /// `q` is [T, n_heads * hd] (rotated); writes `heads` [n_heads, T, hd].
-/// `scores` is [n_heads, n_ctx] scratch. Heads run in parallel.
+/// `scores` is [n_heads, n_ctx] scratch. KV groups run in parallel: each
+/// reads its keys and values once for all the query heads it serves.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     path: AttentionPath,
@@ -406,18 +407,30 @@ fn attention(
     // after the dot product.
     let scaling = (hd as f64).powf(-0.5) as f32;
     heads
-        .par_chunks_mut(t_len * hd)
-        .zip(scores.par_chunks_mut(n_ctx))
+        .par_chunks_mut(group * t_len * hd) // [group, T, hd]
+        .zip(scores.par_chunks_mut(group * n_ctx)) // [group, n_ctx]
         .enumerate()
-        .for_each(|(h, (out_h, sc))| {
+        .for_each(|(g, (out_g, sc))| {
             // kv head g serves query heads g*group .. (g+1)*group (repeat_kv).
-            let g = h / group;
             let n_all = start + t_len;
             let (keys, values) = (cache.keys(layer, g, n_all), cache.values(layer, g, n_all));
-            for (t, o) in out_h.chunks_exact_mut(hd).enumerate() {
-                let qv = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+            for t in 0..t_len {
+                let qg = &q[t * q_dim + g * group * hd..t * q_dim + (g + 1) * group * hd];
                 // causal: positions 0..=start+t
-                attend(path, qv, keys, values, start + t + 1, scaling, sc, o);
+                let n = start + t + 1;
+                attend_group(
+                    path,
+                    qg,
+                    hd,
+                    keys,
+                    values,
+                    n,
+                    scaling,
+                    sc,
+                    n_ctx,
+                    &mut out_g[t * hd..],
+                    t_len * hd,
+                );
             }
         });
 }
