@@ -147,16 +147,20 @@ fn as_codes_mut(lines: &mut [CacheLine]) -> &mut [i8] {
     unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<i8>(), lines.len() * 64) }
 }
 
-/// `v.round_ties_even()` for |v| < 2^22, without a libm call: adding and
-/// subtracting 1.5 · 2^23 leaves no fraction bits, so the addition itself rounds,
-/// and IEEE addition rounds half to even. (The baseline x86-64 target has no
-/// rounding instruction, so `round_ties_even` is a call per value; this form
-/// vectorizes.) Larger values are not needed here: |x · s| <= 127.
+/// An int8 code: `clamp(round_half_even(v), -128, 127)`, with neither a libm
+/// call nor a float-to-integer conversion, so that it vectorizes (the baseline
+/// x86-64 target has no rounding instruction, and Rust's saturating `as` is a
+/// branchy sequence). Adding 1.5 · 2^23 to |v| <= 128 leaves no fraction bits,
+/// so IEEE addition itself rounds half to even, and the sum's low mantissa
+/// bits are the rounded value. Clamping before rounding is the same, the
+/// bounds being integers.
 #[inline(always)]
-pub(crate) fn round_half_even_small(v: f32) -> f32 {
+pub(crate) fn int8_code(v: f32) -> i8 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
-    debug_assert!(v.abs() < 4_194_304.0);
-    (v + MAGIC) - MAGIC
+                                     // max/min rather than clamp: NaN (excluded by the callers) cannot panic.
+    #[allow(clippy::manual_clamp)]
+    let v = v.max(-128.0).min(127.0);
+    ((v + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32) as i8
 }
 
 /// Quantizes one token into `q` (same length as `x`); returns its multiplier and code sum.
@@ -167,7 +171,7 @@ pub fn quantize_token(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     let mut sum = 0i32;
     for (qi, &xi) in q.iter_mut().zip(x) {
         // The clamp matters only for -128: |x * s| <= 127 up to rounding.
-        let code = round_half_even_small(xi * s).clamp(-128.0, 127.0) as i8;
+        let code = int8_code(xi * s);
         *qi = code;
         sum += i32::from(code);
     }
@@ -191,22 +195,19 @@ mod tests {
     }
 
     #[test]
-    fn fast_rounding_is_round_half_even() {
+    fn int8_codes_round_half_even_and_saturate() {
         let mut v = -300.0f32;
         while v <= 300.0 {
-            assert_eq!(round_half_even_small(v), v.round_ties_even(), "{v}");
-            v += 0.125; // every tie and its neighbours
+            let want = v.round_ties_even().clamp(-128.0, 127.0) as i8;
+            assert_eq!(int8_code(v), want, "{v}");
+            v += 0.125;
         }
-        for v in [
-            0.49999997f32,
-            -0.49999997,
-            2.5,
-            -2.5,
-            127.49999,
-            126.5,
-            -127.5,
-        ] {
-            assert_eq!(round_half_even_small(v), v.round_ties_even(), "{v}");
+        for v in [0.49999997f32, -0.49999997, 127.5, -128.5, 126.5, 1e9, -1e9] {
+            assert_eq!(
+                int8_code(v),
+                v.round_ties_even().clamp(-128.0, 127.0) as i8,
+                "{v}"
+            );
         }
     }
 

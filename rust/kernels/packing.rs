@@ -38,6 +38,36 @@ pub struct TernaryMatrix {
     blocks: Vec<PackedBlock>,
 }
 
+/// One output row from one Hugging Face packed row: the codes in bits
+/// `shift..shift + 2` of `source` ([n_in] bytes), laid out as blocks.
+fn repack_row(source: &[u8], shift: u32, row: &mut [PackedBlock]) {
+    let n_in = source.len();
+    let code = |k: usize| {
+        if k < n_in {
+            (source[k] >> shift) & 3
+        } else {
+            1
+        }
+    };
+    for (b, block) in row.iter_mut().enumerate() {
+        let k0 = b * BLOCK;
+        if k0 + BLOCK <= n_in {
+            let src = &source[k0..k0 + BLOCK];
+            for (j, byte) in block.0.iter_mut().enumerate() {
+                *byte = ((src[j] >> shift) & 3)
+                    | ((src[j + 64] >> shift) & 3) << 2
+                    | ((src[j + 128] >> shift) & 3) << 4
+                    | ((src[j + 192] >> shift) & 3) << 6;
+            }
+        } else {
+            for (j, byte) in block.0.iter_mut().enumerate() {
+                let k = k0 + j;
+                *byte = code(k) | code(k + 64) << 2 | code(k + 128) << 4 | code(k + 192) << 6;
+            }
+        }
+    }
+}
+
 /// Number of 256-weight blocks needed for `n_in` weights.
 pub fn blocks_for(n_in: usize) -> usize {
     n_in.div_ceil(BLOCK)
@@ -110,32 +140,20 @@ impl TernaryMatrix {
         let per_row = blocks_for(n_in);
         let rows = n_out / 4;
         let mut blocks = vec![PackedBlock([ZERO_BYTE; BLOCK_BYTES]); n_out * per_row];
-        for (n, row) in blocks.chunks_exact_mut(per_row).enumerate() {
-            let (shift, source) = (2 * (n / rows), &packed[(n % rows) * n_in..][..n_in]);
-            let code = |k: usize| {
-                if k < n_in {
-                    (source[k] >> shift) & 3
-                } else {
-                    1
-                }
-            };
-            for (b, block) in row.iter_mut().enumerate() {
-                let k0 = b * BLOCK;
-                if k0 + BLOCK <= n_in {
-                    let src = &source[k0..k0 + BLOCK];
-                    for (j, byte) in block.0.iter_mut().enumerate() {
-                        *byte = ((src[j] >> shift) & 3)
-                            | ((src[j + 64] >> shift) & 3) << 2
-                            | ((src[j + 128] >> shift) & 3) << 4
-                            | ((src[j + 192] >> shift) & 3) << 6;
-                    }
-                } else {
-                    for (j, byte) in block.0.iter_mut().enumerate() {
-                        let k = k0 + j;
-                        *byte =
-                            code(k) | code(k + 64) << 2 | code(k + 128) << 4 | code(k + 192) << 6;
-                    }
-                }
+        // Packed row r feeds output rows r, r + R, r + 2R and r + 3R: fill
+        // all four from one read of it (the source is read once, not four times).
+        let (quarter0, rest) = blocks.split_at_mut(rows * per_row);
+        let (quarter1, rest) = rest.split_at_mut(rows * per_row);
+        let (quarter2, quarter3) = rest.split_at_mut(rows * per_row);
+        let quarters = [quarter0, quarter1, quarter2, quarter3];
+        let mut outs: Vec<_> = quarters
+            .into_iter()
+            .map(|q| q.chunks_exact_mut(per_row))
+            .collect();
+        for source in packed.chunks_exact(n_in) {
+            for (i, out) in outs.iter_mut().enumerate() {
+                let row = out.next().expect("one output row per packed row");
+                repack_row(source, 2 * i as u32, row);
             }
         }
         Ok(TernaryMatrix {

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Result, TritError};
-use crate::kernels::activations::round_half_even_small;
+use crate::kernels::activations::int8_code;
 
 /// Element types of safetensors files that BitNet checkpoints use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -411,7 +411,8 @@ fn quantize_row_symmetric(x: &[f32], q: &mut [i8]) -> f32 {
     let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let s = 127.0f32 / absmax.max(1e-5);
     for (qi, &xi) in q.iter_mut().zip(x) {
-        *qi = round_half_even_small(xi * s).clamp(-127.0, 127.0) as i8;
+        // |x · s| <= 127 up to rounding, so only -128 needs excluding.
+        *qi = int8_code(xi * s).max(-127);
     }
     s
 }

@@ -317,20 +317,45 @@ fn scan_floats(t: &RawTensor<'_>) -> (Option<usize>, bool) {
         _ => unreachable!("scan_floats is called on float tensors"),
     };
     const CHUNK: usize = 1 << 20; // elements
-    let scan = |(c, bytes): (usize, &[u8])| {
-        let mut any_nonzero = false;
-        for (i, e) in bytes.chunks_exact(size).enumerate() {
-            let bits = if size == 2 {
-                u32::from(u16::from_le_bytes([e[0], e[1]]))
-            } else {
-                u32::from_le_bytes([e[0], e[1], e[2], e[3]])
-            };
-            if bits & exponent == exponent {
-                return (Some(c * CHUNK + i), false);
-            }
-            any_nonzero |= bits & magnitude != 0;
+    let bits = |e: &[u8]| {
+        if size == 2 {
+            u32::from(u16::from_le_bytes([e[0], e[1]]))
+        } else {
+            u32::from_le_bytes([e[0], e[1], e[2], e[3]])
         }
-        (None, !any_nonzero)
+    };
+    let scan = |(c, bytes): (usize, &[u8])| {
+        // One branch-free pass per element type, which the compiler
+        // vectorizes; the position of a bad value is looked for only in a
+        // chunk that has one.
+        let (bad, any_magnitude) = if size == 2 {
+            bytes.chunks_exact(2).fold((0u16, 0u16), |(bad, any), e| {
+                let b = u16::from_le_bytes([e[0], e[1]]);
+                let exp = exponent as u16;
+                (
+                    bad | u16::from(b & exp == exp),
+                    any | (b & magnitude as u16),
+                )
+            })
+        } else {
+            let (bad, any) = bytes.chunks_exact(4).fold((0u32, 0u32), |(bad, any), e| {
+                let b = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+                (
+                    bad | u32::from(b & exponent == exponent),
+                    any | (b & magnitude),
+                )
+            });
+            (u16::from(bad != 0), u16::from(any != 0))
+        };
+        let at = if bad != 0 {
+            bytes
+                .chunks_exact(size)
+                .position(|e| bits(e) & exponent == exponent)
+                .map(|i| c * CHUNK + i)
+        } else {
+            None
+        };
+        (at, any_magnitude == 0)
     };
     let parts: Vec<(Option<usize>, bool)> = t
         .data
@@ -362,7 +387,17 @@ pub fn unpack_hf(
     }
     // Code 3 (both bits of a pair set) is not a ternary value: the file is not
     // what it claims to be, so refuse it rather than compute with garbage.
-    if let Some(pos) = t.data.iter().position(|&b| b & (b >> 1) & 0x55 != 0) {
+    // A branch-free OR over each chunk (vectorized), then a search only in a bad one.
+    let has_code_3 =
+        |bytes: &[u8]| bytes.iter().fold(0u8, |acc, &b| acc | (b & (b >> 1))) & 0x55 != 0;
+    let bad_chunk = t.data.chunks(1 << 16).position(has_code_3);
+    if let Some(pos) = bad_chunk.and_then(|c| {
+        let start = c << 16;
+        t.data[start..]
+            .iter()
+            .position(|&b| b & (b >> 1) & 0x55 != 0)
+            .map(|i| start + i)
+    }) {
         return Err(TritError::invalid(format!(
             "tensor {name:?} holds byte {:#04x} at [{}, {}], which has the 2-bit code 3; \
              packed ternary weights use codes 0, 1, 2",
