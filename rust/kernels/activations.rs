@@ -2,12 +2,17 @@
 //! `s = 127 / max(absmax(x), 1e-5)`, `q = clamp(round_half_even(x * s), -128, 127)`,
 //! all in f32, one division then one multiplication (transformers' order).
 
+use rayon::prelude::*;
+
 use super::packing::{blocks_for, BLOCK};
 use super::{aligned_scratch, CacheLine};
 use crate::error::{Result, TritError};
 
 /// Lower bound on a token's absmax, as in transformers (avoids dividing by zero).
 pub const ABSMAX_FLOOR: f32 = 1e-5;
+
+/// Batches of at least this many tokens are quantized in parallel.
+const PARALLEL_TOKENS: usize = 8;
 
 /// A batch of quantized tokens, laid out for the kernels.
 #[derive(Clone, Debug, Default)]
@@ -46,7 +51,9 @@ impl QuantizedActivations {
                 x.len()
             )));
         }
-        if let Some(pos) = x.iter().position(|v| !v.is_finite()) {
+        // A branch-free pass first (it vectorizes); the position only on failure.
+        if x.iter().fold(false, |bad, v| bad | !v.is_finite()) {
+            let pos = x.iter().position(|v| !v.is_finite()).unwrap_or(0);
             return Err(TritError::invalid(format!(
                 "activation [{}, {}] is {}; activations must be finite",
                 pos / k,
@@ -60,15 +67,25 @@ impl QuantizedActivations {
         self.k_padded = k_padded;
         self.q.clear();
         self.q.resize(m * k_padded / 64, CacheLine([0; 64]));
-        self.scale.clear();
-        self.sum.clear();
-        for (token, q_row) in x
-            .chunks_exact(k)
-            .zip(as_codes_mut(&mut self.q).chunks_exact_mut(k_padded))
-        {
-            let (s, sum) = quantize_token(token, &mut q_row[..k]);
-            self.scale.push(s);
-            self.sum.push(sum);
+        self.scale.resize(m, 0.0);
+        self.sum.resize(m, 0);
+        // (token [k], its codes [k_padded]), (its multiplier, its code sum)
+        type Work<'a> = ((&'a [f32], &'a mut [i8]), (&'a mut f32, &'a mut i32));
+        let quantize = |((token, q_row), (s, sum)): Work<'_>| {
+            (*s, *sum) = quantize_token(token, &mut q_row[..k]);
+        };
+        let codes = as_codes_mut(&mut self.q);
+        if m >= PARALLEL_TOKENS {
+            // A prompt batch: tokens in parallel (on the caller's rayon pool).
+            x.par_chunks_exact(k)
+                .zip(codes.par_chunks_exact_mut(k_padded))
+                .zip(self.scale.par_iter_mut().zip(self.sum.par_iter_mut()))
+                .for_each(quantize);
+        } else {
+            x.chunks_exact(k)
+                .zip(codes.chunks_exact_mut(k_padded))
+                .zip(self.scale.iter_mut().zip(self.sum.iter_mut()))
+                .for_each(quantize);
         }
         Ok(())
     }

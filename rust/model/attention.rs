@@ -1,14 +1,18 @@
-//! One query head attending to the cached keys and values of its KV head:
+//! Query heads attending to the cached keys and values of their KV head:
 //! `out = Σ_j softmax_j(q · k_j · scaling) v_j`, in f32 whatever the cache
 //! stores.
 //!
-//! `scalar` defines the result; the AVX2 twin (with FMA and F16C) performs the
-//! very same floating-point operations in the same order — sums kept in eight
-//! lanes and reduced by the same tree, fused multiply-adds where the scalar
-//! code has `mul_add`, the same polynomial exp — so the two agree to the bit
-//! and the tests compare them exactly. The softmax is normalized once at the
-//! end (`Σ e_j v_j / Σ e_j`) rather than per weight: the same value up to
-//! rounding, and `n` fewer divisions.
+//! The keys are taken in chunks of `KEY_CHUNK`; each chunk gives a softmax
+//! partial (`attend_chunk`) and `merge` combines them, as flash-decoding
+//! does, so one token's attention can be split over threads. The softmax is
+//! normalised once at the end (`Σ e_j v_j / Σ e_j`) rather than per weight:
+//! the same value up to rounding, and `n` fewer divisions.
+//!
+//! `scalar::attend_chunk` defines a partial; the AVX2 twin (with FMA and F16C)
+//! performs the very same floating-point operations in the same order — sums
+//! kept in eight lanes and reduced by the same tree, fused multiply-adds where
+//! the scalar code has `mul_add`, the same polynomial exp — so the two agree
+//! to the bit and the tests compare them exactly.
 
 use super::cache::{KvElement, KvRows};
 use crate::kernels::Kernel;
@@ -47,12 +51,35 @@ impl AttentionPath {
     }
 }
 
+/// Keys per chunk. Attention over n keys is computed chunk by chunk — each
+/// chunk's softmax partial: its largest score, its sum of weights and its
+/// unnormalised weighted sum of values — then the chunks are merged. A
+/// chunk is a task of its own, so one sequence's decode attention spreads
+/// over the threads; the split depends on positions only, never on the
+/// thread count, so the results do not either.
+pub const KEY_CHUNK: usize = 256;
+
+/// One head's softmax partial over one chunk of keys.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Partial {
+    /// The largest score of the chunk.
+    pub max: f32,
+    /// Σ exp(score - max) over the chunk.
+    pub sum: f32,
+}
+
+/// Reusable buffers of `attend_group`.
+#[derive(Default)]
+pub struct ChunkScratch {
+    out: Vec<f32>,       // [chunks, heads, hd]
+    stats: Vec<Partial>, // [chunks, heads]
+}
+
 /// Attention of the query heads that share one KV head (a GQA group) over
-/// positions 0..n of `keys` and `values` ([>= n, hd] each). `q` is
-/// [heads, hd]; head h's scores go to `scores[h * scores_stride..][..n]`
-/// (scratch) and its output to `out[h * out_stride..][..hd]`. The SIMD path
-/// reads each key and value once for up to four heads; every head's result is
-/// exactly `scalar::attend` of that head.
+/// positions 0..n of `keys` and `values` ([>= n, hd] each): `attend_chunk`
+/// on every chunk of `KEY_CHUNK` keys, then `merge`. `q` is [heads, hd];
+/// head h's output goes to `out[h * out_stride..][..hd]`; `scores` is
+/// scratch of [heads, KEY_CHUNK].
 #[allow(clippy::too_many_arguments)]
 pub fn attend_group(
     path: AttentionPath,
@@ -63,14 +90,56 @@ pub fn attend_group(
     n: usize,
     scaling: f32,
     scores: &mut [f32],
+    out: &mut [f32],
+    out_stride: usize,
+    scratch: &mut ChunkScratch,
+) {
+    assert!(hd >= 1 && !q.is_empty() && q.len().is_multiple_of(hd));
+    let heads = q.len() / hd;
+    let chunks = n.div_ceil(KEY_CHUNK);
+    scratch.out.resize(chunks * heads * hd, 0.0);
+    scratch.stats.resize(chunks * heads, Partial::default());
+    for (c, (part, stats)) in scratch
+        .out
+        .chunks_exact_mut(heads * hd)
+        .zip(scratch.stats.chunks_exact_mut(heads))
+        .enumerate()
+    {
+        let range = c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(n);
+        attend_chunk(
+            path, q, hd, keys, values, range, scaling, scores, KEY_CHUNK, part, hd, stats,
+        );
+    }
+    merge(heads, hd, &scratch.out, &scratch.stats, out, out_stride);
+}
+
+/// The softmax partials of the query heads of one group over the keys in
+/// `range` (at most `KEY_CHUNK` of them): for head h, its scores (scratch)
+/// at `scores[h * scores_stride..]`, `out[h * out_stride..][..hd]` =
+/// Σ_j exp(s_j - max) v_j and `stats[h]` = (max, Σ_j exp(s_j - max)).
+/// The SIMD path reads each key and value once for up to four heads; every
+/// head's result is exactly `scalar::attend_chunk` of that head.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_chunk(
+    path: AttentionPath,
+    q: &[f32],
+    hd: usize,
+    keys: KvRows<'_>,
+    values: KvRows<'_>,
+    range: std::ops::Range<usize>,
+    scaling: f32,
+    scores: &mut [f32],
     scores_stride: usize,
     out: &mut [f32],
     out_stride: usize,
+    stats: &mut [Partial],
 ) {
+    let n = range.len();
     assert!(hd >= 1 && n >= 1 && q.len().is_multiple_of(hd) && !q.is_empty());
     let heads = q.len() / hd;
     assert!(scores_stride >= n && scores.len() >= (heads - 1) * scores_stride + n);
     assert!(out_stride >= hd && out.len() >= (heads - 1) * out_stride + hd);
+    assert!(stats.len() >= heads);
     let group = Group {
         q,
         hd,
@@ -80,15 +149,55 @@ pub fn attend_group(
         scores_stride,
         out,
         out_stride,
+        stats,
     };
+    let rows = range.start * hd..range.end * hd;
     match (keys, values) {
-        (KvRows::F32(k), KvRows::F32(v)) => group.run(path, &k[..n * hd], &v[..n * hd]),
-        (KvRows::F16(k), KvRows::F16(v)) => group.run(path, &k[..n * hd], &v[..n * hd]),
+        (KvRows::F32(k), KvRows::F32(v)) => group.run(path, &k[rows.clone()], &v[rows]),
+        (KvRows::F16(k), KvRows::F16(v)) => group.run(path, &k[rows.clone()], &v[rows]),
         _ => unreachable!("keys and values share the cache's type"),
     }
 }
 
-/// The arguments of `attend_group`, checked.
+/// Combines the partials of consecutive chunks, in chunk order:
+/// with M the largest max and w_c = exp(max_c - M),
+/// `out = Σ_c w_c out_c / Σ_c w_c sum_c` (fused multiply-adds, chunk by chunk).
+/// `partial_out` is [chunks, heads, hd], `stats` [chunks, heads]; head h's
+/// result goes to `out[h * out_stride..][..hd]`. For one chunk, w = 1 and
+/// this is `out_0 / sum_0`.
+pub fn merge(
+    heads: usize,
+    hd: usize,
+    partial_out: &[f32],
+    stats: &[Partial],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let chunks = stats.len() / heads;
+    assert!(chunks >= 1 && stats.len() == chunks * heads);
+    assert!(partial_out.len() == chunks * heads * hd);
+    assert!(out_stride >= hd && out.len() >= (heads - 1) * out_stride + hd);
+    for h in 0..heads {
+        let max = (0..chunks).fold(f32::NEG_INFINITY, |m, c| m.max(stats[c * heads + h].max));
+        let o = &mut out[h * out_stride..h * out_stride + hd];
+        o.fill(0.0);
+        let mut total = 0.0f32;
+        for c in 0..chunks {
+            let part = stats[c * heads + h];
+            let w = scalar::exp(part.max - max);
+            total = w.mul_add(part.sum, total);
+            let src = &partial_out[(c * heads + h) * hd..(c * heads + h + 1) * hd];
+            for (od, &p) in o.iter_mut().zip(src) {
+                *od = w.mul_add(p, *od);
+            }
+        }
+        for od in o.iter_mut() {
+            *od /= total;
+        }
+    }
+}
+
+/// The arguments of `attend_chunk`, checked.
 struct Group<'a> {
     q: &'a [f32],
     hd: usize,
@@ -98,6 +207,7 @@ struct Group<'a> {
     scores_stride: usize,
     out: &'a mut [f32],
     out_stride: usize,
+    stats: &'a mut [Partial],
 }
 
 impl Group<'_> {
@@ -107,7 +217,7 @@ impl Group<'_> {
         match path {
             AttentionPath::Scalar => {
                 for h in 0..heads {
-                    scalar::attend(
+                    self.stats[h] = scalar::attend_chunk(
                         &self.q[h * hd..(h + 1) * hd],
                         keys,
                         values,
@@ -129,20 +239,21 @@ impl Group<'_> {
                         n,
                         scaling: self.scaling,
                         // SAFETY (of the offsets): the bounds were asserted in
-                        // attend_group for every head.
+                        // attend_chunk for every head.
                         scores: self.scores[h * self.scores_stride..].as_mut_ptr(),
                         scores_stride: self.scores_stride,
                         out: self.out[h * self.out_stride..].as_mut_ptr(),
                         out_stride: self.out_stride,
                     };
+                    let stats = &mut self.stats[h..h + take];
                     // SAFETY: the CPU has AVX2, FMA and F16C (asserted above);
                     // `args` points at `take` heads' valid, disjoint rows.
                     unsafe {
                         match take {
-                            4 => simd::attend::<T, 4>(args, keys, values),
-                            3 => simd::attend::<T, 3>(args, keys, values),
-                            2 => simd::attend::<T, 2>(args, keys, values),
-                            _ => simd::attend::<T, 1>(args, keys, values),
+                            4 => simd::attend_chunk::<T, 4>(args, keys, values, stats),
+                            3 => simd::attend_chunk::<T, 3>(args, keys, values, stats),
+                            2 => simd::attend_chunk::<T, 2>(args, keys, values, stats),
+                            _ => simd::attend_chunk::<T, 1>(args, keys, values, stats),
                         }
                     }
                     h += take;
@@ -183,7 +294,7 @@ pub mod exp_consts {
 
 pub mod scalar {
     use super::exp_consts as c;
-    use super::{reduce_lanes, KvElement};
+    use super::{reduce_lanes, KvElement, Partial};
 
     /// exp(x) as the SIMD paths compute it, lane by lane.
     #[inline(always)]
@@ -237,15 +348,16 @@ pub mod scalar {
         total
     }
 
-    /// The definition: see the module's comment.
-    pub fn attend<T: KvElement>(
+    /// The definition of one head's partial over one chunk of keys: see
+    /// `super::attend_chunk`.
+    pub fn attend_chunk<T: KvElement>(
         q: &[f32],
         keys: &[T],   // [n, hd]
         values: &[T], // [n, hd]
         scaling: f32,
         scores: &mut [f32],
         out: &mut [f32], // [hd]
-    ) {
+    ) -> Partial {
         let hd = q.len();
         let n = keys.len() / hd;
         let scores = &mut scores[..n];
@@ -262,8 +374,9 @@ pub mod scalar {
             for (j, &e) in scores.iter().enumerate() {
                 acc = e.mul_add(values[j * hd + d].to_f32(), acc);
             }
-            *o = acc / total;
+            *o = acc;
         }
+        Partial { max, sum: total }
     }
 }
 
@@ -313,7 +426,7 @@ mod simd {
     }
 
     #[cfg(target_arch = "x86_64")]
-    pub use x86::attend;
+    pub use x86::attend_chunk;
 
     #[cfg(target_arch = "x86_64")]
     mod x86 {
@@ -321,7 +434,7 @@ mod simd {
 
         use super::super::exp_consts as c;
         use super::super::scalar;
-        use super::super::KvElement;
+        use super::super::{KvElement, Partial};
         use super::{Heads, Load};
 
         #[inline(always)]
@@ -390,9 +503,10 @@ mod simd {
             }
         }
 
-        /// exp(s - max) over one head's scores, in place; returns their sum.
+        /// exp(s - max) over one head's scores, in place; returns the max
+        /// and their sum.
         #[inline(always)]
-        unsafe fn softmax_weights(scores: &mut [f32]) -> f32 {
+        unsafe fn softmax_weights(scores: &mut [f32]) -> Partial {
             let n = scores.len();
             let full_n = n / 8 * 8;
             let mut max8 = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -418,21 +532,29 @@ mod simd {
                 *s = scalar::exp(*s - max);
                 total += *s;
             }
-            total
+            Partial { max, sum: total }
         }
 
-        /// out[h][d..d+8B] = Σ_j e_h[j] v_j[d..d+8B] / total_h: each value row
-        /// is loaded (and widened) once for all heads.
+        /// out[h][d..d+8B] += Σ_{j in keys} e_h[j] v_j[d..d+8B] (the running
+        /// sums live in `out` between key blocks): each value row is loaded
+        /// (and widened) once for all heads.
         #[inline(always)]
         unsafe fn values_step<T: KvElement + Load, const H: usize, const B: usize>(
             a: &Heads,
             values: &[T],
+            keys: std::ops::Range<usize>,
             d: usize,
-            totals: &[f32; H],
         ) {
             let vp = values.as_ptr();
             let mut acc = [[_mm256_setzero_ps(); B]; H];
-            for j in 0..a.n {
+            if keys.start > 0 {
+                for (h, acc_h) in acc.iter_mut().enumerate() {
+                    for (b, acc_hb) in acc_h.iter_mut().enumerate() {
+                        *acc_hb = _mm256_loadu_ps(a.out.add(h * a.out_stride + d + 8 * b));
+                    }
+                }
+            }
+            for j in keys {
                 let mut v = [_mm256_setzero_ps(); B];
                 for (b, vb) in v.iter_mut().enumerate() {
                     *vb = T::load8(vp.add(j * a.hd + d + 8 * b));
@@ -445,26 +567,25 @@ mod simd {
                 }
             }
             for (h, acc_h) in acc.iter().enumerate() {
-                let total = _mm256_set1_ps(totals[h]);
                 for (b, &acc_hb) in acc_h.iter().enumerate() {
-                    let o = a.out.add(h * a.out_stride + d + 8 * b);
-                    _mm256_storeu_ps(o, _mm256_div_ps(acc_hb, total));
+                    _mm256_storeu_ps(a.out.add(h * a.out_stride + d + 8 * b), acc_hb);
                 }
             }
         }
 
-        /// `scalar::attend` for each of H heads sharing keys and values,
-        /// eight lanes at a time.
+        /// `scalar::attend_chunk` for each of H heads sharing keys and
+        /// values, eight lanes at a time; head h's partial goes to stats[h].
         ///
         /// # Safety
         /// The CPU must support AVX2, FMA and F16C; `a` describes H heads
         /// whose q, score and output rows are valid and disjoint; keys and
         /// values are [a.n, a.hd].
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn attend<T: KvElement + Load, const H: usize>(
+        pub unsafe fn attend_chunk<T: KvElement + Load, const H: usize>(
             a: Heads,
             keys: &[T],
             values: &[T],
+            stats: &mut [Partial],
         ) {
             let (hd, n) = (a.hd, a.n);
             assert!(keys.len() == n * hd && values.len() == n * hd);
@@ -479,28 +600,35 @@ mod simd {
                 scores_step::<T, H, 1>(&a, keys, j);
             }
 
-            let mut totals = [0.0f32; H];
-            for (h, total) in totals.iter_mut().enumerate() {
+            for (h, st) in stats.iter_mut().enumerate().take(H) {
                 let scores = std::slice::from_raw_parts_mut(a.scores.add(h * a.scores_stride), n);
-                *total = softmax_weights(scores);
+                *st = softmax_weights(scores);
             }
 
-            let mut d = 0;
-            while d + 16 <= full {
-                values_step::<T, H, 2>(&a, values, d, &totals);
-                d += 16;
-            }
-            if d < full {
-                values_step::<T, H, 1>(&a, values, d, &totals);
-            }
-            for (h, &total) in totals.iter().enumerate() {
-                let scores = std::slice::from_raw_parts(a.scores.add(h * a.scores_stride), n);
-                for d in full..hd {
-                    let mut acc = 0.0f32;
-                    for (j, &e) in scores.iter().enumerate() {
-                        acc = e.mul_add(values[j * hd + d].to_f32(), acc);
+            // Σ e_j v_j in blocks of keys: a block of value rows (8 KB in f16)
+            // comes from memory once, in order, then from L1 for every
+            // 16-wide slice of the head. Each sum still runs over j in order.
+            const KEY_BLOCK: usize = 32;
+            for j0 in (0..n).step_by(KEY_BLOCK) {
+                let block = j0..(j0 + KEY_BLOCK).min(n);
+                let mut d = 0;
+                while d + 16 <= full {
+                    values_step::<T, H, 2>(&a, values, block.clone(), d);
+                    d += 16;
+                }
+                if d < full {
+                    values_step::<T, H, 1>(&a, values, block.clone(), d);
+                }
+                for h in 0..H {
+                    for d in full..hd {
+                        let o = a.out.add(h * a.out_stride + d);
+                        let mut acc = if j0 == 0 { 0.0 } else { *o };
+                        for j in block.clone() {
+                            let e = *a.scores.add(h * a.scores_stride + j);
+                            acc = e.mul_add(values[j * hd + d].to_f32(), acc);
+                        }
+                        *o = acc;
                     }
-                    *a.out.add(h * a.out_stride + d) = acc / total;
                 }
             }
         }
@@ -568,9 +696,8 @@ mod tests {
         assert_eq!(scalar::exp(f32::NEG_INFINITY), scalar::exp(-87.0));
     }
 
-    /// Runs `attend_group` on `path` with padded strides; returns each
-    /// head's output.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs `attend_group` on `path` with a padded output stride; returns
+    /// each head's output.
     fn run_group(
         path: AttentionPath,
         q: &[f32],
@@ -581,9 +708,10 @@ mod tests {
         scaling: f32,
     ) -> Vec<Vec<f32>> {
         let heads = q.len() / hd;
-        let (ss, os) = (n + 5, hd + 3);
-        let mut scores = vec![0.0; heads * ss];
+        let os = hd + 3;
+        let mut scores = vec![0.0; heads * KEY_CHUNK];
         let mut out = vec![f32::NAN; heads * os];
+        let mut scratch = ChunkScratch::default();
         attend_group(
             path,
             q,
@@ -593,9 +721,9 @@ mod tests {
             n,
             scaling,
             &mut scores,
-            ss,
             &mut out,
             os,
+            &mut scratch,
         );
         // The padding between rows is left alone.
         for h in 0..heads {
@@ -606,14 +734,46 @@ mod tests {
             .collect()
     }
 
+    /// `attend_chunk` of one chunk on `path`: (outputs, partials) per head.
+    fn run_chunk(
+        path: AttentionPath,
+        q: &[f32],
+        hd: usize,
+        keys: KvRows<'_>,
+        values: KvRows<'_>,
+        range: std::ops::Range<usize>,
+    ) -> (Vec<f32>, Vec<Partial>) {
+        let heads = q.len() / hd;
+        let (ss, os) = (range.len() + 5, hd + 3);
+        let mut scores = vec![0.0; heads * ss];
+        let mut out = vec![0.0; heads * os];
+        let mut stats = vec![Partial::default(); heads];
+        attend_chunk(
+            path,
+            q,
+            hd,
+            keys,
+            values,
+            range,
+            0.1,
+            &mut scores,
+            ss,
+            &mut out,
+            os,
+            &mut stats,
+        );
+        (out, stats)
+    }
+
     #[test]
     fn every_path_equals_scalar_bit_for_bit_and_the_formula() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         for &(hd, n, heads) in &[
             (128usize, 1usize, 4usize),
             (128, 7, 4),
+            (128, 256, 4),
             (128, 300, 4),
-            (128, 301, 5),
+            (128, 601, 5),
             (64, 33, 1),
             (16, 5, 2),
             (8, 9, 3),
@@ -629,27 +789,58 @@ mod tests {
             let v: Vec<f32> = (0..n * hd).map(|_| rng.float()).collect();
             let k16: Vec<F16> = k.iter().map(|&x| F16::from_f32(x)).collect();
             let v16: Vec<F16> = v.iter().map(|&x| F16::from_f32(x)).collect();
-            // The definition, head by head, and the formula.
-            let mut want32 = Vec::new();
-            let mut want16 = Vec::new();
-            for h in 0..heads {
-                let qh = &q[h * hd..(h + 1) * hd];
-                let mut scores = vec![0.0; n];
-                let mut out = vec![0.0; hd];
-                scalar::attend(qh, &k, &v, scaling, &mut scores, &mut out);
-                let exact = reference(qh, &k, &v, scaling);
-                for (d, (&o, &w)) in out.iter().zip(&exact).enumerate() {
-                    assert!((f64::from(o) - w).abs() < 1e-5, "hd {hd} n {n} h {h} d {d}");
-                }
-                want32.push(out.clone());
-                scalar::attend(qh, &k16, &v16, scaling, &mut scores, &mut out);
-                for (d, (&o, &w)) in out.iter().zip(&exact).enumerate() {
-                    assert!(
-                        (f64::from(o) - w).abs() < 1e-2,
-                        "f16 hd {hd} n {n} h {h} d {d}"
+            let (k32r, v32r) = (KvRows::F32(&k), KvRows::F32(&v));
+            let (k16r, v16r) = (KvRows::F16(&k16), KvRows::F16(&v16));
+            // Every chunk's partial: the paths agree to the bit.
+            for c in 0..n.div_ceil(KEY_CHUNK) {
+                let range = c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(n);
+                let want32 = run_chunk(AttentionPath::Scalar, &q, hd, k32r, v32r, range.clone());
+                let want16 = run_chunk(AttentionPath::Scalar, &q, hd, k16r, v16r, range.clone());
+                for path in paths() {
+                    let got = run_chunk(path, &q, hd, k32r, v32r, range.clone());
+                    assert_eq!(
+                        got, want32,
+                        "{path:?} f32 hd {hd} n {n} heads {heads} chunk {c}"
+                    );
+                    let got = run_chunk(path, &q, hd, k16r, v16r, range.clone());
+                    assert_eq!(
+                        got, want16,
+                        "{path:?} f16 hd {hd} n {n} heads {heads} chunk {c}"
                     );
                 }
-                want16.push(out);
+            }
+            // The whole: the paths agree to the bit, and with the formula.
+            let want32 = run_group(
+                AttentionPath::Scalar,
+                &q,
+                hd,
+                KvRows::F32(&k),
+                KvRows::F32(&v),
+                n,
+                scaling,
+            );
+            let want16 = run_group(
+                AttentionPath::Scalar,
+                &q,
+                hd,
+                KvRows::F16(&k16),
+                KvRows::F16(&v16),
+                n,
+                scaling,
+            );
+            for h in 0..heads {
+                let exact = reference(&q[h * hd..(h + 1) * hd], &k, &v, scaling);
+                for (d, &w) in exact.iter().enumerate() {
+                    let (a, b) = (f64::from(want32[h][d]), f64::from(want16[h][d]));
+                    assert!(
+                        (a - w).abs() < 1e-5,
+                        "hd {hd} n {n} h {h} d {d}: {a} vs {w}"
+                    );
+                    assert!(
+                        (b - w).abs() < 1e-2,
+                        "f16 hd {hd} n {n} h {h} d {d}: {b} vs {w}"
+                    );
+                }
             }
             for path in paths() {
                 let got = run_group(path, &q, hd, KvRows::F32(&k), KvRows::F32(&v), n, scaling);
@@ -664,6 +855,29 @@ mod tests {
                     scaling,
                 );
                 assert_eq!(got, want16, "{path:?} f16 hd {hd} n {n} heads {heads}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_chunk_merges_to_its_own_normalisation() {
+        let (hd, heads) = (5, 2);
+        let parts: Vec<f32> = (0..heads * hd).map(|i| i as f32 * 0.37 - 1.0).collect();
+        let stats = [
+            Partial {
+                max: 3.5,
+                sum: 2.25,
+            },
+            Partial {
+                max: -1.0,
+                sum: 7.0,
+            },
+        ];
+        let mut out = vec![0.0; heads * hd];
+        merge(heads, hd, &parts, &stats, &mut out, hd);
+        for h in 0..heads {
+            for d in 0..hd {
+                assert_eq!(out[h * hd + d], parts[h * hd + d] / stats[h].sum);
             }
         }
     }

@@ -2,6 +2,8 @@
 //! float32 op order (FORMATS.md 1), because int8 activation rounding turns
 //! ulp-level differences into visible ones.
 
+use rayon::prelude::*;
+
 /// RMSNorm of one token: `w * (x * rsqrt(mean(x²) + eps))`, in f32.
 /// `x`, `w` and `out` have the same length.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -17,11 +19,21 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// RMSNorm of `rows` tokens laid out [rows, w.len()].
+/// Batches of at least this many tokens are normalised in parallel.
+const PARALLEL_ROWS: usize = 8;
+
+/// RMSNorm of `rows` tokens laid out [rows, w.len()] (in parallel on the
+/// caller's rayon pool for a prompt batch).
 pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
-    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        rms_norm(xr, w, eps, or);
+    if x.len() >= PARALLEL_ROWS * n {
+        x.par_chunks_exact(n)
+            .zip(out.par_chunks_exact_mut(n))
+            .for_each(|(xr, or)| rms_norm(xr, w, eps, or));
+    } else {
+        for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            rms_norm(xr, w, eps, or);
+        }
     }
 }
 
@@ -40,9 +52,19 @@ pub fn softmax(x: &mut [f32]) {
 
 /// The relu² GLU of BitNet's MLP, in place in `gate`: `relu(gate)² * up`.
 pub fn relu2_glu(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        let r = g.max(0.0);
-        *g = (r * r) * u;
+    const PIECE: usize = 1 << 16; // a prompt batch's [T, 6912] runs in parallel pieces
+    let glu = |(gs, us): (&mut [f32], &[f32])| {
+        for (g, &u) in gs.iter_mut().zip(us) {
+            let r = g.max(0.0);
+            *g = (r * r) * u;
+        }
+    };
+    if gate.len() > PIECE {
+        gate.par_chunks_mut(PIECE)
+            .zip(up.par_chunks(PIECE))
+            .for_each(glu);
+    } else {
+        glu((gate, up));
     }
 }
 

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
-use super::attention::{attend_group, AttentionPath};
+use super::attention::{
+    attend_chunk, attend_group, merge, AttentionPath, ChunkScratch, Partial, KEY_CHUNK,
+};
 use super::cache::{KvCache, KvType};
 use super::ops::{relu2_glu, rms_norm, rms_norm_rows, Rope};
 use super::weights::Model;
@@ -36,17 +38,17 @@ enum Logits {
 /// Buffers reused from call to call; sized for the largest batch seen.
 #[derive(Default)]
 struct Scratch {
-    x: Vec<f32>,      // [T, hidden] residual stream
-    a: Vec<f32>,      // [T, hidden] normalised input of a block
-    q: Vec<f32>,      // [T, n_heads * head_dim]
-    k: Vec<f32>,      // [T, n_kv_heads * head_dim]
-    v: Vec<f32>,      // [T, n_kv_heads * head_dim]
-    heads: Vec<f32>,  // [n_heads, T, head_dim] attention output, head-major
-    o: Vec<f32>,      // [T, n_heads * head_dim] attention output, token-major
-    proj: Vec<f32>,   // [T, hidden] output of o_proj / down_proj
-    gate: Vec<f32>,   // [T, intermediate]
-    up: Vec<f32>,     // [T, intermediate]
-    scores: Vec<f32>, // [n_heads, n_ctx] attention weights of one token
+    x: Vec<f32>,     // [T, hidden] residual stream
+    a: Vec<f32>,     // [T, hidden] normalised input of a block
+    q: Vec<f32>,     // [T, n_heads * head_dim]
+    k: Vec<f32>,     // [T, n_kv_heads * head_dim]
+    v: Vec<f32>,     // [T, n_kv_heads * head_dim]
+    heads: Vec<f32>, // [n_heads, T, head_dim] attention output, head-major
+    o: Vec<f32>,     // [T, n_heads * head_dim] attention output, token-major
+    proj: Vec<f32>,  // [T, hidden] output of o_proj / down_proj
+    gate: Vec<f32>,  // [T, intermediate]
+    up: Vec<f32>,    // [T, intermediate]
+    attn: AttentionScratch,
     normed: Vec<f32>, // [hidden] final-normed token
     qa: QuantizedActivations,
 }
@@ -95,7 +97,7 @@ impl Session {
         let rope = Rope::new(c.head_dim, c.rope_theta, n_ctx);
         let cache = KvCache::new(c.num_layers, c.num_kv_heads, n_ctx, c.head_dim, kv);
         let scratch = Scratch {
-            scores: vec![0.0; c.num_heads * n_ctx],
+            attn: AttentionScratch::new(c.num_heads, c.head_dim, n_ctx),
             normed: vec![0.0; c.hidden_size],
             ..Default::default()
         };
@@ -285,7 +287,7 @@ impl Session {
                 t_len,
                 &s.q,
                 fit(&mut s.heads, c.num_heads * t_len * hd),
-                &mut s.scores,
+                &mut s.attn,
             );
             // [n_heads, T, hd] -> [T, n_heads * hd] (concat_heads)
             let o = fit(&mut s.o, t_len * q_dim);
@@ -382,11 +384,32 @@ impl Session {
     }
 }
 
+/// Buffers of `attention`, sized for a full context.
+#[derive(Default)]
+struct AttentionScratch {
+    scores: Vec<f32>,            // [n_heads, chunks, KEY_CHUNK]
+    partial_out: Vec<f32>,       // [n_heads, chunks, hd], by KV group: [n_kv, chunks, group, hd]
+    partial_stats: Vec<Partial>, // [n_heads, chunks], by KV group: [n_kv, chunks, group]
+}
+
+impl AttentionScratch {
+    fn new(n_heads: usize, hd: usize, n_ctx: usize) -> Self {
+        let chunks = n_ctx.div_ceil(KEY_CHUNK);
+        AttentionScratch {
+            scores: vec![0.0; n_heads * chunks * KEY_CHUNK],
+            partial_out: vec![0.0; n_heads * chunks * hd],
+            partial_stats: vec![Partial::default(); n_heads * chunks],
+        }
+    }
+}
+
 /// Causal attention of a batch of `t_len` tokens at positions `start..` over
 /// the cache (which already holds the batch's own keys and values).
 /// `q` is [T, n_heads * hd] (rotated); writes `heads` [n_heads, T, hd].
-/// `scores` is [n_heads, n_ctx] scratch. KV groups run in parallel: each
-/// reads its keys and values once for all the query heads it serves.
+/// Every task reads its keys and values once for all the query heads of its
+/// KV group. One token (decoding) is split into (group, chunk of keys)
+/// tasks, then merged, so that it spreads over the threads; a batch runs a
+/// task per group.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     path: AttentionPath,
@@ -399,37 +422,63 @@ fn attention(
     t_len: usize,
     q: &[f32],
     heads: &mut [f32],
-    scores: &mut [f32],
+    scratch: &mut AttentionScratch,
 ) {
-    let n_ctx = cache.n_ctx();
     let q_dim = n_heads * hd;
     // As transformers: head_dim ** -0.5 as a Python float, applied in f32
     // after the dot product.
     let scaling = (hd as f64).powf(-0.5) as f32;
+    let n_all = start + t_len;
+    let kv = |g: usize| (cache.keys(layer, g, n_all), cache.values(layer, g, n_all));
+    if t_len == 1 {
+        let chunks = n_all.div_ceil(KEY_CHUNK);
+        let n_kv = n_heads / group;
+        let partial_out = &mut scratch.partial_out[..n_kv * chunks * group * hd];
+        let partial_stats = &mut scratch.partial_stats[..n_kv * chunks * group];
+        partial_out
+            .par_chunks_mut(group * hd) // [group, hd] of (g, c)
+            .zip(partial_stats.par_chunks_mut(group))
+            .zip(scratch.scores.par_chunks_mut(group * KEY_CHUNK))
+            .enumerate()
+            .for_each(|(task, ((out, stats), scores))| {
+                let (g, c) = (task / chunks, task % chunks);
+                let (keys, values) = kv(g);
+                let range = c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(n_all);
+                let qg = &q[g * group * hd..(g + 1) * group * hd];
+                attend_chunk(
+                    path, qg, hd, keys, values, range, scaling, scores, KEY_CHUNK, out, hd, stats,
+                );
+            });
+        heads
+            .par_chunks_mut(group * hd) // [group, hd] of g
+            .zip(partial_out.par_chunks(chunks * group * hd))
+            .zip(partial_stats.par_chunks(chunks * group))
+            .for_each(|((out, parts), stats)| merge(group, hd, parts, stats, out, hd));
+        return;
+    }
     heads
         .par_chunks_mut(group * t_len * hd) // [group, T, hd]
-        .zip(scores.par_chunks_mut(group * n_ctx)) // [group, n_ctx]
+        .zip(scratch.scores.par_chunks_mut(group * KEY_CHUNK))
         .enumerate()
-        .for_each(|(g, (out_g, sc))| {
+        .for_each(|(g, (out_g, scores))| {
             // kv head g serves query heads g*group .. (g+1)*group (repeat_kv).
-            let n_all = start + t_len;
-            let (keys, values) = (cache.keys(layer, g, n_all), cache.values(layer, g, n_all));
+            let (keys, values) = kv(g);
+            let mut chunk_scratch = ChunkScratch::default();
             for t in 0..t_len {
                 let qg = &q[t * q_dim + g * group * hd..t * q_dim + (g + 1) * group * hd];
                 // causal: positions 0..=start+t
-                let n = start + t + 1;
                 attend_group(
                     path,
                     qg,
                     hd,
                     keys,
                     values,
-                    n,
+                    start + t + 1,
                     scaling,
-                    sc,
-                    n_ctx,
+                    scores,
                     &mut out_g[t * hd..],
                     t_len * hd,
+                    &mut chunk_scratch,
                 );
             }
         });
