@@ -177,6 +177,26 @@ pub fn merge(
     assert!(chunks >= 1 && stats.len() == chunks * heads);
     assert!(partial_out.len() == chunks * heads * hd);
     assert!(out_stride >= hd && out.len() >= (heads - 1) * out_stride + hd);
+    // The same operations either way; with FMA in hardware, `mul_add` is one
+    // instruction instead of a libm call.
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("fma") {
+        #[target_feature(enable = "fma")]
+        unsafe fn with_fma(args: MergeArgs<'_>) {
+            merge_body(args)
+        }
+        // SAFETY: FMA was detected just above.
+        return unsafe { with_fma((heads, hd, partial_out, stats, out, out_stride)) };
+    }
+    merge_body((heads, hd, partial_out, stats, out, out_stride));
+}
+
+/// `merge`'s arguments, checked.
+type MergeArgs<'a> = (usize, usize, &'a [f32], &'a [Partial], &'a mut [f32], usize);
+
+#[inline(always)]
+fn merge_body((heads, hd, partial_out, stats, out, out_stride): MergeArgs<'_>) {
+    let chunks = stats.len() / heads;
     for h in 0..heads {
         let max = (0..chunks).fold(f32::NEG_INFINITY, |m, c| m.max(stats[c * heads + h].max));
         let o = &mut out[h * out_stride..h * out_stride + hd];
@@ -445,6 +465,39 @@ mod simd {
             _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)))
         }
 
+        /// `reduce` of eight vectors at once, with the same additions in the
+        /// same order for each: lane i of the result is the sum of
+        /// v[[0, 2, 4, 6, 1, 3, 5, 7][i]].
+        #[inline(always)]
+        unsafe fn reduce8(v: [__m256; 8]) -> __m256 {
+            // Halves: [v(2p).lo + v(2p).hi | v(2p+1).lo + v(2p+1).hi], i.e. l + l+4.
+            let half = |x: __m256, y: __m256| {
+                _mm256_add_ps(
+                    _mm256_permute2f128_ps::<0x20>(x, y),
+                    _mm256_permute2f128_ps::<0x31>(x, y),
+                )
+            };
+            let (b01, b23, b45, b67) = (
+                half(v[0], v[1]),
+                half(v[2], v[3]),
+                half(v[4], v[5]),
+                half(v[6], v[7]),
+            );
+            // Quarters: l + l+2 within each half.
+            let quarter = |x: __m256, y: __m256| {
+                _mm256_add_ps(
+                    _mm256_shuffle_ps::<0b01_00_01_00>(x, y),
+                    _mm256_shuffle_ps::<0b11_10_11_10>(x, y),
+                )
+            };
+            let (x0123, x4567) = (quarter(b01, b23), quarter(b45, b67));
+            // The last pair.
+            _mm256_add_ps(
+                _mm256_shuffle_ps::<0b10_00_10_00>(x0123, x4567),
+                _mm256_shuffle_ps::<0b11_01_11_01>(x0123, x4567),
+            )
+        }
+
         #[inline(always)]
         unsafe fn exp8(x: __m256) -> __m256 {
             let x = _mm256_min_ps(
@@ -490,6 +543,23 @@ mod simd {
                         *acc_hu = _mm256_fmadd_ps(qv, kv[u], *acc_hu);
                     }
                 }
+            }
+            if H == 4 && K == 2 && full == hd {
+                // The usual case (a 2B4T group, head_dim 128): eight sums
+                // reduced together, lane i of the result being v(i)'s sum
+                // (v(2h + u) = head h, key j + u) in the order [0 2 4 6 1 3 5 7].
+                let v = |i: usize| acc[i / 2][i % 2];
+                let sums = reduce8([v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7)]);
+                let mut lanes = [0.0f32; 8];
+                _mm256_storeu_ps(
+                    lanes.as_mut_ptr(),
+                    _mm256_mul_ps(sums, _mm256_set1_ps(a.scaling)),
+                );
+                for h in 0..4 {
+                    *a.scores.add(h * a.scores_stride + j) = lanes[h];
+                    *a.scores.add(h * a.scores_stride + j + 1) = lanes[4 + h];
+                }
+                return;
             }
             for (h, acc_h) in acc.iter().enumerate() {
                 for (u, &acc_hu) in acc_h.iter().enumerate() {
@@ -591,8 +661,17 @@ mod simd {
             assert!(keys.len() == n * hd && values.len() == n * hd);
             let full = hd / 8 * 8;
 
+            // While the scores are computed, ask for the value rows too: the
+            // weighted sum then reads them from cache, not from memory slice by slice.
+            let value_bytes = std::mem::size_of_val(values);
+            let value_lines = values.as_ptr().cast::<u8>();
+            let lines_per_pair = (2 * hd * std::mem::size_of::<T>()).div_ceil(64);
             let mut j = 0;
             while j + 2 <= n {
+                for line in 0..lines_per_pair {
+                    let at = (j * hd * std::mem::size_of::<T>() + 64 * line).min(value_bytes - 1);
+                    _mm_prefetch::<_MM_HINT_T1>(value_lines.add(at).cast());
+                }
                 scores_step::<T, H, 2>(&a, keys, j);
                 j += 2;
             }
@@ -608,7 +687,7 @@ mod simd {
             // Σ e_j v_j in blocks of keys: a block of value rows (8 KB in f16)
             // comes from memory once, in order, then from L1 for every
             // 16-wide slice of the head. Each sum still runs over j in order.
-            const KEY_BLOCK: usize = 32;
+            const KEY_BLOCK: usize = 256;
             for j0 in (0..n).step_by(KEY_BLOCK) {
                 let block = j0..(j0 + KEY_BLOCK).min(n);
                 let mut d = 0;

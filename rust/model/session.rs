@@ -449,11 +449,14 @@ fn attention(
                     path, qg, hd, keys, values, range, scaling, scores, KEY_CHUNK, out, hd, stats,
                 );
             });
-        heads
-            .par_chunks_mut(group * hd) // [group, hd] of g
-            .zip(partial_out.par_chunks(chunks * group * hd))
-            .zip(partial_stats.par_chunks(chunks * group))
-            .for_each(|((out, parts), stats)| merge(group, hd, parts, stats, out, hd));
+        // A few thousand multiply-adds: not worth waking a thread for.
+        for ((out, parts), stats) in heads
+            .chunks_mut(group * hd) // [group, hd] of g
+            .zip(partial_out.chunks(chunks * group * hd))
+            .zip(partial_stats.chunks(chunks * group))
+        {
+            merge(group, hd, parts, stats, out, hd);
+        }
         return;
     }
     heads
