@@ -125,6 +125,20 @@ impl QuantizedActivations {
         self.m
     }
 
+    /// A copy of the tokens in `range`.
+    pub fn tokens(&self, range: std::ops::Range<usize>) -> QuantizedActivations {
+        assert!(range.start < range.end && range.end <= self.m);
+        let lines_per_token = self.k_padded / 64;
+        QuantizedActivations {
+            m: range.len(),
+            k: self.k,
+            k_padded: self.k_padded,
+            q: self.q[range.start * lines_per_token..range.end * lines_per_token].to_vec(),
+            scale: self.scale[range.clone()].to_vec(),
+            sum: self.sum[range].to_vec(),
+        }
+    }
+
     pub fn k(&self) -> usize {
         self.k
     }

@@ -82,6 +82,20 @@ fn model_shapes_agree() {
     }
 }
 
+/// A prompt batch whose activations exceed the L2 budget runs in token
+/// blocks (of 36 tokens at 7000 inputs, a ragged last one here): the same bits.
+#[test]
+fn token_blocked_gemm_agrees() {
+    let (n_out, n_in, m) = (37, 7000, 80);
+    let w = random_matrix(n_out, n_in, 3);
+    let x = QuantizedActivations::quantize(&random_activations(m, n_in, 4), m, n_in).unwrap();
+    assert!(m * x.k_padded() > super::GEMM_L2_ACTIVATIONS);
+    check_all_kernels(&w, &x);
+    let sub = x.tokens(36..72);
+    assert_eq!((sub.m(), sub.token(0)), (36, x.token(36)));
+    assert_eq!(sub.sums(), &x.sums()[36..72]);
+}
+
 #[test]
 fn extreme_codes_do_not_overflow() {
     // All weights +1 or all -1 against ±128/127 codes over a long row: the worst case for i16 sums.
