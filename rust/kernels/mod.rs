@@ -267,49 +267,48 @@ pub fn matmul_into(
     kernel: Kernel,
     pool: &ThreadPool,
 ) -> Result<()> {
+    matmul_many_into(&[w], x, &mut [y], kernel, pool)
+}
+
+/// `matmul_into` of several matrices that take the same input (q, k and v;
+/// gate and up), in one parallel pass: their rows are split into tasks as
+/// one list, so a call pays one pool wake-up and the small matrices (k and v
+/// have a quarter of q's rows) leave no thread idle. `ys[i]` is [m, n_out_i].
+pub fn matmul_many_into(
+    ws: &[&TernaryMatrix],
+    x: &QuantizedActivations,
+    ys: &mut [&mut [f32]],
+    kernel: Kernel,
+    pool: &ThreadPool,
+) -> Result<()> {
     let kernel = kernel.require()?;
-    if x.k() != w.n_in() {
+    if ws.len() != ys.len() {
         return Err(TritError::invalid(format!(
-            "activations have {} features but the matrix takes {} inputs",
-            x.k(),
-            w.n_in()
+            "{} matrices but {} outputs",
+            ws.len(),
+            ys.len()
         )));
     }
-    let (m, n_out) = (x.m(), w.n_out());
-    if y.len() != m * n_out {
-        return Err(TritError::invalid(format!(
-            "output holds {} values, not m * n_out = {m} * {n_out}",
-            y.len()
-        )));
-    }
-    let threads = pool.current_num_threads();
-    let w_scale = w.scale();
-    if m == 1 {
-        let (xq, xsum, xs) = (x.token(0), x.sums()[0], x.scales()[0]);
-        let chunk = rows_per_task(n_out, threads, ROW_ALIGN, 48);
-        let task = |(c, ys): (usize, &mut [f32])| {
-            // Dots in pieces through a stack buffer: no allocation per call.
-            const PIECE: usize = 96;
-            let mut dots = [0i32; PIECE];
-            for (p, ys) in ys.chunks_mut(PIECE).enumerate() {
-                let start = c * chunk + p * PIECE;
-                let dots = &mut dots[..ys.len()];
-                gemv_dots(kernel, w, xq, xsum, start..start + ys.len(), dots);
-                for (yv, &d) in ys.iter_mut().zip(dots.iter()) {
-                    *yv = dequantize(d, xs, w_scale);
-                }
-            }
-        };
-        if chunk >= n_out {
-            // One task: run it here rather than wake a pool thread for it.
-            task((0, y));
-        } else {
-            pool.install(|| y.par_chunks_mut(chunk).enumerate().for_each(task));
+    let m = x.m();
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        if x.k() != w.n_in() {
+            return Err(TritError::invalid(format!(
+                "activations have {} features but the matrix takes {} inputs",
+                x.k(),
+                w.n_in()
+            )));
         }
-        return Ok(());
+        if y.len() != m * w.n_out() {
+            return Err(TritError::invalid(format!(
+                "output holds {} values, not m * n_out = {m} * {}",
+                y.len(),
+                w.n_out()
+            )));
+        }
     }
-    let chunk = rows_per_task(n_out, threads, ROW_ALIGN, 24);
-    let out = OutPtr(y.as_mut_ptr());
+    let total: usize = ws.iter().map(|w| w.n_out()).sum();
+    let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
+    let threads = pool.current_num_threads();
     // Token blocks whose codes fit in L2 beside the unpacked weight rows: a
     // row tile then reads its activations from L2, not L3, which two cores
     // would share (measured: the down projection, 128 × 6912 codes, scaled
@@ -324,9 +323,26 @@ pub fn matmul_into(
     } else {
         Vec::new()
     };
-    let task = |c: usize| {
-        let rows = c * chunk..((c + 1) * chunk).min(n_out);
-        let mut dots = vec![0i32; rows.len() * m.min(per_block.max(1))]; // [rows, block]
+    // Rows `rows` of matrix `w`, written through `out` ([m, n_out]).
+    let run_rows = |w: &TernaryMatrix, rows: Range<usize>, out: OutPtr| {
+        let (n_out, w_scale) = (w.n_out(), w.scale());
+        if m == 1 {
+            let (xq, xsum, xs) = (x.token(0), x.sums()[0], x.scales()[0]);
+            // Dots in pieces through a stack buffer: no allocation per call.
+            const PIECE: usize = 96;
+            let mut dots = [0i32; PIECE];
+            for start in rows.clone().step_by(PIECE) {
+                let piece = start..(start + PIECE).min(rows.end);
+                let dots = &mut dots[..piece.len()];
+                gemv_dots(kernel, w, xq, xsum, piece.clone(), dots);
+                for (n, &d) in piece.zip(dots.iter()) {
+                    // SAFETY: n < n_out, inside y; tasks own disjoint rows.
+                    unsafe { out.get().add(n).write(dequantize(d, xs, w_scale)) };
+                }
+            }
+            return;
+        }
+        let mut dots = vec![0i32; rows.len() * m.min(per_block)]; // [rows, block]
         let mut run = |t0: usize, xb: &QuantizedActivations| {
             let mb = xb.m();
             let dots = &mut dots[..rows.len() * mb];
@@ -349,8 +365,23 @@ pub fn matmul_into(
             }
         }
     };
-    let tasks = n_out.div_ceil(chunk);
+    let min_rows = if m == 1 { 48 } else { 24 };
+    let chunk = rows_per_task(total, threads, ROW_ALIGN, min_rows);
+    // Task c covers rows c·chunk.. of the matrices' rows listed one after another.
+    let task = |c: usize| {
+        let (first, last) = (c * chunk, ((c + 1) * chunk).min(total));
+        let mut base = 0;
+        for (w, &out) in ws.iter().zip(&outs) {
+            let (lo, hi) = (first.max(base), last.min(base + w.n_out()));
+            if lo < hi {
+                run_rows(w, lo - base..hi - base, out);
+            }
+            base += w.n_out();
+        }
+    };
+    let tasks = total.div_ceil(chunk);
     if tasks == 1 {
+        // One task: run it here rather than wake a pool thread for it.
         task(0);
     } else {
         pool.install(|| (0..tasks).into_par_iter().for_each(task));

@@ -96,6 +96,33 @@ fn token_blocked_gemm_agrees() {
     assert_eq!(sub.sums(), &x.sums()[36..72]);
 }
 
+/// Matrices fused into one pass give each its own product, whatever the
+/// split of their joint rows into tasks (one token and a batch).
+#[test]
+fn fused_matrices_equal_separate_calls() {
+    let pool = threads::pool(Some(2)).unwrap();
+    let ws = [
+        random_matrix(100, 300, 1),
+        random_matrix(13, 300, 2),
+        random_matrix(250, 300, 3),
+    ];
+    for m in [1, 7] {
+        let x = QuantizedActivations::quantize(&random_activations(m, 300, 9), m, 300).unwrap();
+        for kernel in Kernel::supported() {
+            let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; m * w.n_out()]).collect();
+            let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| &mut y[..]).collect();
+            matmul_many_into(&[&ws[0], &ws[1], &ws[2]], &x, &mut outs, kernel, &pool).unwrap();
+            for (w, y) in ws.iter().zip(&ys) {
+                assert_eq!(y, &matmul(w, &x, kernel, &pool).unwrap(), "{kernel} m {m}");
+            }
+        }
+    }
+    let x = QuantizedActivations::quantize(&random_activations(1, 300, 9), 1, 300).unwrap();
+    let mut y = vec![0.0; 100];
+    let err = matmul_many_into(&[&ws[0], &ws[1]], &x, &mut [&mut y], Kernel::Scalar, &pool);
+    assert!(err.is_err());
+}
+
 #[test]
 fn extreme_codes_do_not_overflow() {
     // All weights +1 or all -1 against ±128/127 codes over a long row: the worst case for i16 sums.

@@ -19,7 +19,7 @@ use super::cache::{KvCache, KvType};
 use super::ops::{relu2_glu, rms_norm, rms_norm_rows, Rope};
 use super::weights::Model;
 use crate::error::{Result, TritError};
-use crate::kernels::{matmul_into, Kernel, QuantizedActivations};
+use crate::kernels::{matmul_into, matmul_many_into, Kernel, QuantizedActivations};
 use crate::threads;
 
 /// Most tokens of a prompt processed in one batch: bounds the scratch memory
@@ -255,11 +255,20 @@ impl Session {
         for (l, layer) in model.layers.iter().enumerate() {
             // ---- attention block
             rms_norm_rows(&s.x, &layer.input_norm, eps, fit(&mut s.a, t_len * hidden));
-            // One quantisation of the block input serves q, k and v.
+            // One quantisation of the block input serves q, k and v, which
+            // run as one parallel pass.
             s.qa.requantize(&s.a, t_len, hidden)?;
-            matmul_into(&layer.q, &s.qa, fit(&mut s.q, t_len * q_dim), kernel, pool)?;
-            matmul_into(&layer.k, &s.qa, fit(&mut s.k, t_len * kv_dim), kernel, pool)?;
-            matmul_into(&layer.v, &s.qa, fit(&mut s.v, t_len * kv_dim), kernel, pool)?;
+            matmul_many_into(
+                &[&layer.q, &layer.k, &layer.v],
+                &s.qa,
+                &mut [
+                    fit(&mut s.q, t_len * q_dim),
+                    fit(&mut s.k, t_len * kv_dim),
+                    fit(&mut s.v, t_len * kv_dim),
+                ],
+                kernel,
+                pool,
+            )?;
             for t in 0..t_len {
                 let pos = start + t;
                 for head in s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
@@ -317,19 +326,15 @@ impl Session {
 
             // ---- MLP block
             rms_norm_rows(&s.x, &layer.post_norm, eps, fit(&mut s.a, t_len * hidden));
-            // One quantisation serves gate and up.
+            // One quantisation serves gate and up, one parallel pass too.
             s.qa.requantize(&s.a, t_len, hidden)?;
-            matmul_into(
-                &layer.gate,
+            matmul_many_into(
+                &[&layer.gate, &layer.up],
                 &s.qa,
-                fit(&mut s.gate, t_len * inter),
-                kernel,
-                pool,
-            )?;
-            matmul_into(
-                &layer.up,
-                &s.qa,
-                fit(&mut s.up, t_len * inter),
+                &mut [
+                    fit(&mut s.gate, t_len * inter),
+                    fit(&mut s.up, t_len * inter),
+                ],
                 kernel,
                 pool,
             )?;
