@@ -889,24 +889,8 @@ mod tests {
                 }
             }
             // The whole: the paths agree to the bit, and with the formula.
-            let want32 = run_group(
-                AttentionPath::Scalar,
-                &q,
-                hd,
-                KvRows::F32(&k),
-                KvRows::F32(&v),
-                n,
-                scaling,
-            );
-            let want16 = run_group(
-                AttentionPath::Scalar,
-                &q,
-                hd,
-                KvRows::F16(&k16),
-                KvRows::F16(&v16),
-                n,
-                scaling,
-            );
+            let want32 = run_group(AttentionPath::Scalar, &q, hd, k32r, v32r, n, scaling);
+            let want16 = run_group(AttentionPath::Scalar, &q, hd, k16r, v16r, n, scaling);
             for h in 0..heads {
                 let exact = reference(&q[h * hd..(h + 1) * hd], &k, &v, scaling);
                 for (d, &w) in exact.iter().enumerate() {
@@ -922,17 +906,9 @@ mod tests {
                 }
             }
             for path in paths() {
-                let got = run_group(path, &q, hd, KvRows::F32(&k), KvRows::F32(&v), n, scaling);
+                let got = run_group(path, &q, hd, k32r, v32r, n, scaling);
                 assert_eq!(got, want32, "{path:?} f32 hd {hd} n {n} heads {heads}");
-                let got = run_group(
-                    path,
-                    &q,
-                    hd,
-                    KvRows::F16(&k16),
-                    KvRows::F16(&v16),
-                    n,
-                    scaling,
-                );
+                let got = run_group(path, &q, hd, k16r, v16r, n, scaling);
                 assert_eq!(got, want16, "{path:?} f16 hd {hd} n {n} heads {heads}");
             }
         }
