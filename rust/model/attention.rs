@@ -720,6 +720,7 @@ mod tests {
     use super::*;
 
     fn paths() -> Vec<AttentionPath> {
+        #[allow(unused_mut)] // only x86-64 has a second path
         let mut p = vec![AttentionPath::Scalar];
         #[cfg(target_arch = "x86_64")]
         if AttentionPath::Avx2.is_supported() {
