@@ -21,40 +21,13 @@ def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
 
 
 def test_generate_streams_text_and_reports_speed() -> None:
-    r = run(
-        "generate",
-        "-m",
-        MODEL,
-        "-p",
-        "Hello world",
-        "-n",
-        "12",
-        "-t",
-        "1",
-        "--seed",
-        "3",
-        "--temp",
-        "0.7",
-    )
+    args = ("generate", "-m", MODEL, "-p", "Hello world", "-n", "12", "-t", "1")
+    r = run(*args, "--seed", "3", "--temp", "0.7")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
     assert "prompt: 9 tokens" in r.stderr and "tokens/s" in r.stderr
     assert "generation: " in r.stderr
-    again = run(
-        "generate",
-        "-m",
-        MODEL,
-        "-p",
-        "Hello world",
-        "-n",
-        "12",
-        "-t",
-        "1",
-        "--seed",
-        "3",
-        "--temp",
-        "0.7",
-    )
+    again = run(*args, "--seed", "3", "--temp", "0.7")
     assert again.stdout == r.stdout
 
 

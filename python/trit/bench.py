@@ -162,12 +162,11 @@ def run(
     kernel = active_kernel()
 
     results = []
-    # Bytes of keys and values one cached position adds to every token's reads.
-    kv_per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
-    kv_per_position *= 2 if kv_cache == "f16" else 4
     for n_threads in threads:
         bandwidth = bandwidths[n_threads]
         session = Session(loaded, n_ctx=longest, threads=n_threads, kv_cache=kv_cache)
+        # Bytes of keys and values one cached position adds to every token's reads.
+        kv_per_position = session.cache_bytes // session.n_ctx
         for n_p, n_g, depth, seconds in _timings(
             session, ids, n_prompt, n_gen, depths, repetitions, say, n_threads
         ):

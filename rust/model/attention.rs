@@ -605,26 +605,17 @@ mod simd {
             Partial { max, sum: total }
         }
 
-        /// out[h][d..d+8B] += Σ_{j in keys} e_h[j] v_j[d..d+8B] (the running
-        /// sums live in `out` between key blocks): each value row is loaded
-        /// (and widened) once for all heads.
+        /// out[h][d..d+8B] = Σ_j e_h[j] v_j[d..d+8B]: each value row is
+        /// loaded (and widened) once for all heads.
         #[inline(always)]
         unsafe fn values_step<T: KvElement + Load, const H: usize, const B: usize>(
             a: &Heads,
             values: &[T],
-            keys: std::ops::Range<usize>,
             d: usize,
         ) {
             let vp = values.as_ptr();
             let mut acc = [[_mm256_setzero_ps(); B]; H];
-            if keys.start > 0 {
-                for (h, acc_h) in acc.iter_mut().enumerate() {
-                    for (b, acc_hb) in acc_h.iter_mut().enumerate() {
-                        *acc_hb = _mm256_loadu_ps(a.out.add(h * a.out_stride + d + 8 * b));
-                    }
-                }
-            }
-            for j in keys {
+            for j in 0..a.n {
                 let mut v = [_mm256_setzero_ps(); B];
                 for (b, vb) in v.iter_mut().enumerate() {
                     *vb = T::load8(vp.add(j * a.hd + d + 8 * b));
@@ -684,30 +675,25 @@ mod simd {
                 *st = softmax_weights(scores);
             }
 
-            // Σ e_j v_j in blocks of keys: a block of value rows (8 KB in f16)
-            // comes from memory once, in order, then from L1 for every
-            // 16-wide slice of the head. Each sum still runs over j in order.
-            const KEY_BLOCK: usize = 256;
-            for j0 in (0..n).step_by(KEY_BLOCK) {
-                let block = j0..(j0 + KEY_BLOCK).min(n);
-                let mut d = 0;
-                while d + 16 <= full {
-                    values_step::<T, H, 2>(&a, values, block.clone(), d);
-                    d += 16;
-                }
-                if d < full {
-                    values_step::<T, H, 1>(&a, values, block.clone(), d);
-                }
-                for h in 0..H {
-                    for d in full..hd {
-                        let o = a.out.add(h * a.out_stride + d);
-                        let mut acc = if j0 == 0 { 0.0 } else { *o };
-                        for j in block.clone() {
-                            let e = *a.scores.add(h * a.scores_stride + j);
-                            acc = e.mul_add(values[j * hd + d].to_f32(), acc);
-                        }
-                        *o = acc;
+            // Σ e_j v_j, 16 outputs per pass over the chunk's value rows
+            // (prefetched above: at most KEY_CHUNK rows, in cache), then the
+            // last hd % 8 one by one.
+            let mut d = 0;
+            while d + 16 <= full {
+                values_step::<T, H, 2>(&a, values, d);
+                d += 16;
+            }
+            if d < full {
+                values_step::<T, H, 1>(&a, values, d);
+            }
+            for h in 0..H {
+                for d in full..hd {
+                    let mut acc = 0.0f32;
+                    for j in 0..n {
+                        let e = *a.scores.add(h * a.scores_stride + j);
+                        acc = e.mul_add(values[j * hd + d].to_f32(), acc);
                     }
+                    *a.out.add(h * a.out_stride + d) = acc;
                 }
             }
         }
