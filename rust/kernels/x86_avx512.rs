@@ -15,24 +15,29 @@ use super::{aligned_scratch, gemm_k_block, QuantizedActivations};
 /// GEMM tile: 4 rows × 4 tokens = 16 accumulators + 8 operands, of 32 registers.
 const TILE: usize = 4;
 
-/// acc + Σ of the four u8 × i8 products in each 32-bit lane.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn dot_vnni(acc: __m512i, codes: __m512i, acts: __m512i) -> __m512i {
-    _mm512_dpbusd_epi32(acc, codes, acts)
+// Why the kernel bodies below are `#[inline(always)]` with no
+// `target_feature` of their own: a function with more features (VNNI) is
+// never inlined into one with fewer, so a `vpdpbusd` helper called from an
+// AVX-512 F/BW loop became a real call per instruction, its vectors passed
+// through memory — 4–5× slower than AVX2 on a Sapphire Rapids (criterion
+// `gemv/avx512`). Each body is instead inlined whole into one of two entry
+// points, one compiled with VNNI and one without, and the intrinsics inline
+// into those.
+
+/// acc + Σ of the four u8 × i8 products in each 32-bit lane: `vpdpbusd` with
+/// VNNI, else `vpmaddubsw` + `vpmaddwd`.
+#[inline(always)]
+unsafe fn step<const VNNI: bool>(acc: __m512i, codes: __m512i, acts: __m512i) -> __m512i {
+    if VNNI {
+        _mm512_dpbusd_epi32(acc, codes, acts)
+    } else {
+        let pairs = _mm512_maddubs_epi16(codes, acts);
+        _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+    }
 }
 
-/// The same sum as `dot_vnni`, without VNNI.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn dot_bw(acc: __m512i, codes: __m512i, acts: __m512i) -> __m512i {
-    let pairs = _mm512_maddubs_epi16(codes, acts);
-    _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
-}
-
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn planes(packed: __m512i) -> [__m512i; 4] {
+#[inline(always)]
+unsafe fn planes(packed: __m512i) -> [__m512i; 4] {
     let mask = _mm512_set1_epi8(3);
     [
         _mm512_and_si512(packed, mask),
@@ -48,34 +53,32 @@ fn has_vnni() -> bool {
 
 /// # Safety
 /// The CPU must support AVX-512 F and BW; `xq` must hold `w.k_padded()` values.
-#[target_feature(enable = "avx512f,avx512bw")]
 pub unsafe fn gemv(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
     assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
     if has_vnni() {
-        gemv_with::<true>(w, xq, xsum, rows, dots)
+        gemv_vnni(w, xq, xsum, rows, dots)
     } else {
-        gemv_with::<false>(w, xq, xsum, rows, dots)
+        gemv_bw(w, xq, xsum, rows, dots)
     }
 }
 
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn gemv_with<const VNNI: bool>(
-    w: &TernaryMatrix,
-    xq: &[i8],
-    xsum: i32,
-    rows: Range<usize>,
-    dots: &mut [i32],
-) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn gemv_vnni(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
     for (dot, n) in dots.iter_mut().zip(rows) {
-        *dot = gemv_row::<VNNI>(w.row(n), xq, xsum);
+        *dot = gemv_row::<true>(w.row(n), xq, xsum);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn gemv_bw(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
+    for (dot, n) in dots.iter_mut().zip(rows) {
+        *dot = gemv_row::<false>(w.row(n), xq, xsum);
     }
 }
 
 /// One row at a time with a software prefetch, for the reasons given at
 /// `x86_avx2::gemv_row` (a single sequential stream per core).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[inline(always)]
 unsafe fn gemv_row<const VNNI: bool>(row: &[PackedBlock], xq: &[i8], xsum: i32) -> i32 {
     let x = xq.as_ptr();
     let mut acc = _mm512_setzero_si512();
@@ -94,20 +97,8 @@ unsafe fn gemv_row<const VNNI: bool>(row: &[PackedBlock], xq: &[i8], xsum: i32) 
     _mm512_reduce_add_epi32(acc) - xsum
 }
 
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn step<const VNNI: bool>(acc: __m512i, codes: __m512i, acts: __m512i) -> __m512i {
-    if VNNI {
-        // SAFETY: VNNI is only true when `has_vnni()` said so.
-        dot_vnni(acc, codes, acts)
-    } else {
-        dot_bw(acc, codes, acts)
-    }
-}
-
 /// # Safety
 /// The CPU must support AVX-512 F and BW. `dots` is [rows.len(), x.m()].
-#[target_feature(enable = "avx512f,avx512bw")]
 pub unsafe fn gemm(
     w: &TernaryMatrix,
     x: &QuantizedActivations,
@@ -117,14 +108,33 @@ pub unsafe fn gemm(
     let (m, kp) = (x.m(), w.k_padded());
     assert!(x.k_padded() == kp && dots.len() == rows.len() * m && rows.end <= w.n_out());
     if has_vnni() {
-        gemm_with::<true>(w, x, rows, dots)
+        gemm_vnni(w, x, rows, dots)
     } else {
-        gemm_with::<false>(w, x, rows, dots)
+        gemm_bw(w, x, rows, dots)
     }
 }
 
-#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn gemm_vnni(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
+    gemm_with::<true>(w, x, rows, dots)
+}
+
 #[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn gemm_bw(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
+    gemm_with::<false>(w, x, rows, dots)
+}
+
+#[inline(always)]
 unsafe fn gemm_with<const VNNI: bool>(
     w: &TernaryMatrix,
     x: &QuantizedActivations,
@@ -189,8 +199,7 @@ unsafe fn gemm_with<const VNNI: bool>(
 }
 
 /// `out[j·m + i] += Σ_{k < len} codes[j·code_stride + k] · acts[i·act_stride + k]`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile<const NR: usize, const NT: usize, const VNNI: bool>(
     codes: *const u8,
