@@ -216,3 +216,37 @@ fn every_supported_path_passes_its_self_check() {
         assert!(kernel.self_check(), "{kernel}");
     }
 }
+
+/// A CPU with VNNI runs only the VNNI bodies by default; the AVX-512 BW
+/// fallback (Skylake-X and the like) is called directly here so it is
+/// checked wherever AVX-512 BW exists.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_without_vnni_agrees() {
+    if !Kernel::Avx512.is_supported() {
+        return;
+    }
+    let extreme = |m: usize, k: usize| extreme_activations(m, k);
+    let random = |m: usize, k: usize| {
+        QuantizedActivations::quantize(&random_activations(m, k, (m * k) as u64), m, k).unwrap()
+    };
+    for (n_out, n_in) in [(13, 2 * packing::BLOCK + 77), (64, 2560), (7, 1)] {
+        let w = random_matrix(n_out, n_in, (n_out + n_in) as u64);
+        for x in [random(5, n_in), extreme(6, n_in), random(1, n_in)] {
+            let m = x.m();
+            let mut expected = vec![0i32; n_out * m];
+            gemm_dots(Kernel::Scalar, &w, &x, 0..n_out, &mut expected);
+            let mut got = vec![0i32; n_out * m];
+            // SAFETY: AVX-512 F and BW were detected above.
+            unsafe { x86_avx512::gemm_bw(&w, &x, 0..n_out, &mut got) };
+            assert_eq!(got, expected, "gemm {n_out}x{n_in}, m {m}");
+            for t in 0..m {
+                let mut got = vec![0i32; n_out];
+                // SAFETY: as above.
+                unsafe { x86_avx512::gemv_bw(&w, x.token(t), x.sums()[t], 0..n_out, &mut got) };
+                let want: Vec<i32> = expected.chunks_exact(m).map(|row| row[t]).collect();
+                assert_eq!(got, want, "gemv {n_out}x{n_in}, token {t}");
+            }
+        }
+    }
+}

@@ -70,7 +70,13 @@ unsafe fn gemv_vnni(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>,
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn gemv_bw(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
+pub(crate) unsafe fn gemv_bw(
+    w: &TernaryMatrix,
+    xq: &[i8],
+    xsum: i32,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
     for (dot, n) in dots.iter_mut().zip(rows) {
         *dot = gemv_row::<false>(w.row(n), xq, xsum);
     }
@@ -143,7 +149,7 @@ unsafe fn gemm_vnni(
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn gemm_bw(
+pub(crate) unsafe fn gemm_bw(
     w: &TernaryMatrix,
     x: &QuantizedActivations,
     rows: Range<usize>,
