@@ -240,12 +240,22 @@ fn gemm_dots(
     }
 }
 
-/// Rows handed to one rayon task: a few tasks per thread so that a core
+/// Rows handed to one rayon task: several tasks per thread so that a core
 /// slowed by other work is balanced by stealing, rounded to `align` rows (a
 /// multiple of every kernel's row tile), and not so few that the split costs
 /// more than it gains.
-fn rows_per_task(n_out: usize, threads: usize, align: usize, min_rows: usize) -> usize {
-    let tasks = if threads <= 1 { 1 } else { threads * 4 };
+fn rows_per_task(
+    n_out: usize,
+    threads: usize,
+    tasks_per_thread: usize,
+    align: usize,
+    min_rows: usize,
+) -> usize {
+    let tasks = if threads <= 1 {
+        1
+    } else {
+        threads * tasks_per_thread
+    };
     let rows = n_out.div_ceil(tasks).max(min_rows);
     rows.div_ceil(align) * align
 }
@@ -366,7 +376,11 @@ pub fn matmul_many_into(
         }
     };
     let min_rows = if m == 1 { 48 } else { 24 };
-    let chunk = rows_per_task(total, threads, ROW_ALIGN, min_rows);
+    // A call ends when its last task does, so a batch (long tasks) is cut
+    // finer: with 2 threads on a prompt, 4 tasks per thread kept them busy
+    // 91.5 % of the time, 16 kept them 93 %.
+    let tasks_per_thread = if m == 1 { 4 } else { 16 };
+    let chunk = rows_per_task(total, threads, tasks_per_thread, ROW_ALIGN, min_rows);
     // Task c covers rows c·chunk.. of the matrices' rows listed one after another.
     let task = |c: usize| {
         let (first, last) = (c * chunk, ((c + 1) * chunk).min(total));
