@@ -38,16 +38,15 @@ enum Logits {
 /// Buffers reused from call to call; sized for the largest batch seen.
 #[derive(Default)]
 struct Scratch {
-    x: Vec<f32>,     // [T, hidden] residual stream
-    a: Vec<f32>,     // [T, hidden] normalised input of a block
-    q: Vec<f32>,     // [T, n_heads * head_dim]
-    k: Vec<f32>,     // [T, n_kv_heads * head_dim]
-    v: Vec<f32>,     // [T, n_kv_heads * head_dim]
-    heads: Vec<f32>, // [n_heads, T, head_dim] attention output, head-major
-    o: Vec<f32>,     // [T, n_heads * head_dim] attention output, token-major
-    proj: Vec<f32>,  // [T, hidden] output of o_proj / down_proj
-    gate: Vec<f32>,  // [T, intermediate]
-    up: Vec<f32>,    // [T, intermediate]
+    x: Vec<f32>,    // [T, hidden] residual stream
+    a: Vec<f32>,    // [T, hidden] normalised input of a block
+    q: Vec<f32>,    // [T, n_heads * head_dim]
+    k: Vec<f32>,    // [T, n_kv_heads * head_dim]
+    v: Vec<f32>,    // [T, n_kv_heads * head_dim]
+    o: Vec<f32>,    // [T, n_heads * head_dim] attention output, token-major
+    proj: Vec<f32>, // [T, hidden] output of o_proj / down_proj
+    gate: Vec<f32>, // [T, intermediate]
+    up: Vec<f32>,   // [T, intermediate]
     attn: AttentionScratch,
     normed: Vec<f32>, // [hidden] final-normed token
     qa: QuantizedActivations,
@@ -295,16 +294,9 @@ impl Session {
                 start,
                 t_len,
                 &s.q,
-                fit(&mut s.heads, c.num_heads * t_len * hd),
+                fit(&mut s.o, t_len * q_dim),
                 &mut s.attn,
             );
-            // [n_heads, T, hd] -> [T, n_heads * hd] (concat_heads)
-            let o = fit(&mut s.o, t_len * q_dim);
-            for (h, head) in s.heads.chunks_exact(t_len * hd).enumerate() {
-                for (t, src) in head.chunks_exact(hd).enumerate() {
-                    o[t * q_dim + h * hd..t * q_dim + (h + 1) * hd].copy_from_slice(src);
-                }
-            }
             // attn_sub_norm comes before o_proj.
             rms_norm_rows(
                 &s.o,
@@ -410,11 +402,12 @@ impl AttentionScratch {
 
 /// Causal attention of a batch of `t_len` tokens at positions `start..` over
 /// the cache (which already holds the batch's own keys and values).
-/// `q` is [T, n_heads * hd] (rotated); writes `heads` [n_heads, T, hd].
+/// `q` is [T, n_heads * hd] (rotated); writes `o` [T, n_heads * hd], the
+/// heads concatenated as o_proj takes them.
 /// Every task reads its keys and values once for all the query heads of its
 /// KV group. One token (decoding) is split into (group, chunk of keys)
 /// tasks, then merged, so that it spreads over the threads; a batch runs a
-/// task per group.
+/// task per few tokens (all groups), so more threads than KV heads help.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     path: AttentionPath,
@@ -426,10 +419,11 @@ fn attention(
     start: usize,
     t_len: usize,
     q: &[f32],
-    heads: &mut [f32],
+    o: &mut [f32],
     scratch: &mut AttentionScratch,
 ) {
     let q_dim = n_heads * hd;
+    let n_kv = n_heads / group;
     // As transformers: head_dim ** -0.5 as a Python float, applied in f32
     // after the dot product.
     let scaling = (hd as f64).powf(-0.5) as f32;
@@ -437,7 +431,6 @@ fn attention(
     let kv = |g: usize| (cache.keys(layer, g, n_all), cache.values(layer, g, n_all));
     if t_len == 1 {
         let chunks = n_all.div_ceil(KEY_CHUNK);
-        let n_kv = n_heads / group;
         let partial_out = &mut scratch.partial_out[..n_kv * chunks * group * hd];
         let partial_stats = &mut scratch.partial_stats[..n_kv * chunks * group];
         partial_out
@@ -455,7 +448,7 @@ fn attention(
                 );
             });
         // A few thousand multiply-adds: not worth waking a thread for.
-        for ((out, parts), stats) in heads
+        for ((out, parts), stats) in o
             .chunks_mut(group * hd) // [group, hd] of g
             .zip(partial_out.chunks(chunks * group * hd))
             .zip(partial_stats.chunks(chunks * group))
@@ -464,30 +457,38 @@ fn attention(
         }
         return;
     }
-    heads
-        .par_chunks_mut(group * t_len * hd) // [group, T, hd]
-        .zip(scratch.scores.par_chunks_mut(group * KEY_CHUNK))
+    // Tasks of a few tokens each: later tokens see more keys, and several
+    // tasks per thread let stealing even that out.
+    let threads = rayon::current_num_threads();
+    let tokens_per_task = t_len.div_ceil(threads * 4).max(1);
+    o[..t_len * q_dim]
+        .par_chunks_mut(tokens_per_task * q_dim) // [tokens, n_heads * hd]
         .enumerate()
-        .for_each(|(g, (out_g, scores))| {
-            // kv head g serves query heads g*group .. (g+1)*group (repeat_kv).
-            let (keys, values) = kv(g);
+        .for_each(|(task, out)| {
+            let t0 = task * tokens_per_task;
+            let mut scores = vec![0.0f32; group * KEY_CHUNK];
             let mut chunk_scratch = ChunkScratch::default();
-            for t in 0..t_len {
-                let qg = &q[t * q_dim + g * group * hd..t * q_dim + (g + 1) * group * hd];
-                // causal: positions 0..=start+t
-                attend_group(
-                    path,
-                    qg,
-                    hd,
-                    keys,
-                    values,
-                    start + t + 1,
-                    scaling,
-                    scores,
-                    &mut out_g[t * hd..],
-                    t_len * hd,
-                    &mut chunk_scratch,
-                );
+            for (i, out_t) in out.chunks_exact_mut(q_dim).enumerate() {
+                let t = t0 + i;
+                for g in 0..n_kv {
+                    // kv head g serves query heads g*group .. (g+1)*group (repeat_kv).
+                    let (keys, values) = kv(g);
+                    let heads = g * group * hd..(g + 1) * group * hd;
+                    // causal: positions 0..=start+t
+                    attend_group(
+                        path,
+                        &q[t * q_dim..][heads.clone()],
+                        hd,
+                        keys,
+                        values,
+                        start + t + 1,
+                        scaling,
+                        &mut scores,
+                        &mut out_t[heads],
+                        hd,
+                        &mut chunk_scratch,
+                    );
+                }
             }
         });
 }

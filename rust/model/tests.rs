@@ -155,6 +155,11 @@ fn decoding_with_the_cache_equals_the_full_pass() {
         let all = full.logits(&ids).unwrap();
         assert_eq!(all.len(), ids.len() * vocab);
         assert!(all.iter().all(|v| v.is_finite()));
+        // The batch splits its work by thread count; the result does not change.
+        for threads in [1, 3] {
+            let mut other = Session::new(m.clone(), None, Some(threads), kv).unwrap();
+            assert_eq!(other.logits(&ids).unwrap(), all, "{threads} threads");
+        }
         // Prompt of 3, then one token at a time.
         let mut s = Session::new(m.clone(), Some(16), Some(1), kv).unwrap();
         assert_eq!(s.prefill(&ids[..3]).unwrap(), 3);
