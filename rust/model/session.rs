@@ -468,12 +468,14 @@ fn attention(
             let t0 = task * tokens_per_task;
             let mut scores = vec![0.0f32; group * KEY_CHUNK];
             let mut chunk_scratch = ChunkScratch::default();
-            for (i, out_t) in out.chunks_exact_mut(q_dim).enumerate() {
-                let t = t0 + i;
-                for g in 0..n_kv {
-                    // kv head g serves query heads g*group .. (g+1)*group (repeat_kv).
-                    let (keys, values) = kv(g);
-                    let heads = g * group * hd..(g + 1) * group * hd;
+            // Group by group, so one KV head's rows are reused by the task's
+            // tokens while they are still in cache.
+            for g in 0..n_kv {
+                // kv head g serves query heads g*group .. (g+1)*group (repeat_kv).
+                let (keys, values) = kv(g);
+                let heads = g * group * hd..(g + 1) * group * hd;
+                for (i, out_t) in out.chunks_exact_mut(q_dim).enumerate() {
+                    let t = t0 + i;
                     // causal: positions 0..=start+t
                     attend_group(
                         path,
@@ -484,7 +486,7 @@ fn attention(
                         start + t + 1,
                         scaling,
                         &mut scores,
-                        &mut out_t[heads],
+                        &mut out_t[heads.clone()],
                         hd,
                         &mut chunk_scratch,
                     );
