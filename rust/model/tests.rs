@@ -160,21 +160,24 @@ fn decoding_with_the_cache_equals_the_full_pass() {
             let mut other = Session::new(m.clone(), None, Some(threads), kv).unwrap();
             assert_eq!(other.logits(&ids).unwrap(), all, "{threads} threads");
         }
-        // Prompt of 3, then one token at a time.
-        let mut s = Session::new(m.clone(), Some(16), Some(1), kv).unwrap();
-        assert_eq!(s.prefill(&ids[..3]).unwrap(), 3);
-        assert_eq!(s.last_logits().unwrap(), &all[2 * vocab..3 * vocab]);
-        for (i, &id) in ids.iter().enumerate().skip(3) {
-            s.push(id).unwrap();
-            // Integer dots are exact and every token's float work is the same
-            // code, so batch and step agree to the bit.
-            assert_eq!(
-                s.last_logits().unwrap(),
-                &all[i * vocab..(i + 1) * vocab],
-                "token {i}"
-            );
+        // Prompt of 3, then one token at a time (with more than one thread,
+        // decoding keeps helper threads spinning: a path of its own).
+        for threads in [1, 2, 3] {
+            let mut s = Session::new(m.clone(), Some(16), Some(threads), kv).unwrap();
+            assert_eq!(s.prefill(&ids[..3]).unwrap(), 3);
+            assert_eq!(s.last_logits().unwrap(), &all[2 * vocab..3 * vocab]);
+            for (i, &id) in ids.iter().enumerate().skip(3) {
+                s.push(id).unwrap();
+                // Integer dots are exact and every token's float work is the
+                // same code, so batch and step agree to the bit.
+                assert_eq!(
+                    s.last_logits().unwrap(),
+                    &all[i * vocab..(i + 1) * vocab],
+                    "token {i}, {threads} threads"
+                );
+            }
+            assert_eq!(s.tokens(), &ids);
         }
-        assert_eq!(s.tokens(), &ids);
     }
 }
 
@@ -356,4 +359,51 @@ fn an_f16_cache_is_close_to_the_f32_one_and_half_its_size() {
         "{} vs {spread}",
         max_diff(&a, &b)
     );
+}
+
+/// Every last-token logit row of `ids`: a prompt of one, then one at a time.
+fn decode_all(m: &Arc<Model>, ids: &[u32], threads: usize) -> Vec<f32> {
+    let mut s = Session::new(m.clone(), None, Some(threads), KvType::F16).unwrap();
+    s.prefill(&ids[..1]).unwrap();
+    let mut rows = s.last_logits().unwrap().to_vec();
+    for &id in &ids[1..] {
+        s.push(id).unwrap();
+        rows.extend_from_slice(s.last_logits().unwrap());
+    }
+    rows
+}
+
+#[test]
+fn concurrent_decodes_on_one_pool_finish_and_agree() {
+    // Sessions with the same thread count share a pool, and decoding keeps
+    // helper threads spinning on it: several sessions decoding at once once
+    // deadlocked (a helper stacked on a task that its own token waited for).
+    // Wide enough that every matmul is split into tasks (tiny() runs inline).
+    let c = Config {
+        vocab_size: 512,
+        hidden_size: 256,
+        intermediate_size: 768,
+        head_dim: 64,
+        ..tiny()
+    };
+    let m = model(&c);
+    let ids: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 512).collect();
+    let reference = decode_all(&m, &ids, 2);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..4 {
+        let (m, tx, ids) = (m.clone(), tx.clone(), ids.clone());
+        std::thread::spawn(move || {
+            for _ in 0..40 {
+                if tx.send(decode_all(&m, &ids, 2)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    for _ in 0..4 * 40 {
+        let rows = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("concurrent decoding stalled");
+        assert_eq!(rows, reference);
+    }
 }
