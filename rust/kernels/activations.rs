@@ -188,7 +188,8 @@ fn as_codes_mut(lines: &mut [CacheLine]) -> &mut [i8] {
 #[inline(always)]
 pub(crate) fn int8_code(v: f32) -> i8 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
-                                     // max/min rather than clamp: NaN (excluded by the callers) cannot panic.
+
+    // max/min rather than clamp: NaN (excluded by the callers) cannot panic.
     #[allow(clippy::manual_clamp)]
     let v = v.max(-128.0).min(127.0);
     ((v + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32) as i8

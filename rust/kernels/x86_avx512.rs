@@ -1,9 +1,10 @@
 //! AVX-512 kernels. The same scheme as AVX2 (codes `w + 1` times int8
 //! activations, Σx subtracted at the end) on 64-byte vectors: one 64-byte
-//! block shifted by 2i and masked gives the codes of 64 consecutive inputs.
+//! block masked to plane i gives the codes of 64 consecutive inputs (shifted
+//! down by 2i for the GEMM; the GEMV keeps them scaled, see `gemv_row`).
 //! With VNNI, `vpdpbusd` multiplies and sums four u8 × i8 products straight
 //! into i32 lanes; without it, `vpmaddubsw` + `vpmaddwd` do the same in two
-//! steps (|pair| ≤ 512 in i16, widened at once, so nothing can overflow).
+//! steps (each i16 pair widened at once, so nothing can overflow).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -64,9 +65,7 @@ pub unsafe fn gemv(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, 
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn gemv_vnni(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
-    for (dot, n) in dots.iter_mut().zip(rows) {
-        *dot = gemv_row::<true>(w.row(n), xq, xsum);
-    }
+    gemv_with::<true>(w, xq, xsum, rows, dots)
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
@@ -77,8 +76,19 @@ pub(crate) unsafe fn gemv_bw(
     rows: Range<usize>,
     dots: &mut [i32],
 ) {
+    gemv_with::<false>(w, xq, xsum, rows, dots)
+}
+
+#[inline(always)]
+unsafe fn gemv_with<const VNNI: bool>(
+    w: &TernaryMatrix,
+    xq: &[i8],
+    xsum: i32,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
     for (dot, n) in dots.iter_mut().zip(rows) {
-        *dot = gemv_row::<false>(w.row(n), xq, xsum);
+        *dot = gemv_row::<VNNI>(w.row(n), xq, xsum);
     }
 }
 

@@ -261,20 +261,17 @@ impl Session {
                 // (rayon runs a waiting thread's queued jobs, and so a helper
                 // can sit on top of a task that the token waits for), and it
                 // must then return for that task to finish.
-                let mut idle_since = Instant::now();
-                let mut idle_rounds = 0u32;
+                let mut last_work = Instant::now();
+                let mut spins = 0u32;
                 while !done.load(Ordering::Acquire) {
                     if rayon::yield_now() == Some(rayon::Yield::Executed) {
-                        idle_rounds = 0;
+                        last_work = Instant::now();
                         continue;
                     }
                     std::hint::spin_loop();
-                    idle_rounds += 1;
-                    if idle_rounds == 1 {
-                        idle_since = Instant::now();
-                    } else if idle_rounds.is_multiple_of(64)
-                        && idle_since.elapsed() > HELPER_PATIENCE
-                    {
+                    spins = spins.wrapping_add(1);
+                    // The clock is read now and then: the spin should stay cheap.
+                    if spins.is_multiple_of(64) && last_work.elapsed() > HELPER_PATIENCE {
                         break;
                     }
                 }
