@@ -51,8 +51,43 @@ impl QuantizedActivations {
                 x.len()
             )));
         }
-        // A branch-free pass first (it vectorizes); the position only on failure.
-        if x.iter().fold(false, |bad, v| bad | !v.is_finite()) {
+        let k_padded = blocks_for(k) * BLOCK;
+        self.m = m;
+        self.k = k;
+        self.k_padded = k_padded;
+        // No clearing: each token writes all of its row, padding included,
+        // so a prompt batch leaves no serial pass over the buffer.
+        self.q.resize(m * k_padded / 64, CacheLine([0; 64]));
+        self.scale.resize(m, 0.0);
+        self.sum.resize(m, 0);
+        // (token [k], its codes [k_padded]), (its multiplier, its code sum)
+        type Work<'a> = ((&'a [f32], &'a mut [i8]), (&'a mut f32, &'a mut i32));
+        // Whether the token was finite (and so quantized).
+        let quantize = |((token, q_row), (s, sum)): Work<'_>| -> bool {
+            // A branch-free pass (it vectorizes); the position only on failure.
+            if token.iter().fold(false, |bad, v| bad | !v.is_finite()) {
+                return false;
+            }
+            (*s, *sum) = quantize_token(token, &mut q_row[..k]);
+            q_row[k..].fill(0);
+            true
+        };
+        let codes = as_codes_mut(&mut self.q);
+        let finite = if m >= PARALLEL_TOKENS {
+            // A prompt batch: tokens in parallel (on the caller's rayon pool).
+            x.par_chunks_exact(k)
+                .zip(codes.par_chunks_exact_mut(k_padded))
+                .zip(self.scale.par_iter_mut().zip(self.sum.par_iter_mut()))
+                .map(quantize)
+                .reduce(|| true, |a, b| a & b)
+        } else {
+            x.chunks_exact(k)
+                .zip(codes.chunks_exact_mut(k_padded))
+                .zip(self.scale.iter_mut().zip(self.sum.iter_mut()))
+                .map(quantize)
+                .fold(true, |a, b| a & b)
+        };
+        if !finite {
             let pos = x.iter().position(|v| !v.is_finite()).unwrap_or(0);
             return Err(TritError::invalid(format!(
                 "activation [{}, {}] is {}; activations must be finite",
@@ -60,32 +95,6 @@ impl QuantizedActivations {
                 pos % k,
                 x[pos]
             )));
-        }
-        let k_padded = blocks_for(k) * BLOCK;
-        self.m = m;
-        self.k = k;
-        self.k_padded = k_padded;
-        self.q.clear();
-        self.q.resize(m * k_padded / 64, CacheLine([0; 64]));
-        self.scale.resize(m, 0.0);
-        self.sum.resize(m, 0);
-        // (token [k], its codes [k_padded]), (its multiplier, its code sum)
-        type Work<'a> = ((&'a [f32], &'a mut [i8]), (&'a mut f32, &'a mut i32));
-        let quantize = |((token, q_row), (s, sum)): Work<'_>| {
-            (*s, *sum) = quantize_token(token, &mut q_row[..k]);
-        };
-        let codes = as_codes_mut(&mut self.q);
-        if m >= PARALLEL_TOKENS {
-            // A prompt batch: tokens in parallel (on the caller's rayon pool).
-            x.par_chunks_exact(k)
-                .zip(codes.par_chunks_exact_mut(k_padded))
-                .zip(self.scale.par_iter_mut().zip(self.sum.par_iter_mut()))
-                .for_each(quantize);
-        } else {
-            x.chunks_exact(k)
-                .zip(codes.chunks_exact_mut(k_padded))
-                .zip(self.scale.iter_mut().zip(self.sum.iter_mut()))
-                .for_each(quantize);
         }
         Ok(())
     }
@@ -241,6 +250,30 @@ mod tests {
                 "{v}"
             );
         }
+    }
+
+    #[test]
+    fn requantizing_into_used_buffers_equals_a_fresh_batch() {
+        let value = |i: usize| ((i * 7919 % 1000) as f32 - 500.0) / 7.0;
+        let mut reused =
+            QuantizedActivations::quantize(&(0..9 * 700).map(value).collect::<Vec<_>>(), 9, 700)
+                .unwrap();
+        // Fewer tokens, a shorter row with the same padded length, then a longer batch.
+        for (m, k) in [(3, 600), (10, 300), (12, 513)] {
+            let x: Vec<f32> = (0..m * k).map(|i| value(i + m)).collect();
+            reused.requantize(&x, m, k).unwrap();
+            let fresh = QuantizedActivations::quantize(&x, m, k).unwrap();
+            assert_eq!(reused.codes(), fresh.codes(), "[{m}, {k}]");
+            assert_eq!(
+                (reused.scales(), reused.sums()),
+                (fresh.scales(), fresh.sums())
+            );
+        }
+        // A bad value in a parallel batch is still named.
+        let mut x = vec![1.0f32; 10 * 4];
+        x[7 * 4 + 2] = f32::NAN;
+        let err = reused.requantize(&x, 10, 4).unwrap_err().to_string();
+        assert!(err.contains("[7, 2]"), "{err}");
     }
 
     #[test]

@@ -37,16 +37,44 @@ pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// In-place softmax in f32: subtract the max, exponentiate, divide by the sum.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0.0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+/// The residual add and the next RMSNorm in one pass over each token:
+/// `x += delta`, then `out = rms_norm(x)`; all [rows, w.len()], the rows in
+/// parallel for a prompt batch (a serial add would leave the other threads idle).
+pub fn add_rms_norm_rows(x: &mut [f32], delta: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    let add_norm = |((xr, dr), or): ((&mut [f32], &[f32]), &mut [f32])| {
+        add_into(xr, dr);
+        rms_norm(xr, w, eps, or);
+    };
+    if x.len() >= PARALLEL_ROWS * n {
+        x.par_chunks_exact_mut(n)
+            .zip(delta.par_chunks_exact(n))
+            .zip(out.par_chunks_exact_mut(n))
+            .for_each(add_norm);
+    } else {
+        x.chunks_exact_mut(n)
+            .zip(delta.chunks_exact(n))
+            .zip(out.chunks_exact_mut(n))
+            .for_each(add_norm);
     }
-    for v in x.iter_mut() {
-        *v /= sum;
+}
+
+/// `x += delta`, elementwise, in parallel pieces when long.
+pub fn add_rows(x: &mut [f32], delta: &[f32]) {
+    const PIECE: usize = 1 << 15;
+    if x.len() > PIECE {
+        x.par_chunks_mut(PIECE)
+            .zip(delta.par_chunks(PIECE))
+            .for_each(|(xs, ds)| add_into(xs, ds));
+    } else {
+        add_into(x, delta);
+    }
+}
+
+fn add_into(x: &mut [f32], delta: &[f32]) {
+    debug_assert_eq!(x.len(), delta.len());
+    for (xv, &d) in x.iter_mut().zip(delta) {
+        *xv += d;
     }
 }
 
@@ -112,6 +140,31 @@ impl Rope {
         }
     }
 
+    /// Rotates every head of a batch of tokens at positions `start..`: `q` is
+    /// [T, n_heads * head_dim] and `k` [T, n_kv_heads * head_dim]. Tokens run
+    /// in parallel for a prompt batch.
+    pub fn apply_batch(&self, q: &mut [f32], k: &mut [f32], t_len: usize, start: usize) {
+        let hd = 2 * self.half;
+        let (q_dim, kv_dim) = (q.len() / t_len.max(1), k.len() / t_len.max(1));
+        debug_assert!(q.len() == t_len * q_dim && k.len() == t_len * kv_dim);
+        let rotate = |(t, (q_row, k_row)): (usize, (&mut [f32], &mut [f32]))| {
+            for head in q_row.chunks_exact_mut(hd).chain(k_row.chunks_exact_mut(hd)) {
+                self.apply(head, start + t);
+            }
+        };
+        if t_len >= PARALLEL_ROWS {
+            q.par_chunks_exact_mut(q_dim)
+                .zip(k.par_chunks_exact_mut(kv_dim))
+                .enumerate()
+                .for_each(rotate);
+        } else {
+            q.chunks_exact_mut(q_dim)
+                .zip(k.chunks_exact_mut(kv_dim))
+                .enumerate()
+                .for_each(rotate);
+        }
+    }
+
     /// Positions the tables cover.
     pub fn len(&self) -> usize {
         self.cos.len() / self.half.max(1)
@@ -148,21 +201,39 @@ mod tests {
     }
 
     #[test]
-    fn softmax_sums_to_one_and_is_shift_invariant() {
-        let mut a = [1.0f32, 2.0, 3.0];
-        let mut b = [101.0f32, 102.0, 103.0];
-        softmax(&mut a);
-        softmax(&mut b);
-        assert!((a.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        for i in 0..3 {
-            assert!((a[i] - b[i]).abs() < 1e-6);
+    fn batch_ops_equal_their_token_by_token_definitions() {
+        let (hd, n_heads, n_kv, t_len, start) = (8, 3, 1, 11, 5);
+        let value = |i: usize| ((i * 7919 % 1000) as f32 - 500.0) / 97.0;
+        let rope = Rope::new(hd, 10_000.0, 32);
+        let q0: Vec<f32> = (0..t_len * n_heads * hd).map(value).collect();
+        let k0: Vec<f32> = (0..t_len * n_kv * hd).map(|i| value(i + 3)).collect();
+        let (mut q, mut k) = (q0.clone(), k0.clone());
+        rope.apply_batch(&mut q, &mut k, t_len, start);
+        let (mut q_want, mut k_want) = (q0, k0);
+        for (t, head) in q_want.chunks_exact_mut(hd).enumerate() {
+            rope.apply(head, start + t / n_heads);
         }
-        let e = 1f64.exp();
-        let z = 1.0 + e + e * e;
-        assert!((f64::from(a[2]) - e * e / z).abs() < 1e-6);
-        let mut big = [1000.0f32, -1000.0];
-        softmax(&mut big);
-        assert_eq!(big, [1.0, 0.0]);
+        for (t, head) in k_want.chunks_exact_mut(hd).enumerate() {
+            rope.apply(head, start + t / n_kv);
+        }
+        assert_eq!((q, k), (q_want, k_want));
+
+        // The fused residual add and norm, parallel (11 rows) and not (3 rows).
+        for rows in [11, 3] {
+            let n = 40;
+            let w: Vec<f32> = (0..n).map(|i| value(i + 1)).collect();
+            let x0: Vec<f32> = (0..rows * n).map(value).collect();
+            let delta: Vec<f32> = (0..rows * n).map(|i| value(i + 17)).collect();
+            let (mut x, mut out) = (x0.clone(), vec![0.0; rows * n]);
+            add_rms_norm_rows(&mut x, &delta, &w, 1e-5, &mut out);
+            let mut x_want = x0.clone();
+            add_rows(&mut x_want, &delta);
+            let want: Vec<f32> = x0.iter().zip(&delta).map(|(a, b)| a + b).collect();
+            assert_eq!(x_want, want);
+            let mut out_want = vec![0.0; rows * n];
+            rms_norm_rows(&want, &w, 1e-5, &mut out_want);
+            assert_eq!((x, out), (want, out_want));
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use super::attention::{
     attend_chunk, attend_group, merge, AttentionPath, ChunkScratch, Partial, KEY_CHUNK,
 };
 use super::cache::{KvCache, KvType};
-use super::ops::{relu2_glu, rms_norm, rms_norm_rows, Rope};
+use super::ops::{add_rms_norm_rows, add_rows, relu2_glu, rms_norm, rms_norm_rows, Rope};
 use super::weights::Model;
 use crate::error::{Result, TritError};
 use crate::kernels::{matmul_into, matmul_many_into, Kernel, QuantizedActivations};
@@ -307,8 +307,14 @@ impl Session {
             model.embed.row_into(id as usize, row); // no embedding scaling
         }
         for (l, layer) in model.layers.iter().enumerate() {
-            // ---- attention block
-            rms_norm_rows(&s.x, &layer.input_norm, eps, fit(&mut s.a, t_len * hidden));
+            // ---- attention block; the previous layer's MLP output is added
+            // to the residual stream in the same pass as the norm.
+            if l == 0 {
+                rms_norm_rows(&s.x, &layer.input_norm, eps, fit(&mut s.a, t_len * hidden));
+            } else {
+                let a = fit(&mut s.a, t_len * hidden);
+                add_rms_norm_rows(&mut s.x, &s.proj, &layer.input_norm, eps, a);
+            }
             // One quantisation of the block input serves q, k and v, which
             // run as one parallel pass.
             s.qa.requantize(&s.a, t_len, hidden)?;
@@ -323,20 +329,18 @@ impl Session {
                 kernel,
                 pool,
             )?;
-            for t in 0..t_len {
-                let pos = start + t;
-                for head in s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
-                    self.rope.apply(head, pos);
-                }
-                let k_row = &mut s.k[t * kv_dim..(t + 1) * kv_dim];
-                let v_row = &s.v[t * kv_dim..(t + 1) * kv_dim];
+            self.rope.apply_batch(&mut s.q, &mut s.k, t_len, start);
+            for (t, (k_row, v_row)) in
+                s.k.chunks_exact(kv_dim)
+                    .zip(s.v.chunks_exact(kv_dim))
+                    .enumerate()
+            {
                 for (g, (kh, vh)) in k_row
-                    .chunks_exact_mut(hd)
+                    .chunks_exact(hd)
                     .zip(v_row.chunks_exact(hd))
                     .enumerate()
                 {
-                    self.rope.apply(kh, pos);
-                    self.cache.write(l, g, pos, kh, vh);
+                    self.cache.write(l, g, start + t, kh, vh);
                 }
             }
             attention(
@@ -367,12 +371,10 @@ impl Session {
                 kernel,
                 pool,
             )?;
-            for (xv, &p) in s.x.iter_mut().zip(&s.proj) {
-                *xv += p;
-            }
 
             // ---- MLP block
-            rms_norm_rows(&s.x, &layer.post_norm, eps, fit(&mut s.a, t_len * hidden));
+            let a = fit(&mut s.a, t_len * hidden);
+            add_rms_norm_rows(&mut s.x, &s.proj, &layer.post_norm, eps, a);
             // One quantisation serves gate and up, one parallel pass too.
             s.qa.requantize(&s.a, t_len, hidden)?;
             matmul_many_into(
@@ -396,10 +398,9 @@ impl Session {
                 kernel,
                 pool,
             )?;
-            for (xv, &p) in s.x.iter_mut().zip(&s.proj) {
-                *xv += p;
-            }
         }
+        // The last layer's MLP output (the others' went in with the next norm).
+        add_rows(&mut s.x, &s.proj);
         self.tokens.extend_from_slice(ids);
 
         let rows = match logits {
