@@ -207,11 +207,42 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
+/// The int8 output head of 2B4T (the tied embedding, 128256 × 2560 codes,
+/// 328 MB) times one token: read once per generated token, like the weights.
+fn head_int8(c: &mut Criterion) {
+    use trit::model::tensor::DenseMatrix;
+    use trit::model::{DType, RawTensor};
+    let (rows, cols) = (128_256, 2560);
+    let shape = [rows, cols];
+    let bf16: Vec<u8> = (0..rows * cols)
+        .flat_map(|i| {
+            let v = ((i * 7919) % 2001) as f32 / 1000.0 - 1.0;
+            ((v.to_bits() >> 16) as u16).to_le_bytes()
+        })
+        .collect();
+    let head =
+        DenseMatrix::int8_from_raw(&RawTensor::new("head", DType::BF16, &shape, &bf16).unwrap());
+    drop(bf16);
+    let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 - 8.0).collect();
+    let mut logits = vec![0.0f32; rows];
+    let mut group = c.benchmark_group("head_int8");
+    group.throughput(Throughput::BytesDecimal(head.nbytes() as u64));
+    group.sample_size(20);
+    for threads in THREADS {
+        let pool = threads::pool(Some(threads)).unwrap();
+        group.bench_function(BenchmarkId::from_parameter(format!("t{threads}")), |b| {
+            pool.install(|| b.iter(|| head.matvec(black_box(&x), &mut logits)))
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     read_bandwidth,
     gemv,
     gemv_streamed,
+    head_int8,
     gemm,
     attention
 );

@@ -263,6 +263,9 @@ fn rows_per_task(
 /// Row tile every kernel divides evenly: AVX2 uses 3 and 4, AVX-512 4, NEON 4.
 const ROW_ALIGN: usize = 12;
 
+/// Rows of a GEMM task multiplied and written out together (a multiple of ROW_ALIGN).
+const GEMM_ROW_PIECE: usize = 48;
+
 /// Token tile every GEMM kernel divides evenly (AVX2 3, the others 4 or 1).
 const TOKEN_ALIGN: usize = 12;
 
@@ -345,25 +348,49 @@ pub fn matmul_many_into(
                 let piece = start..(start + PIECE).min(rows.end);
                 let dots = &mut dots[..piece.len()];
                 gemv_dots(kernel, w, xq, xsum, piece.clone(), dots);
-                for (n, &d) in piece.zip(dots.iter()) {
-                    // SAFETY: n < n_out, inside y; tasks own disjoint rows.
-                    unsafe { out.get().add(n).write(dequantize(d, xs, w_scale)) };
+                // SAFETY: piece ends at most at n_out, so it is inside y, and
+                // tasks own disjoint rows.
+                let ys = unsafe {
+                    std::slice::from_raw_parts_mut(out.get().add(piece.start), piece.len())
+                };
+                for (y, &d) in ys.iter_mut().zip(dots.iter()) {
+                    *y = dequantize(d, xs, w_scale);
                 }
             }
             return;
         }
-        let mut dots = vec![0i32; rows.len() * m.min(per_block)]; // [rows, block]
+        let mut dots = vec![0i32; GEMM_ROW_PIECE.min(rows.len()) * m.min(per_block)]; // [piece, block]
         let mut run = |t0: usize, xb: &QuantizedActivations| {
             let mb = xb.m();
-            let dots = &mut dots[..rows.len() * mb];
-            gemm_dots(kernel, w, xb, rows.clone(), dots);
-            for (i, n) in rows.clone().enumerate() {
+            // A few rows at a time, so that the dots are still in cache when
+            // they are written out (a task's whole [rows, block], 166 KB for
+            // gate/up at 2 threads, did not stay in L2 beside the activations),
+            // and the i32 buffer is not zeroed for a whole task at once.
+            // Measured with the dequantization below, interleaved in one
+            // process: m = 128 GEMMs 2-7 % faster, the epilogue's share of a
+            // prompt profile 6.5 % -> 4.7 %.
+            for p0 in rows.clone().step_by(GEMM_ROW_PIECE) {
+                let piece = p0..(p0 + GEMM_ROW_PIECE).min(rows.end);
+                let dots = &mut dots[..piece.len() * mb];
+                gemm_dots(kernel, w, xb, piece.clone(), dots);
+                // Dequantized in place along tokens (a loop that vectorizes,
+                // where down the columns each division waited on the last)...
+                for row in dots.chunks_exact_mut(mb) {
+                    for (d, &xs) in row.iter_mut().zip(xb.scales()) {
+                        *d = dequantize(*d, xs, w_scale).to_bits() as i32;
+                    }
+                }
+                // ...then written to y token by token.
+                let y = out.get();
                 for t in 0..mb {
-                    let value = dequantize(dots[i * mb + t], xb.scales()[t], w_scale);
-                    // SAFETY: t0 + t < m and n < n_out, so the index is inside
-                    // y, and tasks own disjoint sets of columns n, so no two
-                    // write one place.
-                    unsafe { out.get().add((t0 + t) * n_out + n).write(value) };
+                    let at = (t0 + t) * n_out;
+                    for (i, n) in piece.clone().enumerate() {
+                        let value = f32::from_bits(dots[i * mb + t] as u32);
+                        // SAFETY: t0 + t < m and n < n_out, so the index is
+                        // inside y, and tasks own disjoint sets of columns n,
+                        // so no two write one place.
+                        unsafe { y.add(at + n).write(value) };
+                    }
                 }
             }
         };
