@@ -39,6 +39,27 @@ def test_run_reports_every_test() -> None:
     assert "| tg4 @ d16 |" in bench.markdown(results)
 
 
+def test_roofline_uses_the_better_of_two_bandwidth_readings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Readings in call order: before the tests (1t, 2t), then after them.
+    readings = iter([10.0, 30.0, 12.0, 25.0])
+    calls = []
+
+    def fake_bandwidth(n_bytes: int, threads: int, reps: int) -> float:
+        calls.append(threads)
+        return next(readings)
+
+    monkeypatch.setattr(bench, "read_bandwidth", fake_bandwidth)
+    results = bench.run(MODEL, n_prompt=[4], n_gen=[2], threads=[1, 2], repetitions=1)
+    assert calls == [1, 2, 1, 2]
+    tg1, tg2 = (r for r in results if r.n_gen)
+    assert (tg1.read_bandwidth_gbs, tg2.read_bandwidth_gbs) == (12.0, 30.0)
+    model = load_model(Path(MODEL))
+    assert tg1.roofline_ts == pytest.approx(12e9 / model.bytes_per_token)
+    assert tg2.roofline_fraction == pytest.approx(tg2.avg_ts / (30e9 / model.bytes_per_token))
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="repetitions"):
         bench.run(MODEL, repetitions=0)
