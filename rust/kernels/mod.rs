@@ -263,9 +263,6 @@ fn rows_per_task(
 /// Row tile every kernel divides evenly: AVX2 uses 3 and 4, AVX-512 4, NEON 4.
 const ROW_ALIGN: usize = 12;
 
-/// Rows of a GEMM task multiplied and written out together (a multiple of ROW_ALIGN).
-const GEMM_ROW_PIECE: usize = 48;
-
 /// Token tile every GEMM kernel divides evenly (AVX2 3, the others 4 or 1).
 const TOKEN_ALIGN: usize = 12;
 
@@ -321,94 +318,16 @@ pub fn matmul_many_into(
     }
     let total: usize = ws.iter().map(|w| w.n_out()).sum();
     let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
-    let threads = pool.current_num_threads();
-    // Token blocks whose codes fit in L2 beside the unpacked weight rows: a
-    // row tile then reads its activations from L2, not L3, which two cores
-    // would share (measured: the down projection, 128 × 6912 codes, scaled
-    // 1.45x to two threads in one block). The blocks are copied once per call.
-    let per_block =
-        (GEMM_L2_ACTIVATIONS / x.k_padded()).max(TOKEN_ALIGN) / TOKEN_ALIGN * TOKEN_ALIGN;
-    let blocks: Vec<(usize, QuantizedActivations)> = if m > per_block {
-        (0..m)
-            .step_by(per_block)
-            .map(|t0| (t0, x.tokens(t0..(t0 + per_block).min(m))))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let blocks = TokenBlocks::new(x);
     // Rows `rows` of matrix `w`, written through `out` ([m, n_out]).
     let run_rows = |w: &TernaryMatrix, rows: Range<usize>, out: OutPtr| {
-        let (n_out, w_scale) = (w.n_out(), w.scale());
-        if m == 1 {
-            let (xq, xsum, xs) = (x.token(0), x.sums()[0], x.scales()[0]);
-            // Dots in pieces through a stack buffer: no allocation per call.
-            const PIECE: usize = 96;
-            let mut dots = [0i32; PIECE];
-            for start in rows.clone().step_by(PIECE) {
-                let piece = start..(start + PIECE).min(rows.end);
-                let dots = &mut dots[..piece.len()];
-                gemv_dots(kernel, w, xq, xsum, piece.clone(), dots);
-                // SAFETY: piece ends at most at n_out, so it is inside y, and
-                // tasks own disjoint rows.
-                let ys = unsafe {
-                    std::slice::from_raw_parts_mut(out.get().add(piece.start), piece.len())
-                };
-                for (y, &d) in ys.iter_mut().zip(dots.iter()) {
-                    *y = dequantize(d, xs, w_scale);
-                }
-            }
-            return;
-        }
-        let mut dots = vec![0i32; GEMM_ROW_PIECE.min(rows.len()) * m.min(per_block)]; // [piece, block]
-        let mut run = |t0: usize, xb: &QuantizedActivations| {
-            let mb = xb.m();
-            // A few rows at a time, so that the dots are still in cache when
-            // they are written out (a task's whole [rows, block], 166 KB for
-            // gate/up at 2 threads, did not stay in L2 beside the activations),
-            // and the i32 buffer is not zeroed for a whole task at once.
-            // Measured with the dequantization below, interleaved in one
-            // process: m = 128 GEMMs 2-7 % faster, the epilogue's share of a
-            // prompt profile 6.5 % -> 4.7 %.
-            for p0 in rows.clone().step_by(GEMM_ROW_PIECE) {
-                let piece = p0..(p0 + GEMM_ROW_PIECE).min(rows.end);
-                let dots = &mut dots[..piece.len() * mb];
-                gemm_dots(kernel, w, xb, piece.clone(), dots);
-                // Dequantized in place along tokens (a loop that vectorizes,
-                // where down the columns each division waited on the last)...
-                for row in dots.chunks_exact_mut(mb) {
-                    for (d, &xs) in row.iter_mut().zip(xb.scales()) {
-                        *d = dequantize(*d, xs, w_scale).to_bits() as i32;
-                    }
-                }
-                // ...then written to y token by token.
-                let y = out.get();
-                for t in 0..mb {
-                    let at = (t0 + t) * n_out;
-                    for (i, n) in piece.clone().enumerate() {
-                        let value = f32::from_bits(dots[i * mb + t] as u32);
-                        // SAFETY: t0 + t < m and n < n_out, so the index is
-                        // inside y, and tasks own disjoint sets of columns n,
-                        // so no two write one place.
-                        unsafe { y.add(at + n).write(value) };
-                    }
-                }
-            }
-        };
-        if blocks.is_empty() {
-            run(0, x);
-        } else {
-            for (t0, xb) in &blocks {
-                run(*t0, xb);
-            }
-        }
+        let n_out = w.n_out();
+        blocks.for_each_piece(kernel, &[w], rows, |t0, piece, mb, values| {
+            write_tokens(out, n_out, t0, piece, mb, |at| values[0][at]);
+        });
     };
-    let min_rows = if m == 1 { 48 } else { 24 };
-    // A call ends when its last task does, so a batch (long tasks) is cut
-    // finer: with 2 threads on a prompt, 4 tasks per thread kept them busy
-    // 91.5 % of the time, 16 kept them 93 %.
-    let tasks_per_thread = if m == 1 { 4 } else { 16 };
-    let chunk = rows_per_task(total, threads, tasks_per_thread, ROW_ALIGN, min_rows);
     // Task c covers rows c·chunk.. of the matrices' rows listed one after another.
+    let chunk = task_rows(total, m, pool);
     let task = |c: usize| {
         let (first, last) = (c * chunk, ((c + 1) * chunk).min(total));
         let mut base = 0;
@@ -420,14 +339,219 @@ pub fn matmul_many_into(
             base += w.n_out();
         }
     };
-    let tasks = total.div_ceil(chunk);
-    if tasks == 1 {
-        // One task: run it here rather than wake a pool thread for it.
+    run_tasks(total.div_ceil(chunk), task, pool);
+    Ok(())
+}
+
+/// BitNet's MLP input in one pass: `h = relu(x·Wgateᵀ)² · (x·Wupᵀ)`, h is
+/// [m, n_out]. Each task multiplies the same rows of both matrices and writes
+/// only their product, so neither gate nor up is stored (for a 128-token
+/// prompt of 2B4T, two [128, 6912] f32 buffers per layer written and read
+/// back). The floats are exactly those of `matmul_many_into` followed by the
+/// elementwise `relu(g)² · u`.
+pub fn matmul_glu_into(
+    gate: &TernaryMatrix,
+    up: &TernaryMatrix,
+    x: &QuantizedActivations,
+    h: &mut [f32],
+    kernel: Kernel,
+    pool: &ThreadPool,
+) -> Result<()> {
+    let kernel = kernel.require()?;
+    if (gate.n_out(), gate.n_in()) != (up.n_out(), up.n_in()) {
+        return Err(TritError::invalid(format!(
+            "gate [{}, {}] and up [{}, {}] differ in shape",
+            gate.n_out(),
+            gate.n_in(),
+            up.n_out(),
+            up.n_in()
+        )));
+    }
+    let (m, n_out) = (x.m(), gate.n_out());
+    if x.k() != gate.n_in() {
+        return Err(TritError::invalid(format!(
+            "activations have {} features but the matrix takes {} inputs",
+            x.k(),
+            gate.n_in()
+        )));
+    }
+    if h.len() != m * n_out {
+        return Err(TritError::invalid(format!(
+            "output holds {} values, not m * n_out = {m} * {n_out}",
+            h.len()
+        )));
+    }
+    let out = OutPtr(h.as_mut_ptr());
+    let blocks = TokenBlocks::new(x);
+    let chunk = task_rows(n_out, m, pool);
+    let task = |c: usize| {
+        let rows = c * chunk..((c + 1) * chunk).min(n_out);
+        blocks.for_each_piece(kernel, &[gate, up], rows, |t0, piece, mb, values| {
+            write_tokens(out, n_out, t0, piece, mb, |at| {
+                let r = values[0][at].max(0.0);
+                (r * r) * values[1][at]
+            });
+        });
+    };
+    run_tasks(n_out.div_ceil(chunk), task, pool);
+    Ok(())
+}
+
+/// Rows per task of a matmul of `total` output rows and `m` tokens.
+fn task_rows(total: usize, m: usize, pool: &ThreadPool) -> usize {
+    let min_rows = if m == 1 { 48 } else { 24 };
+    // A call ends when its last task does, so a batch (long tasks) is cut
+    // finer: with 2 threads on a prompt, 4 tasks per thread kept them busy
+    // 91.5 % of the time, 16 kept them 93 %.
+    let tasks_per_thread = if m == 1 { 4 } else { 16 };
+    let threads = pool.current_num_threads();
+    rows_per_task(total, threads, tasks_per_thread, ROW_ALIGN, min_rows)
+}
+
+/// Runs tasks 0..n on the pool (one task: here, rather than wake a pool thread for it).
+fn run_tasks(n: usize, task: impl Fn(usize) + Sync + Send, pool: &ThreadPool) {
+    if n == 1 {
         task(0);
     } else {
-        pool.install(|| (0..tasks).into_par_iter().for_each(task));
+        pool.install(|| (0..n).into_par_iter().for_each(task));
     }
-    Ok(())
+}
+
+/// Rows of a GEMV piece: dots through a stack buffer, no allocation per token.
+const GEMV_PIECE: usize = 96;
+
+/// Rows of a GEMM task multiplied and written out together (a multiple of ROW_ALIGN).
+const GEMM_ROW_PIECE: usize = 48;
+
+/// Most matrices `for_each_piece` multiplies at once.
+const MAX_PAIRED: usize = 2;
+
+/// The tokens of a batch in blocks whose codes fit in L2 beside the
+/// unpacked weight rows: a row tile then reads its activations from L2, not
+/// L3, which two cores would share (measured: the down projection, 128 ×
+/// 6912 codes, scaled 1.45x to two threads in one block). The blocks are
+/// copied once per call.
+struct TokenBlocks<'a> {
+    x: &'a QuantizedActivations,
+    /// (first token, its block); empty when the batch is one block.
+    blocks: Vec<(usize, QuantizedActivations)>,
+    /// Tokens of the largest block.
+    largest: usize,
+}
+
+impl<'a> TokenBlocks<'a> {
+    fn new(x: &'a QuantizedActivations) -> Self {
+        let m = x.m();
+        let per_block =
+            (GEMM_L2_ACTIVATIONS / x.k_padded()).max(TOKEN_ALIGN) / TOKEN_ALIGN * TOKEN_ALIGN;
+        let blocks = if m > per_block {
+            (0..m)
+                .step_by(per_block)
+                .map(|t0| (t0, x.tokens(t0..(t0 + per_block).min(m))))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        TokenBlocks {
+            x,
+            blocks,
+            largest: m.min(per_block),
+        }
+    }
+
+    /// For each token block and each piece of `rows`, the dequantized
+    /// products of the piece's rows of every matrix in `ws` (all of one
+    /// shape) with the block's tokens: `emit(t0, piece, mb, values)`,
+    /// `values[i]` being [piece.len(), mb] for `ws[i]` (rows, then tokens).
+    ///
+    /// A few rows at a time, so that the dots are still in cache when they
+    /// are written out (a task's whole [rows, block], 166 KB for gate/up at
+    /// 2 threads, did not stay in L2 beside the activations). Dequantized
+    /// along tokens, a loop that vectorizes (down the columns each division
+    /// waited on the last). Measured interleaved in one process: m = 128
+    /// GEMMs 2-7 % faster, the epilogue's share of a prompt profile 6.5 % ->
+    /// 4.7 %.
+    fn for_each_piece(
+        &self,
+        kernel: Kernel,
+        ws: &[&TernaryMatrix],
+        rows: Range<usize>,
+        mut emit: impl FnMut(usize, Range<usize>, usize, [&[f32]; MAX_PAIRED]),
+    ) {
+        assert!(!ws.is_empty() && ws.len() <= MAX_PAIRED);
+        let x = self.x;
+        if x.m() == 1 {
+            // Decoding: stack buffers, no allocation per call.
+            let (xq, xsum, xs) = (x.token(0), x.sums()[0], x.scales()[0]);
+            let mut dots = [0i32; GEMV_PIECE];
+            let mut values = [[0.0f32; GEMV_PIECE]; MAX_PAIRED];
+            for start in rows.clone().step_by(GEMV_PIECE) {
+                let piece = start..(start + GEMV_PIECE).min(rows.end);
+                let len = piece.len();
+                for (w, values) in ws.iter().zip(values.iter_mut()) {
+                    gemv_dots(kernel, w, xq, xsum, piece.clone(), &mut dots[..len]);
+                    for (v, &d) in values.iter_mut().zip(&dots[..len]) {
+                        *v = dequantize(d, xs, w.scale());
+                    }
+                }
+                let [a, b] = &values;
+                emit(0, piece, 1, [&a[..len], &b[..len]]);
+            }
+            return;
+        }
+        let piece_max = GEMM_ROW_PIECE.min(rows.len()) * self.largest;
+        let mut dots = vec![0i32; piece_max]; // [piece, block]
+        let mut values = vec![0.0f32; MAX_PAIRED * piece_max]; // [matrix, piece, block]
+        let mut run = |t0: usize, xb: &QuantizedActivations| {
+            let mb = xb.m();
+            for p0 in rows.clone().step_by(GEMM_ROW_PIECE) {
+                let piece = p0..(p0 + GEMM_ROW_PIECE).min(rows.end);
+                let len = piece.len() * mb;
+                for (w, values) in ws.iter().zip(values.chunks_exact_mut(piece_max)) {
+                    gemm_dots(kernel, w, xb, piece.clone(), &mut dots[..len]);
+                    for (vs, ds) in values[..len]
+                        .chunks_exact_mut(mb)
+                        .zip(dots[..len].chunks_exact(mb))
+                    {
+                        for ((v, &d), &xs) in vs.iter_mut().zip(ds).zip(xb.scales()) {
+                            *v = dequantize(d, xs, w.scale());
+                        }
+                    }
+                }
+                let (a, b) = values.split_at(piece_max);
+                emit(t0, piece, mb, [&a[..len], &b[..len]]);
+            }
+        };
+        if self.blocks.is_empty() {
+            run(0, x);
+        } else {
+            for (t0, xb) in &self.blocks {
+                run(*t0, xb);
+            }
+        }
+    }
+}
+
+/// Writes `value(i · mb + t)` to `y[t0 + t, n]` for the rows n =
+/// piece.start + i of a piece and its block's tokens t: y is [m, n_out],
+/// written token by token.
+fn write_tokens(
+    y: OutPtr,
+    n_out: usize,
+    t0: usize,
+    piece: Range<usize>,
+    mb: usize,
+    value: impl Fn(usize) -> f32,
+) {
+    let y = y.get();
+    for t in 0..mb {
+        let at = (t0 + t) * n_out;
+        for (i, n) in piece.clone().enumerate() {
+            // SAFETY: t0 + t < m and n < n_out, so the index is inside y, and
+            // tasks own disjoint sets of columns n, so no two write one place.
+            unsafe { y.add(at + n).write(value(i * mb + t)) };
+        }
+    }
 }
 
 /// The output pointer shared by GEMM tasks that write disjoint columns.

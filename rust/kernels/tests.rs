@@ -123,6 +123,44 @@ fn fused_matrices_equal_separate_calls() {
     assert!(err.is_err());
 }
 
+/// The fused MLP input equals the two products followed by `relu(g)² · u`,
+/// to the bit, for one token, a batch, and a batch in several token blocks
+/// (a long row), on 1 and 3 threads.
+#[test]
+fn fused_glu_equals_gate_and_up_then_relu2() {
+    for (n_out, n_in, m) in [(130, 300, 1), (130, 300, 7), (61, 30_000, 29)] {
+        let (gate, up) = (random_matrix(n_out, n_in, 4), random_matrix(n_out, n_in, 5));
+        let x = QuantizedActivations::quantize(&random_activations(m, n_in, 6), m, n_in).unwrap();
+        for threads in [1, 3] {
+            let pool = threads::pool(Some(threads)).unwrap();
+            for kernel in Kernel::supported() {
+                let g = matmul(&gate, &x, kernel, &pool).unwrap();
+                let u = matmul(&up, &x, kernel, &pool).unwrap();
+                let want: Vec<f32> = g
+                    .iter()
+                    .zip(&u)
+                    .map(|(&g, &u)| {
+                        let r = g.max(0.0);
+                        (r * r) * u
+                    })
+                    .collect();
+                let mut h = vec![f32::NAN; m * n_out];
+                matmul_glu_into(&gate, &up, &x, &mut h, kernel, &pool).unwrap();
+                let same = h.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{kernel} [{n_out}, {n_in}] m {m} threads {threads}");
+            }
+        }
+    }
+    let pool = threads::pool(Some(2)).unwrap();
+    let x = QuantizedActivations::quantize(&random_activations(2, 300, 9), 2, 300).unwrap();
+    let (gate, up) = (random_matrix(10, 300, 1), random_matrix(11, 300, 2));
+    let mut h = vec![0.0; 20];
+    let err = matmul_glu_into(&gate, &up, &x, &mut h, Kernel::Scalar, &pool).unwrap_err();
+    assert!(err.to_string().contains("differ in shape"), "{err}");
+    let mut h = vec![0.0; 21];
+    assert!(matmul_glu_into(&gate, &gate, &x, &mut h, Kernel::Scalar, &pool).is_err());
+}
+
 #[test]
 fn extreme_codes_do_not_overflow() {
     // All weights +1 or all -1 against ±128/127 codes over a long row: the worst case for i16 sums.

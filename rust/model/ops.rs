@@ -78,24 +78,6 @@ fn add_into(x: &mut [f32], delta: &[f32]) {
     }
 }
 
-/// The relu² GLU of BitNet's MLP, in place in `gate`: `relu(gate)² * up`.
-pub fn relu2_glu(gate: &mut [f32], up: &[f32]) {
-    const PIECE: usize = 1 << 16; // a prompt batch's [T, 6912] runs in parallel pieces
-    let glu = |(gs, us): (&mut [f32], &[f32])| {
-        for (g, &u) in gs.iter_mut().zip(us) {
-            let r = g.max(0.0);
-            *g = (r * r) * u;
-        }
-    };
-    if gate.len() > PIECE {
-        gate.par_chunks_mut(PIECE)
-            .zip(up.par_chunks(PIECE))
-            .for_each(glu);
-    } else {
-        glu((gate, up));
-    }
-}
-
 /// Rotary embedding tables for positions 0..n_pos, rotate_half ("NeoX") style.
 #[derive(Clone, Debug)]
 pub struct Rope {
@@ -234,13 +216,6 @@ mod tests {
             rms_norm_rows(&want, &w, 1e-5, &mut out_want);
             assert_eq!((x, out), (want, out_want));
         }
-    }
-
-    #[test]
-    fn relu2_squares_the_positive_part() {
-        let mut g = [-1.0f32, 0.0, 2.0, 3.0];
-        relu2_glu(&mut g, &[5.0, 5.0, 0.5, -1.0]);
-        assert_eq!(g, [0.0, 0.0, 2.0, -9.0]);
     }
 
     #[test]

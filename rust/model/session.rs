@@ -18,10 +18,12 @@ use super::attention::{
     attend_chunk, attend_group, merge, AttentionPath, ChunkScratch, Partial, KEY_CHUNK,
 };
 use super::cache::{KvCache, KvType};
-use super::ops::{add_rms_norm_rows, add_rows, relu2_glu, rms_norm, rms_norm_rows, Rope};
+use super::ops::{add_rms_norm_rows, add_rows, rms_norm, rms_norm_rows, Rope};
 use super::weights::Model;
 use crate::error::{Result, TritError};
-use crate::kernels::{matmul_into, matmul_many_into, Kernel, QuantizedActivations};
+use crate::kernels::{
+    matmul_glu_into, matmul_into, matmul_many_into, Kernel, QuantizedActivations,
+};
 use crate::threads;
 
 /// Most tokens of a prompt processed in one batch: bounds the scratch memory
@@ -40,15 +42,15 @@ enum Logits {
 /// Buffers reused from call to call; sized for the largest batch seen.
 #[derive(Default)]
 struct Scratch {
-    x: Vec<f32>,    // [T, hidden] residual stream
-    a: Vec<f32>,    // [T, hidden] normalised input of a block
-    q: Vec<f32>,    // [T, n_heads * head_dim]
-    k: Vec<f32>,    // [T, n_kv_heads * head_dim]
-    v: Vec<f32>,    // [T, n_kv_heads * head_dim]
-    o: Vec<f32>,    // [T, n_heads * head_dim] attention output, token-major
-    proj: Vec<f32>, // [T, hidden] output of o_proj / down_proj
-    gate: Vec<f32>, // [T, intermediate]
-    up: Vec<f32>,   // [T, intermediate]
+    x: Vec<f32>,        // [T, hidden] residual stream
+    a: Vec<f32>,        // [T, hidden] normalised input of a block
+    q: Vec<f32>,        // [T, n_heads * head_dim]
+    k: Vec<f32>,        // [T, n_kv_heads * head_dim]
+    v: Vec<f32>,        // [T, n_kv_heads * head_dim]
+    o: Vec<f32>,        // [T, n_heads * head_dim] attention output, token-major
+    proj: Vec<f32>,     // [T, hidden] output of o_proj / down_proj
+    h: Vec<f32>,        // [T, intermediate] relu(gate)² · up
+    h_normed: Vec<f32>, // [T, intermediate] h after ffn_sub_norm
     attn: AttentionScratch,
     normed: Vec<f32>, // [hidden] final-normed token
     qa: QuantizedActivations,
@@ -375,22 +377,15 @@ impl Session {
             // ---- MLP block
             let a = fit(&mut s.a, t_len * hidden);
             add_rms_norm_rows(&mut s.x, &s.proj, &layer.post_norm, eps, a);
-            // One quantisation serves gate and up, one parallel pass too.
+            // One quantisation serves gate and up, one parallel pass too,
+            // which stores only relu(gate)² · up.
             s.qa.requantize(&s.a, t_len, hidden)?;
-            matmul_many_into(
-                &[&layer.gate, &layer.up],
-                &s.qa,
-                &mut [
-                    fit(&mut s.gate, t_len * inter),
-                    fit(&mut s.up, t_len * inter),
-                ],
-                kernel,
-                pool,
-            )?;
-            relu2_glu(&mut s.gate, &s.up);
-            // ffn_sub_norm comes before down_proj; `up` is free to hold it.
-            rms_norm_rows(&s.gate, &layer.ffn_sub_norm, eps, &mut s.up);
-            s.qa.requantize(&s.up, t_len, inter)?;
+            let h = fit(&mut s.h, t_len * inter);
+            matmul_glu_into(&layer.gate, &layer.up, &s.qa, h, kernel, pool)?;
+            // ffn_sub_norm comes before down_proj.
+            let h_normed = fit(&mut s.h_normed, t_len * inter);
+            rms_norm_rows(&s.h, &layer.ffn_sub_norm, eps, h_normed);
+            s.qa.requantize(&s.h_normed, t_len, inter)?;
             matmul_into(
                 &layer.down,
                 &s.qa,
