@@ -260,10 +260,10 @@ fn rows_per_task(
     rows.div_ceil(align) * align
 }
 
-/// Row tile every kernel divides evenly: AVX2 uses 3 and 4, AVX-512 4, NEON 4.
+/// Row tile every kernel divides evenly: AVX2 and AVX-512 use 4, NEON 4.
 const ROW_ALIGN: usize = 12;
 
-/// Token tile every GEMM kernel divides evenly (AVX2 3, the others 4 or 1).
+/// Token tile every GEMM kernel divides evenly (AVX2 2, the others 4 or 1).
 const TOKEN_ALIGN: usize = 12;
 
 /// Bytes of activation codes one GEMM token block may take (half a 512 KiB L2).
