@@ -301,20 +301,7 @@ pub fn matmul_many_into(
     }
     let m = x.m();
     for (w, y) in ws.iter().zip(ys.iter()) {
-        if x.k() != w.n_in() {
-            return Err(TritError::invalid(format!(
-                "activations have {} features but the matrix takes {} inputs",
-                x.k(),
-                w.n_in()
-            )));
-        }
-        if y.len() != m * w.n_out() {
-            return Err(TritError::invalid(format!(
-                "output holds {} values, not m * n_out = {m} * {}",
-                y.len(),
-                w.n_out()
-            )));
-        }
+        check_operands(w, x, y.len())?;
     }
     let total: usize = ws.iter().map(|w| w.n_out()).sum();
     let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
@@ -367,20 +354,8 @@ pub fn matmul_glu_into(
             up.n_in()
         )));
     }
+    check_operands(gate, x, h.len())?;
     let (m, n_out) = (x.m(), gate.n_out());
-    if x.k() != gate.n_in() {
-        return Err(TritError::invalid(format!(
-            "activations have {} features but the matrix takes {} inputs",
-            x.k(),
-            gate.n_in()
-        )));
-    }
-    if h.len() != m * n_out {
-        return Err(TritError::invalid(format!(
-            "output holds {} values, not m * n_out = {m} * {n_out}",
-            h.len()
-        )));
-    }
     let out = OutPtr(h.as_mut_ptr());
     let blocks = TokenBlocks::new(x);
     let chunk = task_rows(n_out, m, pool);
@@ -394,6 +369,26 @@ pub fn matmul_glu_into(
         });
     };
     run_tasks(n_out.div_ceil(chunk), task, pool);
+    Ok(())
+}
+
+/// Whether `w` takes the features of `x`, and `y_len` values hold their
+/// [m, n_out] product.
+fn check_operands(w: &TernaryMatrix, x: &QuantizedActivations, y_len: usize) -> Result<()> {
+    if x.k() != w.n_in() {
+        return Err(TritError::invalid(format!(
+            "activations have {} features but the matrix takes {} inputs",
+            x.k(),
+            w.n_in()
+        )));
+    }
+    if y_len != x.m() * w.n_out() {
+        return Err(TritError::invalid(format!(
+            "output holds {y_len} values, not m * n_out = {} * {}",
+            x.m(),
+            w.n_out()
+        )));
+    }
     Ok(())
 }
 

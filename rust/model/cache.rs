@@ -130,15 +130,10 @@ mod x86 {
 
 /// An element type the cache can hold.
 pub trait KvElement: Copy + Default + Send + Sync + 'static {
-    fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
 }
 
 impl KvElement for f32 {
-    #[inline]
-    fn from_f32(x: f32) -> f32 {
-        x
-    }
     #[inline]
     fn to_f32(self) -> f32 {
         self
@@ -146,10 +141,6 @@ impl KvElement for f32 {
 }
 
 impl KvElement for F16 {
-    #[inline]
-    fn from_f32(x: f32) -> F16 {
-        F16::from_f32(x)
-    }
     #[inline]
     fn to_f32(self) -> f32 {
         F16::to_f32(self)
