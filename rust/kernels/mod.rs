@@ -412,8 +412,17 @@ fn run_tasks(n: usize, task: impl Fn(usize) + Sync + Send, pool: &ThreadPool) {
     }
 }
 
-/// Rows of a GEMV piece: dots through a stack buffer, no allocation per token.
-const GEMV_PIECE: usize = 96;
+/// A decoding task's dots and dequantized values ([rows] each, per matrix),
+/// kept per thread: they grow to the largest task once, then no token allocates.
+#[derive(Default)]
+struct GemvScratch {
+    dots: Vec<i32>,
+    values: [Vec<f32>; MAX_PAIRED],
+}
+
+thread_local! {
+    static GEMV_SCRATCH: std::cell::RefCell<GemvScratch> = Default::default();
+}
 
 /// Rows of a GEMM task multiplied and written out together (a multiple of ROW_ALIGN).
 const GEMM_ROW_PIECE: usize = 48;
@@ -476,22 +485,25 @@ impl<'a> TokenBlocks<'a> {
         assert!(!ws.is_empty() && ws.len() <= MAX_PAIRED);
         let x = self.x;
         if x.m() == 1 {
-            // Decoding: stack buffers, no allocation per call.
+            // Decoding: all the rows in one kernel call, so that the AVX2
+            // GEMV's streams (see `x86_avx2::GEMV_STREAMS`) span the task.
             let (xq, xsum, xs) = (x.token(0), x.sums()[0], x.scales()[0]);
-            let mut dots = [0i32; GEMV_PIECE];
-            let mut values = [[0.0f32; GEMV_PIECE]; MAX_PAIRED];
-            for start in rows.clone().step_by(GEMV_PIECE) {
-                let piece = start..(start + GEMV_PIECE).min(rows.end);
-                let len = piece.len();
+            GEMV_SCRATCH.with(|cell| {
+                let mut scratch = cell.borrow_mut();
+                let GemvScratch { dots, values } = &mut *scratch;
+                let n = rows.len();
+                dots.resize(n, 0);
                 for (w, values) in ws.iter().zip(values.iter_mut()) {
-                    gemv_dots(kernel, w, xq, xsum, piece.clone(), &mut dots[..len]);
-                    for (v, &d) in values.iter_mut().zip(&dots[..len]) {
+                    values.resize(n, 0.0);
+                    gemv_dots(kernel, w, xq, xsum, rows.clone(), dots);
+                    for (v, &d) in values.iter_mut().zip(dots.iter()) {
                         *v = dequantize(d, xs, w.scale());
                     }
                 }
-                let [a, b] = &values;
-                emit(0, piece, 1, [&a[..len], &b[..len]]);
-            }
+                let [a, b] = &*values;
+                let paired = if ws.len() > 1 { n } else { 0 };
+                emit(0, rows, 1, [&a[..n], &b[..paired]]);
+            });
             return;
         }
         let piece_max = GEMM_ROW_PIECE.min(rows.len()) * self.largest;

@@ -41,48 +41,89 @@ fn hsum_epi32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
+/// Rows multiplied at once by the GEMV, each from its own stretch of the
+/// rows it was given (row i of each third), so that the weights are read as
+/// three sequential streams far apart rather than one. On Zen 3 one stream
+/// with a software prefetch reached ~72 % of the read bandwidth whatever the
+/// prefetch distance or hint, and did not get faster when its arithmetic was
+/// removed altogether: a single stream, not the ALU, was the limit. Measured
+/// on a 128 MB matrix, rows split between threads as the decoder splits them
+/// (480 and 864 rows a task): 1.12-1.20x one stream at 1 and 2 threads; two
+/// streams gained less, four no more than three (and need more registers),
+/// and three streams inside 96-row pieces (20 KB apart) gained nothing, nor
+/// did neighbouring rows (interleaved streams 640 bytes apart defeat the
+/// hardware prefetcher: slower than one stream). A decoded 2B4T token, with
+/// the int8 head read the same way, went 1.18x faster at 1 thread and 1.14x
+/// at 2 (one process alternating both ways 12 times; four streams: same).
+pub(crate) const GEMV_STREAMS: usize = 3;
+
 /// # Safety
 /// The CPU must support AVX2; `xq` must hold at least `w.k_padded()` values.
 #[target_feature(enable = "avx2")]
 pub unsafe fn gemv(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
     assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
-    for (dot, n) in dots.iter_mut().zip(rows) {
-        *dot = gemv_row(w.row(n), xq, xsum);
+    let stretch = rows.len() / GEMV_STREAMS;
+    for i in 0..stretch {
+        // dots[i + s · stretch] for s < GEMV_STREAMS.
+        let at: [usize; GEMV_STREAMS] = std::array::from_fn(|s| i + s * stretch);
+        let row_dots = gemv_rows(at.map(|j| w.row(rows.start + j)), xq, xsum);
+        for (j, dot) in at.into_iter().zip(row_dots) {
+            dots[j] = dot;
+        }
+    }
+    for j in GEMV_STREAMS * stretch..rows.len() {
+        let [dot] = gemv_rows([w.row(rows.start + j)], xq, xsum);
+        dots[j] = dot;
     }
 }
 
-/// One row at a time, so the weights are read as one sequential stream: on
-/// Zen 3, tiles of 4 rows sharing activation loads ran as fast in cache but
-/// streamed from memory at half the speed (4 interleaved streams defeat the
-/// hardware prefetcher), and a software prefetch `GEMV_PREFETCH` ahead took a
-/// single stream from 83% to ~94% of the measured read bandwidth.
+/// The dots of R rows (of equal length) with one token, sharing its
+/// activation loads. Each row is prefetched `GEMV_PREFETCH` ahead: without
+/// it a single stream ran at 83 % of what it reached with it.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn gemv_row(row: &[PackedBlock], xq: &[i8], xsum: i32) -> i32 {
+unsafe fn gemv_rows<const R: usize>(rows: [&[PackedBlock]; R], xq: &[i8], xsum: i32) -> [i32; R] {
     let ones = _mm256_set1_epi16(1);
+    let mask = _mm256_set1_epi8(3);
     let x = xq.as_ptr();
-    let mut acc32 = _mm256_setzero_si256();
-    for (group, blocks) in row.chunks(GEMV_I16_BLOCKS).enumerate() {
-        // One accumulator per half: two independent add chains.
-        let mut acc16 = [_mm256_setzero_si256(); 2];
-        for (i_block, block) in blocks.iter().enumerate() {
-            let b = group * GEMV_I16_BLOCKS + i_block;
-            let ahead = (block as *const PackedBlock).wrapping_add(GEMV_PREFETCH);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+    let n_blocks = rows[0].len();
+    let mut acc32 = [_mm256_setzero_si256(); R];
+    for b0 in (0..n_blocks).step_by(GEMV_I16_BLOCKS) {
+        // One accumulator per row and half: independent add chains.
+        let mut acc16 = [[_mm256_setzero_si256(); 2]; R];
+        for b in b0..(b0 + GEMV_I16_BLOCKS).min(n_blocks) {
+            for row in &rows {
+                let ahead = row.as_ptr().wrapping_add(b + GEMV_PREFETCH);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            }
             for half in 0..2 {
                 // PackedBlock is 64-byte aligned, so each half is 32-byte aligned.
-                let codes = planes(_mm256_load_si256(block.0.as_ptr().add(32 * half).cast()));
-                for (i, plane) in codes.into_iter().enumerate() {
-                    // Activations 64i + 32·half .. +32 of block b meet plane i of this half.
-                    let xs = _mm256_loadu_si256(x.add(b * BLOCK + 64 * i + 32 * half).cast());
-                    acc16[half] = _mm256_add_epi16(acc16[half], _mm256_maddubs_epi16(plane, xs));
+                let packed: [__m256i; R] = std::array::from_fn(|r| {
+                    _mm256_load_si256(rows[r][b].0.as_ptr().add(32 * half).cast())
+                });
+                for plane in 0..4 {
+                    // Activations 64·plane + 32·half .. +32 of block b meet
+                    // the codes in bits 2·plane..2·plane+1 of this half.
+                    let xs = _mm256_loadu_si256(x.add(b * BLOCK + 64 * plane + 32 * half).cast());
+                    for (acc, &p) in acc16.iter_mut().zip(&packed) {
+                        let shifted = match plane {
+                            0 => p,
+                            1 => _mm256_srli_epi16::<2>(p),
+                            2 => _mm256_srli_epi16::<4>(p),
+                            _ => _mm256_srli_epi16::<6>(p),
+                        };
+                        let codes = _mm256_and_si256(shifted, mask);
+                        acc[half] = _mm256_add_epi16(acc[half], _mm256_maddubs_epi16(codes, xs));
+                    }
                 }
             }
         }
-        acc32 = _mm256_add_epi32(acc32, _mm256_madd_epi16(acc16[0], ones));
-        acc32 = _mm256_add_epi32(acc32, _mm256_madd_epi16(acc16[1], ones));
+        for (acc32, acc16) in acc32.iter_mut().zip(&acc16) {
+            *acc32 = _mm256_add_epi32(*acc32, _mm256_madd_epi16(acc16[0], ones));
+            *acc32 = _mm256_add_epi32(*acc32, _mm256_madd_epi16(acc16[1], ones));
+        }
     }
-    hsum_epi32(acc32) - xsum
+    acc32.map(|acc| hsum_epi32(acc) - xsum)
 }
 
 /// GEMM tile: 4 rows × 2 tokens = 8 accumulators, plus 2 activation vectors

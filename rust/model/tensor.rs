@@ -343,8 +343,10 @@ impl DenseMatrix {
         else {
             unreachable!("int8_dot_rows is called on int8 matrices");
         };
-        // Dots in pieces through a stack buffer: no allocation per call.
-        const PIECE: usize = 64;
+        // Dots in pieces through a stack buffer: no allocation per call. A
+        // piece is a whole `matvec` task, so that the AVX2 path's three
+        // streams (see `x86::STREAMS`) are as long as they can be.
+        const PIECE: usize = 512;
         let mut dots = [0i32; PIECE];
         let int8_dots = int8_dots_fn();
         for (c, ys) in out.chunks_mut(PIECE).enumerate() {
@@ -461,10 +463,14 @@ mod x86 {
     /// a software prefetch it ran at ~76 % of the read bandwidth on Zen 3.
     const PREFETCH: usize = 2048;
 
+    /// Rows read at once, each from its own third of the rows given: three
+    /// streams far apart, for the reason given at `x86_avx2::GEMV_STREAMS`.
+    const STREAMS: usize = 3;
+
     /// `int8_dots_scalar`: each row's products by `vpmaddubsw(|a|, sign(x, a))`,
     /// exact because both sides are symmetric int8 (|a|, |x| <= 127, so a
     /// pair is at most 2 · 127 · 127 = 32258 and fits an i16), widened at once
-    /// by `vpmaddwd`; 64 bytes a step, in two independent chains.
+    /// by `vpmaddwd`; 64 bytes a step, in two independent chains per row.
     ///
     /// # Safety
     /// The CPU must support AVX2.
@@ -472,6 +478,25 @@ mod x86 {
     pub unsafe fn int8_dots(rows: &[i8], x: &[i8], dots: &mut [i32]) {
         let n = x.len();
         assert!(rows.len() >= dots.len() * n);
+        let row = |r: usize| rows.as_ptr().add(r * n);
+        let stretch = dots.len() / STREAMS;
+        for i in 0..stretch {
+            // dots[i + s · stretch] for s < STREAMS.
+            let at: [usize; STREAMS] = std::array::from_fn(|s| i + s * stretch);
+            for (r, dot) in at.into_iter().zip(dots_of(at.map(row), x)) {
+                dots[r] = dot;
+            }
+        }
+        for r in STREAMS * stretch..dots.len() {
+            [dots[r]] = dots_of([row(r)], x);
+        }
+    }
+
+    /// The dots of R rows of `x.len()` values with `x`, sharing its loads.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dots_of<const R: usize>(rows: [*const i8; R], x: &[i8]) -> [i32; R] {
+        let (n, b) = (x.len(), x.as_ptr());
         let ones = _mm256_set1_epi16(1);
         let product = |a: __m256i, b: __m256i| {
             _mm256_madd_epi16(
@@ -479,25 +504,31 @@ mod x86 {
                 ones,
             )
         };
-        for (r, dot) in dots.iter_mut().enumerate() {
-            let (a, b) = (rows.as_ptr().add(r * n), x.as_ptr());
-            let mut acc = [_mm256_setzero_si256(); 2];
-            let mut j = 0;
-            while j + 64 <= n {
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        let mut j = 0;
+        while j + 64 <= n {
+            for a in rows {
                 _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(j + PREFETCH).cast());
-                for (h, acc) in acc.iter_mut().enumerate() {
+            }
+            for h in 0..2 {
+                let bv = _mm256_loadu_si256(b.add(j + 32 * h).cast());
+                for (acc, a) in acc.iter_mut().zip(rows) {
                     let av = _mm256_loadu_si256(a.add(j + 32 * h).cast());
-                    let bv = _mm256_loadu_si256(b.add(j + 32 * h).cast());
-                    *acc = _mm256_add_epi32(*acc, product(av, bv));
+                    acc[h] = _mm256_add_epi32(acc[h], product(av, bv));
                 }
-                j += 64;
             }
-            if j + 32 <= n {
+            j += 64;
+        }
+        if j + 32 <= n {
+            let bv = _mm256_loadu_si256(b.add(j).cast());
+            for (acc, a) in acc.iter_mut().zip(rows) {
                 let av = _mm256_loadu_si256(a.add(j).cast());
-                let bv = _mm256_loadu_si256(b.add(j).cast());
                 acc[0] = _mm256_add_epi32(acc[0], product(av, bv));
-                j += 32;
             }
+            j += 32;
+        }
+        let mut out = [0i32; R];
+        for ((dot, acc), a) in out.iter_mut().zip(acc).zip(rows) {
             let v = _mm256_add_epi32(acc[0], acc[1]);
             let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
             let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
@@ -505,6 +536,7 @@ mod x86 {
             let row = std::slice::from_raw_parts(a, n);
             *dot = _mm_cvtsi128_si32(s) + super::int8_dot_scalar(&row[j..], &x[j..]);
         }
+        out
     }
 
     /// Σ_j bf16(w[j]) · x[j]: 32 products per step in four independent FMA chains.
@@ -543,8 +575,12 @@ mod head_tests {
 
     #[test]
     fn int8_dot_paths_agree() {
-        for n in [1usize, 31, 32, 33, 63, 64, 65, 96, 2560, 2579] {
-            let rows = 5;
+        // Row counts below, at and past the AVX2 path's three streams, with
+        // rows left over.
+        for (n, rows) in [1usize, 31, 32, 33, 63, 64, 65, 96, 2560, 2579]
+            .into_iter()
+            .flat_map(|n| [1usize, 2, 3, 5, 7, 10].map(|rows| (n, rows)))
+        {
             let a: Vec<i8> = (0..rows * n)
                 .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
                 .collect();
@@ -555,7 +591,7 @@ mod head_tests {
             let mut got = vec![0i32; rows];
             int8_dots_scalar(&a, &b, &mut want);
             int8_dots_fn()(&a, &b, &mut got);
-            assert_eq!(got, want, "n = {n}");
+            assert_eq!(got, want, "n = {n}, rows = {rows}");
             for (r, &d) in want.iter().enumerate() {
                 let row = &a[r * n..(r + 1) * n];
                 let plain: i32 = row
