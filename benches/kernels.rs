@@ -14,6 +14,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rayon::prelude::*;
+use trit::bandwidth::sum_words;
 use trit::kernels::{matmul_into, Kernel, QuantizedActivations, TernaryMatrix};
 use trit::threads;
 
@@ -66,7 +67,7 @@ fn read_bandwidth(c: &mut Criterion) {
                 pool.install(|| {
                     buffer
                         .par_chunks(buffer.len() / threads)
-                        .map(|chunk| chunk.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+                        .map(sum_words)
                         .reduce(|| 0, u64::wrapping_add)
                 })
             })

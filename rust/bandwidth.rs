@@ -41,11 +41,13 @@ pub fn read_bandwidth(bytes: usize, threads: Option<usize>, reps: usize) -> Resu
     Ok((words.len() * 8) as f64 / seconds[reps / 2] / 1e9)
 }
 
-/// Σ words (wrapping). The baseline x86-64 build sums 16 bytes per
-/// instruction, which one core cannot issue fast enough to saturate memory:
-/// with AVX2, four 32-byte accumulators, so that the figure is the memory's
-/// and not the loop's (the roofline must not be lower than what the kernels reach).
-fn sum_words(words: &[u64]) -> u64 {
+/// Σ words (wrapping): the pass `read_bandwidth` times, public so that the
+/// criterion benchmark measures the same loop. The baseline x86-64 build
+/// sums 16 bytes per instruction, which one core cannot issue fast enough to
+/// saturate memory: with AVX2, four 32-byte accumulators, so that the figure
+/// is the memory's and not the loop's (the roofline must not be lower than
+/// what the kernels reach).
+pub fn sum_words(words: &[u64]) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 was detected just above.
