@@ -53,8 +53,10 @@ fn hsum_epi32(v: __m256i) -> i32 {
 /// and three streams inside 96-row pieces (20 KB apart) gained nothing, nor
 /// did neighbouring rows (interleaved streams 640 bytes apart defeat the
 /// hardware prefetcher: slower than one stream). A decoded 2B4T token, with
-/// the int8 head read the same way, went 1.18x faster at 1 thread and 1.14x
-/// at 2 (one process alternating both ways 12 times; four streams: same).
+/// the int8 head read the same way, went 1.16-1.18x faster at 1 thread and
+/// 1.04-1.14x at 2 (three runs of one process alternating both ways 12
+/// times; four streams: the same). From cache it is 6-9 % slower than one
+/// stream, but a token's weights never fit in cache.
 pub(crate) const GEMV_STREAMS: usize = 3;
 
 /// # Safety
