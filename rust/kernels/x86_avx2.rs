@@ -65,17 +65,23 @@ pub(crate) const GEMV_STREAMS: usize = 3;
 pub unsafe fn gemv(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
     assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
     let stretch = rows.len() / GEMV_STREAMS;
+    // Plain loops, no closures: a closure does not inherit `avx2`, and the
+    // ones that built these arrays were calls per row (5 % of a token).
+    let mut row_dots = [0i32; GEMV_STREAMS];
     for i in 0..stretch {
-        // dots[i + s · stretch] for s < GEMV_STREAMS.
-        let at: [usize; GEMV_STREAMS] = std::array::from_fn(|s| i + s * stretch);
-        let row_dots = gemv_rows(at.map(|j| w.row(rows.start + j)), xq, xsum);
-        for (j, dot) in at.into_iter().zip(row_dots) {
-            dots[j] = dot;
+        let mut stream_rows: [&[PackedBlock]; GEMV_STREAMS] = [&[]; GEMV_STREAMS];
+        for (s, row) in stream_rows.iter_mut().enumerate() {
+            *row = w.row(rows.start + i + s * stretch);
+        }
+        gemv_rows(&stream_rows, xq, xsum, &mut row_dots);
+        for (s, &dot) in row_dots.iter().enumerate() {
+            dots[i + s * stretch] = dot;
         }
     }
+    let mut one = [0i32; 1];
     for j in GEMV_STREAMS * stretch..rows.len() {
-        let [dot] = gemv_rows([w.row(rows.start + j)], xq, xsum);
-        dots[j] = dot;
+        gemv_rows(&[w.row(rows.start + j)], xq, xsum, &mut one);
+        dots[j] = one[0];
     }
 }
 
@@ -84,7 +90,12 @@ pub unsafe fn gemv(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, 
 /// it a single stream ran at 83 % of what it reached with it.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn gemv_rows<const R: usize>(rows: [&[PackedBlock]; R], xq: &[i8], xsum: i32) -> [i32; R] {
+unsafe fn gemv_rows<const R: usize>(
+    rows: &[&[PackedBlock]; R],
+    xq: &[i8],
+    xsum: i32,
+    dots: &mut [i32; R],
+) {
     let ones = _mm256_set1_epi16(1);
     let mask = _mm256_set1_epi8(3);
     let x = xq.as_ptr();
@@ -94,15 +105,16 @@ unsafe fn gemv_rows<const R: usize>(rows: [&[PackedBlock]; R], xq: &[i8], xsum: 
         // One accumulator per row and half: independent add chains.
         let mut acc16 = [[_mm256_setzero_si256(); 2]; R];
         for b in b0..(b0 + GEMV_I16_BLOCKS).min(n_blocks) {
-            for row in &rows {
+            for row in rows {
                 let ahead = row.as_ptr().wrapping_add(b + GEMV_PREFETCH);
                 _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
             }
             for half in 0..2 {
                 // PackedBlock is 64-byte aligned, so each half is 32-byte aligned.
-                let packed: [__m256i; R] = std::array::from_fn(|r| {
-                    _mm256_load_si256(rows[r][b].0.as_ptr().add(32 * half).cast())
-                });
+                let mut packed = [_mm256_setzero_si256(); R];
+                for (p, row) in packed.iter_mut().zip(rows) {
+                    *p = _mm256_load_si256(row[b].0.as_ptr().add(32 * half).cast());
+                }
                 for plane in 0..4 {
                     // Activations 64·plane + 32·half .. +32 of block b meet
                     // the codes in bits 2·plane..2·plane+1 of this half.
@@ -125,7 +137,9 @@ unsafe fn gemv_rows<const R: usize>(rows: [&[PackedBlock]; R], xq: &[i8], xsum: 
             *acc32 = _mm256_add_epi32(*acc32, _mm256_madd_epi16(acc16[1], ones));
         }
     }
-    acc32.map(|acc| hsum_epi32(acc) - xsum)
+    for (dot, &acc) in dots.iter_mut().zip(&acc32) {
+        *dot = hsum_epi32(acc) - xsum;
+    }
 }
 
 /// GEMM tile: 4 rows × 2 tokens = 8 accumulators, plus 2 activation vectors

@@ -478,24 +478,31 @@ mod x86 {
     pub unsafe fn int8_dots(rows: &[i8], x: &[i8], dots: &mut [i32]) {
         let n = x.len();
         assert!(rows.len() >= dots.len() * n);
-        let row = |r: usize| rows.as_ptr().add(r * n);
         let stretch = dots.len() / STREAMS;
+        // Plain loops, no closures: a closure does not inherit `avx2` and may
+        // become a call per row (as it did in the GEMV).
+        let mut row_dots = [0i32; STREAMS];
         for i in 0..stretch {
-            // dots[i + s · stretch] for s < STREAMS.
-            let at: [usize; STREAMS] = std::array::from_fn(|s| i + s * stretch);
-            for (r, dot) in at.into_iter().zip(dots_of(at.map(row), x)) {
-                dots[r] = dot;
+            let mut stream_rows = [std::ptr::null::<i8>(); STREAMS];
+            for (s, row) in stream_rows.iter_mut().enumerate() {
+                *row = rows.as_ptr().add((i + s * stretch) * n);
+            }
+            dots_of(&stream_rows, x, &mut row_dots);
+            for (s, &dot) in row_dots.iter().enumerate() {
+                dots[i + s * stretch] = dot;
             }
         }
+        let mut one = [0i32; 1];
         for r in STREAMS * stretch..dots.len() {
-            [dots[r]] = dots_of([row(r)], x);
+            dots_of(&[rows.as_ptr().add(r * n)], x, &mut one);
+            dots[r] = one[0];
         }
     }
 
     /// The dots of R rows of `x.len()` values with `x`, sharing its loads.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn dots_of<const R: usize>(rows: [*const i8; R], x: &[i8]) -> [i32; R] {
+    unsafe fn dots_of<const R: usize>(rows: &[*const i8; R], x: &[i8], dots: &mut [i32; R]) {
         let (n, b) = (x.len(), x.as_ptr());
         let ones = _mm256_set1_epi16(1);
         let product = |a: __m256i, b: __m256i| {
@@ -527,8 +534,7 @@ mod x86 {
             }
             j += 32;
         }
-        let mut out = [0i32; R];
-        for ((dot, acc), a) in out.iter_mut().zip(acc).zip(rows) {
+        for ((dot, acc), &a) in dots.iter_mut().zip(acc).zip(rows) {
             let v = _mm256_add_epi32(acc[0], acc[1]);
             let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
             let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
@@ -536,7 +542,6 @@ mod x86 {
             let row = std::slice::from_raw_parts(a, n);
             *dot = _mm_cvtsi128_si32(s) + super::int8_dot_scalar(&row[j..], &x[j..]);
         }
-        out
     }
 
     /// Σ_j bf16(w[j]) · x[j]: 32 products per step in four independent FMA chains.
