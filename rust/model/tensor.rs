@@ -376,11 +376,9 @@ impl DenseMatrix {
         #[cfg(target_arch = "x86_64")]
         if let DenseMatrix::Bf16 { cols, bits, .. } = self {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                for (i, y) in out.iter_mut().enumerate() {
-                    let r = first + i;
-                    // SAFETY: the CPU has AVX2 and FMA, checked above.
-                    *y = unsafe { x86::dot_bf16(&bits[r * cols..(r + 1) * cols], x) };
-                }
+                let rows = &bits[first * cols..(first + out.len()) * cols];
+                // SAFETY: the CPU has AVX2 and FMA, checked above.
+                unsafe { x86::dots_bf16(rows, x, out) };
                 return;
             }
         }
@@ -544,33 +542,68 @@ mod x86 {
         }
     }
 
-    /// Σ_j bf16(w[j]) · x[j]: 32 products per step in four independent FMA chains.
+    /// `out[r] = Σ_j bf16(rows[r · n + j]) · x[j]` for the `out.len()`
+    /// consecutive rows of n = x.len() values in `rows`, read three at a
+    /// time from three far-apart stretches (see `STREAMS`).
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; `x` is at least as long as `w`.
+    /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
-        assert!(x.len() >= w.len());
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
+    pub unsafe fn dots_bf16(rows: &[u16], x: &[f32], out: &mut [f32]) {
+        let n = x.len();
+        assert!(rows.len() >= out.len() * n);
+        let stretch = out.len() / STREAMS;
+        let mut row_dots = [0.0f32; STREAMS];
+        for i in 0..stretch {
+            let mut stream_rows = [std::ptr::null::<u16>(); STREAMS];
+            for (s, row) in stream_rows.iter_mut().enumerate() {
+                *row = rows.as_ptr().add((i + s * stretch) * n);
+            }
+            dots_bf16_of(&stream_rows, x, &mut row_dots);
+            for (s, &dot) in row_dots.iter().enumerate() {
+                out[i + s * stretch] = dot;
+            }
+        }
+        let mut one = [0.0f32; 1];
+        for r in STREAMS * stretch..out.len() {
+            dots_bf16_of(&[rows.as_ptr().add(r * n)], x, &mut one);
+            out[r] = one[0];
+        }
+    }
+
+    /// Σ_j bf16(w[j]) · x[j] for R rows w of x.len() values, sharing the
+    /// loads of x: 32 products per step in four independent FMA chains a row.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dots_bf16_of<const R: usize>(rows: &[*const u16; R], x: &[f32], out: &mut [f32; R]) {
+        let (n, xp) = (x.len(), x.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
         let mut j = 0;
-        while j + 32 <= w.len() {
-            for (l, a) in acc.iter_mut().enumerate() {
-                let half = _mm_loadu_si128(wp.add(j + 8 * l).cast());
-                // bf16 is the top half of an f32: widen and shift into place.
-                let wf = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)));
-                *a = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xp.add(j + 8 * l)), *a);
+        while j + 32 <= n {
+            for &w in rows {
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(j + PREFETCH / 2).cast());
+            }
+            for l in 0..4 {
+                let xs = _mm256_loadu_ps(xp.add(j + 8 * l));
+                for (acc, &w) in acc.iter_mut().zip(rows) {
+                    let half = _mm_loadu_si128(w.add(j + 8 * l).cast());
+                    // bf16 is the top half of an f32: widen and shift into place.
+                    let wf =
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)));
+                    acc[l] = _mm256_fmadd_ps(wf, xs, acc[l]);
+                }
             }
             j += 32;
         }
-        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let quad = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
-        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-        let mut total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)));
-        for k in j..w.len() {
-            total += super::bf16_to_f32(w[k]) * x[k];
+        for ((total, acc), &w) in out.iter_mut().zip(&acc).zip(rows) {
+            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let quad = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
+            let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+            *total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)));
+            for k in j..n {
+                *total += super::bf16_to_f32(*w.add(k)) * x[k];
+            }
         }
-        total
     }
 }
 
@@ -638,7 +671,15 @@ mod head_tests {
 
     #[test]
     fn dot_rows_agrees_with_dot_row() {
-        let (rows, cols) = (7, 2560 + 19);
+        for rows in [3, 4, 5, 7, 12] {
+            dot_rows_agree(rows);
+        }
+    }
+
+    /// Rows 2.. of a `rows`-row bf16 matrix: fewer than, as many as and more
+    /// than the AVX2 path's three streams, with rows left over.
+    fn dot_rows_agree(rows: usize) {
+        let cols = 2560 + 19;
         let bits: Vec<u16> = (0..rows * cols)
             .map(|i| ((i * 2654435761) >> 7) as u16 & 0xBFFF)
             .collect();
