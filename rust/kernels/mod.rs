@@ -412,16 +412,17 @@ fn run_tasks(n: usize, task: impl Fn(usize) + Sync + Send, pool: &ThreadPool) {
     }
 }
 
-/// A decoding task's dots and dequantized values ([rows] each, per matrix),
-/// kept per thread: they grow to the largest task once, then no token allocates.
+/// A task's raw dots and dequantized values (per matrix), kept per thread:
+/// they grow to the largest task once, then no call allocates. Decoding
+/// holds a task's rows ([rows] each), a batch one piece ([piece, block]).
 #[derive(Default)]
-struct GemvScratch {
+struct PieceScratch {
     dots: Vec<i32>,
     values: [Vec<f32>; MAX_PAIRED],
 }
 
 thread_local! {
-    static GEMV_SCRATCH: std::cell::RefCell<GemvScratch> = Default::default();
+    static PIECE_SCRATCH: std::cell::RefCell<PieceScratch> = Default::default();
 }
 
 /// Rows of a GEMM task multiplied and written out together (a multiple of ROW_ALIGN).
@@ -480,41 +481,67 @@ impl<'a> TokenBlocks<'a> {
         kernel: Kernel,
         ws: &[&TernaryMatrix],
         rows: Range<usize>,
-        mut emit: impl FnMut(usize, Range<usize>, usize, [&[f32]; MAX_PAIRED]),
+        emit: impl FnMut(usize, Range<usize>, usize, [&[f32]; MAX_PAIRED]),
     ) {
         assert!(!ws.is_empty() && ws.len() <= MAX_PAIRED);
+        PIECE_SCRATCH.with(|cell| {
+            let scratch = &mut *cell.borrow_mut();
+            if self.x.m() == 1 {
+                self.gemv_task(kernel, ws, rows, scratch, emit);
+            } else {
+                self.gemm_pieces(kernel, ws, rows, scratch, emit);
+            }
+        });
+    }
+
+    /// `for_each_piece` of one token: all the rows in one kernel call, so
+    /// that the AVX2 GEMV's streams (see `x86_avx2::GEMV_STREAMS`) span the task.
+    fn gemv_task(
+        &self,
+        kernel: Kernel,
+        ws: &[&TernaryMatrix],
+        rows: Range<usize>,
+        scratch: &mut PieceScratch,
+        mut emit: impl FnMut(usize, Range<usize>, usize, [&[f32]; MAX_PAIRED]),
+    ) {
         let x = self.x;
-        if x.m() == 1 {
-            // Decoding: all the rows in one kernel call, so that the AVX2
-            // GEMV's streams (see `x86_avx2::GEMV_STREAMS`) span the task.
-            let (xq, xsum, xs) = (x.token(0), x.sums()[0], x.scales()[0]);
-            GEMV_SCRATCH.with(|cell| {
-                let mut scratch = cell.borrow_mut();
-                let GemvScratch { dots, values } = &mut *scratch;
-                let n = rows.len();
-                dots.resize(n, 0);
-                for (w, values) in ws.iter().zip(values.iter_mut()) {
-                    values.resize(n, 0.0);
-                    gemv_dots(kernel, w, xq, xsum, rows.clone(), dots);
-                    for (v, &d) in values.iter_mut().zip(dots.iter()) {
-                        *v = dequantize(d, xs, w.scale());
-                    }
-                }
-                let [a, b] = &*values;
-                let paired = if ws.len() > 1 { n } else { 0 };
-                emit(0, rows, 1, [&a[..n], &b[..paired]]);
-            });
-            return;
+        let (xq, xsum, xs) = (x.token(0), x.sums()[0], x.scales()[0]);
+        let PieceScratch { dots, values } = scratch;
+        let n = rows.len();
+        dots.resize(n, 0);
+        for (w, values) in ws.iter().zip(values.iter_mut()) {
+            values.resize(n, 0.0);
+            gemv_dots(kernel, w, xq, xsum, rows.clone(), dots);
+            for (v, &d) in values.iter_mut().zip(dots.iter()) {
+                *v = dequantize(d, xs, w.scale());
+            }
         }
+        let [a, b] = &*values;
+        let paired = if ws.len() > 1 { n } else { 0 };
+        emit(0, rows, 1, [&a[..n], &b[..paired]]);
+    }
+
+    /// `for_each_piece` of a batch: block by block, piece by piece.
+    fn gemm_pieces(
+        &self,
+        kernel: Kernel,
+        ws: &[&TernaryMatrix],
+        rows: Range<usize>,
+        scratch: &mut PieceScratch,
+        mut emit: impl FnMut(usize, Range<usize>, usize, [&[f32]; MAX_PAIRED]),
+    ) {
         let piece_max = GEMM_ROW_PIECE.min(rows.len()) * self.largest;
-        let mut dots = vec![0i32; piece_max]; // [piece, block]
-        let mut values = vec![0.0f32; MAX_PAIRED * piece_max]; // [matrix, piece, block]
+        let PieceScratch { dots, values } = scratch;
+        dots.resize(piece_max, 0); // [piece, block]
+        for values in values.iter_mut() {
+            values.resize(piece_max, 0.0); // [piece, block] of one matrix
+        }
         let mut run = |t0: usize, xb: &QuantizedActivations| {
             let mb = xb.m();
             for p0 in rows.clone().step_by(GEMM_ROW_PIECE) {
                 let piece = p0..(p0 + GEMM_ROW_PIECE).min(rows.end);
                 let len = piece.len() * mb;
-                for (w, values) in ws.iter().zip(values.chunks_exact_mut(piece_max)) {
+                for (w, values) in ws.iter().zip(values.iter_mut()) {
                     gemm_dots(kernel, w, xb, piece.clone(), &mut dots[..len]);
                     for (vs, ds) in values[..len]
                         .chunks_exact_mut(mb)
@@ -525,12 +552,12 @@ impl<'a> TokenBlocks<'a> {
                         }
                     }
                 }
-                let (a, b) = values.split_at(piece_max);
+                let [a, b] = &*values;
                 emit(t0, piece, mb, [&a[..len], &b[..len]]);
             }
         };
         if self.blocks.is_empty() {
-            run(0, x);
+            run(0, self.x);
         } else {
             for (t0, xb) in &self.blocks {
                 run(*t0, xb);
