@@ -4,8 +4,11 @@
 //! the life of the process, so a call never pays for spawning threads.
 
 use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::error::{Result, TritError};
@@ -62,9 +65,117 @@ pub fn pool(threads: Option<usize>) -> Result<Arc<ThreadPool>> {
     Ok(pool)
 }
 
+/// How `run_claimed` cuts a range into the pieces the threads claim.
+#[derive(Clone, Copy, Debug)]
+pub struct Claims {
+    /// A claim takes 1 / (threads · share) of what is left...
+    pub share: usize,
+    /// ...but at least this much...
+    pub min: usize,
+    /// ...rounded up to a multiple of this (the last piece ends the range).
+    pub align: usize,
+}
+
+impl Claims {
+    /// The end of the piece claimed at `start` of `0..total` by one of `threads`.
+    fn end(&self, start: usize, total: usize, threads: usize) -> usize {
+        let left = total - start;
+        let take = left.div_ceil(threads * self.share).max(self.min).max(1);
+        (start + take.div_ceil(self.align) * self.align).min(total)
+    }
+}
+
+/// Runs `task` over `0..total` on `pool`, the threads claiming pieces from a
+/// shared counter as they come free (guided self-scheduling): the first
+/// pieces are long, so a thread streams through long runs of rows, and the
+/// last ones short, so the threads finish together; a thread that arrives
+/// late (still waking up, or slowed by other work) simply claims less. With
+/// one thread, or when one claim takes it all, `task` runs here on the whole.
+/// Runs on the current rayon pool (the caller's, or the global one).
+///
+/// It replaced equal tasks split by rayon (4 per thread for a decoded token,
+/// 16 for a prompt): in a 2-thread decode profile those had left the helper
+/// thread idle ~12 % of the time, the caller running 9 % more of the ternary
+/// rows than it. On the 2-vCPU Zen 3 with 2 threads, both ways interleaved
+/// in one process (medians of 8 and 5 runs): a decoded 2B4T token 1.045x
+/// (0.99-1.07), a 128-token prompt 1.07x (0.98-1.13).
+pub fn run_claimed(total: usize, claims: Claims, task: impl Fn(Range<usize>) + Sync) {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || claims.end(0, total, threads) == total {
+        task(0..total);
+        return;
+    }
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut start = next.load(Ordering::Relaxed);
+        while start < total {
+            let end = claims.end(start, total, threads);
+            // Relaxed: the counter only hands out disjoint ranges; the
+            // task's writes are published by the pool's join.
+            match next.compare_exchange_weak(start, end, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => {
+                    task(start..end);
+                    start = next.load(Ordering::Relaxed);
+                }
+                Err(now) => start = now,
+            }
+        }
+    };
+    (0..threads).into_par_iter().for_each(|_| work());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claims_cover_the_range_once_in_shrinking_aligned_pieces() {
+        let claims = Claims {
+            share: 2,
+            min: 24,
+            align: 12,
+        };
+        for (total, threads) in [(1, 2), (13, 2), (6912, 2), (7000, 3), (128_257, 16)] {
+            let mut start = 0;
+            let mut last_len = usize::MAX;
+            while start < total {
+                let end = claims.end(start, total, threads);
+                assert!(end > start);
+                if end < total {
+                    assert_eq!((end - start) % 12, 0);
+                    assert!(end - start >= 24 && end - start <= last_len);
+                }
+                last_len = end - start;
+                start = end;
+            }
+            assert_eq!(start, total);
+        }
+        // The first claim: 6912 / (2 · 2) rows.
+        assert_eq!(claims.end(0, 6912, 2), 1728);
+    }
+
+    #[test]
+    fn claimed_pieces_run_every_index_once() {
+        let claims = Claims {
+            share: 1,
+            min: 5,
+            align: 3,
+        };
+        for threads in [1, 2, 4] {
+            let pool = pool(Some(threads)).unwrap();
+            for total in [1, 4, 5, 6, 100, 1001] {
+                let hits: Vec<AtomicUsize> = (0..total).map(|_| AtomicUsize::new(0)).collect();
+                pool.install(|| {
+                    run_claimed(total, claims, |rows| {
+                        for i in rows {
+                            hits[i].fetch_add(1, Ordering::Relaxed);
+                        }
+                    })
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            }
+        }
+    }
 
     #[test]
     fn parses_thread_counts() {

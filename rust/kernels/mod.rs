@@ -20,13 +20,13 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use rayon::prelude::*;
 use rayon::ThreadPool;
 
 pub use activations::QuantizedActivations;
 pub use packing::TernaryMatrix;
 
 use crate::error::{Result, TritError};
+use crate::threads::{run_claimed, Claims};
 
 /// Environment variable that forces a kernel path.
 pub const KERNEL_ENV: &str = "TRIT_KERNEL";
@@ -240,26 +240,6 @@ fn gemm_dots(
     }
 }
 
-/// Rows handed to one rayon task: several tasks per thread so that a core
-/// slowed by other work is balanced by stealing, rounded to `align` rows (a
-/// multiple of every kernel's row tile), and not so few that the split costs
-/// more than it gains.
-fn rows_per_task(
-    n_out: usize,
-    threads: usize,
-    tasks_per_thread: usize,
-    align: usize,
-    min_rows: usize,
-) -> usize {
-    let tasks = if threads <= 1 {
-        1
-    } else {
-        threads * tasks_per_thread
-    };
-    let rows = n_out.div_ceil(tasks).max(min_rows);
-    rows.div_ceil(align) * align
-}
-
 /// Row tile every kernel divides evenly: AVX2 and AVX-512 use 4, NEON 4.
 const ROW_ALIGN: usize = 12;
 
@@ -313,10 +293,9 @@ pub fn matmul_many_into(
             write_tokens(out, n_out, t0, piece, mb, |at| values[0][at]);
         });
     };
-    // Task c covers rows c·chunk.. of the matrices' rows listed one after another.
-    let chunk = task_rows(total, m, pool);
-    let task = |c: usize| {
-        let (first, last) = (c * chunk, ((c + 1) * chunk).min(total));
+    // A task covers rows first..last of the matrices' rows listed one after another.
+    let task = |rows: Range<usize>| {
+        let (first, last) = (rows.start, rows.end);
         let mut base = 0;
         for (w, &out) in ws.iter().zip(&outs) {
             let (lo, hi) = (first.max(base), last.min(base + w.n_out()));
@@ -326,7 +305,7 @@ pub fn matmul_many_into(
             base += w.n_out();
         }
     };
-    run_tasks(total.div_ceil(chunk), task, pool);
+    run_row_tasks(total, m, task, pool);
     Ok(())
 }
 
@@ -358,9 +337,7 @@ pub fn matmul_glu_into(
     let (m, n_out) = (x.m(), gate.n_out());
     let out = OutPtr(h.as_mut_ptr());
     let blocks = TokenBlocks::new(x);
-    let chunk = task_rows(n_out, m, pool);
-    let task = |c: usize| {
-        let rows = c * chunk..((c + 1) * chunk).min(n_out);
+    let task = |rows: Range<usize>| {
         blocks.for_each_piece(kernel, &[gate, up], rows, |t0, piece, mb, values| {
             write_tokens(out, n_out, t0, piece, mb, |at| {
                 let r = values[0][at].max(0.0);
@@ -368,7 +345,7 @@ pub fn matmul_glu_into(
             });
         });
     };
-    run_tasks(n_out.div_ceil(chunk), task, pool);
+    run_row_tasks(n_out, m, task, pool);
     Ok(())
 }
 
@@ -392,24 +369,28 @@ fn check_operands(w: &TernaryMatrix, x: &QuantizedActivations, y_len: usize) -> 
     Ok(())
 }
 
-/// Rows per task of a matmul of `total` output rows and `m` tokens.
-fn task_rows(total: usize, m: usize, pool: &ThreadPool) -> usize {
-    let min_rows = if m == 1 { 48 } else { 24 };
-    // A call ends when its last task does, so a batch (long tasks) is cut
-    // finer: with 2 threads on a prompt, 4 tasks per thread kept them busy
-    // 91.5 % of the time, 16 kept them 93 %.
-    let tasks_per_thread = if m == 1 { 4 } else { 16 };
-    let threads = pool.current_num_threads();
-    rows_per_task(total, threads, tasks_per_thread, ROW_ALIGN, min_rows)
-}
-
-/// Runs tasks 0..n on the pool (one task: here, rather than wake a pool thread for it).
-fn run_tasks(n: usize, task: impl Fn(usize) + Sync + Send, pool: &ThreadPool) {
-    if n == 1 {
-        task(0);
+/// Runs `task` over rows 0..total of a matmul of `m` tokens on the pool, in
+/// pieces the threads claim as they come free (see `threads::run_claimed`).
+fn run_row_tasks(total: usize, m: usize, task: impl Fn(Range<usize>) + Sync, pool: &ThreadPool) {
+    let claims = if m == 1 {
+        // A decoded token's rows are read once from memory: its first
+        // claims are 1 / threads of the rows, long streams for the GEMV.
+        Claims {
+            share: 1,
+            min: 48,
+            align: ROW_ALIGN,
+        }
     } else {
-        pool.install(|| (0..n).into_par_iter().for_each(task));
-    }
+        // A prompt is compute-bound: claims half as long end it more evenly
+        // (against equal tasks, 2 threads: share 1 1.01-1.04x, share 2
+        // 1.02-1.12x, share 4 about the same as 2).
+        Claims {
+            share: 2,
+            min: 24,
+            align: ROW_ALIGN,
+        }
+    };
+    pool.install(|| run_claimed(total, claims, &task));
 }
 
 /// A task's raw dots and dequantized values (per matrix), kept per thread:
