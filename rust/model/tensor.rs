@@ -290,6 +290,27 @@ impl DenseMatrix {
     }
 }
 
+/// Asks Linux to back the whole 2 MiB stretches inside `buf` with transparent
+/// huge pages (where the system allows them: `madvise` or `always` in
+/// /sys/kernel/mm/transparent_hugepage/enabled). Only pages not yet touched
+/// are affected; only stretches wholly inside `buf`, so no memory is added.
+fn advise_huge_pages<T>(buf: &[T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (buf.as_ptr() as usize).next_multiple_of(HUGE);
+        let end = (buf.as_ptr() as usize + std::mem::size_of_val(buf)) / HUGE * HUGE;
+        if end > start {
+            // A refused advice leaves 4 KiB pages: nothing to handle.
+            // SAFETY: [start, end) lies inside `buf`; MADV_HUGEPAGE changes
+            // how its pages are backed, never their contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
 /// Drops the whole pages inside `bytes` from this process's resident memory.
 ///
 /// # Safety
@@ -391,7 +412,14 @@ impl DenseMatrix {
 /// Builds an int8 matrix row by row (in parallel: a real vocabulary has
 /// 128256 rows) from `fill_row(r, out)`, which writes row r as f32.
 fn int8_rows(rows: usize, cols: usize, fill_row: impl Fn(usize, &mut [f32]) + Sync) -> DenseMatrix {
+    // Zeroed pages not yet touched: the advice takes effect as they are filled.
     let mut codes = vec![0i8; rows * cols];
+    // The output head is read whole for every token: with 4 KiB pages that
+    // is a TLB miss every 4 KiB of a 328 MB stream. In 2 MiB pages a decoded
+    // 2B4T token ran 1.02x faster at 1 and at 2 threads (one process holding
+    // both, alternated 12 times; load time unchanged). The ternary matrices
+    // are mostly under 2 MiB apiece and gained nothing measurable.
+    advise_huge_pages(&codes);
     let mut scales = vec![0.0f32; rows];
     codes
         .par_chunks_mut(cols.max(1))
