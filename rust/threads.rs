@@ -1,7 +1,8 @@
-//! Thread pools for the kernels.
+//! Thread pools for the kernels, and how a matmul's rows are shared out.
 //!
 //! One rayon pool per requested thread count, built on first use and kept for
-//! the life of the process, so a call never pays for spawning threads.
+//! the life of the process, so a call never pays for spawning threads. Rows
+//! are claimed by the threads as they come free (`run_claimed`).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -85,13 +86,13 @@ impl Claims {
     }
 }
 
-/// Runs `task` over `0..total` on `pool`, the threads claiming pieces from a
-/// shared counter as they come free (guided self-scheduling): the first
-/// pieces are long, so a thread streams through long runs of rows, and the
-/// last ones short, so the threads finish together; a thread that arrives
-/// late (still waking up, or slowed by other work) simply claims less. With
-/// one thread, or when one claim takes it all, `task` runs here on the whole.
-/// Runs on the current rayon pool (the caller's, or the global one).
+/// Runs `task` over `0..total` on the current rayon pool (the caller's, or
+/// the global one), the threads claiming pieces from a shared counter as they
+/// come free (guided self-scheduling): the first pieces are long, so a thread
+/// streams through long runs of rows, and the last ones short, so the threads
+/// finish together; a thread that arrives late (still waking up, or slowed by
+/// other work) simply claims less. With one thread, or when one claim takes
+/// it all, `task` runs here on the whole range.
 ///
 /// It replaced equal tasks split by rayon (4 per thread for a decoded token,
 /// 16 for a prompt): in a 2-thread decode profile those had left the helper
