@@ -390,7 +390,7 @@ fn run_row_tasks(total: usize, m: usize, task: impl Fn(Range<usize>) + Sync, poo
             align: ROW_ALIGN,
         }
     };
-    pool.install(|| run_claimed(total, claims, &task));
+    run_claimed(pool, total, claims, task);
 }
 
 /// A task's raw dots and dequantized values (per matrix), kept per thread:

@@ -47,8 +47,8 @@ fn hsum_epi32(v: __m256i) -> i32 {
 /// with a software prefetch reached ~72 % of the read bandwidth whatever the
 /// prefetch distance or hint, and did not get faster when its arithmetic was
 /// removed altogether: a single stream, not the ALU, was the limit. Measured
-/// on a 128 MB matrix, rows split between threads as the decoder splits them
-/// (480 and 864 rows a task): 1.12-1.20x one stream at 1 and 2 threads; two
+/// on a 128 MB matrix, rows split between threads as the decoder then split
+/// them (480 and 864 rows a task): 1.12-1.20x one stream at 1 and 2 threads; two
 /// streams gained less, four no more than three (and need more registers),
 /// and three streams inside 96-row pieces (20 KB apart) gained nothing, nor
 /// did neighbouring rows (interleaved streams 640 bytes apart defeat the
