@@ -11,6 +11,7 @@ from conftest import FIXTURES, generator
 from test_cli import run
 
 from trit import InvalidInputError
+from trit._core import Session
 from trit.perplexity import windows
 
 TEXT = (FIXTURES / "README.md").read_text()[:2500]
@@ -69,3 +70,18 @@ def test_cli(tmp_path: Path) -> None:
     assert f"perplexity {expected.ppl:.4f} over {expected.n_tokens} tokens" in out.stdout
     out = run("perplexity", "-m", str(FIXTURES / "tiny-gqa-packed"), str(tmp_path / "missing"))
     assert out.returncode == 2 and "cannot read" in out.stderr
+
+
+def test_session_nll_checks_the_first_position() -> None:
+    g = generator("tiny-gqa-packed")
+    s = Session(g.model, threads=1)
+    ids = g.encode(TEXT)[:20]
+    logits = s.logits(ids).astype(np.float64)
+    rows, targets = logits[4:-1], ids[5:]
+    log_z = rows.max(axis=1) + np.log(np.exp(rows - rows.max(axis=1)[:, None]).sum(axis=1))
+    want = float((log_z - rows[np.arange(len(targets)), targets]).sum())
+    assert s.nll(ids, 5) == pytest.approx(want, rel=1e-12)
+    assert s.n_tokens == len(ids)
+    for first in (0, len(ids), -1):
+        with pytest.raises(InvalidInputError, match="first scored position"):
+            s.nll(ids, first)

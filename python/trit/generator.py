@@ -171,9 +171,7 @@ class Generator:
             raise InvalidInputError(f"ctx={ctx} is more than the context size n_ctx = {self.n_ctx}")
         stride = max(ctx // 2, 1) if stride is None else stride
         ids = self.encode(text)
-        return perplexity.compute(
-            ids, self._session.logits, ctx=ctx, stride=stride, progress=progress
-        )
+        return perplexity.compute(ids, self._session.nll, ctx=ctx, stride=stride, progress=progress)
 
     def _ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

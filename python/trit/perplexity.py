@@ -17,9 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
 from trit._core import InvalidInputError
 
 
@@ -51,13 +48,16 @@ def windows(n: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
 
 def compute(
     ids: Sequence[int],
-    logits_of: Callable[[list[int]], npt.NDArray[np.float32]],
+    nll_of: Callable[[list[int], int], float],
     *,
     ctx: int,
     stride: int,
     progress: bool = False,
 ) -> Perplexity:
-    """Perplexity of `ids` given a function returning [len, vocab] logits."""
+    """Perplexity of `ids` given `nll_of(window, first)`: the summed negative
+    log-likelihood (nats) of `window[first:]`, each token given the ones
+    before it (`Session.nll`, which reduces each position's logits in the
+    engine, so no [ctx, vocab] array is ever made)."""
     if ctx < 2:
         raise InvalidInputError(f"ctx must be at least 2, got {ctx}")
     if not 1 <= stride <= ctx:
@@ -68,15 +68,8 @@ def compute(
     bar = _progress(len(spans)) if progress else None
     total, count = 0.0, 0
     for begin, end, first in spans:
-        window = list(ids[begin:end])
-        logits = logits_of(window).astype(np.float64)  # [end - begin, vocab]
-        # Row p predicts token p + 1 of the window.
-        rows = logits[first - begin - 1 : end - begin - 1]
-        targets = np.asarray(window[first - begin :])
-        top = rows.max(axis=1)
-        log_z = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
-        total += float((log_z - rows[np.arange(len(targets)), targets]).sum())
-        count += len(targets)
+        total += nll_of(list(ids[begin:end]), first - begin)
+        count += end - first
         if bar is not None:
             bar.update(1)
     if bar is not None:

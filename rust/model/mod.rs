@@ -5,6 +5,7 @@ pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod ops;
+pub mod scoring;
 pub mod session;
 pub mod tensor;
 pub mod weights;

@@ -19,6 +19,7 @@ use super::attention::{
 };
 use super::cache::{KvCache, KvType};
 use super::ops::{add_rms_norm_rows, add_rows, rms_norm, rms_norm_rows, Rope};
+use super::scoring::next_token_nll;
 use super::weights::Model;
 use crate::error::{Result, TritError};
 use crate::kernels::{
@@ -35,9 +36,14 @@ pub const MAX_BATCH: usize = 256;
 enum Logits {
     /// Only the last token's (prompt processing and decoding).
     Last,
-    /// Every token's, appended to the output.
-    All,
+    /// Those of every position from this one (of the sequence) on, each
+    /// handed to the row sink as soon as it is computed.
+    From(usize),
 }
+
+/// Receives `(position, [vocab] logits)` for each position that `Logits::From`
+/// asks for; the row is overwritten by the next one.
+type RowSink<'a> = dyn FnMut(usize, &[f32]) + Send + 'a;
 
 /// Buffers reused from call to call; sized for the largest batch seen.
 #[derive(Default)]
@@ -180,8 +186,7 @@ impl Session {
         let start = shared.min(ids.len() - 1);
         self.tokens.truncate(start);
         self.last_logits.clear();
-        let mut out = Vec::new();
-        self.run(&ids[start..], Logits::Last, &mut out)?;
+        self.run(&ids[start..], Logits::Last, &mut |_, _| {})?;
         Ok(ids.len() - start)
     }
 
@@ -194,8 +199,7 @@ impl Session {
             )));
         }
         self.check_ids(&[id])?;
-        let mut out = Vec::new();
-        self.run(&[id], Logits::Last, &mut out)
+        self.run(&[id], Logits::Last, &mut |_, _| {})
     }
 
     /// Logits at every position of `ids`, [ids.len(), vocab], computed from an
@@ -204,12 +208,42 @@ impl Session {
         self.check_ids(ids)?;
         self.reset();
         let mut out = Vec::with_capacity(ids.len() * self.model.config.vocab_size);
-        self.run(ids, Logits::All, &mut out)?;
+        self.run(ids, Logits::From(0), &mut |_, row| {
+            out.extend_from_slice(row)
+        })?;
         Ok(out)
     }
 
+    /// The negative log-likelihood in nats, summed, of the tokens
+    /// `ids[first..]`, each given the tokens before it: `ids` run from an
+    /// empty cache (which then holds them), and each position's logits are
+    /// reduced to the next token's log-probability as soon as they are
+    /// computed (see `scoring`), so the memory is O(vocab), not
+    /// O(len × vocab). The logits are those `logits(ids)` returns.
+    pub fn nll(&mut self, ids: &[u32], first: usize) -> Result<f64> {
+        self.check_ids(ids)?;
+        if first == 0 || first >= ids.len() {
+            return Err(TritError::invalid(format!(
+                "the first scored position must be between 1 and {} (the input has {} tokens), \
+                 got {first}",
+                ids.len() - 1,
+                ids.len()
+            )));
+        }
+        self.reset();
+        let mut nll = 0.0;
+        let mut partials = Vec::new(); // [vocab / EXP_CHUNK] partial sums
+        self.run(ids, Logits::From(first - 1), &mut |position, row| {
+            // Row `position` predicts the token after it; the last has none.
+            if let Some(&next) = ids.get(position + 1) {
+                nll += next_token_nll(row, next as usize, &mut partials);
+            }
+        })?;
+        Ok(nll)
+    }
+
     /// Runs `ids` after the cached tokens, in batches, inside the pool.
-    fn run(&mut self, ids: &[u32], which: Logits, out: &mut Vec<f32>) -> Result<()> {
+    fn run(&mut self, ids: &[u32], which: Logits, rows: &mut RowSink<'_>) -> Result<()> {
         if self.tokens.len() + ids.len() > self.n_ctx() {
             return Err(TritError::invalid(format!(
                 "{} cached + {} new tokens exceed the context size n_ctx = {}",
@@ -220,17 +254,17 @@ impl Session {
         }
         let pool = self.pool.clone();
         if ids.len() == 1 && pool.current_num_threads() > 1 {
-            return pool.install(|| self.decode_with_helpers(ids, which, out, &pool));
+            return pool.install(|| self.decode_with_helpers(ids, which, rows, &pool));
         }
         pool.install(|| {
             for (i, batch) in ids.chunks(MAX_BATCH).enumerate() {
                 let last_batch = (i + 1) * MAX_BATCH >= ids.len();
                 let logits = match which {
-                    Logits::All => Some(Logits::All),
+                    Logits::From(first) => Some(Logits::From(first)),
                     Logits::Last if last_batch => Some(Logits::Last),
                     Logits::Last => None,
                 };
-                self.forward(batch, logits, out, &pool)?;
+                self.forward(batch, logits, rows, &pool)?;
             }
             Ok(())
         })
@@ -247,7 +281,7 @@ impl Session {
         &mut self,
         ids: &[u32],
         which: Logits,
-        out: &mut Vec<f32>,
+        rows: &mut RowSink<'_>,
         pool: &ThreadPool,
     ) -> Result<()> {
         let done = AtomicBool::new(false);
@@ -281,18 +315,19 @@ impl Session {
             // Released on the way out, panics included, so that the helpers
             // stop at once.
             let _release = Release(&done);
-            result = self.forward(ids, Some(which), out, pool);
+            result = self.forward(ids, Some(which), rows, pool);
         });
         result
     }
 
-    /// The forward pass of one batch at positions `tokens.len()..`; appends
-    /// the requested logits to `out` (and keeps the last row in `last_logits`).
+    /// The forward pass of one batch at positions `tokens.len()..`; hands
+    /// the requested rows of logits to `sink` (and keeps the last computed
+    /// row in `last_logits`).
     fn forward(
         &mut self,
         ids: &[u32],
         logits: Option<Logits>,
-        out: &mut Vec<f32>,
+        sink: &mut RowSink<'_>,
         pool: &ThreadPool,
     ) -> Result<()> {
         let model = self.model.clone();
@@ -401,7 +436,7 @@ impl Session {
         let rows = match logits {
             None => return Ok(()),
             Some(Logits::Last) => t_len - 1..t_len,
-            Some(Logits::All) => 0..t_len,
+            Some(Logits::From(first)) => first.saturating_sub(start).min(t_len)..t_len,
         };
         let vocab = c.vocab_size;
         let head = model.head();
@@ -414,8 +449,8 @@ impl Session {
                 &mut s.normed,
             );
             head.matvec(&s.normed, &mut self.last_logits);
-            if logits == Some(Logits::All) {
-                out.extend_from_slice(&self.last_logits);
+            if let Some(Logits::From(_)) = logits {
+                sink(start + t, &self.last_logits);
             }
         }
         Ok(())

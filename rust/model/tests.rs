@@ -407,3 +407,44 @@ fn concurrent_decodes_on_one_pool_finish_and_agree() {
         assert_eq!(rows, reference);
     }
 }
+
+#[test]
+fn scoring_reduces_the_logits_rows_it_would_return() {
+    let c = Config {
+        max_position_embeddings: session::MAX_BATCH + 40,
+        ..tiny()
+    };
+    let m = model(&c);
+    let vocab = c.vocab_size;
+    // Longer than a batch, so that a first position past the first batch
+    // skips that batch's rows.
+    let ids: Vec<u32> = (0..session::MAX_BATCH as u32 + 20)
+        .map(|i| (i * 11 + 3) % 40)
+        .collect();
+    let mut s = Session::new(m.clone(), None, Some(2), KvType::F32).unwrap();
+    let all = s.logits(&ids).unwrap(); // [len, vocab]
+    let nll_of = |p: usize| {
+        let row: Vec<f64> = all[(p - 1) * vocab..p * vocab]
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect();
+        let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln() - row[ids[p] as usize]
+    };
+    for first in [1, 5, session::MAX_BATCH + 3, ids.len() - 1] {
+        let want: f64 = (first..ids.len()).map(nll_of).sum();
+        for threads in [1, 3] {
+            let mut t = Session::new(m.clone(), None, Some(threads), KvType::F32).unwrap();
+            let got = t.nll(&ids, first).unwrap();
+            assert!((got - want).abs() <= 1e-9 * want, "first {first}: {got} vs {want}");
+            // The session holds the input and the logits after it, as after `logits`.
+            assert_eq!(t.tokens(), &ids[..]);
+            assert_eq!(t.last_logits().unwrap(), &all[(ids.len() - 1) * vocab..]);
+        }
+    }
+    for bad in [0, ids.len()] {
+        let err = s.nll(&ids, bad).unwrap_err().to_string();
+        assert!(err.contains("first scored position"), "{err}");
+    }
+    assert!(s.nll(&[7], 1).is_err());
+}

@@ -344,10 +344,16 @@ impl PySession {
         self.inner.threads()
     }
 
-    /// The tokens in the cache.
+    /// The tokens in the cache (a copy: `n_tokens` is the cheap way to count them).
     #[getter]
     fn tokens(&self) -> Vec<u32> {
         self.inner.tokens().to_vec()
+    }
+
+    /// How many tokens are in the cache.
+    #[getter]
+    fn n_tokens(&self) -> usize {
+        self.inner.tokens().len()
     }
 
     /// Makes `ids` the sequence (reusing the cached prefix) and computes the
@@ -376,6 +382,19 @@ impl PySession {
         let s = &mut self.inner;
         let values = py.detach(|| s.logits(&ids)).py()?;
         values.into_pyarray(py).reshape([ids.len(), vocab])
+    }
+
+    /// The negative log-likelihood in nats, summed, of the tokens
+    /// `ids[first:]`, each given the tokens before it, computed from an empty
+    /// cache (which then holds `ids`). The logits are those of `logits(ids)`,
+    /// reduced position by position in float64: memory O(vocab), not
+    /// O(len(ids) * vocab).
+    fn nll(&mut self, py: Python<'_>, ids: Vec<i64>, first: i64) -> PyResult<f64> {
+        let ids = token_ids(ids)?;
+        let first = usize::try_from(first)
+            .map_err(|_| invalid(format!("the first scored position must be >= 1, got {first}")))?;
+        let s = &mut self.inner;
+        py.detach(|| s.nll(&ids, first)).py()
     }
 
     /// Logits predicting the next token, float32 [vocab]; None before any input.
