@@ -247,3 +247,26 @@ def test_token_bytes_spell_the_text() -> None:
     assert tok.token_bytes(511) == b"<|eot_id|>"
     with pytest.raises(InvalidInputError):
         tok.token_bytes(10_000)
+
+
+def test_a_callback_may_decline_the_logits() -> None:
+    """trit's server watches every token for a client that left, but needs
+    the logits only for log-probs: it is spared a [vocab] copy per token."""
+    g = generator("tiny-gqa-packed")
+
+    class Watch:
+        wants_logits = False
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, int]] = []
+
+        def __call__(self, token: int, logits: np.ndarray) -> None:
+            self.seen.append((token, logits.size))
+
+    watch = Watch()
+    g.generate([509], 5, on_token=watch)
+    assert len(watch.seen) == 5 and all(size == 0 for _, size in watch.seen)
+    watch.wants_logits = True
+    watch.seen.clear()
+    g.generate([509], 5, on_token=watch)
+    assert all(size == g.config.vocab_size for _, size in watch.seen)

@@ -8,12 +8,14 @@ from trit._core import (
     __version__,
 )
 from trit.generator import GenerationStats, Generator
+from trit.sampling import SamplingOptions
 
 __all__ = [
     "GenerationStats",
     "Generator",
     "InvalidInputError",
     "KernelUnavailableError",
+    "SamplingOptions",
     "TritError",
     "__version__",
     "kernels",

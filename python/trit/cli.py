@@ -12,11 +12,11 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 from trit import models
 from trit._core import TritError
 from trit.generator import Generator, Message
+from trit.sampling import SamplingOptions
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -58,15 +58,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed (default: random)")
 
 
-def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "temperature": args.temp,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repeat_penalty,
-        "seed": args.seed,
-    }
+def _sampling(args: argparse.Namespace) -> SamplingOptions:
+    return SamplingOptions(
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+        seed=args.seed,
+    )
 
 
 def _load(args: argparse.Namespace) -> Generator:
@@ -103,8 +103,9 @@ def _report(g: Generator) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)  # checked before the model loads
     g = _load(args)
-    _print_stream(g.stream(args.prompt, args.max_new_tokens, **_sampling(args)))
+    _print_stream(g.stream(args.prompt, args.max_new_tokens, sampling=sampling))
     sys.stdout.write("\n")
     _report(g)
     return 0
@@ -133,7 +134,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("(history cleared)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": text})
-        reply = _print_stream(g.chat_stream(history, args.max_new_tokens, **_sampling(args)))
+        reply = _print_stream(g.chat_stream(history, args.max_new_tokens, sampling=_sampling(args)))
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": reply})
         if args.verbose:

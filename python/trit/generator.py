@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from trit import models, perplexity
 from trit._core import InvalidInputError, Model, ModelConfig, Sampler, Session
 from trit.loader import load_model, read_json, resolve
 from trit.perplexity import Perplexity
+from trit.sampling import SamplingOptions
 from trit.tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -27,6 +27,16 @@ Message = dict[str, Any]
 TokenCallback = Callable[[int, npt.NDArray[np.float32]], None]
 """`on_token(token, logits)`: called once per sampled token (an eos too) with
 the logits it was sampled from, float32 [vocab], before any sampling filter."""
+
+_NO_LOGITS: npt.NDArray[np.float32] = np.empty(0, np.float32)
+_NO_LOGITS.flags.writeable = False
+
+
+def _wants_logits(on_token: TokenCallback) -> bool:
+    """False for a callback that declares `wants_logits = False` (trit's
+    server, when no log-probs were asked for: it only watches for a client
+    that left). It then gets an empty array instead of a [vocab] copy per token."""
+    return bool(getattr(on_token, "wants_logits", True))
 
 
 @dataclass(frozen=True)
@@ -207,11 +217,14 @@ class Generator:
         seed: int | None = None,
         stop: Sequence[str] = (),
         on_token: TokenCallback | None = None,
+        sampling: SamplingOptions | None = None,
     ) -> str:
         """The continuation of `prompt` as text. A str prompt is tokenized as
         the tokenizer says (BOS added); a list of ids is used as given.
         Greedy when temperature is 0. Stops at an eos token, after
-        `max_new_tokens`, or before the first `stop` string.
+        `max_new_tokens`, or before the first `stop` string. `sampling` (a
+        `trit.SamplingOptions`) may replace the sampling keywords, from
+        `temperature` to `stop`.
 
         `on_token(token, logits)` is called after each token is sampled, with
         the raw logits (float32 [vocab]) it was drawn from: for log-probs, or
@@ -229,6 +242,7 @@ class Generator:
                 seed=seed,
                 stop=stop,
                 on_token=on_token,
+                sampling=sampling,
             )
         )
 
@@ -245,22 +259,30 @@ class Generator:
         seed: int | None = None,
         stop: Sequence[str] = (),
         on_token: TokenCallback | None = None,
+        sampling: SamplingOptions | None = None,
     ) -> Iterator[str]:
         """As `generate`, yielding text pieces as they are produced. A piece
         never ends inside a UTF-8 character or inside a possible stop string."""
-        sampler = Sampler(
+        keywords = SamplingOptions(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
             min_p=min_p,
             repetition_penalty=repetition_penalty,
-            seed=secrets.randbits(64) if seed is None else seed,
+            seed=seed,
+            stop=stop,
         )
-        if isinstance(stop, str):
-            stop = [stop]
-        stops = list(stop)
-        if not all(isinstance(s, str) and s for s in stops):
-            raise InvalidInputError("stop strings must be non-empty str")
+        if sampling is None:
+            sampling = keywords
+        elif not isinstance(sampling, SamplingOptions):
+            raise InvalidInputError(
+                f"sampling must be a trit.SamplingOptions, got {type(sampling).__name__}"
+            )
+        elif keywords != SamplingOptions():
+            raise InvalidInputError(
+                "give the sampling options as sampling= or as keywords "
+                "(temperature=, top_k=, ...), not both"
+            )
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise InvalidInputError("max_new_tokens must be an int")
         if max_new_tokens < 0:
@@ -268,7 +290,7 @@ class Generator:
         ids = self._ids(prompt)
         # Validation is done before the first next(): errors surface at the
         # call, not at the first iteration.
-        return self._stream(ids, sampler, max_new_tokens, stops, on_token)
+        return self._stream(ids, sampling.sampler(), max_new_tokens, list(sampling.stop), on_token)
 
     def _stream(
         self,
@@ -286,10 +308,11 @@ class Generator:
         text_stream = self.tokenizer.stream()
         text, emitted, new_tokens, passes = "", 0, 0, 0
         finish = "length"
+        wants_logits = on_token is not None and _wants_logits(on_token)
         for step in range(max_new_tokens):
             token = session.sample(sampler)
             if on_token is not None:
-                logits = session.last_logits()
+                logits = session.last_logits() if wants_logits else _NO_LOGITS
                 assert logits is not None  # sample() just used them
                 on_token(token, logits)
             if token in self.eos_ids:
@@ -310,7 +333,7 @@ class Generator:
                 emitted = safe
             if step + 1 == max_new_tokens:
                 break
-            if len(session.tokens) >= session.n_ctx:
+            if session.n_tokens >= self._n_ctx:
                 finish = "context"
                 break
             session.push(token)
@@ -330,7 +353,7 @@ class Generator:
     def chat(self, messages: Sequence[Message], max_new_tokens: int = 256, **kwargs: Any) -> str:
         """The assistant's reply to `messages` (dicts with "role" and
         "content"), rendered with the model's chat template. Takes the
-        sampling arguments of `generate`."""
+        sampling arguments of `generate` (keywords or `sampling=`)."""
         return "".join(self.chat_stream(messages, max_new_tokens, **kwargs))
 
     def chat_stream(
