@@ -53,7 +53,10 @@ mod tests {
             for target in [0, n / 2, n - 1] {
                 let got = next_token_nll(&logits, target, &mut partials);
                 let want = naive(&logits, target);
-                assert!((got - want).abs() <= 1e-12 * want.abs().max(1.0), "{n} {target}");
+                assert!(
+                    (got - want).abs() <= 1e-12 * want.abs().max(1.0),
+                    "{n} {target}"
+                );
                 assert!(got >= 0.0);
             }
         }

@@ -436,7 +436,10 @@ fn scoring_reduces_the_logits_rows_it_would_return() {
         for threads in [1, 3] {
             let mut t = Session::new(m.clone(), None, Some(threads), KvType::F32).unwrap();
             let got = t.nll(&ids, first).unwrap();
-            assert!((got - want).abs() <= 1e-9 * want, "first {first}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-9 * want,
+                "first {first}: {got} vs {want}"
+            );
             // The session holds the input and the logits after it, as after `logits`.
             assert_eq!(t.tokens(), &ids[..]);
             assert_eq!(t.last_logits().unwrap(), &all[(ids.len() - 1) * vocab..]);

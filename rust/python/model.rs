@@ -391,8 +391,11 @@ impl PySession {
     /// O(len(ids) * vocab).
     fn nll(&mut self, py: Python<'_>, ids: Vec<i64>, first: i64) -> PyResult<f64> {
         let ids = token_ids(ids)?;
-        let first = usize::try_from(first)
-            .map_err(|_| invalid(format!("the first scored position must be >= 1, got {first}")))?;
+        let first = usize::try_from(first).map_err(|_| {
+            invalid(format!(
+                "the first scored position must be >= 1, got {first}"
+            ))
+        })?;
         let s = &mut self.inner;
         py.detach(|| s.nll(&ids, first)).py()
     }
