@@ -69,9 +69,11 @@ impl Config {
             linear_class,
             quantization_mode,
         };
-        config
-            .validate()
-            .map_err(|e| TritError::invalid(format!("{source}: {e}")))?;
+        config.validate().map_err(|e| {
+            let message = e.to_string();
+            let message = message.strip_prefix("config: ").unwrap_or(&message);
+            TritError::invalid(format!("{source}: {message}"))
+        })?;
         Ok(config)
     }
 }
