@@ -284,7 +284,11 @@ def test_no_public_call_changes_a_read_only_buffer(model_copy: Path) -> None:
         for (_, _, _, array), data in zip(given, expected):
             assert not array.flags.writeable
             assert array.tobytes() == data
+    # Opening the folder maps its file read-only and releases its pages: the
+    # file is unchanged too.
+    file_bytes = (model_copy / "model.safetensors").read_bytes()
     reference, _ = Model.open(model_copy, threads=1, int8_head=True)
+    assert (model_copy / "model.safetensors").read_bytes() == file_bytes
     assert model.weight_bytes == reference.weight_bytes
     for layer in range(config.num_hidden_layers):
         np.testing.assert_array_equal(

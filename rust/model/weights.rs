@@ -3,9 +3,9 @@
 //!
 //! Projections arrive either packed the Hugging Face way (U8 `[out/4, in]` plus
 //! `weight_scale`, docs/formats.md "Packing") or as float masters that are
-//! ternarised here with absmean (docs/formats.md "Absmean ternarisation"). Either way they become `TernaryMatrix`es whose
-//! scale multiplies. Norms become f32 (bf16 widens exactly); the embedding
-//! keeps its bf16 storage.
+//! ternarised here with absmean (docs/formats.md "Absmean ternarisation").
+//! Either way they become `TernaryMatrix`es whose scale multiplies. Norms
+//! become f32 (bf16 widens exactly); the embedding keeps its bf16 storage.
 
 use std::sync::Mutex;
 
@@ -229,8 +229,7 @@ impl<'c> Loader<'c> {
                     self.warn(format!("tensor {scale_name:?} is zero"));
                 }
                 // docs/formats.md "Linear classes": AutoBitLinear stores
-                // mean|W| and multiplies;
-                // BitLinear stores 1/mean|W| and divides.
+                // mean|W| and multiplies; BitLinear stores 1/mean|W| and divides.
                 let scale = match config.linear_class {
                     LinearClass::AutoBitLinear => ws,
                     LinearClass::BitLinear => {
@@ -341,7 +340,8 @@ fn scan_floats(t: &RawTensor<'_>) -> (Option<usize>, bool) {
     (bad, parts.iter().all(|&(_, zero)| zero))
 }
 
-/// Decodes a Hugging Face packed weight, U8 `[out/4, in]` (docs/formats.md "Packing"):
+/// Decodes a Hugging Face packed weight, U8 `[out/4, in]` (docs/formats.md
+/// "Packing"):
 /// output row `i*R + r` (R = out/4) sits in bits `2i..2i+1` of packed row `r`,
 /// as the code `value + 1`.
 pub fn unpack_hf(
@@ -383,9 +383,8 @@ pub fn unpack_hf(
     TernaryMatrix::from_hf_packed(t.data, n_out, n_in, scale)
 }
 
-/// Absmean ternarisation of a float master (docs/formats.md "Absmean
-/// ternarisation", transformers'
-/// `WeightQuant`): `s = 1 / max(mean|W|, 1e-5)` in f32,
+/// Absmean ternarisation of a float master (transformers' `WeightQuant`,
+/// docs/formats.md "Absmean ternarisation"): `s = 1 / max(mean|W|, 1e-5)` in f32,
 /// `T = clamp(round_half_even(W * s), -1, 1)`, and the weight used is `T / s`,
 /// so the matrix scale is `1 / s`.
 pub fn ternarize_absmean(t: &RawTensor<'_>, n_out: usize, n_in: usize) -> TernaryMatrix {
