@@ -5,6 +5,7 @@
 //! `python` feature that maturin turns on.
 
 pub mod bandwidth;
+pub mod checkpoint;
 pub mod error;
 pub mod kernels;
 pub mod model;

@@ -80,7 +80,7 @@ def test_missing_folder_and_bad_names(tmp_path: Path) -> None:
 
 def test_unknown_model_type(model_copy: Path) -> None:
     edit_config(model_copy, model_type="llama")
-    with pytest.raises(InvalidInputError, match="model_type 'llama' is not supported"):
+    with pytest.raises(InvalidInputError, match='config.json: model_type "llama" is not supported'):
         load(model_copy)
 
 
@@ -93,9 +93,9 @@ def test_unknown_architecture(model_copy: Path) -> None:
 @pytest.mark.parametrize(
     ("quant", "message"),
     [
-        (None, "no quantization_config"),
-        ({"quant_method": "gptq"}, "quant_method 'gptq'"),
-        ({"quant_method": "bitnet", "linear_class": "dense"}, "linear_class 'dense'"),
+        (None, "config.json: no quantization_config"),
+        ({"quant_method": "gptq"}, 'quant_method "gptq"'),
+        ({"quant_method": "bitnet", "linear_class": "dense"}, 'linear_class "dense"'),
         ({"quant_method": "bitnet", "quantization_mode": "dynamic"}, "quantization_mode"),
         (
             {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "online"},
@@ -115,7 +115,7 @@ def test_unsupported_quantization_config(model_copy: Path, quant: object, messag
 
 def test_unsupported_activation_and_rope_scaling(model_copy: Path) -> None:
     edit_config(model_copy, hidden_act="silu")
-    with pytest.raises(InvalidInputError, match="hidden_act 'silu'"):
+    with pytest.raises(InvalidInputError, match='hidden_act "silu"'):
         load(model_copy)
     edit_config(model_copy, hidden_act="relu2", rope_scaling={"rope_type": "llama3", "factor": 8.0})
     with pytest.raises(InvalidInputError, match="llama3"):
@@ -159,7 +159,9 @@ def test_dtype_the_engine_does_not_read(model_copy: Path) -> None:
         t["model.norm.weight"] = ("I16", shape, data)
 
     edit_tensors(model_copy, edit)
-    with pytest.raises(InvalidInputError, match="'model.norm.weight' has dtype I16"):
+    with pytest.raises(
+        InvalidInputError, match='model.safetensors: tensor "model.norm.weight" has dtype I16'
+    ):
         load(model_copy)
 
 
@@ -251,17 +253,150 @@ def test_hub_ids_respect_offline_mode(monkeypatch: pytest.MonkeyPatch, tmp_path:
         Generator.from_pretrained("someone/bitnet-that-is-not-cached")
 
 
-def test_releasing_pages_needs_read_only_arrays(model_copy: Path) -> None:
-    from trit._core import Model
-    from trit.loader import checkpoint_tensors, model_config
+def checkpoint_arrays(folder: Path) -> list[tuple[str, str, list[int], bytes]]:
+    """(name, dtype, shape, bytes) of every tensor, read by the test's own reader."""
+    tensors = st_files.read(folder / "model.safetensors")
+    return [(name, dtype, shape, data) for name, (dtype, shape, data) in tensors.items()]
 
-    config, _ = model_config(model_copy)
-    tensors = []
-    for t in checkpoint_tensors(model_copy):
-        data = np.fromfile(t.path, dtype=np.uint8, count=t.end - t.start, offset=t.start)
-        tensors.append((t.name, t.dtype, t.shape, data))  # writable, anonymous memory
-    with pytest.raises(InvalidInputError, match="release_file_pages needs read-only"):
-        Model.load(config, tensors, release_file_pages=True)
-    model, _ = Model.load(config, tensors)  # copies are fine without releasing
-    reference = Generator.from_pretrained(model_copy, head="bf16").model
+
+def test_no_public_call_changes_a_read_only_buffer(model_copy: Path) -> None:
+    """Model.load only reads the arrays it is given: views of immutable bytes
+    and arrays made read-only are byte-identical afterwards (no page of them is
+    released or zeroed), and the model equals the one read from the files."""
+    from trit._core import Model, ModelConfig
+
+    config = ModelConfig.from_file(model_copy / "config.json")
+    given, expected = [], []
+    for i, (name, dtype, shape, data) in enumerate(checkpoint_arrays(model_copy)):
+        # Page-sized tensors would be the ones a page release could hit; the
+        # embedding of the fixture is one.
+        if i % 2:
+            array = np.frombuffer(data, dtype=np.uint8)  # a view of immutable bytes
+        else:
+            array = np.array(np.frombuffer(data, dtype=np.uint8))
+            array.setflags(write=False)
+        given.append((name, dtype, shape, array))
+        expected.append(bytes(data))
+    assert any(len(d) >= 2 * 4096 for d in expected)
+    for int8_head in (False, True):
+        model, warnings_ = Model.load(config, given, threads=2, int8_head=int8_head)
+        assert warnings_ == []
+        for (_, _, _, array), data in zip(given, expected):
+            assert not array.flags.writeable
+            assert array.tobytes() == data
+    # Opening the folder maps its file read-only and releases its pages: the
+    # file is unchanged too.
+    file_bytes = (model_copy / "model.safetensors").read_bytes()
+    reference, _ = Model.open(model_copy, threads=1, int8_head=True)
+    assert (model_copy / "model.safetensors").read_bytes() == file_bytes
     assert model.weight_bytes == reference.weight_bytes
+    for layer in range(config.num_hidden_layers):
+        np.testing.assert_array_equal(
+            model.projection(layer, "down_proj").unpack(),
+            reference.projection(layer, "down_proj").unpack(),
+        )
+    # The flag that let a caller ask for pages of its arrays to be dropped is gone.
+    with pytest.raises(TypeError):
+        Model.load(config, given, release_file_pages=True)  # type: ignore[call-arg]
+
+
+def test_model_load_refuses_bad_tensors(model_copy: Path) -> None:
+    from trit._core import Model, ModelConfig
+
+    config = ModelConfig.from_file(model_copy / "config.json")
+    tensors = [
+        (name, dtype, shape, np.frombuffer(data, dtype=np.uint8))
+        for name, dtype, shape, data in checkpoint_arrays(model_copy)
+    ]
+    name, dtype, shape, data = tensors[0]
+    with pytest.raises(InvalidInputError, match="given twice"):
+        Model.load(config, [*tensors, tensors[0]])
+    with pytest.raises(InvalidInputError, match=f'tensor "{name}": .* bytes for'):
+        Model.load(config, [(name, dtype, shape, data[:-1]), *tensors[1:]])
+    with pytest.raises(InvalidInputError, match="unsupported tensor dtype"):
+        Model.load(config, [(name, "I16", shape, data), *tensors[1:]])
+    with pytest.raises(InvalidInputError, match="contiguous"):
+        Model.load(config, [(name, dtype, shape, np.repeat(data, 2)[::2]), *tensors[1:]])
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"tie_word_embeddings": "false"},
+            'tie_word_embeddings is "false"; expected true or false',
+        ),
+        ({"head_dim": 16.0}, "head_dim is 16.0; expected a positive integer"),
+        ({"head_dim": 0}, "head_dim is 0; expected a positive integer"),
+        ({"num_hidden_layers": True}, "num_hidden_layers is true; expected a positive integer"),
+        ({"vocab_size": 2**62}, "vocab_size \\* hidden_size .* is too large"),
+        ({"hidden_size": 10**30}, "hidden_size is 1e\\+30; expected a positive integer"),
+        ({"num_attention_heads": 2**63, "head_dim": 2**63}, "num_attention_heads \\* head_dim"),
+        ({"rope_theta": "10000"}, 'rope_theta is "10000"; expected a number'),
+        ({"attention_bias": "false"}, 'attention_bias is "false"; expected true or false'),
+    ],
+)
+def test_config_types_are_strict(
+    model_copy: Path, changes: dict[str, object], message: str
+) -> None:
+    edit_config(model_copy, **changes)
+    with pytest.raises(InvalidInputError, match=f"config.json: {message}"):
+        load(model_copy)
+    from trit.loader import model_config
+
+    with pytest.raises(InvalidInputError, match=message):
+        model_config(model_copy)
+
+
+def test_config_floats_accept_integers(model_copy: Path) -> None:
+    from trit.loader import model_config
+
+    edit_config(model_copy, rope_theta=10000, rms_norm_eps=0)
+    config, raw = model_config(model_copy)
+    assert (config.rope_theta, config.rms_norm_eps) == (10000.0, 0.0)
+    assert raw["rope_theta"] == 10000
+
+
+def sharded_copy(tmp_path: Path) -> Path:
+    dst = tmp_path / "sharded"
+    shutil.copytree(FIXTURES / "tiny-gqa-sharded", dst)
+    return dst
+
+
+def test_sharded_checkpoint_is_one_checkpoint(tmp_path: Path) -> None:
+    dst = sharded_copy(tmp_path)
+    z = np.load(FIXTURES / "tiny-gqa-packed" / "expected.npz")
+    ids = z["prompt2_ids"].tolist()
+    np.testing.assert_array_equal(load(dst).logits(ids), generator("tiny-gqa-packed").logits(ids))
+
+
+def test_shard_index_faults(tmp_path: Path) -> None:
+    dst = sharded_copy(tmp_path)
+    index_path = dst / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    moved = next(name for name, file in index["weight_map"].items() if file == second)
+
+    def write_index(weight_map: object) -> None:
+        index_path.write_text(json.dumps({**index, "weight_map": weight_map}))
+
+    write_index({**index["weight_map"], moved: first})
+    with pytest.raises(
+        InvalidInputError, match=f'maps "{moved}" to {first}, which does not hold it'
+    ):
+        load(dst)
+    write_index({**index["weight_map"], moved: "../" + second})
+    with pytest.raises(InvalidInputError, match="not a file name in the folder"):
+        load(dst)
+    write_index({})
+    with pytest.raises(InvalidInputError, match="index.json: no weight_map"):
+        load(dst)
+    # The same tensor in both shards.
+    write_index(index["weight_map"])
+    one, two = st_files.read(dst / first), st_files.read(dst / second)
+    one[moved] = two[moved]
+    st_files.write(dst / first, one)
+    with pytest.raises(
+        InvalidInputError, match=f'tensor "{moved}" is in both .*{first} and .*{second}'
+    ):
+        load(dst)

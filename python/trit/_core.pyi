@@ -1,5 +1,6 @@
 """The compiled engine. Use it through `trit` and `trit.kernels`."""
 
+from os import PathLike
 from typing import final
 
 import numpy as np
@@ -75,6 +76,8 @@ class ModelConfig:
         linear_class: str = "bitlinear",
         quantization_mode: str = "offline",
     ) -> ModelConfig: ...
+    @staticmethod
+    def from_file(path: str | PathLike[str]) -> ModelConfig: ...
     @property
     def vocab_size(self) -> int: ...
     @property
@@ -107,12 +110,15 @@ class Model:
     """A loaded model; immutable, shared by its sessions."""
 
     @staticmethod
+    def open(
+        folder: str | PathLike[str], *, threads: int | None = None, int8_head: bool = False
+    ) -> tuple[Model, list[str]]: ...
+    @staticmethod
     def load(
         config: ModelConfig,
         tensors: list[tuple[str, str, list[int], npt.NDArray[np.uint8]]],
         *,
         threads: int | None = None,
-        release_file_pages: bool = False,
         int8_head: bool = False,
     ) -> tuple[Model, list[str]]: ...
     @property

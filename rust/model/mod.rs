@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod cache;
 pub mod config;
+pub mod open;
 pub mod ops;
 pub mod scoring;
 pub mod session;
@@ -12,9 +13,11 @@ pub mod weights;
 
 pub use cache::KvType;
 pub use config::{Config, LinearClass, QuantizationMode};
+pub use open::open;
 pub use session::Session;
-pub use tensor::{DType, RawTensor};
-pub use weights::{load, load_file_backed, HeadPrecision, Model, Proj};
+pub use weights::{load, HeadPrecision, Model, Proj};
+// Checkpoint tensors, as the model builder reads them.
+pub use crate::checkpoint::{DType, RawTensor};
 
 #[cfg(test)]
 mod tests;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::config::tiny;
 use super::tensor::DenseMatrix;
 use super::*;
+use crate::checkpoint::MemoryCheckpoint;
 use crate::threads;
 
 /// Owned tensors: name → (dtype, shape, bytes).
@@ -118,11 +119,18 @@ fn build_with(
     owned: &Owned,
     head: HeadPrecision,
 ) -> crate::Result<(Model, Vec<String>)> {
-    let views: HashMap<String, RawTensor<'_>> = owned
-        .iter()
-        .map(|(k, (d, s, b))| (k.clone(), RawTensor::new(k, *d, s, b).unwrap()))
-        .collect();
-    load(c.clone(), &views, &threads::pool(Some(2)).unwrap(), head)
+    let mut checkpoint = MemoryCheckpoint::new();
+    for (name, (dtype, shape, bytes)) in owned {
+        checkpoint
+            .insert(name.clone(), *dtype, shape.clone(), bytes.clone())
+            .unwrap();
+    }
+    load(
+        c.clone(),
+        &checkpoint,
+        &threads::pool(Some(2)).unwrap(),
+        head,
+    )
 }
 
 fn model(c: &Config) -> Arc<Model> {

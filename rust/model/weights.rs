@@ -2,18 +2,19 @@
 //! tensor's presence, shape and dtype checked first.
 //!
 //! Projections arrive either packed the Hugging Face way (U8 `[out/4, in]` plus
-//! `weight_scale`, FORMATS.md 0) or as float masters that are ternarised here
-//! with absmean (FORMATS.md 4). Either way they become `TernaryMatrix`es whose
-//! scale multiplies. Norms become f32 (bf16 widens exactly); the embedding
-//! keeps its bf16 storage.
+//! `weight_scale`, docs/formats.md "Packing") or as float masters that are
+//! ternarised here with absmean (docs/formats.md "Absmean ternarisation").
+//! Either way they become `TernaryMatrix`es whose scale multiplies. Norms
+//! become f32 (bf16 widens exactly); the embedding keeps its bf16 storage.
 
-use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use super::config::{Config, LinearClass, QuantizationMode};
-use super::tensor::{DType, DenseMatrix, RawTensor};
+use super::tensor::DenseMatrix;
+use crate::checkpoint::{Checkpoint, DType, RawTensor, Usage};
 use crate::error::{Result, TritError};
 use crate::kernels::TernaryMatrix;
 
@@ -165,43 +166,15 @@ impl Model {
     }
 }
 
-/// The tensors of a checkpoint, by name, with what the loader used.
-struct Checkpoint<'t, 'a> {
-    tensors: &'t HashMap<String, RawTensor<'a>>,
-    used: std::sync::Mutex<HashSet<String>>,
-    warnings: std::sync::Mutex<Vec<String>>,
-    /// The tensors are views of a read-only file mapping, whose pages can be
-    /// dropped from memory once converted (see `release`).
-    file_backed: bool,
+/// The checkpoint being read, with the tensors used and the warnings so far.
+struct Loader<'c> {
+    tensors: Usage<'c>,
+    warnings: Mutex<Vec<String>>,
 }
 
-impl<'a> Checkpoint<'_, 'a> {
-    fn take(&self, name: &str) -> Result<RawTensor<'a>> {
-        let t = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| TritError::invalid(format!("missing tensor {name:?}")))?;
-        self.used
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string());
-        Ok(*t)
-    }
-
-    /// Drops the file pages of every tensor whose name starts with `prefix`,
-    /// once converted: peak memory then stays near the model's own size
-    /// instead of the model plus the whole file.
-    fn release(&self, prefix: &str) {
-        if !self.file_backed {
-            return;
-        }
-        for (name, t) in self.tensors {
-            if name.starts_with(prefix) {
-                // SAFETY: `file_backed` is set only by `load_file_backed`, whose
-                // caller promises that the tensors lie in a read-only file mapping.
-                unsafe { super::tensor::release_file_pages(t.data) };
-            }
-        }
+impl<'c> Loader<'c> {
+    fn take(&self, name: &str) -> Result<RawTensor<'c>> {
+        self.tensors.take(name)
     }
 
     fn warn(&self, msg: String) {
@@ -212,7 +185,7 @@ impl<'a> Checkpoint<'_, 'a> {
     }
 
     /// A float tensor of exactly `shape`, checked to hold only finite values.
-    fn float(&self, name: &str, shape: &[usize]) -> Result<RawTensor<'a>> {
+    fn float(&self, name: &str, shape: &[usize]) -> Result<RawTensor<'c>> {
         let t = self.take(name)?;
         if !t.dtype.is_float() {
             return Err(TritError::invalid(format!(
@@ -255,8 +228,8 @@ impl<'a> Checkpoint<'_, 'a> {
                 if ws == 0.0 {
                     self.warn(format!("tensor {scale_name:?} is zero"));
                 }
-                // FORMATS.md 0: AutoBitLinear stores mean|W| and multiplies;
-                // BitLinear stores 1/mean|W| and divides.
+                // docs/formats.md "Linear classes": AutoBitLinear stores
+                // mean|W| and multiplies; BitLinear stores 1/mean|W| and divides.
                 let scale = match config.linear_class {
                     LinearClass::AutoBitLinear => ws,
                     LinearClass::BitLinear => {
@@ -367,7 +340,8 @@ fn scan_floats(t: &RawTensor<'_>) -> (Option<usize>, bool) {
     (bad, parts.iter().all(|&(_, zero)| zero))
 }
 
-/// Decodes a Hugging Face packed weight, U8 `[out/4, in]` (FORMATS.md 0):
+/// Decodes a Hugging Face packed weight, U8 `[out/4, in]` (docs/formats.md
+/// "Packing"):
 /// output row `i*R + r` (R = out/4) sits in bits `2i..2i+1` of packed row `r`,
 /// as the code `value + 1`.
 pub fn unpack_hf(
@@ -409,8 +383,8 @@ pub fn unpack_hf(
     TernaryMatrix::from_hf_packed(t.data, n_out, n_in, scale)
 }
 
-/// Absmean ternarisation of a float master (FORMATS.md 4, transformers'
-/// `WeightQuant`): `s = 1 / max(mean|W|, 1e-5)` in f32,
+/// Absmean ternarisation of a float master (transformers' `WeightQuant`,
+/// docs/formats.md "Absmean ternarisation"): `s = 1 / max(mean|W|, 1e-5)` in f32,
 /// `T = clamp(round_half_even(W * s), -1, 1)`, and the weight used is `T / s`,
 /// so the matrix scale is `1 / s`.
 pub fn ternarize_absmean(t: &RawTensor<'_>, n_out: usize, n_in: usize) -> TernaryMatrix {
@@ -440,46 +414,19 @@ pub enum HeadPrecision {
     Int8,
 }
 
-/// Builds the model from `tensors` (name → raw tensor). Returns it with the
-/// warnings a user should see (all-zero tensors, tensors left unused).
+/// Builds the model from the tensors of `checkpoint`. Returns it with the
+/// warnings a user should see (all-zero tensors, tensors left unused). Each
+/// tensor is released (`Checkpoint::release`) once converted.
 pub fn load(
     config: Config,
-    tensors: &HashMap<String, RawTensor<'_>>,
+    checkpoint: &dyn Checkpoint,
     pool: &ThreadPool,
     head: HeadPrecision,
-) -> Result<(Model, Vec<String>)> {
-    load_from(config, tensors, pool, head, false)
-}
-
-/// As `load`, dropping each tensor's pages from resident memory once it is
-/// converted, so that peak memory stays near the model's size rather than the
-/// model plus the whole checkpoint file.
-///
-/// # Safety
-/// Every tensor must lie in a read-only mapping of a file that nothing writes
-/// through (see `release_file_pages`).
-pub unsafe fn load_file_backed(
-    config: Config,
-    tensors: &HashMap<String, RawTensor<'_>>,
-    pool: &ThreadPool,
-    head: HeadPrecision,
-) -> Result<(Model, Vec<String>)> {
-    load_from(config, tensors, pool, head, true)
-}
-
-fn load_from(
-    config: Config,
-    tensors: &HashMap<String, RawTensor<'_>>,
-    pool: &ThreadPool,
-    head: HeadPrecision,
-    file_backed: bool,
 ) -> Result<(Model, Vec<String>)> {
     config.validate()?;
-    let ck = Checkpoint {
-        tensors,
-        used: Default::default(),
-        warnings: Default::default(),
-        file_backed,
+    let ck = Loader {
+        tensors: Usage::new(checkpoint),
+        warnings: Mutex::default(),
     };
     let c = &config;
     let (hidden, inter) = (c.hidden_size, c.intermediate_size);
@@ -493,13 +440,13 @@ fn load_from(
     } else {
         DenseMatrix::from_raw(&embed_t)
     };
-    ck.release("model.embed_tokens.");
+    ck.tensors.release_prefix("model.embed_tokens.");
     let norm = ck.vector("model.norm.weight", hidden)?;
     let lm_head = if c.tie_word_embeddings {
         None
     } else {
         let matrix = head_matrix(&ck.float("lm_head.weight", &[c.vocab_size, hidden])?);
-        ck.release("lm_head.");
+        ck.tensors.release_prefix("lm_head.");
         Some(matrix)
     };
     let load_layer = |l: usize| -> Result<Layer> {
@@ -520,7 +467,7 @@ fn load_from(
             ffn_sub_norm: ck.vector(&format!("{prefix}.mlp.ffn_sub_norm.weight"), inter)?,
             down: ck.projection(c, l, Proj::Down)?,
         };
-        ck.release(&format!("{prefix}."));
+        ck.tensors.release_prefix(&format!("{prefix}."));
         Ok(layer)
     };
     // Layers unpack independently; the real model has 30 of them.
@@ -530,16 +477,13 @@ fn load_from(
             .map(load_layer)
             .collect::<Result<Vec<_>>>()
     })?;
+    let unused = ck.tensors.unused();
     let mut warnings = ck.warnings.into_inner().unwrap_or_else(|e| e.into_inner());
-    let used = ck.used.into_inner().unwrap_or_else(|e| e.into_inner());
-    let mut unused: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
     if !unused.is_empty() {
-        unused.sort();
-        let shown: Vec<&str> = unused.iter().take(5).map(|s| s.as_str()).collect();
         warnings.push(format!(
             "{} tensor(s) in the checkpoint are not used by the model: {}{}",
             unused.len(),
-            shown.join(", "),
+            unused[..unused.len().min(5)].join(", "),
             if unused.len() > 5 { ", ..." } else { "" }
         ));
     }
@@ -564,7 +508,7 @@ mod tests {
 
     #[test]
     fn unpacks_the_documented_worked_example() {
-        // FORMATS.md 0, case1 column 0: rows 0..7 = [0,1,0,-1,-1,-1,1,1]
+        // docs/formats.md "Packing", worked example: rows 0..7 = [0,1,0,-1,-1,-1,1,1]
         // pack to P[0,0] = 133 and P[1,0] = 130 (R = 2).
         let data = [133u8, 130];
         let shape = [2, 1];

@@ -2,14 +2,15 @@
 //! converted and checked here with the GIL held; loading, forward passes and
 //! sampling run detached.
 
-use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1};
 use pyo3::prelude::*;
 
 use super::{invalid, IntoPyResult, PyTernaryMatrix};
-use crate::model::{self, Config, DType, LinearClass, QuantizationMode, RawTensor};
+use crate::checkpoint::MemoryCheckpoint;
+use crate::model::{self, Config, DType, LinearClass, QuantizationMode};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::threads;
 
@@ -65,6 +66,13 @@ impl PyModelConfig {
             quantization_mode: QuantizationMode::parse(quantization_mode).py()?,
         };
         inner.validate().py()?;
+        Ok(PyModelConfig { inner })
+    }
+
+    /// Reads and checks a transformers `config.json` of a BitNet b1.58 model.
+    #[staticmethod]
+    fn from_file(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| Config::from_json_file(&path)).py()?;
         Ok(PyModelConfig { inner })
     }
 
@@ -159,65 +167,61 @@ pub(super) struct PyModel {
     inner: Arc<model::Model>,
 }
 
+fn head_precision(int8_head: bool) -> model::HeadPrecision {
+    if int8_head {
+        model::HeadPrecision::Int8
+    } else {
+        model::HeadPrecision::AsStored
+    }
+}
+
 #[pymethods]
 impl PyModel {
-    /// Builds the model from checkpoint tensors. Returns it with warnings
-    /// (all-zero or unused tensors) for the caller to show. With
-    /// `release_file_pages`, every array must be a read-only view of a
-    /// read-only file mapping (the loader's mmap): each tensor's pages are
-    /// dropped from resident memory once converted. With `int8_head`, the
-    /// output head is quantized to int8 rows (see `HeadPrecision::Int8`).
+    /// Reads the model in `folder` (config.json and model.safetensors, or
+    /// shards and their index). Returns it with warnings (all-zero or unused
+    /// tensors) for the caller to show. With `int8_head`, the output head is
+    /// quantized to int8 rows (see `HeadPrecision::Int8`).
     #[staticmethod]
-    #[pyo3(signature = (config, tensors, *, threads=None, release_file_pages=false, int8_head=false))]
+    #[pyo3(signature = (folder, *, threads=None, int8_head=false))]
+    fn open(
+        py: Python<'_>,
+        folder: PathBuf,
+        threads: Option<usize>,
+        int8_head: bool,
+    ) -> PyResult<(PyModel, Vec<String>)> {
+        let pool = threads::pool(threads).py()?;
+        let (m, warnings) = py
+            .detach(|| model::open(&folder, &pool, head_precision(int8_head)))
+            .py()?;
+        Ok((PyModel { inner: Arc::new(m) }, warnings))
+    }
+
+    /// Builds the model from tensors given in memory. Their bytes are copied
+    /// first, so the arrays are only read, never kept or changed. Returns the
+    /// model with warnings (all-zero or unused tensors) for the caller to show.
+    #[staticmethod]
+    #[pyo3(signature = (config, tensors, *, threads=None, int8_head=false))]
     fn load(
         py: Python<'_>,
         config: &PyModelConfig,
         tensors: Vec<TensorArg<'_>>,
         threads: Option<usize>,
-        release_file_pages: bool,
         int8_head: bool,
     ) -> PyResult<(PyModel, Vec<String>)> {
         let pool = threads::pool(threads).py()?;
-        let mut map = HashMap::with_capacity(tensors.len());
-        for (name, dtype, shape, data) in &tensors {
+        let mut checkpoint = MemoryCheckpoint::new();
+        for (name, dtype, shape, data) in tensors {
             let dtype =
-                DType::parse(dtype).map_err(|e| invalid(format!("tensor {name:?}: {e}")))?;
-            if release_file_pages
-                && data
-                    .getattr("flags")?
-                    .getattr("writeable")?
-                    .extract::<bool>()?
-            {
-                // Dropping the pages of writable (anonymous) memory would zero it.
-                return Err(invalid(format!(
-                    "tensor {name:?}: release_file_pages needs read-only arrays of a file mapping"
-                )));
-            }
+                DType::parse(&dtype).map_err(|e| invalid(format!("tensor {name:?}: {e}")))?;
             let bytes = data
                 .as_slice()
-                .map_err(|_| invalid(format!("tensor {name:?}: data must be contiguous")))?;
-            let t = RawTensor::new(name, dtype, shape, bytes).py()?;
-            if map.insert(name.clone(), t).is_some() {
-                return Err(invalid(format!("tensor {name:?} is given twice")));
-            }
+                .map_err(|_| invalid(format!("tensor {name:?}: data must be contiguous")))?
+                .to_vec();
+            checkpoint.insert(name, dtype, shape, bytes).py()?;
         }
         let config = config.inner.clone();
-        // The arrays in `tensors` stay borrowed (and alive) until this returns.
         let (m, warnings) = py
-            .detach(|| {
-                let head = if int8_head {
-                    model::HeadPrecision::Int8
-                } else {
-                    model::HeadPrecision::AsStored
-                };
-                if release_file_pages {
-                    // SAFETY: the caller promises file-mapped arrays; they are
-                    // read-only views, checked above.
-                    unsafe { model::load_file_backed(config, &map, &pool, head) }
-                } else {
-                    model::load(config, &map, &pool, head)
-                }
-            })
+            .detach(|| model::load(config, &checkpoint, &pool, head_precision(int8_head)))
             .py()?;
         Ok((PyModel { inner: Arc::new(m) }, warnings))
     }

@@ -1,13 +1,13 @@
-//! The model hyper-parameters, as a typed struct.
-//!
-//! Reading `config.json` (model_type, architectures, quantization_config) is the
-//! Python loader's job; this struct holds what the engine needs and checks that
-//! the numbers make a model the forward pass can run.
+//! The model hyper-parameters, as a typed struct, and the checks that its
+//! numbers make a model the forward pass can run. `json` reads one from a
+//! transformers `config.json`.
+
+mod json;
 
 use crate::error::{Result, TritError};
 
 /// Which transformers class the projections were saved for. It decides what a
-/// packed checkpoint's `weight_scale` means (FORMATS.md 0 and 8.1).
+/// packed checkpoint's `weight_scale` means (docs/formats.md, "Linear classes").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinearClass {
     /// `AutoBitLinear`: `weight_scale` = mean|W|, multiplied.
@@ -109,11 +109,35 @@ impl Config {
         }
         // attn_sub_norm has hidden_size weights and normalises the concatenated
         // heads, so transformers' BitNet only runs when the two agree.
-        if self.num_heads * self.head_dim != self.hidden_size {
+        if self.num_heads.checked_mul(self.head_dim) != Some(self.hidden_size) {
             return Err(TritError::invalid(format!(
                 "config: num_attention_heads * head_dim = {} * {} must equal hidden_size {}",
                 self.num_heads, self.head_dim, self.hidden_size
             )));
+        }
+        // The largest matrices must be addressable: every later size (q_dim,
+        // kv_dim, a matrix's elements and f32 bytes) is then below these.
+        for (name, rows, cols) in [
+            (
+                "vocab_size * hidden_size",
+                self.vocab_size,
+                self.hidden_size,
+            ),
+            (
+                "intermediate_size * hidden_size",
+                self.intermediate_size,
+                self.hidden_size,
+            ),
+        ] {
+            let fits = rows
+                .checked_mul(cols)
+                .and_then(|n| n.checked_mul(std::mem::size_of::<f32>()))
+                .is_some_and(|bytes| isize::try_from(bytes).is_ok());
+            if !fits {
+                return Err(TritError::invalid(format!(
+                    "config: {name} = {rows} * {cols} is too large for this machine"
+                )));
+            }
         }
         // RoPE rotates the two halves of each head (rotate_half).
         if !self.head_dim.is_multiple_of(2) {
@@ -122,7 +146,7 @@ impl Config {
                 self.head_dim
             )));
         }
-        // The packed layout stores 4 output rows per byte (FORMATS.md 0).
+        // The packed layout stores 4 output rows per byte (docs/formats.md, "Packing").
         if self.quantization_mode == QuantizationMode::Offline {
             for (name, out) in [
                 ("num_attention_heads * head_dim", self.q_dim()),

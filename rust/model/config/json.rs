@@ -1,0 +1,655 @@
+//! Reading a transformers `config.json` into a `Config`, with strict types.
+//!
+//! Every check of what trit supports lives here: model_type "bitnet", the
+//! BitNet architecture, relu2, no attention bias, default RoPE, and a bitnet
+//! `quantization_config`. Fields are typed strictly: a string `"false"` is not
+//! a bool, a bool is not an integer, `128.0` is not an integer, and a float
+//! field accepts an integer. Defaults are transformers' (`PretrainedConfig`,
+//! `BitNetConfig`, `BitNetQuantConfig`; docs/formats.md, "config.json").
+//! Errors name the file and the field.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use super::{Config, LinearClass, QuantizationMode};
+use crate::error::{Result, TritError};
+
+impl Config {
+    /// Reads and checks the `config.json` at `path`.
+    pub fn from_json_file(path: &Path) -> Result<Config> {
+        let shown = path.display();
+        let text = std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => TritError::invalid(format!("{shown} does not exist")),
+            _ => TritError::invalid(format!("{shown}: cannot read: {e}")),
+        })?;
+        let json: Value = serde_json::from_slice(&text)
+            .map_err(|e| TritError::invalid(format!("{shown} is not readable JSON: {e}")))?;
+        Config::from_json(&json, &shown.to_string())
+    }
+
+    /// A config from the parsed JSON of a `config.json`; `source` names the
+    /// file in messages.
+    pub fn from_json(json: &Value, source: &str) -> Result<Config> {
+        let Value::Object(map) = json else {
+            return Err(TritError::invalid(format!(
+                "{source} holds {}, not a JSON object",
+                kind(json)
+            )));
+        };
+        let f = Fields {
+            source,
+            prefix: "",
+            map,
+        };
+        check_architecture(&f)?;
+        let rope_theta = rope_theta(&f)?;
+        let (linear_class, quantization_mode) = quantization(&f)?;
+        let hidden_size = f.positive("hidden_size")?;
+        let num_heads = f.positive("num_attention_heads")?;
+        let config = Config {
+            vocab_size: f.positive("vocab_size")?,
+            hidden_size,
+            intermediate_size: f.positive("intermediate_size")?,
+            num_layers: f.positive("num_hidden_layers")?,
+            num_heads,
+            // transformers: None means one key/value head per query head (MHA).
+            num_kv_heads: f
+                .optional_positive("num_key_value_heads")?
+                .unwrap_or(num_heads),
+            head_dim: f
+                .optional_positive("head_dim")?
+                .unwrap_or(hidden_size / num_heads),
+            // transformers keeps these as Python floats and meets them in f32 ops.
+            rope_theta: rope_theta as f32,
+            rms_norm_eps: f.optional_float("rms_norm_eps")?.unwrap_or(1e-5) as f32,
+            max_position_embeddings: f.positive("max_position_embeddings")?,
+            // PretrainedConfig's default.
+            tie_word_embeddings: f.optional_bool("tie_word_embeddings")?.unwrap_or(true),
+            linear_class,
+            quantization_mode,
+        };
+        config.validate().map_err(|e| {
+            let message = e.to_string();
+            let message = message.strip_prefix("config: ").unwrap_or(&message);
+            TritError::invalid(format!("{source}: {message}"))
+        })?;
+        Ok(config)
+    }
+}
+
+fn check_architecture(f: &Fields<'_>) -> Result<()> {
+    let model_type = f.optional_str("model_type")?;
+    if model_type != Some("bitnet") {
+        return Err(f.error(format!(
+            "model_type {} is not supported; trit runs BitNet b1.58 checkpoints \
+             (model_type \"bitnet\")",
+            f.shown("model_type")
+        )));
+    }
+    if let Some(archs) = f.get("architectures") {
+        let names = archs.as_array().filter(|a| a.iter().all(Value::is_string));
+        let Some(names) = names else {
+            return Err(f.error(format!(
+                "architectures is {}; expected a list of class names",
+                short(archs)
+            )));
+        };
+        if !names.iter().any(|n| n == "BitNetForCausalLM") {
+            return Err(f.error(format!(
+                "architectures {} is not supported; expected BitNetForCausalLM",
+                short(archs)
+            )));
+        }
+    }
+    let act = f.optional_str("hidden_act")?.unwrap_or("relu2");
+    if act != "relu2" {
+        return Err(f.error(format!(
+            "hidden_act {} is not supported (only relu2)",
+            f.shown("hidden_act")
+        )));
+    }
+    if f.optional_bool("attention_bias")? == Some(true) {
+        return Err(f.error("attention_bias is not supported"));
+    }
+    Ok(())
+}
+
+/// rope_theta, from `rope_parameters` (transformers 5) or the top level, once
+/// no RoPE scaling is asked for.
+fn rope_theta(f: &Fields<'_>) -> Result<f64> {
+    let params = f.optional_object("rope_parameters")?;
+    let scaling = f.optional_object("rope_scaling")?;
+    let mut rope_type = None;
+    for fields in [&scaling, &params].into_iter().flatten() {
+        for key in ["rope_type", "type"] {
+            if rope_type.is_none() {
+                rope_type = fields.optional_str(key)?.map(|t| (fields.shown(key), t));
+            }
+        }
+    }
+    if let Some((shown, t)) = rope_type {
+        if t != "default" {
+            return Err(f.error(format!("RoPE scaling {shown} is not supported")));
+        }
+    }
+    let from_params = match &params {
+        Some(p) => p.optional_float("rope_theta")?,
+        None => None,
+    };
+    match from_params {
+        Some(theta) => Ok(theta),
+        None => f
+            .optional_float("rope_theta")?
+            .ok_or_else(|| f.error("rope_theta is missing or null")),
+    }
+}
+
+/// linear_class and quantization_mode of a supported `quantization_config`.
+fn quantization(f: &Fields<'_>) -> Result<(LinearClass, QuantizationMode)> {
+    let unsupported = |what: String| f.error(format!("unsupported quantization config: {what}"));
+    let Some(q) = f.optional_object("quantization_config")? else {
+        return Err(f.error(
+            "no quantization_config; trit runs BitNet b1.58 (quant_method \"bitnet\") checkpoints",
+        ));
+    };
+    if q.optional_str("quant_method")? != Some("bitnet") {
+        return Err(unsupported(format!(
+            "quant_method {}, expected \"bitnet\"",
+            q.shown("quant_method")
+        )));
+    }
+    // BitNetQuantConfig's defaults.
+    let linear_class = match q.optional_str("linear_class")?.unwrap_or("bitlinear") {
+        "bitlinear" => LinearClass::BitLinear,
+        "autobitlinear" => LinearClass::AutoBitLinear,
+        _ => {
+            return Err(unsupported(format!(
+                "linear_class {}",
+                q.shown("linear_class")
+            )))
+        }
+    };
+    let mode = match q.optional_str("quantization_mode")?.unwrap_or("offline") {
+        "offline" => QuantizationMode::Offline,
+        "online" => QuantizationMode::Online,
+        _ => {
+            return Err(unsupported(format!(
+                "quantization_mode {}",
+                q.shown("quantization_mode")
+            )))
+        }
+    };
+    if linear_class == LinearClass::BitLinear && mode == QuantizationMode::Online {
+        return Err(unsupported(
+            "\"online\" needs linear_class \"autobitlinear\"".into(),
+        ));
+    }
+    if q.optional_bool("use_rms_norm")? == Some(true) {
+        return Err(unsupported(
+            "use_rms_norm (an RMSNorm before activation quantisation) is not implemented".into(),
+        ));
+    }
+    if let Some(skipped) = q.get("modules_to_not_convert") {
+        let only_head = skipped
+            .as_array()
+            .is_some_and(|a| a.iter().all(|m| m == "lm_head"));
+        if !only_head {
+            return Err(unsupported(format!(
+                "modules_to_not_convert {} (only lm_head may stay unquantised)",
+                short(skipped)
+            )));
+        }
+    }
+    Ok((linear_class, mode))
+}
+
+/// The fields of one JSON object, read with strict types.
+struct Fields<'a> {
+    source: &'a str,
+    /// "" at the top level, "quantization_config." inside that object.
+    prefix: &'static str,
+    map: &'a Map<String, Value>,
+}
+
+impl<'a> Fields<'a> {
+    fn error(&self, message: impl std::fmt::Display) -> TritError {
+        TritError::invalid(format!("{}: {message}", self.source))
+    }
+
+    /// The field, with null taken as absent (transformers' None).
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    /// The value of a field for a message: `key` is its JSON, or absent.
+    fn shown(&self, key: &str) -> String {
+        self.get(key).map_or_else(|| "(absent)".into(), short)
+    }
+
+    fn wrong_type(&self, key: &str, value: &Value, expected: &str) -> TritError {
+        self.error(format!(
+            "{}{key} is {}; expected {expected}",
+            self.prefix,
+            short(value)
+        ))
+    }
+
+    fn optional_positive(&self, key: &str) -> Result<Option<usize>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        // as_u64 is None for negative numbers and for floats, even 128.0.
+        match v.as_u64().map(usize::try_from) {
+            Some(Ok(n)) if n > 0 => Ok(Some(n)),
+            Some(Err(_)) => Err(self.error(format!(
+                "{}{key} is {v}, too large for this machine",
+                self.prefix
+            ))),
+            _ => Err(self.wrong_type(key, v, "a positive integer")),
+        }
+    }
+
+    fn positive(&self, key: &str) -> Result<usize> {
+        self.optional_positive(key)?
+            .ok_or_else(|| self.error(format!("{}{key} is missing or null", self.prefix)))
+    }
+
+    /// A number; integers are floats too, as in Python.
+    fn optional_float(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.wrong_type(key, v, "a number")),
+        }
+    }
+
+    fn optional_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.wrong_type(key, v, "true or false")),
+        }
+    }
+
+    fn optional_str(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.wrong_type(key, v, "a string")),
+        }
+    }
+
+    fn optional_object(&self, key: &'static str) -> Result<Option<Fields<'a>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Object(map)) => Ok(Some(Fields {
+                source: self.source,
+                prefix: object_prefix(key),
+                map,
+            })),
+            Some(v) => Err(self.wrong_type(key, v, "an object")),
+        }
+    }
+}
+
+/// The prefix that names a nested object's fields in messages.
+fn object_prefix(key: &'static str) -> &'static str {
+    match key {
+        "quantization_config" => "quantization_config.",
+        "rope_parameters" => "rope_parameters.",
+        "rope_scaling" => "rope_scaling.",
+        _ => "",
+    }
+}
+
+/// A JSON value for a message, cut short if long.
+fn short(v: &Value) -> String {
+    let text = v.to_string();
+    match text.char_indices().nth(80) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a bool",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// The config of tests/fixtures/tiny-gqa-packed, in the shape of 2B4T's.
+    fn base() -> Value {
+        json!({
+            "architectures": ["BitNetForCausalLM"],
+            "model_type": "bitnet",
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 300,
+            "max_position_embeddings": 128,
+            "rope_theta": 500000.0,
+            "rms_norm_eps": 1e-5,
+            "hidden_act": "relu2",
+            "tie_word_embeddings": true,
+            "quantization_config": {
+                "quant_method": "bitnet",
+                "linear_class": "autobitlinear",
+                "quantization_mode": "offline"
+            }
+        })
+    }
+
+    fn with(changes: &[(&str, Value)]) -> Value {
+        let mut v = base();
+        for (key, value) in changes {
+            let mut target = &mut v;
+            let mut parts = key.split('.').peekable();
+            while let Some(part) = parts.next() {
+                if parts.peek().is_none() {
+                    target[part] = value.clone();
+                } else {
+                    target = &mut target[part];
+                }
+            }
+        }
+        v
+    }
+
+    fn parse(v: &Value) -> Result<Config> {
+        Config::from_json(v, "m/config.json")
+    }
+
+    fn error(changes: &[(&str, Value)]) -> String {
+        parse(&with(changes)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn reads_a_bitnet_config_with_transformers_defaults() {
+        let c = parse(&base()).unwrap();
+        assert_eq!(
+            (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim),
+            (64, 4, 2, 16)
+        );
+        assert_eq!((c.rope_theta, c.rms_norm_eps), (500000.0, 1e-5));
+        assert_eq!(c.linear_class, LinearClass::AutoBitLinear);
+        let mut v = base();
+        let m = v.as_object_mut().unwrap();
+        for key in [
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "tie_word_embeddings",
+            "hidden_act",
+        ] {
+            m.remove(key);
+        }
+        m["quantization_config"] = json!({"quant_method": "bitnet"});
+        m.insert("head_dim".into(), Value::Null);
+        let c = parse(&v).unwrap();
+        assert_eq!(
+            (c.num_kv_heads, c.head_dim, c.tie_word_embeddings),
+            (4, 16, true)
+        );
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        assert_eq!(c.linear_class, LinearClass::BitLinear);
+        assert_eq!(c.quantization_mode, QuantizationMode::Offline);
+        // Floats accept integers; rope_parameters wins over the top level.
+        let c = parse(&with(&[
+            ("rope_theta", json!(10000)),
+            (
+                "rope_parameters",
+                json!({"rope_theta": 20000, "rope_type": "default"}),
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(c.rope_theta, 20000.0);
+        let c = parse(&with(&[("rope_theta", json!(10000))])).unwrap();
+        assert_eq!(c.rope_theta, 10000.0);
+    }
+
+    #[test]
+    fn types_are_strict() {
+        let cases: Vec<(&str, Value, &str)> = vec![
+            (
+                "tie_word_embeddings",
+                json!("false"),
+                "tie_word_embeddings is \"false\"; expected true or false",
+            ),
+            (
+                "tie_word_embeddings",
+                json!(0),
+                "tie_word_embeddings is 0; expected true or false",
+            ),
+            (
+                "head_dim",
+                json!(16.0),
+                "head_dim is 16.0; expected a positive integer",
+            ),
+            (
+                "head_dim",
+                json!(0),
+                "head_dim is 0; expected a positive integer",
+            ),
+            (
+                "head_dim",
+                json!(-16),
+                "head_dim is -16; expected a positive integer",
+            ),
+            (
+                "head_dim",
+                json!("16"),
+                "head_dim is \"16\"; expected a positive integer",
+            ),
+            (
+                "hidden_size",
+                json!(true),
+                "hidden_size is true; expected a positive integer",
+            ),
+            (
+                "vocab_size",
+                json!(1e30),
+                "vocab_size is 1e+30; expected a positive integer",
+            ),
+            (
+                "rope_theta",
+                json!("1e4"),
+                "rope_theta is \"1e4\"; expected a number",
+            ),
+            (
+                "rope_theta",
+                json!(false),
+                "rope_theta is false; expected a number",
+            ),
+            (
+                "rms_norm_eps",
+                json!([0.5]),
+                "rms_norm_eps is [0.5]; expected a number",
+            ),
+            (
+                "attention_bias",
+                json!("no"),
+                "attention_bias is \"no\"; expected true or false",
+            ),
+            (
+                "model_type",
+                json!(["bitnet"]),
+                "model_type is [\"bitnet\"]; expected a string",
+            ),
+            (
+                "quantization_config.use_rms_norm",
+                json!(1),
+                "quantization_config.use_rms_norm is 1",
+            ),
+            (
+                "quantization_config.linear_class",
+                json!(7),
+                "quantization_config.linear_class is 7",
+            ),
+            (
+                "rope_scaling",
+                json!("none"),
+                "rope_scaling is \"none\"; expected an object",
+            ),
+        ];
+        for (key, value, expected) in cases {
+            let err = error(&[(key, value)]);
+            assert!(err.starts_with("m/config.json: "), "{err}");
+            assert!(err.contains(expected), "{expected:?} not in {err:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_trit_does_not_run() {
+        let cases: Vec<(&str, Value, &str)> = vec![
+            (
+                "model_type",
+                json!("llama"),
+                "model_type \"llama\" is not supported",
+            ),
+            (
+                "model_type",
+                Value::Null,
+                "model_type (absent) is not supported",
+            ),
+            (
+                "architectures",
+                json!(["LlamaForCausalLM"]),
+                "LlamaForCausalLM",
+            ),
+            (
+                "architectures",
+                json!("BitNetForCausalLM"),
+                "expected a list of class names",
+            ),
+            (
+                "hidden_act",
+                json!("silu"),
+                "hidden_act \"silu\" is not supported",
+            ),
+            (
+                "attention_bias",
+                json!(true),
+                "attention_bias is not supported",
+            ),
+            (
+                "rope_scaling",
+                json!({"rope_type": "llama3", "factor": 8.0}),
+                "RoPE scaling \"llama3\"",
+            ),
+            (
+                "rope_scaling",
+                json!({"type": "linear"}),
+                "RoPE scaling \"linear\"",
+            ),
+            (
+                "rope_parameters",
+                json!({"rope_type": "yarn"}),
+                "RoPE scaling \"yarn\"",
+            ),
+            ("rope_theta", Value::Null, "rope_theta is missing or null"),
+            ("quantization_config", Value::Null, "no quantization_config"),
+            (
+                "quantization_config.quant_method",
+                json!("gptq"),
+                "quant_method \"gptq\"",
+            ),
+            (
+                "quantization_config.linear_class",
+                json!("dense"),
+                "linear_class \"dense\"",
+            ),
+            (
+                "quantization_config.quantization_mode",
+                json!("dynamic"),
+                "quantization_mode \"dynamic\"",
+            ),
+            ("quantization_config.linear_class", json!("bitlinear"), "OK"),
+            (
+                "quantization_config.use_rms_norm",
+                json!(true),
+                "use_rms_norm",
+            ),
+            (
+                "quantization_config.modules_to_not_convert",
+                json!(["lm_head", "model.layers.0"]),
+                "modules_to_not_convert",
+            ),
+            ("num_key_value_heads", json!(3), "num_key_value_heads"),
+            ("vocab_size", Value::Null, "vocab_size is missing or null"),
+        ];
+        for (key, value, expected) in cases {
+            if expected == "OK" {
+                // bitlinear with the base config's "offline" mode is fine...
+                parse(&with(&[(key, value.clone())])).unwrap();
+                // ...but not with "online".
+                let err = error(&[
+                    (key, value),
+                    ("quantization_config.quantization_mode", json!("online")),
+                ]);
+                assert!(
+                    err.contains("\"online\" needs linear_class \"autobitlinear\""),
+                    "{err}"
+                );
+                continue;
+            }
+            let err = error(&[(key, value)]);
+            assert!(err.starts_with("m/config.json: "), "{err}");
+            assert!(err.contains(expected), "{expected:?} not in {err:?}");
+        }
+        let err = error(&[("num_attention_heads", json!(8)), ("head_dim", json!(16))]);
+        assert!(
+            err.contains("num_attention_heads * head_dim = 8 * 16"),
+            "{err}"
+        );
+        parse(&with(&[(
+            "quantization_config.modules_to_not_convert",
+            json!(["lm_head"]),
+        )]))
+        .unwrap();
+        parse(&with(&[
+            ("attention_bias", json!(false)),
+            ("architectures", Value::Null),
+        ]))
+        .unwrap();
+        let err = Config::from_json(&json!([1]), "c.json")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "c.json holds a list, not a JSON object");
+    }
+
+    #[test]
+    fn sizes_are_checked_without_overflow() {
+        let huge = json!(u64::MAX);
+        let err = error(&[
+            ("num_attention_heads", huge.clone()),
+            ("num_key_value_heads", huge.clone()),
+            ("head_dim", huge.clone()),
+        ]);
+        assert!(err.contains("num_attention_heads * head_dim"), "{err}");
+        let err = error(&[("vocab_size", json!(1u64 << 62))]);
+        assert!(err.contains("vocab_size * hidden_size"), "{err}");
+        let err = error(&[("intermediate_size", json!(1u64 << 60))]);
+        assert!(err.contains("intermediate_size * hidden_size"), "{err}");
+        let err = error(&[("hidden_size", json!(18446744073709551616.0))]);
+        assert!(err.contains("expected a positive integer"), "{err}");
+    }
+}
