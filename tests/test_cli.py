@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import subprocess
 import sys
+import time
 
 from conftest import FIXTURES
 
@@ -36,6 +40,73 @@ def test_chat_reads_turns_and_resets() -> None:
     assert r.returncode == 0, r.stderr
     assert "(history cleared)" in r.stderr
     assert r.stderr.count("tokens/s") == 4  # prompt and generation, two replies
+
+
+def test_chat_forgets_the_oldest_turns_when_the_context_fills() -> None:
+    # The bundled model holds 256 tokens: six exchanges of up to 100 tokens
+    # cannot all stay, and the chat goes on without them.
+    turns = "Tell me a story.\nWhat is love?\nAnd then?\nWhy?\nTell me more.\nOK.\n"
+    r = run("chat", "-n", "100", "--temp", "0.8", "--seed", "1", "-t", "1", "-v", stdin=turns)
+    assert r.returncode == 0, r.stderr
+    assert "error" not in r.stderr
+    assert r.stderr.count("generation: ") == 6  # every turn was answered
+    assert "the context holds 256 tokens: forgot the oldest exchange" in r.stderr
+
+
+def test_chat_keeps_the_session_when_a_message_does_not_fit() -> None:
+    long_message = "the fortune cookie says " * 80
+    r = run("chat", "-n", "8", "-t", "1", "-v", stdin=f"{long_message}\nHello\n")
+    assert r.returncode == 0, r.stderr
+    assert "(not sent: this message takes " in r.stderr and "/reset" in r.stderr
+    assert r.stderr.count("generation: ") == 1  # "Hello" was answered
+
+
+# Generation of the bundled model is faster than a signal can be aimed at it,
+# so each text piece is delayed; the SIGINT itself is real.
+SLOW_CHAT = """
+import sys, time
+import trit.generator
+from trit.cli import main
+
+def slow_stream(self, *args, **kwargs):
+    for piece in original(self, *args, **kwargs):
+        time.sleep(0.02)
+        yield piece
+
+original = trit.generator.Generator._stream
+trit.generator.Generator._stream = slow_stream
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_stops_the_reply_not_the_chat() -> None:
+    args = ["chat", "-n", "200", "--temp", "0.8", "--seed", "1", "-t", "1", "-v"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CHAT, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(b"Tell me a story.\n")
+        proc.stdin.flush()
+        first = b""
+        deadline = time.monotonic() + 60
+        while len(first.strip()) < 3 and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                first += os.read(proc.stdout.fileno(), 4096)
+        assert first.strip(), "the first reply never started"
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(b"Hello\n", timeout=60)
+    finally:
+        proc.kill()
+    stderr = err.decode()
+    assert proc.returncode == 0, stderr
+    assert "(reply stopped)" in stderr
+    assert stderr.count("generation: ") == 1  # the second reply ran to its end
+    assert (first + rest).strip()
 
 
 def test_errors_are_one_line_and_exit_1() -> None:

@@ -110,13 +110,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_context(
+    g: Generator, history: list[Message], n_system: int, reply_room: int
+) -> tuple[list[Message], list[int], int]:
+    """The conversation to send: `history` without its oldest exchanges (a user
+    message and its reply; never the system message, never the newest message)
+    until the rendered prompt leaves `reply_room` tokens of the context free.
+    Returns the kept messages, their prompt ids and how many exchanges went."""
+    kept = list(history)
+    dropped = 0
+    while True:
+        ids = g.tokenizer.encode_chat(kept)
+        if len(ids) + reply_room <= g.n_ctx or len(kept) - n_system <= 1:
+            return kept, ids, dropped
+        del kept[n_system : n_system + 2]
+        dropped += 1
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     g = _load(args)
     system: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
+    # Room kept free for a reply when old turns have to go: a reply cut after a
+    # few tokens by a full context would be worse than forgetting a turn.
+    reply_room = min(args.max_new_tokens, g.n_ctx // 4)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("trit chat: /reset clears the history, Ctrl-D leaves.", file=sys.stderr)
+        print(
+            "trit chat: /reset clears the history, Ctrl-C stops a reply, Ctrl-D leaves.",
+            file=sys.stderr,
+        )
     while True:
         try:
             line = input("> " if interactive else "")
@@ -132,10 +155,42 @@ def cmd_chat(args: argparse.Namespace) -> int:
             g.reset()
             print("(history cleared)", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
-        reply = _print_stream(g.chat_stream(history, args.max_new_tokens, **_sampling(args)))
+        kept, ids, dropped = _fit_context(
+            g, [*history, {"role": "user", "content": text}], len(system), reply_room
+        )
+        if len(ids) >= g.n_ctx:
+            what = "this message and the system message take" if system else "this message takes"
+            print(
+                f"(not sent: {what} {len(ids)} tokens, the context holds {g.n_ctx}; "
+                "write a shorter one, or /reset to start over)",
+                file=sys.stderr,
+            )
+            continue
+        if dropped:
+            print(
+                f"(the context holds {g.n_ctx} tokens: forgot the oldest "
+                f"{'exchange' if dropped == 1 else f'{dropped} exchanges'})",
+                file=sys.stderr,
+            )
+        history = kept
+        pieces: list[str] = []
+        try:
+            for piece in g.stream(ids, args.max_new_tokens, **_sampling(args)):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                pieces.append(piece)
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            print("(reply stopped)", file=sys.stderr)
+            if pieces:
+                history.append({"role": "assistant", "content": "".join(pieces)})
+            else:
+                history.pop()  # nothing was said: forget the question too
+            continue
         sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": reply})
+        history.append({"role": "assistant", "content": "".join(pieces)})
+        if g.last_stats is not None and g.last_stats.finish_reason == "context":
+            print(f"(reply cut: the context of {g.n_ctx} tokens is full)", file=sys.stderr)
         if args.verbose:
             _report(g)
 
