@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # Installs trit and its test tools into .venv, then runs every check CI runs:
 # formatting and lints (Rust and Python), the type stub against the built
-# module, the Rust unit tests (x86-64, and aarch64 under qemu where it can be
-# set up), and the Python tests.
+# module, the Rust unit tests, the Python tests (README.md's examples among
+# them), and two optional parts that CI (.ci/run) turns on:
+#
+#   TRIT_AARCH64=1  the Rust tests for aarch64 under qemu (the NEON kernels),
+#                   installing the cross gcc and qemu-user with apt (as root,
+#                   through sudo if needed) when they are missing. Unset: run
+#                   only if they are already installed; 0: skip.
+#   TRIT_WHEEL=1    build the x86_64 manylinux wheel with zig and run it from a
+#                   fresh venv with no Rust toolchain on PATH.
+#
+# Takes about 10 minutes on a 2-core machine without the optional parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,9 +37,28 @@ python -m mypy.stubtest trit._core
 mypy python/trit tests
 step "cargo test"
 cargo test --release
-if [ "${TRIT_SKIP_AARCH64:-0}" != 1 ]; then
+aarch64=${TRIT_AARCH64:-}
+if [ -z "$aarch64" ]; then
+    if [ "$(uname -m)" = aarch64 ] || { command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64; } >/dev/null; then
+        aarch64=1
+    else
+        aarch64=0
+        skipped_aarch64=1
+    fi
+fi
+if [ "$aarch64" = 1 ]; then
     step "cargo test, aarch64 under qemu (NEON)"
     scripts/test-aarch64.sh
 fi
 step "pytest"
 python -m pytest -q
+if [ "${TRIT_WHEEL:-0}" = 1 ]; then
+    step "manylinux wheel (x86_64, zig), run without Rust"
+    rm -f dist/trit-*manylinux*_x86_64.whl
+    scripts/build-wheels.sh x86_64-unknown-linux-gnu
+    scripts/check-wheel.sh dist/trit-*manylinux*_x86_64.whl
+fi
+if [ "${skipped_aarch64:-0}" = 1 ]; then
+    printf '\nSkipped the aarch64 tests (no cross gcc and qemu-user here): TRIT_AARCH64=1 %s\n' \
+        "scripts/test.sh installs them (apt, as root) and runs them (about 8 more minutes)."
+fi
