@@ -257,10 +257,12 @@ def markdown(results: Sequence[BenchResult]) -> str:
     for r in results:
         frac = f"{100 * r.roofline_fraction:.0f} %" if r.n_gen else ""
         roof = f"{r.roofline_ts:.1f}" if r.n_gen else ""
+        # One repetition has no spread to show.
+        spread = f" ± {r.stddev_ts:.2f}" if len(r.samples_ts) > 1 else ""
         lines.append(
             f"| {r.model} | {_gib(r.model_size)} | {r.head} | {r.type_k} | {r.kernel} "
             f"| {r.n_threads} "
-            f"| {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {roof} | {frac} |"
+            f"| {r.test} | {r.avg_ts:.2f}{spread} | {roof} | {frac} |"
         )
     if results:
         r = results[0]
