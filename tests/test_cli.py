@@ -11,6 +11,8 @@ import time
 
 from conftest import FIXTURES
 
+import trit
+
 MODEL = str(FIXTURES / "tiny-gqa-packed")
 
 
@@ -115,3 +117,9 @@ def test_errors_are_one_line_and_exit_1() -> None:
     assert r.stderr.startswith("trit: error: no model folder")
     r = run("generate", "-m", MODEL, "-p", "x", "--top-p", "2")
     assert r.returncode == 1 and "top_p" in r.stderr
+
+
+def test_version() -> None:
+    r = run("--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"trit {trit.__version__}\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trit import models
-from trit._core import TritError
+from trit._core import TritError, __version__
 from trit.generator import Generator, Message
 
 
@@ -320,6 +320,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trit", description="CPU inference for ternary (BitNet b1.58) language models"
     )
+    parser.add_argument("--version", action="version", version=f"trit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("generate", help="continue a prompt, streaming the text")
