@@ -10,6 +10,9 @@
 #                   only if they are already installed; 0: skip.
 #   TRIT_WHEEL=1    build the x86_64 manylinux wheel with zig and run it from a
 #                   fresh venv with no Rust toolchain on PATH.
+#   TRIT_BROWSER=1  install chromium and chromium-driver with apt (as root)
+#                   when missing, for the chat page's browser test
+#                   (tests/test_webui.py), which is skipped without them.
 #
 # Takes about 10 minutes on a 2-core machine without the optional parts.
 set -euo pipefail
@@ -24,6 +27,14 @@ python -m pip install -q ".[test]"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 step() { printf '\n== %s\n' "$*"; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if [ "${TRIT_BROWSER:-0}" = 1 ] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
+    step "apt install chromium chromium-driver (TRIT_BROWSER=1)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+fi
 
 step "cargo fmt --check"
 cargo fmt --check

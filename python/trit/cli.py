@@ -279,6 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
+        from trit import webui
         from trit.server import create_app
     except ImportError as exc:
         print(
@@ -294,6 +295,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(
         g, model_name=name, api_key=args.api_key or None, max_concurrency=args.max_concurrency
     )
+    webui.mount(app)
     if not _is_loopback(args.host) and not args.api_key:
         print(
             f"trit: warning: listening on {args.host} without --api-key: anyone who can reach "
@@ -303,7 +305,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
     print(
         f"trit serve: model {name!r} (n_ctx {g.n_ctx}) on http://{host}:{args.port}/v1, "
-        f"one request at a time, up to {args.max_concurrency} queued",
+        f"one request at a time, up to {args.max_concurrency} queued; "
+        f"chat page: http://{host}:{args.port}/",
         file=sys.stderr,
     )
     uvicorn.run(
@@ -369,7 +372,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="an OpenAI-compatible HTTP server (needs trit[serve])",
-        description="Serves /v1/chat/completions, /v1/completions, /v1/models and /health. "
+        description="Serves a chat page at /, and /v1/chat/completions, /v1/completions, "
+        "/v1/models and /health. "
         "Requests run one at a time, in arrival order (queued, not batched).",
     )
     _add_model_args(p)
