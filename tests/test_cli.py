@@ -123,3 +123,22 @@ def test_version() -> None:
     r = run("--version")
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"trit {trit.__version__}\n"
+
+
+def test_bad_counts_are_named_by_their_flag() -> None:
+    r = run("generate", "-p", "x", "-t", "0")
+    assert r.returncode == 2
+    assert "argument -t/--threads: must be at least 1, got 0" in r.stderr
+    assert "tiny-fortunes" not in r.stderr  # not a model's error
+    r = run("chat", "-n", "-1")
+    assert r.returncode == 2 and "argument -n/--max-new-tokens: must be at least 0" in r.stderr
+    r = run("generate", "-p", "x", "--ctx", "zero")
+    assert r.returncode == 2 and "argument -c/--ctx/--n-ctx: expected an integer" in r.stderr
+
+
+def test_bench_depth_is_its_own_flag() -> None:
+    r = run("bench", "-m", MODEL, "-p", "0", "-n", "2", "-t", "1", "-r", "1", "-d", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert '"n_ctx": 4' in r.stdout
+    r = run("bench", "-m", MODEL, "--ctx", "4")
+    assert r.returncode == 2 and "unrecognized arguments: --ctx" in r.stderr

@@ -126,7 +126,7 @@ def run(
         raise ValueError("give a model or a synthetic model name, not both")
     if repetitions < 1:
         raise ValueError(f"repetitions must be at least 1, got {repetitions}")
-    for name, values in (("-p", n_prompt), ("-n", n_gen), ("--ctx", depths)):
+    for name, values in (("-p", n_prompt), ("-n", n_gen), ("-d/--depth", depths)):
         if any(v < 0 for v in values):
             raise ValueError(f"{name} values must be >= 0, got {list(values)}")
     if not threads or any(t < 1 for t in threads):

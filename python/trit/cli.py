@@ -10,7 +10,7 @@ import argparse
 import ipaddress
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,36 @@ from trit._core import TritError, __version__
 from trit.generator import Generator, Message
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= `minimum`. Checked here, argparse's error
+    names the flag the user typed (-t/--threads), not an API keyword."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-m", "--model", help="model folder or Hugging Face repo id (default: the bundled model)"
     )
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
-    p.add_argument("-t", "--threads", type=int, help="worker threads (default: physical cores)")
     p.add_argument(
-        "-c", "--ctx", "--n-ctx", type=int, help="context size (default: the model's maximum)"
+        "-t", "--threads", type=_at_least(1), help="worker threads (default: physical cores)"
+    )
+    p.add_argument(
+        "-c",
+        "--ctx",
+        "--n-ctx",
+        type=_at_least(1),
+        help="context size (default: the model's maximum)",
     )
     _add_precision_args(p)
 
@@ -49,7 +71,7 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--max-new-tokens", type=int, default=256, help="default: 256")
+    p.add_argument("-n", "--max-new-tokens", type=_at_least(0), default=256, help="default: 256")
     p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0: off (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="1: off (default)")
@@ -215,7 +237,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     result = g.perplexity(text, ctx=args.ctx, stride=args.stride, progress=sys.stderr.isatty())
     print(
         f"perplexity {result.ppl:.4f} over {result.n_tokens} tokens "
-        f"(mean NLL {result.nll:.5f} nats, ctx {result.ctx}, stride {result.stride})"
+        f"(mean NLL {result.nll:.5f} nats, window {result.ctx}, stride {result.stride})"
     )
     return 0
 
@@ -237,7 +259,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             n_prompt=args.n_prompt,
             n_gen=args.n_gen,
             threads=args.threads or bench.env_threads(),
-            depths=args.ctx,
+            depths=args.depths,
             repetitions=args.repetitions,
             head=args.head,
             kv_cache=args.kv_cache,
@@ -345,8 +367,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a UTF-8 text file")
     p.add_argument("-m", "--model", help="model folder or Hub repo id (default: the bundled model)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
-    p.add_argument("-t", "--threads", type=int, help="worker threads (default: physical cores)")
-    p.add_argument("-c", "--ctx", type=int, help="tokens per window (default: the model's maximum)")
+    p.add_argument(
+        "-t", "--threads", type=_at_least(1), help="worker threads (default: physical cores)"
+    )
+    # Its own name: --ctx is the context size everywhere else. The context is
+    # sized to the window (dest "ctx", which _load reads as n_ctx).
+    p.add_argument(
+        "-w",
+        "--window",
+        dest="ctx",
+        type=int,
+        help="tokens per window, and the context size (default: the model's maximum)",
+    )
     p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx / 2)")
     _add_precision_args(p)
     p.set_defaults(func=cmd_perplexity)
@@ -363,7 +395,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=_int_list, help="thread counts (default 1,cores)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="default 5")
     p.add_argument(
-        "--ctx", type=_int_list, default=[0], help="tokens in the cache before tg (default 0)"
+        "-d",
+        "--depth",
+        dest="depths",
+        type=_int_list,
+        default=[0],
+        help="tokens in the cache before tg, as llama-bench's -d (default 0)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_precision_args(p)
