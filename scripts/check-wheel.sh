@@ -12,21 +12,25 @@ PYTHON=$(command -v "${PYTHON:-python3}")
 venv=$(mktemp -d)
 trap 'rm -rf "$venv"' EXIT
 
-# PATH without any folder that holds cargo or rustc (~/.cargo/bin, a system
-# toolchain), so nothing in the install can fall back to building from source.
+# PATH without rustup's folders (~/.cargo/bin, $CARGO_HOME/bin), so nothing in
+# the install can fall back to building from source. A system toolchain
+# (/usr/bin/cargo) cannot be taken off PATH this way: the check then stops.
 clean_path=
 IFS=: read -r -a dirs <<<"$PATH"
 for dir in "${dirs[@]}"; do
-    if [ -z "$dir" ] || [ -e "$dir/cargo" ] || [ -e "$dir/rustc" ] || [[ "$dir" == */.cargo/bin ]]; then
+    if [ -z "$dir" ] || [[ "$dir" == */.cargo/bin ]] || [ "$dir" = "${CARGO_HOME:-}/bin" ] \
+        || [ -e "$dir/rustup" ]; then
         continue
     fi
     clean_path=${clean_path:+$clean_path:}$dir
 done
 export PATH=$clean_path
-if command -v cargo >/dev/null || command -v rustc >/dev/null; then
-    echo "check-wheel: cargo or rustc is still on PATH" >&2
-    exit 1
-fi
+for tool in cargo rustc; do
+    if command -v "$tool" >/dev/null; then
+        echo "check-wheel: $tool is still on PATH ($(command -v "$tool")): run this where Rust is installed only by rustup" >&2
+        exit 1
+    fi
+done
 unset VIRTUAL_ENV CARGO_TARGET_DIR
 
 "$PYTHON" -m venv "$venv"
