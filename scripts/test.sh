@@ -2,7 +2,7 @@
 # Installs trit and its test tools into .venv, then runs every check CI runs:
 # formatting and lints (Rust and Python), the type stub against the built
 # module, the Rust unit tests, the Python tests (README.md's examples among
-# them), and two optional parts that CI (.ci/run) turns on:
+# them), and three optional parts that CI (.ci/run) turns on:
 #
 #   TRIT_AARCH64=1  the Rust tests for aarch64 under qemu (the NEON kernels),
 #                   installing the cross gcc and qemu-user with apt (as root,
@@ -73,4 +73,8 @@ fi
 if [ "${skipped_aarch64:-0}" = 1 ]; then
     printf '\nSkipped the aarch64 tests (no cross gcc and qemu-user here): TRIT_AARCH64=1 %s\n' \
         "scripts/test.sh installs them (apt, as root) and runs them (about 8 more minutes)."
+fi
+if ! { command -v chromium && command -v chromedriver; } >/dev/null; then
+    printf '\nSkipped the chat page in a browser (no chromium and chromedriver here): %s\n' \
+        "TRIT_BROWSER=1 scripts/test.sh installs them (apt, as root)."
 fi
