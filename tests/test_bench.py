@@ -80,6 +80,16 @@ def test_cli_json() -> None:
     assert tg["roofline_fraction"] > 0 and tg["kernel"] and tg["peak_rss_bytes"] > 0
 
 
+def test_cli_table_shows_a_spread_only_over_repetitions() -> None:
+    args = ("bench", "-m", MODEL, "-p", "8", "-n", "4", "-t", "1")
+    once = run(*args, "-r", "1")
+    assert once.returncode == 0, once.stderr
+    assert "| pp8 |" in once.stdout and "±" not in once.stdout
+    twice = run(*args, "-r", "2")
+    assert twice.returncode == 0, twice.stderr
+    assert twice.stdout.count("±") == 2  # pp8 and tg4
+
+
 def test_synthetic_checkpoint_loads_through_the_real_loader(tmp_path: Path) -> None:
     shape = synthetic.Shape("test", 96, 160, 2, 6, 2, 300, tied=False, max_positions=64)
     synthetic.write(shape, tmp_path)

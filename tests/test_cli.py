@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import subprocess
 import sys
+import time
 
 from conftest import FIXTURES
+
+import trit
 
 MODEL = str(FIXTURES / "tiny-gqa-packed")
 
@@ -38,9 +44,101 @@ def test_chat_reads_turns_and_resets() -> None:
     assert r.stderr.count("tokens/s") == 4  # prompt and generation, two replies
 
 
+def test_chat_forgets_the_oldest_turns_when_the_context_fills() -> None:
+    # The bundled model holds 256 tokens: six exchanges of up to 100 tokens
+    # cannot all stay, and the chat goes on without them.
+    turns = "Tell me a story.\nWhat is love?\nAnd then?\nWhy?\nTell me more.\nOK.\n"
+    r = run("chat", "-n", "100", "--temp", "0.8", "--seed", "1", "-t", "1", "-v", stdin=turns)
+    assert r.returncode == 0, r.stderr
+    assert "error" not in r.stderr
+    assert r.stderr.count("generation: ") == 6  # every turn was answered
+    assert "the context holds 256 tokens: forgot the oldest exchange" in r.stderr
+
+
+def test_chat_keeps_the_session_when_a_message_does_not_fit() -> None:
+    long_message = "the fortune cookie says " * 80
+    r = run("chat", "-n", "8", "-t", "1", "-v", stdin=f"{long_message}\nHello\n")
+    assert r.returncode == 0, r.stderr
+    assert "(not sent: this message takes " in r.stderr and "/reset" in r.stderr
+    assert r.stderr.count("generation: ") == 1  # "Hello" was answered
+
+
+# Generation of the bundled model is faster than a signal can be aimed at it,
+# so each text piece is delayed; the SIGINT itself is real.
+SLOW_CHAT = """
+import sys, time
+import trit.generator
+from trit.cli import main
+
+def slow_stream(self, *args, **kwargs):
+    for piece in original(self, *args, **kwargs):
+        time.sleep(0.02)
+        yield piece
+
+original = trit.generator.Generator._stream
+trit.generator.Generator._stream = slow_stream
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_stops_the_reply_not_the_chat() -> None:
+    args = ["chat", "-n", "200", "--temp", "0.8", "--seed", "1", "-t", "1", "-v"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CHAT, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(b"Tell me a story.\n")
+        proc.stdin.flush()
+        first = b""
+        deadline = time.monotonic() + 60
+        while len(first.strip()) < 3 and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                first += os.read(proc.stdout.fileno(), 4096)
+        assert first.strip(), "the first reply never started"
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(b"Hello\n", timeout=60)
+    finally:
+        proc.kill()
+    stderr = err.decode()
+    assert proc.returncode == 0, stderr
+    assert "(reply stopped)" in stderr
+    assert stderr.count("generation: ") == 1  # the second reply ran to its end
+    assert (first + rest).strip()
+
+
 def test_errors_are_one_line_and_exit_1() -> None:
     r = run("generate", "-m", str(FIXTURES / "missing"), "-p", "x")
     assert r.returncode == 1
     assert r.stderr.startswith("trit: error: no model folder")
     r = run("generate", "-m", MODEL, "-p", "x", "--top-p", "2")
     assert r.returncode == 1 and "top_p" in r.stderr
+
+
+def test_version() -> None:
+    r = run("--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"trit {trit.__version__}\n"
+
+
+def test_bad_counts_are_named_by_their_flag() -> None:
+    r = run("generate", "-p", "x", "-t", "0")
+    assert r.returncode == 2
+    assert "argument -t/--threads: must be at least 1, got 0" in r.stderr
+    assert "tiny-fortunes" not in r.stderr  # not a model's error
+    r = run("chat", "-n", "-1")
+    assert r.returncode == 2 and "argument -n/--max-new-tokens: must be at least 0" in r.stderr
+    r = run("generate", "-p", "x", "--ctx", "zero")
+    assert r.returncode == 2 and "argument -c/--ctx/--n-ctx: expected an integer" in r.stderr
+
+
+def test_bench_depth_is_its_own_flag() -> None:
+    r = run("bench", "-m", MODEL, "-p", "0", "-n", "2", "-t", "1", "-r", "1", "-d", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert '"n_ctx": 4' in r.stdout
+    r = run("bench", "-m", MODEL, "--ctx", "4")
+    assert r.returncode == 2 and "unrecognized arguments: --ctx" in r.stderr

@@ -64,10 +64,11 @@ def test_defaults_and_errors() -> None:
 def test_cli(tmp_path: Path) -> None:
     path = tmp_path / "text.txt"
     path.write_text(TEXT)
-    out = run("perplexity", "-m", str(FIXTURES / "tiny-gqa-packed"), str(path), "-c", "64")
+    out = run("perplexity", "-m", str(FIXTURES / "tiny-gqa-packed"), str(path), "--window", "64")
     assert out.returncode == 0, out.stderr
     expected = generator("tiny-gqa-packed", exact=False).perplexity(TEXT, ctx=64, stride=32)
     assert f"perplexity {expected.ppl:.4f} over {expected.n_tokens} tokens" in out.stdout
+    assert "window 64, stride 32" in out.stdout
     out = run("perplexity", "-m", str(FIXTURES / "tiny-gqa-packed"), str(tmp_path / "missing"))
     assert out.returncode == 2 and "cannot read" in out.stderr
 

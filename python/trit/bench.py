@@ -126,7 +126,7 @@ def run(
         raise ValueError("give a model or a synthetic model name, not both")
     if repetitions < 1:
         raise ValueError(f"repetitions must be at least 1, got {repetitions}")
-    for name, values in (("-p", n_prompt), ("-n", n_gen), ("--ctx", depths)):
+    for name, values in (("-p", n_prompt), ("-n", n_gen), ("-d/--depth", depths)):
         if any(v < 0 for v in values):
             raise ValueError(f"{name} values must be >= 0, got {list(values)}")
     if not threads or any(t < 1 for t in threads):
@@ -257,10 +257,12 @@ def markdown(results: Sequence[BenchResult]) -> str:
     for r in results:
         frac = f"{100 * r.roofline_fraction:.0f} %" if r.n_gen else ""
         roof = f"{r.roofline_ts:.1f}" if r.n_gen else ""
+        # One repetition has no spread to show.
+        spread = f" ± {r.stddev_ts:.2f}" if len(r.samples_ts) > 1 else ""
         lines.append(
             f"| {r.model} | {_gib(r.model_size)} | {r.head} | {r.type_k} | {r.kernel} "
             f"| {r.n_threads} "
-            f"| {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {roof} | {frac} |"
+            f"| {r.test} | {r.avg_ts:.2f}{spread} | {roof} | {frac} |"
         )
     if results:
         r = results[0]

@@ -10,13 +10,29 @@ import argparse
 import ipaddress
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from trit import models
-from trit._core import TritError
+from trit._core import TritError, __version__
 from trit.generator import Generator, Message
 from trit.sampling import SamplingOptions
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= `minimum`. Checked here, argparse's error
+    names the flag the user typed (-t/--threads), not an API keyword."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,9 +40,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "-m", "--model", help="model folder or Hugging Face repo id (default: the bundled model)"
     )
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
-    p.add_argument("-t", "--threads", type=int, help="worker threads (default: physical cores)")
     p.add_argument(
-        "-c", "--ctx", "--n-ctx", type=int, help="context size (default: the model's maximum)"
+        "-t", "--threads", type=_at_least(1), help="worker threads (default: physical cores)"
+    )
+    p.add_argument(
+        "-c",
+        "--ctx",
+        "--n-ctx",
+        type=_at_least(1),
+        help="context size (default: the model's maximum)",
     )
     _add_precision_args(p)
 
@@ -49,7 +71,7 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--max-new-tokens", type=int, default=256, help="default: 256")
+    p.add_argument("-n", "--max-new-tokens", type=_at_least(0), default=256, help="default: 256")
     p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0: off (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="1: off (default)")
@@ -111,13 +133,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_context(
+    g: Generator, history: list[Message], n_system: int, reply_room: int
+) -> tuple[list[Message], list[int], int]:
+    """The conversation to send: `history` without its oldest exchanges (a user
+    message and its reply; never the system message, never the newest message)
+    until the rendered prompt leaves `reply_room` tokens of the context free.
+    Returns the kept messages, their prompt ids and how many exchanges went."""
+    kept = list(history)
+    dropped = 0
+    while True:
+        ids = g.tokenizer.encode_chat(kept)
+        if len(ids) + reply_room <= g.n_ctx or len(kept) - n_system <= 1:
+            return kept, ids, dropped
+        del kept[n_system : n_system + 2]
+        dropped += 1
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     g = _load(args)
     system: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
+    # Room kept free for a reply when old turns have to go: a reply cut after a
+    # few tokens by a full context would be worse than forgetting a turn.
+    reply_room = min(args.max_new_tokens, g.n_ctx // 4)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("trit chat: /reset clears the history, Ctrl-D leaves.", file=sys.stderr)
+        print(
+            "trit chat: /reset clears the history, Ctrl-C stops a reply, Ctrl-D leaves.",
+            file=sys.stderr,
+        )
     while True:
         try:
             line = input("> " if interactive else "")
@@ -133,10 +178,42 @@ def cmd_chat(args: argparse.Namespace) -> int:
             g.reset()
             print("(history cleared)", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
-        reply = _print_stream(g.chat_stream(history, args.max_new_tokens, sampling=_sampling(args)))
+        kept, ids, dropped = _fit_context(
+            g, [*history, {"role": "user", "content": text}], len(system), reply_room
+        )
+        if len(ids) >= g.n_ctx:
+            what = "this message and the system message take" if system else "this message takes"
+            print(
+                f"(not sent: {what} {len(ids)} tokens, the context holds {g.n_ctx}; "
+                "write a shorter one, or /reset to start over)",
+                file=sys.stderr,
+            )
+            continue
+        if dropped:
+            print(
+                f"(the context holds {g.n_ctx} tokens: forgot the oldest "
+                f"{'exchange' if dropped == 1 else f'{dropped} exchanges'})",
+                file=sys.stderr,
+            )
+        history = kept
+        pieces: list[str] = []
+        try:
+            for piece in g.stream(ids, args.max_new_tokens, sampling=_sampling(args)):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                pieces.append(piece)
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            print("(reply stopped)", file=sys.stderr)
+            if pieces:
+                history.append({"role": "assistant", "content": "".join(pieces)})
+            else:
+                history.pop()  # nothing was said: forget the question too
+            continue
         sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": reply})
+        history.append({"role": "assistant", "content": "".join(pieces)})
+        if g.last_stats is not None and g.last_stats.finish_reason == "context":
+            print(f"(reply cut: the context of {g.n_ctx} tokens is full)", file=sys.stderr)
         if args.verbose:
             _report(g)
 
@@ -161,7 +238,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     result = g.perplexity(text, ctx=args.ctx, stride=args.stride, progress=sys.stderr.isatty())
     print(
         f"perplexity {result.ppl:.4f} over {result.n_tokens} tokens "
-        f"(mean NLL {result.nll:.5f} nats, ctx {result.ctx}, stride {result.stride})"
+        f"(mean NLL {result.nll:.5f} nats, window {result.ctx}, stride {result.stride})"
     )
     return 0
 
@@ -183,7 +260,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             n_prompt=args.n_prompt,
             n_gen=args.n_gen,
             threads=args.threads or bench.env_threads(),
-            depths=args.ctx,
+            depths=args.depths,
             repetitions=args.repetitions,
             head=args.head,
             kv_cache=args.kv_cache,
@@ -225,6 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
+        from trit import webui
         from trit.server import create_app
     except ImportError as exc:
         print(
@@ -240,6 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(
         g, model_name=name, api_key=args.api_key or None, max_concurrency=args.max_concurrency
     )
+    webui.mount(app)
     if not _is_loopback(args.host) and not args.api_key:
         print(
             f"trit: warning: listening on {args.host} without --api-key: anyone who can reach "
@@ -249,7 +328,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
     print(
         f"trit serve: model {name!r} (n_ctx {g.n_ctx}) on http://{host}:{args.port}/v1, "
-        f"one request at a time, up to {args.max_concurrency} queued",
+        f"one request at a time, up to {args.max_concurrency} queued; "
+        f"chat page: http://{host}:{args.port}/",
         file=sys.stderr,
     )
     uvicorn.run(
@@ -266,6 +346,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trit", description="CPU inference for ternary (BitNet b1.58) language models"
     )
+    parser.add_argument("--version", action="version", version=f"trit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("generate", help="continue a prompt, streaming the text")
@@ -287,8 +368,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a UTF-8 text file")
     p.add_argument("-m", "--model", help="model folder or Hub repo id (default: the bundled model)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
-    p.add_argument("-t", "--threads", type=int, help="worker threads (default: physical cores)")
-    p.add_argument("-c", "--ctx", type=int, help="tokens per window (default: the model's maximum)")
+    p.add_argument(
+        "-t", "--threads", type=_at_least(1), help="worker threads (default: physical cores)"
+    )
+    # Its own name: --ctx is the context size everywhere else. The context is
+    # sized to the window (dest "ctx", which _load reads as n_ctx).
+    p.add_argument(
+        "-w",
+        "--window",
+        dest="ctx",
+        type=int,
+        help="tokens per window, and the context size (default: the model's maximum)",
+    )
     p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx / 2)")
     _add_precision_args(p)
     p.set_defaults(func=cmd_perplexity)
@@ -305,7 +396,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=_int_list, help="thread counts (default 1,cores)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="default 5")
     p.add_argument(
-        "--ctx", type=_int_list, default=[0], help="tokens in the cache before tg (default 0)"
+        "-d",
+        "--depth",
+        dest="depths",
+        type=_int_list,
+        default=[0],
+        help="tokens in the cache before tg, as llama-bench's -d (default 0)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_precision_args(p)
@@ -314,7 +410,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="an OpenAI-compatible HTTP server (needs trit[serve])",
-        description="Serves /v1/chat/completions, /v1/completions, /v1/models and /health. "
+        description="Serves a chat page at /, and /v1/chat/completions, /v1/completions, "
+        "/v1/models and /health. "
         "Requests run one at a time, in arrival order (queued, not batched).",
     )
     _add_model_args(p)
