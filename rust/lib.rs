@@ -7,6 +7,7 @@
 pub mod bandwidth;
 pub mod error;
 pub mod kernels;
+pub mod memory;
 pub mod model;
 pub mod sampling;
 pub mod threads;

@@ -20,6 +20,7 @@ step "cargo fmt --check"
 cargo fmt --check
 step "cargo clippy -D warnings"
 cargo clippy --all-targets --features python -- -D warnings
+cargo clippy --all-targets --features simd-call-counts -- -D warnings
 step "ruff"
 ruff check .
 ruff format --check .
@@ -28,6 +29,8 @@ python -m mypy.stubtest trit._core
 mypy python/trit tests
 step "cargo test"
 cargo test --release
+step "cargo test: TRIT_KERNEL=scalar runs no SIMD routine (call counts)"
+cargo test --release --features simd-call-counts --test simd_calls
 if [ "${TRIT_SKIP_AARCH64:-0}" != 1 ]; then
     step "cargo test, aarch64 under qemu (NEON)"
     scripts/test-aarch64.sh

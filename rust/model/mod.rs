@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod cache;
 pub mod config;
+pub mod dense;
 pub mod ops;
 pub mod session;
 pub mod tensor;

@@ -13,7 +13,8 @@ use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use super::config::{Config, LinearClass, QuantizationMode};
-use super::tensor::{DType, DenseMatrix, RawTensor};
+use super::dense::DenseMatrix;
+use super::tensor::{DType, RawTensor};
 use crate::error::{Result, TritError};
 use crate::kernels::TernaryMatrix;
 
