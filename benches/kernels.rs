@@ -32,7 +32,7 @@ fn kernels() -> Vec<Kernel> {
         .filter(|k| {
             wanted
                 .as_deref()
-                .is_none_or(|w| w.split(',').any(|name| name.trim() == k.name()))
+                .is_none_or(|w| w.split(',').any(|name| Kernel::from_name(name) == Some(*k)))
         })
         .collect()
 }

@@ -10,6 +10,9 @@
 //! than its caller is never inlined into it: a call per tile would pass the
 //! accumulators through memory.)
 
+// The three-stream splitter serves the x86-64 paths only, so far.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
 use std::ops::Range;
 
 use super::packing::{PackedBlock, TernaryMatrix, BLOCK};

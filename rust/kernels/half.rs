@@ -27,7 +27,7 @@ impl F16 {
 
 /// `dst[i] = F16::from_f32(src[i])`: eight at a time with F16C's
 /// `vcvtps2ph` on the x86-64 SIMD paths (the scalar conversion, a few
-/// branches per value, was a visible part of a prompt's time).
+/// branches per value, shows in a prompt's time: docs/performance.md).
 pub fn halves_from_f32(kernel: Kernel, dst: &mut [F16], src: &[f32]) {
     assert_eq!(dst.len(), src.len());
     #[cfg(target_arch = "x86_64")]

@@ -501,6 +501,7 @@ fn write_tokens(
 struct OutPtr(*mut f32);
 // SAFETY: tasks write disjoint elements (see matmul_into).
 unsafe impl Send for OutPtr {}
+// SAFETY: as for Send: no two tasks touch one element through it.
 unsafe impl Sync for OutPtr {}
 impl OutPtr {
     // A method (not field access) so closures capture the Send wrapper, not the raw pointer.

@@ -71,16 +71,24 @@ pub(crate) unsafe fn gemv(
     assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
     let mut n = rows.start;
     for out in dots.chunks_mut(GEMV_ROWS) {
-        match out.len() {
-            4 => gemv_tile::<4>(w, xq, xsum, n, out),
-            3 => gemv_tile::<3>(w, xq, xsum, n, out),
-            2 => gemv_tile::<2>(w, xq, xsum, n, out),
-            _ => gemv_tile::<1>(w, xq, xsum, n, out),
+        // SAFETY: this function runs with Neon; rows n..n + out.len() exist
+        // and xq holds their padded length (asserted).
+        unsafe {
+            match out.len() {
+                4 => gemv_tile::<4>(w, xq, xsum, n, out),
+                3 => gemv_tile::<3>(w, xq, xsum, n, out),
+                2 => gemv_tile::<2>(w, xq, xsum, n, out),
+                _ => gemv_tile::<1>(w, xq, xsum, n, out),
+            }
         }
         n += out.len();
     }
 }
 
+/// The dots of rows n0..n0 + R with one token, sharing its activation loads.
+///
+/// # Safety
+/// The CPU must support Neon; the rows exist and `xq` holds their padded length.
 #[inline]
 #[target_feature(enable = "neon")]
 unsafe fn gemv_tile<const R: usize>(
@@ -102,10 +110,15 @@ unsafe fn gemv_tile<const R: usize>(
         for b in b0..b1 {
             for q in 0..4 {
                 // Activations 64i + 16q .. +16 of block b meet plane i of chunk q.
-                let xs: [int8x16_t; 4] =
-                    std::array::from_fn(|i| vld1q_s8(x.add(b * BLOCK + 64 * i + 16 * q)));
+                let mut xs = [vdupq_n_s8(0); 4];
+                for (i, xs) in xs.iter_mut().enumerate() {
+                    // SAFETY: b·BLOCK + 256 <= the padded length xq holds.
+                    *xs = unsafe { vld1q_s8(x.add(b * BLOCK + 64 * i + 16 * q)) };
+                }
                 for j in 0..R {
-                    let codes = planes(vld1q_u8(rows[j].add(b * BLOCK_BYTES + 16 * q)));
+                    // SAFETY: block b < n_blocks of row j: 64 bytes from b·BLOCK_BYTES.
+                    let packed = unsafe { vld1q_u8(rows[j].add(b * BLOCK_BYTES + 16 * q)) };
+                    let codes = planes(packed);
                     for i in 0..4 {
                         let (c, a) = (codes[i], xs[i]);
                         acc16[j][0] = vmlal_s8(acc16[j][0], vget_low_s8(c), vget_low_s8(a));
@@ -189,14 +202,19 @@ pub(crate) unsafe fn gemm(
 }
 
 /// Writes the codes of `blocks` in input order to `out`.
+///
+/// # Safety
+/// The CPU must support Neon; `out` takes `blocks.len() * BLOCK` bytes.
 #[inline]
 #[target_feature(enable = "neon")]
 unsafe fn unpack_codes(blocks: &[PackedBlock], out: *mut i8) {
     for (b, block) in blocks.iter().enumerate() {
         for q in 0..4 {
-            let packed = vld1q_u8(block.0.as_ptr().add(16 * q));
+            // SAFETY: a block is 64 bytes; chunk q is 16 of them.
+            let packed = unsafe { vld1q_u8(block.0.as_ptr().add(16 * q)) };
             for (i, codes) in planes(packed).into_iter().enumerate() {
-                vst1q_s8(out.add(b * BLOCK + 64 * i + 16 * q), codes);
+                // SAFETY: b·BLOCK + 256 <= the bytes out takes.
+                unsafe { vst1q_s8(out.add(b * BLOCK + 64 * i + 16 * q), codes) };
             }
         }
     }
@@ -224,10 +242,14 @@ unsafe fn tile<const NR: usize, const NT: usize>(ops: TileOperands, out: &mut [i
         let end = (k + GEMM_I16_STEPS * 16).min(len);
         let mut acc16 = [[vdupq_n_s16(0); NT]; NR];
         while k < end {
-            let a: [int8x16_t; NT] =
-                std::array::from_fn(|i| vld1q_s8(acts.add(i * act_stride + k)));
+            let mut a = [vdupq_n_s8(0); NT];
+            for (i, a) in a.iter_mut().enumerate() {
+                // SAFETY: token i < NT holds len codes from acts + i·act_stride; k + 16 <= len.
+                *a = unsafe { vld1q_s8(acts.add(i * act_stride + k)) };
+            }
             for j in 0..NR {
-                let c = vld1q_s8(codes.add(j * code_stride + k));
+                // SAFETY: row j < NR holds len codes; k + 16 <= len.
+                let c = unsafe { vld1q_s8(codes.add(j * code_stride + k)) };
                 for i in 0..NT {
                     let lo = vmlal_s8(acc16[j][i], vget_low_s8(c), vget_low_s8(a[i]));
                     acc16[j][i] = vmlal_high_s8(lo, c, a[i]);

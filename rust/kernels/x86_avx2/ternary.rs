@@ -94,7 +94,8 @@ impl RowDots for TernaryRows<'_> {
 }
 
 /// The dots of R rows (of equal length) with one token, sharing its
-/// activation loads; each row is prefetched `GEMV_PREFETCH` blocks ahead.
+/// activation loads; each row is prefetched `GEMV_PREFETCH` blocks ahead
+/// (a stream runs nearer the read bandwidth: docs/performance.md, "GEMV prefetch").
 ///
 /// # Safety
 /// The CPU must support AVX2; `xq` holds the rows' padded length.

@@ -110,9 +110,8 @@ unsafe fn gemv_with<const VNNI: bool>(
     }
 }
 
-/// One row at a time with a software prefetch (the AVX2 GEMV's three
-/// streams were not measured on an AVX-512 machine, so this path keeps its
-/// single stream).
+/// One row at a time with a software prefetch (this path keeps a single
+/// stream: docs/performance.md, "Three streams").
 ///
 /// The codes are not shifted down: plane i is masked in place (`packed &
 /// 3 << 2i`), so it holds code · 4^i (at most 128, still a u8), and its own
