@@ -34,6 +34,7 @@ cargo test --release --features simd-call-counts --test simd_calls
 if [ "${TRIT_SKIP_AARCH64:-0}" != 1 ]; then
     step "cargo test, aarch64 under qemu (NEON)"
     scripts/test-aarch64.sh
+    scripts/test-aarch64.sh --features simd-call-counts --test simd_calls
 fi
 step "pytest"
 python -m pytest -q
