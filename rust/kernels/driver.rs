@@ -10,8 +10,11 @@
 //! than its caller is never inlined into it: a call per tile would pass the
 //! accumulators through memory.)
 
-// The three-stream splitter serves the x86-64 paths only, so far.
-#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+// Targets without a SIMD path use neither the driver nor the splitter.
+#![cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 
 use std::ops::Range;
 

@@ -3,6 +3,8 @@
 //! activations (the same products on every path, added in a path's own
 //! order). The matrix and its matvec are `model::dense`'s.
 
+#[cfg(target_arch = "aarch64")]
+use super::neon;
 use super::scalar;
 #[cfg(target_arch = "x86_64")]
 use super::x86_avx2;
@@ -18,6 +20,13 @@ pub fn int8_dots(kernel: Kernel, rows: &[i8], x: &[i8], dots: &mut [i32]) {
         // SAFETY: the path runs on this CPU (asserted), and every path that
         // uses the AVX2 routines has AVX2.
         unsafe { x86_avx2::head::int8_dots(rows, x, dots) };
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if kernel == Kernel::Neon {
+        kernel.assert_supported();
+        // SAFETY: the Neon path runs on this CPU (asserted).
+        unsafe { neon::head::int8_dots(rows, x, dots) };
         return;
     }
     let _ = kernel;
