@@ -32,7 +32,7 @@ fn kernels() -> Vec<Kernel> {
         .filter(|k| {
             wanted
                 .as_deref()
-                .is_none_or(|w| w.split(',').any(|name| name.trim() == k.name()))
+                .is_none_or(|w| w.split(',').any(|name| Kernel::from_name(name) == Some(*k)))
         })
         .collect()
 }
@@ -56,6 +56,7 @@ fn activations(m: usize, k: usize) -> QuantizedActivations {
 }
 
 fn read_bandwidth(c: &mut Criterion) {
+    let kernel = Kernel::best();
     let buffer: Vec<u64> = (0..STREAM_BYTES / 8).map(|i| i as u64).collect();
     let mut group = c.benchmark_group("read_bandwidth");
     group.throughput(Throughput::BytesDecimal(STREAM_BYTES as u64));
@@ -67,7 +68,7 @@ fn read_bandwidth(c: &mut Criterion) {
                 pool.install(|| {
                     buffer
                         .par_chunks(buffer.len() / threads)
-                        .map(sum_words)
+                        .map(|chunk| sum_words(kernel, chunk))
                         .reduce(|| 0, u64::wrapping_add)
                 })
             })
@@ -166,7 +167,7 @@ fn gemm(c: &mut Criterion) {
 /// a cache of 1024 positions, in f16 and f32: GB/s of keys and values read
 /// (a 2B4T token at depth 1024 makes 150 such calls, 30 layers × 5 groups).
 fn attention(c: &mut Criterion) {
-    use trit::model::attention::{attend_group, AttentionPath, ChunkScratch};
+    use trit::model::attention::{attend_group, ChunkScratch};
     use trit::model::cache::{KvRows, F16};
     const HD: usize = 128;
     const GROUP: usize = 4;
@@ -181,16 +182,16 @@ fn attention(c: &mut Criterion) {
     let mut scores = vec![0.0f32; GROUP * N];
     let mut out = vec![0.0f32; GROUP * HD];
     let mut scratch = ChunkScratch::default();
-    let path = AttentionPath::for_kernel(Kernel::best());
+    let kernel = Kernel::best();
     for (name, keys, values, size) in [
         ("f16", KvRows::F16(&k16), KvRows::F16(&v16), 2),
         ("f32", KvRows::F32(&k32), KvRows::F32(&v32), 4),
     ] {
         group.throughput(Throughput::BytesDecimal((2 * N * HD * size) as u64));
-        group.bench_function(BenchmarkId::new(format!("{path:?}"), name), |b| {
+        group.bench_function(BenchmarkId::new(kernel.name(), name), |b| {
             b.iter(|| {
                 attend_group(
-                    path,
+                    kernel,
                     black_box(&q),
                     HD,
                     keys,
@@ -211,7 +212,7 @@ fn attention(c: &mut Criterion) {
 /// The int8 output head of 2B4T (the tied embedding, 128256 × 2560 codes,
 /// 328 MB) times one token: read once per generated token, like the weights.
 fn head_int8(c: &mut Criterion) {
-    use trit::model::tensor::DenseMatrix;
+    use trit::model::dense::DenseMatrix;
     use trit::model::{DType, RawTensor};
     let (rows, cols) = (128_256, 2560);
     let shape = [rows, cols];
@@ -226,13 +227,14 @@ fn head_int8(c: &mut Criterion) {
     drop(bf16);
     let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 - 8.0).collect();
     let mut logits = vec![0.0f32; rows];
+    let kernel = Kernel::best();
     let mut group = c.benchmark_group("head_int8");
     group.throughput(Throughput::BytesDecimal(head.nbytes() as u64));
     group.sample_size(20);
     for threads in THREADS {
         let pool = threads::pool(Some(threads)).unwrap();
         group.bench_function(BenchmarkId::from_parameter(format!("t{threads}")), |b| {
-            pool.install(|| b.iter(|| head.matvec(black_box(&x), &mut logits)))
+            pool.install(|| b.iter(|| head.matvec(kernel, black_box(&x), &mut logits)))
         });
     }
     group.finish();

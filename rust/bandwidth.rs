@@ -7,6 +7,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use crate::error::{Result, TritError};
+use crate::kernels::Kernel;
 use crate::threads;
 
 /// Median GB/s (10^9 bytes per second) of summing a buffer of `bytes` with
@@ -19,13 +20,14 @@ pub fn read_bandwidth(bytes: usize, threads: Option<usize>, reps: usize) -> Resu
         )));
     }
     let pool = threads::pool(threads)?;
+    let kernel = Kernel::active()?;
     let words: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
     let per_thread = words.len().div_ceil(pool.current_num_threads());
     let pass = || {
         pool.install(|| {
             words
                 .par_chunks(per_thread)
-                .map(sum_words)
+                .map(|chunk| sum_words(kernel, chunk))
                 .reduce(|| 0, u64::wrapping_add)
         })
     };
@@ -44,43 +46,19 @@ pub fn read_bandwidth(bytes: usize, threads: Option<usize>, reps: usize) -> Resu
 /// Σ words (wrapping): the pass `read_bandwidth` times, public so that the
 /// criterion benchmark measures the same loop. The baseline x86-64 build
 /// sums 16 bytes per instruction, which one core cannot issue fast enough to
-/// saturate memory: with AVX2, four 32-byte accumulators, so that the figure
-/// is the memory's and not the loop's (the roofline must not be lower than
-/// what the kernels reach).
-pub fn sum_words(words: &[u64]) -> u64 {
+/// saturate memory: the AVX2 paths sum with 32-byte vectors, so that the
+/// figure is the memory's and not the loop's (the roofline must not be lower
+/// than what the kernels reach).
+pub fn sum_words(kernel: Kernel, words: &[u64]) -> u64 {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was detected just above.
-        return unsafe { sum_words_avx2(words) };
+    if kernel.uses_avx2_routines() {
+        kernel.assert_supported();
+        // SAFETY: the path runs on this CPU (asserted), and every path that
+        // uses the AVX2 routines has AVX2.
+        return unsafe { crate::kernels::x86_avx2::bandwidth::sum_words(words) };
     }
+    let _ = kernel;
     words.iter().fold(0u64, |acc, &w| acc.wrapping_add(w))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn sum_words_avx2(words: &[u64]) -> u64 {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_si256(); 4];
-    let mut chunks = words.chunks_exact(16);
-    for c in &mut chunks {
-        for (l, a) in acc.iter_mut().enumerate() {
-            // SAFETY: the chunk holds 16 words, 4 per lane group.
-            let v = unsafe { _mm256_loadu_si256(c.as_ptr().add(4 * l).cast()) };
-            *a = _mm256_add_epi64(*a, v);
-        }
-    }
-    let total = _mm256_add_epi64(
-        _mm256_add_epi64(acc[0], acc[1]),
-        _mm256_add_epi64(acc[2], acc[3]),
-    );
-    let mut lanes = [0u64; 4];
-    // SAFETY: `lanes` holds 32 bytes.
-    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), total) };
-    chunks
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .fold(0u64, |acc, &w| acc.wrapping_add(w))
 }
 
 #[cfg(test)]
@@ -93,7 +71,9 @@ mod tests {
         assert!(gbs.is_finite() && gbs > 0.1, "{gbs}");
         assert!(read_bandwidth(1024, None, 3).is_err());
         let words: Vec<u64> = (0..1000).map(|i| i * 7).collect();
-        assert_eq!(sum_words(&words), 7 * 999 * 1000 / 2);
+        for kernel in Kernel::supported() {
+            assert_eq!(sum_words(kernel, &words), 7 * 999 * 1000 / 2, "{kernel}");
+        }
         assert!(read_bandwidth(8 << 20, None, 0).is_err());
     }
 }

@@ -8,6 +8,7 @@ pub mod bandwidth;
 pub mod checkpoint;
 pub mod error;
 pub mod kernels;
+pub mod memory;
 pub mod model;
 pub mod sampling;
 pub mod threads;

@@ -41,6 +41,7 @@ step "cargo fmt --check"
 cargo fmt --check
 step "cargo clippy -D warnings"
 cargo clippy --all-targets --features python -- -D warnings
+cargo clippy --all-targets --features simd-call-counts -- -D warnings
 step "ruff"
 ruff check .
 ruff format --check .
@@ -49,6 +50,8 @@ python -m mypy.stubtest trit._core
 mypy python/trit tests
 step "cargo test"
 cargo test --release
+step "cargo test: TRIT_KERNEL=scalar runs no SIMD routine (call counts)"
+cargo test --release --features simd-call-counts --test simd_calls
 aarch64=${TRIT_AARCH64:-}
 if [ -z "$aarch64" ]; then
     if [ "$(uname -m)" = aarch64 ] || { command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64; } >/dev/null; then
@@ -61,6 +64,7 @@ fi
 if [ "$aarch64" = 1 ]; then
     step "cargo test, aarch64 under qemu (NEON)"
     scripts/test-aarch64.sh
+    scripts/test-aarch64.sh --features simd-call-counts --test simd_calls
 fi
 step "pytest"
 python -m pytest -q

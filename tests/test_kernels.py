@@ -16,6 +16,7 @@ import trit
 from trit.kernels import TernaryMatrix, quantize_activations
 
 KERNELS = trit.kernels.available()
+ALL_KERNELS = ("scalar", "avx2", "avx512bw", "avx512vnni", "neon")
 
 
 def numpy_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +197,7 @@ def test_bad_kernel_and_threads() -> None:
         matrix.matmul(x, kernel="sse9")
     with pytest.raises(ValueError, match="at least 1"):
         matrix.matmul(x, threads=0)
-    missing = [k for k in ("scalar", "avx2", "avx512", "neon") if k not in KERNELS]
+    missing = [k for k in ALL_KERNELS if k not in KERNELS]
     for kernel in missing:
         with pytest.raises(trit.KernelUnavailableError, match="cannot run on this CPU"):
             matrix.matmul(x, kernel=kernel)
@@ -213,9 +214,19 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_trit_kernel_env_forces_a_path() -> None:
-    out = run_python("import trit; print(trit.kernels.active())", TRIT_KERNEL="scalar")
+    for kernel in KERNELS:
+        out = run_python("import trit; print(trit.kernels.active())", TRIT_KERNEL=kernel)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == kernel
+
+
+@pytest.mark.skipif(
+    not {"avx512bw", "avx512vnni"} & set(KERNELS), reason="this CPU has no AVX-512 path"
+)
+def test_avx512_names_the_best_avx512_path() -> None:
+    out = run_python("import trit; print(trit.kernels.active())", TRIT_KERNEL="avx512")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "scalar"
+    assert out.stdout.strip() == ("avx512vnni" if "avx512vnni" in KERNELS else "avx512bw")
 
 
 def test_trit_kernel_env_fails_clearly() -> None:
@@ -227,7 +238,7 @@ def test_trit_kernel_env_fails_clearly() -> None:
     out = run_python(code, TRIT_KERNEL="bogus")
     assert out.returncode != 0
     assert "unknown kernel 'bogus'" in out.stderr
-    missing = [k for k in ("avx2", "avx512", "neon") if k not in KERNELS]
+    missing = [k for k in ALL_KERNELS if k not in KERNELS]
     if missing:
         out = run_python(code, TRIT_KERNEL=missing[0])
         assert out.returncode != 0

@@ -10,9 +10,12 @@ array([-1. ,  2.5], dtype=float32)
 does), multiplies exactly in integers, and rescales:
 ``y[t, n] = (sum_k q[t, k] * W[n, k]) / s[t] * scale``.
 
-The kernel path (scalar, avx2, avx512, neon) is the best this CPU supports,
-or the one named by the environment variable ``TRIT_KERNEL``; the thread count
-is ``TRIT_NUM_THREADS`` or the number of physical cores.
+The kernel path (scalar, avx2, avx512bw, avx512vnni, neon) is the best this CPU
+supports, or the one named by the environment variable ``TRIT_KERNEL``
+(``avx512`` names the best AVX-512 path: avx512vnni where the CPU has VNNI). It
+governs every SIMD routine (matmuls, output head, attention, KV cache
+conversions); ``scalar`` runs none. The thread count is ``TRIT_NUM_THREADS`` or
+the number of physical cores.
 """
 
 from __future__ import annotations

@@ -1,11 +1,21 @@
-//! Packed-ternary matrix multiplication: `y[t, n] = (Σ_k q[t, k] · W[n, k]) / s[t] · scale`.
+//! The engine's numeric kernels, and packed-ternary matrix multiplication:
+//! `y[t, n] = (Σ_k q[t, k] · W[n, k]) / s[t] · scale`.
 //!
-//! `scalar` defines the meaning; every SIMD path must produce exactly the same
-//! integer dots (and so the same f32 bits, since the float epilogue is shared).
-//! The path is chosen once per process: the best the CPU supports, or the one
-//! named by `TRIT_KERNEL`.
+//! One folder per instruction set (`scalar`, `x86_avx2`, `x86_avx512`,
+//! `neon`), one file per routine in each (`ternary`, `head`, `attention`,
+//! `half`). `scalar` defines the meaning; every SIMD version must produce
+//! exactly the same integer dots (and so the same f32 bits, since the float
+//! epilogue is shared). Which path runs is a `Kernel` (`cpu`), chosen once
+//! per process: the best the CPU supports, or the one named by `TRIT_KERNEL`.
+//! `driver` holds the loops the SIMD paths share.
 
 pub mod activations;
+pub mod attention;
+pub mod counts;
+pub mod cpu;
+mod driver;
+pub mod half;
+pub mod head;
 pub mod packing;
 pub mod scalar;
 
@@ -16,174 +26,16 @@ pub mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_avx512;
 
-use std::fmt;
 use std::ops::Range;
-use std::sync::OnceLock;
 
 use rayon::ThreadPool;
 
 pub use activations::QuantizedActivations;
+pub use cpu::{Kernel, KERNEL_ENV};
 pub use packing::TernaryMatrix;
 
 use crate::error::{Result, TritError};
 use crate::threads::{run_claimed, Claims};
-
-/// Environment variable that forces a kernel path.
-pub const KERNEL_ENV: &str = "TRIT_KERNEL";
-
-/// A kernel path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kernel {
-    /// Portable Rust; the definition the others are tested against.
-    Scalar,
-    /// x86-64 AVX2 (`vpmaddubsw`).
-    Avx2,
-    /// x86-64 AVX-512 BW, with VNNI's `vpdpbusd` where the CPU has it.
-    Avx512,
-    /// aarch64 Advanced SIMD.
-    Neon,
-}
-
-impl Kernel {
-    /// Every path, from the most portable to the fastest.
-    pub const ALL: [Kernel; 4] = [Kernel::Scalar, Kernel::Neon, Kernel::Avx2, Kernel::Avx512];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kernel::Scalar => "scalar",
-            Kernel::Avx2 => "avx2",
-            Kernel::Avx512 => "avx512",
-            Kernel::Neon => "neon",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Kernel> {
-        Kernel::ALL
-            .into_iter()
-            .find(|k| k.name() == name.trim().to_ascii_lowercase())
-    }
-
-    /// Whether this CPU (and this build's target) can run the path.
-    pub fn is_supported(self) -> bool {
-        match self {
-            Kernel::Scalar => true,
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => is_x86_feature_detected!("avx2"),
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => {
-                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
-            }
-            #[cfg(target_arch = "aarch64")]
-            Kernel::Neon => std::arch::is_aarch64_feature_detected!("neon"),
-            #[allow(unreachable_patterns)]
-            _ => false,
-        }
-    }
-
-    /// The paths this CPU can run, most portable first.
-    pub fn supported() -> Vec<Kernel> {
-        Kernel::ALL
-            .into_iter()
-            .filter(|k| k.is_supported())
-            .collect()
-    }
-
-    /// The fastest path this CPU can run that passes `self_check`.
-    pub fn best() -> Kernel {
-        Kernel::ALL
-            .into_iter()
-            .rev()
-            .find(|k| k.is_supported() && k.self_check())
-            .unwrap_or(Kernel::Scalar)
-    }
-
-    /// Whether this path computes a small awkward case exactly as the scalar
-    /// path does. The default path is chosen only among those that pass, so a
-    /// path that could not be exercised where it was built (CI machines lack
-    /// some instruction sets) never silently gives wrong answers; a path
-    /// forced by name is not checked, so tests see its real behaviour.
-    fn self_check(self) -> bool {
-        if self == Kernel::Scalar {
-            return true;
-        }
-        // Ragged shapes: a partial block, partial row and token tiles, codes at both extremes.
-        let (n_out, n_in, m) = (13, 2 * packing::BLOCK + 77, 5);
-        let Ok(w) =
-            TernaryMatrix::from_fn(n_out, n_in, 0.5, |n, k| ((n * 7 + k * 13) % 3) as i8 - 1)
-        else {
-            return false;
-        };
-        let codes: Vec<i8> = (0..m * n_in).map(|i| (i * 37 % 256) as u8 as i8).collect();
-        let Ok(x) = QuantizedActivations::from_codes(&codes, m, n_in, &[1.0; 5]) else {
-            return false;
-        };
-        let mut expected = vec![0i32; n_out * m];
-        let mut got = vec![0i32; n_out * m];
-        gemm_dots(Kernel::Scalar, &w, &x, 0..n_out, &mut expected);
-        gemm_dots(self, &w, &x, 0..n_out, &mut got);
-        let gemm_ok = got == expected;
-        let mut got = vec![0i32; n_out];
-        gemv_dots(self, &w, x.token(1), x.sums()[1], 0..n_out, &mut got);
-        let gemv_ok = got
-            .iter()
-            .zip(expected.chunks_exact(m))
-            .all(|(&g, row)| g == row[1]);
-        if !(gemm_ok && gemv_ok) {
-            eprintln!(
-                "trit: kernel {self} failed its self-check on this CPU and is not used by default"
-            );
-        }
-        gemm_ok && gemv_ok
-    }
-
-    /// This path, or an error saying why it cannot run here.
-    pub fn require(self) -> Result<Kernel> {
-        if self.is_supported() {
-            Ok(self)
-        } else {
-            Err(TritError::KernelUnavailable(format!(
-                "kernel '{}' cannot run on this CPU; it supports {}",
-                self.name(),
-                names(&Kernel::supported())
-            )))
-        }
-    }
-
-    /// The path in use: `TRIT_KERNEL` if set, else the best. Decided once per process.
-    pub fn active() -> Result<Kernel> {
-        static ACTIVE: OnceLock<Result<Kernel>> = OnceLock::new();
-        ACTIVE
-            .get_or_init(|| match std::env::var(KERNEL_ENV) {
-                Ok(name) if !name.trim().is_empty() => Kernel::parse(&name)?.require(),
-                _ => Ok(Kernel::best()),
-            })
-            .clone()
-    }
-
-    /// The path named `name`, or an error listing the valid names.
-    pub fn parse(name: &str) -> Result<Kernel> {
-        Kernel::from_name(name).ok_or_else(|| {
-            TritError::invalid(format!(
-                "unknown kernel '{name}'; expected one of {}",
-                names(&Kernel::ALL)
-            ))
-        })
-    }
-}
-
-impl fmt::Display for Kernel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-fn names(kernels: &[Kernel]) -> String {
-    kernels
-        .iter()
-        .map(|k| k.name())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 /// The float epilogue shared by every path: one division by the activation
 /// multiplier, then one multiplication by the weight scale.
@@ -202,49 +54,122 @@ fn gemv_dots(
     rows: Range<usize>,
     dots: &mut [i32],
 ) {
-    debug_assert!(kernel.is_supported());
+    kernel.assert_supported();
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the path was checked to be supported by this CPU.
-        Kernel::Avx2 => unsafe { x86_avx2::gemv(w, xq, xsum, rows, dots) },
+        // SAFETY: the path runs on this CPU (asserted above).
+        Kernel::Avx2 => unsafe { x86_avx2::ternary::gemv(w, xq, xsum, rows, dots) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Kernel::Avx512 => unsafe { x86_avx512::gemv(w, xq, xsum, rows, dots) },
+        Kernel::Avx512Bw => unsafe { x86_avx512::ternary::gemv_bw(w, xq, xsum, rows, dots) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx512Vnni => unsafe { x86_avx512::ternary::gemv_vnni(w, xq, xsum, rows, dots) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as above.
-        Kernel::Neon => unsafe { neon::gemv(w, xq, xsum, rows, dots) },
-        _ => scalar::gemv(w, xq, xsum, rows, dots),
+        Kernel::Neon => unsafe { neon::ternary::gemv(w, xq, xsum, rows, dots) },
+        _ => scalar::ternary::gemv(w, xq, xsum, rows, dots),
     }
 }
 
 /// Raw dots of every token of `x` against `rows`: `dots` is [rows.len(), m].
+/// `scratch` holds the SIMD paths' unpacked weight codes from call to call.
 fn gemm_dots(
     kernel: Kernel,
     w: &TernaryMatrix,
     x: &QuantizedActivations,
     rows: Range<usize>,
     dots: &mut [i32],
+    scratch: &mut Vec<CacheLine>,
 ) {
-    debug_assert!(kernel.is_supported());
+    kernel.assert_supported();
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the path was checked to be supported by this CPU.
-        Kernel::Avx2 => unsafe { x86_avx2::gemm(w, x, rows, dots) },
+        // SAFETY: the path runs on this CPU (asserted above).
+        Kernel::Avx2 => unsafe { x86_avx2::ternary::gemm(w, x, rows, dots, scratch) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Kernel::Avx512 => unsafe { x86_avx512::gemm(w, x, rows, dots) },
+        Kernel::Avx512Bw => unsafe { x86_avx512::ternary::gemm_bw(w, x, rows, dots, scratch) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx512Vnni => unsafe { x86_avx512::ternary::gemm_vnni(w, x, rows, dots, scratch) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as above.
-        Kernel::Neon => unsafe { neon::gemm(w, x, rows, dots) },
-        _ => scalar::gemm(w, x, rows, dots),
+        Kernel::Neon => unsafe { neon::ternary::gemm(w, x, rows, dots, scratch) },
+        _ => {
+            let _ = scratch;
+            scalar::ternary::gemm(w, x, rows, dots)
+        }
     }
 }
 
-/// Row tile every kernel divides evenly: AVX2 and AVX-512 use 4, NEON 4.
-const ROW_ALIGN: usize = 12;
+/// The (rows, tokens) GEMM tiles of the SIMD paths this build has.
+#[cfg(target_arch = "x86_64")]
+const GEMM_TILES: &[(usize, usize)] = {
+    use driver::GemmTile;
+    &[
+        (
+            x86_avx2::ternary::Tile::ROWS,
+            x86_avx2::ternary::Tile::TOKENS,
+        ),
+        (
+            x86_avx512::ternary::Tile::<true>::ROWS,
+            x86_avx512::ternary::Tile::<true>::TOKENS,
+        ),
+        (
+            x86_avx512::ternary::Tile::<false>::ROWS,
+            x86_avx512::ternary::Tile::<false>::TOKENS,
+        ),
+    ]
+};
+#[cfg(target_arch = "aarch64")]
+const GEMM_TILES: &[(usize, usize)] = {
+    use driver::GemmTile;
+    &[(neon::ternary::Tile::ROWS, neon::ternary::Tile::TOKENS)]
+};
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const GEMM_TILES: &[(usize, usize)] = &[];
 
-/// Token tile every GEMM kernel divides evenly (AVX2 2, the others 4 or 1).
-const TOKEN_ALIGN: usize = 12;
+const fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The least common multiple of the rows (`tokens == false`) or tokens of every tile.
+const fn tiles_lcm(tokens: bool) -> usize {
+    let mut lcm = 1;
+    let mut i = 0;
+    while i < GEMM_TILES.len() {
+        let n = if tokens {
+            GEMM_TILES[i].1
+        } else {
+            GEMM_TILES[i].0
+        };
+        lcm = lcm / gcd(lcm, n) * n;
+        i += 1;
+    }
+    lcm
+}
+
+/// Row tile every kernel divides evenly: tasks start at multiples of it, so
+/// that only a task's last row tile can be partial.
+const ROW_ALIGN: usize = tiles_lcm(false);
+
+/// Token tile every GEMM kernel divides evenly: token blocks are multiples of it.
+const TOKEN_ALIGN: usize = tiles_lcm(true);
+
+const _: () = {
+    let mut i = 0;
+    while i < GEMM_TILES.len() {
+        assert!(ROW_ALIGN.is_multiple_of(GEMM_TILES[i].0));
+        assert!(TOKEN_ALIGN.is_multiple_of(GEMM_TILES[i].1));
+        i += 1;
+    }
+    assert!(GEMM_ROW_PIECE.is_multiple_of(ROW_ALIGN));
+};
 
 /// Bytes of activation codes one GEMM token block may take (half a 512 KiB L2).
 const GEMM_L2_ACTIVATIONS: usize = 256 << 10;
@@ -382,8 +307,7 @@ fn run_row_tasks(total: usize, m: usize, task: impl Fn(Range<usize>) + Sync, poo
         }
     } else {
         // A prompt is compute-bound: claims half as long end it more evenly
-        // (against equal tasks, 2 threads: share 1 1.01-1.04x, share 2
-        // 1.02-1.12x, share 4 about the same as 2).
+        // (docs/performance.md, "Row claims").
         Claims {
             share: 2,
             min: 24,
@@ -393,13 +317,15 @@ fn run_row_tasks(total: usize, m: usize, task: impl Fn(Range<usize>) + Sync, poo
     run_claimed(pool, total, claims, task);
 }
 
-/// A task's raw dots and dequantized values (per matrix), kept per thread:
-/// they grow to the largest task once, then no call allocates. Decoding
-/// holds a task's rows ([rows] each), a batch one piece ([piece, block]).
+/// A task's raw dots, dequantized values (per matrix) and unpacked weight
+/// codes, kept per thread: they grow to the largest task once, then no call
+/// allocates. Decoding holds a task's rows ([rows] each), a batch one piece
+/// ([piece, block]) and a row tile's codes ([tile rows, k-block]).
 #[derive(Default)]
 struct PieceScratch {
     dots: Vec<i32>,
     values: [Vec<f32>; MAX_PAIRED],
+    codes: Vec<CacheLine>,
 }
 
 thread_local! {
@@ -414,9 +340,8 @@ const MAX_PAIRED: usize = 2;
 
 /// The tokens of a batch in blocks whose codes fit in L2 beside the
 /// unpacked weight rows: a row tile then reads its activations from L2, not
-/// L3, which two cores would share (measured: the down projection, 128 ×
-/// 6912 codes, scaled 1.45x to two threads in one block). The blocks are
-/// copied once per call.
+/// L3, which two cores would share (docs/performance.md, "Token blocks").
+/// The blocks are copied once per call.
 struct TokenBlocks<'a> {
     x: &'a QuantizedActivations,
     /// (first token, its block); empty when the batch is one block.
@@ -451,12 +376,10 @@ impl<'a> TokenBlocks<'a> {
     /// `values[i]` being [piece.len(), mb] for `ws[i]` (rows, then tokens).
     ///
     /// A few rows at a time, so that the dots are still in cache when they
-    /// are written out (a task's whole [rows, block], 166 KB for gate/up at
-    /// 2 threads, did not stay in L2 beside the activations). Dequantized
-    /// along tokens, a loop that vectorizes (down the columns each division
-    /// waited on the last). Measured interleaved in one process: m = 128
-    /// GEMMs 2-7 % faster, the epilogue's share of a prompt profile 6.5 % ->
-    /// 4.7 %.
+    /// are written out (a task's whole [rows, block] did not stay in L2
+    /// beside the activations). Dequantized along tokens, a loop that
+    /// vectorizes (down the columns each division waited on the last).
+    /// See docs/performance.md, "GEMM pieces".
     fn for_each_piece(
         &self,
         kernel: Kernel,
@@ -476,7 +399,7 @@ impl<'a> TokenBlocks<'a> {
     }
 
     /// `for_each_piece` of one token: all the rows in one kernel call, so
-    /// that the AVX2 GEMV's streams (see `x86_avx2::GEMV_STREAMS`) span the task.
+    /// that the AVX2 GEMV's streams (`driver::three_streams`) span the task.
     fn gemv_task(
         &self,
         kernel: Kernel,
@@ -487,7 +410,7 @@ impl<'a> TokenBlocks<'a> {
     ) {
         let x = self.x;
         let (xq, xsum, xs) = (x.token(0), x.sums()[0], x.scales()[0]);
-        let PieceScratch { dots, values } = scratch;
+        let PieceScratch { dots, values, .. } = scratch;
         let n = rows.len();
         dots.resize(n, 0);
         for (w, values) in ws.iter().zip(values.iter_mut()) {
@@ -512,7 +435,11 @@ impl<'a> TokenBlocks<'a> {
         mut emit: impl FnMut(usize, Range<usize>, usize, [&[f32]; MAX_PAIRED]),
     ) {
         let piece_max = GEMM_ROW_PIECE.min(rows.len()) * self.largest;
-        let PieceScratch { dots, values } = scratch;
+        let PieceScratch {
+            dots,
+            values,
+            codes,
+        } = scratch;
         dots.resize(piece_max, 0); // [piece, block]
         for values in values.iter_mut() {
             values.resize(piece_max, 0.0); // [piece, block] of one matrix
@@ -523,7 +450,7 @@ impl<'a> TokenBlocks<'a> {
                 let piece = p0..(p0 + GEMM_ROW_PIECE).min(rows.end);
                 let len = piece.len() * mb;
                 for (w, values) in ws.iter().zip(values.iter_mut()) {
-                    gemm_dots(kernel, w, xb, piece.clone(), &mut dots[..len]);
+                    gemm_dots(kernel, w, xb, piece.clone(), &mut dots[..len], codes);
                     for (vs, ds) in values[..len]
                         .chunks_exact_mut(mb)
                         .zip(dots[..len].chunks_exact(mb))
@@ -574,6 +501,7 @@ fn write_tokens(
 struct OutPtr(*mut f32);
 // SAFETY: tasks write disjoint elements (see matmul_into).
 unsafe impl Send for OutPtr {}
+// SAFETY: as for Send: no two tasks touch one element through it.
 unsafe impl Sync for OutPtr {}
 impl OutPtr {
     // A method (not field access) so closures capture the Send wrapper, not the raw pointer.
@@ -606,10 +534,10 @@ pub(crate) fn aligned_scratch(bytes: usize) -> Vec<CacheLine> {
 
 /// Inputs per k-block of the GEMMs. Each (row tile, token tile) pass over a
 /// k-block pays a fixed cost (horizontal sums, output updates), so blocks are
-/// as long as possible: measured on Zen 3, one pass over all of k beat
-/// L2-sized blocks by 1.5x, the hardware prefetcher keeping up with the
-/// activations from L3. Only past 4 MiB of activations is k split, into
-/// near-equal blocks (a short tail block would pay the fixed cost for little work).
+/// as long as possible: the hardware prefetcher keeps up with the
+/// activations from L3 (docs/performance.md, "K-blocks"). Only past 4 MiB of
+/// activations is k split, into near-equal blocks (a short tail block would
+/// pay the fixed cost for little work).
 pub(crate) fn gemm_k_block(m: usize, k_padded: usize) -> usize {
     const MAX_ACTIVATION_BYTES: usize = 4 << 20;
     let blocks = (m * k_padded).div_ceil(MAX_ACTIVATION_BYTES).max(1);

@@ -1,5 +1,7 @@
-//! Every supported kernel path against the scalar definition (exact), and the
-//! scalar definition against a plain i64 reference over unpacked weights.
+//! Every supported kernel path's ternary matmul against the scalar
+//! definition (exact), and the scalar definition against a plain i64
+//! reference over unpacked weights. (The other routines' paths are compared
+//! beside them: `half`, `model::dense`, `model::attention`, `model::tests`.)
 
 use super::*;
 use crate::threads;
@@ -203,6 +205,12 @@ fn kernel_names_round_trip() {
         assert_eq!(Kernel::from_name(kernel.name()), Some(kernel));
     }
     assert!(Kernel::parse("sse9").is_err());
+    // `avx512` names the best AVX-512 path: with VNNI where the CPU has it.
+    let avx512 = Kernel::parse("AVX512").unwrap();
+    assert!(matches!(avx512, Kernel::Avx512Bw | Kernel::Avx512Vnni));
+    if Kernel::Avx512Vnni.is_supported() {
+        assert_eq!(avx512, Kernel::Avx512Vnni);
+    }
     assert!(Kernel::supported().contains(&Kernel::Scalar));
     assert!(Kernel::best().is_supported());
 }
@@ -234,11 +242,12 @@ proptest! {
         let rows = start..(start + len).min(n_out);
         let w = random_matrix(n_out, n_in, seed);
         let x = QuantizedActivations::quantize(&random_activations(m, n_in, seed), m, n_in).unwrap();
+        let mut scratch = Vec::new();
         let mut expected = vec![0i32; rows.len() * m];
-        gemm_dots(Kernel::Scalar, &w, &x, rows.clone(), &mut expected);
+        gemm_dots(Kernel::Scalar, &w, &x, rows.clone(), &mut expected, &mut scratch);
         for kernel in Kernel::supported() {
             let mut dots = vec![0i32; rows.len() * m];
-            gemm_dots(kernel, &w, &x, rows.clone(), &mut dots);
+            gemm_dots(kernel, &w, &x, rows.clone(), &mut dots, &mut scratch);
             prop_assert_eq!(&dots, &expected, "gemm {}", kernel);
             let mut dots = vec![0i32; rows.len()];
             gemv_dots(kernel, &w, x.token(m - 1), x.sums()[m - 1], rows.clone(), &mut dots);
@@ -252,39 +261,5 @@ proptest! {
 fn every_supported_path_passes_its_self_check() {
     for kernel in Kernel::supported() {
         assert!(kernel.self_check(), "{kernel}");
-    }
-}
-
-/// A CPU with VNNI runs only the VNNI bodies by default; the AVX-512 BW
-/// fallback (Skylake-X and the like) is called directly here so it is
-/// checked wherever AVX-512 BW exists.
-#[cfg(target_arch = "x86_64")]
-#[test]
-fn avx512_without_vnni_agrees() {
-    if !Kernel::Avx512.is_supported() {
-        return;
-    }
-    let extreme = |m: usize, k: usize| extreme_activations(m, k);
-    let random = |m: usize, k: usize| {
-        QuantizedActivations::quantize(&random_activations(m, k, (m * k) as u64), m, k).unwrap()
-    };
-    for (n_out, n_in) in [(13, 2 * packing::BLOCK + 77), (64, 2560), (7, 1)] {
-        let w = random_matrix(n_out, n_in, (n_out + n_in) as u64);
-        for x in [random(5, n_in), extreme(6, n_in), random(1, n_in)] {
-            let m = x.m();
-            let mut expected = vec![0i32; n_out * m];
-            gemm_dots(Kernel::Scalar, &w, &x, 0..n_out, &mut expected);
-            let mut got = vec![0i32; n_out * m];
-            // SAFETY: AVX-512 F and BW were detected above.
-            unsafe { x86_avx512::gemm_bw(&w, &x, 0..n_out, &mut got) };
-            assert_eq!(got, expected, "gemm {n_out}x{n_in}, m {m}");
-            for t in 0..m {
-                let mut got = vec![0i32; n_out];
-                // SAFETY: as above.
-                unsafe { x86_avx512::gemv_bw(&w, x.token(t), x.sums()[t], 0..n_out, &mut got) };
-                let want: Vec<i32> = expected.chunks_exact(m).map(|row| row[t]).collect();
-                assert_eq!(got, want, "gemv {n_out}x{n_in}, token {t}");
-            }
-        }
     }
 }

@@ -4,11 +4,11 @@
 pub mod attention;
 pub mod cache;
 pub mod config;
+pub mod dense;
 pub mod open;
 pub mod ops;
 pub mod scoring;
 pub mod session;
-pub mod tensor;
 pub mod weights;
 
 pub use cache::KvType;

@@ -14,9 +14,7 @@ use rayon::ThreadPool;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::attention::{
-    attend_chunk, attend_group, merge, AttentionPath, ChunkScratch, Partial, KEY_CHUNK,
-};
+use super::attention::{attend_chunk, attend_group, merge, ChunkScratch, Partial, KEY_CHUNK};
 use super::cache::{KvCache, KvType};
 use super::ops::{add_rms_norm_rows, add_rows, rms_norm, rms_norm_rows, Rope};
 use super::scoring::next_token_nll;
@@ -72,8 +70,8 @@ fn fit(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 pub struct Session {
     model: Arc<Model>,
     pool: Arc<ThreadPool>,
+    /// The SIMD path of every routine this session runs.
     kernel: Kernel,
-    attention_path: AttentionPath,
     rope: Rope,
     cache: KvCache,
     /// The tokens whose keys and values are in the cache, in order.
@@ -86,13 +84,26 @@ pub struct Session {
 impl Session {
     /// A session of up to `n_ctx` positions (at most the model's
     /// max_position_embeddings), running on `threads` threads (None: default),
-    /// its cache holding keys and values as `kv`.
+    /// its cache holding keys and values as `kv`, on the process's kernel
+    /// path (`Kernel::active`).
     pub fn new(
         model: Arc<Model>,
         n_ctx: Option<usize>,
         threads: Option<usize>,
         kv: KvType,
     ) -> Result<Self> {
+        Session::with_kernel(model, n_ctx, threads, kv, Kernel::active()?)
+    }
+
+    /// `new` on the kernel path `kernel` (an error if this CPU cannot run it).
+    pub fn with_kernel(
+        model: Arc<Model>,
+        n_ctx: Option<usize>,
+        threads: Option<usize>,
+        kv: KvType,
+        kernel: Kernel,
+    ) -> Result<Self> {
+        let kernel = kernel.require()?;
         let c = &model.config;
         let n_ctx = n_ctx.unwrap_or(c.max_position_embeddings);
         if n_ctx == 0 || n_ctx > c.max_position_embeddings {
@@ -102,9 +113,8 @@ impl Session {
             )));
         }
         let pool = threads::pool(threads)?;
-        let kernel = Kernel::active()?;
         let rope = Rope::new(c.head_dim, c.rope_theta, n_ctx);
-        let cache = KvCache::new(c.num_layers, c.num_kv_heads, n_ctx, c.head_dim, kv);
+        let cache = KvCache::new(c.num_layers, c.num_kv_heads, n_ctx, c.head_dim, kv, kernel);
         let scratch = Scratch {
             attn: AttentionScratch::new(c.num_heads, c.head_dim, n_ctx),
             normed: vec![0.0; c.hidden_size],
@@ -114,7 +124,6 @@ impl Session {
             model,
             pool,
             kernel,
-            attention_path: AttentionPath::for_kernel(kernel),
             rope,
             cache,
             tokens: Vec::new(),
@@ -381,7 +390,7 @@ impl Session {
                 }
             }
             attention(
-                self.attention_path,
+                kernel,
                 &self.cache,
                 l,
                 c.num_heads,
@@ -448,7 +457,7 @@ impl Session {
                 eps,
                 &mut s.normed,
             );
-            head.matvec(&s.normed, &mut self.last_logits);
+            head.matvec(kernel, &s.normed, &mut self.last_logits);
             if let Some(Logits::From(_)) = logits {
                 sink(start + t, &self.last_logits);
             }
@@ -511,7 +520,7 @@ impl AttentionScratch {
 /// task per few tokens (all groups), so more threads than KV heads help.
 #[allow(clippy::too_many_arguments)]
 fn attention(
-    path: AttentionPath,
+    kernel: Kernel,
     cache: &KvCache,
     layer: usize,
     n_heads: usize,
@@ -545,7 +554,7 @@ fn attention(
                 let range = c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(n_all);
                 let qg = &q[g * group * hd..(g + 1) * group * hd];
                 attend_chunk(
-                    path, qg, hd, keys, values, range, scaling, scores, KEY_CHUNK, out, hd, stats,
+                    kernel, qg, hd, keys, values, range, scaling, scores, KEY_CHUNK, out, hd, stats,
                 );
             });
         // A few thousand multiply-adds: not worth waking a thread for.
@@ -554,7 +563,7 @@ fn attention(
             .zip(partial_out.chunks(chunks * group * hd))
             .zip(partial_stats.chunks(chunks * group))
         {
-            merge(group, hd, parts, stats, out, hd);
+            merge(kernel, group, hd, parts, stats, out, hd);
         }
         return;
     }
@@ -579,7 +588,7 @@ fn attention(
                     let t = t0 + i;
                     // causal: positions 0..=start+t
                     attend_group(
-                        path,
+                        kernel,
                         &q[t * q_dim..][heads.clone()],
                         hd,
                         keys,

@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::config::tiny;
-use super::tensor::DenseMatrix;
+use super::dense::DenseMatrix;
 use super::*;
 use crate::checkpoint::MemoryCheckpoint;
+use crate::kernels::Kernel;
 use crate::threads;
 
 /// Owned tensors: name → (dtype, shape, bytes).
@@ -458,4 +459,71 @@ fn scoring_reduces_the_logits_rows_it_would_return() {
         assert!(err.contains("first scored position"), "{err}");
     }
     assert!(s.nll(&[7], 1).is_err());
+}
+
+/// A model just big enough for every SIMD routine to run whole vectors:
+/// head_dim 32, rows of 128 and 160 inputs, a context past one key chunk.
+fn wide() -> Config {
+    Config {
+        vocab_size: 70,
+        hidden_size: 128,
+        intermediate_size: 160,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 32,
+        max_position_embeddings: 320,
+        ..tiny()
+    }
+}
+
+/// Logits of a 7-token prompt in one batch, then of a 270-token prompt (two
+/// key chunks) and 3 decoded tokens, on `kernel`: (batch logits, decoded logits).
+fn forward_on(m: &Arc<Model>, kernel: Kernel, kv: KvType) -> (Vec<f32>, Vec<f32>) {
+    let vocab = m.config.vocab_size as u32;
+    let ids: Vec<u32> = (0..273u32).map(|i| (i * 37 + 11) % vocab).collect();
+    let mut s = Session::with_kernel(m.clone(), None, Some(2), kv, kernel).unwrap();
+    let batch = s.logits(&ids[..7]).unwrap();
+    let mut d = Session::with_kernel(m.clone(), None, Some(2), kv, kernel).unwrap();
+    d.prefill(&ids[..270]).unwrap();
+    let mut decoded = d.last_logits().unwrap().to_vec();
+    for &id in &ids[270..] {
+        d.push(id).unwrap();
+        decoded.extend_from_slice(d.last_logits().unwrap());
+    }
+    (batch, decoded)
+}
+
+/// A whole forward pass on every path equals the scalar path's: bit for bit
+/// with the int8 head (integer dots, attention and half conversions are
+/// exact on every path), and within `BF16_HEAD_REL_TOL` of the logits'
+/// spread with the bf16 head (its dots add the same products in another
+/// order).
+#[test]
+fn every_kernel_path_runs_the_model_as_scalar_does() {
+    const BF16_HEAD_REL_TOL: f32 = 1e-5;
+    let c = wide();
+    let owned = checkpoint(&c, 11);
+    let int8 = Arc::new(build_with(&c, &owned, HeadPrecision::Int8).unwrap().0);
+    let bf16 = Arc::new(build(&c, &owned).unwrap().0);
+    for kv in KvType::ALL {
+        let want_int8 = forward_on(&int8, Kernel::Scalar, kv);
+        let want_bf16 = forward_on(&bf16, Kernel::Scalar, kv);
+        let spread = want_bf16.0.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for kernel in Kernel::supported() {
+            assert!(
+                forward_on(&int8, kernel, kv) == want_int8,
+                "{kernel} {kv:?}"
+            );
+            let (batch, decoded) = forward_on(&bf16, kernel, kv);
+            let diff = max_diff(&batch, &want_bf16.0).max(max_diff(&decoded, &want_bf16.1));
+            assert!(
+                diff <= BF16_HEAD_REL_TOL * spread,
+                "{kernel} {kv:?}: {diff} vs {spread}"
+            );
+        }
+    }
+    let unsupported = Kernel::ALL.into_iter().find(|k| !k.is_supported());
+    if let Some(kernel) = unsupported {
+        assert!(Session::with_kernel(int8, None, Some(1), KvType::F16, kernel).is_err());
+    }
 }

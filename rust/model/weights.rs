@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use super::config::{Config, LinearClass, QuantizationMode};
-use super::tensor::DenseMatrix;
+use super::dense::DenseMatrix;
 use crate::checkpoint::{Checkpoint, DType, RawTensor, Usage};
 use crate::error::{Result, TritError};
 use crate::kernels::TernaryMatrix;

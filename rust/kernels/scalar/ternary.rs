@@ -1,9 +1,9 @@
-//! The scalar kernels: the definition every SIMD path must match exactly.
+//! The scalar ternary matmul: the definition every SIMD path must match exactly.
 
 use std::ops::Range;
 
-use super::packing::{PackedBlock, TernaryMatrix, BLOCK, BLOCK_BYTES};
-use super::QuantizedActivations;
+use crate::kernels::packing::{PackedBlock, TernaryMatrix, BLOCK, BLOCK_BYTES};
+use crate::kernels::QuantizedActivations;
 
 /// Σ_k xq[k] · W[k] for one packed row; `xq` is at least the row's padded length.
 pub fn dot_row(row: &[PackedBlock], xq: &[i8]) -> i32 {

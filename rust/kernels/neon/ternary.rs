@@ -25,8 +25,10 @@
 use std::arch::aarch64::*;
 use std::ops::Range;
 
-use super::packing::{PackedBlock, TernaryMatrix, BLOCK, BLOCK_BYTES};
-use super::{aligned_scratch, gemm_k_block, QuantizedActivations};
+use crate::kernels::counts::{self, Isa};
+use crate::kernels::driver::{self, GemmTile, TileOperands};
+use crate::kernels::packing::{PackedBlock, TernaryMatrix, BLOCK, BLOCK_BYTES};
+use crate::kernels::{CacheLine, QuantizedActivations};
 
 /// GEMV rows per tile: they share each activation load.
 const GEMV_ROWS: usize = 4;
@@ -36,11 +38,6 @@ const GEMV_ROWS: usize = 4;
 /// each: 4 · 16 · 256 = 16384.
 const GEMV_I16_BLOCKS: usize = 4;
 
-/// GEMM tile: 4 rows × 4 tokens = 16 i16 accumulators + 4 + 4 operands, of 32
-/// registers (the i32 accumulators are touched only when the i16 ones are
-/// widened, outside the inner loop).
-const TILE_ROWS: usize = 4;
-const TILE_TOKENS: usize = 4;
 /// GEMM steps of 16 inputs summed in i16: a step adds 2 products to every lane
 /// (`smlal` + `smlal2` into one accumulator): 32 · 2 · 256 = 16384.
 const GEMM_I16_STEPS: usize = 32;
@@ -63,20 +60,35 @@ fn planes(packed: uint8x16_t) -> [int8x16_t; 4] {
 /// # Safety
 /// The CPU must support Neon; `xq` must hold at least `w.k_padded()` values.
 #[target_feature(enable = "neon")]
-pub unsafe fn gemv(w: &TernaryMatrix, xq: &[i8], xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
+pub(crate) unsafe fn gemv(
+    w: &TernaryMatrix,
+    xq: &[i8],
+    xsum: i32,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
+    counts::enter(Isa::Neon);
     assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
     let mut n = rows.start;
     for out in dots.chunks_mut(GEMV_ROWS) {
-        match out.len() {
-            4 => gemv_tile::<4>(w, xq, xsum, n, out),
-            3 => gemv_tile::<3>(w, xq, xsum, n, out),
-            2 => gemv_tile::<2>(w, xq, xsum, n, out),
-            _ => gemv_tile::<1>(w, xq, xsum, n, out),
+        // SAFETY: this function runs with Neon; rows n..n + out.len() exist
+        // and xq holds their padded length (asserted).
+        unsafe {
+            match out.len() {
+                4 => gemv_tile::<4>(w, xq, xsum, n, out),
+                3 => gemv_tile::<3>(w, xq, xsum, n, out),
+                2 => gemv_tile::<2>(w, xq, xsum, n, out),
+                _ => gemv_tile::<1>(w, xq, xsum, n, out),
+            }
         }
         n += out.len();
     }
 }
 
+/// The dots of rows n0..n0 + R with one token, sharing its activation loads.
+///
+/// # Safety
+/// The CPU must support Neon; the rows exist and `xq` holds their padded length.
 #[inline]
 #[target_feature(enable = "neon")]
 unsafe fn gemv_tile<const R: usize>(
@@ -98,10 +110,15 @@ unsafe fn gemv_tile<const R: usize>(
         for b in b0..b1 {
             for q in 0..4 {
                 // Activations 64i + 16q .. +16 of block b meet plane i of chunk q.
-                let xs: [int8x16_t; 4] =
-                    std::array::from_fn(|i| vld1q_s8(x.add(b * BLOCK + 64 * i + 16 * q)));
+                let mut xs = [vdupq_n_s8(0); 4];
+                for (i, xs) in xs.iter_mut().enumerate() {
+                    // SAFETY: b·BLOCK + 256 <= the padded length xq holds.
+                    *xs = unsafe { vld1q_s8(x.add(b * BLOCK + 64 * i + 16 * q)) };
+                }
                 for j in 0..R {
-                    let codes = planes(vld1q_u8(rows[j].add(b * BLOCK_BYTES + 16 * q)));
+                    // SAFETY: block b < n_blocks of row j: 64 bytes from b·BLOCK_BYTES.
+                    let packed = unsafe { vld1q_u8(rows[j].add(b * BLOCK_BYTES + 16 * q)) };
+                    let codes = planes(packed);
                     for i in 0..4 {
                         let (c, a) = (codes[i], xs[i]);
                         acc16[j][0] = vmlal_s8(acc16[j][0], vget_low_s8(c), vget_low_s8(a));
@@ -120,77 +137,84 @@ unsafe fn gemv_tile<const R: usize>(
     }
 }
 
-/// # Safety
-/// The CPU must support Neon. `dots` is [rows.len(), x.m()].
-#[target_feature(enable = "neon")]
-pub unsafe fn gemm(
-    w: &TernaryMatrix,
-    x: &QuantizedActivations,
-    rows: Range<usize>,
-    dots: &mut [i32],
-) {
-    let (m, kp) = (x.m(), w.k_padded());
-    assert!(x.k_padded() == kp && dots.len() == rows.len() * m && rows.end <= w.n_out());
-    dots.fill(0);
-    let kb = gemm_k_block(m, kp);
-    let mut scratch = aligned_scratch(TILE_ROWS * kb);
-    let codes = scratch.as_mut_ptr().cast::<i8>(); // [TILE_ROWS, kb] unpacked codes
-    let acts = x.codes().as_ptr(); // [m, kp]
-    for k0 in (0..kp).step_by(kb) {
-        let len = kb.min(kp - k0);
-        let blocks = k0 / BLOCK..(k0 + len) / BLOCK;
-        for r0 in rows.clone().step_by(TILE_ROWS) {
-            let nr = TILE_ROWS.min(rows.end - r0);
-            for j in 0..nr {
-                unpack_codes(&w.row(r0 + j)[blocks.clone()], codes.add(j * kb));
-            }
-            let out_row = (r0 - rows.start) * m;
-            for t0 in (0..m).step_by(TILE_TOKENS) {
-                let nt = TILE_TOKENS.min(m - t0);
-                let a = acts.add(t0 * kp + k0);
-                let out = &mut dots[out_row + t0..];
-                macro_rules! run {
-                    ($nr:literal, $nt:literal) => {
-                        tile::<$nr, $nt>(codes, kb, a, kp, len, out, m)
-                    };
-                }
-                match (nr, nt) {
-                    (4, 4) => run!(4, 4),
-                    (4, 3) => run!(4, 3),
-                    (4, 2) => run!(4, 2),
-                    (4, _) => run!(4, 1),
-                    (3, 4) => run!(3, 4),
-                    (3, 3) => run!(3, 3),
-                    (3, 2) => run!(3, 2),
-                    (3, _) => run!(3, 1),
-                    (2, 4) => run!(2, 4),
-                    (2, 3) => run!(2, 3),
-                    (2, 2) => run!(2, 2),
-                    (2, _) => run!(2, 1),
-                    (_, 4) => run!(1, 4),
-                    (_, 3) => run!(1, 3),
-                    (_, 2) => run!(1, 2),
-                    _ => run!(1, 1),
-                }
-            }
-        }
+/// The GEMM tile: 4 rows × 4 tokens = 16 i16 accumulators + 4 + 4 operands,
+/// of 32 registers (the i32 accumulators are touched only when the i16 ones
+/// are widened, outside the inner loop).
+pub(crate) struct Tile;
+
+impl GemmTile for Tile {
+    const ROWS: usize = 4;
+    const TOKENS: usize = 4;
+
+    #[inline(always)]
+    unsafe fn unpack(blocks: &[PackedBlock], out: *mut u8) {
+        // SAFETY: per the trait's contract (Neon; room for the codes).
+        unsafe { unpack_codes(blocks, out.cast::<i8>()) }
     }
-    for row_dots in dots.chunks_exact_mut(m) {
-        for (dot, &sum) in row_dots.iter_mut().zip(x.sums()) {
-            *dot -= sum;
+
+    #[inline(always)]
+    unsafe fn tile(nr: usize, nt: usize, ops: TileOperands, out: &mut [i32], m: usize) {
+        macro_rules! run {
+            ($nr:literal, $nt:literal) => {
+                tile::<$nr, $nt>(ops, out, m)
+            };
+        }
+        // SAFETY: per the trait's contract (Neon; nr, nt and the operands in range).
+        unsafe {
+            match (nr, nt) {
+                (4, 4) => run!(4, 4),
+                (4, 3) => run!(4, 3),
+                (4, 2) => run!(4, 2),
+                (4, _) => run!(4, 1),
+                (3, 4) => run!(3, 4),
+                (3, 3) => run!(3, 3),
+                (3, 2) => run!(3, 2),
+                (3, _) => run!(3, 1),
+                (2, 4) => run!(2, 4),
+                (2, 3) => run!(2, 3),
+                (2, 2) => run!(2, 2),
+                (2, _) => run!(2, 1),
+                (_, 4) => run!(1, 4),
+                (_, 3) => run!(1, 3),
+                (_, 2) => run!(1, 2),
+                _ => run!(1, 1),
+            }
         }
     }
 }
 
+/// `dots[i, t] = Σ_k x[t, k] · W[rows.start + i, k]`, dots is [rows.len(), x.m()];
+/// `scratch` holds the unpacked codes (kept by the caller between calls).
+///
+/// # Safety
+/// The CPU must support Neon.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn gemm(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+    scratch: &mut Vec<CacheLine>,
+) {
+    counts::enter(Isa::Neon);
+    // SAFETY: this function runs with Neon, what `Tile` needs.
+    unsafe { driver::gemm::<Tile>(w, x, rows, dots, scratch) }
+}
+
 /// Writes the codes of `blocks` in input order to `out`.
+///
+/// # Safety
+/// The CPU must support Neon; `out` takes `blocks.len() * BLOCK` bytes.
 #[inline]
 #[target_feature(enable = "neon")]
 unsafe fn unpack_codes(blocks: &[PackedBlock], out: *mut i8) {
     for (b, block) in blocks.iter().enumerate() {
         for q in 0..4 {
-            let packed = vld1q_u8(block.0.as_ptr().add(16 * q));
+            // SAFETY: a block is 64 bytes; chunk q is 16 of them.
+            let packed = unsafe { vld1q_u8(block.0.as_ptr().add(16 * q)) };
             for (i, codes) in planes(packed).into_iter().enumerate() {
-                vst1q_s8(out.add(b * BLOCK + 64 * i + 16 * q), codes);
+                // SAFETY: b·BLOCK + 256 <= the bytes out takes.
+                unsafe { vst1q_s8(out.add(b * BLOCK + 64 * i + 16 * q), codes) };
             }
         }
     }
@@ -198,28 +222,34 @@ unsafe fn unpack_codes(blocks: &[PackedBlock], out: *mut i8) {
 
 /// `out[j·m + i] += Σ_{k < len} codes[j·code_stride + k] · acts[i·act_stride + k]`
 /// for NR rows j and NT tokens i; `len` is a multiple of 16.
+///
+/// # Safety
+/// As `GemmTile::tile`, with nr = NR and nt = NT.
 #[inline]
 #[target_feature(enable = "neon")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile<const NR: usize, const NT: usize>(
-    codes: *const i8,
-    code_stride: usize,
-    acts: *const i8,
-    act_stride: usize,
-    len: usize,
-    out: &mut [i32],
-    m: usize,
-) {
+unsafe fn tile<const NR: usize, const NT: usize>(ops: TileOperands, out: &mut [i32], m: usize) {
+    let TileOperands {
+        codes,
+        code_stride,
+        acts,
+        act_stride,
+        len,
+    } = ops;
+    let codes = codes.cast::<i8>();
     let mut acc32 = [[vdupq_n_s32(0); NT]; NR];
     let mut k = 0;
     while k < len {
         let end = (k + GEMM_I16_STEPS * 16).min(len);
         let mut acc16 = [[vdupq_n_s16(0); NT]; NR];
         while k < end {
-            let a: [int8x16_t; NT] =
-                std::array::from_fn(|i| vld1q_s8(acts.add(i * act_stride + k)));
+            let mut a = [vdupq_n_s8(0); NT];
+            for (i, a) in a.iter_mut().enumerate() {
+                // SAFETY: token i < NT holds len codes from acts + i·act_stride; k + 16 <= len.
+                *a = unsafe { vld1q_s8(acts.add(i * act_stride + k)) };
+            }
             for j in 0..NR {
-                let c = vld1q_s8(codes.add(j * code_stride + k));
+                // SAFETY: row j < NR holds len codes; k + 16 <= len.
+                let c = unsafe { vld1q_s8(codes.add(j * code_stride + k)) };
                 for i in 0..NT {
                     let lo = vmlal_s8(acc16[j][i], vget_low_s8(c), vget_low_s8(a[i]));
                     acc16[j][i] = vmlal_high_s8(lo, c, a[i]);

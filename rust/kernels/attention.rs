@@ -1,0 +1,197 @@
+//! The attention kernels' arguments (`HeadGroup`, one view of the query
+//! heads of a GQA group over a chunk of keys) and their dispatch by
+//! `Kernel`. What attention computes, and how chunks are formed and merged,
+//! is `model::attention`'s; the kernels are `scalar::attention` (the
+//! definition) and `x86_avx2::attention`, which performs the very same
+//! floating-point operations in the same order, so the two agree to the bit.
+
+use super::half::F16;
+use super::scalar;
+#[cfg(target_arch = "x86_64")]
+use super::x86_avx2;
+use super::Kernel;
+
+/// The loads an instruction set's attention needs from an element type.
+#[cfg(target_arch = "x86_64")]
+pub use super::x86_avx2::attention::Load8 as ArchLoads;
+
+/// The loads an instruction set's attention needs from an element type
+/// (none on this architecture).
+#[cfg(not(target_arch = "x86_64"))]
+pub trait ArchLoads {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T> ArchLoads for T {}
+
+/// An element keys and values are kept in: f32 or F16.
+pub trait KvElement: Copy + Default + Send + Sync + 'static + ArchLoads {
+    fn to_f32(self) -> f32;
+}
+
+impl KvElement for f32 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl KvElement for F16 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        F16::to_f32(self)
+    }
+}
+
+/// One head's softmax partial over one chunk of keys.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Partial {
+    /// The largest score of the chunk.
+    pub max: f32,
+    /// Σ exp(score - max) over the chunk.
+    pub sum: f32,
+}
+
+/// Rows of a buffer laid out `stride` apart: row h is `data[h * stride..]`.
+pub struct Strided<'a> {
+    pub data: &'a mut [f32],
+    pub stride: usize,
+}
+
+/// The query heads of one GQA group (sharing one KV head) over n keys and
+/// values, with each head's scratch and output rows: the arguments of every
+/// attention kernel, checked once when the view is made.
+pub struct HeadGroup<'a, T> {
+    q: &'a [f32],    // [heads, hd]
+    keys: &'a [T],   // [n, hd]
+    values: &'a [T], // [n, hd]
+    hd: usize,
+    scaling: f32,
+    scores: Strided<'a>, // [heads, stride]: the first n of row h are head h's scores
+    out: Strided<'a>,    // [heads, stride]: the first hd of row h are head h's output
+    stats: &'a mut [Partial], // [>= heads]
+}
+
+/// One head's rows inside a `HeadGroup`.
+pub struct HeadRows<'g> {
+    pub q: &'g [f32],          // [hd]
+    pub scores: &'g mut [f32], // [n] scratch: scores, then softmax weights
+    pub out: &'g mut [f32],    // [hd]: Σ_j exp(s_j - max) v_j
+    pub stats: &'g mut Partial,
+}
+
+impl<'a, T: KvElement> HeadGroup<'a, T> {
+    /// A group of q.len() / hd heads over `keys` and `values` ([n, hd] each,
+    /// n >= 1). Panics unless every head's rows fit their buffers.
+    pub fn new(
+        q: &'a [f32],
+        hd: usize,
+        (keys, values): (&'a [T], &'a [T]),
+        scaling: f32,
+        scores: Strided<'a>,
+        out: Strided<'a>,
+        stats: &'a mut [Partial],
+    ) -> Self {
+        assert!(hd >= 1 && !q.is_empty() && q.len().is_multiple_of(hd));
+        assert!(keys.len() == values.len() && keys.len().is_multiple_of(hd) && !keys.is_empty());
+        let (heads, n) = (q.len() / hd, keys.len() / hd);
+        assert!(scores.stride >= n && scores.data.len() >= (heads - 1) * scores.stride + n);
+        assert!(out.stride >= hd && out.data.len() >= (heads - 1) * out.stride + hd);
+        assert!(stats.len() >= heads);
+        HeadGroup {
+            q,
+            keys,
+            values,
+            hd,
+            scaling,
+            scores,
+            out,
+            stats,
+        }
+    }
+
+    pub fn heads(&self) -> usize {
+        self.q.len() / self.hd
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hd
+    }
+
+    /// Keys (and values) in the group's chunk.
+    pub fn n(&self) -> usize {
+        self.keys.len() / self.hd
+    }
+
+    pub fn scaling(&self) -> f32 {
+        self.scaling
+    }
+
+    /// [n, hd] keys and values.
+    pub fn keys_values(&self) -> (&'a [T], &'a [T]) {
+        (self.keys, self.values)
+    }
+
+    /// The rows of heads h0..h0 + H, each borrowed on its own (rows of
+    /// different heads never overlap: each stride is at least its row).
+    pub fn rows<const H: usize>(&mut self, h0: usize) -> [HeadRows<'_>; H] {
+        assert!(h0 + H <= self.heads());
+        let (hd, n) = (self.hd, self.n());
+        let mut q = self.q[h0 * hd..].chunks_exact(hd);
+        let mut scores = self.scores.data[h0 * self.scores.stride..].chunks_mut(self.scores.stride);
+        let mut out = self.out.data[h0 * self.out.stride..].chunks_mut(self.out.stride);
+        let mut stats = self.stats[h0..].iter_mut();
+        std::array::from_fn(|_| HeadRows {
+            q: q.next().expect("checked in new"),
+            scores: &mut scores.next().expect("checked in new")[..n],
+            out: &mut out.next().expect("checked in new")[..hd],
+            stats: stats.next().expect("checked in new"),
+        })
+    }
+}
+
+/// For each head h of the group, its softmax partial over the group's keys:
+/// `out_h = Σ_j exp(s_j - max) v_j`, `stats_h = (max, Σ_j exp(s_j - max))`
+/// with `s_j = q_h · k_j · scaling` (left in the head's scores). Every
+/// path's result is exactly `scalar::attention::attend_head` of each head.
+pub fn attend_chunk<T: KvElement>(kernel: Kernel, group: &mut HeadGroup<'_, T>) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel.uses_avx2_routines() {
+        kernel.assert_supported();
+        // SAFETY: the path runs on this CPU (asserted), and every path that
+        // uses the AVX2 routines has AVX2, FMA and F16C.
+        unsafe { x86_avx2::attention::attend_chunk(group) };
+        return;
+    }
+    let _ = kernel;
+    scalar::attention::attend_chunk(group);
+}
+
+/// Combines the partials of consecutive chunks, in chunk order:
+/// with M the largest max and w_c = exp(max_c - M),
+/// `out = Σ_c w_c out_c / Σ_c w_c sum_c` (fused multiply-adds, chunk by chunk).
+/// `partial_out` is [chunks, heads, hd], `stats` [chunks, heads]; head h's
+/// result goes to `out[h * out_stride..][..hd]`. The same operations on
+/// every path (`scalar::attention::merge`); with FMA in hardware, each
+/// `mul_add` is one instruction instead of a libm call.
+pub fn merge(
+    kernel: Kernel,
+    heads: usize,
+    hd: usize,
+    partial_out: &[f32],
+    stats: &[Partial],
+    out: Strided<'_>,
+) {
+    let chunks = stats.len() / heads.max(1);
+    assert!(heads >= 1 && hd >= 1 && chunks >= 1 && stats.len() == chunks * heads);
+    assert!(partial_out.len() == chunks * heads * hd);
+    assert!(out.stride >= hd && out.data.len() >= (heads - 1) * out.stride + hd);
+    #[cfg(target_arch = "x86_64")]
+    if kernel.uses_avx2_routines() {
+        kernel.assert_supported();
+        // SAFETY: the path runs on this CPU (asserted), and every path that
+        // uses the AVX2 routines has FMA.
+        unsafe { x86_avx2::attention::merge(heads, hd, partial_out, stats, out) };
+        return;
+    }
+    let _ = kernel;
+    scalar::attention::merge(heads, hd, partial_out, stats, out);
+}

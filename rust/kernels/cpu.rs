@@ -1,0 +1,275 @@
+//! The CPU-features value: which instruction-set path runs every SIMD
+//! routine of the crate (ternary matmuls, output-head dots, attention, the
+//! KV cache's half conversions). This file is the only place that asks the
+//! CPU what it can do; it asks once per process. Every routine is handed a
+//! `Kernel` and runs that path's version, or, where the path has none of its
+//! own, the best version its features allow (AVX-512 uses the AVX2 head and
+//! attention). `Scalar` runs no SIMD routine at all.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use super::packing::{self, TernaryMatrix};
+use super::{gemm_dots, gemv_dots, half, head, QuantizedActivations};
+use crate::error::{Result, TritError};
+
+/// Environment variable that forces a kernel path.
+pub const KERNEL_ENV: &str = "TRIT_KERNEL";
+
+/// The alias `TRIT_KERNEL=avx512` stands for: the best AVX-512 path this CPU
+/// runs (with VNNI where it has it, as `avx512` always meant).
+const AVX512_ALIAS: &str = "avx512";
+
+/// A kernel path: the instruction sets every SIMD routine may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Portable Rust, no SIMD routine; the definition the others are tested against.
+    Scalar,
+    /// x86-64 AVX2 with FMA and F16C (the three come together on every
+    /// x86-64-v3 CPU): `vpmaddubsw` matmuls, FMA head dots and attention,
+    /// `vcvtps2ph` half conversions.
+    Avx2,
+    /// x86-64 AVX-512 F and BW without VNNI (Skylake-SP and the like):
+    /// `vpmaddubsw` + `vpmaddwd` on 64-byte vectors for the matmuls, the
+    /// AVX2 routines for the rest.
+    Avx512Bw,
+    /// As `Avx512Bw`, with VNNI's `vpdpbusd` in the matmuls.
+    Avx512Vnni,
+    /// aarch64 Advanced SIMD matmuls; the rest is scalar (no Neon version yet).
+    Neon,
+}
+
+/// CPU features, read once per process: [scalar, avx2, avx512bw, avx512vnni, neon].
+fn detected() -> &'static [bool; 5] {
+    static DETECTED: OnceLock<[bool; 5]> = OnceLock::new();
+    DETECTED.get_or_init(|| {
+        #[allow(unused_mut)] // only one architecture sets any of them
+        let mut found = [true, false, false, false, false];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let bw =
+                avx2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+            found[1] = avx2;
+            found[2] = bw;
+            found[3] = bw && is_x86_feature_detected!("avx512vnni");
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            found[4] = std::arch::is_aarch64_feature_detected!("neon");
+        }
+        found
+    })
+}
+
+impl Kernel {
+    /// Every path, from the most portable to the fastest.
+    pub const ALL: [Kernel; 5] = [
+        Kernel::Scalar,
+        Kernel::Neon,
+        Kernel::Avx2,
+        Kernel::Avx512Bw,
+        Kernel::Avx512Vnni,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512Bw => "avx512bw",
+            Kernel::Avx512Vnni => "avx512vnni",
+            Kernel::Neon => "neon",
+        }
+    }
+
+    /// The path named `name` (as `name()` spells it, any case). `avx512`
+    /// names the best AVX-512 path this CPU runs: `avx512vnni` where the CPU
+    /// has VNNI, else `avx512bw`.
+    pub fn from_name(name: &str) -> Option<Kernel> {
+        let name = name.trim().to_ascii_lowercase();
+        if name == AVX512_ALIAS {
+            return Some(if Kernel::Avx512Vnni.is_supported() {
+                Kernel::Avx512Vnni
+            } else {
+                Kernel::Avx512Bw
+            });
+        }
+        Kernel::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Whether this CPU (and this build's target) can run the path.
+    pub fn is_supported(self) -> bool {
+        let found = detected();
+        match self {
+            Kernel::Scalar => found[0],
+            Kernel::Avx2 => found[1],
+            Kernel::Avx512Bw => found[2],
+            Kernel::Avx512Vnni => found[3],
+            Kernel::Neon => found[4],
+        }
+    }
+
+    /// Whether the x86-64 AVX2 routines (head dots, attention, half
+    /// conversions) run under this path: AVX2 and every AVX-512 path.
+    pub fn uses_avx2_routines(self) -> bool {
+        matches!(self, Kernel::Avx2 | Kernel::Avx512Bw | Kernel::Avx512Vnni)
+    }
+
+    /// The paths this CPU can run, most portable first.
+    pub fn supported() -> Vec<Kernel> {
+        Kernel::ALL
+            .into_iter()
+            .filter(|k| k.is_supported())
+            .collect()
+    }
+
+    /// The fastest path this CPU can run that passes `self_check`.
+    pub fn best() -> Kernel {
+        Kernel::ALL
+            .into_iter()
+            .rev()
+            .find(|k| k.is_supported() && k.self_check())
+            .unwrap_or(Kernel::Scalar)
+    }
+
+    /// Whether this path computes small awkward cases exactly as the scalar
+    /// path does (the ternary matmul, the int8 head dots and the half
+    /// conversions, whose results are meant to be identical). The default path
+    /// is chosen only among those that pass, so a path that could not be
+    /// exercised where it was built (CI machines lack some instruction sets)
+    /// never silently gives wrong answers; a path forced by name is not
+    /// checked, so tests see its real behaviour.
+    pub(crate) fn self_check(self) -> bool {
+        if self == Kernel::Scalar {
+            return true;
+        }
+        let ok = self.ternary_agrees() && self.head_agrees() && self.halves_agree();
+        if !ok {
+            eprintln!(
+                "trit: kernel {self} failed its self-check on this CPU and is not used by default"
+            );
+        }
+        ok
+    }
+
+    fn ternary_agrees(self) -> bool {
+        // Ragged shapes: a partial block, partial row and token tiles, codes at both extremes.
+        let (n_out, n_in, m) = (13, 2 * packing::BLOCK + 77, 5);
+        let Ok(w) =
+            TernaryMatrix::from_fn(n_out, n_in, 0.5, |n, k| ((n * 7 + k * 13) % 3) as i8 - 1)
+        else {
+            return false;
+        };
+        let codes: Vec<i8> = (0..m * n_in).map(|i| (i * 37 % 256) as u8 as i8).collect();
+        let Ok(x) = QuantizedActivations::from_codes(&codes, m, n_in, &[1.0; 5]) else {
+            return false;
+        };
+        let mut scratch = Vec::new();
+        let mut expected = vec![0i32; n_out * m]; // [n_out, m]
+        let mut got = vec![0i32; n_out * m];
+        gemm_dots(
+            Kernel::Scalar,
+            &w,
+            &x,
+            0..n_out,
+            &mut expected,
+            &mut scratch,
+        );
+        gemm_dots(self, &w, &x, 0..n_out, &mut got, &mut scratch);
+        let gemm_ok = got == expected;
+        let mut got = vec![0i32; n_out];
+        gemv_dots(self, &w, x.token(1), x.sums()[1], 0..n_out, &mut got);
+        let gemv_ok = got
+            .iter()
+            .zip(expected.chunks_exact(m))
+            .all(|(&g, row)| g == row[1]);
+        gemm_ok && gemv_ok
+    }
+
+    fn head_agrees(self) -> bool {
+        // 7 rows of 97: every stream, a leftover row, a partial vector.
+        let (rows, n) = (7, 97);
+        let a: Vec<i8> = (0..rows * n)
+            .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
+            .collect();
+        let x: Vec<i8> = (0..n)
+            .map(|i| ((i * 91 % 255) as i32 - 127) as i8)
+            .collect();
+        let (mut want, mut got) = (vec![0i32; rows], vec![0i32; rows]);
+        head::int8_dots(Kernel::Scalar, &a, &x, &mut want);
+        head::int8_dots(self, &a, &x, &mut got);
+        got == want
+    }
+
+    fn halves_agree(self) -> bool {
+        // Normal, subnormal, overflowing and tied values, and a tail.
+        let src: Vec<f32> = (0..19)
+            .map(|i| {
+                f32::from_bits(0x3380_0000 + i * 0x0211_1111) * if i % 2 == 0 { 1.0 } else { -1.0 }
+            })
+            .collect();
+        let (mut want, mut got) = (vec![half::F16(0); 19], vec![half::F16(0); 19]);
+        half::halves_from_f32(Kernel::Scalar, &mut want, &src);
+        half::halves_from_f32(self, &mut got, &src);
+        got == want
+    }
+
+    /// This path, or an error saying why it cannot run here.
+    pub fn require(self) -> Result<Kernel> {
+        if self.is_supported() {
+            Ok(self)
+        } else {
+            Err(TritError::KernelUnavailable(format!(
+                "kernel '{}' cannot run on this CPU; it supports {}",
+                self.name(),
+                names(&Kernel::supported())
+            )))
+        }
+    }
+
+    /// The path in use: `TRIT_KERNEL` if set, else the best. Decided once per process.
+    pub fn active() -> Result<Kernel> {
+        static ACTIVE: OnceLock<Result<Kernel>> = OnceLock::new();
+        ACTIVE
+            .get_or_init(|| match std::env::var(KERNEL_ENV) {
+                Ok(name) if !name.trim().is_empty() => Kernel::parse(&name)?.require(),
+                _ => Ok(Kernel::best()),
+            })
+            .clone()
+    }
+
+    /// The path named `name`, or an error listing the valid names.
+    pub fn parse(name: &str) -> Result<Kernel> {
+        Kernel::from_name(name).ok_or_else(|| {
+            TritError::invalid(format!(
+                "unknown kernel '{name}'; expected one of {}, or {AVX512_ALIAS}",
+                names(&Kernel::ALL)
+            ))
+        })
+    }
+
+    /// Panics unless this CPU runs the path: every dispatcher checks before
+    /// it enters SIMD code, since a `Kernel` is a plain value anyone can
+    /// name. One load of the cached detection, once per call of a routine
+    /// over many rows, never per element.
+    #[inline]
+    pub(crate) fn assert_supported(self) {
+        assert!(self.is_supported(), "kernel {self} cannot run on this CPU");
+    }
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn names(kernels: &[Kernel]) -> String {
+    kernels
+        .iter()
+        .map(|k| k.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,167 @@
+//! The loops every SIMD path shares, written once, generic over what an
+//! instruction set supplies: the ternary GEMM driver (k-blocks, row tiles,
+//! token tiles, remainder tiles, the Σx correction) over a `GemmTile`, and
+//! the three-stream row splitter over a `RowDots`.
+//!
+//! Everything here is `#[inline(always)]` with no `target_feature` of its
+//! own, and so are the tile routines: each path's `#[target_feature]` entry
+//! point instantiates the driver, and the whole loop nest, tiles included,
+//! is compiled inside it with its features. (A routine with more features
+//! than its caller is never inlined into it: a call per tile would pass the
+//! accumulators through memory.)
+
+// Targets without a SIMD path use neither the driver nor the splitter.
+#![cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+
+use std::ops::Range;
+
+use super::packing::{PackedBlock, TernaryMatrix, BLOCK};
+use super::{gemm_k_block, CacheLine, QuantizedActivations};
+
+/// The operands of one GEMM tile.
+#[derive(Clone, Copy)]
+pub(crate) struct TileOperands {
+    /// [ROWS, code_stride] unpacked weight codes of the row tile, 64-byte aligned.
+    pub codes: *const u8,
+    pub code_stride: usize,
+    /// [TOKENS, act_stride] activation codes, at the k-block's first input.
+    pub acts: *const i8,
+    pub act_stride: usize,
+    /// Inputs of the k-block: a multiple of `BLOCK`.
+    pub len: usize,
+}
+
+/// One instruction set's GEMM tile.
+pub(crate) trait GemmTile {
+    /// Weight rows per tile.
+    const ROWS: usize;
+    /// Tokens per tile.
+    const TOKENS: usize;
+
+    /// Writes the codes (`w + 1`) of `blocks` in input order to `out`.
+    ///
+    /// # Safety
+    /// The CPU runs the implementing path; `out` is 64-byte aligned and
+    /// takes `blocks.len() * BLOCK` bytes.
+    unsafe fn unpack(blocks: &[PackedBlock], out: *mut u8);
+
+    /// `out[j·m + i] += Σ_{k < len} codes[j·code_stride + k] · acts[i·act_stride + k]`
+    /// for `nr` rows j and `nt` tokens i.
+    ///
+    /// # Safety
+    /// The CPU runs the implementing path; 1 <= nr <= ROWS and 1 <= nt <=
+    /// TOKENS; the operands hold nr rows and nt tokens of `len` codes; `out`
+    /// holds `(nr - 1)·m + nt` values.
+    unsafe fn tile(nr: usize, nt: usize, ops: TileOperands, out: &mut [i32], m: usize);
+}
+
+/// `dots[i, t] = Σ_k x[t, k] · W[rows.start + i, k]`, dots is [rows.len(), m]:
+/// over k-blocks (`gemm_k_block`), each row tile's codes unpacked once into
+/// `scratch` (the caller's, kept from call to call) and multiplied with every
+/// token tile; then Σx subtracted to undo the `+ 1` of the codes.
+///
+/// # Safety
+/// The CPU runs the path `T` belongs to.
+#[inline(always)]
+pub(crate) unsafe fn gemm<T: GemmTile>(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+    scratch: &mut Vec<CacheLine>,
+) {
+    let (m, kp) = (x.m(), w.k_padded());
+    assert!(x.k_padded() == kp && dots.len() == rows.len() * m && rows.end <= w.n_out());
+    dots.fill(0);
+    let kb = gemm_k_block(m, kp);
+    let lines = (T::ROWS * kb).div_ceil(64);
+    if scratch.len() < lines {
+        scratch.resize(lines, CacheLine([0; 64]));
+    }
+    let codes = scratch.as_mut_ptr().cast::<u8>(); // [ROWS, kb] unpacked codes
+    let acts = x.codes().as_ptr(); // [m, kp]
+    for k0 in (0..kp).step_by(kb) {
+        let len = kb.min(kp - k0);
+        let blocks = k0 / BLOCK..(k0 + len) / BLOCK;
+        for r0 in rows.clone().step_by(T::ROWS) {
+            let nr = T::ROWS.min(rows.end - r0);
+            for j in 0..nr {
+                // SAFETY: the caller runs T's path; row j of the scratch
+                // starts at j·kb (a multiple of 64 bytes, as kb is of BLOCK)
+                // and takes the len = blocks.len()·BLOCK <= kb codes.
+                unsafe { T::unpack(&w.row(r0 + j)[blocks.clone()], codes.add(j * kb)) };
+            }
+            let out_row = (r0 - rows.start) * m;
+            for t0 in (0..m).step_by(T::TOKENS) {
+                let nt = T::TOKENS.min(m - t0);
+                let ops = TileOperands {
+                    codes,
+                    code_stride: kb,
+                    // SAFETY: t0 < m and k0 < kp: inside the [m, kp] codes.
+                    acts: unsafe { acts.add(t0 * kp + k0) },
+                    act_stride: kp,
+                    len,
+                };
+                // SAFETY: nr rows of len codes were unpacked above; tokens
+                // t0..t0 + nt exist, each with kp - k0 >= len codes from k0;
+                // the rest of the row tile's dots from t0 are (nr - 1)·m + nt
+                // values at least.
+                unsafe { T::tile(nr, nt, ops, &mut dots[out_row + t0..], m) };
+            }
+        }
+    }
+    for row_dots in dots.chunks_exact_mut(m) {
+        for (dot, &sum) in row_dots.iter_mut().zip(x.sums()) {
+            *dot -= sum;
+        }
+    }
+}
+
+/// Rows read at once by the three-stream splitter.
+pub(crate) const STREAMS: usize = 3;
+
+/// Dot products of rows with one vector, R rows at a time sharing the
+/// vector's loads: what a path supplies to `three_streams`.
+pub(crate) trait RowDots {
+    type Dot: Copy + Default;
+
+    /// The dots of the rows `rows` (indices below the row count the caller
+    /// gave `three_streams`).
+    ///
+    /// # Safety
+    /// The CPU runs the implementing path; every index is in range.
+    unsafe fn dots<const R: usize>(&self, rows: [usize; R]) -> [Self::Dot; R];
+}
+
+/// `out[r]` = the dot of row r, for r in 0..out.len(), read as three streams
+/// far apart: row i of each third of the rows together, then the rows left
+/// over one by one. A single sequential stream does not reach the memory's
+/// read bandwidth on the machines measured, three do (docs/performance.md,
+/// "Three streams").
+///
+/// # Safety
+/// The CPU runs the path `D` belongs to, and `D` covers `out.len()` rows.
+#[inline(always)]
+pub(crate) unsafe fn three_streams<D: RowDots>(rows: &D, out: &mut [D::Dot]) {
+    let stretch = out.len() / STREAMS;
+    // Plain loops, no closures: a closure may be compiled as a call per row
+    // without the caller's target features.
+    for i in 0..stretch {
+        let mut index = [0usize; STREAMS];
+        for (s, r) in index.iter_mut().enumerate() {
+            *r = i + s * stretch;
+        }
+        // SAFETY: the caller runs D's path; i + s·stretch < 3·stretch <= out.len().
+        let dots = unsafe { rows.dots(index) };
+        for (s, &dot) in dots.iter().enumerate() {
+            out[i + s * stretch] = dot;
+        }
+    }
+    for r in STREAMS * stretch..out.len() {
+        // SAFETY: as above, r < out.len().
+        out[r] = unsafe { rows.dots([r]) }[0];
+    }
+}

@@ -1,0 +1,354 @@
+//! AVX2 (with FMA and F16C) attention: `scalar::attention` eight lanes at a
+//! time, with the very same floating-point operations in the same order
+//! (sums in eight lanes reduced by the same tree, FMAs where the scalar code
+//! has `mul_add`, the same polynomial exp), so that the results agree to the
+//! bit. Each key and value row is read once for up to four heads.
+
+use std::arch::x86_64::*;
+
+use crate::kernels::attention::{HeadGroup, HeadRows, KvElement, Partial, Strided};
+use crate::kernels::counts::{self, Isa};
+use crate::kernels::half::F16;
+use crate::kernels::scalar::attention::{self as scalar, exp_consts as c};
+
+/// Loads eight cached values as f32.
+pub trait Load8: Sized {
+    /// # Safety
+    /// `p` points at 8 readable elements; the CPU has AVX2 and F16C.
+    unsafe fn load8(p: *const Self) -> __m256;
+}
+
+impl Load8 for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        // SAFETY: per the trait's contract.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+}
+
+impl Load8 for F16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const F16) -> __m256 {
+        // SAFETY: per the trait's contract; F16 is a transparent u16.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+}
+
+/// `scalar::attention::attend_chunk`: heads four at a time.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn attend_chunk<T: KvElement>(group: &mut HeadGroup<'_, T>) {
+    counts::enter(Isa::Avx2);
+    let (keys, values) = group.keys_values();
+    let (hd, heads, scaling) = (group.head_dim(), group.heads(), group.scaling());
+    let mut h = 0;
+    while h < heads {
+        let take = (heads - h).min(4);
+        match take {
+            4 => heads_chunk(&mut group.rows::<4>(h), keys, values, hd, scaling),
+            3 => heads_chunk(&mut group.rows::<3>(h), keys, values, hd, scaling),
+            2 => heads_chunk(&mut group.rows::<2>(h), keys, values, hd, scaling),
+            _ => heads_chunk(&mut group.rows::<1>(h), keys, values, hd, scaling),
+        }
+        h += take;
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn reduce(v: __m256) -> f32 {
+    // (l + l+4), then (l + l+2), then the pair: as `reduce_lanes`.
+    let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)))
+}
+
+/// `reduce` of eight vectors at once, with the same additions in the
+/// same order for each: lane i of the result is the sum of
+/// v[[0, 2, 4, 6, 1, 3, 5, 7][i]].
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn reduce8(v: [__m256; 8]) -> __m256 {
+    // Halves: [v(2p).lo + v(2p).hi | v(2p+1).lo + v(2p+1).hi], i.e. l + l+4.
+    let half = |x: __m256, y: __m256| {
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(x, y),
+            _mm256_permute2f128_ps::<0x31>(x, y),
+        )
+    };
+    let (b01, b23, b45, b67) = (
+        half(v[0], v[1]),
+        half(v[2], v[3]),
+        half(v[4], v[5]),
+        half(v[6], v[7]),
+    );
+    // Quarters: l + l+2 within each half.
+    let quarter = |x: __m256, y: __m256| {
+        _mm256_add_ps(
+            _mm256_shuffle_ps::<0b01_00_01_00>(x, y),
+            _mm256_shuffle_ps::<0b11_10_11_10>(x, y),
+        )
+    };
+    let (x0123, x4567) = (quarter(b01, b23), quarter(b45, b67));
+    // The last pair.
+    _mm256_add_ps(
+        _mm256_shuffle_ps::<0b10_00_10_00>(x0123, x4567),
+        _mm256_shuffle_ps::<0b11_01_11_01>(x0123, x4567),
+    )
+}
+
+/// `scalar::attention::exp` of eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp8(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(c::MIN)),
+        _mm256_set1_ps(c::MAX),
+    );
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(c::LOG2E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(c::LN2_HI), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(c::LN2_LO), r);
+    let mut p = _mm256_set1_ps(c::P[0]);
+    for &coef in &c::P[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(coef));
+    }
+    let y = _mm256_add_ps(
+        _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+        _mm256_set1_ps(1.0),
+    );
+    let exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(exponent)))
+}
+
+/// Scores of keys j..j+K for H heads: each key is loaded (and widened) once
+/// for all heads; H·K independent FMA chains.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; keys j..j + K exist; each q row holds hd values.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_step<T: KvElement, const H: usize, const K: usize>(
+    rows: &mut [HeadRows<'_>; H],
+    keys: &[T],
+    hd: usize,
+    scaling: f32,
+    j: usize,
+) {
+    let full = hd / 8 * 8;
+    let kp = keys.as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); K]; H];
+    for c in (0..full).step_by(8) {
+        let mut kv = [_mm256_setzero_ps(); K];
+        for (u, k) in kv.iter_mut().enumerate() {
+            // SAFETY: key j + u exists (the contract) and c + 8 <= hd.
+            *k = unsafe { T::load8(kp.add((j + u) * hd + c)) };
+        }
+        for (row, acc_h) in rows.iter().zip(acc.iter_mut()) {
+            // SAFETY: c + 8 <= hd values of the head's q row.
+            let qv = unsafe { _mm256_loadu_ps(row.q.as_ptr().add(c)) };
+            for (u, acc_hu) in acc_h.iter_mut().enumerate() {
+                *acc_hu = _mm256_fmadd_ps(qv, kv[u], *acc_hu);
+            }
+        }
+    }
+    if H == 4 && K == 2 && full == hd {
+        // The usual case (a 2B4T group, head_dim 128): eight sums
+        // reduced together, lane i of the result being v(i)'s sum
+        // (v(2h + u) = head h, key j + u) in the order [0 2 4 6 1 3 5 7].
+        let v = |i: usize| acc[i / 2][i % 2];
+        let sums = reduce8([v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7)]);
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe {
+            _mm256_storeu_ps(
+                lanes.as_mut_ptr(),
+                _mm256_mul_ps(sums, _mm256_set1_ps(scaling)),
+            )
+        };
+        for (h, row) in rows.iter_mut().enumerate() {
+            row.scores[j] = lanes[h];
+            row.scores[j + 1] = lanes[4 + h];
+        }
+        return;
+    }
+    for (row, acc_h) in rows.iter_mut().zip(&acc) {
+        for (u, &acc_hu) in acc_h.iter().enumerate() {
+            let k = &keys[(j + u) * hd..(j + u + 1) * hd];
+            let mut total = reduce(acc_hu);
+            for (d, kd) in k.iter().enumerate().skip(full) {
+                total = row.q[d].mul_add(kd.to_f32(), total);
+            }
+            row.scores[j + u] = total * scaling;
+        }
+    }
+}
+
+/// exp(s - max) over one head's scores, in place; returns the max and their sum.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn softmax_weights(scores: &mut [f32]) -> Partial {
+    let n = scores.len();
+    let full_n = n / 8 * 8;
+    let mut max8 = _mm256_set1_ps(f32::NEG_INFINITY);
+    for c in (0..full_n).step_by(8) {
+        // SAFETY: c + 8 <= n.
+        max8 = _mm256_max_ps(max8, unsafe { _mm256_loadu_ps(scores.as_ptr().add(c)) });
+    }
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), max8) };
+    let max = lanes
+        .iter()
+        .chain(&scores[full_n..])
+        .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let max8 = _mm256_set1_ps(max);
+    let mut sum8 = _mm256_setzero_ps();
+    for c in (0..full_n).step_by(8) {
+        // SAFETY: c + 8 <= n.
+        unsafe {
+            let p = scores.as_mut_ptr().add(c);
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), max8));
+            _mm256_storeu_ps(p, e);
+            sum8 = _mm256_add_ps(sum8, e);
+        }
+    }
+    let mut total = reduce(sum8);
+    for s in &mut scores[full_n..] {
+        *s = scalar::exp(*s - max);
+        total += *s;
+    }
+    Partial { max, sum: total }
+}
+
+/// out_h[d..d+8B] = Σ_j e_h[j] v_j[d..d+8B]: each value row is loaded (and
+/// widened) once for all heads.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `values` is [n, hd] with n the
+/// heads' score count; d + 8B <= hd.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn values_step<T: KvElement, const H: usize, const B: usize>(
+    rows: &mut [HeadRows<'_>; H],
+    values: &[T],
+    hd: usize,
+    d: usize,
+) {
+    let n = rows[0].scores.len();
+    let vp = values.as_ptr();
+    let mut weights = [std::ptr::null::<f32>(); H];
+    for (w, row) in weights.iter_mut().zip(rows.iter()) {
+        assert_eq!(row.scores.len(), n);
+        *w = row.scores.as_ptr();
+    }
+    let mut acc = [[_mm256_setzero_ps(); B]; H];
+    for j in 0..n {
+        let mut v = [_mm256_setzero_ps(); B];
+        for (b, vb) in v.iter_mut().enumerate() {
+            // SAFETY: j < n rows of values, d + 8b + 8 <= hd.
+            *vb = unsafe { T::load8(vp.add(j * hd + d + 8 * b)) };
+        }
+        for (acc_h, &w) in acc.iter_mut().zip(&weights) {
+            // SAFETY: j < n, the length of every head's scores (asserted).
+            let e = unsafe { _mm256_broadcast_ss(&*w.add(j)) };
+            for (b, acc_hb) in acc_h.iter_mut().enumerate() {
+                *acc_hb = _mm256_fmadd_ps(e, v[b], *acc_hb);
+            }
+        }
+    }
+    for (row, acc_h) in rows.iter_mut().zip(&acc) {
+        for (b, &acc_hb) in acc_h.iter().enumerate() {
+            let o = &mut row.out[d + 8 * b..d + 8 * b + 8];
+            // SAFETY: `o` holds 8 floats.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), acc_hb) };
+        }
+    }
+}
+
+/// `scalar::attention::attend_head` for each of H heads sharing keys and
+/// values, eight lanes at a time.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn heads_chunk<T: KvElement, const H: usize>(
+    rows: &mut [HeadRows<'_>; H],
+    keys: &[T],
+    values: &[T],
+    hd: usize,
+    scaling: f32,
+) {
+    let n = keys.len() / hd;
+    assert!(keys.len() == n * hd && values.len() == n * hd);
+    assert!(rows
+        .iter()
+        .all(|r| r.scores.len() == n && r.q.len() == hd && r.out.len() == hd));
+    let full = hd / 8 * 8;
+
+    // While the scores are computed, ask for the value rows too: the
+    // weighted sum then reads them from cache, not from memory slice by slice.
+    let value_bytes = std::mem::size_of_val(values);
+    let value_lines = values.as_ptr().cast::<u8>();
+    let lines_per_pair = (2 * hd * std::mem::size_of::<T>()).div_ceil(64);
+    let mut j = 0;
+    while j + 2 <= n {
+        for line in 0..lines_per_pair {
+            let at = (j * hd * std::mem::size_of::<T>() + 64 * line).min(value_bytes - 1);
+            _mm_prefetch::<_MM_HINT_T1>(value_lines.wrapping_add(at).cast());
+        }
+        // SAFETY: keys j and j + 1 exist; q rows hold hd values (asserted).
+        unsafe { scores_step::<T, H, 2>(rows, keys, hd, scaling, j) };
+        j += 2;
+    }
+    if j < n {
+        // SAFETY: key j exists.
+        unsafe { scores_step::<T, H, 1>(rows, keys, hd, scaling, j) };
+    }
+
+    for row in rows.iter_mut() {
+        *row.stats = softmax_weights(row.scores);
+    }
+
+    // Σ e_j v_j, 16 outputs per pass over the chunk's value rows
+    // (prefetched above: at most a chunk of rows, in cache), then the
+    // last hd % 8 one by one.
+    let mut d = 0;
+    while d + 16 <= full {
+        // SAFETY: values is [n, hd] (asserted), d + 16 <= hd.
+        unsafe { values_step::<T, H, 2>(rows, values, hd, d) };
+        d += 16;
+    }
+    if d < full {
+        // SAFETY: as above, d + 8 <= hd.
+        unsafe { values_step::<T, H, 1>(rows, values, hd, d) };
+    }
+    for row in rows.iter_mut() {
+        for d in full..hd {
+            let mut acc = 0.0f32;
+            for (j, &e) in row.scores.iter().enumerate() {
+                acc = e.mul_add(values[j * hd + d].to_f32(), acc);
+            }
+            row.out[d] = acc;
+        }
+    }
+}
+
+/// `scalar::attention::merge`, compiled with FMA so that each `mul_add` is
+/// one instruction (the same result as the scalar path's).
+///
+/// # Safety
+/// The CPU must support FMA.
+#[target_feature(enable = "fma")]
+pub(crate) unsafe fn merge(
+    heads: usize,
+    hd: usize,
+    partial_out: &[f32],
+    stats: &[Partial],
+    out: Strided<'_>,
+) {
+    counts::enter(Isa::Avx2);
+    scalar::merge(heads, hd, partial_out, stats, out)
+}

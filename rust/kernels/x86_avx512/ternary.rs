@@ -1,0 +1,287 @@
+//! AVX-512 ternary matmuls. The same scheme as AVX2 (codes `w + 1` times
+//! int8 activations, Σx subtracted at the end) on 64-byte vectors: one
+//! 64-byte block masked to plane i gives the codes of 64 consecutive inputs
+//! (shifted down by 2i for the GEMM; the GEMV keeps them scaled, see
+//! `gemv_row`). With VNNI, `vpdpbusd` multiplies and sums four u8 × i8
+//! products straight into i32 lanes; without it, `vpmaddubsw` + `vpmaddwd`
+//! do the same in two steps (each i16 pair widened at once, so nothing can
+//! overflow).
+//!
+//! Why the bodies below are `#[inline(always)]` with no `target_feature` of
+//! their own: a function with more features (VNNI) is never inlined into
+//! one with fewer, so a `vpdpbusd` helper called from an AVX-512 F/BW loop
+//! would be a real call per instruction, its vectors passed through memory
+//! (docs/performance.md, "AVX-512 and VNNI"). Each body is instead inlined
+//! whole into one of two entry points per routine, one compiled with VNNI
+//! (`*_vnni`, `Kernel::Avx512Vnni`) and one without (`*_bw`,
+//! `Kernel::Avx512Bw`), and the intrinsics inline into those.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use crate::kernels::counts::{self, Isa};
+use crate::kernels::driver::{self, GemmTile, TileOperands};
+use crate::kernels::packing::{PackedBlock, TernaryMatrix, BLOCK};
+use crate::kernels::x86_avx2::ternary::GEMV_PREFETCH;
+use crate::kernels::{CacheLine, QuantizedActivations};
+
+/// acc + Σ of the four u8 × i8 products in each 32-bit lane: `vpdpbusd` with
+/// VNNI, else `vpmaddubsw` + `vpmaddwd`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW, and VNNI if `VNNI`.
+#[inline(always)]
+unsafe fn step<const VNNI: bool>(acc: __m512i, codes: __m512i, acts: __m512i) -> __m512i {
+    // SAFETY: per the contract.
+    unsafe {
+        if VNNI {
+            _mm512_dpbusd_epi32(acc, codes, acts)
+        } else {
+            let pairs = _mm512_maddubs_epi16(codes, acts);
+            _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F and BW.
+#[inline(always)]
+unsafe fn planes(packed: __m512i) -> [__m512i; 4] {
+    // SAFETY: per the contract.
+    unsafe {
+        let mask = _mm512_set1_epi8(3);
+        [
+            _mm512_and_si512(packed, mask),
+            _mm512_and_si512(_mm512_srli_epi16::<2>(packed), mask),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(packed), mask),
+            _mm512_and_si512(_mm512_srli_epi16::<6>(packed), mask),
+        ]
+    }
+}
+
+/// `dots[i] = Σ_k xq[k] · W[rows.start + i, k]`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI; `xq` must hold at least `w.k_padded()` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn gemv_vnni(
+    w: &TernaryMatrix,
+    xq: &[i8],
+    xsum: i32,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
+    counts::enter(Isa::Avx512Vnni);
+    // SAFETY: this function runs with AVX-512 F, BW and VNNI; the rest is the caller's.
+    unsafe { gemv_with::<true>(w, xq, xsum, rows, dots) }
+}
+
+/// `gemv_vnni` without VNNI.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW; `xq` must hold at least `w.k_padded()` values.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn gemv_bw(
+    w: &TernaryMatrix,
+    xq: &[i8],
+    xsum: i32,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
+    counts::enter(Isa::Avx512Bw);
+    // SAFETY: this function runs with AVX-512 F and BW; the rest is the caller's.
+    unsafe { gemv_with::<false>(w, xq, xsum, rows, dots) }
+}
+
+/// # Safety
+/// As `gemv_vnni` (`gemv_bw` without VNNI).
+#[inline(always)]
+unsafe fn gemv_with<const VNNI: bool>(
+    w: &TernaryMatrix,
+    xq: &[i8],
+    xsum: i32,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
+    assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
+    for (dot, n) in dots.iter_mut().zip(rows) {
+        // SAFETY: per the contract; xq holds the row's padded length (asserted).
+        *dot = unsafe { gemv_row::<VNNI>(w.row(n), xq, xsum) };
+    }
+}
+
+/// One row at a time with a software prefetch (this path keeps a single
+/// stream: docs/performance.md, "Three streams").
+///
+/// The codes are not shifted down: plane i is masked in place (`packed &
+/// 3 << 2i`), so it holds code · 4^i (at most 128, still a u8), and its own
+/// accumulator sums 4^i times the plane's dot; an arithmetic shift by 2i at
+/// the end recovers it exactly (every term is a multiple of 4^i). That saves
+/// three shifts per 64 bytes. Without VNNI, a `vpmaddubsw` pair is then at
+/// most 2 · 128 · 127 = 32512 and at least 2 · 128 · -128 = -32768, so it
+/// still fits an i16 and is widened at once. Four accumulators also make
+/// four independent chains: `vpdpbusd` must wait several cycles before its
+/// result can be added to again (docs/performance.md, "AVX-512 and VNNI").
+///
+/// # Safety
+/// As `gemv_with`; `xq` holds the row's padded length.
+#[inline(always)]
+unsafe fn gemv_row<const VNNI: bool>(row: &[PackedBlock], xq: &[i8], xsum: i32) -> i32 {
+    let x = xq.as_ptr();
+    // SAFETY: the CPU has AVX-512 F and BW (and VNNI if VNNI) per the
+    // contract; block b's activations b·BLOCK..+256 lie inside xq.
+    unsafe {
+        let masks = [0x03, 0x0c, 0x30, 0xc0].map(|m: u8| _mm512_set1_epi8(m as i8));
+        let mut acc = [_mm512_setzero_si512(); 4];
+        for (b, block) in row.iter().enumerate() {
+            let ahead = (block as *const PackedBlock).wrapping_add(GEMV_PREFETCH);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            let packed = _mm512_load_si512(block.0.as_ptr().cast());
+            for i in 0..4 {
+                let plane = _mm512_and_si512(packed, masks[i]); // codes · 4^i
+                let acts = _mm512_loadu_si512(x.add(b * BLOCK + 64 * i).cast());
+                acc[i] = step::<VNNI>(acc[i], plane, acts);
+            }
+        }
+        let sum = _mm512_add_epi32(
+            _mm512_add_epi32(acc[0], _mm512_srai_epi32::<2>(acc[1])),
+            _mm512_add_epi32(
+                _mm512_srai_epi32::<4>(acc[2]),
+                _mm512_srai_epi32::<6>(acc[3]),
+            ),
+        );
+        _mm512_reduce_add_epi32(sum) - xsum
+    }
+}
+
+/// The GEMM tile: 4 rows × 4 tokens = 16 accumulators + 8 operands, of 32
+/// registers.
+pub(crate) struct Tile<const VNNI: bool>;
+
+impl<const VNNI: bool> GemmTile for Tile<VNNI> {
+    const ROWS: usize = 4;
+    const TOKENS: usize = 4;
+
+    #[inline(always)]
+    unsafe fn unpack(blocks: &[PackedBlock], out: *mut u8) {
+        for (b, block) in blocks.iter().enumerate() {
+            // SAFETY: per the trait's contract (AVX-512 F and BW; out takes
+            // blocks.len()·BLOCK bytes, 64-byte aligned); a block is 64 aligned bytes.
+            unsafe {
+                let packed = _mm512_load_si512(block.0.as_ptr().cast());
+                for (i, plane) in planes(packed).into_iter().enumerate() {
+                    _mm512_store_si512(out.add(b * BLOCK + 64 * i).cast(), plane);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile(nr: usize, nt: usize, ops: TileOperands, out: &mut [i32], m: usize) {
+        macro_rules! run {
+            ($nr:literal, $nt:literal) => {
+                tile::<$nr, $nt, VNNI>(ops, out, m)
+            };
+        }
+        // SAFETY: per the trait's contract (the CPU runs this path; nr, nt
+        // and the operands in range).
+        unsafe {
+            match (nr, nt) {
+                (4, 4) => run!(4, 4),
+                (4, 3) => run!(4, 3),
+                (4, 2) => run!(4, 2),
+                (4, _) => run!(4, 1),
+                (3, 4) => run!(3, 4),
+                (3, 3) => run!(3, 3),
+                (3, 2) => run!(3, 2),
+                (3, _) => run!(3, 1),
+                (2, 4) => run!(2, 4),
+                (2, 3) => run!(2, 3),
+                (2, 2) => run!(2, 2),
+                (2, _) => run!(2, 1),
+                (_, 4) => run!(1, 4),
+                (_, 3) => run!(1, 3),
+                (_, 2) => run!(1, 2),
+                _ => run!(1, 1),
+            }
+        }
+    }
+}
+
+/// `dots[i, t] = Σ_k x[t, k] · W[rows.start + i, k]`, dots is [rows.len(), x.m()];
+/// `scratch` holds the unpacked codes (kept by the caller between calls).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn gemm_vnni(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+    scratch: &mut Vec<CacheLine>,
+) {
+    counts::enter(Isa::Avx512Vnni);
+    // SAFETY: this function runs with AVX-512 F, BW and VNNI, what `Tile<true>` needs.
+    unsafe { driver::gemm::<Tile<true>>(w, x, rows, dots, scratch) }
+}
+
+/// `gemm_vnni` without VNNI.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn gemm_bw(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+    scratch: &mut Vec<CacheLine>,
+) {
+    counts::enter(Isa::Avx512Bw);
+    // SAFETY: this function runs with AVX-512 F and BW, what `Tile<false>` needs.
+    unsafe { driver::gemm::<Tile<false>>(w, x, rows, dots, scratch) }
+}
+
+/// `out[j·m + i] += Σ_{k < len} codes[j·code_stride + k] · acts[i·act_stride + k]`.
+///
+/// # Safety
+/// As `GemmTile::tile`, with nr = NR and nt = NT; AVX-512 F and BW, and VNNI if `VNNI`.
+#[inline(always)]
+unsafe fn tile<const NR: usize, const NT: usize, const VNNI: bool>(
+    ops: TileOperands,
+    out: &mut [i32],
+    m: usize,
+) {
+    let TileOperands {
+        codes,
+        code_stride,
+        acts,
+        act_stride,
+        len,
+    } = ops;
+    // SAFETY: per the contract: rows j < NR and tokens i < NT hold len codes
+    // (code rows 64-byte aligned), k + 64 <= len.
+    unsafe {
+        let mut acc = [[_mm512_setzero_si512(); NT]; NR];
+        let mut k = 0;
+        while k < len {
+            let mut a = [_mm512_setzero_si512(); NT];
+            for (i, a) in a.iter_mut().enumerate() {
+                *a = _mm512_loadu_si512(acts.add(i * act_stride + k).cast());
+            }
+            for j in 0..NR {
+                let c = _mm512_load_si512(codes.add(j * code_stride + k).cast());
+                for i in 0..NT {
+                    acc[j][i] = step::<VNNI>(acc[j][i], c, a[i]);
+                }
+            }
+            k += 64;
+        }
+        for j in 0..NR {
+            for i in 0..NT {
+                out[j * m + i] += _mm512_reduce_add_epi32(acc[j][i]);
+            }
+        }
+    }
+}

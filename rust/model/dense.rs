@@ -1,0 +1,401 @@
+//! Float matrices kept in memory (the embedding and the output head): their
+//! storage in on-disk precision or requantized to int8 rows, and the
+//! output head's matrix-vector product. The dot kernels are `kernels::head`'s.
+
+use rayon::prelude::*;
+
+use crate::checkpoint::{bf16_to_f32, DType, RawTensor};
+use crate::kernels::activations::int8_code;
+use crate::kernels::head;
+use crate::kernels::scalar::head::dot_lanes;
+use crate::kernels::Kernel;
+use crate::memory::advise_huge_pages;
+
+/// A row-major float matrix (the embedding and the output head) kept in its
+/// on-disk precision, so a 128256×2560 bf16 embedding costs 656 MB rather than
+/// 1.3 GB as f32 — or requantized to int8 rows (`to_int8`), 328 MB.
+#[derive(Clone, Debug)]
+pub enum DenseMatrix {
+    /// bfloat16 bits, [rows, cols].
+    Bf16 {
+        rows: usize,
+        cols: usize,
+        bits: Vec<u16>,
+    },
+    /// f32 values, [rows, cols] (F16 and F32 checkpoints; F16 is widened once).
+    F32 {
+        rows: usize,
+        cols: usize,
+        values: Vec<f32>,
+    },
+    /// Symmetric int8 rows: row r is `codes[r] / scales[r]`, codes in [-127, 127].
+    Int8 {
+        rows: usize,
+        cols: usize,
+        codes: Vec<i8>,   // [rows, cols]
+        scales: Vec<f32>, // [rows] multipliers, 127 / absmax of the row
+    },
+}
+
+impl DenseMatrix {
+    /// Copies a 2-D float tensor.
+    pub fn from_raw(t: &RawTensor<'_>) -> Self {
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        match t.dtype {
+            DType::BF16 => DenseMatrix::Bf16 {
+                rows,
+                cols,
+                bits: t
+                    .data
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
+            },
+            _ => DenseMatrix::F32 {
+                rows,
+                cols,
+                values: t.to_f32(),
+            },
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        match self {
+            DenseMatrix::Bf16 { rows, .. }
+            | DenseMatrix::F32 { rows, .. }
+            | DenseMatrix::Int8 { rows, .. } => *rows,
+        }
+    }
+
+    /// Bytes held in memory.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            DenseMatrix::Bf16 { bits, .. } => bits.len() * 2,
+            DenseMatrix::F32 { values, .. } => values.len() * 4,
+            DenseMatrix::Int8 { codes, scales, .. } => codes.len() + scales.len() * 4,
+        }
+    }
+
+    /// The matrix requantized to symmetric int8 rows (the activation formula
+    /// of BitNet, per row, with -128 excluded so that |code| <= 127).
+    pub fn to_int8(&self) -> DenseMatrix {
+        int8_rows(self.rows(), self.cols(), |r, row| self.row_into(r, row))
+    }
+
+    /// A 2-D float tensor quantized straight to int8 rows, as `to_int8` would
+    /// from `from_raw`, without the half-precision copy in between (656 MB for
+    /// the 2B4T embedding): peak memory at load stays at the int8 size.
+    pub fn int8_from_raw(t: &RawTensor<'_>) -> DenseMatrix {
+        int8_rows(t.shape[0], t.shape[1], |r, row| t.row_into(r, row))
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            DenseMatrix::Bf16 { cols, .. }
+            | DenseMatrix::F32 { cols, .. }
+            | DenseMatrix::Int8 { cols, .. } => *cols,
+        }
+    }
+
+    /// Row `r` widened to f32 into `out` ([cols]).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        match self {
+            DenseMatrix::Bf16 { cols, bits, .. } => {
+                for (o, &b) in out.iter_mut().zip(&bits[r * cols..(r + 1) * cols]) {
+                    *o = bf16_to_f32(b);
+                }
+            }
+            DenseMatrix::F32 { cols, values, .. } => {
+                out.copy_from_slice(&values[r * cols..(r + 1) * cols]);
+            }
+            DenseMatrix::Int8 {
+                cols,
+                codes,
+                scales,
+                ..
+            } => {
+                for (o, &q) in out.iter_mut().zip(&codes[r * cols..(r + 1) * cols]) {
+                    *o = f32::from(q) / scales[r];
+                }
+            }
+        }
+    }
+
+    /// Σ_j row_r[j] · x[j] in f32, on the scalar path (the definition).
+    #[inline]
+    pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
+        match self {
+            DenseMatrix::Bf16 { cols, bits, .. } => {
+                dot_lanes(&bits[r * cols..(r + 1) * cols], x, |b| bf16_to_f32(*b))
+            }
+            DenseMatrix::F32 { cols, values, .. } => {
+                dot_lanes(&values[r * cols..(r + 1) * cols], x, |v| *v)
+            }
+            DenseMatrix::Int8 { .. } => {
+                let mut out = [0.0f32];
+                self.dot_rows(Kernel::Scalar, r, x, &mut out);
+                out[0]
+            }
+        }
+    }
+}
+
+impl DenseMatrix {
+    /// `out[i] = row_i · x` for every row, in parallel chunks: the logits.
+    /// An int8 matrix quantizes x once here (see `dot_rows`).
+    pub fn matvec(&self, kernel: Kernel, x: &[f32], out: &mut [f32]) {
+        // 512 rows of 2560 columns: 1.3 MB (int8) or 2.6 MB (bf16) a task.
+        const ROWS_PER_TASK: usize = 512;
+        if let DenseMatrix::Int8 { cols, .. } = self {
+            let mut qx = vec![0i8; *cols];
+            let sx = quantize_row_symmetric(x, &mut qx);
+            out.par_chunks_mut(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(c, ys)| self.int8_dot_rows(kernel, c * ROWS_PER_TASK, &qx, sx, ys));
+            return;
+        }
+        out.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(c, ys)| self.dot_rows(kernel, c * ROWS_PER_TASK, x, ys));
+    }
+
+    /// Rows of an int8 matrix times quantized activations `qx` (scale `sx`):
+    /// `out[i] = (Σ qx · q_r) / sx / s_r`, r = first + i.
+    fn int8_dot_rows(&self, kernel: Kernel, first: usize, qx: &[i8], sx: f32, out: &mut [f32]) {
+        let DenseMatrix::Int8 {
+            cols,
+            codes,
+            scales,
+            ..
+        } = self
+        else {
+            unreachable!("int8_dot_rows is called on int8 matrices");
+        };
+        // Dots in pieces through a stack buffer: no allocation per call. A
+        // piece is a whole `matvec` task, so that the AVX2 path's three
+        // streams are as long as they can be.
+        const PIECE: usize = 512;
+        let mut dots = [0i32; PIECE];
+        for (c, ys) in out.chunks_mut(PIECE).enumerate() {
+            let r0 = first + c * PIECE;
+            let dots = &mut dots[..ys.len()];
+            head::int8_dots(kernel, &codes[r0 * cols..(r0 + ys.len()) * cols], qx, dots);
+            for (i, (y, &d)) in ys.iter_mut().zip(dots.iter()).enumerate() {
+                *y = d as f32 / sx / scales[r0 + i];
+            }
+        }
+    }
+
+    /// `out[i] = row_{first + i} · x` for each i: the output head, on
+    /// `kernel`'s head dots. bf16 rows sum in f32 on every path, which
+    /// differ only in the order of the additions (a relative difference of
+    /// about 1e-6); f32 rows use `dot_row`.
+    ///
+    /// An int8 matrix quantizes x the same way (per call) and multiplies in
+    /// integers: `out[i] = (Σ qx · q_r) / sx / s_r`.
+    pub fn dot_rows(&self, kernel: Kernel, first: usize, x: &[f32], out: &mut [f32]) {
+        match self {
+            DenseMatrix::Int8 { cols, .. } => {
+                let mut qx = vec![0i8; *cols];
+                let sx = quantize_row_symmetric(x, &mut qx);
+                self.int8_dot_rows(kernel, first, &qx, sx, out);
+            }
+            DenseMatrix::Bf16 { cols, bits, .. } => {
+                head::bf16_dots(
+                    kernel,
+                    &bits[first * cols..(first + out.len()) * cols],
+                    x,
+                    out,
+                );
+            }
+            DenseMatrix::F32 { .. } => {
+                for (i, y) in out.iter_mut().enumerate() {
+                    *y = self.dot_row(first + i, x);
+                }
+            }
+        }
+    }
+}
+
+/// Builds an int8 matrix row by row (in parallel: a real vocabulary has
+/// 128256 rows) from `fill_row(r, out)`, which writes row r as f32.
+fn int8_rows(rows: usize, cols: usize, fill_row: impl Fn(usize, &mut [f32]) + Sync) -> DenseMatrix {
+    // Zeroed pages not yet touched: the advice takes effect as they are filled.
+    let mut codes = vec![0i8; rows * cols];
+    // The output head is read whole for every token: in 4 KiB pages that is
+    // a TLB miss every 4 KiB of the stream (docs/performance.md, "Output head").
+    advise_huge_pages(&codes);
+    let mut scales = vec![0.0f32; rows];
+    codes
+        .par_chunks_mut(cols.max(1))
+        .zip(scales.par_iter_mut())
+        .enumerate()
+        .for_each_init(
+            || vec![0.0f32; cols],
+            |row, (r, (out, scale))| {
+                fill_row(r, row);
+                *scale = quantize_row_symmetric(row, out);
+            },
+        );
+    DenseMatrix::Int8 {
+        rows,
+        cols,
+        codes,
+        scales,
+    }
+}
+
+/// Per-row symmetric int8: `s = 127 / max(absmax, 1e-5)`,
+/// `q = clamp(round_half_even(x · s), -127, 127)`; returns s.
+fn quantize_row_symmetric(x: &[f32], q: &mut [i8]) -> f32 {
+    let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let s = 127.0f32 / absmax.max(1e-5);
+    for (qi, &xi) in q.iter_mut().zip(x) {
+        // |x · s| <= 127 up to rounding, so only -128 needs excluding.
+        *qi = int8_code(xi * s).max(-127);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How far a SIMD path's bf16 dot may be from the scalar one, relative
+    /// to Σ |w · x|: the same products in f32, added in another order.
+    const BF16_DOT_REL_TOL: f32 = 1e-5;
+
+    #[test]
+    fn int8_head_is_close_to_bf16() {
+        let (rows, cols) = (9, 300);
+        let bits: Vec<u16> = (0..rows * cols)
+            .map(|i| ((i * 2654435761) >> 9) as u16 & 0xBFFF)
+            .collect();
+        let m = DenseMatrix::Bf16 { rows, cols, bits };
+        let q = m.to_int8();
+        assert_eq!(q.nbytes(), rows * cols + rows * 4);
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        for kernel in Kernel::supported() {
+            let (mut exact, mut approx) = (vec![0.0; rows], vec![0.0; rows]);
+            m.dot_rows(kernel, 0, &x, &mut exact);
+            q.dot_rows(kernel, 0, &x, &mut approx);
+            for r in 0..rows {
+                let mut row = vec![0.0; cols];
+                m.row_into(r, &mut row);
+                let magnitude: f32 = row.iter().zip(&x).map(|(w, v)| (w * v).abs()).sum();
+                // Two roundings of at most half a step (absmax / 254) per product.
+                assert!(
+                    (exact[r] - approx[r]).abs() <= 0.01 * magnitude,
+                    "{kernel} row {r}"
+                );
+            }
+        }
+    }
+
+    /// Rows 2.. of bf16 and int8 matrices of 3 to 12 rows (fewer than, as
+    /// many as and more than the three streams, with rows left over) on
+    /// every path: int8 bit for bit with the scalar path, bf16 within
+    /// `BF16_DOT_REL_TOL` of `dot_row`; and the matvec of each path equals
+    /// its own dot_rows.
+    #[test]
+    fn every_path_agrees_with_the_scalar_rows() {
+        let cols = 2560 + 19;
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        for rows in [3, 4, 5, 7, 12] {
+            let bits: Vec<u16> = (0..rows * cols)
+                .map(|i| ((i * 2654435761) >> 7) as u16 & 0xBFFF)
+                .collect();
+            let m = DenseMatrix::Bf16 { rows, cols, bits };
+            let q = m.to_int8();
+            let mut want_int8 = vec![0.0; rows - 2];
+            q.dot_rows(Kernel::Scalar, 2, &x, &mut want_int8);
+            for kernel in Kernel::supported() {
+                let mut fast = vec![0.0; rows - 2];
+                m.dot_rows(kernel, 2, &x, &mut fast);
+                for (i, &f) in fast.iter().enumerate() {
+                    let slow = m.dot_row(2 + i, &x);
+                    let mut row = vec![0.0; cols];
+                    m.row_into(2 + i, &mut row);
+                    let magnitude: f32 = row.iter().zip(&x).map(|(w, v)| (w * v).abs()).sum();
+                    assert!(
+                        (f - slow).abs() <= BF16_DOT_REL_TOL * magnitude.max(1.0),
+                        "{kernel} row {i}: {f} vs {slow}"
+                    );
+                }
+                let mut got = vec![0.0; rows - 2];
+                q.dot_rows(kernel, 2, &x, &mut got);
+                assert_eq!(got, want_int8, "{kernel} int8, {rows} rows");
+                for matrix in [&m, &q] {
+                    let mut all = vec![0.0; rows];
+                    matrix.matvec(kernel, &x, &mut all);
+                    let mut tail = vec![0.0; rows - 2];
+                    matrix.dot_rows(kernel, 2, &x, &mut tail);
+                    assert_eq!(&all[2..], &tail[..], "{kernel} matvec, {rows} rows");
+                }
+            }
+        }
+    }
+
+    /// The int8 dots of every path equal the scalar definition bit for bit,
+    /// on lengths around the vector widths, row counts around the three
+    /// streams, and the extreme codes.
+    #[test]
+    fn int8_dots_of_every_path_equal_the_definition() {
+        use crate::kernels::scalar;
+        for (n, rows) in [1usize, 31, 32, 33, 63, 64, 65, 96, 2560, 2579]
+            .into_iter()
+            .flat_map(|n| [1usize, 2, 3, 5, 7, 10].map(|rows| (n, rows)))
+        {
+            let a: Vec<i8> = (0..rows * n)
+                .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
+                .collect();
+            let b: Vec<i8> = (0..n)
+                .map(|i| ((i * 91 % 255) as i32 - 127) as i8)
+                .collect();
+            let mut want = vec![0i32; rows];
+            scalar::head::int8_dots(&a, &b, &mut want);
+            for (r, &d) in want.iter().enumerate() {
+                let plain: i64 = a[r * n..(r + 1) * n]
+                    .iter()
+                    .zip(&b)
+                    .map(|(&p, &q)| i64::from(p) * i64::from(q))
+                    .sum();
+                assert_eq!(i64::from(d), plain);
+            }
+            for kernel in Kernel::supported() {
+                let mut got = vec![0i32; rows];
+                head::int8_dots(kernel, &a, &b, &mut got);
+                assert_eq!(got, want, "{kernel} n = {n}, rows = {rows}");
+                let extreme = vec![-127i8; n];
+                head::int8_dots(kernel, &extreme, &extreme, &mut got[..1]);
+                assert_eq!(got[0], 127 * 127 * n as i32, "{kernel}");
+            }
+        }
+    }
+
+    #[test]
+    fn half_matrix_rows_and_dots() {
+        // [[1, 2, ..., 11], [-1, ..., -11]] in bf16 (small integers are exact).
+        let values: Vec<f32> = (1..=11)
+            .map(|v| v as f32)
+            .chain((1..=11).map(|v| -(v as f32)))
+            .collect();
+        let bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
+        let shape = [2, 11];
+        let t = RawTensor::new("e", DType::BF16, &shape, &bytes).unwrap();
+        let m = DenseMatrix::from_raw(&t);
+        let mut row = [0.0f32; 11];
+        m.row_into(1, &mut row);
+        assert_eq!(row[10], -11.0);
+        let x = [1.0f32; 11];
+        assert_eq!(m.dot_row(0, &x), 66.0);
+        assert_eq!(m.dot_row(1, &x), -66.0);
+    }
+}
