@@ -94,12 +94,7 @@ impl Claims {
 /// one thread, or when one claim takes it all, `task` runs here on the whole
 /// range, without entering the pool (from outside it that costs tens of µs).
 ///
-/// It replaced equal tasks split by rayon (4 per thread for a decoded token,
-/// 16 for a prompt): in a 2-thread decode profile those had left the helper
-/// thread idle ~12 % of the time, the caller running 9 % more of the ternary
-/// rows than it. On the 2-vCPU Zen 3 with 2 threads, both ways interleaved
-/// in one process (medians of 8 and 5 runs): a decoded 2B4T token 1.045x
-/// (0.99-1.07), a 128-token prompt 1.07x (0.98-1.13).
+/// Why claims and not equal tasks: docs/performance.md "Row claims".
 pub fn run_claimed(
     pool: &ThreadPool,
     total: usize,

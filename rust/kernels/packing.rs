@@ -124,7 +124,7 @@ impl TernaryMatrix {
 
     /// Repacks a Hugging Face packed weight: `packed` is U8 [n_out / 4, n_in]
     /// whose packed row `r` holds output row `i * n_out / 4 + r` in bits
-    /// `2i..2i+1` as the code `w + 1` (FORMATS.md 0). The codes are the same
+    /// `2i..2i+1` as the code `w + 1` (docs/formats.md "Packing"). The codes are the same
     /// as ours, only placed differently, so bytes are assembled directly.
     /// The caller checks that no code is 3 and that n_out is a multiple of 4.
     pub fn from_hf_packed(packed: &[u8], n_out: usize, n_in: usize, scale: f32) -> Result<Self> {

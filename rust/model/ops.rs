@@ -1,5 +1,5 @@
 //! The float pieces of the forward pass, written to follow transformers'
-//! float32 op order (FORMATS.md 1), because int8 activation rounding turns
+//! float32 op order (docs/formats.md "Forward pass"), because int8 activation rounding turns
 //! ulp-level differences into visible ones.
 
 use rayon::prelude::*;

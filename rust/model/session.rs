@@ -1,5 +1,5 @@
 //! One sequence being run through a model: its KV cache, its scratch
-//! buffers, and the forward pass (FORMATS.md 1).
+//! buffers, and the forward pass (docs/formats.md "Forward pass").
 //!
 //! A prompt is processed in batches (GEMM, causal attention inside the batch),
 //! then tokens one at a time (GEMV). A new prompt that starts with tokens
@@ -283,9 +283,8 @@ impl Session {
     /// is ~150 short parallel regions, and between them rayon's idle workers
     /// yield to the OS and then sleep, so each region could start with a
     /// wake-up. For the length of the token they instead run whatever work
-    /// the regions offer (`rayon::yield_now`) and spin in between. Measured
-    /// on the 2-vCPU Zen 3, 2 threads: tg +10 % (median of 5 interleaved
-    /// pairs), the yields' system time 4 % -> 1-2 %.
+    /// the regions offer (`rayon::yield_now`) and spin in between
+    /// (docs/performance.md "Decode helpers").
     fn decode_with_helpers(
         &mut self,
         ids: &[u32],
