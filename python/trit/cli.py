@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from trit import models
-from trit._core import TritError, __version__
+from trit._core import InvalidInputError, TritError, __version__
 from trit.generator import Generator, Message
 from trit.sampling import SamplingOptions
 
@@ -178,9 +178,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             g.reset()
             print("(history cleared)", file=sys.stderr)
             continue
-        kept, ids, dropped = _fit_context(
-            g, [*history, {"role": "user", "content": text}], len(system), reply_room
-        )
+        try:
+            kept, ids, dropped = _fit_context(
+                g, [*history, {"role": "user", "content": text}], len(system), reply_room
+            )
+        except InvalidInputError as exc:  # the model's chat template refused to render
+            print(f"(not sent: {exc})", file=sys.stderr)
+            continue
         if len(ids) >= g.n_ctx:
             what = "this message and the system message take" if system else "this message takes"
             print(

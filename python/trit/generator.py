@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -16,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from trit import models, perplexity
-from trit._core import InvalidInputError, Model, ModelConfig, Sampler, Session
+from trit._core import InvalidInputError, Model, ModelConfig, Sampler, Session, TritError
 from trit.loader import load_model, read_json, resolve
 from trit.perplexity import Perplexity
 from trit.sampling import SamplingOptions
@@ -72,10 +74,14 @@ def _eos_ids(folder: Path, tokenizer: Tokenizer) -> set[int]:
         path = folder / name
         if path.exists():
             eos = read_json(path).get("eos_token_id")
-            if isinstance(eos, int):
-                return {eos}
-            if isinstance(eos, list) and eos:
-                return {int(e) for e in eos}
+            if eos is None or eos == []:
+                continue
+            ids = eos if isinstance(eos, list) else [eos]
+            if not all(type(e) is int and 0 <= e < 1 << 32 for e in ids):
+                raise InvalidInputError(
+                    f"{path}: eos_token_id is {eos!r}; expected a token id or a list of them"
+                )
+            return set(ids)
     if tokenizer.eos_token is not None:
         eos_id = tokenizer.token_id(tokenizer.eos_token)
         if eos_id is not None:
@@ -98,8 +104,11 @@ class Generator:
     """A model, its tokenizer and one cached sequence.
 
     Successive calls reuse the cached tokens their prompt starts with (a chat
-    history only runs its new turn). Not safe to use from several threads at
-    once; make one Generator per thread.
+    history only runs its new turn). One generation runs at a time: a call
+    made while another is in flight (from an `on_token` callback, while an
+    earlier `stream` is not finished, or from another thread) raises a
+    `TritError` instead of continuing from the other's cache. Make one
+    Generator per thread.
     """
 
     def __init__(
@@ -113,6 +122,9 @@ class Generator:
         # Read once: the session is borrowed while it computes (with the GIL
         # released), and other threads may still ask for n_ctx meanwhile.
         self._n_ctx = session.n_ctx
+        # Held while the session is in use (see `_session_in_use`).
+        self._busy = threading.Lock()
+        self._busy_thread: int | None = None
 
     @classmethod
     def from_pretrained(
@@ -144,6 +156,31 @@ class Generator:
         session = Session(model, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
         return cls(model, tokenizer, session, _eos_ids(folder, tokenizer))
 
+    def _busy_error(self) -> TritError:
+        if self._busy_thread == threading.get_ident():
+            return TritError(
+                "this Generator is already generating: a call from an on_token callback, "
+                "or one made before an earlier stream was finished, would continue from "
+                "the other's cache. Finish or close() the earlier stream first, or use a "
+                "second Generator"
+            )
+        return TritError(
+            "this Generator is generating in another thread; it runs one generation at a "
+            "time: make one Generator per thread, or hold a lock around its calls"
+        )
+
+    @contextmanager
+    def _session_in_use(self) -> Iterator[Session]:
+        """The session, claimed for one use; a TritError if it is in use."""
+        if not self._busy.acquire(blocking=False):
+            raise self._busy_error()
+        self._busy_thread = threading.get_ident()
+        try:
+            yield self._session
+        finally:
+            self._busy_thread = None
+            self._busy.release()
+
     @property
     def config(self) -> ModelConfig:
         return self._model.config
@@ -164,7 +201,9 @@ class Generator:
 
     def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
         """Logits at every position of `ids`: float32 [len(ids), vocab]."""
-        return self._session.logits(self._ids(ids))
+        ids = self._ids(ids)
+        with self._session_in_use() as session:
+            return session.logits(ids)
 
     def perplexity(
         self,
@@ -181,7 +220,8 @@ class Generator:
             raise InvalidInputError(f"ctx={ctx} is more than the context size n_ctx = {self.n_ctx}")
         stride = max(ctx // 2, 1) if stride is None else stride
         ids = self.encode(text)
-        return perplexity.compute(ids, self._session.nll, ctx=ctx, stride=stride, progress=progress)
+        with self._session_in_use() as session:
+            return perplexity.compute(ids, session.nll, ctx=ctx, stride=stride, progress=progress)
 
     def _ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -287,7 +327,11 @@ class Generator:
             raise InvalidInputError("max_new_tokens must be an int")
         if max_new_tokens < 0:
             raise InvalidInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if on_token is not None and not callable(on_token):
+            raise InvalidInputError(f"on_token must be callable, got {type(on_token).__name__}")
         ids = self._ids(prompt)
+        if self._busy.locked():
+            raise self._busy_error()
         # Validation is done before the first next(): errors surface at the
         # call, not at the first iteration.
         return self._stream(ids, sampling.sampler(), max_new_tokens, list(sampling.stop), on_token)
@@ -300,7 +344,20 @@ class Generator:
         stops: list[str],
         on_token: TokenCallback | None,
     ) -> Iterator[str]:
-        session = self._session
+        # The session is held from the first piece until the stream ends or
+        # is closed (or dropped).
+        with self._session_in_use() as session:
+            yield from self._generate(session, ids, sampler, max_new_tokens, stops, on_token)
+
+    def _generate(
+        self,
+        session: Session,
+        ids: list[int],
+        sampler: Sampler,
+        max_new_tokens: int,
+        stops: list[str],
+        on_token: TokenCallback | None,
+    ) -> Iterator[str]:
         self.last_stats = None
         t0 = time.perf_counter()
         processed = session.prefill(ids) if max_new_tokens else 0
@@ -365,4 +422,5 @@ class Generator:
 
     def reset(self) -> None:
         """Forgets the cached tokens."""
-        self._session.reset()
+        with self._session_in_use() as session:
+            session.reset()

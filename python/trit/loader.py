@@ -14,7 +14,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from trit._core import InvalidInputError, Model, ModelConfig, TritError
+from trit._core import (
+    MAX_JSON_BYTES,
+    InvalidInputError,
+    Model,
+    ModelConfig,
+    TritError,
+    check_model_file,
+)
 
 # What a model needs from a Hub repo; everything else (PyTorch .bin files,
 # GGUF, READMEs) is left on the server.
@@ -72,13 +79,29 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Path:
     return Path(folder)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or an InvalidInputError naming the file."""
+def read_text(path: Path, max_bytes: int = MAX_JSON_BYTES) -> str:
+    """The text of the model file `path`: a regular file inside its model
+    folder of at most `max_bytes` (checked before it is opened), UTF-8."""
+    check_model_file(path, max_bytes)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidInputError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with path.open("rb") as f:
+            raw = f.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise InvalidInputError(f"{path} has more than the {max_bytes} bytes it may have")
+        return raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{path} is not readable UTF-8 text: {exc}") from exc
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from the model file `path` (see `read_text`), or an
+    InvalidInputError naming the file."""
+    text = read_text(path)
+    try:
+        data = json.loads(text)
+    # ValueError: malformed JSON, or an integer of more digits than Python
+    # converts; RecursionError: nesting deeper than the interpreter's stack.
+    except (ValueError, RecursionError) as exc:
         raise InvalidInputError(f"{path} is not readable JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidInputError(f"{path} holds {type(data).__name__}, not a JSON object")
