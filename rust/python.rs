@@ -281,8 +281,9 @@ impl PyTernaryMatrix {
         let y = py
             .detach(|| {
                 let qa = QuantizedActivations::quantize(&values, m, k)?;
-                // m rows of x (a broadcast view can have many) times n_out.
-                let len = m.checked_mul(n_out).unwrap_or(usize::MAX);
+                // m rows of x (a broadcast view can have many) times n_out;
+                // a product past usize is refused by try_zeroed as too large.
+                let len = m.saturating_mul(n_out);
                 let mut y = try_zeroed(len, &format!("the output [{m}, {n_out}]"))?;
                 kernels::matmul_into(&self.inner, &qa, &mut y, kernel, &pool)?;
                 Ok(y)

@@ -91,10 +91,16 @@ def read_st(path: Path) -> tuple[dict[str, Any], bytes]:
     return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
-def write_st(path: Path, header: dict[str, Any] | str, data: bytes, length: int | None = None) -> None:
-    text = header if isinstance(header, str) else ", ".join(
-        f"{json.dumps(k)}: {raw_json(v) if not isinstance(v, dict) else json.dumps(v)}"
-        for k, v in header.items()
+def write_st(
+    path: Path, header: dict[str, Any] | str, data: bytes, length: int | None = None
+) -> None:
+    text = (
+        header
+        if isinstance(header, str)
+        else ", ".join(
+            f"{json.dumps(k)}: {raw_json(v) if not isinstance(v, dict) else json.dumps(v)}"
+            for k, v in header.items()
+        )
     )
     blob = (text if isinstance(header, str) else "{" + text + "}").encode(
         "utf-8", errors="surrogatepass"
@@ -111,8 +117,12 @@ Damage = Callable[[Path], None]
 @st.composite
 def config_damage(draw: Any) -> Damage:
     config = json.loads((FIXTURES / "tiny-gqa-packed" / "config.json").read_text())
-    keys = sorted(config) + ["head_dim", "quantization_config.linear_class",
-                            "quantization_config.quantization_mode", "rope_scaling"]
+    keys = sorted(config) + [
+        "head_dim",
+        "quantization_config.linear_class",
+        "quantization_config.quantization_mode",
+        "rope_scaling",
+    ]
     changes = draw(st.lists(st.tuples(st.sampled_from(keys), JSON_VALUES), min_size=1, max_size=3))
 
     def damage(folder: Path) -> None:
@@ -172,25 +182,43 @@ def header_damage(draw: Any) -> Damage:
 
 @st.composite
 def tokenizer_damage(draw: Any) -> Damage:
-    target = draw(st.sampled_from(["tokenizer.json", "tokenizer_config.json", "generation_config.json"]))
+    target = draw(
+        st.sampled_from(["tokenizer.json", "tokenizer_config.json", "generation_config.json"])
+    )
     kind = draw(st.sampled_from(["field", "bytes", "template"]))
-    key = draw(st.sampled_from(
-        ["chat_template", "bos_token", "eos_token", "eos_token_id", "model", "decoder",
-         "added_tokens", "pre_tokenizer", "normalizer", "unk_token"]
-    ))
+    key = draw(
+        st.sampled_from(
+            [
+                "chat_template",
+                "bos_token",
+                "eos_token",
+                "eos_token_id",
+                "model",
+                "decoder",
+                "added_tokens",
+                "pre_tokenizer",
+                "normalizer",
+                "unk_token",
+            ]
+        )
+    )
     value = draw(JSON_VALUES)
     cut = draw(st.integers(0, 10**6))
-    template = draw(st.sampled_from([
-        "{{ raise_exception('no') }}",
-        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
-        "{{ 'x' * 1000000000 }}",
-        "{{ 10 ** 10 ** 10 }}",
-        "{% for i in range(99999) %}{{ 'abcdefghij' * 99 }}{% endfor %}",
-        "{{ messages[0].content.__class__ }}",
-        "{{ ''.__class__.__mro__ }}",
-        "{% if %}",
-        "{{ messages | tojson }}",
-    ]))
+    template = draw(
+        st.sampled_from(
+            [
+                "{{ raise_exception('no') }}",
+                "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                "{{ 'x' * 1000000000 }}",
+                "{{ 10 ** 10 ** 10 }}",
+                "{% for i in range(99999) %}{{ 'abcdefghij' * 99 }}{% endfor %}",
+                "{{ messages[0].content.__class__ }}",
+                "{{ ''.__class__.__mro__ }}",
+                "{% if %}",
+                "{{ messages | tojson }}",
+            ]
+        )
+    )
 
     def damage(folder: Path) -> None:
         path = folder / target
@@ -213,11 +241,22 @@ def tokenizer_damage(draw: Any) -> Damage:
 
 @st.composite
 def shard_damage(draw: Any) -> Damage:
-    shard = draw(st.sampled_from([
-        "../model-00001-of-00002.safetensors", "/etc/passwd", "/dev/zero", "", ".", "..",
-        "sub/model-00001-of-00002.safetensors", "model-00003-of-00002.safetensors",
-        "tokenizer.json", "config.json",
-    ]))
+    shard = draw(
+        st.sampled_from(
+            [
+                "../model-00001-of-00002.safetensors",
+                "/etc/passwd",
+                "/dev/zero",
+                "",
+                ".",
+                "..",
+                "sub/model-00001-of-00002.safetensors",
+                "model-00003-of-00002.safetensors",
+                "tokenizer.json",
+                "config.json",
+            ]
+        )
+    )
     value = draw(st.one_of(st.just(shard), JSON_VALUES))
     which = draw(st.integers(0, 10**6))
     whole = draw(st.one_of(st.none(), JSON_VALUES))
@@ -237,10 +276,17 @@ def shard_damage(draw: Any) -> Damage:
 
 @st.composite
 def link_damage(draw: Any) -> Damage:
-    name = draw(st.sampled_from(
-        ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-         "model.safetensors"]
-    ))
+    name = draw(
+        st.sampled_from(
+            [
+                "config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "generation_config.json",
+                "model.safetensors",
+            ]
+        )
+    )
     target = draw(st.sampled_from(["/dev/zero", "/dev/null", "outside", "fifo", "folder", "self"]))
 
     def damage(folder: Path) -> None:

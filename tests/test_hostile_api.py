@@ -56,8 +56,16 @@ def attempt(name: str, call: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 SAMPLING_KEYS = [
-    "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop", "sampling",
-    "on_token", "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "sampling",
+    "on_token",
+    "max_new_tokens",
 ]
 
 
@@ -73,8 +81,11 @@ def test_generate_takes_any_arguments(prompt: Any, changes: dict[str, Any]) -> N
         kwargs["max_new_tokens"] = 16  # valid, and costs time only
     attempt("Generator.generate", g.generate, prompt, **kwargs)
     attempt("Generator.chat", g.chat, prompt, 2)
-    attempt("SamplingOptions", SamplingOptions, **{k: v for k, v in changes.items()
-                                                 if k in SAMPLING_KEYS[:7]})
+    attempt(
+        "SamplingOptions",
+        SamplingOptions,
+        **{k: v for k, v in changes.items() if k in SAMPLING_KEYS[:7]},
+    )
 
 
 @FUZZ
@@ -89,15 +100,20 @@ def test_tokenizer_takes_any_arguments(value: Any, ids: Any) -> None:
 
 
 ARRAYS = hnp.arrays(
-    dtype=st.sampled_from([np.int8, np.float32, np.float64, np.int64, np.uint8]),
+    dtype=st.sampled_from([np.int8, np.float32, np.float64, np.int64, np.int16]),
     shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5),
     elements=st.integers(-2, 2),
 )
 
 
 @FUZZ
-@given(w=st.one_of(ARRAYS, HOSTILE), scale=HOSTILE, x=st.one_of(ARRAYS, HOSTILE),
-       threads=HOSTILE, kernel=HOSTILE)
+@given(
+    w=st.one_of(ARRAYS, HOSTILE),
+    scale=HOSTILE,
+    x=st.one_of(ARRAYS, HOSTILE),
+    threads=HOSTILE,
+    kernel=HOSTILE,
+)
 def test_kernels_take_any_arguments(w: Any, scale: Any, x: Any, threads: Any, kernel: Any) -> None:
     attempt("TernaryMatrix.pack", TernaryMatrix.pack, w, scale)
     m = TernaryMatrix.pack(np.ones((4, 3), np.int8), 0.5)
@@ -109,17 +125,38 @@ def test_kernels_take_any_arguments(w: Any, scale: Any, x: Any, threads: Any, ke
 
 
 @FUZZ
-@given(kwargs=st.dictionaries(
-    st.sampled_from(["n_ctx", "threads", "kv_cache", "temperature", "top_k", "top_p", "min_p",
-                     "repetition_penalty", "seed", "head", "ids", "token", "first"]),
-    HOSTILE, max_size=4,
-))
+@given(
+    kwargs=st.dictionaries(
+        st.sampled_from(
+            [
+                "n_ctx",
+                "threads",
+                "kv_cache",
+                "temperature",
+                "top_k",
+                "top_p",
+                "min_p",
+                "repetition_penalty",
+                "seed",
+                "head",
+                "ids",
+                "token",
+                "first",
+            ]
+        ),
+        HOSTILE,
+        max_size=4,
+    )
+)
 def test_sessions_and_samplers_take_any_arguments(kwargs: dict[str, Any]) -> None:
     g = generator("tiny-gqa-packed", exact=False)
     pick = lambda *keys: {k: v for k, v in kwargs.items() if k in keys}  # noqa: E731
     session = attempt("Session", Session, g.model, **pick("n_ctx", "threads", "kv_cache"))
-    attempt("Sampler", Sampler, **pick("temperature", "top_k", "top_p", "min_p",
-                                       "repetition_penalty", "seed"))
+    attempt(
+        "Sampler",
+        Sampler,
+        **pick("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"),
+    )
     if session is not None:
         attempt("Session.prefill", session.prefill, kwargs.get("ids", [1, 2]))
         attempt("Session.push", session.push, kwargs.get("token", 3))
@@ -128,18 +165,29 @@ def test_sessions_and_samplers_take_any_arguments(kwargs: dict[str, Any]) -> Non
 
 
 CONFIG = dict(
-    vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-    num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4, rms_norm_eps=1e-5,
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=1e4,
+    rms_norm_eps=1e-5,
     max_position_embeddings=32,
 )
 
 
 @FUZZ
-@given(changes=st.dictionaries(
-    st.sampled_from([*CONFIG, "head_dim", "tie_word_embeddings", "linear_class",
-                     "quantization_mode"]),
-    HOSTILE, min_size=1, max_size=3,
-))
+@given(
+    changes=st.dictionaries(
+        st.sampled_from(
+            [*CONFIG, "head_dim", "tie_word_embeddings", "linear_class", "quantization_mode"]
+        ),
+        HOSTILE,
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_model_config_takes_any_arguments(changes: dict[str, Any]) -> None:
     attempt("ModelConfig", ModelConfig, **{**CONFIG, **changes})
 
@@ -164,18 +212,24 @@ def test_sampling_values_name_the_argument(field: str, value: Any, expected: str
 @pytest.mark.parametrize(
     ("call", "expected"),
     [
-        (lambda s: s.prefill([2**64]), "token id at position 0 must be an integer from 0"),
-        (lambda s: s.prefill([1, "a"]), "token id at position 1 must be an integer, got str"),
+        (
+            lambda s: s.prefill([2**64]),
+            "token id 18446744073709551616 at position 0 is not a valid id",
+        ),
+        (lambda s: s.prefill([1, "a"]), r"token id \(a str\) at position 1 is not a valid id"),
         (lambda s: s.prefill("abc"), "ids must be a list of token ids, got a str"),
-        (lambda s: s.push(-1), "token must be an integer from 0 to 4294967295, got -1"),
+        (
+            lambda s: s.push(-1),
+            "token id -1 is not a valid id; token ids are integers from 0 to 4294967295",
+        ),
         (lambda s: s.nll([1, 2], 2**70), "first must be an integer"),
         (lambda s: Session(s_model(), threads=2**64), "threads must be an integer from 0"),
         (lambda s: Session(s_model(), n_ctx=-5), "n_ctx must be an integer from 0"),
-        (lambda s: Session(s_model(), kv_cache=16), "kv_cache must be a str, got int"),
+        (lambda s: Session(s_model(), kv_cache=16), "kv_cache must be a str, got int"),  # type: ignore[arg-type]
         (lambda s: Sampler(seed=2**64), "seed must be an integer from 0 to"),
-        (lambda s: Sampler(temperature="1"), "temperature must be a number, got str"),
+        (lambda s: Sampler(temperature="1"), "temperature must be a number, got str"),  # type: ignore[arg-type]
         (lambda s: Sampler(top_k=True), "top_k must be an integer, got a bool"),
-        (lambda s: TernaryMatrix.pack(np.ones((4, 4), np.int8), "1"), "scale must be a number"),
+        (lambda s: TernaryMatrix.pack(np.ones((4, 4), np.int8), "1"), "scale must be a number"),  # type: ignore[arg-type]
         (lambda s: TernaryMatrix.pack(np.ones((4, 4), np.int8), 2**2000), "scale is too large"),
     ],
 )
@@ -275,7 +329,7 @@ def test_a_closed_stream_frees_the_generator(own_generator: Generator) -> None:
     g = own_generator
     s = g.stream("Once upon a time", 8)
     next(s)
-    s.close()
+    s.close()  # type: ignore[attr-defined]  # a Python generator
     assert g.generate("Once", 2) is not None
 
 
@@ -331,4 +385,3 @@ def test_thread_counts_are_capped_and_pools_bounded() -> None:
     while os_threads() > bound and time.monotonic() < deadline:
         time.sleep(0.05)
     assert os_threads() <= bound, (os_threads(), before, cap)
-

@@ -268,8 +268,10 @@ def test_bad_eos_token_ids_are_invalid_input(tmp_path: Path, eos: object) -> Non
     ("template", "expected"),
     [
         ("{{ raise_exception('Conversation roles must alternate') }}", "roles must alternate"),
-        ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
-         "ran for more than"),
+        (
+            "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+            "ran for more than",
+        ),
         ("{% for i in range(99999) %}{{ 'abcdefghij' * 99 }}{% endfor %}", "output passed"),
         ("{{ 'x' * 10 ** 9 }}", "repetition too large"),
         ("{{ ((2 ** 1000) ** 1000) ** 1000 }}", "power too large"),

@@ -221,9 +221,7 @@ def _render(template: Any, *, max_chars: int, **context: Any) -> str:
     except jinja2.exceptions.TemplateError as exc:
         raise InvalidInputError(f"the chat template refused these messages: {exc}") from None
     except (MemoryError, RecursionError) as exc:
-        raise InvalidInputError(
-            f"the chat template was stopped: {type(exc).__name__}"
-        ) from None
+        raise InvalidInputError(f"the chat template was stopped: {type(exc).__name__}") from None
     except Exception as exc:  # a template can fail in any Python way
         raise InvalidInputError(
             f"the chat template failed to render: {type(exc).__name__}: {exc}"

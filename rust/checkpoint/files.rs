@@ -74,7 +74,7 @@ pub fn check_model_file(path: &Path, max_bytes: u64) -> Result<u64> {
     }
     if size > max_bytes {
         return Err(TritError::invalid(format!(
-            "{shown} has {size} bytes, more than the {max_bytes} such a file may have"
+            "{shown} has {size} bytes, more than the {max_bytes} bytes such a file may have"
         )));
     }
     Ok(size)

@@ -120,9 +120,28 @@ pub(super) fn token_ids(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     })?;
     let mut ids = Vec::new();
     for (i, item) in items.enumerate() {
-        ids.push(int::<u32>(&item?, &format!("token id at position {i}"))?);
+        ids.push(token_id(&item?, &format!(" at position {i}"))?);
     }
     Ok(ids)
+}
+
+/// `obj` as one token id; `place` (" at position 3", or "") for the message.
+fn token_id(obj: &Bound<'_, PyAny>, place: &str) -> PyResult<u32> {
+    int::<u32>(obj, "token id").map_err(|_| {
+        let shown = match obj.extract::<i128>() {
+            Ok(v) if !obj.is_instance_of::<PyBool>() => v.to_string(),
+            _ => format!("(a {})", type_name(obj)),
+        };
+        invalid(format!(
+            "token id {shown}{place} is not a valid id; token ids are integers from 0 to {}",
+            u32::MAX
+        ))
+    })
+}
+
+/// `obj` as the token id of `push`.
+pub(super) fn token(obj: &Bound<'_, PyAny>) -> PyResult<u32> {
+    token_id(obj, "")
 }
 
 /// Named extractors for `#[pyo3(from_py_with = ...)]`, one per argument
@@ -146,7 +165,6 @@ named! {
     reps -> usize = int("reps");
     layer -> usize = int("layer");
     projection_name -> String = string("name");
-    token -> u32 = int("token");
     first -> i64 = int("first");
     temperature -> f64 = float("temperature");
     top_k -> i64 = int("top_k");

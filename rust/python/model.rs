@@ -30,6 +30,11 @@ impl PyModelConfig {
         max_position_embeddings, head_dim=None, tie_word_embeddings=true,
         linear_class="bitlinear".to_string(), quantization_mode="offline".to_string()
     ))]
+    // The defaults as Python sees them (PyO3 writes a computed default as `...`).
+    #[pyo3(text_signature = "(*, vocab_size, hidden_size, intermediate_size, \
+        num_hidden_layers, num_attention_heads, num_key_value_heads, rope_theta, rms_norm_eps, \
+        max_position_embeddings, head_dim=None, tie_word_embeddings=True, \
+        linear_class='bitlinear', quantization_mode='offline')")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         #[pyo3(from_py_with = args::vocab_size)] vocab_size: usize,
@@ -310,6 +315,8 @@ pub(super) struct PySession {
 impl PySession {
     #[new]
     #[pyo3(signature = (model, *, n_ctx=None, threads=None, kv_cache="f16".to_string()))]
+    // The default as Python sees it (PyO3 writes a computed default as `...`).
+    #[pyo3(text_signature = "(model, *, n_ctx=None, threads=None, kv_cache='f16')")]
     fn new(
         model: &PyModel,
         #[pyo3(from_py_with = args::n_ctx)] n_ctx: Option<usize>,
