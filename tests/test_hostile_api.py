@@ -42,7 +42,7 @@ HOSTILE = st.one_of(
 )
 # The examples are cheap: a tiny model, a few tokens.
 FUZZ = settings(
-    max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck)
 )
 
 

@@ -25,10 +25,10 @@ FIXTURES = HERE / "fixtures"
 
 # Examples per class of damage: together well under a minute on two cores.
 EXAMPLES = {
-    "config": 150,
-    "header": 150,
-    "tokenizer": 80,
-    "shards": 60,
+    "config": 300,
+    "header": 300,
+    "tokenizer": 150,
+    "shards": 100,
     "links": 30,
     "sizes": 20,
 }
