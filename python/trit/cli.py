@@ -304,6 +304,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         from trit import webui
         from trit.server import create_app
+        from trit.server.connections import uvicorn_config
     except ImportError as exc:
         print(
             f"trit: error: `trit serve` needs the serve extra ({exc}): pip install 'trit[serve]'",
@@ -313,10 +314,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_concurrency < 1:
         print("trit: error: --max-concurrency must be >= 1", file=sys.stderr)
         return 2
+    if not args.request_timeout > 0:  # also refuses nan
+        print("trit: error: --request-timeout must be > 0 seconds", file=sys.stderr)
+        return 2
     g = _load(args)
     name = _model_id(args)
     app = create_app(
-        g, model_name=name, api_key=args.api_key or None, max_concurrency=args.max_concurrency
+        g,
+        model_name=name,
+        api_key=args.api_key or None,
+        max_concurrency=args.max_concurrency,
+        request_timeout=args.request_timeout,
     )
     webui.mount(app)
     if not _is_loopback(args.host) and not args.api_key:
@@ -332,14 +340,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"chat page: http://{host}:{args.port}/",
         file=sys.stderr,
     )
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=5,
+    server = uvicorn.Server(
+        uvicorn_config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            request_timeout=args.request_timeout,
+            max_connections=args.max_connections,
+        )
     )
-    return 0
+    server.run()
+    return 0 if server.started else 1  # uvicorn has said why (a port in use, ...)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -427,6 +439,19 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=16,
         help="requests running or queued at once; more get a 503 (default: 16)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_at_least(1),
+        default=256,
+        help="open HTTP connections at once; more get a 503 (default: 256)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a request's headers, and then its body, "
+        "before the connection is closed (default: 30)",
     )
     p.add_argument(
         "--served-model-name",
