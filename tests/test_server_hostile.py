@@ -490,6 +490,9 @@ def test_bodies_beyond_the_limit_are_413s(api: TestClient, gen: Counting) -> Non
 
     r = api.post(CHAT, content=chunks(), headers=AUTH)
     assert assert_error(r, 413)
+    # the issue's 15 MB prompt: refused from its Content-Length, unread
+    body = json.dumps({"model": NAME, "prompt": "a" * (15 << 20)}).encode()
+    assert assert_error(api.post(COMP, content=body, headers=AUTH), 413)
 
 
 @contextmanager
@@ -656,3 +659,37 @@ def test_admission_comes_before_tokenizing() -> None:
             assert g.encoded == before
             gate.set()
             first.join(TIMEOUT)
+
+
+class Slow(Counting):
+    """Sleeps after each token, so that a client can leave mid-generation."""
+
+    def stream(self, *args: Any, on_token: Any = None, **kwargs: Any) -> Any:
+        def hook(token: int, logits: Any) -> None:
+            time.sleep(0.01)
+            if on_token is not None:
+                on_token(token, logits)
+
+        return super().stream(*args, on_token=hook, **kwargs)
+
+
+def test_requests_never_share_a_sequence() -> None:
+    """A generation cut off by its client leaves nothing behind in the
+    Generator's one cached sequence: the next request, on another prompt or
+    the same one, gets what it would alone (greedy, so comparable)."""
+    ref = Generator.from_pretrained(models.path(), threads=1)
+    prompts = ["Once upon a time", "Once upon a", "Tell me a fortune."]
+    alone = {p: ref.generate(p, 24) for p in prompts}
+    g = load(cls=Slow)
+    with serving(create_app(g, model_name=NAME), 30.0) as (url, _, _):
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
+            for cut, after in zip(prompts, [*prompts[1:], prompts[0]]):
+                body = {"model": NAME, "prompt": cut, "max_tokens": 200, "temperature": 0}
+                with http.stream("POST", COMP, json={**body, "stream": True}) as r:
+                    events = r.iter_lines()
+                    assert next(e for e in events if e.startswith("data: "))
+                # the cut generation is still stopping while this one queues
+                for prompt in (after, cut):
+                    body = {"model": NAME, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+                    got = http.post(COMP, json=body).json()["choices"][0]["text"]
+                    assert got == alone[prompt], (cut, prompt)
