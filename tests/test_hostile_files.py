@@ -307,3 +307,37 @@ def test_trit_chat_reports_a_template_that_raises(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.count("(not sent: the chat template refused these messages") == 2
+
+
+def test_a_checkpoint_larger_than_memory_is_refused_before_any_work(tmp_path: Path) -> None:
+    # A sparse file declares a 1 TiB embedding at no disk cost: before, its
+    # values were scanned for hours and then an allocation aborted.
+    folder = copy_model(tmp_path)
+    edit_json(folder / "config.json", vocab_size=2**33)
+    code = textwrap.dedent(
+        f"""
+        import json, struct
+        from pathlib import Path
+        from trit import OutOfMemoryError
+        from trit._core import Model
+        path = Path({str(folder)!r}) / "model.safetensors"
+        size = 2**33 * 64 * 2
+        header = json.dumps({{"model.embed_tokens.weight": {{
+            "dtype": "BF16", "shape": [2**33, 64], "data_offsets": [0, size]}}}}).encode()
+        try:
+            with path.open("wb") as f:
+                f.write(struct.pack("<Q", len(header)) + header)
+                f.truncate(8 + len(header) + size)
+        except OSError:
+            raise SystemExit("no sparse files")
+        try:
+            Model.open(path.parent, threads=1)
+        except OutOfMemoryError as exc:
+            print("refused:", exc)
+        """
+    )
+    result = run_child(["-c", code], 60)
+    if "no sparse files" in result.stderr:
+        pytest.skip("this file system has no sparse files of 1 TiB")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "refused: not enough memory" in result.stdout, result.stdout + result.stderr[-2000:]
