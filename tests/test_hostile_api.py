@@ -385,3 +385,18 @@ def test_thread_counts_are_capped_and_pools_bounded() -> None:
     while os_threads() > bound and time.monotonic() < deadline:
         time.sleep(0.05)
     assert os_threads() <= bound, (os_threads(), before, cap)
+
+
+@FUZZ
+@given(
+    name=st.one_of(HOSTILE, st.sampled_from(["a\0b", "org/model", "../x", "", "/dev/null"])),
+    changes=st.dictionaries(
+        st.sampled_from(["threads", "n_ctx", "head", "kv_cache", "revision"]), HOSTILE, max_size=2
+    ),
+)
+def test_from_pretrained_takes_any_arguments(
+    name: Any, changes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never the network
+    attempt("from_pretrained", Generator.from_pretrained, name, **changes)
+    attempt("from_pretrained", Generator.from_pretrained, FIXTURES / "tiny-gqa-packed", **changes)

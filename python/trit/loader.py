@@ -9,6 +9,7 @@ files are parsed and mapped in Rust (``Model.open``).
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -42,12 +43,23 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def resolve(name_or_path: str | Path, *, revision: str | None = None) -> Path:
     """The local folder of a model: `name_or_path` itself if it is a folder,
     else the snapshot of that Hugging Face repo id."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise InvalidInputError(
+            f"expected a model folder or a Hub repo id, got {type(name_or_path).__name__}"
+        )
+    if revision is not None and not isinstance(revision, str):
+        raise InvalidInputError(f"revision must be a str, got {type(revision).__name__}")
+    try:
+        path = Path(name_or_path).expanduser()
+        is_dir, exists = path.is_dir(), path.exists()
+    # A NUL byte, a lone surrogate, a name too long, an unknown ~user.
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise InvalidInputError(f"{name_or_path!r} is not a usable path: {exc}") from None
+    if is_dir:
         if revision is not None:
             raise InvalidInputError(f"revision={revision!r} applies to Hub repos, not to {path}")
         return path
-    if path.exists():
+    if exists:
         raise InvalidInputError(f"{path} is a file; expected a model folder or a Hub repo id")
     name = str(name_or_path)
     if not _REPO_ID.match(name):
@@ -127,7 +139,7 @@ def load_model(folder: Path, *, threads: int | None = None, head: str = "int8") 
     the bytes each generated token reads for a perplexity change of about
     0.02 % (README, "Output head"); "bf16" keeps it as stored, and the logits
     are then transformers' own."""
-    if head not in HEADS:
+    if not isinstance(head, str) or head not in HEADS:
         raise InvalidInputError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     # Errors name the file at fault, or the folder for a tensor the model
     # needs but the checkpoint lacks or holds wrongly.
