@@ -12,7 +12,7 @@ pub mod session;
 pub mod weights;
 
 pub use cache::KvType;
-pub use config::{Config, LinearClass, QuantizationMode};
+pub use config::{Activation, Config, Family, LinearClass, QuantizationMode};
 pub use open::open;
 pub use session::Session;
 pub use weights::{load, HeadPrecision, Model, Proj};

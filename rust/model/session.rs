@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use super::attention::{attend_chunk, attend_group, merge, ChunkScratch, Partial, KEY_CHUNK};
 use super::cache::{KvCache, KvType};
-use super::ops::{add_rms_norm_rows, add_rows, rms_norm, rms_norm_rows, Rope};
+use super::config::Activation;
+use super::ops::{add_rms_norm_rows, add_rows, rms_norm, rms_norm_rows, silu_glu_rows, Rope};
 use super::scoring::next_token_nll;
 use super::weights::Model;
 use crate::error::{Result, TritError};
@@ -53,7 +54,8 @@ struct Scratch {
     v: Vec<f32>,        // [T, n_kv_heads * head_dim]
     o: Vec<f32>,        // [T, n_heads * head_dim] attention output, token-major
     proj: Vec<f32>,     // [T, hidden] output of o_proj / down_proj
-    h: Vec<f32>,        // [T, intermediate] relu(gate)² · up
+    h: Vec<f32>,        // [T, intermediate] act(gate) · up
+    up: Vec<f32>,       // [T, intermediate] up_proj output (SiLU families)
     h_normed: Vec<f32>, // [T, intermediate] h after ffn_sub_norm
     attn: AttentionScratch,
     normed: Vec<f32>, // [hidden] final-normed token
@@ -113,7 +115,7 @@ impl Session {
             )));
         }
         let pool = threads::pool(threads)?;
-        let rope = Rope::new(c.head_dim, c.rope_theta, n_ctx);
+        let rope = Rope::for_config(c, n_ctx);
         let cache = KvCache::new(c.num_layers, c.num_kv_heads, n_ctx, c.head_dim, kv, kernel);
         let scratch = Scratch {
             attn: AttentionScratch::new(c.num_heads, c.head_dim, n_ctx),
@@ -344,6 +346,7 @@ impl Session {
         let (hidden, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let eps = c.rms_norm_eps;
+        let activation = c.family.activation();
         let kernel = self.kernel;
         let s = &mut self.scratch;
 
@@ -401,14 +404,15 @@ impl Session {
                 fit(&mut s.o, t_len * q_dim),
                 &mut s.attn,
             );
-            // attn_sub_norm comes before o_proj.
-            rms_norm_rows(
-                &s.o,
-                &layer.attn_sub_norm,
-                eps,
-                fit(&mut s.a, t_len * q_dim),
-            );
-            s.qa.requantize(&s.a, t_len, q_dim)?;
+            // A sub-norm, in the families that have one, comes before o_proj.
+            let o_in: &[f32] = match &layer.attn_sub_norm {
+                Some(w) => {
+                    rms_norm_rows(&s.o, w, eps, fit(&mut s.a, t_len * q_dim));
+                    &s.a
+                }
+                None => &s.o,
+            };
+            s.qa.requantize(o_in, t_len, q_dim)?;
             matmul_into(
                 &layer.o,
                 &s.qa,
@@ -420,15 +424,35 @@ impl Session {
             // ---- MLP block
             let a = fit(&mut s.a, t_len * hidden);
             add_rms_norm_rows(&mut s.x, &s.proj, &layer.post_norm, eps, a);
-            // One quantisation serves gate and up, one parallel pass too,
-            // which stores only relu(gate)² · up.
+            // One quantisation serves gate and up, one parallel pass too.
             s.qa.requantize(&s.a, t_len, hidden)?;
             let h = fit(&mut s.h, t_len * inter);
-            matmul_glu_into(&layer.gate, &layer.up, &s.qa, h, kernel, pool)?;
-            // ffn_sub_norm comes before down_proj.
-            let h_normed = fit(&mut s.h_normed, t_len * inter);
-            rms_norm_rows(&s.h, &layer.ffn_sub_norm, eps, h_normed);
-            s.qa.requantize(&s.h_normed, t_len, inter)?;
+            match activation {
+                // Stores only relu(gate)² · up.
+                Activation::Relu2 => {
+                    matmul_glu_into(&layer.gate, &layer.up, &s.qa, h, kernel, pool)?
+                }
+                Activation::Silu => {
+                    let up = fit(&mut s.up, t_len * inter);
+                    matmul_many_into(
+                        &[&layer.gate, &layer.up],
+                        &s.qa,
+                        &mut [&mut *h, &mut *up],
+                        kernel,
+                        pool,
+                    )?;
+                    silu_glu_rows(h, up);
+                }
+            }
+            // A sub-norm, in the families that have one, comes before down_proj.
+            let h_in: &[f32] = match &layer.ffn_sub_norm {
+                Some(w) => {
+                    rms_norm_rows(&s.h, w, eps, fit(&mut s.h_normed, t_len * inter));
+                    &s.h_normed
+                }
+                None => &s.h,
+            };
+            s.qa.requantize(h_in, t_len, inter)?;
             matmul_into(
                 &layer.down,
                 &s.qa,

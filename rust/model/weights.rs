@@ -90,13 +90,15 @@ pub struct Layer {
     pub q: TernaryMatrix,        // [q_dim, hidden]
     pub k: TernaryMatrix,        // [kv_dim, hidden]
     pub v: TernaryMatrix,        // [kv_dim, hidden]
-    pub attn_sub_norm: Vec<f32>, // [q_dim] (= hidden)
-    pub o: TernaryMatrix,        // [hidden, q_dim]
-    pub post_norm: Vec<f32>,     // [hidden]
-    pub gate: TernaryMatrix,     // [intermediate, hidden]
-    pub up: TernaryMatrix,       // [intermediate, hidden]
-    pub ffn_sub_norm: Vec<f32>,  // [intermediate]
-    pub down: TernaryMatrix,     // [hidden, intermediate]
+    /// [q_dim] (= hidden); in the families that have sub-norms (`Family::sub_norms`).
+    pub attn_sub_norm: Option<Vec<f32>>,
+    pub o: TernaryMatrix,    // [hidden, q_dim]
+    pub post_norm: Vec<f32>, // [hidden]
+    pub gate: TernaryMatrix, // [intermediate, hidden]
+    pub up: TernaryMatrix,   // [intermediate, hidden]
+    /// [intermediate]; in the families that have sub-norms.
+    pub ffn_sub_norm: Option<Vec<f32>>,
+    pub down: TernaryMatrix, // [hidden, intermediate]
 }
 
 impl Layer {
@@ -142,9 +144,9 @@ impl Model {
                     .map(|&p| l.proj(p).packed_bytes())
                     .sum::<usize>()
                     + (l.input_norm.len()
-                        + l.attn_sub_norm.len()
+                        + l.attn_sub_norm.as_ref().map_or(0, Vec::len)
                         + l.post_norm.len()
-                        + l.ffn_sub_norm.len())
+                        + l.ffn_sub_norm.as_ref().map_or(0, Vec::len))
                         * f32s
             })
             .sum::<usize>()
@@ -451,20 +453,22 @@ pub fn load(
     };
     let load_layer = |l: usize| -> Result<Layer> {
         let prefix = format!("model.layers.{l}");
+        let sub_norm = |path: Option<&str>, len: usize| {
+            path.map(|p| ck.vector(&format!("{prefix}.{p}.weight"), len))
+                .transpose()
+        };
+        let sub_norms = c.family.sub_norms();
         let layer = Layer {
             input_norm: ck.vector(&format!("{prefix}.input_layernorm.weight"), hidden)?,
             q: ck.projection(c, l, Proj::Q)?,
             k: ck.projection(c, l, Proj::K)?,
             v: ck.projection(c, l, Proj::V)?,
-            attn_sub_norm: ck.vector(
-                &format!("{prefix}.self_attn.attn_sub_norm.weight"),
-                c.q_dim(),
-            )?,
+            attn_sub_norm: sub_norm(sub_norms.map(|n| n.0), c.q_dim())?,
             o: ck.projection(c, l, Proj::O)?,
             post_norm: ck.vector(&format!("{prefix}.post_attention_layernorm.weight"), hidden)?,
             gate: ck.projection(c, l, Proj::Gate)?,
             up: ck.projection(c, l, Proj::Up)?,
-            ffn_sub_norm: ck.vector(&format!("{prefix}.mlp.ffn_sub_norm.weight"), inter)?,
+            ffn_sub_norm: sub_norm(sub_norms.map(|n| n.1), inter)?,
             down: ck.projection(c, l, Proj::Down)?,
         };
         ck.tensors.release_prefix(&format!("{prefix}."));

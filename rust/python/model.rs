@@ -50,6 +50,7 @@ impl PyModelConfig {
             return Err(invalid("config: num_attention_heads must be positive"));
         }
         let inner = Config {
+            family: model::Family::BitNet,
             vocab_size,
             hidden_size,
             intermediate_size,
@@ -64,6 +65,8 @@ impl PyModelConfig {
             tie_word_embeddings,
             linear_class: LinearClass::parse(linear_class).py()?,
             quantization_mode: QuantizationMode::parse(quantization_mode).py()?,
+            bitlinear_norm_eps: None,
+            rope_scaling: None,
         };
         inner.validate().py()?;
         Ok(PyModelConfig { inner })
@@ -119,6 +122,12 @@ impl PyModelConfig {
     #[getter]
     fn tie_word_embeddings(&self) -> bool {
         self.inner.tie_word_embeddings
+    }
+    /// "bitnet" (BitNetForCausalLM), "llama" (LlamaForCausalLM with bitnet
+    /// quantization) or "1bitllm" (1bitLLM's BitnetForCausalLM).
+    #[getter]
+    fn family(&self) -> &'static str {
+        self.inner.family.name()
     }
     #[getter]
     fn linear_class(&self) -> &'static str {
