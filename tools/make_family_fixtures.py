@@ -33,7 +33,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_fixtures as base  # noqa: E402  (sets TORCHDYNAMO_DISABLE before torch is imported)
-
 import numpy as np  # noqa: E402
 import safetensors  # noqa: E402
 import tokenizers  # noqa: E402
@@ -211,6 +210,10 @@ def master_weights(spec: FamilySpec, vocab: int) -> dict[str, torch.Tensor]:
             factor = float(unif((1,), 0.5, 2.0))
             std = 1.0 if spec.family == "1bitllm" else 0.3
             w[p + proj + ".weight"] = randn(proj_shape(spec, proj), std * factor)
+            if spec.quantization and spec.quantization.get("use_rms_norm"):
+                # BitLinear's own LlamaRMSNorm over the projection's input
+                n_in = proj_shape(spec, proj)[1]
+                w[p + proj + ".rms_norm.weight"] = unif((n_in,), 0.5, 1.5)
     w["model.norm.weight"] = unif((spec.hidden,), 0.5, 1.5)
     if not spec.tied:
         w["lm_head.weight"] = randn((vocab, spec.hidden), 0.5)
@@ -223,7 +226,7 @@ def checkpoint_tensors(spec: FamilySpec, masters: dict[str, torch.Tensor]) -> di
     Falcon-E's `quantize_to_1bit` writes it; 1bitLLM keeps its float16 masters."""
     out = {}
     for name, w in masters.items():
-        is_proj = any(name.endswith(p + ".weight") for p in PROJ)
+        is_proj = any(name.endswith(p + ".weight") for p in PROJ) and "rms_norm" not in name
         if spec.family == "1bitllm":
             out[name] = w.to(torch.float16)
             continue
@@ -338,8 +341,9 @@ def module_records(model, spec: FamilySpec, ids: list[int]) -> dict[str, np.ndar
         module = model.get_submodule(f"model.layers.0.{proj}")
         if isinstance(module, NormThen):
             module = module.proj
+        key = proj.split(".")[1]
 
-        def hook(mod, inp, out, key=proj.split(".")[1]):
+        def hook(mod, inp, out, key=key):
             records[key] = (inp[0][0].detach().clone(), out[0].detach().clone())
 
         handles.append(module.register_forward_hook(hook))
@@ -352,6 +356,8 @@ def module_records(model, spec: FamilySpec, ids: list[int]) -> dict[str, np.ndar
         module = model.get_submodule(f"model.layers.0.{proj}")
         module = module.proj if isinstance(module, NormThen) else module
         x, y = records[key]
+        if getattr(module, "rms_norm", None) is not None:
+            x = module.rms_norm(x)  # use_rms_norm: the input as it is quantised
         if isinstance(module, BitLinear):
             t = unpack_weights(module.weight, dtype=torch.float32)
             ws = (1.0 / module.weight_scale.float()).reshape(1)

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::config::{Config, Llama3Rope};
+use super::config::{Activation, Config, Llama3Rope};
 
 /// RMSNorm of one token: `w * (x * rsqrt(mean(x²) + eps))`, in f32.
 /// `x`, `w` and `out` have the same length.
@@ -73,16 +73,25 @@ pub fn add_rows(x: &mut [f32], delta: &[f32]) {
     }
 }
 
-/// The SiLU GLU of Llama's MLP, elementwise: `h = silu(h) * up`, with
-/// `silu(g) = g / (1 + exp(-g))` in f32 as torch computes it; both
-/// [rows, intermediate], in parallel pieces when long.
-pub fn silu_glu_rows(h: &mut [f32], up: &[f32]) {
-    const PIECE: usize = 1 << 14;
-    let glu = |(hs, us): (&mut [f32], &[f32])| {
+/// The MLP's GLU, elementwise, from gate values `h` and up values `up`
+/// (both [rows, intermediate]): `h = act(h) * up`, with
+/// `silu(g) = g / (1 + exp(-g))` in f32 as torch computes it and
+/// `relu2(g) = max(g, 0)²`; in parallel pieces when long.
+pub fn glu_rows(act: Activation, h: &mut [f32], up: &[f32]) {
+    fn apply(hs: &mut [f32], us: &[f32], f: impl Fn(f32) -> f32) {
         for (g, &u) in hs.iter_mut().zip(us) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
+            *g = f(*g) * u;
         }
+    }
+    // The activation is chosen once per piece, not per element.
+    let glu = |(hs, us): (&mut [f32], &[f32])| match act {
+        Activation::Silu => apply(hs, us, |g| g / (1.0 + (-g).exp())),
+        Activation::Relu2 => apply(hs, us, |g| {
+            let r = g.max(0.0);
+            r * r
+        }),
     };
+    const PIECE: usize = 1 << 14;
     debug_assert_eq!(h.len(), up.len());
     if h.len() > PIECE {
         h.par_chunks_mut(PIECE).zip(up.par_chunks(PIECE)).for_each(glu);
@@ -309,11 +318,19 @@ mod tests {
     }
 
     #[test]
+    fn glu_activations_follow_their_formulas() {
+        let (g, up) = ([-1.5f32, 0.0, 2.5], [2.0f32, 3.0, -0.5]);
+        let mut h = g;
+        glu_rows(Activation::Relu2, &mut h, &up);
+        assert_eq!(h, [0.0, 0.0, 2.5 * 2.5 * -0.5]);
+    }
+
+    #[test]
     fn silu_glu_is_g_sigmoid_g_times_up() {
         let g = [-3.0f32, -0.5, 0.0, 0.7, 4.0];
         let up = [1.5f32, -2.0, 3.0, 0.25, -1.0];
         let mut h = g;
-        silu_glu_rows(&mut h, &up);
+        glu_rows(Activation::Silu, &mut h, &up);
         for i in 0..5 {
             let (g, u) = (f64::from(g[i]), f64::from(up[i]));
             let want = g / (1.0 + (-g).exp()) * u;

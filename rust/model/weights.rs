@@ -99,9 +99,18 @@ pub struct Layer {
     /// [intermediate]; in the families that have sub-norms.
     pub ffn_sub_norm: Option<Vec<f32>>,
     pub down: TernaryMatrix, // [hidden, intermediate]
+    /// `use_rms_norm`: the weight of the RMSNorm each projection applies to
+    /// its input before quantising it, in `Proj::ALL` order ([n_in] each).
+    pub bitlinear_norms: Option<Box<[Vec<f32>; 7]>>,
 }
 
 impl Layer {
+    /// The input RMSNorm weight of projection `p` (use_rms_norm models).
+    pub fn bitlinear_norm(&self, p: Proj) -> Option<&[f32]> {
+        let i = Proj::ALL.iter().position(|&q| q == p)?;
+        self.bitlinear_norms.as_ref().map(|n| &n[i][..])
+    }
+
     pub fn proj(&self, p: Proj) -> &TernaryMatrix {
         match p {
             Proj::Q => &self.q,
@@ -146,7 +155,10 @@ impl Model {
                     + (l.input_norm.len()
                         + l.attn_sub_norm.as_ref().map_or(0, Vec::len)
                         + l.post_norm.len()
-                        + l.ffn_sub_norm.as_ref().map_or(0, Vec::len))
+                        + l.ffn_sub_norm.as_ref().map_or(0, Vec::len)
+                        + l.bitlinear_norms
+                            .as_ref()
+                            .map_or(0, |n| n.iter().map(Vec::len).sum()))
                         * f32s
             })
             .sum::<usize>()
@@ -170,6 +182,7 @@ impl Model {
 
 /// The checkpoint being read, with the tensors used and the warnings so far.
 struct Loader<'c> {
+    checkpoint: &'c dyn Checkpoint,
     tensors: Usage<'c>,
     warnings: Mutex<Vec<String>>,
 }
@@ -258,6 +271,27 @@ impl<'c> Loader<'c> {
             }
         };
         Ok(m)
+    }
+
+    /// The use_rms_norm weights of layer `l`'s projections,
+    /// `{proj}.rms_norm.weight` [n_in]; transformers initialises a missing
+    /// one to ones (and reports it missing), and so does trit, with a warning.
+    fn bitlinear_norms(&self, config: &Config, l: usize) -> Result<[Vec<f32>; 7]> {
+        let mut norms: [Vec<f32>; 7] = Default::default();
+        for (norm, p) in norms.iter_mut().zip(Proj::ALL) {
+            let name = format!("model.layers.{l}.{}.rms_norm.weight", p.path());
+            let n_in = p.dims(config).1;
+            *norm = if self.checkpoint.tensor(&name).is_some() {
+                self.vector(&name, n_in)?
+            } else {
+                self.warn(format!(
+                    "tensor {name:?} is absent; use_rms_norm takes its weight as ones \
+                     (transformers' initial value)"
+                ));
+                vec![1.0; n_in]
+            };
+        }
+        Ok(norms)
     }
 
     /// A one-element float tensor (shape [1] as transformers saves it, or []).
@@ -427,6 +461,7 @@ pub fn load(
 ) -> Result<(Model, Vec<String>)> {
     config.validate()?;
     let ck = Loader {
+        checkpoint,
         tensors: Usage::new(checkpoint),
         warnings: Mutex::default(),
     };
@@ -470,6 +505,10 @@ pub fn load(
             up: ck.projection(c, l, Proj::Up)?,
             ffn_sub_norm: sub_norm(sub_norms.map(|n| n.1), inter)?,
             down: ck.projection(c, l, Proj::Down)?,
+            bitlinear_norms: match c.bitlinear_norm_eps {
+                None => None,
+                Some(_) => Some(Box::new(ck.bitlinear_norms(c, l)?)),
+            },
         };
         ck.tensors.release_prefix(&format!("{prefix}."));
         Ok(layer)

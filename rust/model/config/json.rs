@@ -274,11 +274,6 @@ fn quantization(f: &Fields<'_>, family: Family) -> Result<Quantization> {
         ));
     }
     let bitlinear_norm_eps = if q.optional_bool("use_rms_norm")? == Some(true) {
-        if linear_class != LinearClass::BitLinear {
-            return Err(unsupported(
-                "use_rms_norm is implemented for linear_class \"bitlinear\" only".into(),
-            ));
-        }
         // BitNetQuantConfig's default.
         Some(q.optional_float("rms_norm_eps")?.unwrap_or(1e-6) as f32)
     } else {
@@ -306,22 +301,40 @@ fn quantization(f: &Fields<'_>, family: Family) -> Result<Quantization> {
     })
 }
 
-/// transformers keeps a module unquantised when an entry of
-/// `modules_to_not_convert` occurs in its dotted name. The embedding, the
-/// norms and the head are never quantised by trit either; a projection kept
-/// in full precision is not implemented, so such an entry is refused.
+/// transformers (`should_convert_module`) keeps a module unquantised when an
+/// entry of `modules_to_not_convert` matches its dotted name from the start
+/// up to a module boundary (`"model.layers.1"`) or as a suffix (`"q_proj"`).
+/// The embedding, the norms and the head are never quantised by trit either;
+/// a projection kept in full precision is not implemented, so an entry that
+/// matches one is refused, as is a regular expression (transformers reads
+/// entries as such), which trit does not evaluate.
 fn check_full_precision_modules(f: &Fields<'_>, names: &[String], layers: usize) -> Result<()> {
+    let refuse = |what: String| {
+        f.error(format!(
+            "unsupported quantization config: quantization_config.modules_to_not_convert {what}"
+        ))
+    };
     for name in names {
+        if name.contains(|c: char| "*+?[](){}|^$\\".contains(c)) {
+            return Err(refuse(format!(
+                "entry {name:?} is a regular expression, which trit does not evaluate"
+            )));
+        }
+        let matches = |module: &str| {
+            module.ends_with(name.as_str())
+                || module
+                    .strip_prefix(name.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        };
         let hit = (0..layers).find_map(|l| {
             Proj::ALL
                 .iter()
                 .map(|p| format!("model.layers.{l}.{}", p.path()))
-                .find(|module| module.contains(name.as_str()))
+                .find(|module| matches(module))
         });
         if let Some(module) = hit {
-            return Err(f.error(format!(
-                "unsupported quantization config: quantization_config.modules_to_not_convert \
-                 entry {name:?} keeps projection {module} in full precision, which trit does \
+            return Err(refuse(format!(
+                "entry {name:?} keeps projection {module} in full precision, which trit does \
                  not implement (only modules outside the decoder layers' projections, such as \
                  lm_head)"
             )));
@@ -719,11 +732,6 @@ mod tests {
                 "quantization_mode \"dynamic\"",
             ),
             ("quantization_config.linear_class", json!("bitlinear"), "OK"),
-            (
-                "quantization_config.use_rms_norm",
-                json!(true),
-                "use_rms_norm",
-            ),
             (
                 "quantization_config.modules_to_not_convert",
                 json!(["lm_head", "model.layers.0"]),
