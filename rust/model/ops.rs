@@ -94,7 +94,9 @@ pub fn glu_rows(act: Activation, h: &mut [f32], up: &[f32]) {
     const PIECE: usize = 1 << 14;
     debug_assert_eq!(h.len(), up.len());
     if h.len() > PIECE {
-        h.par_chunks_mut(PIECE).zip(up.par_chunks(PIECE)).for_each(glu);
+        h.par_chunks_mut(PIECE)
+            .zip(up.par_chunks(PIECE))
+            .for_each(glu);
     } else {
         glu((h, up));
     }
@@ -129,7 +131,11 @@ fn llama3_scale(inv_freq: &mut [f32], r: &Llama3Rope) {
     for f in inv_freq {
         // torch evaluates `2 * pi / inv_freq` as reciprocal(inv_freq) * (2 pi).
         let wavelen = (1.0f32 / *f) * std::f64::consts::TAU as f32;
-        let scaled = if wavelen > low_wavelen { *f / r.factor } else { *f };
+        let scaled = if wavelen > low_wavelen {
+            *f / r.factor
+        } else {
+            *f
+        };
         // (Frequencies are finite and positive, so no NaN compares here.)
         let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
         if medium {
@@ -313,7 +319,11 @@ mod tests {
         let wavelen = std::f64::consts::TAU / f64::from(plain[1]);
         let smooth = (64.0 / wavelen - 1.0) / 3.0;
         let want = (1.0 - smooth) * f64::from(plain[1]) / 8.0 + smooth * f64::from(plain[1]);
-        assert!((f64::from(scaled[1]) / want - 1.0).abs() < 1e-6, "{} vs {want}", scaled[1]);
+        assert!(
+            (f64::from(scaled[1]) / want - 1.0).abs() < 1e-6,
+            "{} vs {want}",
+            scaled[1]
+        );
         assert!(scaled[1] < plain[1] && scaled[1] > plain[1] / 8.0);
     }
 
@@ -334,7 +344,11 @@ mod tests {
         for i in 0..5 {
             let (g, u) = (f64::from(g[i]), f64::from(up[i]));
             let want = g / (1.0 + (-g).exp()) * u;
-            assert!((f64::from(h[i]) - want).abs() < 1e-6, "{i}: {} vs {want}", h[i]);
+            assert!(
+                (f64::from(h[i]) - want).abs() < 1e-6,
+                "{i}: {} vs {want}",
+                h[i]
+            );
         }
     }
 

@@ -47,16 +47,16 @@ type RowSink<'a> = dyn FnMut(usize, &[f32]) + Send + 'a;
 /// Buffers reused from call to call; sized for the largest batch seen.
 #[derive(Default)]
 struct Scratch {
-    x: Vec<f32>,        // [T, hidden] residual stream
-    a: Vec<f32>,        // [T, hidden] normalised input of a block
-    q: Vec<f32>,        // [T, n_heads * head_dim]
-    k: Vec<f32>,        // [T, n_kv_heads * head_dim]
-    v: Vec<f32>,        // [T, n_kv_heads * head_dim]
-    o: Vec<f32>,        // [T, n_heads * head_dim] attention output, token-major
-    proj: Vec<f32>,     // [T, hidden] output of o_proj / down_proj
-    h: Vec<f32>,        // [T, intermediate] act(gate) · up
-    up: Vec<f32>,       // [T, intermediate] up_proj output (SiLU families)
-    h_normed: Vec<f32>, // [T, intermediate] h after ffn_sub_norm
+    x: Vec<f32>,         // [T, hidden] residual stream
+    a: Vec<f32>,         // [T, hidden] normalised input of a block
+    q: Vec<f32>,         // [T, n_heads * head_dim]
+    k: Vec<f32>,         // [T, n_kv_heads * head_dim]
+    v: Vec<f32>,         // [T, n_kv_heads * head_dim]
+    o: Vec<f32>,         // [T, n_heads * head_dim] attention output, token-major
+    proj: Vec<f32>,      // [T, hidden] output of o_proj / down_proj
+    h: Vec<f32>,         // [T, intermediate] act(gate) · up
+    up: Vec<f32>,        // [T, intermediate] up_proj output (SiLU families)
+    h_normed: Vec<f32>,  // [T, intermediate] h after ffn_sub_norm
     normed_in: Vec<f32>, // [T, n_in] a projection's input after its own RMSNorm (use_rms_norm)
     attn: AttentionScratch,
     normed: Vec<f32>, // [hidden] final-normed token

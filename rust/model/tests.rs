@@ -75,8 +75,18 @@ fn checkpoint(c: &Config, seed: u64) -> Owned {
         if let Some((attn, ffn)) = c.family.sub_norms() {
             norms.extend([(attn, c.hidden_size), (ffn, c.intermediate_size)]);
         }
+        if c.bitlinear_norm_eps.is_some() {
+            for proj in Proj::ALL {
+                norms.push((proj.path(), proj.dims(c).1));
+            }
+        }
         for (name, len) in norms {
-            float(&mut t, format!("{p}.{name}.weight"), vec![len], 1.0, 0.5);
+            let name = if name.ends_with("_proj") {
+                format!("{p}.{name}.rms_norm.weight")
+            } else {
+                format!("{p}.{name}.weight")
+            };
+            float(&mut t, name, vec![len], 1.0, 0.5);
         }
         for proj in Proj::ALL {
             let (n_out, n_in) = proj.dims(c);
@@ -228,10 +238,21 @@ fn other_families_decode_as_they_run_a_batch() {
         tie_word_embeddings: false,
         ..tiny()
     };
-    for c in [llama_tiny(), one_bit] {
+    let with_norms = Config {
+        bitlinear_norm_eps: Some(1e-6),
+        ..llama_tiny()
+    };
+    for c in [llama_tiny(), one_bit, with_norms] {
         let m = model(&c);
-        assert_eq!(m.layers[0].attn_sub_norm.is_some(), c.family.sub_norms().is_some());
+        assert_eq!(
+            m.layers[0].attn_sub_norm.is_some(),
+            c.family.sub_norms().is_some()
+        );
         assert!(m.lm_head.is_some());
+        assert_eq!(
+            m.layers[1].bitlinear_norm(Proj::Down).map(<[f32]>::len),
+            c.bitlinear_norm_eps.map(|_| c.intermediate_size)
+        );
         let ids = [3u32, 17, 0, 39, 8, 8, 21];
         let vocab = c.vocab_size;
         let all = Session::new(m.clone(), None, Some(2), KvType::F32)
@@ -256,10 +277,37 @@ fn llama_checkpoints_need_their_head_and_no_sub_norms() {
     let err = build(&c, &t).unwrap_err().to_string();
     assert!(err.contains("lm_head.weight"), "{err}");
     // A BitNet checkpoint read as Llama: its sub-norms are reported unused.
-    let bitnet = checkpoint(&Config { linear_class: LinearClass::BitLinear, ..tiny() }, 9);
-    let c = Config { head_dim: 4, rope_scaling: None, tie_word_embeddings: true, ..c };
+    let bitnet = checkpoint(
+        &Config {
+            linear_class: LinearClass::BitLinear,
+            ..tiny()
+        },
+        9,
+    );
+    let c = Config {
+        head_dim: 4,
+        rope_scaling: None,
+        tie_word_embeddings: true,
+        ..c
+    };
     let (_, warnings) = build(&c, &bitnet).unwrap();
-    assert!(warnings.iter().any(|w| w.contains("attn_sub_norm")), "{warnings:?}");
+    assert!(
+        warnings.iter().any(|w| w.contains("attn_sub_norm")),
+        "{warnings:?}"
+    );
+    // use_rms_norm without the norms' weights: ones, and a warning.
+    let c = Config {
+        bitlinear_norm_eps: Some(1e-6),
+        ..c
+    };
+    let (m, warnings) = build(&c, &bitnet).unwrap();
+    assert_eq!(m.layers[0].bitlinear_norm(Proj::Q), Some(&[1.0f32; 16][..]));
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("q_proj.rms_norm.weight\" is absent")),
+        "{warnings:?}"
+    );
 }
 
 #[test]

@@ -86,10 +86,10 @@ impl Proj {
 /// One decoder layer.
 #[derive(Clone, Debug)]
 pub struct Layer {
-    pub input_norm: Vec<f32>,    // [hidden]
-    pub q: TernaryMatrix,        // [q_dim, hidden]
-    pub k: TernaryMatrix,        // [kv_dim, hidden]
-    pub v: TernaryMatrix,        // [kv_dim, hidden]
+    pub input_norm: Vec<f32>, // [hidden]
+    pub q: TernaryMatrix,     // [q_dim, hidden]
+    pub k: TernaryMatrix,     // [kv_dim, hidden]
+    pub v: TernaryMatrix,     // [kv_dim, hidden]
     /// [q_dim] (= hidden); in the families that have sub-norms (`Family::sub_norms`).
     pub attn_sub_norm: Option<Vec<f32>>,
     pub o: TernaryMatrix,    // [hidden, q_dim]

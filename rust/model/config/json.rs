@@ -13,8 +13,8 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use super::{Activation, Config, Family, LinearClass, Llama3Rope, QuantizationMode};
-use crate::model::weights::Proj;
 use crate::error::{Result, TritError};
+use crate::model::weights::Proj;
 
 impl Config {
     /// Reads and checks the `config.json` at `path`.
@@ -72,9 +72,7 @@ impl Config {
                 .unwrap_or(hidden_size / num_heads),
             // transformers keeps these as Python floats and meets them in f32 ops.
             rope_theta: rope_theta as f32,
-            rms_norm_eps: f
-                .optional_float("rms_norm_eps")?
-                .unwrap_or(default_eps) as f32,
+            rms_norm_eps: f.optional_float("rms_norm_eps")?.unwrap_or(default_eps) as f32,
             max_position_embeddings: f.positive("max_position_embeddings")?,
             tie_word_embeddings: f
                 .optional_bool("tie_word_embeddings")?
@@ -848,9 +846,17 @@ mod tests {
     #[test]
     fn refuses_llama_variants_by_name() {
         let cases: Vec<(&str, Value, &str)> = vec![
-            ("hidden_act", json!("relu2"), "hidden_act \"relu2\" is not supported for llama"),
+            (
+                "hidden_act",
+                json!("relu2"),
+                "hidden_act \"relu2\" is not supported for llama",
+            ),
             ("mlp_bias", json!(true), "mlp_bias is not supported"),
-            ("pretraining_tp", json!(4), "pretraining_tp 4 is not supported"),
+            (
+                "pretraining_tp",
+                json!(4),
+                "pretraining_tp 4 is not supported",
+            ),
             ("quantization_config", Value::Null, "no quantization_config"),
             (
                 "quantization_config",
