@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +188,20 @@ def test_a_missing_sub_norm_is_named(tmp_path: Path) -> None:
     st_files.write(folder / "model.safetensors", tensors)
     with pytest.raises(InvalidInputError, match="model.layers.1.mlp.ffn_layernorm.weight"):
         Generator.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_cli_runs_each_family(name: str) -> None:
+    """`trit generate -m FOLDER` on each family's fixture, laid out as the Hub
+    repos are, prints what the Generator greedily generates."""
+    args = ["-m", str(FIXTURES / name), "-p", "Hello world", "-n", "8", "--temp", "0"]
+    args += ["-t", "1", "--head", "bf16", "--kv-cache", "f32"]
+    r = subprocess.run(
+        [sys.executable, "-m", "trit.cli", "generate", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    want = generator(name).generate("Hello world", 8)
+    assert want and r.stdout.rstrip("\n") == want

@@ -1,4 +1,5 @@
-//! The BitNet b1.58 model: configuration, weights built from checkpoint
+//! The BitNet b1.58 model (every supported family, docs/formats.md "Model
+//! families"): configuration, weights built from checkpoint
 //! tensors, KV cache and the forward pass. No Python here.
 
 pub mod attention;

@@ -1,11 +1,13 @@
 //! Reading a transformers `config.json` into a `Config`, with strict types.
 //!
-//! Every check of what trit supports lives here: model_type "bitnet", the
-//! BitNet architecture, relu2, no attention bias, default RoPE, and a bitnet
-//! `quantization_config`. Fields are typed strictly: a string `"false"` is not
+//! Every check of what trit supports lives here: the family (model_type and
+//! architectures: BitNet, Llama with bitnet quantization, 1bitLLM), its
+//! activation, no biases, default or Llama 3 RoPE, and the quantisation
+//! (a bitnet `quantization_config`, or 1bitLLM's `weight_bits`/`input_bits`). Fields are typed strictly: a string `"false"` is not
 //! a bool, a bool is not an integer, `128.0` is not an integer, and a float
 //! field accepts an integer. Defaults are transformers' (`PretrainedConfig`,
-//! `BitNetConfig`, `BitNetQuantConfig`; docs/formats.md, "config.json").
+//! `BitNetConfig`, `LlamaConfig`, `BitNetQuantConfig`; docs/formats.md,
+//! "config.json" and "Model families").
 //! Errors name the file and the field.
 
 use std::path::Path;
@@ -175,13 +177,18 @@ fn rope(f: &Fields<'_>, family: Family) -> Result<(f64, Option<Llama3Rope>)> {
     }
     let llama3 = match rope_type {
         None | Some((_, "default", _)) => None,
-        Some((_, "llama3", fields)) => Some(Llama3Rope {
-            factor: fields.float("factor")? as f32,
-            low_freq_factor: fields.float("low_freq_factor")? as f32,
-            high_freq_factor: fields.float("high_freq_factor")? as f32,
-            original_max_position_embeddings: fields
-                .positive("original_max_position_embeddings")?,
-        }),
+        Some((_, "llama3", fields)) => {
+            let read = || -> Result<Llama3Rope> {
+                Ok(Llama3Rope {
+                    factor: fields.float("factor")? as f32,
+                    low_freq_factor: fields.float("low_freq_factor")? as f32,
+                    high_freq_factor: fields.float("high_freq_factor")? as f32,
+                    original_max_position_embeddings: fields
+                        .positive("original_max_position_embeddings")?,
+                })
+            };
+            Some(read().map_err(|e| TritError::invalid(format!("{e} (RoPE scaling \"llama3\")")))?)
+        }
         Some((shown, _, _)) => {
             return Err(f.error(format!("RoPE scaling {shown} is not supported")));
         }
