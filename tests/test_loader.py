@@ -102,8 +102,12 @@ def test_unknown_architecture(model_copy: Path) -> None:
             "online",
         ),
         (
-            {"quant_method": "bitnet", "linear_class": "autobitlinear", "use_rms_norm": True},
-            "use_rms_norm",
+            {
+                "quant_method": "bitnet",
+                "linear_class": "autobitlinear",
+                "modules_to_not_convert": ["lm_head", "q_proj"],
+            },
+            'modules_to_not_convert entry "q_proj"',
         ),
     ],
 )

@@ -141,10 +141,11 @@ impl PyModelConfig {
     fn __repr__(&self) -> String {
         let c = &self.inner;
         format!(
-            "ModelConfig(vocab_size={}, hidden_size={}, intermediate_size={}, \
+            "ModelConfig(family={:?}, vocab_size={}, hidden_size={}, intermediate_size={}, \
              num_hidden_layers={}, num_attention_heads={}, num_key_value_heads={}, \
              head_dim={}, rope_theta={}, rms_norm_eps={}, max_position_embeddings={}, \
              tie_word_embeddings={}, linear_class={:?}, quantization_mode={:?})",
+            c.family.name(),
             c.vocab_size,
             c.hidden_size,
             c.intermediate_size,
