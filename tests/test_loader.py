@@ -79,8 +79,8 @@ def test_missing_folder_and_bad_names(tmp_path: Path) -> None:
 
 
 def test_unknown_model_type(model_copy: Path) -> None:
-    edit_config(model_copy, model_type="mistral")
-    with pytest.raises(InvalidInputError, match='config.json: model_type "mistral" is not supported'):
+    edit_config(model_copy, model_type="gpt2")
+    with pytest.raises(InvalidInputError, match='config.json: model_type "gpt2" is not supported'):
         load(model_copy)
 
 
