@@ -1,9 +1,10 @@
-//! One sequence being run through a model: its KV cache, its scratch
-//! buffers, and the forward pass (docs/formats.md "Forward pass").
+//! Sequences being run through a model: their KV caches (one per slot), the
+//! scratch buffers, and the forward pass (docs/formats.md "Forward pass").
 //!
 //! A prompt is processed in batches (GEMM, causal attention inside the batch),
-//! then tokens one at a time (GEMV). A new prompt that starts with tokens
-//! already in the cache only processes the rest. Every forward pass runs
+//! then tokens one at a time (GEMV); a step of several sequences runs all
+//! their tokens through each matmul at once. A new prompt that starts with
+//! tokens already in a cache only processes the rest. Every forward pass runs
 //! inside one `pool.install`, so the matmuls are issued from a pool thread
 //! (calling into a pool from outside costs tens of µs per call).
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::attention::{attend_chunk, attend_group, merge, ChunkScratch, Partial, KEY_CHUNK};
 use super::cache::{KvCache, KvType};
+use super::dense::DenseMatrix;
 use super::ops::{add_rms_norm_rows, add_rows, rms_norm, rms_norm_rows, Rope};
 use super::scoring::next_token_nll;
 use super::weights::Model;
@@ -56,7 +58,8 @@ struct Scratch {
     h: Vec<f32>,        // [T, intermediate] relu(gate)² · up
     h_normed: Vec<f32>, // [T, intermediate] h after ffn_sub_norm
     attn: AttentionScratch,
-    normed: Vec<f32>, // [hidden] final-normed token
+    normed: Vec<f32>,      // [hidden] final-normed token
+    normed_rows: Vec<f32>, // [sequences, hidden] final-normed last tokens of a step
     qa: QuantizedActivations,
 }
 
@@ -66,38 +69,68 @@ fn fit(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buf[..]
 }
 
-/// One sequence: cache, tokens in it, and the logits after its last token.
-pub struct Session {
-    model: Arc<Model>,
-    pool: Arc<ThreadPool>,
-    /// The SIMD path of every routine this session runs.
-    kernel: Kernel,
-    rope: Rope,
+/// One sequence's place in the engine: its cache, the tokens in it and the
+/// logits after its last token. A released slot keeps its tokens, so that a
+/// later sequence starting with them reuses them.
+struct Slot {
     cache: KvCache,
     /// The tokens whose keys and values are in the cache, in order.
     tokens: Vec<u32>,
     /// [vocab] logits predicting the token after `tokens` (empty when unknown).
     last_logits: Vec<f32>,
+    /// Held by a sequence (between `acquire` and `release`).
+    busy: bool,
+}
+
+/// The tokens one sequence runs in a step, after those already in its slot.
+#[derive(Clone, Copy, Debug)]
+pub struct Work<'a> {
+    pub slot: usize,
+    pub ids: &'a [u32],
+    /// Whether the logits after the last of `ids` are wanted (a prompt
+    /// chunk that is not the prompt's last needs none).
+    pub logits: bool,
+}
+
+/// One slot's part of a forward pass.
+#[derive(Clone, Copy)]
+struct Segment<'a> {
+    slot: usize,
+    ids: &'a [u32],
+    logits: Option<Logits>,
+}
+
+/// A model with `slots` sequences that run together: one forward pass (a
+/// step) takes the tokens of several sequences at once, prompt chunks and
+/// single decoded tokens mixed. The matmuls run over all of a step's tokens
+/// (the weights are read once for all of them); attention runs per sequence
+/// over its own cache; the logits are per sequence. Every row of a step is
+/// computed exactly as if its sequence ran alone: the integer matmuls are
+/// exact whatever the batch, the activations are quantised per token, and
+/// attention depends on positions only.
+///
+/// Each slot has its own cache of n_ctx positions, allocated as zero pages
+/// that the OS maps as they are first written: a slot costs memory for the
+/// positions it has held, up to `slot_cache_bytes`.
+pub struct Engine {
+    model: Arc<Model>,
+    pool: Arc<ThreadPool>,
+    /// The SIMD path of every routine this engine runs.
+    kernel: Kernel,
+    rope: Rope,
+    n_ctx: usize,
+    slots: Vec<Slot>,
     scratch: Scratch,
 }
 
-impl Session {
-    /// A session of up to `n_ctx` positions (at most the model's
-    /// max_position_embeddings), running on `threads` threads (None: default),
-    /// its cache holding keys and values as `kv`, on the process's kernel
-    /// path (`Kernel::active`).
+impl Engine {
+    /// An engine of `slots` sequences of up to `n_ctx` positions each (at
+    /// most the model's max_position_embeddings; None: that), running on
+    /// `threads` threads (None: default), caches holding keys and values as
+    /// `kv`, on the kernel path `kernel` (an error if this CPU cannot run it).
     pub fn new(
         model: Arc<Model>,
-        n_ctx: Option<usize>,
-        threads: Option<usize>,
-        kv: KvType,
-    ) -> Result<Self> {
-        Session::with_kernel(model, n_ctx, threads, kv, Kernel::active()?)
-    }
-
-    /// `new` on the kernel path `kernel` (an error if this CPU cannot run it).
-    pub fn with_kernel(
-        model: Arc<Model>,
+        slots: usize,
         n_ctx: Option<usize>,
         threads: Option<usize>,
         kv: KvType,
@@ -112,22 +145,33 @@ impl Session {
                 c.max_position_embeddings
             )));
         }
+        if slots == 0 || slots > MAX_SLOTS {
+            return Err(TritError::invalid(format!(
+                "the number of sequence slots must be between 1 and {MAX_SLOTS}, got {slots}"
+            )));
+        }
         let pool = threads::pool(threads)?;
         let rope = Rope::new(c.head_dim, c.rope_theta, n_ctx);
-        let cache = KvCache::new(c.num_layers, c.num_kv_heads, n_ctx, c.head_dim, kv, kernel);
+        let slots = (0..slots)
+            .map(|_| Slot {
+                cache: KvCache::new(c.num_layers, c.num_kv_heads, n_ctx, c.head_dim, kv, kernel),
+                tokens: Vec::new(),
+                last_logits: Vec::new(),
+                busy: false,
+            })
+            .collect();
         let scratch = Scratch {
             attn: AttentionScratch::new(c.num_heads, c.head_dim, n_ctx),
             normed: vec![0.0; c.hidden_size],
             ..Default::default()
         };
-        Ok(Session {
+        Ok(Engine {
             model,
             pool,
             kernel,
             rope,
-            cache,
-            tokens: Vec::new(),
-            last_logits: Vec::new(),
+            n_ctx,
+            slots,
             scratch,
         })
     }
@@ -137,38 +181,139 @@ impl Session {
     }
 
     pub fn n_ctx(&self) -> usize {
-        self.cache.n_ctx()
+        self.n_ctx
     }
 
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
     }
 
-    /// Tokens currently in the cache.
-    pub fn tokens(&self) -> &[u32] {
-        &self.tokens
+    /// How many sequences the engine holds.
+    pub fn n_slots(&self) -> usize {
+        self.slots.len()
     }
 
-    /// Logits predicting the next token, [vocab]; None before any input.
-    pub fn last_logits(&self) -> Option<&[f32]> {
-        (!self.last_logits.is_empty()).then_some(&self.last_logits[..])
+    /// How many slots no sequence holds.
+    pub fn free_slots(&self) -> usize {
+        self.slots.iter().filter(|s| !s.busy).count()
     }
 
-    /// Forgets the cached tokens.
-    pub fn reset(&mut self) {
-        self.tokens.clear();
-        self.last_logits.clear();
+    /// What the caches store keys and values as.
+    pub fn kv_type(&self) -> KvType {
+        self.slots[0].cache.kind()
+    }
+
+    /// Bytes one slot's cache takes when its n_ctx positions are filled.
+    pub fn slot_cache_bytes(&self) -> usize {
+        self.slots[0].cache.nbytes()
+    }
+
+    /// Bytes of the caches' positions that hold tokens now, all slots.
+    pub fn cache_bytes_in_use(&self) -> usize {
+        let per_position = self.slot_cache_bytes() / self.n_ctx;
+        self.slots.iter().map(|s| s.tokens.len()).sum::<usize>() * per_position
+    }
+
+    fn slot(&self, slot: usize) -> Result<&Slot> {
+        self.slots.get(slot).ok_or_else(|| {
+            TritError::invalid(format!(
+                "slot {slot} does not exist; the engine has {}",
+                self.slots.len()
+            ))
+        })
+    }
+
+    /// Tokens in `slot`'s cache.
+    pub fn tokens(&self, slot: usize) -> Result<&[u32]> {
+        Ok(&self.slot(slot)?.tokens)
+    }
+
+    /// Logits predicting `slot`'s next token, [vocab]; None before any input.
+    pub fn last_logits(&self, slot: usize) -> Result<Option<&[f32]>> {
+        let s = self.slot(slot)?;
+        Ok((!s.last_logits.is_empty()).then_some(&s.last_logits[..]))
+    }
+
+    /// Forgets `slot`'s cached tokens.
+    pub fn reset(&mut self, slot: usize) -> Result<()> {
+        self.slot(slot)?;
+        let s = &mut self.slots[slot];
+        s.tokens.clear();
+        s.last_logits.clear();
+        Ok(())
+    }
+
+    /// Takes a free slot for a sequence that will start with `prompt`, or
+    /// fails (an input error naming the slot count) when every slot is held.
+    /// Prefix reuse: of the free slots, the one whose cached tokens share the
+    /// longest start with `prompt` is taken; if another slot (held or not)
+    /// shares a longer one, those positions are copied over. The slot then
+    /// holds that shared start (short of `prompt`'s last token, whose logits
+    /// are needed), and the caller runs the rest.
+    pub fn acquire(&mut self, prompt: &[u32]) -> Result<usize> {
+        let shared = |s: &Slot| {
+            s.tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        let Some((slot, own)) = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.busy)
+            .map(|(i, s)| (i, shared(s)))
+            // The longest shared start; among equals, the emptiest slot.
+            .max_by_key(|&(i, n)| (n, std::cmp::Reverse(self.slots[i].tokens.len())))
+        else {
+            return Err(TritError::invalid(format!(
+                "all {} sequence slots are in use: finish or close a running generation \
+                 first, or make the engine with more slots",
+                self.slots.len()
+            )));
+        };
+        let keep = prompt.len().saturating_sub(1);
+        let (donor, best) = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, shared(s)))
+            .max_by_key(|&(_, n)| n)
+            .unwrap_or((slot, own));
+        let reused = if best.min(keep) > own.min(keep) {
+            let n = best.min(keep);
+            let (dst, src) = pair_mut(&mut self.slots, slot, donor);
+            dst.cache.copy_prefix(&src.cache, n);
+            dst.tokens.clear();
+            dst.tokens.extend_from_slice(&prompt[..n]);
+            n
+        } else {
+            own.min(keep)
+        };
+        let s = &mut self.slots[slot];
+        s.tokens.truncate(reused);
+        s.last_logits.clear();
+        s.busy = true;
+        Ok(slot)
+    }
+
+    /// Gives `slot` back; its cache is kept for prefix reuse.
+    pub fn release(&mut self, slot: usize) -> Result<()> {
+        self.slot(slot)?;
+        self.slots[slot].busy = false;
+        Ok(())
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
         if ids.is_empty() {
             return Err(TritError::invalid("the input has no tokens"));
         }
-        if ids.len() > self.n_ctx() {
+        if ids.len() > self.n_ctx {
             return Err(TritError::invalid(format!(
                 "the input has {} tokens, more than the context size n_ctx = {}",
                 ids.len(),
-                self.n_ctx()
+                self.n_ctx
             )));
         }
         let vocab = self.model.config.vocab_size;
@@ -180,44 +325,42 @@ impl Session {
         Ok(())
     }
 
-    /// Makes `ids` the sequence, reusing the longest cached prefix, and
-    /// computes the logits after its last token. Returns how many tokens were
-    /// actually processed. Refuses, before any work, input longer than n_ctx.
-    pub fn prefill(&mut self, ids: &[u32]) -> Result<usize> {
+    /// Makes `ids` `slot`'s sequence, reusing the longest prefix cached in
+    /// it, and computes the logits after its last token. Returns how many
+    /// tokens were actually processed. Refuses, before any work, input
+    /// longer than n_ctx.
+    pub fn prefill(&mut self, slot: usize, ids: &[u32]) -> Result<usize> {
         self.check_ids(ids)?;
-        let shared = self
-            .tokens
-            .iter()
-            .zip(ids)
-            .take_while(|(a, b)| a == b)
-            .count();
+        self.slot(slot)?;
+        let s = &mut self.slots[slot];
+        let shared = s.tokens.iter().zip(ids).take_while(|(a, b)| a == b).count();
         // The last token is always run again: its logits are not kept.
         let start = shared.min(ids.len() - 1);
-        self.tokens.truncate(start);
-        self.last_logits.clear();
-        self.run(&ids[start..], Logits::Last, &mut |_, _| {})?;
+        s.tokens.truncate(start);
+        s.last_logits.clear();
+        self.run(slot, &ids[start..], Logits::Last, &mut |_, _| {})?;
         Ok(ids.len() - start)
     }
 
-    /// Appends one token and computes the logits after it.
-    pub fn push(&mut self, id: u32) -> Result<()> {
-        if self.tokens.len() >= self.n_ctx() {
+    /// Appends one token to `slot` and computes the logits after it.
+    pub fn push(&mut self, slot: usize, id: u32) -> Result<()> {
+        if self.slot(slot)?.tokens.len() >= self.n_ctx {
             return Err(TritError::invalid(format!(
                 "the context is full (n_ctx = {})",
-                self.n_ctx()
+                self.n_ctx
             )));
         }
         self.check_ids(&[id])?;
-        self.run(&[id], Logits::Last, &mut |_, _| {})
+        self.run(slot, &[id], Logits::Last, &mut |_, _| {})
     }
 
     /// Logits at every position of `ids`, [ids.len(), vocab], computed from an
-    /// empty cache (cached positions keep no logits). The cache then holds `ids`.
-    pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+    /// empty cache (cached positions keep no logits). `slot` then holds `ids`.
+    pub fn logits(&mut self, slot: usize, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
-        self.reset();
+        self.reset(slot)?;
         let mut out = Vec::with_capacity(ids.len() * self.model.config.vocab_size);
-        self.run(ids, Logits::From(0), &mut |_, row| {
+        self.run(slot, ids, Logits::From(0), &mut |_, row| {
             out.extend_from_slice(row)
         })?;
         Ok(out)
@@ -229,7 +372,7 @@ impl Session {
     /// reduced to the next token's log-probability as soon as they are
     /// computed (see `scoring`), so the memory is O(vocab), not
     /// O(len × vocab). The logits are those `logits(ids)` returns.
-    pub fn nll(&mut self, ids: &[u32], first: usize) -> Result<f64> {
+    pub fn nll(&mut self, slot: usize, ids: &[u32], first: usize) -> Result<f64> {
         self.check_ids(ids)?;
         if first == 0 || first >= ids.len() {
             return Err(TritError::invalid(format!(
@@ -239,10 +382,10 @@ impl Session {
                 ids.len()
             )));
         }
-        self.reset();
+        self.reset(slot)?;
         let mut nll = 0.0;
         let mut partials = Vec::new(); // [vocab / EXP_CHUNK] partial sums
-        self.run(ids, Logits::From(first - 1), &mut |position, row| {
+        self.run(slot, ids, Logits::From(first - 1), &mut |position, row| {
             // Row `position` predicts the token after it; the last has none.
             if let Some(&next) = ids.get(position + 1) {
                 nll += next_token_nll(row, next as usize, &mut partials);
@@ -251,19 +394,30 @@ impl Session {
         Ok(nll)
     }
 
-    /// Runs `ids` after the cached tokens, in batches, inside the pool.
-    fn run(&mut self, ids: &[u32], which: Logits, rows: &mut RowSink<'_>) -> Result<()> {
-        if self.tokens.len() + ids.len() > self.n_ctx() {
+    /// Runs `ids` after `slot`'s cached tokens, in batches, inside the pool.
+    fn run(
+        &mut self,
+        slot: usize,
+        ids: &[u32],
+        which: Logits,
+        rows: &mut RowSink<'_>,
+    ) -> Result<()> {
+        let cached = self.slot(slot)?.tokens.len();
+        if cached + ids.len() > self.n_ctx {
             return Err(TritError::invalid(format!(
-                "{} cached + {} new tokens exceed the context size n_ctx = {}",
-                self.tokens.len(),
+                "{cached} cached + {} new tokens exceed the context size n_ctx = {}",
                 ids.len(),
-                self.n_ctx()
+                self.n_ctx
             )));
         }
         let pool = self.pool.clone();
         if ids.len() == 1 && pool.current_num_threads() > 1 {
-            return pool.install(|| self.decode_with_helpers(ids, which, rows, &pool));
+            let segment = [Segment {
+                slot,
+                ids,
+                logits: Some(which),
+            }];
+            return pool.install(|| self.decode_with_helpers(&segment, rows, &pool));
         }
         pool.install(|| {
             for (i, batch) in ids.chunks(MAX_BATCH).enumerate() {
@@ -273,10 +427,74 @@ impl Session {
                     Logits::Last if last_batch => Some(Logits::Last),
                     Logits::Last => None,
                 };
-                self.forward(batch, logits, rows, &pool)?;
+                self.forward(
+                    &[Segment {
+                        slot,
+                        ids: batch,
+                        logits,
+                    }],
+                    rows,
+                    &pool,
+                )?;
             }
             Ok(())
         })
+    }
+
+    /// One forward pass over the tokens of several sequences (each of
+    /// `work`'s slots at most once, each held by a sequence): each entry's
+    /// ids go after its slot's cached tokens, and the slots that ask for
+    /// logits get those after their last token. Checked whole before any work.
+    pub fn step(&mut self, work: &[Work<'_>]) -> Result<()> {
+        let mut seen = vec![false; self.slots.len()];
+        for w in work {
+            let s = self.slot(w.slot)?;
+            if std::mem::replace(&mut seen[w.slot], true) {
+                return Err(TritError::invalid(format!(
+                    "slot {} appears twice in one step",
+                    w.slot
+                )));
+            }
+            if !s.busy {
+                return Err(TritError::invalid(format!(
+                    "slot {} is not held by a sequence (acquire it first)",
+                    w.slot
+                )));
+            }
+            self.check_ids(w.ids)?;
+            if s.tokens.len() + w.ids.len() > self.n_ctx {
+                return Err(TritError::invalid(format!(
+                    "slot {}: {} cached + {} new tokens exceed the context size n_ctx = {}",
+                    w.slot,
+                    s.tokens.len(),
+                    w.ids.len(),
+                    self.n_ctx
+                )));
+            }
+        }
+        let segments: Vec<Segment<'_>> = work
+            .iter()
+            .map(|w| Segment {
+                slot: w.slot,
+                ids: w.ids,
+                logits: w.logits.then_some(Logits::Last),
+            })
+            .collect();
+        let total: usize = work.iter().map(|w| w.ids.len()).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        // Logits after earlier tokens are stale once more come.
+        for seg in &segments {
+            self.slots[seg.slot].last_logits.clear();
+        }
+        let pool = self.pool.clone();
+        let no_rows = &mut |_: usize, _: &[f32]| {};
+        // One token alone is the single-sequence decode, helpers and all.
+        if total == 1 && pool.current_num_threads() > 1 {
+            return pool.install(|| self.decode_with_helpers(&segments, no_rows, &pool));
+        }
+        pool.install(|| self.forward(&segments, no_rows, &pool))
     }
 
     /// One decoded token with the pool's other threads kept awake: a token
@@ -287,8 +505,7 @@ impl Session {
     /// (docs/performance.md "Decode helpers").
     fn decode_with_helpers(
         &mut self,
-        ids: &[u32],
-        which: Logits,
+        segments: &[Segment<'_>],
         rows: &mut RowSink<'_>,
         pool: &ThreadPool,
     ) -> Result<()> {
@@ -323,32 +540,49 @@ impl Session {
             // Released on the way out, panics included, so that the helpers
             // stop at once.
             let _release = Release(&done);
-            result = self.forward(ids, Some(which), rows, pool);
+            result = self.forward(segments, rows, pool);
         });
         result
     }
 
-    /// The forward pass of one batch at positions `tokens.len()..`; hands
-    /// the requested rows of logits to `sink` (and keeps the last computed
-    /// row in `last_logits`).
+    /// The forward pass of one batch: each segment's tokens at positions
+    /// after its slot's cached ones (the segments' slots are distinct).
+    /// Hands the rows that `Logits::From` asks for to `sink` (and keeps each
+    /// slot's last computed row in its `last_logits`).
     fn forward(
         &mut self,
-        ids: &[u32],
-        logits: Option<Logits>,
+        segments: &[Segment<'_>],
         sink: &mut RowSink<'_>,
         pool: &ThreadPool,
     ) -> Result<()> {
         let model = self.model.clone();
         let c = &model.config;
-        let (t_len, start) = (ids.len(), self.tokens.len());
+        let t_len: usize = segments.iter().map(|seg| seg.ids.len()).sum();
         let (hidden, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let eps = c.rms_norm_eps;
         let kernel = self.kernel;
-        let s = &mut self.scratch;
+        let Engine {
+            slots,
+            scratch: s,
+            rope,
+            ..
+        } = self;
+        // Where each segment's rows begin in the batch, and its first position.
+        let placed = || {
+            let mut row = 0;
+            segments.iter().map(move |seg| {
+                let first = row;
+                row += seg.ids.len();
+                (first, seg)
+            })
+        };
 
         let x = fit(&mut s.x, t_len * hidden);
-        for (row, &id) in x.chunks_exact_mut(hidden).zip(ids) {
+        for (row, &id) in x
+            .chunks_exact_mut(hidden)
+            .zip(segments.iter().flat_map(|seg| seg.ids))
+        {
             model.embed.row_into(id as usize, row); // no embedding scaling
         }
         for (l, layer) in model.layers.iter().enumerate() {
@@ -374,33 +608,42 @@ impl Session {
                 kernel,
                 pool,
             )?;
-            self.rope.apply_batch(&mut s.q, &mut s.k, t_len, start);
-            for (t, (k_row, v_row)) in
-                s.k.chunks_exact(kv_dim)
-                    .zip(s.v.chunks_exact(kv_dim))
-                    .enumerate()
-            {
-                for (g, (kh, vh)) in k_row
-                    .chunks_exact(hd)
-                    .zip(v_row.chunks_exact(hd))
+            fit(&mut s.o, t_len * q_dim);
+            // Positions, the cache and attention are each sequence's own.
+            for (row, seg) in placed() {
+                let (n, start) = (seg.ids.len(), slots[seg.slot].tokens.len());
+                let cache = &mut slots[seg.slot].cache;
+                let q = &mut s.q[row * q_dim..(row + n) * q_dim]; // [n, q_dim]
+                let k = &mut s.k[row * kv_dim..(row + n) * kv_dim]; // [n, kv_dim]
+                let v = &s.v[row * kv_dim..(row + n) * kv_dim]; // [n, kv_dim]
+                rope.apply_batch(q, k, n, start);
+                for (t, (k_row, v_row)) in k
+                    .chunks_exact(kv_dim)
+                    .zip(v.chunks_exact(kv_dim))
                     .enumerate()
                 {
-                    self.cache.write(l, g, start + t, kh, vh);
+                    for (g, (kh, vh)) in k_row
+                        .chunks_exact(hd)
+                        .zip(v_row.chunks_exact(hd))
+                        .enumerate()
+                    {
+                        cache.write(l, g, start + t, kh, vh);
+                    }
                 }
+                attention(
+                    kernel,
+                    cache,
+                    l,
+                    c.num_heads,
+                    c.group_size(),
+                    hd,
+                    start,
+                    n,
+                    q,
+                    &mut s.o[row * q_dim..(row + n) * q_dim],
+                    &mut s.attn,
+                );
             }
-            attention(
-                kernel,
-                &self.cache,
-                l,
-                c.num_heads,
-                c.group_size(),
-                hd,
-                start,
-                t_len,
-                &s.q,
-                fit(&mut s.o, t_len * q_dim),
-                &mut s.attn,
-            );
             // attn_sub_norm comes before o_proj.
             rms_norm_rows(
                 &s.o,
@@ -439,40 +682,103 @@ impl Session {
         }
         // The last layer's MLP output (the others' went in with the next norm).
         add_rows(&mut s.x, &s.proj);
-        self.tokens.extend_from_slice(ids);
+        for seg in segments {
+            slots[seg.slot].tokens.extend_from_slice(seg.ids);
+        }
 
-        let rows = match logits {
-            None => return Ok(()),
-            Some(Logits::Last) => t_len - 1..t_len,
-            Some(Logits::From(first)) => first.saturating_sub(start).min(t_len)..t_len,
-        };
         let vocab = c.vocab_size;
         let head = model.head();
-        self.last_logits.resize(vocab, 0.0);
-        for t in rows {
-            rms_norm(
-                &s.x[t * hidden..(t + 1) * hidden],
-                &model.norm,
-                eps,
-                &mut s.normed,
-            );
-            head.matvec(kernel, &s.normed, &mut self.last_logits);
-            if let Some(Logits::From(_)) = logits {
-                sink(start + t, &self.last_logits);
+        let wanting = segments.iter().filter(|seg| seg.logits.is_some()).count();
+        if wanting > 1 {
+            // Several sequences' last rows: the head is read once for all.
+            let last_rows = placed()
+                .filter(|(_, seg)| seg.logits == Some(Logits::Last))
+                .map(|(row, seg)| (row + seg.ids.len() - 1, seg.slot));
+            let normed = fit(&mut s.normed_rows, wanting * hidden); // [wanting, hidden]
+            let mut outs: Vec<&mut [f32]> = Vec::with_capacity(wanting); // each [vocab]
+            let mut order = Vec::with_capacity(wanting);
+            for ((t, slot), row) in last_rows.zip(normed.chunks_exact_mut(hidden)) {
+                rms_norm(&s.x[t * hidden..(t + 1) * hidden], &model.norm, eps, row);
+                order.push(slot);
+            }
+            for (i, slot) in slots.iter_mut().enumerate() {
+                if order.contains(&i) {
+                    slot.last_logits.resize(vocab, 0.0);
+                }
+            }
+            // In the order of `order`: gather the slots' buffers.
+            let mut by_slot: Vec<Option<&mut [f32]>> = slots
+                .iter_mut()
+                .map(|sl| Some(&mut sl.last_logits[..]))
+                .collect();
+            for &slot in &order {
+                outs.push(by_slot[slot].take().expect("distinct slots"));
+            }
+            head_rows(head, kernel, &s.normed_rows[..wanting * hidden], &mut outs);
+            return Ok(());
+        }
+        for (row, seg) in placed() {
+            let Some(which) = seg.logits else { continue };
+            let (n, start) = (seg.ids.len(), slots[seg.slot].tokens.len() - seg.ids.len());
+            let rows = match which {
+                Logits::Last => n - 1..n,
+                Logits::From(first) => first.saturating_sub(start).min(n)..n,
+            };
+            let last_logits = &mut slots[seg.slot].last_logits;
+            last_logits.resize(vocab, 0.0);
+            for t in rows {
+                let x = &s.x[(row + t) * hidden..(row + t + 1) * hidden];
+                rms_norm(x, &model.norm, eps, &mut s.normed);
+                head.matvec(kernel, &s.normed, last_logits);
+                if let Logits::From(_) = which {
+                    sink(start + t, last_logits);
+                }
             }
         }
         Ok(())
     }
+}
 
-    /// Bytes of the KV cache.
-    pub fn cache_bytes(&self) -> usize {
-        self.cache.nbytes()
-    }
+/// Head rows per task of `head_rows`: those of `DenseMatrix::matvec`'s
+/// tasks, so that every row is computed by the same call as there.
+const HEAD_ROWS: usize = 512;
 
-    /// What the KV cache stores keys and values as.
-    pub fn kv_type(&self) -> KvType {
-        self.cache.kind()
+/// Most slots an engine may have: a bound on what input can ask for.
+pub const MAX_SLOTS: usize = 256;
+
+/// Mutable `slots[a]` and shared `slots[b]`, a != b.
+fn pair_mut(slots: &mut [Slot], a: usize, b: usize) -> (&mut Slot, &Slot) {
+    assert_ne!(a, b);
+    if a < b {
+        let (lo, hi) = slots.split_at_mut(b);
+        (&mut lo[a], &hi[0])
+    } else {
+        let (lo, hi) = slots.split_at_mut(a);
+        (&mut hi[0], &lo[b])
     }
+}
+
+/// The head (`out_i = head · x_i`) for several rows at once: each task of
+/// `HEAD_ROWS` rows of the head serves every x in turn while those rows are
+/// in cache, so the head is read from memory once, not once per row. Each
+/// result is exactly `head.matvec(x_i)`'s, which splits its rows the same way.
+/// `xs` is [n, hidden]; `outs` holds n [vocab] buffers.
+fn head_rows(head: &DenseMatrix, kernel: Kernel, xs: &[f32], outs: &mut [&mut [f32]]) {
+    let hidden = head.cols();
+    let mut tasks: Vec<Vec<&mut [f32]>> = Vec::new(); // [chunks][n] pieces of outs
+    for out in outs.iter_mut() {
+        for (c, piece) in out.chunks_mut(HEAD_ROWS).enumerate() {
+            if tasks.len() <= c {
+                tasks.push(Vec::with_capacity(xs.len() / hidden));
+            }
+            tasks[c].push(piece);
+        }
+    }
+    tasks.into_par_iter().enumerate().for_each(|(c, pieces)| {
+        for (x, piece) in xs.chunks_exact(hidden).zip(pieces) {
+            head.dot_rows(kernel, c * HEAD_ROWS, x, piece);
+        }
+    });
 }
 
 /// How long a decoding helper spins without finding work before it returns
