@@ -5,6 +5,7 @@ fixture model. A sequence's tokens must not depend on its company."""
 from __future__ import annotations
 
 from functools import cache
+from types import GeneratorType
 
 import pytest
 from conftest import FIXTURES
@@ -101,6 +102,7 @@ def test_two_streams_hold_two_slots_and_a_third_is_refused() -> None:
 def test_a_closed_stream_frees_its_slot() -> None:
     g = slotted(2)
     s = g.stream(PROMPTS[0], 50)
+    assert isinstance(s, GeneratorType)
     next(s)
     assert g.free_slots == 1
     s.close()
@@ -112,6 +114,7 @@ def test_a_new_sequence_reuses_a_prefix_another_one_computed() -> None:
     g.reset()
     system = g.encode("You are a fortune teller. Tell the future in one line.")
     first = g.stream([*system, *g.encode("Me?", add_special_tokens=False)], 30)
+    assert isinstance(first, GeneratorType)
     next(first)  # its prompt has run, and it still holds its slot
     second = [*system, *g.encode("And you?", add_special_tokens=False)]
     text = g.generate(second, 8)

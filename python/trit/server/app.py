@@ -20,6 +20,8 @@ from starlette.types import Receive, Scope, Send
 
 from trit._core import __version__
 from trit.generator import Generator
+from trit.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from trit.server.metrics import Metrics
 from trit.server.protocol import (
     APIError,
     GenerationRequest,
@@ -35,8 +37,6 @@ from trit.server.protocol import (
     parse_completion,
     usage,
 )
-from trit.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from trit.server.metrics import Metrics
 from trit.server.scheduler import BatchScheduler, Done, Failed, Job, Piece, Scheduler
 
 AnyScheduler = Union[Scheduler, BatchScheduler]
@@ -179,9 +179,7 @@ def create_app(
     `parallel` requests run together (continuous batching over the
     Generator's slots; 1: one at a time, in arrival order)."""
     scheduler: AnyScheduler
-    metrics = Metrics(
-        parallel, lambda: (scheduler.running, scheduler.waiting, scheduler.kv_bytes)
-    )
+    metrics = Metrics(parallel, lambda: (scheduler.running, scheduler.waiting, scheduler.kv_bytes))
     if parallel == 1:
         scheduler = Scheduler(generator, max_concurrency, metrics)
     else:

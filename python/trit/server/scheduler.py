@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from trit._core import InvalidInputError
 from trit.generator import Batch, Generation, Generator
+from trit.server.metrics import Metrics
 from trit.server.protocol import (
     APIError,
     GenerationRequest,
@@ -30,7 +31,6 @@ from trit.server.protocol import (
     invalid,
     token_logprob,
 )
-from trit.server.metrics import Metrics
 
 log = logging.getLogger("trit.server")
 
@@ -204,9 +204,7 @@ class Scheduler:
             if self.metrics is not None:
                 stats = self.generator.last_stats
                 new = stats.new_tokens if stats is not None and reason != "cancelled" else 0
-                self.metrics.ended(
-                    reason, job.arrived, job.first_token, len(job.request.ids), new
-                )
+                self.metrics.ended(reason, job.arrived, job.first_token, len(job.request.ids), new)
 
     def _generate(self, job: Job) -> str:
         """Runs `job`; returns its finish reason."""
@@ -321,7 +319,7 @@ class BatchScheduler:
                         self._wake.wait()
                     if self._stopped:
                         return
-                    admitted = []
+                    admitted: list[Job] = []
                     while self._waiting and len(jobs) + len(admitted) < self.parallel:
                         admitted.append(self._waiting.popleft())
                     self._running += len(admitted)
@@ -348,7 +346,9 @@ class BatchScheduler:
             for job, _ in jobs.values():
                 job.emit(None)
 
-    def _admit(self, batch: Batch, jobs: dict[Generation, tuple[Job, _TokenWatch]], job: Job) -> None:
+    def _admit(
+        self, batch: Batch, jobs: dict[Generation, tuple[Job, _TokenWatch]], job: Job
+    ) -> None:
         req = job.request
         watch = _TokenWatch(job, self.generator.eos_ids)
         seq = Generation(
