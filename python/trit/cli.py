@@ -389,7 +389,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         + (
             "one request at a time"
             if parallel == 1
-            else f"{parallel} requests at once ({g.slot_cache_bytes / 2**20:.0f} MiB "
+            else f"{parallel} requests at once ({g.slot_cache_bytes / 2**20:.1f} MiB "
             "of KV cache each at most)"
         )
         + f", up to {max_concurrency} running or queued; "
