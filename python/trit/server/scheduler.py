@@ -3,7 +3,12 @@ generation at a time in arrival order (`--parallel 1`), and
 `BatchScheduler`, continuous batching over the Generator's slots (a request
 joins the running batch at the next step and leaves it when done). Either
 runs the engine in one worker thread and hands each request's events (text
-pieces, log-probs, the end or an error) to the event loop."""
+pieces, log-probs, the end or an error) to the event loop.
+
+A request takes its place in the queue (`admit`, or a 503) before any heavy
+work is done for it: its prompt is tokenized while it holds that place
+(`ready` then hands the Generator its ids), so the queue's bound also bounds
+the tokenizing and template rendering going on at once."""
 
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from trit.server.protocol import (
     GenerationRequest,
     TokenLogprob,
     finish_reason,
+    internal_error,
     invalid,
     token_logprob,
 )
@@ -63,10 +69,11 @@ class _Cancelled(Exception):
 
 class Job:
     """One request: waits its turn in the queue, then generates in the
-    worker thread and hands its events to the event loop."""
+    worker thread and hands its events to the event loop. Its `request` is
+    None while its prompt is being tokenized; the queue does not pass it by."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
-        self.request = request
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.request: GenerationRequest | None = None
         self.arrived = time.perf_counter()
         self.first_token: float | None = None
         self.cancelled = threading.Event()
@@ -93,10 +100,10 @@ class _TokenWatch:
     the client left, and collects log-probs when the request asked for them.
     Without log-probs it needs no logits (see `Generator`'s `wants_logits`)."""
 
-    def __init__(self, job: Job, eos_ids: frozenset[int]) -> None:
+    def __init__(self, job: Job, request: GenerationRequest, eos_ids: frozenset[int]) -> None:
         self._job = job
         self._eos_ids = eos_ids
-        self._top = job.request.logprobs
+        self._top = request.logprobs
         self.wants_logits = self._top is not None
         self.pending: list[TokenLogprob] = []
 
@@ -142,8 +149,10 @@ class Scheduler:
     def running(self) -> int:
         return 0 if self._running is None else 1
 
-    def submit(self, request: GenerationRequest) -> Job:
-        """Queues a request, or raises a 503 when the queue is full."""
+    def admit(self) -> Job:
+        """A place at the end of the queue for a request whose prompt is yet
+        to be tokenized, or a 503 when the queue is full. The caller then
+        calls `ready` with the request, or `cancel`."""
         if self.running + self.waiting >= self.max_concurrency:
             raise APIError(
                 503,
@@ -153,9 +162,19 @@ class Scheduler:
                 code="server_busy",
                 headers={"Retry-After": "1"},
             )
-        job = Job(request, asyncio.get_running_loop())
+        job = Job(asyncio.get_running_loop())
         self._waiting.append(job)
+        return job
+
+    def ready(self, job: Job, request: GenerationRequest) -> None:
+        """The admitted `job` is tokenized: it runs when its turn comes."""
+        job.request = request
         self._next()
+
+    def submit(self, request: GenerationRequest) -> Job:
+        """`admit` and `ready` at once, for a request already tokenized."""
+        job = self.admit()
+        self.ready(job, request)
         return job
 
     def cancel(self, job: Job) -> None:
@@ -165,9 +184,10 @@ class Scheduler:
         if job in self._waiting:
             self._waiting.remove(job)
             job.events.put_nowait(None)
+            self._next()  # it may have been the head, still tokenizing
 
     def _next(self) -> None:
-        if self._running is not None or not self._waiting:
+        if self._running is not None or not self._waiting or self._waiting[0].request is None:
             return
         job = self._waiting.popleft()
         self._running = job
@@ -194,23 +214,25 @@ class Scheduler:
         except InvalidInputError as exc:
             reason = "error"
             job.emit(Failed(invalid(str(exc), None)))
-        except Exception as exc:  # a bug: report it to the client, log the trace
+        except Exception:  # a bug: the trace goes to the log, not to the client
             reason = "error"
             log.exception("generation failed")
-            job.emit(Failed(APIError(500, f"generation failed: {exc}", type="server_error")))
+            job.emit(Failed(internal_error()))
         finally:
             job.emit(None)
             self.kv_bytes = self.generator.cache_bytes_in_use
             if self.metrics is not None:
                 stats = self.generator.last_stats
                 new = stats.new_tokens if stats is not None and reason != "cancelled" else 0
-                self.metrics.ended(reason, job.arrived, job.first_token, len(job.request.ids), new)
+                prompt = len(job.request.ids) if job.request is not None else 0
+                self.metrics.ended(reason, job.arrived, job.first_token, prompt, new)
 
     def _generate(self, job: Job) -> str:
         """Runs `job`; returns its finish reason."""
         g = self.generator
         req = job.request
-        watch = _TokenWatch(job, g.eos_ids)
+        assert req is not None  # only a ready job runs
+        watch = _TokenWatch(job, req, g.eos_ids)
         for piece in g.stream(req.ids, req.max_tokens, sampling=req.sampling, on_token=watch):
             job.emit(Piece(piece, watch.take()))
         stats = g.last_stats
@@ -267,9 +289,11 @@ class BatchScheduler:
         with self._lock:
             return self._running
 
-    def submit(self, request: GenerationRequest) -> Job:
-        """Queues a request, or raises a 503 when the queue is full."""
-        job = Job(request, asyncio.get_running_loop())
+    def admit(self) -> Job:
+        """A place at the end of the queue for a request whose prompt is yet
+        to be tokenized, or a 503 when the queue is full. The caller then
+        calls `ready` with the request, or `cancel`."""
+        job = Job(asyncio.get_running_loop())
         with self._lock:
             if self._running + len(self._waiting) >= self.max_concurrency:
                 raise APIError(
@@ -282,12 +306,24 @@ class BatchScheduler:
                     headers={"Retry-After": "1"},
                 )
             self._waiting.append(job)
+        return job
+
+    def ready(self, job: Job, request: GenerationRequest) -> None:
+        """The admitted `job` is tokenized: it joins the batch when a slot
+        is free and the jobs before it have joined."""
+        with self._lock:
+            job.request = request
             self._wake.notify()
             if self._worker is None:
                 self._worker = threading.Thread(
                     target=self._loop, name="trit-generate", daemon=True
                 )
                 self._worker.start()
+
+    def submit(self, request: GenerationRequest) -> Job:
+        """`admit` and `ready` at once, for a request already tokenized."""
+        job = self.admit()
+        self.ready(job, request)
         return job
 
     def cancel(self, job: Job) -> None:
@@ -298,6 +334,7 @@ class BatchScheduler:
             if job in self._waiting:
                 self._waiting.remove(job)
                 job.events.put_nowait(None)
+                self._wake.notify()  # it may have been the head, still tokenizing
 
     def shutdown(self) -> None:
         with self._lock:
@@ -315,12 +352,14 @@ class BatchScheduler:
         try:
             while True:
                 with self._lock:
-                    while not self._stopped and not self._waiting and not jobs:
+                    while not self._stopped and not jobs and not self._head_ready():
                         self._wake.wait()
                     if self._stopped:
                         return
+                    # In arrival order: a request still tokenizing holds back
+                    # those behind it.
                     admitted: list[Job] = []
-                    while self._waiting and len(jobs) + len(admitted) < self.parallel:
+                    while self._head_ready() and len(jobs) + len(admitted) < self.parallel:
                         admitted.append(self._waiting.popleft())
                     self._running += len(admitted)
                 for job in admitted:
@@ -339,18 +378,22 @@ class BatchScheduler:
         except Exception:  # a bug: end every request rather than leave it hanging
             log.exception("the batch loop failed")
             for job, _ in jobs.values():
-                error = APIError(500, "generation failed", type="server_error")
-                job.emit(Failed(error))
+                job.emit(Failed(internal_error()))
         finally:
             batch.close()
             for job, _ in jobs.values():
                 job.emit(None)
 
+    def _head_ready(self) -> bool:
+        """Whether the first waiting job is tokenized (the lock held)."""
+        return bool(self._waiting) and self._waiting[0].request is not None
+
     def _admit(
         self, batch: Batch, jobs: dict[Generation, tuple[Job, _TokenWatch]], job: Job
     ) -> None:
         req = job.request
-        watch = _TokenWatch(job, self.generator.eos_ids)
+        assert req is not None  # only a ready job is admitted
+        watch = _TokenWatch(job, req, self.generator.eos_ids)
         seq = Generation(
             0,
             req.ids,
@@ -383,10 +426,9 @@ class BatchScheduler:
         if reason == "error" and not isinstance(seq.error, _Cancelled):
             if isinstance(seq.error, InvalidInputError):
                 job.emit(Failed(invalid(str(seq.error), None)))
-            else:
+            else:  # a bug: the trace goes to the log, not to the client
                 log.error("generation failed", exc_info=seq.error)
-                error = APIError(500, f"generation failed: {seq.error}", type="server_error")
-                job.emit(Failed(error))
+                job.emit(Failed(internal_error()))
         elif reason not in ("error", "cancelled"):
             reason = finish_reason(reason)
             done = Done(reason, stats.prompt_tokens, stats.new_tokens, watch.take())
