@@ -630,19 +630,41 @@ impl Engine {
                         cache.write(l, g, start + t, kh, vh);
                     }
                 }
+            }
+            // A prompt chunk spreads its tokens over the threads, and so does
+            // one decoded token alone (by KV group and key chunk); the single
+            // tokens of several decoding sequences are a task each, together.
+            let together = segments.iter().filter(|seg| seg.ids.len() == 1).count() >= 2;
+            for (row, seg) in placed() {
+                let n = seg.ids.len();
+                if together && n == 1 {
+                    continue;
+                }
+                let slot = &slots[seg.slot];
                 attention(
                     kernel,
-                    cache,
+                    &slot.cache,
                     l,
                     c.num_heads,
                     c.group_size(),
                     hd,
-                    start,
+                    slot.tokens.len(),
                     n,
-                    q,
+                    &s.q[row * q_dim..(row + n) * q_dim],
                     &mut s.o[row * q_dim..(row + n) * q_dim],
                     &mut s.attn,
                 );
+            }
+            if together {
+                let decoding = placed()
+                    .filter(|(_, seg)| seg.ids.len() == 1)
+                    .map(|(row, seg)| (row, seg.slot));
+                let heads = HeadShape {
+                    n_heads: c.num_heads,
+                    group: c.group_size(),
+                    hd,
+                };
+                attend_decoding(kernel, slots, decoding, l, heads, &s.q, &mut s.o);
             }
             // attn_sub_norm comes before o_proj.
             rms_norm_rows(
@@ -813,6 +835,61 @@ impl AttentionScratch {
             partial_stats: vec![Partial::default(); n_heads * chunks],
         }
     }
+}
+
+/// The query heads of a model: `n_heads` of `hd` each, `group` per KV head.
+#[derive(Clone, Copy)]
+struct HeadShape {
+    n_heads: usize,
+    group: usize,
+    hd: usize,
+}
+
+/// Attention of the single tokens of several decoding sequences, one task
+/// per sequence (all its KV groups): `decoding` gives each token's row in the
+/// batch and its slot, whose cache already holds the token's key and value
+/// at position `tokens.len()`. `q` and `o` are [T, n_heads * hd]. Each result
+/// is exactly `attention`'s for the token alone: the same chunks of keys,
+/// the same merge.
+fn attend_decoding(
+    kernel: Kernel,
+    slots: &[Slot],
+    decoding: impl Iterator<Item = (usize, usize)>,
+    layer: usize,
+    heads: HeadShape,
+    q: &[f32],
+    o: &mut [f32],
+) {
+    let HeadShape { n_heads, group, hd } = heads;
+    let q_dim = n_heads * hd;
+    let scaling = (hd as f64).powf(-0.5) as f32;
+    // The output rows of the decoding tokens, each [q_dim], with their slots.
+    let mut rows: Vec<Option<&mut [f32]>> = o.chunks_exact_mut(q_dim).map(Some).collect();
+    let tasks: Vec<(usize, usize, &mut [f32])> = decoding
+        .map(|(row, slot)| (row, slot, rows[row].take().expect("one token per row")))
+        .collect();
+    tasks.into_par_iter().for_each(|(row, slot, out)| {
+        let slot = &slots[slot];
+        let n = slot.tokens.len() + 1; // the cached keys and the token's own
+        let mut scores = vec![0.0f32; group * KEY_CHUNK]; // [group, KEY_CHUNK]
+        let mut chunk_scratch = ChunkScratch::default();
+        for g in 0..n_heads / group {
+            let heads = g * group * hd..(g + 1) * group * hd;
+            attend_group(
+                kernel,
+                &q[row * q_dim..][heads.clone()],
+                hd,
+                slot.cache.keys(layer, g, n),
+                slot.cache.values(layer, g, n),
+                n,
+                scaling,
+                &mut scores,
+                &mut out[heads],
+                hd,
+                &mut chunk_scratch,
+            );
+        }
+    });
 }
 
 /// Causal attention of a batch of `t_len` tokens at positions `start..` over

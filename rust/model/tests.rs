@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::attention::KEY_CHUNK;
 use super::config::tiny;
 use super::dense::DenseMatrix;
 use super::*;
@@ -556,9 +557,15 @@ fn alone(m: &Arc<Model>, prompt: &[u32], n: usize, threads: usize) -> Vec<(u32, 
 
 #[test]
 fn a_sequence_in_a_batch_gets_the_logits_it_gets_alone() {
-    let c = tiny();
+    // Room for a prompt longer than a chunk of keys, so that a decoding
+    // token's attention merges several chunks.
+    let c = Config {
+        max_position_embeddings: KEY_CHUNK + 64,
+        ..tiny()
+    };
     let m = model(&c);
-    let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5], &[7, 8, 9], &[11, 3, 30, 2, 6, 6, 1]];
+    let long: Vec<u32> = (0..KEY_CHUNK as u32 + 20).map(|i| (i * 7) % 40).collect();
+    let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5], &[7, 8, 9], &long];
     for threads in [1, 2] {
         let want: Vec<_> = prompts.iter().map(|p| alone(&m, p, 6, threads)).collect();
         let mut e = Engine::new(
