@@ -126,3 +126,14 @@ def test_a_new_sequence_reuses_a_prefix_another_one_computed() -> None:
     # The next turn of the same sequence runs only its new tokens.
     g.generate(second, 8)
     assert g.last_stats is not None and g.last_stats.prompt_tokens_processed == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["tiny-mha-packed", "tiny-falcon3-1.58bit", "tiny-falcon-e", "tiny-1bitllm"]
+)
+def test_every_family_batches_as_it_runs_alone(name: str) -> None:
+    folder = FIXTURES / name
+    batched = Generator.from_pretrained(folder, threads=2, slots=3)
+    single = Generator.from_pretrained(folder, threads=2)
+    prompts = PROMPTS[:3]
+    assert batched.generate_batch(prompts, 10) == [single.generate(p, 10) for p in prompts]
