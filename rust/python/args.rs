@@ -157,6 +157,7 @@ macro_rules! named {
 named! {
     threads -> Option<usize> = optional_int("threads");
     n_ctx -> Option<usize> = optional_int("n_ctx");
+    slots -> usize = int("slots");
     kernel -> Option<String> = optional_string("kernel");
     kv_cache -> String = string("kv_cache");
     scale -> f64 = float("scale");
