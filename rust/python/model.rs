@@ -178,7 +178,7 @@ fn head_precision(int8_head: bool) -> model::HeadPrecision {
 #[pymethods]
 impl PyModel {
     /// Reads the model in `folder` (config.json and model.safetensors, or
-    /// shards and their index). Returns it with warnings (all-zero or unused
+    /// shards and their index), or the GGUF file `folder` names. Returns it with warnings (all-zero or unused
     /// tensors) for the caller to show. With `int8_head`, the output head is
     /// quantized to int8 rows (see `HeadPrecision::Int8`).
     #[staticmethod]
