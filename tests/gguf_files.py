@@ -183,6 +183,13 @@ def add_tokenizer(w: gguf.GGUFWriter, folder: Path) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     w.add_bos_token_id(cfg["bos_token_id"])
     w.add_eos_token_id(cfg["eos_token_id"])
+    generation = folder / "generation_config.json"
+    stops = json.loads(generation.read_text()).get("eos_token_id") if generation.exists() else None
+    if isinstance(stops, list):
+        # llama.cpp's converter: the second stop id of a chat model is its end of turn.
+        for extra in stops:
+            if extra != cfg["eos_token_id"]:
+                w.add_eot_token_id(extra)
     w.add_add_bos_token(True)
     tok_cfg_path = folder / "tokenizer_config.json"
     if tok_cfg_path.exists():

@@ -37,9 +37,12 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "-m", "--model", help="model folder or Hugging Face repo id (default: the bundled model)"
+        "-m",
+        "--model",
+        help="model folder, GGUF file or Hugging Face repo id (default: the bundled model)",
     )
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--gguf-file", help="which GGUF file of a folder or Hub repo to load")
     p.add_argument(
         "-t", "--threads", type=_at_least(1), help="worker threads (default: physical cores)"
     )
@@ -99,6 +102,7 @@ def _load(args: argparse.Namespace) -> Generator:
         revision=args.revision,
         head=args.head,
         kv_cache=args.kv_cache,
+        filename=args.gguf_file,
     )
 
 
@@ -366,8 +370,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("perplexity", help="perplexity of the model over a text file")
     p.add_argument("file", help="a UTF-8 text file")
-    p.add_argument("-m", "--model", help="model folder or Hub repo id (default: the bundled model)")
+    p.add_argument(
+        "-m", "--model", help="model folder, GGUF file or Hub repo id (default: the bundled model)"
+    )
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--gguf-file", help="which GGUF file of a folder or Hub repo to load")
     p.add_argument(
         "-t", "--threads", type=_at_least(1), help="worker threads (default: physical cores)"
     )
@@ -385,7 +392,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="measure prompt and generation speed (llama-bench style)")
-    p.add_argument("-m", "--model", help="model folder or Hub repo id (default: the bundled model)")
+    p.add_argument(
+        "-m", "--model", help="model folder, GGUF file or Hub repo id (default: the bundled model)"
+    )
     p.add_argument(
         "--synthetic",
         choices=sorted(SHAPES),
