@@ -171,7 +171,9 @@ def add_tokenizer(w: gguf.GGUFWriter, folder: Path) -> None:
     for text, i in vocab.items():
         tokens[i] = text
         if text in added:
-            types[i] = gguf.TokenType.CONTROL if added[text]["special"] else gguf.TokenType.USER_DEFINED
+            types[i] = (
+                gguf.TokenType.CONTROL if added[text]["special"] else gguf.TokenType.USER_DEFINED
+            )
         else:
             types[i] = gguf.TokenType.NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]

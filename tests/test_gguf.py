@@ -61,21 +61,24 @@ def test_llama_architecture_rows_are_unpermuted(tmp_path: Path) -> None:
     path = gguf_files.write(
         FIXTURES / "tiny-gqa-packed", tmp_path / "m.gguf", arch="llama", tokenizer=False
     )
-    with pytest.raises(InvalidInputError, match="architecture \"llama\" is not supported"):
+    with pytest.raises(InvalidInputError, match='architecture "llama" is not supported'):
         Model.open(path)
 
 
 @pytest.mark.parametrize("embedding", ["Q8_0", "Q6_K", "F16"])
-def test_quantized_embeddings_dequantize_exactly(tmp_path: Path, block_model: Path, embedding: str) -> None:
+def test_quantized_embeddings_dequantize_exactly(
+    tmp_path: Path, block_model: Path, embedding: str
+) -> None:
     """A Q8_0 / Q6_K / F16 embedding gives the logits of an F32 embedding holding
     the values ggml's own dequantizer gives."""
-    kw = {"projections": "TQ2_0", "tokenizer": False}
-    quantized = gguf_files.write(block_model, tmp_path / "q.gguf", embedding=embedding, **kw)
+    quantized = gguf_files.write(
+        block_model, tmp_path / "q.gguf", projections="TQ2_0", embedding=embedding, tokenizer=False
+    )
     reader = gguf.GGUFReader(quantized)
     t = next(t for t in reader.tensors if t.name == "token_embd.weight")
     values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
     reference = tmp_path / "f32.gguf"
-    gguf_files.write(block_model, reference, embedding="F32", **kw)
+    gguf_files.write(block_model, reference, projections="TQ2_0", embedding="F32", tokenizer=False)
     patched = bytearray(reference.read_bytes())
     r = gguf.GGUFReader(reference)
     t32 = next(t for t in r.tensors if t.name == "token_embd.weight")
@@ -134,7 +137,9 @@ def test_hostile_headers_are_refused(tmp_path: Path, content: bytes, message: st
             gguf_metadata(path)
 
 
-def edit_tensor_info(path: Path, name: str, *, ggml_type: int | None = None, offset: int | None = None) -> None:
+def edit_tensor_info(
+    path: Path, name: str, *, ggml_type: int | None = None, offset: int | None = None
+) -> None:
     """Rewrites the type or data offset of tensor `name` in place."""
     raw = bytearray(path.read_bytes())
     key = struct.pack("<Q", len(name)) + name.encode()

@@ -65,7 +65,9 @@ def _field(meta: dict[str, object], key: str, kind: type, path: Path) -> Any:
     if value is None:
         raise InvalidInputError(f"{path}: {key} is missing")
     if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-        raise InvalidInputError(f"{path}: {key} is {type(value).__name__}; expected {kind.__name__}")
+        raise InvalidInputError(
+            f"{path}: {key} is {type(value).__name__}; expected {kind.__name__}"
+        )
     return value
 
 
@@ -84,7 +86,7 @@ def tokenizer_json(meta: dict[str, object], path: Path) -> dict[str, Any]:
     if model != "gpt2":
         raise InvalidInputError(
             f"{path}: tokenizer.ggml.model {model!r} is not supported; trit builds byte-level "
-            "BPE tokenizers (\"gpt2\")"
+            'BPE tokenizers ("gpt2")'
         )
     pre = meta.get("tokenizer.ggml.pre", "gpt2")
     if pre not in PRE_TOKENIZERS:

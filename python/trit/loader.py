@@ -46,9 +46,7 @@ def choose_gguf(names: list[str], filename: str | None, where: str) -> str | Non
     if filename is not None:
         if filename not in names:
             listed = ", ".join(ggufs) or "none"
-            raise InvalidInputError(
-                f"{where} has no file {filename!r} (GGUF files: {listed})"
-            )
+            raise InvalidInputError(f"{where} has no file {filename!r} (GGUF files: {listed})")
         return filename
     if len(ggufs) > 1:
         raise InvalidInputError(
@@ -107,7 +105,9 @@ def resolve(
         if filename is not None:
             # One GGUF file of the repo, never every quantization it offers.
             return Path(
-                huggingface_hub.hf_hub_download(name, _checked_gguf_name(filename), revision=revision)
+                huggingface_hub.hf_hub_download(
+                    name, _checked_gguf_name(filename), revision=revision
+                )
             )
         folder = huggingface_hub.snapshot_download(
             name, revision=revision, allow_patterns=ALLOW_PATTERNS

@@ -84,19 +84,31 @@ impl GgmlType {
         let (per_block, block_bytes) = self.block();
         // ggml blocks never straddle rows; I2_S blocks run over the whole
         // tensor, which bitnet.cpp packs only when it divides evenly.
-        let unit = if self == GgmlType::I2S { numel } else { row_len };
+        let unit = if self == GgmlType::I2S {
+            numel
+        } else {
+            row_len
+        };
         if !unit.is_multiple_of(per_block) {
             return Err(format!(
                 "{} stores blocks of {per_block} elements, which {} {unit} is not a multiple of",
                 self.name(),
-                if self == GgmlType::I2S { "its element count" } else { "its row length" },
+                if self == GgmlType::I2S {
+                    "its element count"
+                } else {
+                    "its row length"
+                },
             ));
         }
         let bytes = (numel / per_block)
             .checked_mul(block_bytes)
             .ok_or("its size overflows")?;
         // I2_S: the packed codes, then one f32 scale in a 32-byte tail.
-        Ok(if self == GgmlType::I2S { bytes + 32 } else { bytes })
+        Ok(if self == GgmlType::I2S {
+            bytes + 32
+        } else {
+            bytes
+        })
     }
 }
 
@@ -140,9 +152,17 @@ pub enum NotTernary {
     /// A 2-bit code of 3 at this flat element index.
     BadCode(usize),
     /// The block starting at this element has a scale other than the first's.
-    ScaleDiffers { element: usize, first: f32, this: f32 },
+    ScaleDiffers {
+        element: usize,
+        first: f32,
+        this: f32,
+    },
     /// A float value that is neither 0 nor ± the scale.
-    NotAMultiple { element: usize, value: f32, scale: f32 },
+    NotAMultiple {
+        element: usize,
+        value: f32,
+        scale: f32,
+    },
 }
 
 /// Block scales of a TQ tensor: they must all be equal to be one matrix
@@ -234,7 +254,8 @@ pub fn decode_ternary(ty: GgmlType, data: &[u8], numel: usize) -> Result<Ternary
             // 0..160 come from qs[0..32] (n major), 160..240 from
             // qs[32..48], 240..256 from qh[0..4].
             const POW3: [u8; 5] = [1, 3, 9, 27, 81];
-            let trit = |byte: u8, n: usize| ((u16::from(byte.wrapping_mul(POW3[n])) * 3) >> 8) as i8 - 1;
+            let trit =
+                |byte: u8, n: usize| ((u16::from(byte.wrapping_mul(POW3[n])) * 3) >> 8) as i8 - 1;
             let (_, size) = ty.block();
             for (b, (block, out)) in data
                 .chunks_exact(size)
@@ -255,7 +276,12 @@ pub fn decode_ternary(ty: GgmlType, data: &[u8], numel: usize) -> Result<Ternary
                 scales.block(b * QK_K, half(d), out)?;
             }
         }
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q6K => {
+        GgmlType::F32
+        | GgmlType::F16
+        | GgmlType::BF16
+        | GgmlType::Q8_0
+        | GgmlType::Q4_0
+        | GgmlType::Q6K => {
             return decode_float_ternary(ty, data, numel);
         }
     }
@@ -392,7 +418,10 @@ mod tests {
         data[0] = 0b10_00_01_10; // elements 0, 32, 64, 96: 1, -1, 0, 1
         data[32..36].copy_from_slice(&0.5f32.to_le_bytes());
         let t = decode_ternary(GgmlType::I2S, &data, 128).ok().unwrap();
-        assert_eq!((t.values[0], t.values[32], t.values[64], t.values[96]), (1, -1, 0, 1));
+        assert_eq!(
+            (t.values[0], t.values[32], t.values[64], t.values[96]),
+            (1, -1, 0, 1)
+        );
         assert_eq!(t.values.iter().filter(|&&v| v != 0).count(), 3);
         assert_eq!(t.scale, 0.5);
         data[5] = 0xff;

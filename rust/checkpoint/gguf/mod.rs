@@ -251,10 +251,9 @@ impl GgufCheckpoint {
             Some(MetaValue::Number(_, Number::Int(v))) => u64::try_from(*v)
                 .map(Some)
                 .map_err(|_| self.error(format!("{key} is {v}; expected a non-negative integer"))),
-            Some(v) => Err(self.error(format!(
-                "{key} is a {}; expected an integer",
-                v.type_name()
-            ))),
+            Some(v) => {
+                Err(self.error(format!("{key} is a {}; expected an integer", v.type_name())))
+            }
         }
     }
 
@@ -268,10 +267,7 @@ impl GgufCheckpoint {
         match self.metadata.get(key) {
             None => Ok(None),
             Some(MetaValue::Number(_, Number::Float(v))) => Ok(Some(*v)),
-            Some(v) => Err(self.error(format!(
-                "{key} is a {}; expected a float",
-                v.type_name()
-            ))),
+            Some(v) => Err(self.error(format!("{key} is a {}; expected a float", v.type_name()))),
         }
     }
 
@@ -279,10 +275,7 @@ impl GgufCheckpoint {
         match self.metadata.get(key) {
             None => Ok(None),
             Some(MetaValue::String(s)) => Ok(Some(s)),
-            Some(v) => Err(self.error(format!(
-                "{key} is a {}; expected a string",
-                v.type_name()
-            ))),
+            Some(v) => Err(self.error(format!("{key} is a {}; expected a string", v.type_name()))),
         }
     }
 
@@ -291,10 +284,7 @@ impl GgufCheckpoint {
         match self.metadata.get(key) {
             None => Ok(None),
             Some(MetaValue::Array(a)) => Ok(Some(a.len())),
-            Some(v) => Err(self.error(format!(
-                "{key} is a {}; expected an array",
-                v.type_name()
-            ))),
+            Some(v) => Err(self.error(format!("{key} is a {}; expected an array", v.type_name()))),
         }
     }
 
@@ -302,7 +292,11 @@ impl GgufCheckpoint {
     /// builder's order.
     fn projection(&self, name: &str, e: &Entry) -> Result<TernaryMatrix> {
         let gguf = &e.gguf_name;
-        let what = format!("{}: tensor {gguf:?} ({})", self.path().display(), e.ty.name());
+        let what = format!(
+            "{}: tensor {gguf:?} ({})",
+            self.path().display(),
+            e.ty.name()
+        );
         let [n_out, n_in] = e.shape[..] else {
             return Err(TritError::invalid(format!(
                 "{what} has shape {:?}; a projection is 2-D",
@@ -310,29 +304,37 @@ impl GgufCheckpoint {
             )));
         };
         let numel = n_out * n_in;
-        let t = decode_ternary(e.ty, &self.file.bytes()[e.bytes.clone()], numel).map_err(|err| {
-            let at = |i: usize| format!("[{}, {}]", i / n_in, i % n_in);
-            TritError::invalid(match err {
-                NotTernary::BadCode(i) => {
-                    format!("{what} holds the 2-bit code 3 at {}; ternary codes are 0, 1, 2", at(i))
-                }
-                NotTernary::ScaleDiffers { element, first, this } => format!(
-                    "{what}: the block at {} has scale {this}, the first block {first}; trit \
+        let t =
+            decode_ternary(e.ty, &self.file.bytes()[e.bytes.clone()], numel).map_err(|err| {
+                let at = |i: usize| format!("[{}, {}]", i / n_in, i % n_in);
+                TritError::invalid(match err {
+                    NotTernary::BadCode(i) => {
+                        format!(
+                            "{what} holds the 2-bit code 3 at {}; ternary codes are 0, 1, 2",
+                            at(i)
+                        )
+                    }
+                    NotTernary::ScaleDiffers {
+                        element,
+                        first,
+                        this,
+                    } => format!(
+                        "{what}: the block at {} has scale {this}, the first block {first}; trit \
                      holds one scale per matrix, so ternary blocks with different scales \
                      cannot be represented exactly",
-                    at(element)
-                ),
-                NotTernary::NotAMultiple {
-                    element,
-                    value,
-                    scale,
-                } => format!(
-                    "{what} holds {value} at {}, which is neither 0 nor ±{scale}; trit reads \
+                        at(element)
+                    ),
+                    NotTernary::NotAMultiple {
+                        element,
+                        value,
+                        scale,
+                    } => format!(
+                        "{what} holds {value} at {}, which is neither 0 nor ±{scale}; trit reads \
                      float projections only when they are already ternary",
-                    at(element)
-                ),
-            })
-        })?;
+                        at(element)
+                    ),
+                })
+            })?;
         if !t.scale.is_finite() {
             return Err(TritError::invalid(format!(
                 "{what} has scale {}; expected a finite number",
@@ -347,7 +349,8 @@ impl GgufCheckpoint {
         };
         let source: Box<dyn Fn(usize) -> usize> = match heads {
             Some(heads) => {
-                if heads == 0 || !n_out.is_multiple_of(heads) || !(n_out / heads).is_multiple_of(2) {
+                if heads == 0 || !n_out.is_multiple_of(heads) || !(n_out / heads).is_multiple_of(2)
+                {
                     return Err(TritError::invalid(format!(
                         "{what} has {n_out} rows, which do not split into {heads} heads of \
                          even size"

@@ -249,9 +249,10 @@ impl<'a> Cursor<'a> {
     /// fit in what is left of the file.
     fn count(&mut self, min_size: usize, what: &dyn Fn() -> String) -> Result<usize, String> {
         let n = self.u64(what)?;
-        let fits = usize::try_from(n)
-            .ok()
-            .filter(|&n| n.checked_mul(min_size).is_some_and(|b| b <= self.remaining()));
+        let fits = usize::try_from(n).ok().filter(|&n| {
+            n.checked_mul(min_size)
+                .is_some_and(|b| b <= self.remaining())
+        });
         fits.ok_or_else(|| {
             format!(
                 "{} is {n}, more than the {} bytes left in the file can hold",
@@ -267,7 +268,12 @@ impl<'a> Cursor<'a> {
         String::from_utf8(bytes.to_vec()).map_err(|e| format!("{} is not UTF-8: {e}", what()))
     }
 
-    fn value(&mut self, ty: ValueType, depth: usize, what: &dyn Fn() -> String) -> Result<MetaValue, String> {
+    fn value(
+        &mut self,
+        ty: ValueType,
+        depth: usize,
+        what: &dyn Fn() -> String,
+    ) -> Result<MetaValue, String> {
         Ok(match ty {
             ValueType::String => MetaValue::String(self.string(what)?),
             ValueType::Array => MetaValue::Array(self.array(depth, what)?),
@@ -291,7 +297,9 @@ impl<'a> Cursor<'a> {
             ));
         }
         let ty = self.value_type(&|| format!("the elements of {}", what()))?;
-        let count = self.count(ty.min_size(), &|| format!("the element count of {}", what()))?;
+        let count = self.count(ty.min_size(), &|| {
+            format!("the element count of {}", what())
+        })?;
         let element = |i: usize| format!("element {i} of {}", what());
         Ok(match ty {
             ValueType::String => {
@@ -465,13 +473,21 @@ mod tests {
         let bytes = header(0, &[kv_u32("a.b", 7), tokens, types]);
         let h = parse(&bytes).unwrap();
         assert_eq!(h.version, 3);
-        assert_eq!(h.metadata[0].1, MetaValue::Number(ValueType::U32, Number::Int(7)));
+        assert_eq!(
+            h.metadata[0].1,
+            MetaValue::Number(ValueType::U32, Number::Int(7))
+        );
         assert_eq!(
             h.metadata[1].1,
             MetaValue::Array(MetaArray::Strings(vec!["a".into(), "bc".into()]))
         );
-        let MetaValue::Array(types) = &h.metadata[2].1 else { panic!() };
-        assert_eq!(types.numbers(&bytes).unwrap(), [Number::Int(1), Number::Int(-3)]);
+        let MetaValue::Array(types) = &h.metadata[2].1 else {
+            panic!()
+        };
+        assert_eq!(
+            types.numbers(&bytes).unwrap(),
+            [Number::Int(1), Number::Int(-3)]
+        );
         assert_eq!(h.data_start, bytes.len().next_multiple_of(32));
     }
 
