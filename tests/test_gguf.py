@@ -57,7 +57,7 @@ def test_tq_and_i2s_blocks_load_exactly(
         assert len(gguf.GGUFReader(path).tensors) == 2 * 11 + 2
 
 
-def test_llama_architecture_rows_are_unpermuted(tmp_path: Path) -> None:
+def test_llama_architecture_waits_for_the_llama_family(tmp_path: Path) -> None:
     path = gguf_files.write(
         FIXTURES / "tiny-gqa-packed", tmp_path / "m.gguf", arch="llama", tokenizer=False
     )

@@ -247,6 +247,22 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from trit.gguf_export import write_gguf
+    from trit.loader import load_model, resolve
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".gguf":
+        print("trit convert: error: -o must name a .gguf file", file=sys.stderr)
+        return 2
+    source = resolve(args.model or models.path(), revision=args.revision, filename=args.gguf_file)
+    # The bf16 head keeps the embedding's stored values (the int8 one would not).
+    model = load_model(source, threads=args.threads, head="bf16")
+    write_gguf(model, source, out, args.type)
+    print(f"wrote {out} ({args.type}, {out.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -390,6 +406,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx / 2)")
     _add_precision_args(p)
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser(
+        "convert",
+        help="write a model as a GGUF file (needs the gguf package)",
+        description="Writes the model as GGUF: I2_S for bitnet.cpp, TQ2_0 or TQ1_0 for "
+        "llama.cpp, with its tokenizer and chat template. Values are unchanged.",
+    )
+    p.add_argument(
+        "-m", "--model", help="model folder, GGUF file or Hub repo id (default: the bundled model)"
+    )
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--gguf-file", help="which GGUF file of a folder or Hub repo to load")
+    p.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+    p.add_argument(
+        "--type", choices=["i2_s", "tq2_0", "tq1_0"], default="i2_s", help="default: i2_s"
+    )
+    p.add_argument(
+        "-t", "--threads", type=_at_least(1), help="worker threads (default: physical cores)"
+    )
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("bench", help="measure prompt and generation speed (llama-bench style)")
     p.add_argument(

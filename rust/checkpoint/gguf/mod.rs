@@ -178,6 +178,13 @@ impl GgufCheckpoint {
                 _ => None,
             };
             let key = builder_name(name);
+            if ty.is_ternary() && !is_projection(&key) && key != *name {
+                return Err(fail(format!(
+                    "tensor {name:?} is {}; trit reads ternary types only for the projections \
+                     of a layer",
+                    ty.name()
+                )));
+            }
             let entry = Entry {
                 gguf_name: info.name.clone(),
                 ty,
@@ -341,36 +348,42 @@ impl GgufCheckpoint {
                 t.scale
             )));
         }
-        // Row n of the builder's matrix is row `source(n)` of the file's.
         let heads = match (self.rope_permuted, name) {
             (Some((q, _)), n) if n.ends_with("self_attn.q_proj.weight") => Some(q),
             (Some((_, k)), n) if n.ends_with("self_attn.k_proj.weight") => Some(k),
             _ => None,
         };
-        let source: Box<dyn Fn(usize) -> usize> = match heads {
-            Some(heads) => {
-                if heads == 0 || !n_out.is_multiple_of(heads) || !(n_out / heads).is_multiple_of(2)
-                {
-                    return Err(TritError::invalid(format!(
-                        "{what} has {n_out} rows, which do not split into {heads} heads of \
-                         even size"
-                    )));
-                }
-                let head_dim = n_out / heads;
-                let half = head_dim / 2;
-                // llama.cpp's permute: file row h*D + 2i + j holds row
-                // h*D + j*D/2 + i of the original.
-                Box::new(move |n| {
-                    let (h, r) = (n / head_dim, n % head_dim);
-                    let (j, i) = (r / half, r % half);
-                    h * head_dim + 2 * i + j
-                })
-            }
-            None => Box::new(|n| n),
-        };
-        TernaryMatrix::from_fn(n_out, n_in, t.scale, |n, k| t.values[source(n) * n_in + k])
+        let values = match heads {
+            Some(heads) => unpermute_rows(&t.values, n_out, n_in, heads).ok_or_else(|| {
+                TritError::invalid(format!(
+                    "{what} has {n_out} rows, which do not split into {heads} heads of even size"
+                ))
+            })?,
+            None => t.values,
+        }; // [n_out, n_in]
+        TernaryMatrix::from_fn(n_out, n_in, t.scale, |n, k| values[n * n_in + k])
             .map_err(|err| TritError::invalid(format!("{what}: {err}")))
     }
+}
+
+/// Undoes llama.cpp's Q/K permutation (`LlamaModel.permute` in
+/// convert_hf_to_gguf.py): within each head of D rows, file row `2i + j` holds
+/// original row `j*D/2 + i`. None when the rows do not split into `heads`
+/// heads of even size.
+fn unpermute_rows(values: &[i8], n_out: usize, n_in: usize, heads: usize) -> Option<Vec<i8>> {
+    if heads == 0 || !n_out.is_multiple_of(heads) || !(n_out / heads).is_multiple_of(2) {
+        return None;
+    }
+    let head_dim = n_out / heads;
+    let half = head_dim / 2;
+    let mut out = vec![0i8; values.len()]; // [n_out, n_in]
+    for (n, row) in out.chunks_exact_mut(n_in).enumerate() {
+        let (h, r) = (n / head_dim, n % head_dim);
+        let (j, i) = (r / half, r % half);
+        let source = h * head_dim + 2 * i + j;
+        row.copy_from_slice(&values[source * n_in..(source + 1) * n_in]);
+    }
+    Some(out)
 }
 
 fn to_usize(v: u64) -> usize {
@@ -411,5 +424,45 @@ impl Checkpoint for GgufCheckpoint {
         if let Some(e) = self.tensors.get(name) {
             self.file.release(e.bytes.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_the_builders() {
+        assert_eq!(
+            builder_name("token_embd.weight"),
+            "model.embed_tokens.weight"
+        );
+        assert_eq!(
+            builder_name("blk.12.attn_sub_norm.weight"),
+            "model.layers.12.self_attn.attn_sub_norm.weight"
+        );
+        assert_eq!(
+            builder_name("blk.0.ffn_down.weight"),
+            "model.layers.0.mlp.down_proj.weight"
+        );
+        assert_eq!(builder_name("blk.x.attn_q.weight"), "blk.x.attn_q.weight");
+        assert_eq!(builder_name("rope_freqs.weight"), "rope_freqs.weight");
+        assert!(is_projection("model.layers.3.self_attn.o_proj.weight"));
+        assert!(!is_projection("model.layers.3.input_layernorm.weight"));
+    }
+
+    #[test]
+    fn unpermutes_llama_rows() {
+        // One head of 4 rows: llama.cpp stores original rows [0, 2, 1, 3].
+        let file: Vec<i8> = vec![0, 0, 1, 1, -1, -1, 1, 0];
+        let stored_order = [0usize, 2, 1, 3];
+        let original = unpermute_rows(&file, 4, 2, 1).unwrap();
+        for (file_row, &orig_row) in stored_order.iter().enumerate() {
+            assert_eq!(
+                original[orig_row * 2..orig_row * 2 + 2],
+                file[file_row * 2..file_row * 2 + 2]
+            );
+        }
+        assert!(unpermute_rows(&file, 4, 2, 3).is_none());
     }
 }

@@ -62,9 +62,11 @@ impl Config {
         // tokenizer's) must not exceed.
         let vocab_size = match ck.shape("model.embed_tokens.weight") {
             Some(&[rows, cols]) if cols == hidden_size => rows,
-            Some(shape) => return Err(fail(format!(
+            Some(shape) => {
+                return Err(fail(format!(
                 "tensor \"token_embd.weight\" has shape {shape:?}; expected [vocab, {hidden_size}]"
-            ))),
+            )))
+            }
             None => return Err(fail("tensor \"token_embd.weight\" is missing".into())),
         };
         if let Some(tokens) = ck.array_len("tokenizer.ggml.tokens")? {
