@@ -508,6 +508,7 @@ mod tests {
         let mut long = header(0, &[]);
         long[16..24].copy_from_slice(&1u64.to_le_bytes());
         long.extend_from_slice(&u64::MAX.to_le_bytes());
+        long.extend_from_slice(&[0; 8]);
         assert!(err(&long).contains("length of the key"), "{}", err(&long));
         // An unknown value type, an array count beyond the file, bad alignment.
         let mut unknown = string("k");
@@ -521,8 +522,9 @@ mod tests {
         assert!(err(&header(0, &[kv_u32("general.alignment", 24)])).contains("power of two"));
         // Nested arrays beyond the depth limit.
         let mut nested = string("k");
+        nested.extend_from_slice(&9u32.to_le_bytes());
         for _ in 0..5 {
-            nested.extend_from_slice(&9u32.to_le_bytes());
+            // An array of one element, which is an array.
             nested.extend_from_slice(&9u32.to_le_bytes());
             nested.extend_from_slice(&1u64.to_le_bytes());
         }
