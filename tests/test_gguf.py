@@ -6,6 +6,8 @@ InvalidInputError that names the file and what is wrong."""
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -229,3 +231,45 @@ def _skip_value(raw: bytearray, pos: int, vtype: int | None = None) -> int:
             pos = _skip_value(raw, pos, etype)
         return pos
     return pos + _SIZES[vtype]
+
+
+FUZZ = """
+import random, sys
+from pathlib import Path
+from trit import InvalidInputError
+from trit._core import Model, gguf_metadata
+good = Path(sys.argv[1]).read_bytes()
+bad = Path(sys.argv[2])
+rng = random.Random(0)
+header_end = int(sys.argv[3])
+cases = [good[:n] for n in range(0, header_end, 31)]
+for _ in range(300):
+    raw = bytearray(good)
+    for _ in range(rng.randint(1, 4)):
+        raw[rng.randrange(header_end)] = rng.randrange(256)
+    cases.append(bytes(raw))
+for raw in cases:
+    bad.write_bytes(raw)
+    for call in (lambda: Model.open(bad, threads=1), lambda: gguf_metadata(bad)):
+        try:
+            call()
+        except InvalidInputError:
+            pass
+print("ok", len(cases))
+"""
+
+
+def test_corrupted_headers_never_crash(tmp_path: Path) -> None:
+    """Truncations and random byte changes in the header: each load either
+    works or raises InvalidInputError. In a child process, so that a crash
+    would fail this test rather than end the test run."""
+    good = gguf_files.write(FIXTURES / "tiny-gqa-packed", tmp_path / "m.gguf", projections="F32")
+    header_end = _data_start(bytearray(good.read_bytes()))
+    r = subprocess.run(
+        [sys.executable, "-c", FUZZ, str(good), str(tmp_path / "bad.gguf"), str(header_end)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("ok")

@@ -125,3 +125,42 @@ def test_not_a_gguf_file_is_refused(tmp_path: Path) -> None:
     fake.write_bytes(np.zeros(16, np.uint8).tobytes())
     with pytest.raises(InvalidInputError, match="fake.gguf.*not a GGUF file"):
         Generator.from_pretrained(fake)
+
+
+def test_hub_repos_of_gguf_files(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_gguf: Path
+) -> None:
+    """A repo with GGUF files and no safetensors model: the one named by
+    filename= is downloaded alone; several without it are listed. (The Hub is
+    replaced by fakes: tests never download.)"""
+    import huggingface_hub
+
+    from trit.loader import ALLOW_PATTERNS, resolve
+
+    downloads: list[str] = []
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+
+    def snapshot_download(repo: str, *, revision: object, allow_patterns: list[str]) -> str:
+        assert allow_patterns == ALLOW_PATTERNS
+        assert not any(p.endswith(".gguf") for p in allow_patterns)
+        return str(snapshot)
+
+    def hf_hub_download(repo: str, filename: str, *, revision: object) -> str:
+        downloads.append(filename)
+        return str(tiny_gguf)
+
+    files = ["README.md", "model-i2_s.gguf", "model-tq2_0.gguf"]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision: files)
+    with pytest.raises(InvalidInputError, match="2 GGUF files.*model-i2_s.gguf, model-tq2_0.gguf"):
+        resolve("org/model-gguf")
+    assert downloads == []
+    assert resolve("org/model-gguf", filename="model-tq2_0.gguf") == tiny_gguf
+    assert downloads == ["model-tq2_0.gguf"]
+    files.remove("model-tq2_0.gguf")
+    assert resolve("org/model-gguf") == tiny_gguf
+    assert downloads == ["model-tq2_0.gguf", "model-i2_s.gguf"]
+    with pytest.raises(InvalidInputError, match="not a .gguf file"):
+        resolve("org/model-gguf", filename="README.md")
