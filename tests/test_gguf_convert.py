@@ -4,6 +4,7 @@ in the metadata."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from conftest import FIXTURES
 from trit import InvalidInputError
 from trit._core import Model, Session
 from trit.gguf_export import write_gguf
+from trit.safetensors_export import write_safetensors
 from trit.synthetic import Shape
 from trit.synthetic import write as write_synthetic
 from trit.tokenizer import Tokenizer
@@ -39,7 +41,11 @@ def convert(source: Path, out: Path, kind: str) -> Path:
 def block_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("block-model")
     write_synthetic(Shape("test", 256, 512, 2, 4, 2, 512, False, 64), folder)
+    # The tiny fixture's tokenizer, with its special token ids.
     (folder / "tokenizer.json").write_bytes((TINY / "tokenizer.json").read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config.update(bos_token_id=509, eos_token_id=510)
+    (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 
@@ -74,3 +80,26 @@ def test_tq_round_trip_and_reference_reader(tmp_path: Path, block_model: Path, k
 def test_tq_needs_whole_blocks(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match=r"blk\.0\.attn_q\.weight has rows of 64"):
         convert(TINY, tmp_path / "m.gguf", "tq2_0")
+
+
+def test_gguf_to_safetensors_and_back(tmp_path: Path, block_model: Path) -> None:
+    tq = convert(block_model, tmp_path / "m.gguf", "tq2_0")
+    folder = tmp_path / "hf"
+    r = subprocess.run(
+        [sys.executable, "-m", "trit.cli", "convert", "-m", str(tq), "-o", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(logits(folder), logits(block_model))
+    text = "Hello wörld 12345, can't stop 😀"
+    assert Tokenizer(folder).encode(text) == Tokenizer(TINY).encode(text)
+    back = convert(folder, tmp_path / "back.gguf", "i2_s")
+    assert np.array_equal(logits(back), logits(block_model))
+
+
+def test_safetensors_folder_round_trip(tmp_path: Path) -> None:
+    model, _ = Model.open(TINY, threads=1)
+    write_safetensors(model, TINY, tmp_path / "copy")
+    assert np.array_equal(logits(tmp_path / "copy"), logits(TINY))
