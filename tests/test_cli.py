@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -115,8 +116,36 @@ def test_errors_are_one_line_and_exit_1() -> None:
     r = run("generate", "-m", str(FIXTURES / "missing"), "-p", "x")
     assert r.returncode == 1
     assert r.stderr.startswith("trit: error: no model folder")
-    r = run("generate", "-m", MODEL, "-p", "x", "--top-p", "2")
-    assert r.returncode == 1 and "top_p" in r.stderr
+
+
+def test_a_refused_sampling_value_names_its_flag_before_loading() -> None:
+    # A missing model folder too: the flag is checked first.
+    r = run("generate", "-m", str(FIXTURES / "missing"), "-p", "x", "--top-p", "2")
+    assert r.returncode == 2
+    assert r.stderr == "trit generate: error: argument --top-p: top_p must be in (0, 1], got 2\n"
+    r = run("chat", "-m", MODEL, "--repeat-penalty", "0")
+    assert r.returncode == 2 and "argument --repeat-penalty:" in r.stderr
+
+
+def test_sampling_follows_generation_config_and_prints_its_seed() -> None:
+    # The bundled model asks for sampling: a drawn seed is printed, and
+    # passing it back repeats the text.
+    first = run("generate", "-p", "Once upon a time", "-n", "12")
+    assert first.returncode == 0, first.stderr
+    seed = re.search(r"sampling with seed (\d+)", first.stderr)
+    assert seed, first.stderr
+    again = run("generate", "-p", "Once upon a time", "-n", "12", "--seed", seed.group(1))
+    assert again.stdout == first.stdout
+    assert "sampling with seed" not in again.stderr
+    # --temp 0 is greedy (nothing drawn), and the fixture without sampling
+    # fields in its generation_config.json stays greedy.
+    greedy = run("generate", "-p", "Once upon a time", "-n", "12", "--temp", "0")
+    assert "seed" not in greedy.stderr
+    assert run("generate", "-p", "Once upon a time", "-n", "12", "--temp", "0").stdout == (
+        greedy.stdout
+    )
+    fixture = run("generate", "-m", MODEL, "-p", "x", "-n", "4")
+    assert fixture.returncode == 0 and "seed" not in fixture.stderr
 
 
 def test_version() -> None:

@@ -42,7 +42,8 @@ def encode_chat(messages: list[dict[str, Any]]) -> list[int]:
     return encode("".join(f"<{m['role']}>{m['content']}" for m in messages))
 
 
-CTX = PromptContext(N_CTX, VOCAB, encode, encode_chat)
+MAX_TOKEN_BYTES = 4  # the stand-in's tokens are single characters
+CTX = PromptContext(N_CTX, VOCAB, MAX_TOKEN_BYTES, encode, encode_chat)
 HI = [{"role": "user", "content": "Hi"}]
 
 
@@ -56,13 +57,13 @@ def completion(**fields: Any) -> dict[str, Any]:
 
 def refused(parse: Any, body: dict[str, Any]) -> APIError:
     with pytest.raises(APIError) as info:
-        parse(body, CTX)
+        parse(body, CTX).tokenize()
     assert info.value.status == 400
     return info.value
 
 
 def test_a_chat_request_gets_openai_defaults() -> None:
-    req = parse_chat(chat(), CTX)
+    req = parse_chat(chat(), CTX).tokenize()
     assert req.ids == encode("<user>Hi")
     assert req.max_tokens == N_CTX - len(req.ids)  # up to the end of the context
     assert req.sampling == SamplingOptions(temperature=1.0)  # OpenAI's default temperature
@@ -70,10 +71,14 @@ def test_a_chat_request_gets_openai_defaults() -> None:
 
 
 def test_a_completion_request_gets_openai_defaults() -> None:
-    req = parse_completion(completion(), CTX)
+    req = parse_completion(completion(), CTX).tokenize()
     assert req.ids == encode("Hi") and req.max_tokens == 16
-    assert parse_completion(completion(prompt=[[1, 2, 3]]), CTX).ids == [1, 2, 3]  # a batch of one
-    assert parse_completion(completion(prompt=["Hi"]), CTX).ids == encode("Hi")
+    assert parse_completion(completion(prompt=[[1, 2, 3]]), CTX).tokenize().ids == [
+        1,
+        2,
+        3,
+    ]  # a batch of one
+    assert parse_completion(completion(prompt=["Hi"]), CTX).tokenize().ids == encode("Hi")
 
 
 def test_sampling_fields_become_sampling_options() -> None:
@@ -89,8 +94,8 @@ def test_sampling_fields_become_sampling_options() -> None:
         repetition_penalty=1.1,
         seed=(1 << 64) - 1,  # OpenAI's signed seed, as the same 64 bits
     )
-    assert parse_chat(chat(stop="END"), CTX).sampling.stop == ("END",)
-    assert parse_chat(chat(stop=["a", "b"]), CTX).sampling.stop == ("a", "b")
+    assert parse_chat(chat(stop="END"), CTX).tokenize().sampling.stop == ("END",)
+    assert parse_chat(chat(stop=["a", "b"]), CTX).tokenize().sampling.stop == ("a", "b")
 
 
 @pytest.mark.parametrize(
@@ -160,7 +165,7 @@ def test_messages_are_rendered_as_the_template_expects() -> None:
             ]
         ),
         CTX,
-    )
+    ).tokenize()
     assert rendered == [
         [
             {"role": "system", "content": "Be brief."},
@@ -171,7 +176,9 @@ def test_messages_are_rendered_as_the_template_expects() -> None:
 
 
 def test_unknown_null_fields_ask_for_nothing() -> None:
-    assert parse_chat(chat(tools=None, response_format=None, user="u"), CTX).max_tokens > 0
+    assert (
+        parse_chat(chat(tools=None, response_format=None, user="u"), CTX).tokenize().max_tokens > 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -202,16 +209,21 @@ def test_a_prompt_longer_than_the_context_names_the_limit() -> None:
     assert err.code == "context_length_exceeded" and err.param == "messages"
     # Without max_tokens a chat reply may fill the context, and gets one
     # token when the prompt already does.
-    assert parse_chat(chat(messages=[{"role": "user", "content": "x" * 50}]), CTX).max_tokens == 8
+    assert (
+        parse_chat(chat(messages=[{"role": "user", "content": "x" * 50}]), CTX)
+        .tokenize()
+        .max_tokens
+        == 8
+    )
     full = [{"role": "user", "content": "x" * (N_CTX - len("<user>"))}]
-    assert parse_chat(chat(messages=full), CTX).max_tokens == 1
+    assert parse_chat(chat(messages=full), CTX).tokenize().max_tokens == 1
 
 
 def test_logprob_requests() -> None:
-    assert parse_chat(chat(logprobs=True), CTX).logprobs == 0
-    assert parse_chat(chat(logprobs=True, top_logprobs=3), CTX).logprobs == 3
-    assert parse_chat(chat(logprobs=False), CTX).logprobs is None
-    assert parse_completion(completion(logprobs=2), CTX).logprobs == 2
+    assert parse_chat(chat(logprobs=True), CTX).tokenize().logprobs == 0
+    assert parse_chat(chat(logprobs=True, top_logprobs=3), CTX).tokenize().logprobs == 3
+    assert parse_chat(chat(logprobs=False), CTX).tokenize().logprobs is None
+    assert parse_completion(completion(logprobs=2), CTX).tokenize().logprobs == 2
 
 
 def test_the_model_is_checked() -> None:
@@ -267,7 +279,7 @@ def test_logprob_bodies() -> None:
 
 
 def test_response_bodies() -> None:
-    r = Responses("m", "trit-0")
+    r = Responses("m", "trit-0", 64)
     chunk = r.chat_chunk("c1", {"index": 0, "delta": {"content": "x"}}, 123)
     assert chunk == {
         "id": "c1",
@@ -290,7 +302,13 @@ def test_response_bodies() -> None:
     ]
     assert done["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     assert r.completion_chunk("c3", [], 7)["object"] == "text_completion"
-    assert r.model_card(9) == {"id": "m", "object": "model", "created": 9, "owned_by": "trit"}
+    assert r.model_card(9) == {
+        "id": "m",
+        "object": "model",
+        "created": 9,
+        "owned_by": "trit",
+        "max_model_len": 64,
+    }
     assert [finish_reason(f) for f in ("eos", "stop", "length", "context")] == [
         "stop",
         "stop",

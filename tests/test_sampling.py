@@ -71,3 +71,27 @@ def test_the_generator_refuses_options_and_keywords_together() -> None:
         g.stream([509], 4, stop=["x"], sampling=SamplingOptions(seed=1))
     with pytest.raises(InvalidInputError, match="SamplingOptions"):
         g.generate([509], 4, sampling={"temperature": 0.5})  # type: ignore[arg-type]
+
+
+def test_generation_config_is_read_as_transformers_reads_it() -> None:
+    # Greedy unless do_sample; then transformers' defaults fill the gaps.
+    assert SamplingOptions.from_generation_config({}) == SamplingOptions()
+    assert SamplingOptions.from_generation_config({"temperature": 0.7}) == SamplingOptions()
+    sampled = SamplingOptions.from_generation_config({"do_sample": True, "top_p": 0.9})
+    assert (sampled.temperature, sampled.top_k, sampled.top_p, sampled.min_p) == (1.0, 50, 0.9, 0)
+    penalized = SamplingOptions.from_generation_config({"repetition_penalty": 1.3})
+    assert penalized.temperature == 0 and penalized.repetition_penalty == 1.3
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"do_sample": "true"}, "do_sample"),
+        ({"do_sample": True, "top_p": 2}, "top_p"),
+        ({"do_sample": True, "temperature": "hot"}, "temperature"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+    ],
+)
+def test_a_bad_generation_config_names_the_file_and_field(config: dict, field: str) -> None:
+    with pytest.raises(InvalidInputError, match=rf"^gen\.json: {field}"):
+        SamplingOptions.from_generation_config(config, source="gen.json")

@@ -736,6 +736,11 @@ def test_trit_serve_errors() -> None:
     assert r.returncode == 1 and r.stderr.startswith("trit: error: no model folder")
     r = serve_cli("-m", str(MODEL_DIR), "--max-concurrency", "0")
     assert r.returncode == 2 and "--max-concurrency" in r.stderr
+    for timeout in ("0", "-1", "nan"):
+        r = serve_cli("-m", str(MODEL_DIR), "--request-timeout", timeout)
+        assert r.returncode == 2 and "--request-timeout" in r.stderr
+    r = serve_cli("-m", str(MODEL_DIR), "--max-connections", "0")
+    assert r.returncode == 2 and "--max-connections" in r.stderr
 
 
 def test_trit_serve_without_a_model_serves_the_bundled_one() -> None:

@@ -514,6 +514,12 @@ def export(model: BitNetForCausalLM, cfg: dict, tok: Tokenizer, out: Path) -> di
     gen_cfg = {
         "bos_token_id": ids[mf.BOS],
         "eos_token_id": [ids[mf.EOS], ids[mf.EOT]],
+        # Sampling by default, as llama-cli does: greedy decoding of a model
+        # this small repeats one phrase until the context is full.
+        "do_sample": True,
+        "temperature": 0.8,
+        "top_k": 40,
+        "top_p": 0.95,
         "transformers_version": transformers.__version__,
     }
     mf.write_json(out / "generation_config.json", gen_cfg)

@@ -7,14 +7,17 @@ parser in `_parser` and a function here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
+import secrets
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from trit import models
-from trit._core import TritError, __version__
+from trit._core import InvalidInputError, TritError, __version__
 from trit.generator import Generator, Message
 from trit.sampling import SamplingOptions
 
@@ -75,23 +78,57 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-new-tokens", type=_at_least(0), default=256, help="default: 256")
-    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0: off (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="1: off (default)")
-    p.add_argument("--min-p", type=float, default=0.0, help="0: off (default)")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1: off (default)")
-    p.add_argument("--seed", type=int, help="random seed (default: random)")
+    # Unset sampling flags take the model's generation_config.json values
+    # (greedy when it asks for no sampling), as transformers does.
+    defaults = "default: the model's generation_config.json"
+    p.add_argument("--temp", type=float, help=f"temperature, 0 is greedy ({defaults})")
+    p.add_argument("--top-k", type=int, help=f"0: off ({defaults})")
+    p.add_argument("--top-p", type=float, help=f"1: off ({defaults})")
+    p.add_argument("--min-p", type=float, help=f"0: off ({defaults})")
+    p.add_argument("--repeat-penalty", type=float, help=f"1: off ({defaults})")
+    p.add_argument("--seed", type=int, help="random seed (default: random, printed when sampling)")
 
 
-def _sampling(args: argparse.Namespace) -> SamplingOptions:
-    return SamplingOptions(
-        temperature=args.temp,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repeat_penalty,
-        seed=args.seed,
-    )
+# Each sampling flag and the SamplingOptions field it sets.
+_SAMPLING_FLAGS = {
+    "temperature": ("--temp", "temp"),
+    "top_k": ("--top-k", "top_k"),
+    "top_p": ("--top-p", "top_p"),
+    "min_p": ("--min-p", "min_p"),
+    "repetition_penalty": ("--repeat-penalty", "repeat_penalty"),
+    "seed": ("--seed", "seed"),
+}
+
+
+class _FlagError(Exception):
+    """A command-line value the engine refuses, with the flag that gave it."""
+
+
+def _given_sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags given on the command line, each checked on its own
+    so that an error names the flag the user typed."""
+    given = {}
+    for field, (flag, dest) in _SAMPLING_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        try:
+            SamplingOptions(**{field: value})
+        except InvalidInputError as exc:
+            raise _FlagError(f"argument {flag}: {exc}") from None
+        given[field] = value
+    return given
+
+
+def _sampling(args: argparse.Namespace, g: Generator) -> SamplingOptions:
+    """The model's generation defaults with the given flags on top; when it
+    samples without a --seed, a seed is drawn and printed so the run can be
+    repeated."""
+    options = dataclasses.replace(g.generation_defaults, **_given_sampling(args))
+    if options.temperature > 0 and options.seed is None:
+        options = dataclasses.replace(options, seed=secrets.randbits(63))
+        print(f"(sampling with seed {options.seed}; --seed repeats it)", file=sys.stderr)
+    return options
 
 
 def _load(args: argparse.Namespace) -> Generator:
@@ -129,8 +166,9 @@ def _report(g: Generator) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    sampling = _sampling(args)  # checked before the model loads
+    _given_sampling(args)  # flags checked before the model loads
     g = _load(args)
+    sampling = _sampling(args, g)
     _print_stream(g.stream(args.prompt, args.max_new_tokens, sampling=sampling))
     sys.stdout.write("\n")
     _report(g)
@@ -155,7 +193,9 @@ def _fit_context(
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    _given_sampling(args)  # flags checked before the model loads
     g = _load(args)
+    sampling = _sampling(args, g)
     system: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
     # Room kept free for a reply when old turns have to go: a reply cut after a
@@ -202,7 +242,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history = kept
         pieces: list[str] = []
         try:
-            for piece in g.stream(ids, args.max_new_tokens, sampling=_sampling(args)):
+            for piece in g.stream(ids, args.max_new_tokens, sampling=sampling):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
                 pieces.append(piece)
@@ -333,6 +373,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         from trit import webui
         from trit.server import create_app
+        from trit.server.connections import uvicorn_config
     except ImportError as exc:
         print(
             f"trit: error: `trit serve` needs the serve extra ({exc}): pip install 'trit[serve]'",
@@ -342,10 +383,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_concurrency < 1:
         print("trit: error: --max-concurrency must be >= 1", file=sys.stderr)
         return 2
+    if not args.request_timeout > 0:  # also refuses nan
+        print("trit: error: --request-timeout must be > 0 seconds", file=sys.stderr)
+        return 2
     g = _load(args)
     name = _model_id(args)
     app = create_app(
-        g, model_name=name, api_key=args.api_key or None, max_concurrency=args.max_concurrency
+        g,
+        model_name=name,
+        api_key=args.api_key or None,
+        max_concurrency=args.max_concurrency,
+        request_timeout=args.request_timeout,
     )
     webui.mount(app)
     if not _is_loopback(args.host) and not args.api_key:
@@ -361,14 +409,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"chat page: http://{host}:{args.port}/",
         file=sys.stderr,
     )
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=5,
+    server = uvicorn.Server(
+        uvicorn_config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            request_timeout=args.request_timeout,
+            max_connections=args.max_connections,
+        )
     )
-    return 0
+    server.run()
+    return 0 if server.started else 1  # uvicorn has said why (a port in use, ...)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -492,6 +544,19 @@ def _parser() -> argparse.ArgumentParser:
         help="requests running or queued at once; more get a 503 (default: 16)",
     )
     p.add_argument(
+        "--max-connections",
+        type=_at_least(1),
+        default=256,
+        help="open HTTP connections at once; more get a 503 (default: 256)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a request's headers, and then its body, "
+        "before the connection is closed (default: 30)",
+    )
+    p.add_argument(
         "--served-model-name",
         help="the model id clients use (default: the repo id, or the folder's name)",
     )
@@ -509,6 +574,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except _FlagError as exc:
+        # Exit status 2, as argparse gives for a bad flag.
+        print(f"trit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except TritError as exc:
         print(f"trit: error: {exc}", file=sys.stderr)
         return 1

@@ -115,6 +115,11 @@ class Generator:
         self._session = session
         self.eos_ids = frozenset(eos_ids)
         self.last_stats: GenerationStats | None = None
+        """Timings and finish reason of the last generation (None before the first)."""
+        self.generation_defaults = SamplingOptions()
+        """The sampling the model's generation_config.json asks for (greedy
+        when it asks for none). `generate` and friends stay greedy unless
+        told otherwise; `trit generate` and `trit chat` start from these."""
         # Read once: the session is borrowed while it computes (with the GIL
         # released), and other threads may still ask for n_ctx meanwhile.
         self._n_ctx = session.n_ctx
@@ -150,10 +155,17 @@ class Generator:
         tokenizer = Tokenizer(folder)
         model = load_model(folder, threads=threads, head=head)
         session = Session(model, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
-        return cls(model, tokenizer, session, _eos_ids(folder, tokenizer))
+        g = cls(model, tokenizer, session, _eos_ids(folder, tokenizer))
+        generation_config = folder / "generation_config.json"
+        if generation_config.exists():
+            g.generation_defaults = SamplingOptions.from_generation_config(
+                read_json(generation_config), source=str(generation_config)
+            )
+        return g
 
     @property
     def config(self) -> ModelConfig:
+        """The model's hyper-parameters, as config.json gave them."""
         return self._model.config
 
     @property
@@ -165,9 +177,13 @@ class Generator:
         return self._n_ctx
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, with the special tokens (such as BOS) the
+        tokenizer adds unless `add_special_tokens` is false."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """The text of token ids; special tokens are kept unless
+        `skip_special_tokens`."""
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
@@ -367,7 +383,8 @@ class Generator:
     def chat_stream(
         self, messages: Sequence[Message], max_new_tokens: int = 256, **kwargs: Any
     ) -> Iterator[str]:
-        """As `chat`, yielding text pieces."""
+        """As `chat`, yielding the reply's text pieces as they are generated
+        (never splitting a UTF-8 character); `last_stats` is set when it ends."""
         ids = self.tokenizer.encode_chat(messages)
         return self.stream(ids, max_new_tokens, **kwargs)
 

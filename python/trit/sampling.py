@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,34 @@ class SamplingOptions:
         # The ranges are the engine's to check (its messages name the field):
         # one definition for every caller of the sampler.
         self._sampler(0)
+
+    @classmethod
+    def from_generation_config(
+        cls, config: Mapping[str, Any], *, source: str = "generation_config.json"
+    ) -> SamplingOptions:
+        """The sampling a model's generation_config.json asks for, read as
+        transformers reads it: greedy unless `do_sample` is true, and then
+        `temperature` (default 1), `top_k` (50), `top_p` (1) and `min_p`
+        (off); `repetition_penalty` (1) applies either way. A field of the
+        wrong type or range raises `InvalidInputError` naming `source` and
+        the field."""
+        do_sample = config.get("do_sample", False)
+        if not isinstance(do_sample, bool):
+            raise InvalidInputError(f"{source}: do_sample must be true or false, got {do_sample!r}")
+        defaults = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None}
+        fields: dict[str, Any] = {}
+        if do_sample:
+            for name, default in defaults.items():
+                value = config.get(name, default)
+                if value is not None:
+                    fields[name] = value
+        penalty = config.get("repetition_penalty")
+        if penalty is not None:
+            fields["repetition_penalty"] = penalty
+        try:
+            return cls(**fields)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{source}: {exc}") from None
 
     def sampler(self) -> Sampler:
         """The engine's sampler for one generation (seeded at random when

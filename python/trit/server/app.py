@@ -1,11 +1,18 @@
 """The HTTP app: routes, authentication, request bodies, server-sent event
-streams, and the wiring of the protocol to the scheduler."""
+streams, and the wiring of the protocol to the scheduler.
+
+What one request may cost is bounded before it costs it: its body's size
+(from the context size) and the time it takes to arrive; its JSON's depth; its
+prompt's bytes (a prompt too long to fit is refused before it is tokenized);
+and it is admitted to the queue (or gets a 503) before its prompt is
+tokenized or its chat template rendered."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from trit._core import __version__
@@ -23,6 +31,7 @@ from trit.generator import Generator
 from trit.server.protocol import (
     APIError,
     GenerationRequest,
+    ParsedRequest,
     PromptContext,
     Responses,
     TokenLogprob,
@@ -30,15 +39,22 @@ from trit.server.protocol import (
     chat_logprobs,
     check_model,
     completion_logprobs,
-    invalid,
+    internal_error,
+    parse_body,
     parse_chat,
     parse_completion,
     usage,
 )
 from trit.server.scheduler import Done, Failed, Job, Piece, Scheduler
 
-MAX_BODY_BYTES = 16 << 20
-"""Larger request bodies get a 413 (a full 128k-token prompt is about 0.5 MiB)."""
+log = logging.getLogger("trit.server")
+
+
+def max_body_bytes(prompts: PromptContext) -> int:
+    """Larger request bodies get a 413: room for the longest prompt that can
+    fit the context, as JSON escapes may write it (up to 6 bytes per byte:
+    \\u001f), for one message per token, and 64 KiB for the other fields."""
+    return 6 * prompts.max_prompt_bytes + 64 * prompts.n_ctx + (64 << 10)
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -144,20 +160,39 @@ def _authorized(request: Request, api_key: str | None) -> None:
         )
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
-        chunks.append(chunk)
+# Errors about the body itself end the connection: what is left of the body
+# would be read as the next request.
+_CLOSE = {"connection": "close"}
+
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The whole body, at most `limit` bytes (a 413), arrived within
+    `timeout` seconds (a 408). A client that leaves mid-body gets one log line."""
+    too_large = APIError(413, f"the request body is larger than {limit} bytes", headers=_CLOSE)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     try:
-        body = json.loads(b"".join(chunks))
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise invalid(f"the request body is not valid JSON: {exc}", None) from exc
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object", None)
-    return body
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(
+            408, f"the request body did not arrive within {timeout:g} s", headers=_CLOSE
+        ) from None
+    except ClientDisconnect:
+        client = request.client
+        where = f"{client.host}:{client.port}" if client else "a client"
+        log.info("%s went away before sending the whole request body", where)
+        raise APIError(499, "the client closed the request") from None
 
 
 def create_app(
@@ -166,23 +201,35 @@ def create_app(
     model_name: str,
     api_key: str | None = None,
     max_concurrency: int = 16,
+    request_timeout: float = 30.0,
 ) -> FastAPI:
     """The server's ASGI app around one loaded Generator. `model_name` is
     the id clients ask for (GET /v1/models lists it; another id gets a 404);
     with `api_key`, /v1/* need `Authorization: Bearer <api_key>`;
-    `max_concurrency` bounds the requests running or waiting at once."""
+    `max_concurrency` bounds the requests running or waiting at once;
+    a request body must arrive within `request_timeout` seconds."""
     scheduler = Scheduler(generator, max_concurrency)
     created = int(time.time())
-    responses = Responses(model_name, f"trit-{__version__}")
     prompts = PromptContext.of(generator)
+    responses = Responses(model_name, f"trit-{__version__}", prompts.n_ctx)
     token_text = TokenText(generator.tokenizer.token_bytes)
+    body_limit = max_body_bytes(prompts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         scheduler.shutdown()
 
-    app = FastAPI(title="trit", version=__version__, lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: the API is OpenAI's, documented there,
+    # and a schema served past --api-key would describe the server to anyone.
+    app = FastAPI(
+        title="trit",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.scheduler = scheduler
 
     @app.exception_handler(APIError)
@@ -195,21 +242,50 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> Response:
-        # Starlette logs the traceback; the client gets OpenAI's shape.
-        return error_response(APIError(500, f"internal error: {exc}", type="server_error"))
+        # Starlette re-raises it after this answer, and uvicorn logs the
+        # traceback; the client learns nothing of it.
+        return error_response(internal_error())
+
+    def completion_route(
+        parse: Callable[[dict[str, Any], PromptContext], ParsedRequest],
+        stream_events: Callable[[GenerationRequest, Job], AsyncIterator[bytes]],
+        respond: Callable[[GenerationRequest, _Collected], dict[str, Any]],
+    ) -> Callable[[Request], Any]:
+        async def route(request: Request) -> Any:
+            try:
+                return await run(request, parse, stream_events, respond)
+            except APIError:
+                raise
+            except Exception:  # a bug: the trace goes to the log, not to the client
+                log.exception("%s %s failed", request.method, request.url.path)
+                raise internal_error() from None
+
+        return route
+
+    def parse_request(
+        raw: bytes, parse: Callable[[dict[str, Any], PromptContext], ParsedRequest]
+    ) -> ParsedRequest:
+        body = parse_body(raw)
+        check_model(body, model_name)
+        return parse(body, prompts)
 
     async def run(
         request: Request,
-        parse: Callable[[dict[str, Any], PromptContext], GenerationRequest],
+        parse: Callable[[dict[str, Any], PromptContext], ParsedRequest],
         stream_events: Callable[[GenerationRequest, Job], AsyncIterator[bytes]],
         respond: Callable[[GenerationRequest, _Collected], dict[str, Any]],
     ) -> Any:
         _authorized(request, api_key)
-        body = await _json_body(request)
-        check_model(body, model_name)
-        # Tokenizing a long prompt takes a while: not on the event loop.
-        req = await asyncio.to_thread(parse, body, prompts)
-        job = scheduler.submit(req)
+        raw = await _read_body(request, body_limit, request_timeout)
+        # Parsing a large body, and tokenizing, take a while: not on the event loop.
+        parsed = await asyncio.to_thread(parse_request, raw, parse)
+        job = scheduler.admit()  # or a 503, before the heavy part
+        try:
+            req = await asyncio.to_thread(parsed.tokenize)
+        except BaseException:
+            scheduler.cancel(job)
+            raise
+        scheduler.ready(job, req)
         if req.stream:
             return EventStreamResponse(scheduler, job, lambda j: stream_events(req, j))
         watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
@@ -301,13 +377,16 @@ def create_app(
 
     # -- routes -------------------------------------------------------------
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        return await run(request, parse_chat, chat_events, chat_response)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        return await run(request, parse_completion, completion_events, completion_response)
+    app.add_api_route(
+        "/v1/chat/completions",
+        completion_route(parse_chat, chat_events, chat_response),
+        methods=["POST"],
+    )
+    app.add_api_route(
+        "/v1/completions",
+        completion_route(parse_completion, completion_events, completion_response),
+        methods=["POST"],
+    )
 
     def model_card() -> dict[str, Any]:
         return responses.model_card(created)

@@ -5,6 +5,7 @@ chunks and log-probs. Pure functions of plain values: no server, no model."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import numpy.typing as npt
+from jinja2 import TemplateError
 
 from trit._core import InvalidInputError
 from trit.sampling import SamplingOptions
@@ -19,7 +21,13 @@ from trit.sampling import SamplingOptions
 if TYPE_CHECKING:
     from trit.generator import Generator
 
+log = logging.getLogger("trit.server")
+
 MAX_STOP = 32
+MAX_STOP_CHARS = 256  # per stop string: each generated token is checked against every prefix of it
+MAX_JSON_DEPTH = 32  # nesting of the request body; a real request needs about 6
+MAX_REPETITION_PENALTY = 100.0  # and 1 / 100 at the low end: both far beyond any useful value
+MAX_SHOWN = 80  # characters of a value quoted back in an error message
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs, as OpenAI
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's /v1/completions
@@ -89,9 +97,94 @@ def invalid(message: str, param: str | None, code: str | None = None) -> APIErro
     return APIError(400, message, param=param, code=code)
 
 
+def internal_error() -> APIError:
+    """A 500: the details go to the server's log, never to the client."""
+    return APIError(500, "internal error", type="server_error")
+
+
+def _shown(value: Any) -> str:
+    """`value` as JSON, cut to MAX_SHOWN characters: an error message quotes
+    what it refuses without echoing a whole request back."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
+def _cut(name: str) -> str:
+    return name if len(name) <= MAX_SHOWN else name[: MAX_SHOWN - 3] + "..."
+
+
+# ---------------------------------------------------------------------------
+# The request body
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, refused with a 400 unless it is
+    one: invalid JSON, nesting deeper than MAX_JSON_DEPTH, or a string (a
+    value or a key) that is not Unicode text, such as a lone surrogate
+    ("\\ud800"), which JSON allows but no tokenizer or UTF-8 encoder takes."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:  # json's parser recurses per level: the limit ends it
+        raise invalid(
+            f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)", None
+        ) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, over-long integers
+        raise invalid(f"the request body is not valid JSON: {exc}", None) from None
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object", None)
+    _check_json_values(body)
+    return body
+
+
+def _where(path: tuple[str | int, ...]) -> str:
+    out = ""
+    for key in path:
+        out += f"[{key}]" if isinstance(key, int) else ("." if out else "") + _cut(key)
+    return out
+
+
+def _check_json_values(body: dict[str, Any]) -> None:
+    """Walks the parsed body without recursion: its depth, and that every
+    string encodes as UTF-8. The error names the top-level field."""
+
+    def bad_text(path: tuple[str | int, ...]) -> APIError:
+        param = path[0] if path and isinstance(path[0], str) and _is_text(path[0]) else None
+        where = _where(path) if param is not None else "a field name"
+        return invalid(f"{where} is not valid Unicode text (it holds a lone surrogate)", param)
+
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) >= MAX_JSON_DEPTH:
+            param = path[0] if isinstance(path[0], str) and _is_text(path[0]) else None
+            raise invalid(
+                f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)", param
+            )
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and not _is_text(key):
+                raise bad_text(path)
+            if isinstance(item, str):
+                if not _is_text(item):
+                    raise bad_text((*path, key))
+            elif isinstance(item, (dict, list)):
+                stack.append((item, (*path, key)))
+
+
+def _is_text(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------
 # Request parsing: plain dicts, checked field by field so that each error
-# names its field.
+# names its field. Parsing is cheap and bounded (no tokenizing): the server
+# parses before it admits a request, and tokenizes after (ParsedRequest.tokenize).
 
 
 @dataclass(frozen=True)
@@ -101,6 +194,11 @@ class PromptContext:
 
     n_ctx: int
     vocab_size: int
+    max_token_bytes: int
+    """The most bytes of text one token stands for: a prompt of B bytes is
+    at least B / max_token_bytes tokens, which refuses a prompt that cannot
+    fit the context before it is tokenized. (This holds for tokenizers that
+    keep every byte of the text, as byte-level BPE does.)"""
     encode: Callable[[str], list[int]]
     """A prompt's token ids, as the tokenizer adds special tokens by default."""
     encode_chat: Callable[[list[dict[str, Any]]], list[int]]
@@ -108,7 +206,31 @@ class PromptContext:
 
     @classmethod
     def of(cls, g: Generator) -> PromptContext:
-        return cls(g.n_ctx, g.config.vocab_size, g.encode, g.tokenizer.encode_chat)
+        vocab = g.config.vocab_size
+        return cls(
+            g.n_ctx,
+            vocab,
+            longest_token_bytes(g.tokenizer.token_bytes, vocab),
+            g.encode,
+            g.tokenizer.encode_chat,
+        )
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        """Longer prompts (in UTF-8 bytes) cannot fit the context."""
+        return self.n_ctx * self.max_token_bytes
+
+
+def longest_token_bytes(token_bytes: Callable[[int], bytes], vocab_size: int) -> int:
+    """The most bytes any token id below `vocab_size` stands for (at least
+    4, one UTF-8 character, for tokenizers that map text to ids otherwise)."""
+    longest = 4
+    for token in range(vocab_size):
+        try:
+            longest = max(longest, len(token_bytes(token)))
+        except InvalidInputError:  # an id the tokenizer does not use
+            continue
+    return longest
 
 
 @dataclass
@@ -124,6 +246,55 @@ class GenerationRequest:
     """How many alternatives to report per token (0: only the chosen one); None: no log-probs."""
 
 
+@dataclass
+class ParsedRequest:
+    """A request whose fields are all checked and whose prompt is known to
+    be small enough to tokenize: `tokenize` makes it a GenerationRequest
+    (the heavy step, done once the server has admitted the request)."""
+
+    ctx: PromptContext
+    prompt: Callable[[], list[int]]
+    """The prompt's token ids: tokenizes, or renders the chat template."""
+    param: str
+    """The field holding the prompt: "messages" or "prompt"."""
+    max_tokens: int | None
+    """None: up to the end of the context."""
+    sampling: SamplingOptions
+    stream: bool
+    include_usage: bool
+    logprobs: int | None
+
+    def tokenize(self) -> GenerationRequest:
+        ids = self.prompt()
+        if not ids:
+            raise invalid("the prompt has no tokens", self.param)
+        n_ctx = self.ctx.n_ctx
+        if len(ids) > n_ctx:
+            raise _too_long(n_ctx, self.param, f"{len(ids)} tokens")
+        max_tokens = self.max_tokens
+        if max_tokens is None:
+            max_tokens = max(n_ctx - len(ids), 1)
+        return GenerationRequest(
+            ids, max_tokens, self.sampling, self.stream, self.include_usage, self.logprobs
+        )
+
+
+def _too_long(n_ctx: int, param: str, size: str) -> APIError:
+    return invalid(
+        f"This model's maximum context length is {n_ctx} tokens. "
+        f"However, your {'messages' if param == 'messages' else 'prompt'} resulted in {size}.",
+        param,
+        "context_length_exceeded",
+    )
+
+
+def _check_prompt_bytes(ctx: PromptContext, n_bytes: int, param: str) -> None:
+    """Refuses a prompt whose byte length alone shows that it cannot fit."""
+    if n_bytes > ctx.max_prompt_bytes:
+        at_least = -(-n_bytes // ctx.max_token_bytes)
+        raise _too_long(ctx.n_ctx, param, f"at least {at_least} tokens ({n_bytes} bytes)")
+
+
 def check_model(body: dict[str, Any], model_name: str) -> None:
     """The request names the model this server has: a 400 if it names none,
     a 404 if another."""
@@ -133,7 +304,7 @@ def check_model(body: dict[str, Any], model_name: str) -> None:
     if model != model_name:
         raise APIError(
             404,
-            f"The model `{model}` does not exist: this server has `{model_name}`.",
+            f"The model `{_cut(model)}` does not exist: this server has `{model_name}`.",
             param="model",
             code="model_not_found",
         )
@@ -156,13 +327,17 @@ def _number(
     v = _get(body, name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise invalid(f"`{name}` must be a number, got {json.dumps(v)}", name)
-    if v < lo or (lo_open and v == lo) or v > hi:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise invalid(f"`{name}` must be a number, got {_shown(v)}", name)
+    try:
+        x = float(v)  # an integer beyond float's range does not convert
+    except OverflowError:
+        x = math.inf if v > 0 else -math.inf
+    if not math.isfinite(x) or x < lo or (lo_open and x == lo) or x > hi:
         left = "(" if lo_open else "["
         right = "]" if hi != math.inf else ")"
-        raise invalid(f"`{name}` must be in {left}{lo:g}, {hi:g}{right}, got {v:g}", name)
-    return float(v)
+        raise invalid(f"`{name}` must be in {left}{lo:g}, {hi:g}{right}, got {_shown(v)}", name)
+    return x
 
 
 def _integer(
@@ -172,10 +347,10 @@ def _integer(
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int):
-        raise invalid(f"`{name}` must be an integer, got {json.dumps(v)}", name)
+        raise invalid(f"`{name}` must be an integer, got {_shown(v)}", name)
     if v < lo or (hi is not None and v > hi):
         bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-        raise invalid(f"`{name}` must be {bound}, got {v}", name)
+        raise invalid(f"`{name}` must be {bound}, got {_shown(v)}", name)
     return v
 
 
@@ -184,7 +359,7 @@ def _boolean(body: dict[str, Any], name: str) -> bool:
     if v is None:
         return False
     if not isinstance(v, bool):
-        raise invalid(f"`{name}` must be true or false, got {json.dumps(v)}", name)
+        raise invalid(f"`{name}` must be true or false, got {_shown(v)}", name)
     return v
 
 
@@ -193,7 +368,7 @@ def _check_fields(body: dict[str, Any], known: set[str]) -> None:
         if name not in known:
             if value is None:
                 continue  # an explicit null asks for nothing
-            raise invalid(f"trit does not support the request field `{name}`", name)
+            raise invalid(f"trit does not support the request field `{_cut(name)}`", _cut(name))
     if _get(body, "logit_bias"):
         raise invalid("trit does not support `logit_bias`", "logit_bias")
     for name in ("frequency_penalty", "presence_penalty"):
@@ -209,6 +384,9 @@ def _check_fields(body: dict[str, Any], known: set[str]) -> None:
         raise invalid("trit generates one choice per request: `n` must be 1", "n")
 
 
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
+
+
 def _sampling(body: dict[str, Any]) -> SamplingOptions:
     """The sampling fields, in OpenAI's ranges (temperature up to 2) and
     trit's extra ones; an unseeded request samples with a random seed."""
@@ -222,46 +400,42 @@ def _sampling(body: dict[str, Any]) -> SamplingOptions:
         stops = list(stop)
     else:
         raise invalid("`stop` must be a string or a list of strings", "stop")
-    if len(stops) > MAX_STOP or not all(stops):
-        raise invalid(f"`stop` takes at most {MAX_STOP} non-empty strings", "stop")
+    if len(stops) > MAX_STOP or not all(0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise invalid(
+            f"`stop` takes at most {MAX_STOP} non-empty strings of at most "
+            f"{MAX_STOP_CHARS} characters",
+            "stop",
+        )
+    penalty = (1 / MAX_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
     try:
         return SamplingOptions(
             temperature=_number(body, "temperature", 1.0, lo=0.0, hi=2.0),
             top_p=_number(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True),
             top_k=_integer(body, "top_k", 0, lo=0, hi=(1 << 63) - 1) or 0,
             min_p=_number(body, "min_p", 0.0, lo=0.0, hi=1.0),
-            repetition_penalty=_number(body, "repetition_penalty", 1.0, lo=0.0, lo_open=True),
+            repetition_penalty=_number(
+                body, "repetition_penalty", 1.0, lo=penalty[0], hi=penalty[1]
+            ),
             # OpenAI's seeds are signed 64-bit: the same bits as the engine's unsigned one.
             seed=None if seed is None else seed & ((1 << 64) - 1),
             stop=stops,
         )
     except InvalidInputError as exc:  # in range as a float64, not as the engine's float32
-        raise invalid(str(exc), None) from exc
+        message = str(exc)
+        param = next((f for f in _SAMPLING_FIELDS if message.startswith(f)), None)
+        raise invalid(message, param) from exc
 
 
-def _generation_request(
+def _parsed(
     body: dict[str, Any],
     ctx: PromptContext,
-    ids: list[int],
+    prompt: Callable[[], list[int]],
     *,
     max_tokens: int | None,
     logprobs: int | None,
     param: str,
-) -> GenerationRequest:
-    """Checks the prompt's length (`param` names it) and the fields both
-    endpoints share. `max_tokens` None: up to the end of the context."""
-    if not ids:
-        raise invalid("the prompt has no tokens", param)
-    if len(ids) > ctx.n_ctx:
-        raise invalid(
-            f"This model's maximum context length is {ctx.n_ctx} tokens. "
-            f"However, your {'messages' if param == 'messages' else 'prompt'} resulted in "
-            f"{len(ids)} tokens.",
-            param,
-            "context_length_exceeded",
-        )
-    if max_tokens is None:
-        max_tokens = max(ctx.n_ctx - len(ids), 1)
+) -> ParsedRequest:
+    """Checks the fields both endpoints share. `param` names the prompt's field."""
     sampling = _sampling(body)
     stream = _boolean(body, "stream")
     options = _get(body, "stream_options")
@@ -272,7 +446,14 @@ def _generation_request(
         if not isinstance(options, dict):
             raise invalid("`stream_options` must be an object", "stream_options")
         include_usage = _boolean(options, "include_usage")
-    return GenerationRequest(ids, max_tokens, sampling, stream, include_usage, logprobs)
+    return ParsedRequest(ctx, prompt, param, max_tokens, sampling, stream, include_usage, logprobs)
+
+
+def _max_tokens(
+    body: dict[str, Any], ctx: PromptContext, name: str, default: int | None
+) -> int | None:
+    """A reply cannot be longer than the context."""
+    return _integer(body, name, default, lo=1, hi=ctx.n_ctx)
 
 
 def _message_text(content: Any, where: str) -> str:
@@ -284,7 +465,8 @@ def _message_text(content: Any, where: str) -> str:
             if not isinstance(part, dict) or part.get("type") != "text":
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise invalid(
-                    f"{where}.content[{j}]: trit takes only text parts, got {kind!r}", "messages"
+                    f"{where}.content[{j}]: trit takes only text parts, got {_shown(kind)}",
+                    "messages",
                 )
             text = part.get("text")
             if not isinstance(text, str):
@@ -294,13 +476,16 @@ def _message_text(content: Any, where: str) -> str:
     raise invalid(f"{where}.content must be a string or a list of text parts", "messages")
 
 
-def parse_chat(body: dict[str, Any], ctx: PromptContext) -> GenerationRequest:
-    """Validates a /v1/chat/completions body and renders its prompt."""
+def parse_chat(body: dict[str, Any], ctx: PromptContext) -> ParsedRequest:
+    """Validates a /v1/chat/completions body; its `tokenize` renders the prompt."""
     _check_fields(body, _CHAT_FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("`messages` must be a non-empty list of messages", "messages")
+    if len(messages) > ctx.n_ctx:  # every message takes at least one token
+        raise _too_long(ctx.n_ctx, "messages", f"at least {len(messages)} tokens")
     rendered = []
+    n_bytes = 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -309,35 +494,57 @@ def parse_chat(body: dict[str, Any], ctx: PromptContext) -> GenerationRequest:
             # Clients send back whole assistant messages: "refusal": null,
             # "tool_calls": [] ... ask for nothing.
             if key not in ("role", "content", "name") and value not in (None, [], {}, ""):
-                raise invalid(f"{where}: trit does not support `{key}` in messages", "messages")
+                raise invalid(
+                    f"{where}: trit does not support `{_cut(key)}` in messages", "messages"
+                )
         role = m.get("role")
         if role not in _MESSAGE_ROLES:
             raise invalid(
-                f"{where}.role must be one of {', '.join(sorted(_MESSAGE_ROLES))}, got {role!r}",
+                f"{where}.role must be one of {', '.join(sorted(_MESSAGE_ROLES))}, "
+                f"got {_shown(role)}",
                 "messages",
             )
         content = _message_text(m.get("content"), where)
+        n_bytes += len(content.encode())
         rendered.append({"role": "system" if role == "developer" else role, "content": content})
-    try:
-        ids = ctx.encode_chat(rendered)
-    except InvalidInputError as exc:  # no template, or the template refused the messages
-        raise invalid(f"cannot apply the chat template: {exc}", "messages") from exc
-    max_tokens = _integer(body, "max_completion_tokens", None, lo=1)
+    _check_prompt_bytes(ctx, n_bytes, "messages")
+    max_tokens = _max_tokens(body, ctx, "max_completion_tokens", None)
     if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", None, lo=1)
+        max_tokens = _max_tokens(body, ctx, "max_tokens", None)
     logprobs = None
     top = _integer(body, "top_logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
     if _boolean(body, "logprobs"):
         logprobs = top or 0
     elif top is not None:
         raise invalid("`top_logprobs` needs `logprobs: true`", "top_logprobs")
-    return _generation_request(
-        body, ctx, ids, max_tokens=max_tokens, logprobs=logprobs, param="messages"
-    )
+
+    def prompt() -> list[int]:
+        return _render_chat(ctx, rendered)
+
+    return _parsed(body, ctx, prompt, max_tokens=max_tokens, logprobs=logprobs, param="messages")
 
 
-def parse_completion(body: dict[str, Any], ctx: PromptContext) -> GenerationRequest:
-    """Validates a /v1/completions body and tokenizes its prompt."""
+def _render_chat(ctx: PromptContext, messages: list[dict[str, Any]]) -> list[int]:
+    """The messages through the chat template, as token ids. A template is
+    a program from the model's folder: whatever it raises refuses these
+    messages (a 400), as transformers does; it does not fail the server."""
+    try:
+        return ctx.encode_chat(messages)
+    except InvalidInputError as exc:  # no template, or the tokenizer refused the text
+        raise invalid(f"cannot apply the chat template: {_cut(str(exc))}", "messages") from exc
+    except TemplateError as exc:  # the template's raise_exception, or a template bug
+        raise invalid(
+            f"the chat template refused these messages: {_cut(str(exc))}", "messages"
+        ) from exc
+    except Exception as exc:  # a Python error inside the template's code
+        log.warning("the chat template failed: %r", exc)
+        raise invalid(
+            f"the chat template failed on these messages ({type(exc).__name__})", "messages"
+        ) from exc
+
+
+def parse_completion(body: dict[str, Any], ctx: PromptContext) -> ParsedRequest:
+    """Validates a /v1/completions body; its `tokenize` tokenizes the prompt."""
     _check_fields(body, _COMPLETION_FIELDS)
     if _boolean(body, "echo"):
         raise invalid("trit does not support `echo`", "echo")
@@ -349,8 +556,14 @@ def parse_completion(body: dict[str, Any], ctx: PromptContext) -> GenerationRequ
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     vocab = ctx.vocab_size
+    tokens: Callable[[], list[int]]
     if isinstance(prompt, str):
-        ids = ctx.encode(prompt)
+        _check_prompt_bytes(ctx, len(prompt.encode()), "prompt")
+        text = prompt
+
+        def tokens() -> list[int]:
+            return ctx.encode(text)
+
     elif (
         isinstance(prompt, list)
         and prompt
@@ -358,17 +571,23 @@ def parse_completion(body: dict[str, Any], ctx: PromptContext) -> GenerationRequ
     ):
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
-            raise invalid(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+            raise invalid(
+                f"token id {_shown(bad[0])} is outside the vocabulary [0, {vocab})", "prompt"
+            )
+        if len(prompt) > ctx.n_ctx:
+            raise _too_long(ctx.n_ctx, "prompt", f"{len(prompt)} tokens")
         ids = list(prompt)
+
+        def tokens() -> list[int]:
+            return ids
+
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise invalid("trit takes one prompt per request", "prompt")
     else:
         raise invalid("`prompt` must be a string or a non-empty list of token ids", "prompt")
-    max_tokens = _integer(body, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS, lo=1)
+    max_tokens = _max_tokens(body, ctx, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
     logprobs = _integer(body, "logprobs", None, lo=0, hi=MAX_COMPLETION_LOGPROBS)
-    return _generation_request(
-        body, ctx, ids, max_tokens=max_tokens, logprobs=logprobs, param="prompt"
-    )
+    return _parsed(body, ctx, tokens, max_tokens=max_tokens, logprobs=logprobs, param="prompt")
 
 
 # ---------------------------------------------------------------------------
@@ -463,6 +682,7 @@ class Responses:
 
     model_name: str
     fingerprint: str
+    n_ctx: int
 
     def _head(self, cid: str, kind: str, created: int) -> dict[str, Any]:
         return {
@@ -504,4 +724,11 @@ class Responses:
         return {**self._head(cid, "text_completion", created), "choices": choices}
 
     def model_card(self, created: int) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": created, "owned_by": "trit"}
+        # max_model_len, as vLLM: the context size, which bounds max_tokens
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "trit",
+            "max_model_len": self.n_ctx,
+        }

@@ -1,6 +1,11 @@
 """The queue in front of the one Generator: one generation at a time, in
 arrival order, in one worker thread, each handing its events (text pieces,
-log-probs, the end or an error) to the event loop."""
+log-probs, the end or an error) to the event loop.
+
+A request takes its place in the queue (`admit`, or a 503) before any heavy
+work is done for it: its prompt is tokenized while it holds that place
+(`ready` then hands the Generator its ids), so the queue's bound also bounds
+the tokenizing and template rendering going on at once."""
 
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from trit.server.protocol import (
     GenerationRequest,
     TokenLogprob,
     finish_reason,
+    internal_error,
     invalid,
     token_logprob,
 )
@@ -58,10 +64,11 @@ class _Cancelled(Exception):
 
 class Job:
     """One request: waits its turn in the queue, then generates in the
-    worker thread and hands its events to the event loop."""
+    worker thread and hands its events to the event loop. Its `request` is
+    None while its prompt is being tokenized; the queue does not pass it by."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
-        self.request = request
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.request: GenerationRequest | None = None
         self.cancelled = threading.Event()
         self.events: asyncio.Queue[Event | None] = asyncio.Queue()  # None: no more events
         self._loop = loop
@@ -86,10 +93,10 @@ class _TokenWatch:
     the client left, and collects log-probs when the request asked for them.
     Without log-probs it needs no logits (see `Generator`'s `wants_logits`)."""
 
-    def __init__(self, job: Job, eos_ids: frozenset[int]) -> None:
+    def __init__(self, job: Job, request: GenerationRequest, eos_ids: frozenset[int]) -> None:
         self._job = job
         self._eos_ids = eos_ids
-        self._top = job.request.logprobs
+        self._top = request.logprobs
         self.wants_logits = self._top is not None
         self.pending: list[TokenLogprob] = []
 
@@ -126,8 +133,10 @@ class Scheduler:
     def running(self) -> int:
         return 0 if self._running is None else 1
 
-    def submit(self, request: GenerationRequest) -> Job:
-        """Queues a request, or raises a 503 when the queue is full."""
+    def admit(self) -> Job:
+        """A place at the end of the queue for a request whose prompt is yet
+        to be tokenized, or a 503 when the queue is full. The caller then
+        calls `ready` with the request, or `cancel`."""
         if self.running + self.waiting >= self.max_concurrency:
             raise APIError(
                 503,
@@ -137,9 +146,19 @@ class Scheduler:
                 code="server_busy",
                 headers={"Retry-After": "1"},
             )
-        job = Job(request, asyncio.get_running_loop())
+        job = Job(asyncio.get_running_loop())
         self._waiting.append(job)
+        return job
+
+    def ready(self, job: Job, request: GenerationRequest) -> None:
+        """The admitted `job` is tokenized: it runs when its turn comes."""
+        job.request = request
         self._next()
+
+    def submit(self, request: GenerationRequest) -> Job:
+        """`admit` and `ready` at once, for a request already tokenized."""
+        job = self.admit()
+        self.ready(job, request)
         return job
 
     def cancel(self, job: Job) -> None:
@@ -149,9 +168,10 @@ class Scheduler:
         if job in self._waiting:
             self._waiting.remove(job)
             job.events.put_nowait(None)
+            self._next()  # it may have been the head, still tokenizing
 
     def _next(self) -> None:
-        if self._running is not None or not self._waiting:
+        if self._running is not None or not self._waiting or self._waiting[0].request is None:
             return
         job = self._waiting.popleft()
         self._running = job
@@ -176,16 +196,17 @@ class Scheduler:
             pass
         except InvalidInputError as exc:
             job.emit(Failed(invalid(str(exc), None)))
-        except Exception as exc:  # a bug: report it to the client, log the trace
+        except Exception:  # a bug: the trace goes to the log, not to the client
             log.exception("generation failed")
-            job.emit(Failed(APIError(500, f"generation failed: {exc}", type="server_error")))
+            job.emit(Failed(internal_error()))
         finally:
             job.emit(None)
 
     def _generate(self, job: Job) -> None:
         g = self.generator
         req = job.request
-        watch = _TokenWatch(job, g.eos_ids)
+        assert req is not None  # only a ready job runs
+        watch = _TokenWatch(job, req, g.eos_ids)
         for piece in g.stream(req.ids, req.max_tokens, sampling=req.sampling, on_token=watch):
             job.emit(Piece(piece, watch.take()))
         stats = g.last_stats
