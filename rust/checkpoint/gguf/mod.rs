@@ -361,9 +361,29 @@ impl GgufCheckpoint {
             })?,
             None => t.values,
         }; // [n_out, n_in]
-        TernaryMatrix::from_fn(n_out, n_in, t.scale, |n, k| values[n * n_in + k])
-            .map_err(|err| TritError::invalid(format!("{what}: {err}")))
+        let matrix = if n_out.is_multiple_of(4) {
+            // Through the Hugging Face packing, whose repack assembles our
+            // blocks a byte at a time rather than a weight at a time.
+            TernaryMatrix::from_hf_packed(&pack_hf(&values, n_out, n_in), n_out, n_in, t.scale)
+        } else {
+            TernaryMatrix::from_fn(n_out, n_in, t.scale, |n, k| values[n * n_in + k])
+        };
+        matrix.map_err(|err| TritError::invalid(format!("{what}: {err}")))
     }
+}
+
+/// Ternary values [n_out, n_in] (n_out a multiple of 4) in the Hugging Face
+/// packing (docs/formats.md "Packing"): U8 [n_out / 4, n_in] whose row r holds
+/// output row i * n_out / 4 + r in bits 2i..2i+1, as value + 1.
+fn pack_hf(values: &[i8], n_out: usize, n_in: usize) -> Vec<u8> {
+    let rows = n_out / 4;
+    let mut packed = vec![0u8; rows * n_in]; // [n_out / 4, n_in]
+    for (i, quarter) in values.chunks_exact(rows * n_in).enumerate() {
+        for (p, &v) in packed.iter_mut().zip(quarter) {
+            *p |= ((v + 1) as u8) << (2 * i);
+        }
+    }
+    packed
 }
 
 /// Undoes llama.cpp's Q/K permutation (`LlamaModel.permute` in
@@ -464,5 +484,13 @@ mod tests {
             );
         }
         assert!(unpermute_rows(&file, 4, 2, 3).is_none());
+    }
+
+    #[test]
+    fn hf_packing_round_trips_through_the_repack() {
+        let values: Vec<i8> = (0..8 * 3).map(|i| (i * 7 % 3) as i8 - 1).collect(); // [8, 3]
+        let packed = pack_hf(&values, 8, 3);
+        let m = TernaryMatrix::from_hf_packed(&packed, 8, 3, 1.0).unwrap();
+        assert_eq!(m.unpack(), values);
     }
 }
