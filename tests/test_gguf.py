@@ -59,11 +59,14 @@ def test_tq_and_i2s_blocks_load_exactly(
         assert len(gguf.GGUFReader(path).tensors) == 2 * 11 + 2
 
 
-def test_llama_architecture_waits_for_the_llama_family(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["llama", "bitnet"])
+def test_other_architectures_wait_for_their_family(tmp_path: Path, arch: str) -> None:
+    """llama.cpp's "llama" (Falcon3, Llama3 1.58-bit) and "bitnet" (1bitLLM,
+    SiLU) blocks are not the 2B4T block."""
     path = gguf_files.write(
-        FIXTURES / "tiny-gqa-packed", tmp_path / "m.gguf", arch="llama", tokenizer=False
+        FIXTURES / "tiny-gqa-packed", tmp_path / "m.gguf", arch=arch, tokenizer=False
     )
-    with pytest.raises(InvalidInputError, match='architecture "llama" is not supported'):
+    with pytest.raises(InvalidInputError, match=f'architecture "{arch}" is not supported'):
         Model.open(path)
 
 

@@ -1,10 +1,11 @@
 """Writing a loaded model as a GGUF file (`trit convert`), with the `gguf`
 package (llama.cpp's own writer; ``pip install gguf``).
 
-Projections are written as I2_S (bitnet.cpp: ``general.architecture``
-"bitnet-b1.58") or TQ2_0 / TQ1_0 (llama.cpp: "bitnet"), values and scale
-unchanged; norms as F32; the embedding and an untied head as the engine holds
-them (BF16, or F32 for F16/F32/quantized sources). The tokenizer goes into the
+Projections are written as I2_S (bitnet.cpp's type) or TQ2_0 / TQ1_0 (ggml's),
+values and scale unchanged, under bitnet.cpp's ``general.architecture``
+"bitnet-b1.58" (llama.cpp's "bitnet" is the 1bitLLM block, with SiLU); norms
+as F32; the embedding and an untied head as the engine holds them (BF16, or
+F32 for F16/F32/quantized sources). The tokenizer goes into the
 metadata as llama.cpp's converter writes it. Layouts: docs/formats.md, "GGUF".
 """
 
@@ -174,7 +175,7 @@ def write_gguf(model: Model, source: Path, out: Path, kind: str) -> None:
         raise InvalidInputError(f"type must be one of {', '.join(TYPES)}, got {kind!r}")
     gguf = _gguf()
     cfg = model.config
-    arch = "bitnet-b1.58" if kind == "i2_s" else "bitnet"
+    arch = "bitnet-b1.58"
     partial = out.with_name(out.name + ".partial")
     w = gguf.GGUFWriter(str(partial), arch)
     w.add_embedding_length(cfg.hidden_size)

@@ -26,10 +26,11 @@ use super::{Checkpoint, DType, RawTensor};
 use crate::error::{Result, TritError};
 use crate::kernels::TernaryMatrix;
 
-/// The GGUF architectures whose files hold a BitNet b1.58 model: the
-/// `general.architecture` of llama.cpp's BitNet support ("bitnet") and of
-/// bitnet.cpp's converters ("bitnet-b1.58", "bitnet-25").
-pub const BITNET_ARCHITECTURES: [&str; 3] = ["bitnet", "bitnet-b1.58", "bitnet-25"];
+/// The GGUF architectures whose files hold the BitNet b1.58 2B4T block
+/// (relu² GLU, sub-norms): bitnet.cpp's "bitnet-b1.58" and its earlier
+/// "bitnet-25". llama.cpp's "bitnet" is the 2024 1bitLLM block (SiLU), which
+/// this block is not (docs/formats.md "GGUF metadata").
+pub const BITNET_ARCHITECTURES: [&str; 2] = ["bitnet-b1.58", "bitnet-25"];
 
 /// Where one tensor lives and how it is stored.
 struct Entry {
