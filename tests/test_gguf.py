@@ -40,9 +40,13 @@ def block_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("name", ["tiny-gqa-packed", "tiny-mha-packed"])
-@pytest.mark.parametrize("projections", ["I2_S", "F32"])
-def test_gguf_logits_equal_safetensors(tmp_path: Path, name: str, projections: str) -> None:
-    path = gguf_files.write(FIXTURES / name, tmp_path / "m.gguf", projections=projections)
+@pytest.mark.parametrize(("projections", "arch"), [("I2_S", "bitnet-b1.58"), ("F32", "bitnet")])
+def test_gguf_logits_equal_safetensors(
+    tmp_path: Path, name: str, projections: str, arch: str
+) -> None:
+    path = gguf_files.write(
+        FIXTURES / name, tmp_path / "m.gguf", projections=projections, arch=arch
+    )
     assert np.array_equal(logits(path), logits(FIXTURES / name))
 
 
@@ -61,8 +65,8 @@ def test_tq_and_i2s_blocks_load_exactly(
 
 @pytest.mark.parametrize("arch", ["llama", "bitnet"])
 def test_other_architectures_wait_for_their_family(tmp_path: Path, arch: str) -> None:
-    """llama.cpp's "llama" (Falcon3, Llama3 1.58-bit) and "bitnet" (1bitLLM,
-    SiLU) blocks are not the 2B4T block."""
+    """llama.cpp's "llama" (Falcon3, Llama3 1.58-bit) and "bitnet" without a
+    gpt2 tokenizer (1bitLLM, SiLU) blocks are not the 2B4T block."""
     path = gguf_files.write(
         FIXTURES / "tiny-gqa-packed", tmp_path / "m.gguf", arch=arch, tokenizer=False
     )

@@ -79,8 +79,8 @@ def test_missing_folder_and_bad_names(tmp_path: Path) -> None:
 
 
 def test_unknown_model_type(model_copy: Path) -> None:
-    edit_config(model_copy, model_type="llama")
-    with pytest.raises(InvalidInputError, match='config.json: model_type "llama" is not supported'):
+    edit_config(model_copy, model_type="gpt2")
+    with pytest.raises(InvalidInputError, match='config.json: model_type "gpt2" is not supported'):
         load(model_copy)
 
 
@@ -102,8 +102,12 @@ def test_unknown_architecture(model_copy: Path) -> None:
             "online",
         ),
         (
-            {"quant_method": "bitnet", "linear_class": "autobitlinear", "use_rms_norm": True},
-            "use_rms_norm",
+            {
+                "quant_method": "bitnet",
+                "linear_class": "autobitlinear",
+                "modules_to_not_convert": ["lm_head", "q_proj"],
+            },
+            'modules_to_not_convert entry "q_proj"',
         ),
     ],
 )

@@ -171,6 +171,10 @@ def _tokenizer_from_gguf(w: Any, path: Path) -> None:
 def write_gguf(model: Model, source: Path, out: Path, kind: str) -> None:
     """Writes `model` (loaded from `source`, a folder or GGUF file, with the
     bf16 head) as GGUF `out` with projections of type `kind`."""
+    if model.config.family != "bitnet":
+        raise InvalidInputError(
+            f"trit convert writes the BitNet family (2B4T block); this is {model.config.family}"
+        )
     if kind not in TYPES:
         raise InvalidInputError(f"type must be one of {', '.join(TYPES)}, got {kind!r}")
     gguf = _gguf()

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from trit._core import Model, gguf_metadata
+from trit._core import InvalidInputError, Model, gguf_metadata
 from trit.gguf_export import NORMS, PROJECTIONS
 from trit.gguf_tokenizer import STOP_KEYS, tokenizer_json
 
@@ -104,6 +104,10 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, str, np.ndarray]]) -
 def write_safetensors(model: Model, source: Path, out: Path) -> None:
     """Writes `model` (loaded from `source`, a folder or GGUF file, with the
     bf16 head) as a Hugging Face folder `out`."""
+    if model.config.family != "bitnet":
+        raise InvalidInputError(
+            f"trit convert writes the BitNet family (2B4T block); this is {model.config.family}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     tensors: list[tuple[str, str, np.ndarray]] = []
 

@@ -1,4 +1,5 @@
-//! The BitNet b1.58 model: configuration, weights built from checkpoint
+//! The BitNet b1.58 model (every supported family, docs/formats.md "Model
+//! families"): configuration, weights built from checkpoint
 //! tensors, KV cache and the forward pass. No Python here.
 
 pub mod attention;
@@ -12,7 +13,7 @@ pub mod session;
 pub mod weights;
 
 pub use cache::KvType;
-pub use config::{Config, LinearClass, QuantizationMode};
+pub use config::{Activation, Config, Family, LinearClass, QuantizationMode};
 pub use open::open;
 pub use session::Session;
 pub use weights::{load, HeadPrecision, Model, Proj};

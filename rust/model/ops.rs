@@ -4,6 +4,8 @@
 
 use rayon::prelude::*;
 
+use super::config::{Activation, Config, Llama3Rope};
+
 /// RMSNorm of one token: `w * (x * rsqrt(mean(x²) + eps))`, in f32.
 /// `x`, `w` and `out` have the same length.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -71,10 +73,78 @@ pub fn add_rows(x: &mut [f32], delta: &[f32]) {
     }
 }
 
+/// The MLP's GLU, elementwise, from gate values `h` and up values `up`
+/// (both [rows, intermediate]): `h = act(h) * up`, with
+/// `silu(g) = g / (1 + exp(-g))` in f32 as torch computes it and
+/// `relu2(g) = max(g, 0)²`; in parallel pieces when long.
+pub fn glu_rows(act: Activation, h: &mut [f32], up: &[f32]) {
+    fn apply(hs: &mut [f32], us: &[f32], f: impl Fn(f32) -> f32) {
+        for (g, &u) in hs.iter_mut().zip(us) {
+            *g = f(*g) * u;
+        }
+    }
+    // The activation is chosen once per piece, not per element.
+    let glu = |(hs, us): (&mut [f32], &[f32])| match act {
+        Activation::Silu => apply(hs, us, |g| g / (1.0 + (-g).exp())),
+        Activation::Relu2 => apply(hs, us, |g| {
+            let r = g.max(0.0);
+            r * r
+        }),
+    };
+    const PIECE: usize = 1 << 14;
+    debug_assert_eq!(h.len(), up.len());
+    if h.len() > PIECE {
+        h.par_chunks_mut(PIECE)
+            .zip(up.par_chunks(PIECE))
+            .for_each(glu);
+    } else {
+        glu((h, up));
+    }
+}
+
 fn add_into(x: &mut [f32], delta: &[f32]) {
     debug_assert_eq!(x.len(), delta.len());
     for (xv, &d) in x.iter_mut().zip(delta) {
         *xv += d;
+    }
+}
+
+/// transformers' default RoPE frequencies:
+/// `inv_freq[i] = 1 / theta^((2i as f32) / head_dim)`, in f32.
+fn default_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect()
+}
+
+/// Llama 3's frequency scaling, transformers' `_compute_llama3_parameters`
+/// in its f32 tensor ops (docs/formats.md "RoPE scaling"): wavelengths
+/// longer than `original / low_freq_factor` are divided by `factor`, those
+/// shorter than `original / high_freq_factor` kept, and the ones between
+/// blended smoothly.
+fn llama3_scale(inv_freq: &mut [f32], r: &Llama3Rope) {
+    let old_len = r.original_max_position_embeddings as f64;
+    // Python floats, met by f32 tensors.
+    let low_wavelen = (old_len / f64::from(r.low_freq_factor)) as f32;
+    let high_wavelen = (old_len / f64::from(r.high_freq_factor)) as f32;
+    let (low, high) = (r.low_freq_factor, r.high_freq_factor);
+    for f in inv_freq {
+        // torch evaluates `2 * pi / inv_freq` as reciprocal(inv_freq) * (2 pi).
+        let wavelen = (1.0f32 / *f) * std::f64::consts::TAU as f32;
+        let scaled = if wavelen > low_wavelen {
+            *f / r.factor
+        } else {
+            *f
+        };
+        // (Frequencies are finite and positive, so no NaN compares here.)
+        let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
+        if medium {
+            // `old / wavelen` is reciprocal(wavelen) * old in torch too.
+            let smooth = ((1.0f32 / wavelen) * old_len as f32 - low) / (high - low);
+            *f = (1.0 - smooth) * scaled / r.factor + smooth * scaled;
+        } else {
+            *f = scaled;
+        }
     }
 }
 
@@ -91,14 +161,25 @@ impl Rope {
     /// f32, the angle `pos * inv_freq[i]` one f32 product, cos and sin in f32.
     /// The second half of a head uses the same angles (`cat(freqs, freqs)`).
     pub fn new(head_dim: usize, theta: f32, n_pos: usize) -> Self {
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        Rope::with_inv_freq(&default_inv_freq(head_dim, theta), n_pos)
+    }
+
+    /// The tables a model's config asks for: its rope_theta, and Llama 3
+    /// frequency scaling if set.
+    pub fn for_config(c: &Config, n_pos: usize) -> Self {
+        let mut inv_freq = default_inv_freq(c.head_dim, c.rope_theta);
+        if let Some(scaling) = &c.rope_scaling {
+            llama3_scale(&mut inv_freq, scaling);
+        }
+        Rope::with_inv_freq(&inv_freq, n_pos)
+    }
+
+    fn with_inv_freq(inv_freq: &[f32], n_pos: usize) -> Self {
+        let half = inv_freq.len();
         let mut cos = Vec::with_capacity(n_pos * half);
         let mut sin = Vec::with_capacity(n_pos * half);
         for pos in 0..n_pos {
-            for &f in &inv_freq {
+            for &f in inv_freq {
                 let angle = pos as f32 * f;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
@@ -215,6 +296,59 @@ mod tests {
             let mut out_want = vec![0.0; rows * n];
             rms_norm_rows(&want, &w, 1e-5, &mut out_want);
             assert_eq!((x, out), (want, out_want));
+        }
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_divides_low_and_blends_the_middle() {
+        // head_dim 16, theta 5e5: wavelengths 2π·5e5^(i/8) = 6.3, 32, 167, ...;
+        // with an original context of 64 the bands are < 16, 16..64 and > 64.
+        let plain = default_inv_freq(16, 500_000.0);
+        let mut scaled = plain.clone();
+        let r = Llama3Rope {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        };
+        llama3_scale(&mut scaled, &r);
+        assert_eq!(scaled[0], plain[0]);
+        for i in 2..8 {
+            assert_eq!(scaled[i], plain[i] / 8.0, "{i}");
+        }
+        let wavelen = std::f64::consts::TAU / f64::from(plain[1]);
+        let smooth = (64.0 / wavelen - 1.0) / 3.0;
+        let want = (1.0 - smooth) * f64::from(plain[1]) / 8.0 + smooth * f64::from(plain[1]);
+        assert!(
+            (f64::from(scaled[1]) / want - 1.0).abs() < 1e-6,
+            "{} vs {want}",
+            scaled[1]
+        );
+        assert!(scaled[1] < plain[1] && scaled[1] > plain[1] / 8.0);
+    }
+
+    #[test]
+    fn glu_activations_follow_their_formulas() {
+        let (g, up) = ([-1.5f32, 0.0, 2.5], [2.0f32, 3.0, -0.5]);
+        let mut h = g;
+        glu_rows(Activation::Relu2, &mut h, &up);
+        assert_eq!(h, [0.0, 0.0, 2.5 * 2.5 * -0.5]);
+    }
+
+    #[test]
+    fn silu_glu_is_g_sigmoid_g_times_up() {
+        let g = [-3.0f32, -0.5, 0.0, 0.7, 4.0];
+        let up = [1.5f32, -2.0, 3.0, 0.25, -1.0];
+        let mut h = g;
+        glu_rows(Activation::Silu, &mut h, &up);
+        for i in 0..5 {
+            let (g, u) = (f64::from(g[i]), f64::from(up[i]));
+            let want = g / (1.0 + (-g).exp()) * u;
+            assert!(
+                (f64::from(h[i]) - want).abs() < 1e-6,
+                "{i}: {} vs {want}",
+                h[i]
+            );
         }
     }
 

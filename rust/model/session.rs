@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use super::attention::{attend_chunk, attend_group, merge, ChunkScratch, Partial, KEY_CHUNK};
 use super::cache::{KvCache, KvType};
-use super::ops::{add_rms_norm_rows, add_rows, rms_norm, rms_norm_rows, Rope};
+use super::config::Activation;
+use super::ops::{add_rms_norm_rows, add_rows, glu_rows, rms_norm, rms_norm_rows, Rope};
 use super::scoring::next_token_nll;
-use super::weights::Model;
+use super::weights::{Model, Proj};
 use crate::error::{Result, TritError};
 use crate::kernels::{
     matmul_glu_into, matmul_into, matmul_many_into, Kernel, QuantizedActivations,
@@ -46,15 +47,17 @@ type RowSink<'a> = dyn FnMut(usize, &[f32]) + Send + 'a;
 /// Buffers reused from call to call; sized for the largest batch seen.
 #[derive(Default)]
 struct Scratch {
-    x: Vec<f32>,        // [T, hidden] residual stream
-    a: Vec<f32>,        // [T, hidden] normalised input of a block
-    q: Vec<f32>,        // [T, n_heads * head_dim]
-    k: Vec<f32>,        // [T, n_kv_heads * head_dim]
-    v: Vec<f32>,        // [T, n_kv_heads * head_dim]
-    o: Vec<f32>,        // [T, n_heads * head_dim] attention output, token-major
-    proj: Vec<f32>,     // [T, hidden] output of o_proj / down_proj
-    h: Vec<f32>,        // [T, intermediate] relu(gate)² · up
-    h_normed: Vec<f32>, // [T, intermediate] h after ffn_sub_norm
+    x: Vec<f32>,         // [T, hidden] residual stream
+    a: Vec<f32>,         // [T, hidden] normalised input of a block
+    q: Vec<f32>,         // [T, n_heads * head_dim]
+    k: Vec<f32>,         // [T, n_kv_heads * head_dim]
+    v: Vec<f32>,         // [T, n_kv_heads * head_dim]
+    o: Vec<f32>,         // [T, n_heads * head_dim] attention output, token-major
+    proj: Vec<f32>,      // [T, hidden] output of o_proj / down_proj
+    h: Vec<f32>,         // [T, intermediate] act(gate) · up
+    up: Vec<f32>,        // [T, intermediate] up_proj output (SiLU families)
+    h_normed: Vec<f32>,  // [T, intermediate] h after ffn_sub_norm
+    normed_in: Vec<f32>, // [T, n_in] a projection's input after its own RMSNorm (use_rms_norm)
     attn: AttentionScratch,
     normed: Vec<f32>, // [hidden] final-normed token
     qa: QuantizedActivations,
@@ -113,7 +116,7 @@ impl Session {
             )));
         }
         let pool = threads::pool(threads)?;
-        let rope = Rope::new(c.head_dim, c.rope_theta, n_ctx);
+        let rope = Rope::for_config(c, n_ctx);
         let cache = KvCache::new(c.num_layers, c.num_kv_heads, n_ctx, c.head_dim, kv, kernel);
         let scratch = Scratch {
             attn: AttentionScratch::new(c.num_heads, c.head_dim, n_ctx),
@@ -344,6 +347,8 @@ impl Session {
         let (hidden, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let eps = c.rms_norm_eps;
+        let activation = c.family.activation();
+        let bl_eps = c.bitlinear_norm_eps.unwrap_or(0.0);
         let kernel = self.kernel;
         let s = &mut self.scratch;
 
@@ -360,20 +365,30 @@ impl Session {
                 let a = fit(&mut s.a, t_len * hidden);
                 add_rms_norm_rows(&mut s.x, &s.proj, &layer.input_norm, eps, a);
             }
-            // One quantisation of the block input serves q, k and v, which
-            // run as one parallel pass.
-            s.qa.requantize(&s.a, t_len, hidden)?;
-            matmul_many_into(
-                &[&layer.q, &layer.k, &layer.v],
-                &s.qa,
-                &mut [
-                    fit(&mut s.q, t_len * q_dim),
-                    fit(&mut s.k, t_len * kv_dim),
-                    fit(&mut s.v, t_len * kv_dim),
-                ],
-                kernel,
-                pool,
-            )?;
+            let (q, k, v) = (
+                fit(&mut s.q, t_len * q_dim),
+                fit(&mut s.k, t_len * kv_dim),
+                fit(&mut s.v, t_len * kv_dim),
+            );
+            if layer.bitlinear_norms.is_none() {
+                // One quantisation of the block input serves q, k and v,
+                // which run as one parallel pass.
+                s.qa.requantize(&s.a, t_len, hidden)?;
+                matmul_many_into(
+                    &[&layer.q, &layer.k, &layer.v],
+                    &s.qa,
+                    &mut [q, k, v],
+                    kernel,
+                    pool,
+                )?;
+            } else {
+                // use_rms_norm: each projection normalises its input itself.
+                for (p, out) in [(Proj::Q, q), (Proj::K, k), (Proj::V, v)] {
+                    let norm = layer.bitlinear_norm(p);
+                    quantize_input(&mut s.qa, &s.a, t_len, norm, bl_eps, &mut s.normed_in)?;
+                    matmul_into(layer.proj(p), &s.qa, out, kernel, pool)?;
+                }
+            }
             self.rope.apply_batch(&mut s.q, &mut s.k, t_len, start);
             for (t, (k_row, v_row)) in
                 s.k.chunks_exact(kv_dim)
@@ -401,14 +416,16 @@ impl Session {
                 fit(&mut s.o, t_len * q_dim),
                 &mut s.attn,
             );
-            // attn_sub_norm comes before o_proj.
-            rms_norm_rows(
-                &s.o,
-                &layer.attn_sub_norm,
-                eps,
-                fit(&mut s.a, t_len * q_dim),
-            );
-            s.qa.requantize(&s.a, t_len, q_dim)?;
+            // A sub-norm, in the families that have one, comes before o_proj.
+            let o_in: &[f32] = match &layer.attn_sub_norm {
+                Some(w) => {
+                    rms_norm_rows(&s.o, w, eps, fit(&mut s.a, t_len * q_dim));
+                    &s.a
+                }
+                None => &s.o,
+            };
+            let norm = layer.bitlinear_norm(Proj::O);
+            quantize_input(&mut s.qa, o_in, t_len, norm, bl_eps, &mut s.normed_in)?;
             matmul_into(
                 &layer.o,
                 &s.qa,
@@ -420,15 +437,47 @@ impl Session {
             // ---- MLP block
             let a = fit(&mut s.a, t_len * hidden);
             add_rms_norm_rows(&mut s.x, &s.proj, &layer.post_norm, eps, a);
-            // One quantisation serves gate and up, one parallel pass too,
-            // which stores only relu(gate)² · up.
-            s.qa.requantize(&s.a, t_len, hidden)?;
             let h = fit(&mut s.h, t_len * inter);
-            matmul_glu_into(&layer.gate, &layer.up, &s.qa, h, kernel, pool)?;
-            // ffn_sub_norm comes before down_proj.
-            let h_normed = fit(&mut s.h_normed, t_len * inter);
-            rms_norm_rows(&s.h, &layer.ffn_sub_norm, eps, h_normed);
-            s.qa.requantize(&s.h_normed, t_len, inter)?;
+            match (activation, layer.bitlinear_norms.is_some()) {
+                // One quantisation serves gate and up, in one parallel pass
+                // that stores only relu(gate)² · up.
+                (Activation::Relu2, false) => {
+                    s.qa.requantize(&s.a, t_len, hidden)?;
+                    matmul_glu_into(&layer.gate, &layer.up, &s.qa, h, kernel, pool)?;
+                }
+                (Activation::Silu, false) => {
+                    s.qa.requantize(&s.a, t_len, hidden)?;
+                    let up = fit(&mut s.up, t_len * inter);
+                    matmul_many_into(
+                        &[&layer.gate, &layer.up],
+                        &s.qa,
+                        &mut [&mut *h, &mut *up],
+                        kernel,
+                        pool,
+                    )?;
+                    glu_rows(activation, h, up);
+                }
+                // use_rms_norm: gate and up normalise their input themselves.
+                (_, true) => {
+                    let up = fit(&mut s.up, t_len * inter);
+                    for (p, out) in [(Proj::Gate, &mut *h), (Proj::Up, &mut *up)] {
+                        let norm = layer.bitlinear_norm(p);
+                        quantize_input(&mut s.qa, &s.a, t_len, norm, bl_eps, &mut s.normed_in)?;
+                        matmul_into(layer.proj(p), &s.qa, out, kernel, pool)?;
+                    }
+                    glu_rows(activation, h, up);
+                }
+            }
+            // A sub-norm, in the families that have one, comes before down_proj.
+            let h_in: &[f32] = match &layer.ffn_sub_norm {
+                Some(w) => {
+                    rms_norm_rows(&s.h, w, eps, fit(&mut s.h_normed, t_len * inter));
+                    &s.h_normed
+                }
+                None => &s.h,
+            };
+            let norm = layer.bitlinear_norm(Proj::Down);
+            quantize_input(&mut s.qa, h_in, t_len, norm, bl_eps, &mut s.normed_in)?;
             matmul_into(
                 &layer.down,
                 &s.qa,
@@ -472,6 +521,26 @@ impl Session {
     /// What the KV cache stores keys and values as.
     pub fn kv_type(&self) -> KvType {
         self.cache.kind()
+    }
+}
+
+/// Quantises `x` ([t_len, k]) into `qa`, through a projection's own RMSNorm
+/// first (weight `norm` [k], epsilon `eps`) for use_rms_norm models.
+fn quantize_input(
+    qa: &mut QuantizedActivations,
+    x: &[f32],
+    t_len: usize,
+    norm: Option<&[f32]>,
+    eps: f32,
+    buf: &mut Vec<f32>,
+) -> Result<()> {
+    let k = x.len() / t_len;
+    match norm {
+        None => qa.requantize(x, t_len, k),
+        Some(w) => {
+            rms_norm_rows(x, w, eps, fit(buf, x.len()));
+            qa.requantize(buf, t_len, k)
+        }
     }
 }
 

@@ -57,15 +57,36 @@ fn checkpoint(c: &Config, seed: u64) -> Owned {
         1.0,
         0.5,
     );
+    if !c.tie_word_embeddings {
+        float(
+            &mut t,
+            "lm_head.weight".into(),
+            vec![c.vocab_size, c.hidden_size],
+            0.0,
+            1.0,
+        );
+    }
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}");
-        for (name, len) in [
+        let mut norms = vec![
             ("input_layernorm", c.hidden_size),
             ("post_attention_layernorm", c.hidden_size),
-            ("self_attn.attn_sub_norm", c.hidden_size),
-            ("mlp.ffn_sub_norm", c.intermediate_size),
-        ] {
-            float(&mut t, format!("{p}.{name}.weight"), vec![len], 1.0, 0.5);
+        ];
+        if let Some((attn, ffn)) = c.family.sub_norms() {
+            norms.extend([(attn, c.hidden_size), (ffn, c.intermediate_size)]);
+        }
+        if c.bitlinear_norm_eps.is_some() {
+            for proj in Proj::ALL {
+                norms.push((proj.path(), proj.dims(c).1));
+            }
+        }
+        for (name, len) in norms {
+            let name = if name.ends_with("_proj") {
+                format!("{p}.{name}.rms_norm.weight")
+            } else {
+                format!("{p}.{name}.weight")
+            };
+            float(&mut t, name, vec![len], 1.0, 0.5);
         }
         for proj in Proj::ALL {
             let (n_out, n_in) = proj.dims(c);
@@ -188,6 +209,105 @@ fn decoding_with_the_cache_equals_the_full_pass() {
             assert_eq!(s.tokens(), &ids);
         }
     }
+}
+
+/// A Llama-family model (Falcon3-1.58bit's shape of block): BitLinear
+/// scales, SiLU, no sub-norms, an untied head, head_dim not hidden / heads,
+/// and Llama 3 RoPE scaling.
+fn llama_tiny() -> Config {
+    Config {
+        family: Family::Llama,
+        head_dim: 6,
+        tie_word_embeddings: false,
+        linear_class: LinearClass::BitLinear,
+        rope_scaling: Some(config::Llama3Rope {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 16,
+        }),
+        ..tiny()
+    }
+}
+
+#[test]
+fn other_families_decode_as_they_run_a_batch() {
+    let one_bit = Config {
+        family: Family::OneBitLlm,
+        quantization_mode: QuantizationMode::Online,
+        tie_word_embeddings: false,
+        ..tiny()
+    };
+    let with_norms = Config {
+        bitlinear_norm_eps: Some(1e-6),
+        ..llama_tiny()
+    };
+    for c in [llama_tiny(), one_bit, with_norms] {
+        let m = model(&c);
+        assert_eq!(
+            m.layers[0].attn_sub_norm.is_some(),
+            c.family.sub_norms().is_some()
+        );
+        assert!(m.lm_head.is_some());
+        assert_eq!(
+            m.layers[1].bitlinear_norm(Proj::Down).map(<[f32]>::len),
+            c.bitlinear_norm_eps.map(|_| c.intermediate_size)
+        );
+        let ids = [3u32, 17, 0, 39, 8, 8, 21];
+        let vocab = c.vocab_size;
+        let all = Session::new(m.clone(), None, Some(2), KvType::F32)
+            .unwrap()
+            .logits(&ids)
+            .unwrap();
+        assert!(all.iter().all(|v| v.is_finite()));
+        let mut s = Session::new(m.clone(), Some(16), Some(2), KvType::F32).unwrap();
+        s.prefill(&ids[..2]).unwrap();
+        for (i, &id) in ids.iter().enumerate().skip(2) {
+            s.push(id).unwrap();
+            assert_eq!(s.last_logits().unwrap(), &all[i * vocab..(i + 1) * vocab]);
+        }
+    }
+}
+
+#[test]
+fn llama_checkpoints_need_their_head_and_no_sub_norms() {
+    let c = llama_tiny();
+    let mut t = checkpoint(&c, 9);
+    t.remove("lm_head.weight");
+    let err = build(&c, &t).unwrap_err().to_string();
+    assert!(err.contains("lm_head.weight"), "{err}");
+    // A BitNet checkpoint read as Llama: its sub-norms are reported unused.
+    let bitnet = checkpoint(
+        &Config {
+            linear_class: LinearClass::BitLinear,
+            ..tiny()
+        },
+        9,
+    );
+    let c = Config {
+        head_dim: 4,
+        rope_scaling: None,
+        tie_word_embeddings: true,
+        ..c
+    };
+    let (_, warnings) = build(&c, &bitnet).unwrap();
+    assert!(
+        warnings.iter().any(|w| w.contains("attn_sub_norm")),
+        "{warnings:?}"
+    );
+    // use_rms_norm without the norms' weights: ones, and a warning.
+    let c = Config {
+        bitlinear_norm_eps: Some(1e-6),
+        ..c
+    };
+    let (m, warnings) = build(&c, &bitnet).unwrap();
+    assert_eq!(m.layers[0].bitlinear_norm(Proj::Q), Some(&[1.0f32; 16][..]));
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("q_proj.rms_norm.weight\" is absent")),
+        "{warnings:?}"
+    );
 }
 
 #[test]

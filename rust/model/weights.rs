@@ -86,20 +86,31 @@ impl Proj {
 /// One decoder layer.
 #[derive(Clone, Debug)]
 pub struct Layer {
-    pub input_norm: Vec<f32>,    // [hidden]
-    pub q: TernaryMatrix,        // [q_dim, hidden]
-    pub k: TernaryMatrix,        // [kv_dim, hidden]
-    pub v: TernaryMatrix,        // [kv_dim, hidden]
-    pub attn_sub_norm: Vec<f32>, // [q_dim] (= hidden)
-    pub o: TernaryMatrix,        // [hidden, q_dim]
-    pub post_norm: Vec<f32>,     // [hidden]
-    pub gate: TernaryMatrix,     // [intermediate, hidden]
-    pub up: TernaryMatrix,       // [intermediate, hidden]
-    pub ffn_sub_norm: Vec<f32>,  // [intermediate]
-    pub down: TernaryMatrix,     // [hidden, intermediate]
+    pub input_norm: Vec<f32>, // [hidden]
+    pub q: TernaryMatrix,     // [q_dim, hidden]
+    pub k: TernaryMatrix,     // [kv_dim, hidden]
+    pub v: TernaryMatrix,     // [kv_dim, hidden]
+    /// [q_dim] (= hidden); in the families that have sub-norms (`Family::sub_norms`).
+    pub attn_sub_norm: Option<Vec<f32>>,
+    pub o: TernaryMatrix,    // [hidden, q_dim]
+    pub post_norm: Vec<f32>, // [hidden]
+    pub gate: TernaryMatrix, // [intermediate, hidden]
+    pub up: TernaryMatrix,   // [intermediate, hidden]
+    /// [intermediate]; in the families that have sub-norms.
+    pub ffn_sub_norm: Option<Vec<f32>>,
+    pub down: TernaryMatrix, // [hidden, intermediate]
+    /// `use_rms_norm`: the weight of the RMSNorm each projection applies to
+    /// its input before quantising it, in `Proj::ALL` order ([n_in] each).
+    pub bitlinear_norms: Option<Box<[Vec<f32>; 7]>>,
 }
 
 impl Layer {
+    /// The input RMSNorm weight of projection `p` (use_rms_norm models).
+    pub fn bitlinear_norm(&self, p: Proj) -> Option<&[f32]> {
+        let i = Proj::ALL.iter().position(|&q| q == p)?;
+        self.bitlinear_norms.as_ref().map(|n| &n[i][..])
+    }
+
     pub fn proj(&self, p: Proj) -> &TernaryMatrix {
         match p {
             Proj::Q => &self.q,
@@ -142,9 +153,12 @@ impl Model {
                     .map(|&p| l.proj(p).packed_bytes())
                     .sum::<usize>()
                     + (l.input_norm.len()
-                        + l.attn_sub_norm.len()
+                        + l.attn_sub_norm.as_ref().map_or(0, Vec::len)
                         + l.post_norm.len()
-                        + l.ffn_sub_norm.len())
+                        + l.ffn_sub_norm.as_ref().map_or(0, Vec::len)
+                        + l.bitlinear_norms
+                            .as_ref()
+                            .map_or(0, |n| n.iter().map(Vec::len).sum()))
                         * f32s
             })
             .sum::<usize>()
@@ -168,6 +182,7 @@ impl Model {
 
 /// The checkpoint being read, with the tensors used and the warnings so far.
 struct Loader<'c> {
+    checkpoint: &'c dyn Checkpoint,
     tensors: Usage<'c>,
     warnings: Mutex<Vec<String>>,
 }
@@ -268,6 +283,27 @@ impl<'c> Loader<'c> {
             }
         };
         Ok(m)
+    }
+
+    /// The use_rms_norm weights of layer `l`'s projections,
+    /// `{proj}.rms_norm.weight` [n_in]; transformers initialises a missing
+    /// one to ones (and reports it missing), and so does trit, with a warning.
+    fn bitlinear_norms(&self, config: &Config, l: usize) -> Result<[Vec<f32>; 7]> {
+        let mut norms: [Vec<f32>; 7] = Default::default();
+        for (norm, p) in norms.iter_mut().zip(Proj::ALL) {
+            let name = format!("model.layers.{l}.{}.rms_norm.weight", p.path());
+            let n_in = p.dims(config).1;
+            *norm = if self.checkpoint.tensor(&name).is_some() {
+                self.vector(&name, n_in)?
+            } else {
+                self.warn(format!(
+                    "tensor {name:?} is absent; use_rms_norm takes its weight as ones \
+                     (transformers' initial value)"
+                ));
+                vec![1.0; n_in]
+            };
+        }
+        Ok(norms)
     }
 
     /// A one-element float tensor (shape [1] as transformers saves it, or []).
@@ -437,6 +473,7 @@ pub fn load(
 ) -> Result<(Model, Vec<String>)> {
     config.validate()?;
     let ck = Loader {
+        checkpoint,
         tensors: Usage::new(checkpoint),
         warnings: Mutex::default(),
     };
@@ -463,21 +500,27 @@ pub fn load(
     };
     let load_layer = |l: usize| -> Result<Layer> {
         let prefix = format!("model.layers.{l}");
+        let sub_norm = |path: Option<&str>, len: usize| {
+            path.map(|p| ck.vector(&format!("{prefix}.{p}.weight"), len))
+                .transpose()
+        };
+        let sub_norms = c.family.sub_norms();
         let layer = Layer {
             input_norm: ck.vector(&format!("{prefix}.input_layernorm.weight"), hidden)?,
             q: ck.projection(c, l, Proj::Q)?,
             k: ck.projection(c, l, Proj::K)?,
             v: ck.projection(c, l, Proj::V)?,
-            attn_sub_norm: ck.vector(
-                &format!("{prefix}.self_attn.attn_sub_norm.weight"),
-                c.q_dim(),
-            )?,
+            attn_sub_norm: sub_norm(sub_norms.map(|n| n.0), c.q_dim())?,
             o: ck.projection(c, l, Proj::O)?,
             post_norm: ck.vector(&format!("{prefix}.post_attention_layernorm.weight"), hidden)?,
             gate: ck.projection(c, l, Proj::Gate)?,
             up: ck.projection(c, l, Proj::Up)?,
-            ffn_sub_norm: ck.vector(&format!("{prefix}.mlp.ffn_sub_norm.weight"), inter)?,
+            ffn_sub_norm: sub_norm(sub_norms.map(|n| n.1), inter)?,
             down: ck.projection(c, l, Proj::Down)?,
+            bitlinear_norms: match c.bitlinear_norm_eps {
+                None => None,
+                Some(_) => Some(Box::new(ck.bitlinear_norms(c, l)?)),
+            },
         };
         ck.tensors.release_prefix(&format!("{prefix}."));
         Ok(layer)

@@ -51,6 +51,7 @@ impl PyModelConfig {
             return Err(invalid("config: num_attention_heads must be positive"));
         }
         let inner = Config {
+            family: model::Family::BitNet,
             vocab_size,
             hidden_size,
             intermediate_size,
@@ -65,6 +66,8 @@ impl PyModelConfig {
             tie_word_embeddings,
             linear_class: LinearClass::parse(linear_class).py()?,
             quantization_mode: QuantizationMode::parse(quantization_mode).py()?,
+            bitlinear_norm_eps: None,
+            rope_scaling: None,
         };
         inner.validate().py()?;
         Ok(PyModelConfig { inner })
@@ -121,6 +124,12 @@ impl PyModelConfig {
     fn tie_word_embeddings(&self) -> bool {
         self.inner.tie_word_embeddings
     }
+    /// "bitnet" (BitNetForCausalLM), "llama" (LlamaForCausalLM with bitnet
+    /// quantization) or "1bitllm" (1bitLLM's BitnetForCausalLM).
+    #[getter]
+    fn family(&self) -> &'static str {
+        self.inner.family.name()
+    }
     #[getter]
     fn linear_class(&self) -> &'static str {
         self.inner.linear_class.name()
@@ -133,10 +142,11 @@ impl PyModelConfig {
     fn __repr__(&self) -> String {
         let c = &self.inner;
         format!(
-            "ModelConfig(vocab_size={}, hidden_size={}, intermediate_size={}, \
+            "ModelConfig(family={:?}, vocab_size={}, hidden_size={}, intermediate_size={}, \
              num_hidden_layers={}, num_attention_heads={}, num_key_value_heads={}, \
              head_dim={}, rope_theta={}, rms_norm_eps={}, max_position_embeddings={}, \
              tie_word_embeddings={}, linear_class={:?}, quantization_mode={:?})",
+            c.family.name(),
             c.vocab_size,
             c.hidden_size,
             c.intermediate_size,
@@ -281,11 +291,12 @@ impl PyModel {
                         m.layers.len()
                     ))
                 })?;
+                let absent = || invalid(format!("this model's layers have no {name}"));
                 match name {
                     "input_layernorm" => &layer.input_norm,
                     "post_attention_layernorm" => &layer.post_norm,
-                    "attn_sub_norm" => &layer.attn_sub_norm,
-                    "ffn_sub_norm" => &layer.ffn_sub_norm,
+                    "attn_sub_norm" => layer.attn_sub_norm.as_ref().ok_or_else(absent)?,
+                    "ffn_sub_norm" => layer.ffn_sub_norm.as_ref().ok_or_else(absent)?,
                     _ => {
                         return Err(invalid(format!(
                             "unknown norm {name:?}; expected input_layernorm, \

@@ -2,7 +2,7 @@
 //! kin, docs/formats.md "GGUF metadata"), with strict types: an integer key
 //! must hold an integer, a float key a float. Errors name the file and key.
 
-use super::{Config, LinearClass, QuantizationMode};
+use super::{Config, Family, LinearClass, QuantizationMode};
 use crate::checkpoint::gguf::BITNET_ARCHITECTURES;
 use crate::checkpoint::GgufCheckpoint;
 use crate::error::{Result, TritError};
@@ -14,10 +14,14 @@ impl Config {
         let shown = ck.path().display().to_string();
         let fail = |msg: String| TritError::invalid(format!("{shown}: {msg}"));
         let arch = ck.architecture();
-        if !BITNET_ARCHITECTURES.contains(&arch) {
+        // llama.cpp names two blocks "bitnet": 1bitLLM's (SiLU, a SentencePiece
+        // "llama" tokenizer) and, in its newer converter, 2B4T's (relu², the
+        // Llama 3 byte-level BPE, "gpt2"). The tokenizer tells them apart.
+        let llama_cpp_2b4t = arch == "bitnet" && ck.string("tokenizer.ggml.model")? == Some("gpt2");
+        if !BITNET_ARCHITECTURES.contains(&arch) && !llama_cpp_2b4t {
             return Err(fail(format!(
-                "general.architecture {arch:?} is not supported; trit runs BitNet b1.58 GGUF \
-                 files ({})",
+                "general.architecture {arch:?} is not supported; trit runs GGUF files of the \
+                 BitNet b1.58 2B4T block ({}, or \"bitnet\" with a gpt2 tokenizer)",
                 BITNET_ARCHITECTURES.join(", ")
             )));
         }
@@ -89,6 +93,7 @@ impl Config {
                 ))
             })?;
         let config = Config {
+            family: Family::BitNet,
             vocab_size,
             hidden_size,
             intermediate_size: positive("feed_forward_length")?,
@@ -105,6 +110,8 @@ impl Config {
             // (`Checkpoint::ternary`): quantized offline, scale multiplied.
             linear_class: LinearClass::AutoBitLinear,
             quantization_mode: QuantizationMode::Offline,
+            bitlinear_norm_eps: None,
+            rope_scaling: None,
         };
         config.validate().map_err(|e| {
             let message = e.to_string();

@@ -1,19 +1,22 @@
 //! Reading a transformers `config.json` into a `Config`, with strict types.
 //!
-//! Every check of what trit supports lives here: model_type "bitnet", the
-//! BitNet architecture, relu2, no attention bias, default RoPE, and a bitnet
-//! `quantization_config`. Fields are typed strictly: a string `"false"` is not
+//! Every check of what trit supports lives here: the family (model_type and
+//! architectures: BitNet, Llama with bitnet quantization, 1bitLLM), its
+//! activation, no biases, default or Llama 3 RoPE, and the quantisation
+//! (a bitnet `quantization_config`, or 1bitLLM's `weight_bits`/`input_bits`). Fields are typed strictly: a string `"false"` is not
 //! a bool, a bool is not an integer, `128.0` is not an integer, and a float
 //! field accepts an integer. Defaults are transformers' (`PretrainedConfig`,
-//! `BitNetConfig`, `BitNetQuantConfig`; docs/formats.md, "config.json").
+//! `BitNetConfig`, `LlamaConfig`, `BitNetQuantConfig`; docs/formats.md,
+//! "config.json" and "Model families").
 //! Errors name the file and the field.
 
 use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use super::{Config, LinearClass, QuantizationMode};
+use super::{Activation, Config, Family, LinearClass, Llama3Rope, QuantizationMode};
 use crate::error::{Result, TritError};
+use crate::model::weights::Proj;
 
 impl Config {
     /// Reads and checks the `config.json` at `path`.
@@ -42,16 +45,25 @@ impl Config {
             prefix: "",
             map,
         };
-        check_architecture(&f)?;
-        let rope_theta = rope_theta(&f)?;
-        let (linear_class, quantization_mode) = quantization(&f)?;
+        let family = family(&f)?;
+        let (rope_theta, rope_scaling) = rope(&f, family)?;
+        let quant = quantization(&f, family)?;
         let hidden_size = f.positive("hidden_size")?;
         let num_heads = f.positive("num_attention_heads")?;
+        let num_layers = f.positive("num_hidden_layers")?;
+        check_full_precision_modules(&f, &quant.full_precision, num_layers)?;
+        // LlamaConfig's defaults differ from BitNetConfig's (and from
+        // PretrainedConfig's tie_word_embeddings = true).
+        let (default_eps, default_tied) = match family {
+            Family::BitNet => (1e-5, true),
+            Family::Llama | Family::OneBitLlm => (1e-6, false),
+        };
         let config = Config {
+            family,
             vocab_size: f.positive("vocab_size")?,
             hidden_size,
             intermediate_size: f.positive("intermediate_size")?,
-            num_layers: f.positive("num_hidden_layers")?,
+            num_layers,
             num_heads,
             // transformers: None means one key/value head per query head (MHA).
             num_kv_heads: f
@@ -62,12 +74,15 @@ impl Config {
                 .unwrap_or(hidden_size / num_heads),
             // transformers keeps these as Python floats and meets them in f32 ops.
             rope_theta: rope_theta as f32,
-            rms_norm_eps: f.optional_float("rms_norm_eps")?.unwrap_or(1e-5) as f32,
+            rms_norm_eps: f.optional_float("rms_norm_eps")?.unwrap_or(default_eps) as f32,
             max_position_embeddings: f.positive("max_position_embeddings")?,
-            // PretrainedConfig's default.
-            tie_word_embeddings: f.optional_bool("tie_word_embeddings")?.unwrap_or(true),
-            linear_class,
-            quantization_mode,
+            tie_word_embeddings: f
+                .optional_bool("tie_word_embeddings")?
+                .unwrap_or(default_tied),
+            linear_class: quant.linear_class,
+            quantization_mode: quant.mode,
+            bitlinear_norm_eps: quant.bitlinear_norm_eps,
+            rope_scaling,
         };
         config.validate().map_err(|e| {
             let message = e.to_string();
@@ -78,76 +93,154 @@ impl Config {
     }
 }
 
-fn check_architecture(f: &Fields<'_>) -> Result<()> {
+/// The family a config describes (docs/formats.md "Model families"), once
+/// its architecture fields are ones trit runs.
+fn family(f: &Fields<'_>) -> Result<Family> {
+    let archs: Vec<&str> = match f.get("architectures") {
+        None => Vec::new(),
+        Some(archs) => {
+            let names = archs.as_array().filter(|a| a.iter().all(Value::is_string));
+            let Some(names) = names else {
+                return Err(f.error(format!(
+                    "architectures is {}; expected a list of class names",
+                    short(archs)
+                )));
+            };
+            names.iter().filter_map(Value::as_str).collect()
+        }
+    };
+    let has = |name: &str| archs.contains(&name);
     let model_type = f.optional_str("model_type")?;
-    if model_type != Some("bitnet") {
+    let family = match model_type {
+        // 1bitLLM's class (lower-case n) over a Llama config.
+        Some("llama" | "bitnet") if has("BitnetForCausalLM") => Family::OneBitLlm,
+        Some("bitnet") if archs.is_empty() || has("BitNetForCausalLM") => Family::BitNet,
+        Some("llama") if archs.is_empty() || has("LlamaForCausalLM") => Family::Llama,
+        Some("bitnet" | "llama") => {
+            return Err(f.error(format!(
+                "architectures {} is not supported with model_type {}; expected \
+                 BitNetForCausalLM (model_type \"bitnet\"), LlamaForCausalLM or 1bitLLM's \
+                 BitnetForCausalLM (model_type \"llama\")",
+                f.shown("architectures"),
+                f.shown("model_type")
+            )))
+        }
+        _ => {
+            return Err(f.error(format!(
+                "model_type {} is not supported; trit runs BitNet b1.58 checkpoints \
+                 (model_type \"bitnet\", or \"llama\" with a bitnet quantization_config \
+                 or 1bitLLM's BitnetForCausalLM)",
+                f.shown("model_type")
+            )))
+        }
+    };
+    let act = match family.activation() {
+        Activation::Relu2 => "relu2",
+        Activation::Silu => "silu",
+    };
+    if f.optional_str("hidden_act")?.unwrap_or(act) != act {
         return Err(f.error(format!(
-            "model_type {} is not supported; trit runs BitNet b1.58 checkpoints \
-             (model_type \"bitnet\")",
-            f.shown("model_type")
+            "hidden_act {} is not supported for {} checkpoints (only {act:?})",
+            f.shown("hidden_act"),
+            family.name()
         )));
     }
-    if let Some(archs) = f.get("architectures") {
-        let names = archs.as_array().filter(|a| a.iter().all(Value::is_string));
-        let Some(names) = names else {
-            return Err(f.error(format!(
-                "architectures is {}; expected a list of class names",
-                short(archs)
-            )));
-        };
-        if !names.iter().any(|n| n == "BitNetForCausalLM") {
-            return Err(f.error(format!(
-                "architectures {} is not supported; expected BitNetForCausalLM",
-                short(archs)
-            )));
+    for bias in ["attention_bias", "mlp_bias"] {
+        if f.optional_bool(bias)? == Some(true) {
+            return Err(f.error(format!("{bias} is not supported")));
         }
     }
-    let act = f.optional_str("hidden_act")?.unwrap_or("relu2");
-    if act != "relu2" {
-        return Err(f.error(format!(
-            "hidden_act {} is not supported (only relu2)",
-            f.shown("hidden_act")
-        )));
+    // transformers 4's Llama split projections into pretraining_tp slices;
+    // only the unsplit model is implemented.
+    if let Some(tp) = f.optional_positive("pretraining_tp")? {
+        if tp != 1 {
+            return Err(f.error(format!("pretraining_tp {tp} is not supported (only 1)")));
+        }
     }
-    if f.optional_bool("attention_bias")? == Some(true) {
-        return Err(f.error("attention_bias is not supported"));
-    }
-    Ok(())
+    Ok(family)
 }
 
-/// rope_theta, from `rope_parameters` (transformers 5) or the top level, once
-/// no RoPE scaling is asked for.
-fn rope_theta(f: &Fields<'_>) -> Result<f64> {
+/// rope_theta, from `rope_parameters` (transformers 5) or the top level,
+/// and Llama 3 frequency scaling if asked for; other RoPE variants are refused.
+fn rope(f: &Fields<'_>, family: Family) -> Result<(f64, Option<Llama3Rope>)> {
     let params = f.optional_object("rope_parameters")?;
     let scaling = f.optional_object("rope_scaling")?;
     let mut rope_type = None;
     for fields in [&scaling, &params].into_iter().flatten() {
         for key in ["rope_type", "type"] {
             if rope_type.is_none() {
-                rope_type = fields.optional_str(key)?.map(|t| (fields.shown(key), t));
+                rope_type = fields
+                    .optional_str(key)?
+                    .map(|t| (fields.shown(key), t, fields));
             }
         }
     }
-    if let Some((shown, t)) = rope_type {
-        if t != "default" {
+    let llama3 = match rope_type {
+        None | Some((_, "default", _)) => None,
+        Some((_, "llama3", fields)) => {
+            let read = || -> Result<Llama3Rope> {
+                Ok(Llama3Rope {
+                    factor: fields.float("factor")? as f32,
+                    low_freq_factor: fields.float("low_freq_factor")? as f32,
+                    high_freq_factor: fields.float("high_freq_factor")? as f32,
+                    original_max_position_embeddings: fields
+                        .positive("original_max_position_embeddings")?,
+                })
+            };
+            Some(read().map_err(|e| TritError::invalid(format!("{e} (RoPE scaling \"llama3\")")))?)
+        }
+        Some((shown, _, _)) => {
             return Err(f.error(format!("RoPE scaling {shown} is not supported")));
         }
-    }
+    };
     let from_params = match &params {
         Some(p) => p.optional_float("rope_theta")?,
         None => None,
     };
-    match from_params {
-        Some(theta) => Ok(theta),
-        None => f
-            .optional_float("rope_theta")?
-            .ok_or_else(|| f.error("rope_theta is missing or null")),
-    }
+    let theta = match (from_params, f.optional_float("rope_theta")?) {
+        (Some(theta), _) | (None, Some(theta)) => theta,
+        // LlamaConfig's default; BitNet configs always carry theirs.
+        (None, None) if family != Family::BitNet => 10000.0,
+        (None, None) => return Err(f.error("rope_theta is missing or null")),
+    };
+    Ok((theta, llama3))
 }
 
-/// linear_class and quantization_mode of a supported `quantization_config`.
-fn quantization(f: &Fields<'_>) -> Result<(LinearClass, QuantizationMode)> {
+/// How a checkpoint's projections are quantised.
+struct Quantization {
+    linear_class: LinearClass,
+    mode: QuantizationMode,
+    bitlinear_norm_eps: Option<f32>,
+    /// `modules_to_not_convert`: names of modules kept in full precision.
+    full_precision: Vec<String>,
+}
+
+/// The quantisation a config asks for: transformers' `BitNetQuantConfig`,
+/// or 1bitLLM's `weight_bits` / `input_bits` (float masters, ternarised at
+/// load as transformers' online AutoBitLinear does).
+fn quantization(f: &Fields<'_>, family: Family) -> Result<Quantization> {
     let unsupported = |what: String| f.error(format!("unsupported quantization config: {what}"));
+    if family == Family::OneBitLlm {
+        for (key, bits) in [("weight_bits", 1), ("input_bits", 8)] {
+            if let Some(n) = f.optional_positive(key)? {
+                if n != bits {
+                    return Err(f.error(format!("{key} {n} is not supported (only {bits})")));
+                }
+            }
+        }
+        if f.get("quantization_config").is_some() {
+            return Err(unsupported(
+                "1bitLLM checkpoints hold float masters; a quantization_config is not expected"
+                    .into(),
+            ));
+        }
+        return Ok(Quantization {
+            linear_class: LinearClass::AutoBitLinear,
+            mode: QuantizationMode::Online,
+            bitlinear_norm_eps: None,
+            full_precision: Vec::new(),
+        });
+    }
     let Some(q) = f.optional_object("quantization_config")? else {
         return Err(f.error(
             "no quantization_config; trit runs BitNet b1.58 (quant_method \"bitnet\") checkpoints",
@@ -185,23 +278,74 @@ fn quantization(f: &Fields<'_>) -> Result<(LinearClass, QuantizationMode)> {
             "\"online\" needs linear_class \"autobitlinear\"".into(),
         ));
     }
-    if q.optional_bool("use_rms_norm")? == Some(true) {
-        return Err(unsupported(
-            "use_rms_norm (an RMSNorm before activation quantisation) is not implemented".into(),
-        ));
-    }
-    if let Some(skipped) = q.get("modules_to_not_convert") {
-        let only_head = skipped
-            .as_array()
-            .is_some_and(|a| a.iter().all(|m| m == "lm_head"));
-        if !only_head {
-            return Err(unsupported(format!(
-                "modules_to_not_convert {} (only lm_head may stay unquantised)",
-                short(skipped)
+    let bitlinear_norm_eps = if q.optional_bool("use_rms_norm")? == Some(true) {
+        // BitNetQuantConfig's default.
+        Some(q.optional_float("rms_norm_eps")?.unwrap_or(1e-6) as f32)
+    } else {
+        None
+    };
+    let full_precision = match q.get("modules_to_not_convert") {
+        None => Vec::new(),
+        Some(v) => {
+            let names = v.as_array().filter(|a| a.iter().all(Value::is_string));
+            let Some(names) = names else {
+                return Err(q.wrong_type("modules_to_not_convert", v, "a list of module names"));
+            };
+            names
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        }
+    };
+    Ok(Quantization {
+        linear_class,
+        mode,
+        bitlinear_norm_eps,
+        full_precision,
+    })
+}
+
+/// transformers (`should_convert_module`) keeps a module unquantised when an
+/// entry of `modules_to_not_convert` matches its dotted name from the start
+/// up to a module boundary (`"model.layers.1"`) or as a suffix (`"q_proj"`).
+/// The embedding, the norms and the head are never quantised by trit either;
+/// a projection kept in full precision is not implemented, so an entry that
+/// matches one is refused, as is a regular expression (transformers reads
+/// entries as such), which trit does not evaluate.
+fn check_full_precision_modules(f: &Fields<'_>, names: &[String], layers: usize) -> Result<()> {
+    let refuse = |what: String| {
+        f.error(format!(
+            "unsupported quantization config: quantization_config.modules_to_not_convert {what}"
+        ))
+    };
+    for name in names {
+        if name.contains(|c: char| "*+?[](){}|^$\\".contains(c)) {
+            return Err(refuse(format!(
+                "entry {name:?} is a regular expression, which trit does not evaluate"
+            )));
+        }
+        let matches = |module: &str| {
+            module.ends_with(name.as_str())
+                || module
+                    .strip_prefix(name.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        };
+        let hit = (0..layers).find_map(|l| {
+            Proj::ALL
+                .iter()
+                .map(|p| format!("model.layers.{l}.{}", p.path()))
+                .find(|module| matches(module))
+        });
+        if let Some(module) = hit {
+            return Err(refuse(format!(
+                "entry {name:?} keeps projection {module} in full precision, which trit does \
+                 not implement (only modules outside the decoder layers' projections, such as \
+                 lm_head)"
             )));
         }
     }
-    Ok((linear_class, mode))
+    Ok(())
 }
 
 /// The fields of one JSON object, read with strict types.
@@ -264,6 +408,11 @@ impl<'a> Fields<'a> {
                 .map(Some)
                 .ok_or_else(|| self.wrong_type(key, v, "a number")),
         }
+    }
+
+    fn float(&self, key: &str) -> Result<f64> {
+        self.optional_float(key)?
+            .ok_or_else(|| self.error(format!("{}{key} is missing or null", self.prefix)))
     }
 
     fn optional_bool(&self, key: &str) -> Result<Option<bool>> {
@@ -523,7 +672,12 @@ mod tests {
             (
                 "model_type",
                 json!("llama"),
-                "model_type \"llama\" is not supported",
+                "is not supported with model_type \"llama\"",
+            ),
+            (
+                "model_type",
+                json!("mistral"),
+                "model_type \"mistral\" is not supported",
             ),
             (
                 "model_type",
@@ -553,7 +707,7 @@ mod tests {
             (
                 "rope_scaling",
                 json!({"rope_type": "llama3", "factor": 8.0}),
-                "RoPE scaling \"llama3\"",
+                "rope_scaling.low_freq_factor is missing or null",
             ),
             (
                 "rope_scaling",
@@ -583,11 +737,6 @@ mod tests {
                 "quantization_mode \"dynamic\"",
             ),
             ("quantization_config.linear_class", json!("bitlinear"), "OK"),
-            (
-                "quantization_config.use_rms_norm",
-                json!(true),
-                "use_rms_norm",
-            ),
             (
                 "quantization_config.modules_to_not_convert",
                 json!(["lm_head", "model.layers.0"]),
@@ -634,6 +783,112 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(err, "c.json holds a list, not a JSON object");
+    }
+
+    /// A Llama-architecture config as Falcon3-1.58bit / Falcon-E publish it.
+    fn llama() -> Value {
+        json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 24,
+            "vocab_size": 300,
+            "max_position_embeddings": 128,
+            "quantization_config": {"quant_method": "bitnet"}
+        })
+    }
+
+    #[test]
+    fn reads_llama_and_1bitllm_configs_with_their_defaults() {
+        let c = parse(&llama()).unwrap();
+        assert_eq!(c.family, Family::Llama);
+        // LlamaConfig's defaults, not BitNetConfig's.
+        assert_eq!((c.rope_theta, c.rms_norm_eps), (10000.0, 1e-6));
+        assert!(!c.tie_word_embeddings);
+        // head_dim need not be hidden / heads without a sub-norm.
+        assert_eq!((c.head_dim, c.q_dim()), (24, 96));
+        assert_eq!(c.linear_class, LinearClass::BitLinear);
+        assert_eq!((c.bitlinear_norm_eps, c.rope_scaling), (None, None));
+
+        let mut v = llama();
+        v["quantization_config"] = json!({
+            "quant_method": "bitnet",
+            "use_rms_norm": true,
+            "modules_to_not_convert": ["lm_head", "model.embed_tokens"],
+        });
+        v["rope_scaling"] = json!({
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
+        });
+        let c = parse(&v).unwrap();
+        assert_eq!(c.bitlinear_norm_eps, Some(1e-6));
+        let r = c.rope_scaling.unwrap();
+        assert_eq!((r.factor, r.original_max_position_embeddings), (8.0, 8192));
+
+        let mut v = llama();
+        let m = v.as_object_mut().unwrap();
+        m["architectures"] = json!(["BitnetForCausalLM"]);
+        m.remove("quantization_config");
+        m.remove("head_dim");
+        m.insert("weight_bits".into(), json!(1));
+        m.insert("input_bits".into(), json!(8));
+        let c = parse(&v).unwrap();
+        assert_eq!(c.family, Family::OneBitLlm);
+        assert_eq!(c.quantization_mode, QuantizationMode::Online);
+        assert_eq!(c.linear_class, LinearClass::AutoBitLinear);
+        v["weight_bits"] = json!(2);
+        let err = parse(&v).unwrap_err().to_string();
+        assert!(err.contains("weight_bits 2 is not supported"), "{err}");
+        // 1bitLLM's inner_attn_ln has hidden_size weights.
+        v["weight_bits"] = json!(1);
+        v["head_dim"] = json!(24);
+        let err = parse(&v).unwrap_err().to_string();
+        assert!(err.contains("must equal hidden_size"), "{err}");
+    }
+
+    #[test]
+    fn refuses_llama_variants_by_name() {
+        let cases: Vec<(&str, Value, &str)> = vec![
+            (
+                "hidden_act",
+                json!("relu2"),
+                "hidden_act \"relu2\" is not supported for llama",
+            ),
+            ("mlp_bias", json!(true), "mlp_bias is not supported"),
+            (
+                "pretraining_tp",
+                json!(4),
+                "pretraining_tp 4 is not supported",
+            ),
+            ("quantization_config", Value::Null, "no quantization_config"),
+            (
+                "quantization_config",
+                json!({"quant_method": "bitnet", "modules_to_not_convert": ["q_proj"]}),
+                "entry \"q_proj\" keeps projection model.layers.0.self_attn.q_proj",
+            ),
+            (
+                "quantization_config",
+                json!({"quant_method": "bitnet", "modules_to_not_convert": "lm_head"}),
+                "modules_to_not_convert is \"lm_head\"; expected a list of module names",
+            ),
+            (
+                "rope_scaling",
+                json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                       "high_freq_factor": 1.0, "original_max_position_embeddings": 64}),
+                "high_freq_factor > low_freq_factor",
+            ),
+        ];
+        for (key, value, expected) in cases {
+            let mut v = llama();
+            v[key] = value;
+            let err = parse(&v).unwrap_err().to_string();
+            assert!(err.starts_with("m/config.json: "), "{err}");
+            assert!(err.contains(expected), "{expected:?} not in {err:?}");
+        }
     }
 
     #[test]

@@ -64,9 +64,72 @@ impl QuantizationMode {
     }
 }
 
-/// A BitNet b1.58 decoder (transformers' `BitNetForCausalLM`).
+/// The checkpoint family: which class the decoder layers follow
+/// (docs/formats.md "Model families").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Family {
+    /// transformers' `BitNetForCausalLM` (microsoft/bitnet-b1.58-2B-4T): relu²
+    /// GLU, sub-norms `attn_sub_norm` and `ffn_sub_norm` before o_proj and down_proj.
+    #[default]
+    BitNet,
+    /// transformers' `LlamaForCausalLM` with a bitnet `quantization_config`
+    /// (Falcon3-*-1.58bit, Falcon-E, HF1BitLLM/Llama3-8B-1.58): SiLU GLU, no sub-norms.
+    Llama,
+    /// 1bitLLM's `BitnetForCausalLM` (code published with the model): SiLU
+    /// GLU, sub-norms `inner_attn_ln` and `ffn_layernorm`, float masters.
+    OneBitLlm,
+}
+
+/// The GLU nonlinearity of the MLP: `h = act(gate) * up`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `relu(g)²` (transformers' "relu2").
+    Relu2,
+    /// `g * sigmoid(g)` (transformers' "silu").
+    Silu,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::BitNet => "bitnet",
+            Family::Llama => "llama",
+            Family::OneBitLlm => "1bitllm",
+        }
+    }
+
+    pub fn activation(self) -> Activation {
+        match self {
+            Family::BitNet => Activation::Relu2,
+            Family::Llama | Family::OneBitLlm => Activation::Silu,
+        }
+    }
+
+    /// The module paths (inside a layer) of the sub-norms before o_proj and
+    /// before down_proj, for the families that have them.
+    pub fn sub_norms(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Family::BitNet => Some(("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")),
+            Family::OneBitLlm => Some(("self_attn.inner_attn_ln", "mlp.ffn_layernorm")),
+            Family::Llama => None,
+        }
+    }
+}
+
+/// Llama 3's RoPE frequency scaling (transformers' `rope_type: "llama3"`,
+/// docs/formats.md "RoPE scaling").
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Llama3Rope {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: usize,
+}
+
+/// A BitNet b1.58 decoder of one of the supported families.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -80,6 +143,10 @@ pub struct Config {
     pub tie_word_embeddings: bool,
     pub linear_class: LinearClass,
     pub quantization_mode: QuantizationMode,
+    /// `use_rms_norm` of transformers' BitLinear: the epsilon of an RMSNorm
+    /// applied to every projection's input before it is quantised.
+    pub bitlinear_norm_eps: Option<f32>,
+    pub rope_scaling: Option<Llama3Rope>,
 }
 
 impl Config {
@@ -108,12 +175,20 @@ impl Config {
                 self.num_heads, self.num_kv_heads
             )));
         }
-        // attn_sub_norm has hidden_size weights and normalises the concatenated
-        // heads, so transformers' BitNet only runs when the two agree.
-        if self.num_heads.checked_mul(self.head_dim) != Some(self.hidden_size) {
+        // A sub-norm before o_proj has hidden_size weights and normalises the
+        // concatenated heads, so those families only run when the two agree.
+        let q_dim = self.num_heads.checked_mul(self.head_dim);
+        if self.family.sub_norms().is_some() && q_dim != Some(self.hidden_size) {
             return Err(TritError::invalid(format!(
-                "config: num_attention_heads * head_dim = {} * {} must equal hidden_size {}",
+                "config: num_attention_heads * head_dim = {} * {} must equal hidden_size {} \
+                 (the sub-norm before o_proj has hidden_size weights)",
                 self.num_heads, self.head_dim, self.hidden_size
+            )));
+        }
+        if q_dim.is_none() {
+            return Err(TritError::invalid(format!(
+                "config: num_attention_heads * head_dim = {} * {} is too large for this machine",
+                self.num_heads, self.head_dim
             )));
         }
         // The largest matrices must be addressable: every later size (q_dim,
@@ -129,6 +204,7 @@ impl Config {
                 self.intermediate_size,
                 self.hidden_size,
             ),
+            ("q_dim * hidden_size", self.q_dim(), self.hidden_size),
         ] {
             let fits = rows
                 .checked_mul(cols)
@@ -175,11 +251,31 @@ impl Config {
                 self.rope_theta
             )));
         }
-        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return Err(TritError::invalid(format!(
-                "config: rms_norm_eps must be a non-negative number, got {}",
-                self.rms_norm_eps
-            )));
+        for (name, eps) in [
+            ("rms_norm_eps", Some(self.rms_norm_eps)),
+            ("quantization_config.rms_norm_eps", self.bitlinear_norm_eps),
+        ] {
+            if let Some(eps) = eps.filter(|e| !(e.is_finite() && *e >= 0.0)) {
+                return Err(TritError::invalid(format!(
+                    "config: {name} must be a non-negative number, got {eps}"
+                )));
+            }
+        }
+        if let Some(r) = &self.rope_scaling {
+            let factors_ok = [r.factor, r.low_freq_factor, r.high_freq_factor]
+                .iter()
+                .all(|f| f.is_finite() && *f > 0.0);
+            // transformers divides by high_freq_factor - low_freq_factor.
+            if !factors_ok
+                || r.high_freq_factor <= r.low_freq_factor
+                || r.original_max_position_embeddings == 0
+            {
+                return Err(TritError::invalid(format!(
+                    "config: rope_scaling {r:?} needs positive factors, \
+                     high_freq_factor > low_freq_factor and a positive \
+                     original_max_position_embeddings"
+                )));
+            }
         }
         Ok(())
     }
@@ -203,6 +299,7 @@ impl Config {
 #[cfg(test)]
 pub(crate) fn tiny() -> Config {
     Config {
+        family: Family::BitNet,
         vocab_size: 40,
         hidden_size: 16,
         intermediate_size: 24,
@@ -216,6 +313,8 @@ pub(crate) fn tiny() -> Config {
         tie_word_embeddings: true,
         linear_class: LinearClass::AutoBitLinear,
         quantization_mode: QuantizationMode::Offline,
+        bitlinear_norm_eps: None,
+        rope_scaling: None,
     }
 }
 
