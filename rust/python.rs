@@ -15,6 +15,7 @@ use crate::error::TritError;
 use crate::kernels::{self, Kernel, QuantizedActivations};
 use crate::threads;
 
+mod gguf;
 mod model;
 
 // ---------------------------------------------------------------- exceptions
@@ -341,6 +342,7 @@ fn _core(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(active_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add_function(wrap_pyfunction!(read_bandwidth, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf::gguf_metadata, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
