@@ -334,6 +334,7 @@ fn _core(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyModelConfig>()?;
     m.add_class::<model::PyModel>()?;
     m.add_class::<model::PySession>()?;
+    m.add_class::<model::PyEngine>()?;
     m.add_class::<model::PySampler>()?;
     m.add_function(wrap_pyfunction!(quantize_activations, m)?)?;
     m.add_function(wrap_pyfunction!(available_kernels, m)?)?;

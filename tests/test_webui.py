@@ -41,19 +41,19 @@ def test_the_page_is_served_and_loads_nothing_from_elsewhere() -> None:
 
 
 # The bundled model writes faster than a browser can be watched, so each text
-# piece is delayed (the HTTP server, streaming and page are the real ones).
+# step is delayed (the HTTP server, streaming and page are the real ones).
 SLOW_SERVER = """
 import sys, time
 import trit.generator
 from trit.cli import main
 
-def slow_stream(self, *args, **kwargs):
-    for piece in original(self, *args, **kwargs):
-        time.sleep(0.03)
-        yield piece
+def slow_step(self):
+    time.sleep(0.03)
+    return original(self)
 
-original = trit.generator.Generator._stream
-trit.generator.Generator._stream = slow_stream
+# Every generation, alone or batched, runs a step per token.
+original = trit.generator.Batch.step
+trit.generator.Batch.step = slow_step
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -128,7 +128,7 @@ def _sampling(args: argparse.Namespace, g: Generator) -> SamplingOptions:
     return options
 
 
-def _load(args: argparse.Namespace) -> Generator:
+def _load(args: argparse.Namespace, slots: int = 1) -> Generator:
     return Generator.from_pretrained(
         args.model,
         threads=args.threads,
@@ -136,7 +136,53 @@ def _load(args: argparse.Namespace) -> Generator:
         revision=args.revision,
         head=args.head,
         kv_cache=args.kv_cache,
+        slots=slots,
     )
+
+
+AUTO_PARALLEL = 8
+"""`trit serve`'s most slots by default: past about 8 sequences a step is
+compute-bound (docs/performance.md), and each slot costs KV memory."""
+
+MAX_PARALLEL = 256
+"""The engine's limit on slots."""
+
+
+def _available_memory() -> int | None:
+    """Bytes the system can still give (MemAvailable on Linux), if known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _serve_slots(args: argparse.Namespace, g: Generator) -> int | None:
+    """How many requests run at once: --parallel, or as many slots as fit in
+    the memory left (at most AUTO_PARALLEL); None (after printing why) when
+    the --parallel asked for cannot fit, each slot's KV cache being able to
+    grow to its full n_ctx."""
+    per_slot = g.slot_cache_bytes
+    available = _available_memory()
+    if args.parallel is None:
+        fit = AUTO_PARALLEL if available is None else available // per_slot
+        return max(1, min(AUTO_PARALLEL, fit))
+    if available is not None and args.parallel * per_slot > available:
+        print(
+            f"trit: error: --parallel {args.parallel} needs up to "
+            f"{args.parallel * per_slot / 2**20:.0f} MiB of KV cache "
+            f"({per_slot / 2**20:.0f} MiB a slot at n_ctx {g.n_ctx}), "
+            f"and {available / 2**20:.0f} MiB are available: lower --parallel or --ctx",
+            file=sys.stderr,
+        )
+        return None
+    return int(args.parallel)
 
 
 def _print_stream(pieces: Iterable[str]) -> str:
@@ -357,13 +403,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.request_timeout > 0:  # also refuses nan
         print("trit: error: --request-timeout must be > 0 seconds", file=sys.stderr)
         return 2
-    g = _load(args)
+    if args.parallel is not None and not 1 <= args.parallel <= MAX_PARALLEL:
+        print(f"trit: error: --parallel must be between 1 and {MAX_PARALLEL}", file=sys.stderr)
+        return 2
+    # Slots not used cost no memory: a cache takes pages as it fills.
+    g = _load(args, slots=args.parallel or AUTO_PARALLEL)
+    parallel = _serve_slots(args, g)
+    if parallel is None:
+        return 2
+    max_concurrency = max(args.max_concurrency, parallel)
     name = _model_id(args)
     app = create_app(
         g,
         model_name=name,
         api_key=args.api_key or None,
-        max_concurrency=args.max_concurrency,
+        max_concurrency=max_concurrency,
+        parallel=parallel,
         request_timeout=args.request_timeout,
     )
     webui.mount(app)
@@ -376,7 +431,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
     print(
         f"trit serve: model {name!r} (n_ctx {g.n_ctx}) on http://{host}:{args.port}/v1, "
-        f"one request at a time, up to {args.max_concurrency} queued; "
+        + (
+            "one request at a time"
+            if parallel == 1
+            else f"{parallel} requests at once ({g.slot_cache_bytes / 2**20:.1f} MiB "
+            "of KV cache each at most)"
+        )
+        + f", up to {max_concurrency} running or queued; "
         f"chat page: http://{host}:{args.port}/",
         file=sys.stderr,
     )
@@ -465,8 +526,9 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="an OpenAI-compatible HTTP server (needs trit[serve])",
         description="Serves a chat page at /, and /v1/chat/completions, /v1/completions, "
-        "/v1/models and /health. "
-        "Requests run one at a time, in arrival order (queued, not batched).",
+        "/v1/models, /health and /metrics (Prometheus). "
+        "Up to --parallel requests run together (continuous batching); the rest "
+        "wait in arrival order.",
     )
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -481,6 +543,14 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=16,
         help="requests running or queued at once; more get a 503 (default: 16)",
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="requests run together, each in a slot with its own KV cache of --ctx "
+        f"positions; 1: one at a time (default: as many as fit in memory, at most "
+        f"{AUTO_PARALLEL})",
     )
     p.add_argument(
         "--max-connections",

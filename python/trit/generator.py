@@ -2,13 +2,20 @@
 
 >>> g = trit.Generator.from_pretrained("microsoft/bitnet-b1.58-2B-4T")  # doctest: +SKIP
 >>> g.generate("The capital of France is", max_new_tokens=8)  # doctest: +SKIP
+
+Several prompts run together (one forward pass per step for all of them):
+
+>>> g = trit.Generator.from_pretrained(slots=4)  # doctest: +SKIP
+>>> g.generate_batch(["Once upon a time", "The sky is"], max_new_tokens=8)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
@@ -16,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from trit import models, perplexity
-from trit._core import InvalidInputError, Model, ModelConfig, Sampler, Session
+from trit._core import Engine, InvalidInputError, Model, ModelConfig, Sampler
 from trit.loader import load_model, read_json, resolve
 from trit.perplexity import Perplexity
 from trit.sampling import SamplingOptions
@@ -55,7 +62,8 @@ class GenerationStats:
     decode_passes: int
     """Forward passes of single tokens (the first new token comes from the prompt pass)."""
     finish_reason: str
-    """"eos", "stop" (a stop string), "length" (max_new_tokens) or "context" (n_ctx full)."""
+    """"eos", "stop" (a stop string), "length" (max_new_tokens), "context" (n_ctx
+    full), or, in a `Batch`, "cancelled" and "error"."""
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -94,30 +102,234 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+STEP_TOKENS = 256
+"""Most tokens one step runs (prompt chunks and decoded tokens together):
+the engine's prompt batch, so a prompt alone runs as `Session.prefill` does."""
+
+
+@dataclass(eq=False)
+class Generation:
+    """One generation in a `Batch`: its prompt, sampler and stop conditions,
+    and what it has produced so far."""
+
+    index: int
+    ids: list[int]
+    sampler: Sampler
+    max_new_tokens: int
+    stops: list[str]
+    on_token: TokenCallback | None = None
+    cancelled: Callable[[], bool] | None = None
+    """Polled at every step: once it returns True the sequence ends ("cancelled")."""
+    slot: int = -1
+    pending: list[int] = field(default_factory=list)
+    """Tokens still to run: the rest of the prompt, or the last sampled token."""
+    decoding: bool = False
+    processed: int = 0
+    sampled: int = 0
+    new_tokens: int = 0
+    passes: int = 0
+    text: str = ""
+    emitted: int = 0
+    t0: float = 0.0
+    t1: float = 0.0
+    error: BaseException | None = None
+    """What ended it with finish reason "error" (an exception of `on_token`)."""
+    stats: GenerationStats | None = None
+    """Set when it ends."""
+    _text_stream: Any = None
+
+
+class Batch:
+    """Sequences running together on one Generator's engine, a step at a
+    time: each step is one forward pass over the decoded tokens of the
+    running sequences and chunks of the prompts of arriving ones (at most
+    `STEP_TOKENS` tokens in all). A sequence holds a slot (its own KV cache)
+    from `add` until it ends; `close` ends the rest. The tokens of a sequence
+    are those it would get alone: its own sampler, stops and cancellation."""
+
+    def __init__(self, generator: Generator) -> None:
+        self._g = generator
+        self._running: list[Generation] = []
+        self._ended: list[Generation] = []  # ended in `add` (max_new_tokens = 0)
+        self.last_step_sequences = 0
+        """How many sequences the last step's forward pass ran."""
+
+    def __len__(self) -> int:
+        return len(self._running) + len(self._ended)
+
+    @property
+    def sequences(self) -> list[Generation]:
+        return list(self._running)
+
+    def add(self, seq: Generation) -> None:
+        """Starts `seq` in a free slot, reusing the cached start of its prompt
+        that any slot holds; an InvalidInputError when no slot is free."""
+        g = self._g
+        seq.t0 = seq.t1 = time.perf_counter()
+        seq._text_stream = g.tokenizer.stream()
+        if seq.max_new_tokens == 0:
+            self._end(seq, "length")
+            self._ended.append(seq)
+            return
+        with g._lock:
+            seq.slot = g._engine.acquire(seq.ids)
+            cached = g._engine.n_tokens(seq.slot)
+        seq.pending = seq.ids[cached:]
+        seq.processed = len(seq.pending)
+        self._running.append(seq)
+
+    def step(self) -> list[tuple[Generation, str, bool]]:
+        """Runs one step. Returns (sequence, new text, ended) for each
+        sequence that produced text or ended; an ended one has its `stats`."""
+        events: list[tuple[Generation, str, bool]] = []
+        for seq in self._ended:
+            events.append((seq, "", True))
+        self._ended = []
+        for seq in list(self._running):
+            if seq.cancelled is not None and seq.cancelled():
+                events.append((seq, self._finish(seq, "cancelled"), True))
+        work: list[tuple[int, list[int], bool]] = []
+        ready: list[Generation] = []
+        budget = STEP_TOKENS
+        # Decoded tokens first: a running sequence never waits for a prompt.
+        for seq in self._running:
+            if seq.decoding:
+                work.append((seq.slot, seq.pending, True))
+                ready.append(seq)
+                budget -= 1
+        for seq in self._running:
+            if seq.decoding or budget <= 0:
+                continue
+            chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
+            budget -= len(chunk)
+            work.append((seq.slot, chunk, not seq.pending))
+            if not seq.pending:
+                ready.append(seq)
+        self.last_step_sequences = len(work)
+        if not work:
+            return events
+        g = self._g
+        try:
+            with g._lock:
+                g._engine.step(work)
+        except Exception as exc:  # nothing of this step was computed
+            for seq in list(self._running):
+                seq.error = exc
+                events.append((seq, self._finish(seq, "error"), True))
+            return events
+        now = time.perf_counter()
+        for seq in ready:
+            if seq.decoding:
+                seq.passes += 1
+            else:
+                seq.t1 = now
+                seq.decoding = True
+            piece, ended = self._advance(seq)
+            if piece or ended:
+                events.append((seq, piece, ended))
+        return events
+
+    def _advance(self, seq: Generation) -> tuple[str, bool]:
+        """Samples `seq`'s next token and handles it: (text to emit, ended)."""
+        g = self._g
+        with g._lock:
+            token = g._engine.sample(seq.slot, seq.sampler)
+            wants = seq.on_token is not None and _wants_logits(seq.on_token)
+            logits = g._engine.last_logits(seq.slot) if wants else _NO_LOGITS
+            n_tokens = g._engine.n_tokens(seq.slot)
+        seq.sampled += 1
+        if seq.on_token is not None:
+            assert logits is not None  # sample() just used them
+            try:
+                seq.on_token(token, logits)
+            except Exception as exc:
+                seq.error = exc
+                return self._finish(seq, "error"), True
+        if token in g.eos_ids:
+            return self._finish(seq, "eos"), True
+        seq.new_tokens += 1
+        seq.text += seq._text_stream.step(token)
+        text, emitted, stops = seq.text, seq.emitted, seq.stops
+        cut = min((i for i in (text.find(s, emitted) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            piece = text[emitted:cut]
+            seq.emitted = cut
+            self._finish(seq, "stop")
+            return piece, True
+        piece = ""
+        safe = len(text) - _held_back(text[emitted:], stops)
+        if safe > emitted:
+            piece = text[emitted:safe]
+            seq.emitted = safe
+        if seq.sampled == seq.max_new_tokens:
+            return piece + self._finish(seq, "length"), True
+        if n_tokens >= g.n_ctx:
+            return piece + self._finish(seq, "context"), True
+        seq.pending = [token]
+        return piece, False
+
+    def _finish(self, seq: Generation, reason: str) -> str:
+        """Ends `seq`: frees its slot, sets its stats; returns its held-back text."""
+        if seq in self._running:
+            self._running.remove(seq)
+            with self._g._lock:
+                self._g._engine.release(seq.slot)
+        return self._end(seq, reason)
+
+    def _end(self, seq: Generation, reason: str) -> str:
+        seq.stats = GenerationStats(
+            prompt_tokens=len(seq.ids),
+            prompt_tokens_processed=seq.processed,
+            prompt_seconds=seq.t1 - seq.t0,
+            new_tokens=seq.new_tokens,
+            decode_seconds=time.perf_counter() - seq.t1,
+            decode_passes=seq.passes,
+            finish_reason=reason,
+        )
+        rest = ""
+        if reason in ("eos", "length", "context") and len(seq.text) > seq.emitted:
+            rest = seq.text[seq.emitted :]
+            seq.emitted = len(seq.text)
+        return rest
+
+    def close(self) -> None:
+        """Ends every running sequence ("cancelled") and frees its slot."""
+        for seq in list(self._running):
+            self._finish(seq, "cancelled")
+        self._ended = []
+
+
 class Generator:
-    """A model, its tokenizer and one cached sequence.
+    """A model, its tokenizer and an engine of `slots` cached sequences.
 
     Successive calls reuse the cached tokens their prompt starts with (a chat
-    history only runs its new turn). Not safe to use from several threads at
-    once; make one Generator per thread.
+    history only runs its new turn; a shared system prompt runs once). Each
+    generation holds a slot of its own while it runs: two open streams need
+    two slots, and one more than there are slots is refused with an
+    InvalidInputError. `generate_batch` runs several prompts together.
+    Calls from several threads take turns at the engine, step by step.
     """
 
     def __init__(
-        self, model: Model, tokenizer: Tokenizer, session: Session, eos_ids: set[int]
+        self, model: Model, tokenizer: Tokenizer, engine: Engine, eos_ids: set[int]
     ) -> None:
         self._model = model
         self.tokenizer = tokenizer
-        self._session = session
+        self._engine = engine
         self.eos_ids = frozenset(eos_ids)
         self.last_stats: GenerationStats | None = None
         """Timings and finish reason of the last generation (None before the first)."""
+        self.last_batch_stats: list[GenerationStats] = []
+        """Of the last `generate_batch` or `stream_batch`, one per prompt."""
         self.generation_defaults = SamplingOptions()
         """The sampling the model's generation_config.json asks for (greedy
         when it asks for none). `generate` and friends stay greedy unless
         told otherwise; `trit generate` and `trit chat` start from these."""
-        # Read once: the session is borrowed while it computes (with the GIL
-        # released), and other threads may still ask for n_ctx meanwhile.
-        self._n_ctx = session.n_ctx
+        # One engine call at a time: the engine is borrowed while it computes
+        # (with the GIL released), and streams may run in several threads.
+        self._lock = threading.Lock()
+        self._n_ctx = engine.n_ctx
+        self._slots = engine.slots
 
     @classmethod
     def from_pretrained(
@@ -129,6 +341,7 @@ class Generator:
         revision: str | None = None,
         head: str = "int8",
         kv_cache: str = "f16",
+        slots: int = 1,
     ) -> Generator:
         """Loads a local folder or a Hugging Face repo id; with no name, the
         model that ships with trit (`trit.models`). `n_ctx` (default: the
@@ -138,7 +351,10 @@ class Generator:
         per generated token) or "bf16" (as stored: transformers' logits);
         `kv_cache` the KV cache's: "f16" (default: half the bytes attention
         reads) or "f32" (transformers' attention). With head="bf16" and
-        kv_cache="f32" the logits are transformers' own (README, "Precision")."""
+        kv_cache="f32" the logits are transformers' own (README, "Precision").
+        `slots` is how many sequences can run at once (each a KV cache of
+        `n_ctx` positions, `slot_cache_bytes` when full; memory is taken as
+        positions fill)."""
         if name_or_path is None:
             if revision is not None:
                 raise InvalidInputError("revision= needs a Hub repo id")
@@ -146,8 +362,8 @@ class Generator:
         folder = resolve(name_or_path, revision=revision)
         tokenizer = Tokenizer(folder)
         model = load_model(folder, threads=threads, head=head)
-        session = Session(model, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
-        g = cls(model, tokenizer, session, _eos_ids(folder, tokenizer))
+        engine = Engine(model, slots=slots, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
+        g = cls(model, tokenizer, engine, _eos_ids(folder, tokenizer))
         generation_config = folder / "generation_config.json"
         if generation_config.exists():
             g.generation_defaults = SamplingOptions.from_generation_config(
@@ -168,6 +384,36 @@ class Generator:
     def n_ctx(self) -> int:
         return self._n_ctx
 
+    @property
+    def slots(self) -> int:
+        """How many sequences can run at once."""
+        return self._slots
+
+    @property
+    def free_slots(self) -> int:
+        with self._lock:
+            return self._engine.free_slots
+
+    @property
+    def slot_cache_bytes(self) -> int:
+        """Bytes of one slot's KV cache when its n_ctx positions are filled."""
+        return self._engine.slot_cache_bytes
+
+    @property
+    def cache_bytes_in_use(self) -> int:
+        """Bytes of KV cache that hold tokens now, all slots."""
+        with self._lock:
+            return self._engine.cache_bytes_in_use
+
+    def _in_a_slot(self, run: Callable[[int], Any]) -> Any:
+        """`run(slot)` in a slot taken for the call (the engine's lock held)."""
+        with self._lock:
+            slot = self._engine.acquire([])
+            try:
+                return run(slot)
+            finally:
+                self._engine.release(slot)
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, with the special tokens (such as BOS) the
         tokenizer adds unless `add_special_tokens` is false."""
@@ -180,7 +426,9 @@ class Generator:
 
     def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
         """Logits at every position of `ids`: float32 [len(ids), vocab]."""
-        return self._session.logits(self._ids(ids))
+        ids = self._ids(ids)
+        logits: npt.NDArray[np.float32] = self._in_a_slot(lambda s: self._engine.logits(s, ids))
+        return logits
 
     def perplexity(
         self,
@@ -197,7 +445,12 @@ class Generator:
             raise InvalidInputError(f"ctx={ctx} is more than the context size n_ctx = {self.n_ctx}")
         stride = max(ctx // 2, 1) if stride is None else stride
         ids = self.encode(text)
-        return perplexity.compute(ids, self._session.nll, ctx=ctx, stride=stride, progress=progress)
+
+        def nll(window: list[int], first: int) -> float:
+            result: float = self._in_a_slot(lambda s: self._engine.nll(s, window, first))
+            return result
+
+        return perplexity.compute(ids, nll, ctx=ctx, stride=stride, progress=progress)
 
     def _ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -299,10 +552,7 @@ class Generator:
                 "give the sampling options as sampling= or as keywords "
                 "(temperature=, top_k=, ...), not both"
             )
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise InvalidInputError("max_new_tokens must be an int")
-        if max_new_tokens < 0:
-            raise InvalidInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        _check_max_new_tokens(max_new_tokens)
         ids = self._ids(prompt)
         # Validation is done before the first next(): errors surface at the
         # call, not at the first iteration.
@@ -316,55 +566,98 @@ class Generator:
         stops: list[str],
         on_token: TokenCallback | None,
     ) -> Iterator[str]:
-        session = self._session
         self.last_stats = None
-        t0 = time.perf_counter()
-        processed = session.prefill(ids) if max_new_tokens else 0
-        t1 = time.perf_counter()
-        text_stream = self.tokenizer.stream()
-        text, emitted, new_tokens, passes = "", 0, 0, 0
-        finish = "length"
-        wants_logits = on_token is not None and _wants_logits(on_token)
-        for step in range(max_new_tokens):
-            token = session.sample(sampler)
-            if on_token is not None:
-                logits = session.last_logits() if wants_logits else _NO_LOGITS
-                assert logits is not None  # sample() just used them
-                on_token(token, logits)
-            if token in self.eos_ids:
-                finish = "eos"
-                break
-            new_tokens += 1
-            text += text_stream.step(token)
-            cut = min((i for i in (text.find(s, emitted) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut > emitted:
-                    yield text[emitted:cut]
-                emitted = cut
-                finish = "stop"
-                break
-            safe = len(text) - _held_back(text[emitted:], stops)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-            if step + 1 == max_new_tokens:
-                break
-            if session.n_tokens >= self._n_ctx:
-                finish = "context"
-                break
-            session.push(token)
-            passes += 1
-        if finish != "stop" and len(text) > emitted:
-            yield text[emitted:]
-        self.last_stats = GenerationStats(
-            prompt_tokens=len(ids),
-            prompt_tokens_processed=processed,
-            prompt_seconds=t1 - t0,
-            new_tokens=new_tokens,
-            decode_seconds=time.perf_counter() - t1,
-            decode_passes=passes,
-            finish_reason=finish,
-        )
+        batch = Batch(self)
+        seq = Generation(0, ids, sampler, max_new_tokens, stops, on_token)
+        batch.add(seq)
+        try:
+            while len(batch):
+                for _, piece, _ in batch.step():
+                    if piece:
+                        yield piece
+        finally:
+            batch.close()
+        if seq.error is not None:
+            raise seq.error
+        self.last_stats = seq.stats
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        max_new_tokens: int = 256,
+        **sampling: Any,
+    ) -> list[str]:
+        """The continuation of each prompt, run together: as many at once as
+        there are free slots (the rest wait for one), every step one forward
+        pass for all of them. Takes `generate`'s sampling arguments (keywords
+        or `sampling=`), the same for every prompt (with a seed, each prompt's
+        tokens are those it gets alone with that seed); `on_token` is not
+        taken. `last_batch_stats` then holds each prompt's stats."""
+        texts = [""] * len(prompts)
+        for index, piece in self.stream_batch(prompts, max_new_tokens, **sampling):
+            texts[index] += piece
+        return texts
+
+    def stream_batch(
+        self,
+        prompts: Sequence[Prompt],
+        max_new_tokens: int = 256,
+        **sampling: Any,
+    ) -> Iterator[tuple[int, str]]:
+        """As `generate_batch`, yielding (prompt index, text piece) as the
+        pieces are produced; each prompt's pieces come in order."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise InvalidInputError("prompts must be a list of prompts (str or token-id lists)")
+        options = self._options(sampling)
+        _check_max_new_tokens(max_new_tokens)
+        generations = [
+            Generation(i, self._ids(p), options.sampler(), max_new_tokens, list(options.stop))
+            for i, p in enumerate(prompts)
+        ]
+        return self._stream_batch(generations)
+
+    def _stream_batch(self, generations: list[Generation]) -> Iterator[tuple[int, str]]:
+        self.last_batch_stats = []
+        waiting = deque(generations)
+        batch = Batch(self)
+        try:
+            while waiting or len(batch):
+                while waiting and (self.free_slots or waiting[0].max_new_tokens == 0):
+                    batch.add(waiting.popleft())
+                if not len(batch):
+                    # Another stream of this Generator holds every slot.
+                    batch.add(waiting[0])  # raises the engine's "all slots in use"
+                for seq, piece, _ in batch.step():
+                    if seq.error is not None:
+                        raise seq.error
+                    if piece:
+                        yield seq.index, piece
+        finally:
+            batch.close()
+        stats = [g.stats for g in generations]
+        self.last_batch_stats = [s for s in stats if s is not None]
+
+    def _options(self, sampling: dict[str, Any]) -> SamplingOptions:
+        """The sampling options given as keywords or as `sampling=`."""
+        if "on_token" in sampling:
+            raise InvalidInputError("on_token is not taken by the batch calls")
+        options = sampling.pop("sampling", None)
+        try:
+            keywords = SamplingOptions(**sampling)
+        except TypeError as exc:
+            raise InvalidInputError(f"unknown sampling argument: {exc}") from exc
+        if options is None:
+            return keywords
+        if not isinstance(options, SamplingOptions):
+            raise InvalidInputError(
+                f"sampling must be a trit.SamplingOptions, got {type(options).__name__}"
+            )
+        if keywords != SamplingOptions():
+            raise InvalidInputError(
+                "give the sampling options as sampling= or as keywords "
+                "(temperature=, top_k=, ...), not both"
+            )
+        return options
 
     def chat(self, messages: Sequence[Message], max_new_tokens: int = 256, **kwargs: Any) -> str:
         """The assistant's reply to `messages` (dicts with "role" and
@@ -381,5 +674,21 @@ class Generator:
         return self.stream(ids, max_new_tokens, **kwargs)
 
     def reset(self) -> None:
-        """Forgets the cached tokens."""
-        self._session.reset()
+        """Forgets the cached tokens of every slot no generation holds."""
+        with self._lock:
+            held = []
+            try:
+                while self._engine.free_slots:
+                    slot = self._engine.acquire([])
+                    held.append(slot)
+                    self._engine.reset(slot)
+            finally:
+                for slot in held:
+                    self._engine.release(slot)
+
+
+def _check_max_new_tokens(max_new_tokens: Any) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise InvalidInputError("max_new_tokens must be an int")
+    if max_new_tokens < 0:
+        raise InvalidInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")

@@ -78,6 +78,22 @@ impl Store {
         }
     }
 
+    /// Copies `len` elements at `at` from `other` (of the same type).
+    fn copy_from(&mut self, other: &Store, at: usize, len: usize) {
+        match (self, other) {
+            (Store::F32(v), Store::F32(w)) => v[at..at + len].copy_from_slice(&w[at..at + len]),
+            (Store::F16(v), Store::F16(w)) => v[at..at + len].copy_from_slice(&w[at..at + len]),
+            _ => unreachable!("caches of one engine share their type"),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Store::F32(v) => v.len(),
+            Store::F16(v) => v.len(),
+        }
+    }
+
     fn nbytes(&self) -> usize {
         match self {
             Store::F32(v) => v.len() * 4,
@@ -153,6 +169,22 @@ impl KvCache {
             .rows(self.head_offset(layer, kv_head), n * self.head_dim)
     }
 
+    /// Makes positions 0..n hold `other`'s (a cache of the same shape and
+    /// type): a prefix that another sequence already computed.
+    pub fn copy_prefix(&mut self, other: &KvCache, n: usize) {
+        assert!(
+            n <= self.n_ctx
+                && (self.n_ctx, self.n_kv_heads, self.head_dim, self.kind)
+                    == (other.n_ctx, other.n_kv_heads, other.head_dim, other.kind)
+        );
+        let heads = self.k.len() / (self.n_ctx * self.head_dim);
+        for head in 0..heads {
+            let at = head * self.n_ctx * self.head_dim;
+            self.k.copy_from(&other.k, at, n * self.head_dim);
+            self.v.copy_from(&other.v, at, n * self.head_dim);
+        }
+    }
+
     /// Bytes held by keys and values.
     pub fn nbytes(&self) -> usize {
         self.k.nbytes() + self.v.nbytes()
@@ -182,6 +214,24 @@ mod tests {
             assert_eq!(f32s(c.keys(0, 1, 4)), &[0.0; 8]);
             let size = if kind == KvType::F32 { 4 } else { 2 };
             assert_eq!(c.nbytes(), 2 * 2 * 3 * 4 * 2 * size);
+        }
+    }
+
+    #[test]
+    fn a_copied_prefix_is_the_other_cache_s_rows_and_nothing_more() {
+        for kind in KvType::ALL {
+            let mut a = KvCache::new(2, 2, 3, 2, kind, Kernel::Scalar);
+            let mut b = KvCache::new(2, 2, 3, 2, kind, Kernel::Scalar);
+            for (layer, head, pos) in [(0, 0, 0), (1, 1, 1), (1, 0, 2)] {
+                let x = (layer * 4 + head * 2 + pos) as f32;
+                b.write(layer, head, pos, &[x, x + 0.5], &[-x, 1.0]);
+            }
+            a.copy_prefix(&b, 2);
+            assert_eq!(f32s(a.keys(0, 0, 3)), &[0.0, 0.5, 0.0, 0.0, 0.0, 0.0]);
+            assert_eq!(f32s(a.keys(1, 1, 3)), &[0.0, 0.0, 7.0, 7.5, 0.0, 0.0]);
+            assert_eq!(f32s(a.values(1, 1, 2))[2..], [-7.0, 1.0]);
+            // Position 2 lies beyond the prefix.
+            assert_eq!(f32s(a.keys(1, 0, 3)), &[0.0; 6]);
         }
     }
 

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod dense;
+pub mod engine;
 pub mod open;
 pub mod ops;
 pub mod scoring;
@@ -14,6 +15,7 @@ pub mod weights;
 
 pub use cache::KvType;
 pub use config::{Activation, Config, Family, LinearClass, QuantizationMode};
+pub use engine::{Engine, Work};
 pub use open::open;
 pub use session::Session;
 pub use weights::{load, HeadPrecision, Model, Proj};

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::attention::KEY_CHUNK;
 use super::config::tiny;
 use super::dense::DenseMatrix;
 use super::*;
@@ -646,4 +647,197 @@ fn every_kernel_path_runs_the_model_as_scalar_does() {
     if let Some(kernel) = unsupported {
         assert!(Session::with_kernel(int8, None, Some(1), KvType::F16, kernel).is_err());
     }
+}
+
+/// Greedy next token: the first largest logit.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// `n` greedy tokens after `prompt` in a session of its own, with the
+/// logits each was picked from.
+fn alone(m: &Arc<Model>, prompt: &[u32], n: usize, threads: usize) -> Vec<(u32, Vec<f32>)> {
+    let mut s = Session::new(m.clone(), None, Some(threads), KvType::F16).unwrap();
+    s.prefill(prompt).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let logits = s.last_logits().unwrap().to_vec();
+        let next = argmax(&logits);
+        out.push((next, logits));
+        s.push(next).unwrap();
+    }
+    out
+}
+
+#[test]
+fn a_sequence_in_a_batch_gets_the_logits_it_gets_alone() {
+    // Room for a prompt longer than a chunk of keys, so that a decoding
+    // token's attention merges several chunks.
+    let c = Config {
+        max_position_embeddings: KEY_CHUNK + 64,
+        ..tiny()
+    };
+    let m = model(&c);
+    let long: Vec<u32> = (0..KEY_CHUNK as u32 + 20).map(|i| (i * 7) % 40).collect();
+    let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5], &[7, 8, 9], &long];
+    for threads in [1, 2] {
+        let want: Vec<_> = prompts.iter().map(|p| alone(&m, p, 6, threads)).collect();
+        let mut e = Engine::new(
+            m.clone(),
+            3,
+            None,
+            Some(threads),
+            KvType::F16,
+            Kernel::active().unwrap(),
+        )
+        .unwrap();
+        let slots: Vec<usize> = prompts.iter().map(|p| e.acquire(p).unwrap()).collect();
+        let mut got: Vec<Vec<(u32, Vec<f32>)>> = vec![Vec::new(); 3];
+        // Step 0: the first two prompts (one in two chunks, over steps 0
+        // and 1); the third joins at step 2 while the others decode.
+        let mut next: Vec<Option<u32>> = vec![None; 3];
+        for step in 0..9 {
+            let mut owned: Vec<(usize, Vec<u32>, bool)> = Vec::new();
+            for (i, p) in prompts.iter().enumerate() {
+                let start = [0, 0, 2][i];
+                if step < start || got[i].len() == 6 {
+                    continue;
+                }
+                let ids = match (i, step - start, next[i]) {
+                    (0, 0, _) => (p[..2].to_vec(), false),
+                    (0, 1, _) => (p[2..].to_vec(), true),
+                    (_, 0, _) => (p.to_vec(), true),
+                    (_, _, Some(t)) => (vec![t], true),
+                    _ => unreachable!(),
+                };
+                owned.push((slots[i], ids.0, ids.1));
+            }
+            let work: Vec<Work<'_>> = owned
+                .iter()
+                .map(|(slot, ids, logits)| Work {
+                    slot: *slot,
+                    ids,
+                    logits: *logits,
+                })
+                .collect();
+            e.step(&work).unwrap();
+            for (i, &slot) in slots.iter().enumerate() {
+                if owned.iter().any(|(s, _, l)| *s == slot && *l) {
+                    let logits = e.last_logits(slot).unwrap().unwrap().to_vec();
+                    let t = argmax(&logits);
+                    got[i].push((t, logits));
+                    next[i] = Some(t);
+                }
+            }
+        }
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.len(), w.len(), "sequence {i}");
+            for (k, (a, b)) in g.iter().zip(w).enumerate() {
+                assert_eq!(a.0, b.0, "sequence {i}, token {k}, {threads} threads");
+                assert_eq!(max_diff(&a.1, &b.1), 0.0, "sequence {i}, token {k}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_new_sequence_reuses_a_prefix_another_slot_computed() {
+    let c = tiny();
+    let m = model(&c);
+    let kernel = Kernel::active().unwrap();
+    let mut e = Engine::new(m.clone(), 2, None, Some(2), KvType::F32, kernel).unwrap();
+    let system: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6];
+    let a = e.acquire(&system).unwrap();
+    assert_eq!(e.tokens(a).unwrap(), &[] as &[u32]);
+    e.step(&[Work {
+        slot: a,
+        ids: &system,
+        logits: true,
+    }])
+    .unwrap();
+    // A second sequence with the same start, while the first still runs:
+    // its slot gets the shared positions copied, short of its last token.
+    let prompt: Vec<u32> = [&system[..], &[7, 7]].concat();
+    let b = e.acquire(&prompt).unwrap();
+    assert_ne!(a, b);
+    assert_eq!(e.tokens(b).unwrap(), &system[..]);
+    e.step(&[Work {
+        slot: b,
+        ids: &prompt[system.len()..],
+        logits: true,
+    }])
+    .unwrap();
+    let mut fresh = Session::new(m, None, Some(2), KvType::F32).unwrap();
+    fresh.prefill(&prompt).unwrap();
+    assert_eq!(
+        e.last_logits(b).unwrap().unwrap(),
+        fresh.last_logits().unwrap()
+    );
+    // Every slot is held: a third sequence is refused, by name.
+    let err = e.acquire(&[1]).unwrap_err();
+    assert!(
+        err.to_string().contains("all 2 sequence slots are in use"),
+        "{err}"
+    );
+    // A released slot keeps its tokens for the next sequence that starts with them.
+    e.release(a).unwrap();
+    assert_eq!(e.acquire(&[3, 1, 4, 8]).unwrap(), a);
+    assert_eq!(e.tokens(a).unwrap(), &[3, 1, 4]);
+}
+
+#[test]
+fn a_step_is_checked_whole_before_any_work() {
+    let c = tiny();
+    let m = model(&c);
+    let kernel = Kernel::active().unwrap();
+    let mut e = Engine::new(m, 2, Some(8), Some(1), KvType::F32, kernel).unwrap();
+    let a = e.acquire(&[1, 2]).unwrap();
+    let twice = [
+        Work {
+            slot: a,
+            ids: &[1],
+            logits: true,
+        },
+        Work {
+            slot: a,
+            ids: &[2],
+            logits: true,
+        },
+    ];
+    assert!(e.step(&twice).unwrap_err().to_string().contains("twice"));
+    let free = 1 - a;
+    let not_held = [Work {
+        slot: free,
+        ids: &[1],
+        logits: true,
+    }];
+    assert!(e
+        .step(&not_held)
+        .unwrap_err()
+        .to_string()
+        .contains("not held"));
+    let too_long = [Work {
+        slot: a,
+        ids: &[1; 9],
+        logits: true,
+    }];
+    assert!(e.step(&too_long).is_err());
+    let missing = [Work {
+        slot: 5,
+        ids: &[1],
+        logits: true,
+    }];
+    assert!(e
+        .step(&missing)
+        .unwrap_err()
+        .to_string()
+        .contains("does not exist"));
+    assert!(e.tokens(a).unwrap().is_empty());
+    assert!(Engine::new(e.model().clone(), 0, None, None, KvType::F32, kernel).is_err());
 }

@@ -436,3 +436,178 @@ impl PySession {
         self.inner.reset();
     }
 }
+
+/// Sequences run together on one model: `slots` KV caches of n_ctx
+/// positions each; `step` runs one forward pass over tokens of several of
+/// them at once.
+#[pyclass(name = "Engine", module = "trit._core")]
+pub(super) struct PyEngine {
+    inner: model::Engine,
+}
+
+/// One entry of a step: (slot, token ids to run after its cached ones,
+/// whether the logits after the last are wanted).
+type WorkArg = (usize, Vec<i64>, bool);
+
+#[pymethods]
+impl PyEngine {
+    #[new]
+    #[pyo3(signature = (model, *, slots=1, n_ctx=None, threads=None, kv_cache="f16"))]
+    fn new(
+        model: &PyModel,
+        slots: usize,
+        n_ctx: Option<usize>,
+        threads: Option<usize>,
+        kv_cache: &str,
+    ) -> PyResult<Self> {
+        let kv = model::KvType::parse(kv_cache).py()?;
+        let kernel = crate::kernels::Kernel::active().py()?;
+        let inner = model::Engine::new(model.inner.clone(), slots, n_ctx, threads, kv, kernel);
+        Ok(PyEngine { inner: inner.py()? })
+    }
+
+    #[getter]
+    fn n_ctx(&self) -> usize {
+        self.inner.n_ctx()
+    }
+
+    /// What the KV caches store keys and values as: "f16" or "f32".
+    #[getter]
+    fn kv_cache(&self) -> &'static str {
+        self.inner.kv_type().name()
+    }
+
+    #[getter]
+    fn threads(&self) -> usize {
+        self.inner.threads()
+    }
+
+    /// How many sequences the engine holds.
+    #[getter]
+    fn slots(&self) -> usize {
+        self.inner.n_slots()
+    }
+
+    /// How many slots no sequence holds.
+    #[getter]
+    fn free_slots(&self) -> usize {
+        self.inner.free_slots()
+    }
+
+    /// Bytes of one slot's KV cache when full (n_ctx positions).
+    #[getter]
+    fn slot_cache_bytes(&self) -> usize {
+        self.inner.slot_cache_bytes()
+    }
+
+    /// Bytes of the KV caches' positions that hold tokens now.
+    #[getter]
+    fn cache_bytes_in_use(&self) -> usize {
+        self.inner.cache_bytes_in_use()
+    }
+
+    /// Takes a free slot for a sequence starting with `ids`, reusing the
+    /// longest cached start of it (from any slot); an InvalidInputError when
+    /// every slot is held. The slot then holds that start.
+    fn acquire(&mut self, ids: Vec<i64>) -> PyResult<usize> {
+        let ids = token_ids(ids)?;
+        self.inner.acquire(&ids).py()
+    }
+
+    /// Gives a slot back (its cache is kept for prefix reuse).
+    fn release(&mut self, slot: usize) -> PyResult<()> {
+        self.inner.release(slot).py()
+    }
+
+    /// The tokens in a slot's cache.
+    fn tokens(&self, slot: usize) -> PyResult<Vec<u32>> {
+        Ok(self.inner.tokens(slot).py()?.to_vec())
+    }
+
+    /// How many tokens are in a slot's cache.
+    fn n_tokens(&self, slot: usize) -> PyResult<usize> {
+        Ok(self.inner.tokens(slot).py()?.len())
+    }
+
+    /// One forward pass: each (slot, ids, logits) runs ids after the slot's
+    /// cached tokens; slots asking for logits get those after their last token.
+    fn step(&mut self, py: Python<'_>, work: Vec<WorkArg>) -> PyResult<()> {
+        let ids = work
+            .into_iter()
+            .map(|(slot, ids, logits)| Ok((slot, token_ids(ids)?, logits)))
+            .collect::<PyResult<Vec<_>>>()?;
+        let work: Vec<model::Work<'_>> = ids
+            .iter()
+            .map(|(slot, ids, logits)| model::Work {
+                slot: *slot,
+                ids,
+                logits: *logits,
+            })
+            .collect();
+        let engine = &mut self.inner;
+        py.detach(|| engine.step(&work)).py()
+    }
+
+    /// Makes `ids` a slot's sequence (reusing its cached prefix) and computes
+    /// the logits after it; returns the number of tokens processed.
+    fn prefill(&mut self, py: Python<'_>, slot: usize, ids: Vec<i64>) -> PyResult<usize> {
+        let ids = token_ids(ids)?;
+        let engine = &mut self.inner;
+        py.detach(|| engine.prefill(slot, &ids)).py()
+    }
+
+    /// Logits at every position of `ids`, run in `slot` from an empty cache:
+    /// float32 [len(ids), vocab].
+    fn logits<'py>(
+        &mut self,
+        py: Python<'py>,
+        slot: usize,
+        ids: Vec<i64>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let ids = token_ids(ids)?;
+        let vocab = self.inner.model().config.vocab_size;
+        let engine = &mut self.inner;
+        let values = py.detach(|| engine.logits(slot, &ids)).py()?;
+        values.into_pyarray(py).reshape([ids.len(), vocab])
+    }
+
+    /// As `Session.nll`, in `slot`.
+    fn nll(&mut self, py: Python<'_>, slot: usize, ids: Vec<i64>, first: i64) -> PyResult<f64> {
+        let ids = token_ids(ids)?;
+        let first = usize::try_from(first).map_err(|_| {
+            invalid(format!(
+                "the first scored position must be >= 1, got {first}"
+            ))
+        })?;
+        let engine = &mut self.inner;
+        py.detach(|| engine.nll(slot, &ids, first)).py()
+    }
+
+    /// Logits predicting a slot's next token, float32 [vocab]; None before any input.
+    fn last_logits<'py>(
+        &self,
+        py: Python<'py>,
+        slot: usize,
+    ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
+        let logits = self.inner.last_logits(slot).py()?;
+        Ok(logits.map(|l| l.to_vec().into_pyarray(py)))
+    }
+
+    /// Picks a slot's next token from its current logits.
+    fn sample(&self, py: Python<'_>, slot: usize, sampler: &mut PySampler) -> PyResult<u32> {
+        let e = &self.inner;
+        let logits = e.last_logits(slot).py()?.ok_or_else(|| {
+            invalid(format!(
+                "nothing to sample from: slot {slot} has no logits (run its tokens first)"
+            ))
+        })?;
+        let tokens = e.tokens(slot).py()?;
+        let sampler = &mut sampler.inner;
+        py.detach(|| sampler.sample(logits, tokens)).py()
+    }
+
+    /// Forgets a slot's cached tokens.
+    fn reset(&mut self, slot: usize) -> PyResult<()> {
+        self.inner.reset(slot).py()
+    }
+}

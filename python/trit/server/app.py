@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -28,6 +28,8 @@ from starlette.types import Receive, Scope, Send
 
 from trit._core import __version__
 from trit.generator import Generator
+from trit.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from trit.server.metrics import Metrics
 from trit.server.protocol import (
     APIError,
     GenerationRequest,
@@ -45,7 +47,9 @@ from trit.server.protocol import (
     parse_completion,
     usage,
 )
-from trit.server.scheduler import Done, Failed, Job, Piece, Scheduler
+from trit.server.scheduler import BatchScheduler, Done, Failed, Job, Piece, Scheduler
+
+AnyScheduler = Union[Scheduler, BatchScheduler]
 
 log = logging.getLogger("trit.server")
 
@@ -73,7 +77,7 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, scheduler: Scheduler, job: Job, events: Callable[[Job], AsyncIterator[bytes]]
+        self, scheduler: AnyScheduler, job: Job, events: Callable[[Job], AsyncIterator[bytes]]
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -201,14 +205,22 @@ def create_app(
     model_name: str,
     api_key: str | None = None,
     max_concurrency: int = 16,
+    parallel: int = 1,
     request_timeout: float = 30.0,
 ) -> FastAPI:
     """The server's ASGI app around one loaded Generator. `model_name` is
     the id clients ask for (GET /v1/models lists it; another id gets a 404);
     with `api_key`, /v1/* need `Authorization: Bearer <api_key>`;
     `max_concurrency` bounds the requests running or waiting at once;
-    a request body must arrive within `request_timeout` seconds."""
-    scheduler = Scheduler(generator, max_concurrency)
+    `parallel` requests run together (continuous batching over the
+    Generator's slots; 1: one at a time, in arrival order); a request body
+    must arrive within `request_timeout` seconds."""
+    scheduler: AnyScheduler
+    metrics = Metrics(parallel, lambda: (scheduler.running, scheduler.waiting, scheduler.kv_bytes))
+    if parallel == 1:
+        scheduler = Scheduler(generator, max_concurrency, metrics)
+    else:
+        scheduler = BatchScheduler(generator, max_concurrency, parallel, metrics)
     created = int(time.time())
     prompts = PromptContext.of(generator)
     responses = Responses(model_name, f"trit-{__version__}", prompts.n_ctx)
@@ -410,6 +422,12 @@ def create_app(
             "running": scheduler.running,
             "waiting": scheduler.waiting,
             "max_concurrency": scheduler.max_concurrency,
+            "slots": scheduler.parallel,
+            "slots_in_use": scheduler.running,
         }
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
     return app

@@ -1,6 +1,9 @@
-"""The queue in front of the one Generator: one generation at a time, in
-arrival order, in one worker thread, each handing its events (text pieces,
-log-probs, the end or an error) to the event loop.
+"""The queue in front of the one Generator, in two forms: `Scheduler`, one
+generation at a time in arrival order (`--parallel 1`), and
+`BatchScheduler`, continuous batching over the Generator's slots (a request
+joins the running batch at the next step and leaves it when done). Either
+runs the engine in one worker thread and hands each request's events (text
+pieces, log-probs, the end or an error) to the event loop.
 
 A request takes its place in the queue (`admit`, or a 503) before any heavy
 work is done for it: its prompt is tokenized while it holds that place
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +26,8 @@ import numpy as np
 import numpy.typing as npt
 
 from trit._core import InvalidInputError
-from trit.generator import Generator
+from trit.generator import Batch, Generation, Generator
+from trit.server.metrics import Metrics
 from trit.server.protocol import (
     APIError,
     GenerationRequest,
@@ -69,6 +74,8 @@ class Job:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.request: GenerationRequest | None = None
+        self.arrived = time.perf_counter()
+        self.first_token: float | None = None
         self.cancelled = threading.Event()
         self.events: asyncio.Queue[Event | None] = asyncio.Queue()  # None: no more events
         self._loop = loop
@@ -103,6 +110,8 @@ class _TokenWatch:
     def __call__(self, token: int, logits: npt.NDArray[np.float32]) -> None:
         if self._job.cancelled.is_set():
             raise _Cancelled
+        if self._job.first_token is None:
+            self._job.first_token = time.perf_counter()
         if self._top is not None and token not in self._eos_ids:
             self.pending.append(token_logprob(token, logits, self._top))
 
@@ -116,11 +125,18 @@ class Scheduler:
     """A fair (FIFO) queue in front of one Generator. All its state lives on
     the event loop's thread; only `_run` runs in the worker thread."""
 
-    def __init__(self, generator: Generator, max_concurrency: int) -> None:
+    parallel = 1
+
+    def __init__(
+        self, generator: Generator, max_concurrency: int, metrics: Metrics | None = None
+    ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.generator = generator
         self.max_concurrency = max_concurrency
+        self.metrics = metrics
+        self.kv_bytes = 0
+        """KV cache bytes in use, as of the last generation's end."""
         self._waiting: deque[Job] = deque()
         self._running: Job | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trit-generate")
@@ -189,20 +205,30 @@ class Scheduler:
 
     def _run(self, job: Job) -> None:
         """In the worker thread: the whole generation of one job."""
+        reason = "cancelled"
         try:
             if not job.cancelled.is_set():
-                self._generate(job)
+                reason = self._generate(job)
         except _Cancelled:
             pass
         except InvalidInputError as exc:
+            reason = "error"
             job.emit(Failed(invalid(str(exc), None)))
         except Exception:  # a bug: the trace goes to the log, not to the client
+            reason = "error"
             log.exception("generation failed")
             job.emit(Failed(internal_error()))
         finally:
             job.emit(None)
+            self.kv_bytes = self.generator.cache_bytes_in_use
+            if self.metrics is not None:
+                stats = self.generator.last_stats
+                new = stats.new_tokens if stats is not None and reason != "cancelled" else 0
+                prompt = len(job.request.ids) if job.request is not None else 0
+                self.metrics.ended(reason, job.arrived, job.first_token, prompt, new)
 
-    def _generate(self, job: Job) -> None:
+    def _generate(self, job: Job) -> str:
+        """Runs `job`; returns its finish reason."""
         g = self.generator
         req = job.request
         assert req is not None  # only a ready job runs
@@ -211,11 +237,207 @@ class Scheduler:
             job.emit(Piece(piece, watch.take()))
         stats = g.last_stats
         assert stats is not None  # the stream ran to its end
-        job.emit(
-            Done(
-                finish_reason(stats.finish_reason),
-                stats.prompt_tokens,
-                stats.new_tokens,
-                watch.take(),
+        reason = finish_reason(stats.finish_reason)
+        job.emit(Done(reason, stats.prompt_tokens, stats.new_tokens, watch.take()))
+        return reason
+
+
+class BatchScheduler:
+    """Continuous batching: up to `parallel` requests run together on the
+    Generator's slots, one forward pass per step for all of them; a request
+    joins at the next step after a slot frees and leaves as soon as it ends
+    (or its client leaves). Beyond `parallel`, requests wait in arrival order,
+    `max_concurrency` in all (running and waiting) before a 503. The queue is
+    shared with the event loop under a lock; the batch lives in the worker."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        max_concurrency: int,
+        parallel: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if not 1 <= parallel <= generator.slots:
+            raise ValueError(
+                f"parallel must be between 1 and the generator's {generator.slots} slots, "
+                f"got {parallel}"
             )
+        if max_concurrency < parallel:
+            raise ValueError(
+                f"max_concurrency ({max_concurrency}) must be >= parallel ({parallel})"
+            )
+        self.generator = generator
+        self.max_concurrency = max_concurrency
+        self.parallel = parallel
+        self.metrics = metrics
+        self.kv_bytes = 0
+        """KV cache bytes in use, as of the last step."""
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque[Job] = deque()
+        self._running = 0
+        self._stopped = False
+        self._worker: threading.Thread | None = None
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return self._running
+
+    def admit(self) -> Job:
+        """A place at the end of the queue for a request whose prompt is yet
+        to be tokenized, or a 503 when the queue is full. The caller then
+        calls `ready` with the request, or `cancel`."""
+        job = Job(asyncio.get_running_loop())
+        with self._lock:
+            if self._running + len(self._waiting) >= self.max_concurrency:
+                raise APIError(
+                    503,
+                    f"The server is busy: {self.max_concurrency} requests are already running "
+                    f"or queued ({self.parallel} run at once; see --parallel and "
+                    "--max-concurrency). Retry later.",
+                    type="server_error",
+                    code="server_busy",
+                    headers={"Retry-After": "1"},
+                )
+            self._waiting.append(job)
+        return job
+
+    def ready(self, job: Job, request: GenerationRequest) -> None:
+        """The admitted `job` is tokenized: it joins the batch when a slot
+        is free and the jobs before it have joined."""
+        with self._lock:
+            job.request = request
+            self._wake.notify()
+            if self._worker is None:
+                self._worker = threading.Thread(
+                    target=self._loop, name="trit-generate", daemon=True
+                )
+                self._worker.start()
+
+    def submit(self, request: GenerationRequest) -> Job:
+        """`admit` and `ready` at once, for a request already tokenized."""
+        job = self.admit()
+        self.ready(job, request)
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone or done: a waiting job leaves the queue now, a
+        running one at the next step (which frees its slot)."""
+        job.cancelled.set()
+        with self._lock:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job.events.put_nowait(None)
+                self._wake.notify()  # it may have been the head, still tokenizing
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopped = True
+            waiting, self._waiting = list(self._waiting), deque()
+            self._wake.notify()
+        for job in waiting:
+            job.cancelled.set()
+            job.events.put_nowait(None)
+
+    def _loop(self) -> None:
+        """The worker thread: admit, step, hand out events, until shutdown."""
+        batch = Batch(self.generator)
+        jobs: dict[Generation, tuple[Job, _TokenWatch]] = {}
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopped and not jobs and not self._head_ready():
+                        self._wake.wait()
+                    if self._stopped:
+                        return
+                    # In arrival order: a request still tokenizing holds back
+                    # those behind it.
+                    admitted: list[Job] = []
+                    while self._head_ready() and len(jobs) + len(admitted) < self.parallel:
+                        admitted.append(self._waiting.popleft())
+                    self._running += len(admitted)
+                for job in admitted:
+                    self._admit(batch, jobs, job)
+                events = batch.step()
+                if self.metrics is not None and batch.last_step_sequences:
+                    self.metrics.batch_size.observe(batch.last_step_sequences)
+                for seq, piece, ended in events:
+                    job, watch = jobs[seq]
+                    if piece:
+                        job.emit(Piece(piece, watch.take()))
+                    if ended:
+                        del jobs[seq]
+                        self._end(job, seq, watch)
+                self.kv_bytes = self.generator.cache_bytes_in_use
+        except Exception:  # a bug: end every request rather than leave it hanging
+            log.exception("the batch loop failed")
+            for job, _ in jobs.values():
+                job.emit(Failed(internal_error()))
+        finally:
+            batch.close()
+            for job, _ in jobs.values():
+                job.emit(None)
+
+    def _head_ready(self) -> bool:
+        """Whether the first waiting job is tokenized (the lock held)."""
+        return bool(self._waiting) and self._waiting[0].request is not None
+
+    def _admit(
+        self, batch: Batch, jobs: dict[Generation, tuple[Job, _TokenWatch]], job: Job
+    ) -> None:
+        req = job.request
+        assert req is not None  # only a ready job is admitted
+        watch = _TokenWatch(job, req, self.generator.eos_ids)
+        seq = Generation(
+            0,
+            req.ids,
+            req.sampling.sampler(),
+            req.max_tokens,
+            list(req.sampling.stop),
+            on_token=watch,
+            cancelled=job.cancelled.is_set,
         )
+        try:
+            if job.cancelled.is_set():
+                raise _Cancelled
+            batch.add(seq)
+        except (_Cancelled, InvalidInputError) as exc:
+            if isinstance(exc, InvalidInputError):
+                job.emit(Failed(invalid(str(exc), None)))
+            job.emit(None)
+            with self._lock:
+                self._running -= 1
+            if self.metrics is not None:
+                reason = "error" if isinstance(exc, InvalidInputError) else "cancelled"
+                self.metrics.ended(reason, job.arrived, None, len(req.ids), 0)
+            return
+        jobs[seq] = (job, watch)
+
+    def _end(self, job: Job, seq: Generation, watch: _TokenWatch) -> None:
+        stats = seq.stats
+        assert stats is not None  # set when a sequence ends
+        reason = stats.finish_reason
+        if reason == "error" and not isinstance(seq.error, _Cancelled):
+            if isinstance(seq.error, InvalidInputError):
+                job.emit(Failed(invalid(str(seq.error), None)))
+            else:  # a bug: the trace goes to the log, not to the client
+                log.error("generation failed", exc_info=seq.error)
+                job.emit(Failed(internal_error()))
+        elif reason not in ("error", "cancelled"):
+            reason = finish_reason(reason)
+            done = Done(reason, stats.prompt_tokens, stats.new_tokens, watch.take())
+            job.emit(done)
+        else:
+            reason = "cancelled"
+        job.emit(None)
+        with self._lock:
+            self._running -= 1
+        if self.metrics is not None:
+            new = stats.new_tokens if reason != "cancelled" else 0
+            self.metrics.ended(reason, job.arrived, job.first_token, stats.prompt_tokens, new)
