@@ -504,7 +504,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
-    from trit.synthetic import SHAPES
+    from trit.synthetic import ALIASES, SHAPES
 
     p = sub.add_parser("perplexity", help="perplexity of the model over a text file")
     p.add_argument("file", help="a UTF-8 text file")
@@ -564,8 +564,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--synthetic",
-        choices=sorted(SHAPES),
-        help="random weights with the shapes of a published model (written once to ~/.cache/trit)",
+        choices=[*SHAPES, *ALIASES],
+        metavar="NAME",
+        help=f"random weights in the layout and shapes of a published model, written once to "
+        f"~/.cache/trit: {', '.join(SHAPES)} ({', '.join(ALIASES)}: earlier names)",
     )
     p.add_argument("-p", "--n-prompt", type=_int_list, default=[128], help="pp sizes (default 128)")
     p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="tg sizes (default 128)")
