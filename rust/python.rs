@@ -20,6 +20,7 @@ use crate::memory::{try_reserve_total, try_zeroed};
 use crate::threads;
 
 mod args;
+mod gguf;
 mod model;
 
 // ---------------------------------------------------------------- exceptions
@@ -399,6 +400,7 @@ fn _core(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
         "MAX_TOKENIZER_BYTES",
         checkpoint::files::MAX_TOKENIZER_BYTES,
     )?;
+    m.add_function(wrap_pyfunction!(gguf::gguf_metadata, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -136,7 +136,7 @@ def run(
     if synthetic_name is not None:
         say(f"synthetic model {synthetic_name}: preparing its checkpoint (once)")
         folder = synthetic.ensure(synthetic_name)
-        label = f"synthetic-{synthetic_name}"
+        label = f"synthetic-{synthetic.ALIASES.get(synthetic_name, synthetic_name)}"
     else:
         assert model is not None
         folder = resolve(model)

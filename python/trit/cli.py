@@ -40,9 +40,12 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "-m", "--model", help="model folder or Hugging Face repo id (default: the bundled model)"
+        "-m",
+        "--model",
+        help="model folder, GGUF file or Hugging Face repo id (default: the bundled model)",
     )
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--gguf-file", help="which GGUF file of a folder or Hub repo to load")
     p.add_argument(
         "-t", "--threads", type=_at_least(1), help="worker threads (default: physical cores)"
     )
@@ -136,6 +139,7 @@ def _load(args: argparse.Namespace, slots: int = 1) -> Generator:
         revision=args.revision,
         head=args.head,
         kv_cache=args.kv_cache,
+        filename=args.gguf_file,
         slots=slots,
     )
 
@@ -333,6 +337,31 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from trit.gguf_export import write_gguf
+    from trit.loader import load_model, resolve
+    from trit.safetensors_export import write_safetensors
+
+    out = Path(args.output)
+    to = args.to or ("gguf" if out.suffix.lower() == ".gguf" else "safetensors")
+    if to == "gguf" and out.suffix.lower() != ".gguf":
+        print("trit convert: error: --to gguf needs -o to name a .gguf file", file=sys.stderr)
+        return 2
+    if to == "safetensors" and out.exists() and not out.is_dir():
+        print("trit convert: error: --to safetensors needs -o to name a folder", file=sys.stderr)
+        return 2
+    source = resolve(args.model or models.path(), revision=args.revision, filename=args.gguf_file)
+    # The bf16 head keeps the embedding's stored values (the int8 one would not).
+    model = load_model(source, threads=args.threads, head="bf16")
+    if to == "gguf":
+        write_gguf(model, source, out, args.type)
+        print(f"wrote {out} ({args.type}, {out.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+    else:
+        write_safetensors(model, source, out)
+        print(f"wrote {out}/ (safetensors, packed)", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -479,12 +508,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
-    from trit.synthetic import SHAPES
+    from trit.synthetic import ALIASES, SHAPES
 
     p = sub.add_parser("perplexity", help="perplexity of the model over a text file")
     p.add_argument("file", help="a UTF-8 text file")
-    p.add_argument("-m", "--model", help="model folder or Hub repo id (default: the bundled model)")
+    p.add_argument(
+        "-m", "--model", help="model folder, GGUF file or Hub repo id (default: the bundled model)"
+    )
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--gguf-file", help="which GGUF file of a folder or Hub repo to load")
     p.add_argument(
         "-t", "--threads", type=_at_least(1), help="worker threads (default: physical cores)"
     )
@@ -501,12 +533,45 @@ def _parser() -> argparse.ArgumentParser:
     _add_precision_args(p)
     p.set_defaults(func=cmd_perplexity)
 
+    p = sub.add_parser(
+        "convert",
+        help="write a model as a GGUF file (needs the gguf package) or a safetensors folder",
+        description="Writes the model as GGUF (I2_S for bitnet.cpp, TQ2_0 or TQ1_0 for "
+        "llama.cpp) or as a Hugging Face folder (packed safetensors), with its tokenizer "
+        "and chat template. Values are unchanged.",
+    )
+    p.add_argument(
+        "-m", "--model", help="model folder, GGUF file or Hub repo id (default: the bundled model)"
+    )
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--gguf-file", help="which GGUF file of a folder or Hub repo to load")
+    p.add_argument("-o", "--output", required=True, help="the .gguf file, or the folder, to write")
+    p.add_argument(
+        "--to",
+        choices=["gguf", "safetensors"],
+        help="output format (default: gguf for a .gguf output, else safetensors)",
+    )
+    p.add_argument(
+        "--type",
+        choices=["i2_s", "tq2_0", "tq1_0"],
+        default="i2_s",
+        help="GGUF projection type (default: i2_s)",
+    )
+    p.add_argument(
+        "-t", "--threads", type=_at_least(1), help="worker threads (default: physical cores)"
+    )
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("bench", help="measure prompt and generation speed (llama-bench style)")
-    p.add_argument("-m", "--model", help="model folder or Hub repo id (default: the bundled model)")
+    p.add_argument(
+        "-m", "--model", help="model folder, GGUF file or Hub repo id (default: the bundled model)"
+    )
     p.add_argument(
         "--synthetic",
-        choices=sorted(SHAPES),
-        help="random weights with the shapes of a published model (written once to ~/.cache/trit)",
+        choices=[*SHAPES, *ALIASES],
+        metavar="NAME",
+        help=f"random weights in the layout and shapes of a published model, written once to "
+        f"~/.cache/trit: {', '.join(SHAPES)} ({', '.join(ALIASES)}: earlier names)",
     )
     p.add_argument("-p", "--n-prompt", type=_int_list, default=[128], help="pp sizes (default 128)")
     p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="tg sizes (default 128)")

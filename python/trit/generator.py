@@ -75,7 +75,12 @@ class GenerationStats:
 
 
 def _eos_ids(folder: Path, tokenizer: Tokenizer) -> set[int]:
-    """Stop tokens: generation_config.json's eos_token_id, else config.json's."""
+    """Stop tokens: generation_config.json's eos_token_id, else config.json's;
+    a GGUF file's end-of-sequence and end-of-turn ids."""
+    if folder.is_file():
+        from trit.gguf_tokenizer import stop_ids
+
+        return stop_ids(folder)
     for name in ("generation_config.json", "config.json"):
         path = folder / name
         if path.exists():
@@ -345,9 +350,12 @@ class Generator:
         revision: str | None = None,
         head: str = "int8",
         kv_cache: str = "f16",
+        filename: str | None = None,
         slots: int = 1,
     ) -> Generator:
-        """Loads a local folder or a Hugging Face repo id; with no name, the
+        """Loads a local folder, a GGUF file or a Hugging Face repo id (with
+        GGUF files: `filename` chooses one, needed when there are several, and
+        only it is downloaded); with no name, the
         model that ships with trit (`trit.models`). `n_ctx` (default: the
         model's max_position_embeddings) sets the context size; `threads` the
         worker threads (default: TRIT_NUM_THREADS or the physical cores);
@@ -363,7 +371,7 @@ class Generator:
             if revision is not None:
                 raise InvalidInputError("revision= needs a Hub repo id")
             name_or_path = models.path()
-        folder = resolve(name_or_path, revision=revision)
+        folder = resolve(name_or_path, revision=revision, filename=filename)
         tokenizer = Tokenizer(folder)
         model = load_model(folder, threads=threads, head=head)
         engine = Engine(model, slots=slots, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)

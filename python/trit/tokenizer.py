@@ -51,17 +51,23 @@ class Tokenizer:
     """Encodes and decodes text, and renders chat templates."""
 
     def __init__(self, folder: Path) -> None:
-        path = folder / "tokenizer.json"
-        check_model_file(path, MAX_TOKENIZER_BYTES)
-        try:
-            self._tok = _HfTokenizer.from_file(str(path))
-        except Exception as exc:  # the tokenizers library raises plain Exceptions
-            raise InvalidInputError(f"{path}: cannot load the tokenizer: {exc}") from exc
-        config_path = folder / "tokenizer_config.json"
-        self._config = read_json(config_path) if config_path.exists() else {}
+        """The tokenizer of a model folder, or of a GGUF file's metadata."""
+        if folder.is_file():
+            from trit.gguf_tokenizer import read_gguf_tokenizer
+
+            self._tok, self._config, self.chat_template = read_gguf_tokenizer(folder)
+        else:
+            path = folder / "tokenizer.json"
+            check_model_file(path, MAX_TOKENIZER_BYTES)
+            try:
+                self._tok = _HfTokenizer.from_file(str(path))
+            except Exception as exc:  # the tokenizers library raises plain Exceptions
+                raise InvalidInputError(f"{path}: cannot load the tokenizer: {exc}") from exc
+            config_path = folder / "tokenizer_config.json"
+            self._config = read_json(config_path) if config_path.exists() else {}
+            self.chat_template = self._find_template(folder)
         self.bos_token = _token_text(self._config.get("bos_token"))
         self.eos_token = _token_text(self._config.get("eos_token"))
-        self.chat_template = self._find_template(folder)
         self._special_ids = {
             i: t.content for i, t in self._tok.get_added_tokens_decoder().items() if t.special
         }

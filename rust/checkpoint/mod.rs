@@ -4,12 +4,13 @@
 //! `RawTensor` (dtype, shape, bytes). `SafetensorsCheckpoint` reads a
 //! `model.safetensors` file or the shards of an index, mapped read-only;
 //! `MemoryCheckpoint` holds tensors given in memory (tests, synthetic models,
-//! the Python `Model.load`). A GGUF reader is the next implementation. The
-//! model builder sees only the trait, and `Usage` tracks which tensors it took
+//! the Python `Model.load`); `GgufCheckpoint` reads a GGUF file. The model
+//! builder sees only the trait, and `Usage` tracks which tensors it took
 //! so that unused ones can be reported.
 
 pub mod dtype;
 pub mod files;
+pub mod gguf;
 pub mod mapping;
 pub mod memory;
 pub mod raw;
@@ -19,8 +20,10 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use crate::error::{Result, TritError};
+use crate::kernels::TernaryMatrix;
 
 pub use dtype::{bf16_to_f32, f16_to_f32, DType};
+pub use gguf::GgufCheckpoint;
 pub use memory::MemoryCheckpoint;
 pub use raw::RawTensor;
 pub use safetensors::SafetensorsCheckpoint;
@@ -38,6 +41,14 @@ pub trait Checkpoint: Sync {
     /// so peak memory at load stays near the model's own size. Never changes
     /// what `tensor` returns.
     fn release(&self, _name: &str) {}
+
+    /// Tensor `name` as a ternary matrix, for a checkpoint whose own formats
+    /// hold ternary weights with their scale (GGUF's I2_S, TQ1_0, TQ2_0):
+    /// the matrix comes out whole, values unchanged. None means the tensor is
+    /// read with `tensor` as usual.
+    fn ternary(&self, _name: &str) -> Option<Result<TernaryMatrix>> {
+        None
+    }
 }
 
 /// A checkpoint with a record of the tensors taken from it.
@@ -65,6 +76,16 @@ impl<'c> Usage<'c> {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string());
         Ok(t)
+    }
+
+    /// `Checkpoint::ternary` of `name`, marked as used when there is one.
+    pub fn take_ternary(&self, name: &str) -> Option<Result<TernaryMatrix>> {
+        let m = self.checkpoint.ternary(name)?;
+        self.used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
+        Some(m)
     }
 
     /// Releases (see `Checkpoint::release`) every tensor whose name starts

@@ -1,5 +1,6 @@
-//! Opening a model folder as transformers saves it: `config.json` beside a
-//! safetensors checkpoint (`model.safetensors`, or shards and their index).
+//! Opening a model: a folder as transformers saves it (`config.json` beside
+//! a safetensors checkpoint: `model.safetensors`, or shards and their index),
+//! or a GGUF file (config from its metadata).
 
 use std::path::Path;
 
@@ -7,21 +8,37 @@ use rayon::ThreadPool;
 
 use super::config::Config;
 use super::weights::{load, HeadPrecision, Model};
-use crate::checkpoint::SafetensorsCheckpoint;
+use crate::checkpoint::{Checkpoint, GgufCheckpoint, SafetensorsCheckpoint};
 use crate::error::{Result, TritError};
 
 /// The name of the config file in a model folder.
 pub const CONFIG_FILE: &str = "config.json";
 
-/// Reads the model in `folder`. Returns it with the load warnings (all-zero
-/// or unused tensors). Errors name the file at fault, or the folder for a
-/// tensor the model needs but the checkpoint lacks or holds wrongly.
-pub fn open(folder: &Path, pool: &ThreadPool, head: HeadPrecision) -> Result<(Model, Vec<String>)> {
-    let config = Config::from_json_file(&folder.join(CONFIG_FILE))?;
-    let checkpoint = SafetensorsCheckpoint::open(folder)?;
-    load(config, &checkpoint, pool, head).map_err(|e| match e {
-        TritError::InvalidInput(msg) => {
-            TritError::InvalidInput(format!("{}: {msg}", folder.display()))
+/// Reads the model at `path`: a model folder, or a GGUF file. Returns it with
+/// the load warnings (all-zero or unused tensors). Errors name the file at
+/// fault, or the folder (or GGUF file) for a tensor the model needs but the
+/// checkpoint lacks or holds wrongly.
+pub fn open(path: &Path, pool: &ThreadPool, head: HeadPrecision) -> Result<(Model, Vec<String>)> {
+    if path.is_file() {
+        let checkpoint = GgufCheckpoint::open(path)?;
+        let config = Config::from_gguf(&checkpoint)?;
+        return build(path, config, &checkpoint, pool, head);
+    }
+    let config = Config::from_json_file(&path.join(CONFIG_FILE))?;
+    let checkpoint = SafetensorsCheckpoint::open(path)?;
+    build(path, config, &checkpoint, pool, head)
+}
+
+fn build(
+    path: &Path,
+    config: Config,
+    checkpoint: &dyn Checkpoint,
+    pool: &ThreadPool,
+    head: HeadPrecision,
+) -> Result<(Model, Vec<String>)> {
+    load(config, checkpoint, pool, head).map_err(|e| match e {
+        TritError::InvalidInput(msg) if !msg.starts_with(&path.display().to_string()) => {
+            TritError::InvalidInput(format!("{}: {msg}", path.display()))
         }
         other => other,
     })

@@ -237,6 +237,18 @@ impl<'c> Loader<'c> {
     fn projection(&self, config: &Config, layer: usize, p: Proj) -> Result<TernaryMatrix> {
         let (n_out, n_in) = p.dims(config);
         let name = format!("model.layers.{layer}.{}.weight", p.path());
+        // A checkpoint with ternary formats of its own (GGUF) hands the matrix over whole.
+        if let Some(m) = self.tensors.take_ternary(&name) {
+            let m = m?;
+            if (m.n_out(), m.n_in()) != (n_out, n_in) {
+                return Err(TritError::invalid(format!(
+                    "tensor {name:?} is [{}, {}]; expected [{n_out}, {n_in}]",
+                    m.n_out(),
+                    m.n_in()
+                )));
+            }
+            return Ok(m);
+        }
         let m = match config.quantization_mode {
             QuantizationMode::Offline => {
                 let scale_name = format!("model.layers.{layer}.{}.weight_scale", p.path());

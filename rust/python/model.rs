@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 
 use super::{args, invalid, IntoPyResult, PyTernaryMatrix};
 use crate::checkpoint::MemoryCheckpoint;
+use crate::model::dense::DenseMatrix;
 use crate::model::{self, Config, DType, LinearClass, QuantizationMode};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::threads;
@@ -193,7 +194,7 @@ fn head_precision(int8_head: bool) -> model::HeadPrecision {
 #[pymethods]
 impl PyModel {
     /// Reads the model in `folder` (config.json and model.safetensors, or
-    /// shards and their index). Returns it with warnings (all-zero or unused
+    /// shards and their index), or the GGUF file `folder` names. Returns it with warnings (all-zero or unused
     /// tensors) for the caller to show. With `int8_head`, the output head is
     /// quantized to int8 rows (see `HeadPrecision::Int8`).
     #[staticmethod]
@@ -276,6 +277,89 @@ impl PyModel {
         Ok(PyTernaryMatrix {
             inner: l.proj(p).clone(),
         })
+    }
+
+    /// A copy of norm weight `name` of `layer` ("input_layernorm",
+    /// "post_attention_layernorm", "attn_sub_norm", "ffn_sub_norm"), or of the
+    /// final "norm" (no layer).
+    #[pyo3(signature = (name, layer=None))]
+    fn norm<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        layer: Option<usize>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let m = &self.inner;
+        let values = match layer {
+            None if name == "norm" => &m.norm,
+            None => return Err(invalid(format!("norm {name:?} needs a layer"))),
+            Some(l) => {
+                let layer = m.layers.get(l).ok_or_else(|| {
+                    invalid(format!(
+                        "layer {l} does not exist; the model has {}",
+                        m.layers.len()
+                    ))
+                })?;
+                let absent = || invalid(format!("this model's layers have no {name}"));
+                match name {
+                    "input_layernorm" => &layer.input_norm,
+                    "post_attention_layernorm" => &layer.post_norm,
+                    "attn_sub_norm" => layer.attn_sub_norm.as_ref().ok_or_else(absent)?,
+                    "ffn_sub_norm" => layer.ffn_sub_norm.as_ref().ok_or_else(absent)?,
+                    _ => {
+                        return Err(invalid(format!(
+                            "unknown norm {name:?}; expected input_layernorm, \
+                             post_attention_layernorm, attn_sub_norm or ffn_sub_norm"
+                        )))
+                    }
+                }
+            }
+        };
+        Ok(values.clone().into_pyarray(py))
+    }
+
+    /// A copy of the embedding ("embed_tokens") or the untied head
+    /// ("lm_head") as held: ("bf16", its uint16 bits) or ("f32", float32),
+    /// [rows, cols]. An int8 head is refused: it is not the stored values.
+    fn dense<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+    ) -> PyResult<(&'static str, Bound<'py, PyAny>)> {
+        let m = &self.inner;
+        let matrix = match name {
+            "embed_tokens" => &m.embed,
+            "lm_head" => m
+                .lm_head
+                .as_ref()
+                .ok_or_else(|| invalid("the model's head is tied to its embedding"))?,
+            _ => {
+                return Err(invalid(format!(
+                    "unknown matrix {name:?}; expected embed_tokens or lm_head"
+                )))
+            }
+        };
+        let (rows, cols) = (matrix.rows(), matrix.cols());
+        match matrix {
+            DenseMatrix::Bf16 { bits, .. } => Ok((
+                "bf16",
+                bits.clone()
+                    .into_pyarray(py)
+                    .reshape([rows, cols])?
+                    .into_any(),
+            )),
+            DenseMatrix::F32 { values, .. } => Ok((
+                "f32",
+                values
+                    .clone()
+                    .into_pyarray(py)
+                    .reshape([rows, cols])?
+                    .into_any(),
+            )),
+            DenseMatrix::Int8 { .. } => Err(invalid(format!(
+                "{name} is held as int8 rows; load the model with the bf16 head to read it"
+            ))),
+        }
     }
 }
 

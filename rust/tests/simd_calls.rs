@@ -14,7 +14,8 @@ use trit::checkpoint::MemoryCheckpoint;
 use trit::kernels::counts::{calls, Isa};
 use trit::kernels::Kernel;
 use trit::model::{
-    load, Config, DType, HeadPrecision, KvType, LinearClass, Proj, QuantizationMode, Session,
+    load, Config, DType, Family, HeadPrecision, KvType, LinearClass, Proj, QuantizationMode,
+    Session,
 };
 use trit::sampling::{Sampler, SamplingParams};
 use trit::threads;
@@ -37,6 +38,9 @@ fn config() -> Config {
         tie_word_embeddings: true,
         linear_class: LinearClass::AutoBitLinear,
         quantization_mode: QuantizationMode::Online,
+        family: Family::BitNet,
+        bitlinear_norm_eps: None,
+        rope_scaling: None,
     }
 }
 

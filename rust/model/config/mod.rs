@@ -1,7 +1,8 @@
 //! The model hyper-parameters, as a typed struct, and the checks that its
 //! numbers make a model the forward pass can run. `json` reads one from a
-//! transformers `config.json`.
+//! transformers `config.json`, `gguf` from a GGUF file's metadata.
 
+mod gguf;
 mod json;
 
 use crate::error::{Result, TritError};
