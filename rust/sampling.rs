@@ -158,6 +158,19 @@ impl Sampler {
         if cands.is_empty() {
             return Err(TritError::invalid("every logit is NaN"));
         }
+        if cands.iter().any(|c| c.0.is_infinite()) {
+            // A temperature so small that logit / T overflows (inf - inf would
+            // make the softmax NaN): divide the distance from the largest
+            // logit instead, so that the top token scores 0 and the rest are
+            // finite or -inf. Only then: the usual order keeps seeded draws
+            // as they were.
+            let max = cands
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, c| m.max(work[c.1 as usize]));
+            for c in cands.iter_mut() {
+                c.0 = (work[c.1 as usize] - max) / p.temperature;
+            }
+        }
         // top-k: keep every logit >= the k-th largest (ties at the edge kept).
         if p.top_k > 0 && p.top_k < cands.len() {
             let k = p.top_k;
@@ -192,6 +205,11 @@ impl Sampler {
                 i += 1;
                 keep
             });
+        }
+        if cands.is_empty() {
+            // Filters fed non-finite scores (the model's logits were not
+            // finite) can leave nothing: fall back to the most likely token.
+            return Ok(argmax(work));
         }
         // Draw from the softmax of what is left.
         let probs = softmax_of(cands);
@@ -245,6 +263,32 @@ mod tests {
             temperature: 1.0,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_vanishing_temperature_with_every_filter_is_greedy_not_a_panic() {
+        let logits = [0.5f32, 3.0, -2.0, 3.0 - 1e-6, 1.0];
+        for (top_k, top_p, min_p) in [(0, 1.0, 1.0), (2, 0.5, 0.0), (0, 1.0, 0.0), (3, 0.9, 0.5)] {
+            let p = SamplingParams {
+                temperature: f32::from_bits(1), // the smallest subnormal: logit / T overflows
+                top_k,
+                top_p,
+                min_p,
+                ..params()
+            };
+            let mut s = Sampler::new(p, 7).unwrap();
+            for _ in 0..20 {
+                assert_eq!(s.sample(&logits, &[]).unwrap(), 1);
+            }
+        }
+        // Logits that are not finite never reach an index panic either.
+        let p = SamplingParams {
+            min_p: 1.0,
+            ..params()
+        };
+        let mut s = Sampler::new(p, 7).unwrap();
+        let got = s.sample(&[f32::INFINITY, 1.0, f32::INFINITY], &[]).unwrap();
+        assert!(got == 0 || got == 2);
     }
 
     #[test]
