@@ -20,7 +20,15 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from trit import Generator, InvalidInputError, SamplingOptions, TritError
-from trit._core import ModelConfig, Sampler, Session, TernaryMatrix, quantize_activations
+from trit._core import (
+    Engine,
+    Model,
+    ModelConfig,
+    Sampler,
+    Session,
+    TernaryMatrix,
+    quantize_activations,
+)
 
 EDGE_INTS = st.sampled_from(
     [0, 1, -1, 2, 7, 2**31, 2**32, 2**32 - 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 2**100]
@@ -231,6 +239,20 @@ def test_sampling_values_name_the_argument(field: str, value: Any, expected: str
         (lambda s: Sampler(top_k=True), "top_k must be an integer, got a bool"),
         (lambda s: TernaryMatrix.pack(np.ones((4, 4), np.int8), "1"), "scale must be a number"),  # type: ignore[arg-type]
         (lambda s: TernaryMatrix.pack(np.ones((4, 4), np.int8), 2**2000), "scale is too large"),
+        (lambda s: Model.load(s_model().config, 7), "tensors must be a list of"),  # type: ignore[arg-type]
+        (lambda s: Model.load(s_model().config, [("w", "U8")]), r"tensors\[0\] must be"),  # type: ignore[list-item]
+        (
+            lambda s: Model.load(s_model().config, [("w", "U8", [1], b"x")]),  # type: ignore[list-item]
+            'tensor "w": data must be a 1-D uint8 numpy array, got bytes',
+        ),
+        (
+            lambda s: Model.load(s_model().config, [("w", "U8", [-1], np.zeros(1, np.uint8))]),
+            'tensor "w": shape must be an integer from 0',
+        ),
+        (lambda s: Engine(s_model()).step([(0, [1], "yes")]), "logits must be True or False"),  # type: ignore[list-item]
+        (lambda s: Engine(s_model()).step([(2**64, [1], True)]), "slot must be an integer from 0"),
+        (lambda s: Engine(s_model()).release(-1), "slot must be an integer from 0"),
+        (lambda s: Engine(s_model()).step("abc"), r"work\[0\] must be"),  # type: ignore[arg-type]
     ],
 )
 def test_engine_arguments_name_themselves(call: Any, expected: str) -> None:

@@ -4,6 +4,7 @@
 //! `OverflowError` of a plain conversion. Each argument gets a named
 //! extractor (`#[pyo3(from_py_with = args::threads)]`).
 
+use numpy::PyReadonlyArray1;
 use pyo3::exceptions::PyOverflowError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyString};
@@ -144,6 +145,80 @@ pub(super) fn token(obj: &Bound<'_, PyAny>) -> PyResult<u32> {
     token_id(obj, "")
 }
 
+/// The items of a sequence argument `name`, each checked to be a tuple of
+/// `len` fields (`what` describes one for the message).
+fn records<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+    len: usize,
+    what: &str,
+) -> PyResult<Vec<Vec<Bound<'py, PyAny>>>> {
+    let items = obj.try_iter().map_err(|_| {
+        invalid(format!(
+            "{name} must be a list of {what}, got {}",
+            type_name(obj)
+        ))
+    })?;
+    let mut out = Vec::new();
+    for (i, item) in items.enumerate() {
+        let item = item?;
+        let fields: Vec<Bound<'py, PyAny>> = match item.try_iter() {
+            Ok(fields) if !item.is_instance_of::<PyString>() => fields.collect::<PyResult<_>>()?,
+            _ => Vec::new(),
+        };
+        if fields.len() != len {
+            return Err(invalid(format!(
+                "{name}[{i}] must be {what}, got {}",
+                type_name(&item)
+            )));
+        }
+        out.push(fields);
+    }
+    Ok(out)
+}
+
+/// One tensor of `Model.load`: (name, dtype, shape, uint8 array of its bytes).
+pub(super) type TensorArg<'py> = (String, String, Vec<usize>, PyReadonlyArray1<'py, u8>);
+
+/// `Model.load`'s tensors, each a (name, dtype, shape, uint8 array) tuple.
+pub(super) fn tensors<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<TensorArg<'py>>> {
+    let what = "(name, dtype, shape, uint8 array) tuples";
+    records(obj, "tensors", 4, what)?
+        .into_iter()
+        .map(|f| {
+            let name = string(&f[0], "tensor name")?;
+            let dtype = string(&f[1], &format!("tensor {name:?}: dtype"))?;
+            let shape_name = format!("tensor {name:?}: shape");
+            let shape = f[2]
+                .try_iter()
+                .map_err(|_| invalid(format!("{shape_name} must be a list of integers")))?
+                .map(|d| int::<usize>(&d?, &shape_name))
+                .collect::<PyResult<Vec<usize>>>()?;
+            let data = f[3].extract::<PyReadonlyArray1<'py, u8>>().map_err(|_| {
+                invalid(format!(
+                    "tensor {name:?}: data must be a 1-D uint8 numpy array, got {}",
+                    type_name(&f[3])
+                ))
+            })?;
+            Ok((name, dtype, shape, data))
+        })
+        .collect()
+}
+
+/// `Engine.step`'s work: (slot, token ids, whether logits are wanted) tuples.
+pub(super) fn work(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(usize, Vec<u32>, bool)>> {
+    records(obj, "work", 3, "(slot, token ids, logits) tuples")?
+        .into_iter()
+        .map(|f| {
+            Ok((
+                int(&f[0], "slot")?,
+                token_ids(&f[1])?,
+                boolean(&f[2], "logits")?,
+            ))
+        })
+        .collect()
+}
+
 /// Named extractors for `#[pyo3(from_py_with = ...)]`, one per argument
 /// name, so that each message names its argument.
 macro_rules! named {
@@ -158,6 +233,7 @@ named! {
     threads -> Option<usize> = optional_int("threads");
     n_ctx -> Option<usize> = optional_int("n_ctx");
     slots -> usize = int("slots");
+    slot -> usize = int("slot");
     kernel -> Option<String> = optional_string("kernel");
     kv_cache -> String = string("kv_cache");
     scale -> f64 = float("scale");

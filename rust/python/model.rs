@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
 
 use super::{args, invalid, IntoPyResult, PyTernaryMatrix};
@@ -173,10 +173,6 @@ impl PyModelConfig {
     }
 }
 
-/// One checkpoint tensor as the loader hands it over:
-/// (name, safetensors dtype, shape, uint8 array of its bytes).
-type TensorArg<'py> = (String, String, Vec<usize>, PyReadonlyArray1<'py, u8>);
-
 /// A loaded model; immutable, shared by its sessions.
 #[pyclass(name = "Model", module = "trit._core", frozen)]
 pub(super) struct PyModel {
@@ -220,7 +216,7 @@ impl PyModel {
     fn load(
         py: Python<'_>,
         config: &PyModelConfig,
-        tensors: Vec<TensorArg<'_>>,
+        #[pyo3(from_py_with = args::tensors)] tensors: Vec<args::TensorArg<'_>>,
         #[pyo3(from_py_with = args::threads)] threads: Option<usize>,
         #[pyo3(from_py_with = args::int8_head)] int8_head: bool,
     ) -> PyResult<(PyModel, Vec<String>)> {
@@ -541,24 +537,6 @@ pub(super) struct PyEngine {
     inner: model::Engine,
 }
 
-/// One entry of a step: (slot, token ids to run after its cached ones,
-/// whether the logits after the last are wanted).
-type WorkArg = (usize, Vec<i64>, bool);
-
-/// The token ids of one `WorkArg`.
-fn ids_of(ids: Vec<i64>) -> PyResult<Vec<u32>> {
-    ids.into_iter()
-        .map(|id| {
-            u32::try_from(id).map_err(|_| {
-                invalid(format!(
-                    "token id {id} is not a valid id; token ids are integers from 0 to {}",
-                    u32::MAX
-                ))
-            })
-        })
-        .collect()
-}
-
 #[pymethods]
 impl PyEngine {
     #[new]
@@ -629,28 +607,28 @@ impl PyEngine {
     }
 
     /// Gives a slot back (its cache is kept for prefix reuse).
-    fn release(&mut self, slot: usize) -> PyResult<()> {
+    fn release(&mut self, #[pyo3(from_py_with = args::slot)] slot: usize) -> PyResult<()> {
         self.inner.release(slot).py()
     }
 
     /// The tokens in a slot's cache.
-    fn tokens(&self, slot: usize) -> PyResult<Vec<u32>> {
+    fn tokens(&self, #[pyo3(from_py_with = args::slot)] slot: usize) -> PyResult<Vec<u32>> {
         Ok(self.inner.tokens(slot).py()?.to_vec())
     }
 
     /// How many tokens are in a slot's cache.
-    fn n_tokens(&self, slot: usize) -> PyResult<usize> {
+    fn n_tokens(&self, #[pyo3(from_py_with = args::slot)] slot: usize) -> PyResult<usize> {
         Ok(self.inner.tokens(slot).py()?.len())
     }
 
     /// One forward pass: each (slot, ids, logits) runs ids after the slot's
     /// cached tokens; slots asking for logits get those after their last token.
-    fn step(&mut self, py: Python<'_>, work: Vec<WorkArg>) -> PyResult<()> {
-        let ids = work
-            .into_iter()
-            .map(|(slot, ids, logits)| Ok((slot, ids_of(ids)?, logits)))
-            .collect::<PyResult<Vec<_>>>()?;
-        let work: Vec<model::Work<'_>> = ids
+    fn step(
+        &mut self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::work)] work: Vec<(usize, Vec<u32>, bool)>,
+    ) -> PyResult<()> {
+        let work: Vec<model::Work<'_>> = work
             .iter()
             .map(|(slot, ids, logits)| model::Work {
                 slot: *slot,
@@ -667,7 +645,7 @@ impl PyEngine {
     fn prefill(
         &mut self,
         py: Python<'_>,
-        slot: usize,
+        #[pyo3(from_py_with = args::slot)] slot: usize,
         #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
     ) -> PyResult<usize> {
         let engine = &mut self.inner;
@@ -679,7 +657,7 @@ impl PyEngine {
     fn logits<'py>(
         &mut self,
         py: Python<'py>,
-        slot: usize,
+        #[pyo3(from_py_with = args::slot)] slot: usize,
         #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let vocab = self.inner.model().config.vocab_size;
@@ -692,7 +670,7 @@ impl PyEngine {
     fn nll(
         &mut self,
         py: Python<'_>,
-        slot: usize,
+        #[pyo3(from_py_with = args::slot)] slot: usize,
         #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
         #[pyo3(from_py_with = args::first)] first: i64,
     ) -> PyResult<f64> {
@@ -709,14 +687,19 @@ impl PyEngine {
     fn last_logits<'py>(
         &self,
         py: Python<'py>,
-        slot: usize,
+        #[pyo3(from_py_with = args::slot)] slot: usize,
     ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
         let logits = self.inner.last_logits(slot).py()?;
         Ok(logits.map(|l| l.to_vec().into_pyarray(py)))
     }
 
     /// Picks a slot's next token from its current logits.
-    fn sample(&self, py: Python<'_>, slot: usize, sampler: &mut PySampler) -> PyResult<u32> {
+    fn sample(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::slot)] slot: usize,
+        sampler: &mut PySampler,
+    ) -> PyResult<u32> {
         let e = &self.inner;
         let logits = e.last_logits(slot).py()?.ok_or_else(|| {
             invalid(format!(
@@ -729,7 +712,7 @@ impl PyEngine {
     }
 
     /// Forgets a slot's cached tokens.
-    fn reset(&mut self, slot: usize) -> PyResult<()> {
+    fn reset(&mut self, #[pyo3(from_py_with = args::slot)] slot: usize) -> PyResult<()> {
         self.inner.reset(slot).py()
     }
 }
