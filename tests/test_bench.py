@@ -165,11 +165,13 @@ def test_cli_batch_table_and_refused_flags() -> None:
         (("-d", "8"), "-d does not apply to --batch"),
         (("-p", "4,8"), "-p takes one value with --batch"),
         (("--clients", "2"), "--clients does not apply to --batch"),
+        (("--api-key", "k"), "--api-key does not apply to --batch"),
     ):
         bad = run("bench", "-m", MODEL, "--batch", "1", *extra)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
-    bad = run("bench", "-m", MODEL, "--requests", "3")
-    assert bad.returncode == 2 and "--requests needs --server" in bad.stderr
+    for extra in (("--requests", "3"), ("--timeout", "9")):
+        bad = run("bench", "-m", MODEL, *extra)
+        assert bad.returncode == 2 and f"{extra[0]} needs --server" in bad.stderr, bad.stderr
 
 
 # -- trit bench --server --------------------------------------------------------
@@ -227,6 +229,8 @@ def test_cli_server_refuses_other_hosts_and_bad_counts() -> None:
         (("--clients", "0"), "--clients must be in 1..256"),
         (("--requests", "100000"), "--requests must be in 1..10000"),
         (("--timeout", "0"), "--timeout must be > 0"),
+        (("--timeout", "inf"), "--timeout must be > 0"),
+        (("--timeout", "nan"), "--timeout must be > 0"),
         (("-t", "2"), "-t does not apply to --server"),
         (("-m", MODEL), "-m does not apply to --server"),
     ):

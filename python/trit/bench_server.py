@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 MAX_CLIENTS = 256
 MAX_REQUESTS = 10_000
+MAX_TIMEOUT_S = 3600.0
 
 
 @dataclass
@@ -142,8 +143,8 @@ def run(
         raise ValueError(f"--requests must be in 1..{MAX_REQUESTS}, got {requests}")
     if max_tokens < 1:
         raise ValueError(f"-n must be >= 1, got {max_tokens}")
-    if not timeout > 0:
-        raise ValueError(f"--timeout must be > 0 seconds, got {timeout}")
+    if not 0 < timeout <= MAX_TIMEOUT_S:  # also refuses nan
+        raise ValueError(f"--timeout must be > 0 and <= {MAX_TIMEOUT_S} seconds, got {timeout}")
     host, port = parts.hostname, parts.port or 80
     if progress is not None:
         progress(f"{url}: {requests} requests of up to {max_tokens} tokens from {clients} clients")

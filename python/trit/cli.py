@@ -358,6 +358,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags of `trit bench --server` alone (their defaults are None).
+SERVER_ONLY_BENCH_FLAGS = {
+    "clients": "--clients",
+    "requests": "--requests",
+    "timeout": "--timeout",
+    "api_key": "--api-key",
+}
+
+
 def _bench_flags_given(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
     """The flags (of `flags`: dest -> flag) given on the command line: their
     defaults are None, so that a mode they do not apply to can refuse them."""
@@ -378,7 +387,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.model = str(models.path())
     if args.batch is not None:
         return _bench_batch(args)
-    misplaced = _bench_flags_given(args, {"clients": "--clients", "requests": "--requests"})
+    misplaced = _bench_flags_given(args, SERVER_ONLY_BENCH_FLAGS)
     if misplaced:
         print(f"trit bench: error: {misplaced[0]} needs --server URL", file=sys.stderr)
         return 2
@@ -415,7 +424,7 @@ def _bench_batch(args: argparse.Namespace) -> int:
 
     misplaced = _bench_flags_given(
         args,
-        {"repetitions": "-r", "depths": "-d", "clients": "--clients", "requests": "--requests"},
+        {"repetitions": "-r", "depths": "-d", **SERVER_ONLY_BENCH_FLAGS},
     )
     if misplaced:
         print(f"trit bench: error: {misplaced[0]} does not apply to --batch", file=sys.stderr)
@@ -483,7 +492,7 @@ def _bench_server(args: argparse.Namespace) -> int:
             clients=8 if args.clients is None else args.clients,
             requests=32 if args.requests is None else args.requests,
             max_tokens=args.n_gen[0] if args.n_gen else 64,
-            timeout=args.timeout,
+            timeout=300.0 if args.timeout is None else args.timeout,
             api_key=args.api_key,
             progress=None if args.json else (lambda msg: print(f"[{msg}]", file=sys.stderr)),
         )
@@ -717,9 +726,7 @@ def _parser() -> argparse.ArgumentParser:
         "--clients", type=int, metavar="C", help="concurrent streaming clients (default 8)"
     )
     group.add_argument("--requests", type=int, metavar="R", help="requests in all (default 32)")
-    group.add_argument(
-        "--timeout", type=float, default=300.0, help="seconds per request (default 300)"
-    )
+    group.add_argument("--timeout", type=float, help="seconds per request (default 300)")
     group.add_argument("--api-key", help="the server's --api-key, if it has one")
     p.set_defaults(func=cmd_bench)
 
