@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::error::{Result, TritError};
 use crate::kernels::Kernel;
+use crate::memory::try_reserve_total;
 use crate::threads;
 
 /// Median GB/s (10^9 bytes per second) of summing a buffer of `bytes` with
@@ -21,7 +22,9 @@ pub fn read_bandwidth(bytes: usize, threads: Option<usize>, reps: usize) -> Resu
     }
     let pool = threads::pool(threads)?;
     let kernel = Kernel::active()?;
-    let words: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
+    let mut words: Vec<u64> = Vec::new();
+    try_reserve_total(&mut words, bytes / 8, "the bandwidth test buffer")?;
+    words.extend((0..bytes / 8).map(|i| i as u64));
     let per_thread = words.len().div_ceil(pool.current_num_threads());
     let pass = || {
         pool.install(|| {

@@ -2,19 +2,24 @@
 //! with the GIL released, and maps engine errors to Python exceptions. No
 //! arithmetic lives here.
 
+use std::path::PathBuf;
+
 use numpy::{
     dtype, IntoPyArray, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
     PyUntypedArray, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyException, PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 
+use crate::checkpoint;
 use crate::error::TritError;
 use crate::kernels::{self, Kernel, QuantizedActivations};
+use crate::memory::{try_reserve_total, try_zeroed};
 use crate::threads;
 
+mod args;
 mod gguf;
 mod model;
 
@@ -23,6 +28,7 @@ mod model;
 static TRIT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static INVALID_INPUT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static KERNEL_UNAVAILABLE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static OUT_OF_MEMORY_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 /// Makes `class name(*bases)` with a docstring, as the `class` statement would.
 fn new_exception<'py>(
@@ -65,12 +71,24 @@ fn add_exceptions(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
         ],
         "The requested kernel path cannot run on this CPU.",
     )?;
+    let out_of_memory = new_exception(
+        py,
+        "OutOfMemoryError",
+        &[
+            base.clone().into_any(),
+            py.get_type::<PyMemoryError>().into_any(),
+        ],
+        "A buffer the input asks for does not fit this machine's memory \
+         (a smaller n_ctx or array would).",
+    )?;
     m.add("TritError", &base)?;
     m.add("InvalidInputError", &invalid)?;
     m.add("KernelUnavailableError", &unavailable)?;
+    m.add("OutOfMemoryError", &out_of_memory)?;
     let _ = TRIT_ERROR.set(py, base.unbind());
     let _ = INVALID_INPUT_ERROR.set(py, invalid.unbind());
     let _ = KERNEL_UNAVAILABLE_ERROR.set(py, unavailable.unbind());
+    let _ = OUT_OF_MEMORY_ERROR.set(py, out_of_memory.unbind());
     Ok(())
 }
 
@@ -79,6 +97,7 @@ fn to_py_err(err: TritError) -> PyErr {
         let class = match &err {
             TritError::InvalidInput(_) => &INVALID_INPUT_ERROR,
             TritError::KernelUnavailable(_) => &KERNEL_UNAVAILABLE_ERROR,
+            TritError::OutOfMemory(_) => &OUT_OF_MEMORY_ERROR,
         };
         match class.get(py) {
             Some(class) => PyErr::from_type(class.bind(py).clone(), err.to_string()),
@@ -137,12 +156,21 @@ fn read_array<T: numpy::Element + Copy>(
     }
     let readonly: PyReadonlyArrayDyn<'_, T> = obj.extract()?;
     let view = readonly.as_array();
+    // numpy keeps every array's element count addressable, but a broadcast
+    // view has it without the memory: the copy is allocated fallibly.
+    let mut values = Vec::new();
+    try_reserve_total(
+        &mut values,
+        view.len(),
+        &format!("a copy of {what} {shape:?}"),
+    )
+    .py()?;
     // ndarray's as_slice is Some only in C order; any other layout (Fortran, strided)
     // is copied element by element in logical order.
-    let values = match view.as_slice() {
-        Some(slice) => slice.to_vec(),
-        None => view.iter().copied().collect(),
-    };
+    match view.as_slice() {
+        Some(slice) => values.extend_from_slice(slice),
+        None => values.extend(view.iter().copied()),
+    }
     Ok((values, shape))
 }
 
@@ -182,7 +210,11 @@ struct PyTernaryMatrix {
 impl PyTernaryMatrix {
     /// Packs `w` (int8 [n_out, n_in], values in {-1, 0, 1}) with `scale`.
     #[staticmethod]
-    fn pack(py: Python<'_>, w: &Bound<'_, PyAny>, scale: f64) -> PyResult<Self> {
+    fn pack(
+        py: Python<'_>,
+        w: &Bound<'_, PyAny>,
+        #[pyo3(from_py_with = args::scale)] scale: f64,
+    ) -> PyResult<Self> {
         let (values, shape) = read_array::<i8>(w, "w", "int8")?;
         if shape.len() != 2 {
             return Err(invalid(format!(
@@ -220,7 +252,7 @@ impl PyTernaryMatrix {
 
     /// The weights as int8 [n_out, n_in].
     fn unpack<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArrayDyn<i8>>> {
-        let values = py.detach(|| self.inner.unpack());
+        let values = py.detach(|| self.inner.try_unpack()).py()?;
         values
             .into_pyarray(py)
             .reshape(vec![self.inner.n_out(), self.inner.n_in()])
@@ -233,8 +265,8 @@ impl PyTernaryMatrix {
         &self,
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
-        kernel: Option<&str>,
-        threads: Option<usize>,
+        #[pyo3(from_py_with = args::kernel)] kernel: Option<String>,
+        #[pyo3(from_py_with = args::threads)] threads: Option<usize>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let (values, shape) = read_array::<f32>(x, "x", "float32")?;
         let (m, k) = rows_cols(&shape);
@@ -244,12 +276,18 @@ impl PyTernaryMatrix {
                 self.inner.n_in()
             )));
         }
-        let kernel = kernel_arg(kernel)?;
+        let kernel = kernel_arg(kernel.as_deref())?;
         let pool = threads::pool(threads).py()?;
+        let n_out = self.inner.n_out();
         let y = py
             .detach(|| {
                 let qa = QuantizedActivations::quantize(&values, m, k)?;
-                kernels::matmul(&self.inner, &qa, kernel, &pool)
+                // m rows of x (a broadcast view can have many) times n_out;
+                // a product past usize is refused by try_zeroed as too large.
+                let len = m.saturating_mul(n_out);
+                let mut y = try_zeroed(len, &format!("the output [{m}, {n_out}]"))?;
+                kernels::matmul_into(&self.inner, &qa, &mut y, kernel, &pool)?;
+                Ok(y)
             })
             .py()?;
         let out_shape = if shape.len() == 1 {
@@ -287,13 +325,27 @@ fn quantize_activations<'py>(
     let qa = py
         .detach(|| QuantizedActivations::quantize(&values, m, k))
         .py()?;
-    let mut codes = Vec::with_capacity(m * k);
+    let mut codes = Vec::new(); // [m, k]
+    try_reserve_total(&mut codes, values.len(), "the quantized codes").py()?;
     for t in 0..m {
         codes.extend_from_slice(&qa.token(t)[..k]);
     }
     let q = codes.into_pyarray(py).reshape(shape)?;
     let s = qa.scales().to_vec().into_pyarray(py).reshape(vec![m])?;
     Ok((q, s))
+}
+
+/// Checks, before anything opens it, that `path` is a regular file of at
+/// most `max_bytes` bytes that resolves inside its model folder (for a
+/// Hugging Face cache snapshot, inside its repo's folder); returns its size.
+#[pyfunction]
+fn check_model_file(
+    py: Python<'_>,
+    path: PathBuf,
+    #[pyo3(from_py_with = args::max_bytes)] max_bytes: u64,
+) -> PyResult<u64> {
+    py.detach(|| checkpoint::files::check_model_file(&path, max_bytes))
+        .py()
 }
 
 /// Names of the kernel paths this CPU can run, most portable first.
@@ -320,9 +372,9 @@ fn default_threads() -> PyResult<usize> {
 #[pyo3(signature = (bytes, threads=None, reps=5))]
 fn read_bandwidth(
     py: Python<'_>,
-    bytes: usize,
-    threads: Option<usize>,
-    reps: usize,
+    #[pyo3(from_py_with = args::bytes)] bytes: usize,
+    #[pyo3(from_py_with = args::threads)] threads: Option<usize>,
+    #[pyo3(from_py_with = args::reps)] reps: usize,
 ) -> PyResult<f64> {
     py.detach(|| crate::bandwidth::read_bandwidth(bytes, threads, reps))
         .py()
@@ -342,6 +394,12 @@ fn _core(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(active_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
     m.add_function(wrap_pyfunction!(read_bandwidth, m)?)?;
+    m.add_function(wrap_pyfunction!(check_model_file, m)?)?;
+    m.add("MAX_JSON_BYTES", checkpoint::files::MAX_JSON_BYTES)?;
+    m.add(
+        "MAX_TOKENIZER_BYTES",
+        checkpoint::files::MAX_TOKENIZER_BYTES,
+    )?;
     m.add_function(wrap_pyfunction!(gguf::gguf_metadata, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

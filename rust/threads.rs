@@ -1,10 +1,12 @@
 //! Thread pools for the kernels, and how a matmul's rows are shared out.
 //!
-//! One rayon pool per requested thread count, built on first use and kept for
-//! the life of the process, so a call never pays for spawning threads. Rows
-//! are claimed by the threads as they come free (`run_claimed`).
+//! One rayon pool per requested thread count, built on first use and kept
+//! for reuse, so a call never pays for spawning threads. The counts are
+//! bounded (`max_threads`) and so is the number of pools kept
+//! (`MAX_CACHED_POOLS`, least recently used dropped first): whatever thread
+//! counts callers ask for, the threads alive stay bounded. Rows are claimed
+//! by the threads as they come free (`run_claimed`).
 
-use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -22,9 +24,12 @@ pub const THREADS_ENV: &str = "TRIT_NUM_THREADS";
 /// kernels are bound by, so they do not help).
 pub fn default_threads() -> Result<usize> {
     match std::env::var(THREADS_ENV) {
-        Ok(text) => parse_threads(&text).ok_or_else(|| {
-            TritError::invalid(format!("{THREADS_ENV}={text:?} is not a positive integer"))
-        }),
+        Ok(text) => {
+            let n = parse_threads(&text).ok_or_else(|| {
+                TritError::invalid(format!("{THREADS_ENV}={text:?} is not a positive integer"))
+            })?;
+            check_count(n, THREADS_ENV)
+        }
         Err(_) => Ok(num_cpus::get_physical().max(1)),
     }
 }
@@ -33,37 +38,86 @@ fn parse_threads(text: &str) -> Option<usize> {
     text.trim().parse::<usize>().ok().filter(|&n| n >= 1)
 }
 
-/// Upper bound on a requested thread count; more is almost surely a mistake.
-pub const MAX_THREADS: usize = 1024;
+/// Threads allowed per logical CPU. The kernels are bound by memory
+/// bandwidth and vector units, so past one thread per core more only adds
+/// switching; a few per CPU leave room for oversubscribed tests and
+/// benchmarks, while a count far beyond is a mistake that would cost an OS
+/// thread each.
+pub const THREADS_PER_CPU: usize = 4;
+
+/// Pools kept for reuse; a pool dropped from the cache ends its threads once
+/// no session holds it.
+pub const MAX_CACHED_POOLS: usize = 4;
+
+/// The largest thread count a pool may have: `THREADS_PER_CPU` per logical
+/// CPU, and never less than 8.
+pub fn max_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cpus.saturating_mul(THREADS_PER_CPU).max(8)
+}
+
+/// `n` if it is a thread count a pool may have; the error names `what`.
+fn check_count(n: usize, what: &str) -> Result<usize> {
+    if n == 0 {
+        return Err(TritError::invalid(format!("{what} must be at least 1")));
+    }
+    let max = max_threads();
+    if n > max {
+        return Err(TritError::invalid(format!(
+            "{what}={n} is more than {max} ({THREADS_PER_CPU} per CPU of this machine); \
+             the kernels run best with one thread per core"
+        )));
+    }
+    Ok(n)
+}
 
 /// The pool with `threads` workers (`None`: the default count).
 pub fn pool(threads: Option<usize>) -> Result<Arc<ThreadPool>> {
     let n = match threads {
-        Some(0) => return Err(TritError::invalid("threads must be at least 1")),
-        Some(n) if n > MAX_THREADS => {
-            return Err(TritError::invalid(format!(
-                "threads={n} is more than {MAX_THREADS}"
-            )))
-        }
-        Some(n) => n,
+        Some(n) => check_count(n, "threads")?,
         None => default_threads()?,
     };
-    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<ThreadPool>>>> = OnceLock::new();
-    let mut pools = POOLS
-        .get_or_init(Default::default)
+    static POOLS: OnceLock<Mutex<Pools>> = OnceLock::new();
+    POOLS
+        .get_or_init(|| Mutex::new(Pools::new(MAX_CACHED_POOLS)))
         .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(pool) = pools.get(&n) {
-        return Ok(pool.clone());
+        .unwrap_or_else(|e| e.into_inner())
+        .get(n)
+}
+
+/// Pools by thread count, the most recently used last.
+struct Pools {
+    capacity: usize,
+    pools: Vec<(usize, Arc<ThreadPool>)>,
+}
+
+impl Pools {
+    fn new(capacity: usize) -> Self {
+        Pools {
+            capacity,
+            pools: Vec::with_capacity(capacity),
+        }
     }
-    let pool = ThreadPoolBuilder::new()
-        .num_threads(n)
-        .thread_name(|i| format!("trit-{i}"))
-        .build()
-        .map_err(|e| TritError::invalid(format!("cannot start {n} threads: {e}")))?;
-    let pool = Arc::new(pool);
-    pools.insert(n, pool.clone());
-    Ok(pool)
+
+    fn get(&mut self, n: usize) -> Result<Arc<ThreadPool>> {
+        if let Some(i) = self.pools.iter().position(|(count, _)| *count == n) {
+            let entry = self.pools.remove(i);
+            let pool = entry.1.clone();
+            self.pools.push(entry);
+            return Ok(pool);
+        }
+        let pool = ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("trit-{i}"))
+            .build()
+            .map_err(|e| TritError::invalid(format!("cannot start {n} threads: {e}")))?;
+        let pool = Arc::new(pool);
+        if self.pools.len() == self.capacity {
+            self.pools.remove(0);
+        }
+        self.pools.push((n, pool.clone()));
+        Ok(pool)
+    }
 }
 
 /// How `run_claimed` cuts a range into the pieces the threads claim.
@@ -186,11 +240,26 @@ mod tests {
     }
 
     #[test]
-    fn pools_are_cached_and_sized() {
-        let a = pool(Some(3)).unwrap();
-        let b = pool(Some(3)).unwrap();
-        assert!(Arc::ptr_eq(&a, &b));
+    fn pools_are_cached_sized_and_bounded() {
+        let mut pools = Pools::new(2);
+        let a = pools.get(3).unwrap();
+        assert!(Arc::ptr_eq(&a, &pools.get(3).unwrap()));
         assert_eq!(a.current_num_threads(), 3);
+        pools.get(1).unwrap();
+        pools.get(3).unwrap(); // 3 is now the most recently used...
+        pools.get(2).unwrap(); // ...so 1 goes.
+        let kept: Vec<usize> = pools.pools.iter().map(|(n, _)| *n).collect();
+        assert_eq!(kept, [3, 2]);
+        assert!(Arc::ptr_eq(&a, &pools.get(3).unwrap()));
+
         assert!(pool(Some(0)).is_err());
+        let max = max_threads();
+        assert!(max >= 8);
+        let err = pool(Some(max + 1)).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("threads={} is more than {max}", max + 1)),
+            "{err}"
+        );
+        assert!(pool(Some(usize::MAX)).is_err());
     }
 }

@@ -4,6 +4,7 @@ from trit import kernels
 from trit._core import (
     InvalidInputError,
     KernelUnavailableError,
+    OutOfMemoryError,
     TritError,
     __version__,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "Generator",
     "InvalidInputError",
     "KernelUnavailableError",
+    "OutOfMemoryError",
     "SamplingOptions",
     "TritError",
     "__version__",

@@ -7,7 +7,11 @@ import numpy as np
 import numpy.typing as npt
 
 __version__: str
+MAX_JSON_BYTES: int
+MAX_TOKENIZER_BYTES: int
 __all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_TOKENIZER_BYTES",
     "Engine",
     "InvalidInputError",
     "KernelUnavailableError",
@@ -16,10 +20,12 @@ __all__ = [
     "Sampler",
     "Session",
     "TernaryMatrix",
+    "OutOfMemoryError",
     "TritError",
     "__version__",
     "active_kernel",
     "available_kernels",
+    "check_model_file",
     "default_threads",
     "gguf_metadata",
     "quantize_activations",
@@ -34,6 +40,10 @@ class InvalidInputError(TritError, ValueError):
 
 class KernelUnavailableError(TritError, RuntimeError):
     """The requested kernel path cannot run on this CPU."""
+
+class OutOfMemoryError(TritError, MemoryError):
+    """A buffer the input asks for does not fit this machine's memory
+    (a smaller n_ctx or array would)."""
 
 @final
 class TernaryMatrix:
@@ -230,3 +240,4 @@ def active_kernel() -> str: ...
 def default_threads() -> int: ...
 def gguf_metadata(path: str | PathLike[str]) -> dict[str, object]: ...
 def read_bandwidth(bytes: int, threads: int | None = None, reps: int = 5) -> float: ...
+def check_model_file(path: str | PathLike[str], max_bytes: int) -> int: ...

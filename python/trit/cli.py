@@ -268,9 +268,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             g.reset()
             print("(history cleared)", file=sys.stderr)
             continue
-        kept, ids, dropped = _fit_context(
-            g, [*history, {"role": "user", "content": text}], len(system), reply_room
-        )
+        try:
+            kept, ids, dropped = _fit_context(
+                g, [*history, {"role": "user", "content": text}], len(system), reply_room
+            )
+        except InvalidInputError as exc:  # the model's chat template refused to render
+            print(f"(not sent: {exc})", file=sys.stderr)
+            continue
         if len(ids) >= g.n_ctx:
             what = "this message and the system message take" if system else "this message takes"
             print(

@@ -85,10 +85,14 @@ def _eos_ids(folder: Path, tokenizer: Tokenizer) -> set[int]:
         path = folder / name
         if path.exists():
             eos = read_json(path).get("eos_token_id")
-            if isinstance(eos, int):
-                return {eos}
-            if isinstance(eos, list) and eos:
-                return {int(e) for e in eos}
+            if eos is None or eos == []:
+                continue
+            ids = eos if isinstance(eos, list) else [eos]
+            if not all(type(e) is int and 0 <= e < 1 << 32 for e in ids):
+                raise InvalidInputError(
+                    f"{path}: eos_token_id is {eos!r}; expected a token id or a list of them"
+                )
+            return set(ids)
     if tokenizer.eos_token is not None:
         eos_id = tokenizer.token_id(tokenizer.eos_token)
         if eos_id is not None:
@@ -561,6 +565,8 @@ class Generator:
                 "(temperature=, top_k=, ...), not both"
             )
         _check_max_new_tokens(max_new_tokens)
+        if on_token is not None and not callable(on_token):
+            raise InvalidInputError(f"on_token must be callable, got {type(on_token).__name__}")
         ids = self._ids(prompt)
         # Validation is done before the first next(): errors surface at the
         # call, not at the first iteration.

@@ -9,12 +9,20 @@ files are parsed and mapped in Rust, or the GGUF file is (``Model.open``).
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
 from typing import Any
 
-from trit._core import InvalidInputError, Model, ModelConfig, TritError
+from trit._core import (
+    MAX_JSON_BYTES,
+    InvalidInputError,
+    Model,
+    ModelConfig,
+    TritError,
+    check_model_file,
+)
 
 # What a model needs from a Hub repo; everything else (PyTorch .bin files,
 # GGUF, READMEs) is left on the server.
@@ -74,13 +82,25 @@ def resolve(
     is a folder (or the GGUF file in it: `filename`) or a GGUF file, else the
     snapshot of that Hugging Face repo id (only the GGUF file `filename` names
     when given, or the repo's only GGUF when it has no safetensors model)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir() or path.is_file():
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise InvalidInputError(
+            f"expected a model folder or a Hub repo id, got {type(name_or_path).__name__}"
+        )
+    for name, value in (("revision", revision), ("filename", filename)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidInputError(f"{name} must be a str, got {type(value).__name__}")
+    try:
+        path = Path(name_or_path).expanduser()
+        is_dir, is_file, exists = path.is_dir(), path.is_file(), path.exists()
+    # A NUL byte, a lone surrogate, a name too long, an unknown ~user.
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise InvalidInputError(f"{name_or_path!r} is not a usable path: {exc}") from None
+    if is_dir or is_file:
         if revision is not None:
             raise InvalidInputError(f"revision={revision!r} applies to Hub repos, not to {path}")
-    if path.is_dir():
+    if is_dir:
         return _local(path, filename)
-    if path.exists():
+    if exists:
         if not is_gguf(path):
             raise InvalidInputError(
                 f"{path} is a file but not a .gguf file; expected a model folder, a GGUF "
@@ -139,13 +159,29 @@ def _checked_gguf_name(filename: str) -> str:
     return filename
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or an InvalidInputError naming the file."""
+def read_text(path: Path, max_bytes: int = MAX_JSON_BYTES) -> str:
+    """The text of the model file `path`: a regular file inside its model
+    folder of at most `max_bytes` (checked before it is opened), UTF-8."""
+    check_model_file(path, max_bytes)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidInputError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with path.open("rb") as f:
+            raw = f.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise InvalidInputError(f"{path} has more than the {max_bytes} bytes it may have")
+        return raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{path} is not readable UTF-8 text: {exc}") from exc
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from the model file `path` (see `read_text`), or an
+    InvalidInputError naming the file."""
+    text = read_text(path)
+    try:
+        data = json.loads(text)
+    # ValueError: malformed JSON, or an integer of more digits than Python
+    # converts; RecursionError: nesting deeper than the interpreter's stack.
+    except (ValueError, RecursionError) as exc:
         raise InvalidInputError(f"{path} is not readable JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidInputError(f"{path} holds {type(data).__name__}, not a JSON object")
@@ -171,7 +207,7 @@ def load_model(folder: Path, *, threads: int | None = None, head: str = "int8") 
     the bytes each generated token reads for a perplexity change of about
     0.02 % (README, "Output head"); "bf16" keeps it as stored, and the logits
     are then transformers' own."""
-    if head not in HEADS:
+    if not isinstance(head, str) or head not in HEADS:
         raise InvalidInputError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     # Errors name the file at fault, or the folder for a tensor the model
     # needs but the checkpoint lacks or holds wrongly.

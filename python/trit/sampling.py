@@ -45,8 +45,11 @@ class SamplingOptions:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise InvalidInputError(f"{name} must be a number, got {value!r}")
-            object.__setattr__(self, name, float(value))
+                raise InvalidInputError(f"{name} must be a number, got {type(value).__name__}")
+            try:
+                object.__setattr__(self, name, float(value))
+            except OverflowError:
+                raise InvalidInputError(f"{name} is too large for a float") from None
         object.__setattr__(self, "top_k", _integer("top_k", self.top_k, 0, 1 << 63))
         if self.seed is not None:
             object.__setattr__(self, "seed", _integer("seed", self.seed, 0, _SEED_LIMIT))
@@ -108,10 +111,12 @@ class SamplingOptions:
 def _integer(name: str, value: Any, lo: int, hi: int) -> int:
     """`value` as an int in [lo, hi), or an error naming `name`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+        raise InvalidInputError(f"{name} must be an integer, got {type(value).__name__}")
     n = int(value)
+    # Python refuses to print ints of more than 4300 digits.
+    shown = str(n) if n.bit_length() < 256 else f"an integer of {n.bit_length()} bits"
     if n < lo:
-        raise InvalidInputError(f"{name} must be >= {lo}, got {n}")
+        raise InvalidInputError(f"{name} must be >= {lo}, got {shown}")
     if n >= hi:
-        raise InvalidInputError(f"{name} must be < 2**{hi.bit_length() - 1}, got {n}")
+        raise InvalidInputError(f"{name} must be < 2**{hi.bit_length() - 1}, got {shown}")
     return n

@@ -4,16 +4,27 @@ transformers uses them."""
 from __future__ import annotations
 
 import json
+import operator
+import sys
+import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from tokenizers import Tokenizer as _HfTokenizer
 from tokenizers.decoders import ByteLevel, DecodeStream
 
-from trit._core import InvalidInputError
-from trit.loader import read_json
+from trit._core import MAX_TOKENIZER_BYTES, InvalidInputError, check_model_file
+from trit.loader import read_json, read_text
+
+# Bounds on rendering a chat template (it comes with the model, so it is
+# untrusted): the time, and the text beyond what the messages bring.
+RENDER_SECONDS = 5.0
+RENDER_EXTRA_CHARS = 1 << 20
+# Token ids are u32 in the tokenizers library and in the engine.
+_MAX_TOKEN_ID = (1 << 32) - 1
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -47,8 +58,7 @@ class Tokenizer:
             self._tok, self._config, self.chat_template = read_gguf_tokenizer(folder)
         else:
             path = folder / "tokenizer.json"
-            if not path.exists():
-                raise InvalidInputError(f"{path} does not exist")
+            check_model_file(path, MAX_TOKENIZER_BYTES)
             try:
                 self._tok = _HfTokenizer.from_file(str(path))
             except Exception as exc:  # the tokenizers library raises plain Exceptions
@@ -72,7 +82,7 @@ class Tokenizer:
             template = named.get("default")
         jinja_file = folder / "chat_template.jinja"
         if template is None and jinja_file.exists():
-            template = jinja_file.read_text(encoding="utf-8")
+            template = read_text(jinja_file)
         return template if isinstance(template, str) else None
 
     @property
@@ -80,12 +90,16 @@ class Tokenizer:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 
     def token_id(self, token: str) -> int | None:
+        if not isinstance(token, str):
+            raise InvalidInputError(f"token must be a str, got {type(token).__name__}")
+        _check_unicode(token, "token")
         return self._tok.token_to_id(token)
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes that token id `token` stands for in decoded text: with a
         byte-level BPE, a token can hold part of a UTF-8 character, which
         `decode([token])` would turn into U+FFFD. Special tokens give their text."""
+        _check_ids([token])
         if token in self._special_ids:
             return self._special_ids[token].encode()
         piece = self._tok.id_to_token(token)
@@ -101,10 +115,12 @@ class Tokenizer:
         post-processor (for Llama 3 style tokenizers: a leading BOS)."""
         if not isinstance(text, str):
             raise InvalidInputError(f"text must be a str, got {type(text).__name__}")
+        _check_unicode(text, "text")
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
-        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+        ids = _check_ids(ids)
+        return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def stream(self, *, skip_special_tokens: bool = True) -> TextStream:
         return TextStream(self._tok, skip_special_tokens)
@@ -120,14 +136,18 @@ class Tokenizer:
             isinstance(m, dict) for m in messages
         ):
             raise InvalidInputError("messages must be a list of dicts with role and content")
-        for m in messages:
+        for i, m in enumerate(messages):
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise InvalidInputError(f"message {m!r} needs a str role and a str content")
+                raise InvalidInputError(f"message {i} needs a str role and a str content")
+            _check_unicode(m["role"], f"the role of message {i}")
+            _check_unicode(m["content"], f"the content of message {i}")
         special = {
             key: _token_text(self._config.get(key))
             for key in ("bos_token", "eos_token", "unk_token", "pad_token")
         }
-        return _compile(self.chat_template).render(
+        return _render(
+            _compile(self.chat_template),
+            max_chars=RENDER_EXTRA_CHARS + 2 * sum(len(m["content"]) for m in messages),
             messages=list(messages),
             add_generation_prompt=add_generation_prompt,
             **{k: v for k, v in special.items() if v is not None},
@@ -137,6 +157,84 @@ class Tokenizer:
         # The template writes BOS itself, so no special tokens are added
         # (transformers' apply_chat_template does the same).
         return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Refuses a str that is not valid Unicode text (a lone surrogate, as
+    from `"\\ud800"` or a JSON `"\\ud800"` escape): no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{what} holds a lone surrogate (U+{ord(text[exc.start]):04X}) at position "
+            f"{exc.start}, which is not valid Unicode text"
+        ) from None
+
+
+def _check_ids(ids: Any) -> list[int]:
+    """`ids` as a list of token ids (ints from 0 to 2**32 - 1)."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise InvalidInputError(f"token ids must be a list of ints, got {type(ids).__name__}")
+    out = []
+    for i, t in enumerate(ids):
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            t = operator.index(t)
+        except TypeError:
+            raise InvalidInputError(
+                f"token id at position {i} is a {type(t).__name__}, not an int"
+            ) from None
+        if not 0 <= t <= _MAX_TOKEN_ID:
+            raise InvalidInputError(f"token id at position {i} is {t}, not from 0 to 2**32 - 1")
+        out.append(t)
+    return out
+
+
+class _RenderTooCostly(Exception):
+    pass
+
+
+def _render(template: Any, *, max_chars: int, **context: Any) -> str:
+    """`template` rendered with `context`, within RENDER_SECONDS and
+    `max_chars` characters; an InvalidInputError otherwise, and for any
+    error the template raises (`raise_exception`, a bad filter...).
+
+    The time bound is a trace function on this thread, which sees each line
+    the compiled template runs (loops included), so even a template that
+    loops without output is stopped."""
+    import jinja2
+
+    deadline = time.monotonic() + RENDER_SECONDS
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _RenderTooCostly(f"it ran for more than {RENDER_SECONDS:g} s")
+        return trace
+
+    pieces: list[str] = []
+    size = 0
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        for piece in template.generate(**context):
+            size += len(piece)
+            if size > max_chars:
+                raise _RenderTooCostly(f"its output passed {max_chars} characters")
+            pieces.append(piece)
+    except _RenderTooCostly as exc:
+        raise InvalidInputError(f"the chat template was stopped: {exc}") from None
+    except jinja2.exceptions.TemplateError as exc:
+        raise InvalidInputError(f"the chat template refused these messages: {exc}") from None
+    except (MemoryError, RecursionError) as exc:
+        raise InvalidInputError(f"the chat template was stopped: {type(exc).__name__}") from None
+    except Exception as exc:  # a template can fail in any Python way
+        raise InvalidInputError(
+            f"the chat template failed to render: {type(exc).__name__}: {exc}"
+        ) from None
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)
 
 
 class TextStream:
@@ -175,13 +273,32 @@ def _compile(template: str) -> Any:
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """Refuses the one-operation blow-ups a trace function cannot stop
+        (they run in C): a huge repetition or power."""
+
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                        if len(seq) * n > RENDER_EXTRA_CHARS:
+                            raise jinja2.exceptions.SecurityError("repetition too large")
+            if (
+                operator == "**"
+                and isinstance(left, int)
+                and isinstance(right, int)
+                and left.bit_length() * right > RENDER_EXTRA_CHARS
+            ):
+                raise jinja2.exceptions.SecurityError("power too large")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     try:
         return env.from_string(template)
-    except jinja2.exceptions.TemplateError as exc:
-        raise InvalidInputError(f"the chat template does not compile: {exc}") from exc
+    except (jinja2.exceptions.TemplateError, RecursionError) as exc:
+        raise InvalidInputError(f"the chat template does not compile: {exc}") from None

@@ -22,7 +22,10 @@ pub struct FileMapping {
 }
 
 impl FileMapping {
+    /// Maps the regular file at `path` (a device or a pipe is refused
+    /// before it is opened).
     pub fn open(path: &Path) -> Result<Self> {
+        super::files::check_regular(path)?;
         let file = File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
                 TritError::invalid(format!("{} does not exist", path.display()))

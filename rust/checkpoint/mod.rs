@@ -9,6 +9,7 @@
 //! so that unused ones can be reported.
 
 pub mod dtype;
+pub mod files;
 pub mod gguf;
 pub mod mapping;
 pub mod memory;

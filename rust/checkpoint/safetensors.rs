@@ -16,6 +16,7 @@ use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 use serde_json::Value;
 
+use super::files;
 use super::mapping::FileMapping;
 use super::{Checkpoint, DType, RawTensor};
 use crate::error::{Result, TritError};
@@ -71,10 +72,7 @@ impl SafetensorsCheckpoint {
 
     fn open_index(folder: &Path, index: &Path) -> Result<Self> {
         let shown = index.display();
-        let text = std::fs::read(index)
-            .map_err(|e| TritError::invalid(format!("{shown}: cannot read: {e}")))?;
-        let json: Value = serde_json::from_slice(&text)
-            .map_err(|e| TritError::invalid(format!("{shown} is not readable JSON: {e}")))?;
+        let json = files::read_json(index, files::MAX_JSON_BYTES)?;
         let weight_map = match json.get("weight_map") {
             Some(Value::Object(map)) if !map.is_empty() => map,
             _ => return Err(TritError::invalid(format!("{shown}: no weight_map"))),
@@ -481,5 +479,75 @@ mod tests {
             e.contains("dup.safetensors") && e.contains("one.safetensors"),
             "{e}"
         );
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Numbers at and beyond the boundaries a size or offset can cross.
+        fn edge() -> impl Strategy<Value = serde_json::Value> {
+            prop_oneof![
+                (0u64..40).prop_map(serde_json::Value::from),
+                prop::sample::select(vec![
+                    u64::MAX,
+                    u64::MAX / 2,
+                    1 << 32,
+                    1 << 62,
+                    (1 << 61) + 1
+                ])
+                .prop_map(serde_json::Value::from),
+                (-5i64..0).prop_map(serde_json::Value::from),
+                prop::sample::select(vec![1.5f64, 2.0, 1e300]).prop_map(serde_json::Value::from),
+                Just(serde_json::Value::from("3")),
+                Just(serde_json::Value::Null),
+            ]
+        }
+
+        fn entry() -> impl Strategy<Value = serde_json::Value> {
+            let dtype =
+                prop::sample::select(vec!["U8", "BF16", "F16", "F32", "I8", "F64", "Q4", ""]);
+            (
+                dtype,
+                prop::collection::vec(edge(), 0..4),
+                prop::collection::vec(edge(), 0..3),
+            )
+                .prop_map(|(dtype, shape, offsets)| {
+                    serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": offsets})
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(400))]
+
+            /// Any header, any declared length, any data: the file is read
+            /// or refused with an error naming it; never a panic.
+            #[test]
+            fn any_file_is_read_or_refused(
+                entries in prop::collection::btree_map("[a-c]", entry(), 0..4),
+                data_len in 0usize..48,
+                declared in prop::option::of(any::<u64>()),
+                raw in prop::option::of(prop::collection::vec(any::<u8>(), 0..24)),
+            ) {
+                let dir = Scratch::new("fuzz");
+                let header = match raw {
+                    Some(bytes) => bytes,
+                    None => serde_json::to_vec(&entries).unwrap(),
+                };
+                let mut bytes = with_header(&header, &vec![0u8; data_len]);
+                if let Some(n) = declared {
+                    bytes[..8].copy_from_slice(&n.to_le_bytes());
+                }
+                match open_bytes(&dir, &bytes) {
+                    Ok(c) => {
+                        for name in c.names() {
+                            let t = c.tensor(name).unwrap();
+                            prop_assert_eq!(RawTensor::new(name, t.dtype, t.shape, t.data).is_ok(), true);
+                        }
+                    }
+                    Err(e) => prop_assert!(e.to_string().contains(SINGLE_FILE), "{}", e),
+                }
+            }
+        }
     }
 }

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 use super::packing::{blocks_for, BLOCK};
 use super::{aligned_scratch, CacheLine};
 use crate::error::{Result, TritError};
+use crate::memory::try_reserve_total;
 
 /// Lower bound on a token's absmax, as in transformers (avoids dividing by zero).
 pub const ABSMAX_FLOOR: f32 = 1e-5;
@@ -30,6 +31,19 @@ pub struct QuantizedActivations {
     sum: Vec<i32>,
 }
 
+/// Makes room in `q` for the codes of `m` tokens of `k_padded` (a multiple
+/// of 64) and returns their count of cache lines: an error if they overflow
+/// or cannot be allocated, since the sizes come from callers' arrays.
+fn reserve_code_lines(q: &mut Vec<CacheLine>, m: usize, k_padded: usize) -> Result<usize> {
+    let lines = m.checked_mul(k_padded / 64).ok_or_else(|| {
+        TritError::invalid(format!(
+            "activations of {m} tokens of {k_padded} features are too large to address"
+        ))
+    })?;
+    try_reserve_total(q, lines, "the quantized activations")?;
+    Ok(lines)
+}
+
 impl QuantizedActivations {
     /// Quantizes `x` ([m, k] row-major f32) token by token. Values must be finite.
     pub fn quantize(x: &[f32], m: usize, k: usize) -> Result<Self> {
@@ -45,19 +59,20 @@ impl QuantizedActivations {
                 "activations need at least one token and one feature, got [{m}, {k}]"
             )));
         }
-        if x.len() != m * k {
+        if m.checked_mul(k) != Some(x.len()) {
             return Err(TritError::invalid(format!(
                 "activations hold {} values, not m * k = {m} * {k}",
                 x.len()
             )));
         }
         let k_padded = blocks_for(k) * BLOCK;
+        let lines = reserve_code_lines(&mut self.q, m, k_padded)?;
         self.m = m;
         self.k = k;
         self.k_padded = k_padded;
         // No clearing: each token writes all of its row, padding included,
         // so a prompt batch leaves no serial pass over the buffer.
-        self.q.resize(m * k_padded / 64, CacheLine([0; 64]));
+        self.q.resize(lines, CacheLine([0; 64]));
         self.scale.resize(m, 0.0);
         self.sum.resize(m, 0);
         // (token [k], its codes [k_padded]), (its multiplier, its code sum)
@@ -101,7 +116,7 @@ impl QuantizedActivations {
 
     /// A batch from codes already quantized elsewhere: `codes` is [m, k], `scales` [m].
     pub fn from_codes(codes: &[i8], m: usize, k: usize, scales: &[f32]) -> Result<Self> {
-        if m == 0 || k == 0 || codes.len() != m * k || scales.len() != m {
+        if m == 0 || k == 0 || m.checked_mul(k) != Some(codes.len()) || scales.len() != m {
             return Err(TritError::invalid(format!(
                 "codes [{}] and scales [{}] do not make a batch of [{m}, {k}]",
                 codes.len(),

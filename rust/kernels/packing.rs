@@ -1,6 +1,7 @@
 //! The packed ternary matrix every kernel reads.
 
 use crate::error::{Result, TritError};
+use crate::memory::{try_filled, try_reserve_total};
 
 /// Weights per block along the input dimension.
 pub const BLOCK: usize = 256;
@@ -77,7 +78,7 @@ impl TernaryMatrix {
     /// Packs `weights` ([n_out, n_in] row-major, values in {-1, 0, 1}).
     pub fn pack(weights: &[i8], n_out: usize, n_in: usize, scale: f32) -> Result<Self> {
         check_dims(n_out, n_in)?;
-        if weights.len() != n_out * n_in {
+        if n_out.checked_mul(n_in) != Some(weights.len()) {
             return Err(TritError::invalid(format!(
                 "weights hold {} values, not n_out * n_in = {n_out} * {n_in}",
                 weights.len()
@@ -104,7 +105,7 @@ impl TernaryMatrix {
         check_dims(n_out, n_in)?;
         check_scale(scale)?;
         let per_row = blocks_for(n_in);
-        let mut blocks = vec![PackedBlock([ZERO_BYTE; BLOCK_BYTES]); n_out * per_row];
+        let mut blocks = zero_blocks(n_out, n_in)?;
         for n in 0..n_out {
             for k in 0..n_in {
                 let w = weight(n, k);
@@ -130,7 +131,7 @@ impl TernaryMatrix {
     pub fn from_hf_packed(packed: &[u8], n_out: usize, n_in: usize, scale: f32) -> Result<Self> {
         check_dims(n_out, n_in)?;
         check_scale(scale)?;
-        if !n_out.is_multiple_of(4) || packed.len() != n_out / 4 * n_in {
+        if !n_out.is_multiple_of(4) || (n_out / 4).checked_mul(n_in) != Some(packed.len()) {
             return Err(TritError::invalid(format!(
                 "a packed weight of [{n_out}, {n_in}] must hold [{}, {n_in}] bytes, got {}",
                 n_out / 4,
@@ -139,7 +140,7 @@ impl TernaryMatrix {
         }
         let per_row = blocks_for(n_in);
         let rows = n_out / 4;
-        let mut blocks = vec![PackedBlock([ZERO_BYTE; BLOCK_BYTES]); n_out * per_row];
+        let mut blocks = zero_blocks(n_out, n_in)?;
         // Packed row r feeds output rows r, r + R, r + 2R and r + 3R: fill
         // all four from one read of it (the source is read once, not four times).
         let (quarter0, rest) = blocks.split_at_mut(rows * per_row);
@@ -206,10 +207,25 @@ impl TernaryMatrix {
     /// The weights as [n_out, n_in] row-major values in {-1, 0, 1}.
     pub fn unpack(&self) -> Vec<i8> {
         let mut out = Vec::with_capacity(self.n_out * self.n_in);
+        self.unpack_into(&mut out);
+        out
+    }
+
+    /// As `unpack`, an error instead of an abort if there is no memory for
+    /// the values (4x the packed bytes).
+    pub fn try_unpack(&self) -> Result<Vec<i8>> {
+        let mut out = Vec::new();
+        // The product is below 4 * packed_bytes, which exist: no overflow.
+        let len = self.n_out * self.n_in;
+        try_reserve_total(&mut out, len, "the unpacked ternary matrix")?;
+        self.unpack_into(&mut out);
+        Ok(out)
+    }
+
+    fn unpack_into(&self, out: &mut Vec<i8>) {
         for n in 0..self.n_out {
             out.extend((0..self.n_in).map(|k| self.get(n, k)));
         }
-        out
     }
 }
 
@@ -231,6 +247,21 @@ fn check_scale(scale: f32) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The blocks of an [n_out, n_in] matrix of zero weights, allocated
+/// fallibly: the dimensions may come from input.
+fn zero_blocks(n_out: usize, n_in: usize) -> Result<Vec<PackedBlock>> {
+    let len = n_out.checked_mul(blocks_for(n_in)).ok_or_else(|| {
+        TritError::invalid(format!(
+            "a ternary matrix of [{n_out}, {n_in}] is too large to address"
+        ))
+    })?;
+    try_filled(
+        len,
+        PackedBlock([ZERO_BYTE; BLOCK_BYTES]),
+        &format!("a packed ternary matrix of [{n_out}, {n_in}]"),
+    )
 }
 
 fn check_dims(n_out: usize, n_in: usize) -> Result<()> {
@@ -280,6 +311,15 @@ mod tests {
         assert!(TernaryMatrix::pack(&[0, 2], 1, 2, 1.0).is_err());
         assert!(TernaryMatrix::pack(&[0, 1, 0], 1, 2, 1.0).is_err());
         assert!(TernaryMatrix::pack(&[0, 1], 1, 2, f32::NAN).is_err());
+        // Sizes that overflow or cannot be allocated are errors, not aborts.
+        let err = TernaryMatrix::pack(&[0], usize::MAX, 2, 1.0).unwrap_err();
+        assert!(err.to_string().contains("not n_out * n_in"), "{err}");
+        let err = TernaryMatrix::from_fn(usize::MAX, 300, 1.0, |_, _| 0).unwrap_err();
+        assert!(err.to_string().contains("too large to address"), "{err}");
+        let err = TernaryMatrix::from_fn(1 << 40, 1 << 20, 1.0, |_, _| 0).unwrap_err();
+        assert!(matches!(err, TritError::OutOfMemory(_)), "{err:?}");
+        let err = TernaryMatrix::from_hf_packed(&[0; 4], usize::MAX - 3, 2, 1.0).unwrap_err();
+        assert!(err.to_string().contains("must hold"), "{err}");
     }
 
     proptest! {
@@ -307,7 +347,7 @@ mod tests {
                 (state % 3) as i8 - 1
             }).collect();
             let m = TernaryMatrix::pack(&w, n_out, n_in, 0.5).unwrap();
-            prop_assert_eq!(m.unpack(), w);
+            prop_assert_eq!(m.try_unpack().unwrap(), w);
             prop_assert_eq!(m.packed_bytes(), n_out * n_in.div_ceil(256) * 64);
         }
     }

@@ -4,6 +4,7 @@
 use crate::error::{Result, TritError};
 use crate::kernels::half::halves_from_f32;
 use crate::kernels::Kernel;
+use crate::memory::try_zeroed;
 
 /// What the cache stores keys and values as.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -56,12 +57,12 @@ enum Store {
 }
 
 impl Store {
-    fn new(kind: KvType, len: usize) -> Store {
+    fn new(kind: KvType, len: usize, what: &str) -> Result<Store> {
         // Zero pages from the allocator: memory is only touched as positions fill.
-        match kind {
-            KvType::F32 => Store::F32(vec![0.0; len]),
-            KvType::F16 => Store::F16(vec![F16(0); len]),
-        }
+        Ok(match kind {
+            KvType::F32 => Store::F32(try_zeroed(len, what)?),
+            KvType::F16 => Store::F16(try_zeroed(len, what)?),
+        })
     }
 
     fn write(&mut self, kernel: Kernel, at: usize, x: &[f32]) {
@@ -117,6 +118,8 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// A cache for `n_ctx` positions; an error (naming n_ctx) if it does not
+    /// fit this machine's memory or address space.
     pub fn new(
         n_layers: usize,
         n_kv_heads: usize,
@@ -124,17 +127,24 @@ impl KvCache {
         head_dim: usize,
         kind: KvType,
         kernel: Kernel,
-    ) -> Self {
-        let len = n_layers * n_kv_heads * n_ctx * head_dim;
-        KvCache {
+    ) -> Result<Self> {
+        let what = format!(
+            "the KV cache of n_ctx = {n_ctx} positions ({n_layers} layers, {n_kv_heads} \
+             key/value heads of {head_dim}); pass a smaller n_ctx"
+        );
+        let len = [n_kv_heads, n_ctx, head_dim]
+            .iter()
+            .try_fold(n_layers, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| TritError::invalid(format!("{what}: its size overflows")))?;
+        Ok(KvCache {
             n_ctx,
             n_kv_heads,
             head_dim,
             kind,
             kernel,
-            k: Store::new(kind, len),
-            v: Store::new(kind, len),
-        }
+            k: Store::new(kind, len, &what)?,
+            v: Store::new(kind, len, &what)?,
+        })
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -205,7 +215,7 @@ mod tests {
     #[test]
     fn heads_and_layers_do_not_overlap() {
         for kind in KvType::ALL {
-            let mut c = KvCache::new(2, 3, 4, 2, kind, Kernel::Scalar);
+            let mut c = KvCache::new(2, 3, 4, 2, kind, Kernel::Scalar).unwrap();
             c.write(1, 2, 3, &[1.0, 2.0], &[3.0, 4.0]);
             c.write(0, 0, 0, &[5.0, 6.0], &[7.0, 8.0]);
             assert_eq!(&f32s(c.keys(1, 2, 4))[6..], &[1.0, 2.0]);
@@ -218,10 +228,24 @@ mod tests {
     }
 
     #[test]
+    fn a_cache_too_large_is_an_error_naming_n_ctx() {
+        for (n_ctx, overflow) in [(1usize << 40, false), (1 << 58, true), (1 << 62, true)] {
+            let err = KvCache::new(30, 5, n_ctx, 128, KvType::F16, Kernel::Scalar).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains(&format!("n_ctx = {n_ctx}")), "{text}");
+            if overflow {
+                assert!(matches!(err, TritError::InvalidInput(_)), "{err:?}");
+            } else {
+                assert!(matches!(err, TritError::OutOfMemory(_)), "{err:?}");
+            }
+        }
+    }
+
+    #[test]
     fn a_copied_prefix_is_the_other_cache_s_rows_and_nothing_more() {
         for kind in KvType::ALL {
-            let mut a = KvCache::new(2, 2, 3, 2, kind, Kernel::Scalar);
-            let mut b = KvCache::new(2, 2, 3, 2, kind, Kernel::Scalar);
+            let mut a = KvCache::new(2, 2, 3, 2, kind, Kernel::Scalar).unwrap();
+            let mut b = KvCache::new(2, 2, 3, 2, kind, Kernel::Scalar).unwrap();
             for (layer, head, pos) in [(0, 0, 0), (1, 1, 1), (1, 0, 2)] {
                 let x = (layer * 4 + head * 2 + pos) as f32;
                 b.write(layer, head, pos, &[x, x + 0.5], &[-x, 1.0]);

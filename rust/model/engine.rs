@@ -26,6 +26,7 @@ use crate::error::{Result, TritError};
 use crate::kernels::{
     matmul_glu_into, matmul_into, matmul_many_into, Kernel, QuantizedActivations,
 };
+use crate::memory::{try_filled, try_reserve_total};
 use crate::threads;
 
 /// Most tokens of a prompt processed in one batch: bounds the scratch memory
@@ -154,17 +155,29 @@ impl Engine {
             )));
         }
         let pool = threads::pool(threads)?;
-        let rope = Rope::for_config(c, n_ctx);
+        // The caches first: they are the largest buffers n_ctx sizes (each at
+        // least 4 * n_ctx * head_dim bytes, as the RoPE tables), so once they
+        // fit the others do.
         let slots = (0..slots)
-            .map(|_| Slot {
-                cache: KvCache::new(c.num_layers, c.num_kv_heads, n_ctx, c.head_dim, kv, kernel),
-                tokens: Vec::new(),
-                last_logits: Vec::new(),
-                busy: false,
+            .map(|_| {
+                Ok(Slot {
+                    cache: KvCache::new(
+                        c.num_layers,
+                        c.num_kv_heads,
+                        n_ctx,
+                        c.head_dim,
+                        kv,
+                        kernel,
+                    )?,
+                    tokens: Vec::new(),
+                    last_logits: Vec::new(),
+                    busy: false,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
+        let rope = Rope::for_config(c, n_ctx);
         let scratch = Scratch {
-            attn: AttentionScratch::new(c.num_heads, c.head_dim, n_ctx),
+            attn: AttentionScratch::new(c.num_heads, c.head_dim, n_ctx)?,
             normed: vec![0.0; c.hidden_size],
             ..Default::default()
         };
@@ -362,7 +375,15 @@ impl Engine {
     pub fn logits(&mut self, slot: usize, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
         self.reset(slot)?;
-        let mut out = Vec::with_capacity(ids.len() * self.model.config.vocab_size);
+        let vocab = self.model.config.vocab_size;
+        let mut out = Vec::new(); // [ids.len(), vocab]
+        let len = ids.len().checked_mul(vocab).ok_or_else(|| {
+            TritError::invalid(format!(
+                "{} positions of {vocab} logits overflow",
+                ids.len()
+            ))
+        })?;
+        try_reserve_total(&mut out, len, "the logits of every position")?;
         self.run(slot, ids, Logits::From(0), &mut |_, row| {
             out.extend_from_slice(row)
         })?;
@@ -896,13 +917,23 @@ struct AttentionScratch {
 }
 
 impl AttentionScratch {
-    fn new(n_heads: usize, hd: usize, n_ctx: usize) -> Self {
+    /// Sized for `n_ctx` positions; an error if they do not fit.
+    fn new(n_heads: usize, hd: usize, n_ctx: usize) -> Result<Self> {
         let chunks = n_ctx.div_ceil(KEY_CHUNK);
-        AttentionScratch {
-            scores: vec![0.0; n_heads * chunks * KEY_CHUNK],
-            partial_out: vec![0.0; n_heads * chunks * hd],
-            partial_stats: vec![Partial::default(); n_heads * chunks],
-        }
+        let size = |last: usize| {
+            n_heads
+                .checked_mul(chunks)
+                .and_then(|n| n.checked_mul(last))
+                .ok_or_else(|| {
+                    TritError::invalid(format!("attention buffers for n_ctx = {n_ctx} overflow"))
+                })
+        };
+        let what = format!("the attention buffers of n_ctx = {n_ctx}; pass a smaller n_ctx");
+        Ok(AttentionScratch {
+            scores: try_filled(size(KEY_CHUNK)?, 0.0, &what)?,
+            partial_out: try_filled(size(hd)?, 0.0, &what)?,
+            partial_stats: try_filled(size(1)?, Partial::default(), &what)?,
+        })
     }
 }
 

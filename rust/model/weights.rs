@@ -17,6 +17,7 @@ use super::dense::DenseMatrix;
 use crate::checkpoint::{Checkpoint, DType, RawTensor, Usage};
 use crate::error::{Result, TritError};
 use crate::kernels::TernaryMatrix;
+use crate::memory::try_reserve_total;
 
 /// The seven ternary projections of a decoder layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -462,6 +463,22 @@ pub enum HeadPrecision {
     Int8,
 }
 
+/// Asks the allocator once, without touching the memory, for as many bytes
+/// as the checkpoint's tensors hold: the model keeps about that much (up to
+/// twice, for F16 widened to f32). A file can declare far more than the
+/// machine has (a sparse file costs no disk), and its tensors would then be
+/// scanned for hours before an allocation aborted; this makes it an
+/// `OutOfMemory` error before any work.
+fn probe_memory(checkpoint: &dyn Checkpoint) -> Result<()> {
+    let bytes = checkpoint
+        .names()
+        .into_iter()
+        .filter_map(|name| checkpoint.tensor(name))
+        .fold(0usize, |sum, t| sum.saturating_add(t.data.len()));
+    let mut probe: Vec<u8> = Vec::new();
+    try_reserve_total(&mut probe, bytes, "the model's weights")
+}
+
 /// Builds the model from the tensors of `checkpoint`. Returns it with the
 /// warnings a user should see (all-zero tensors, tensors left unused). Each
 /// tensor is released (`Checkpoint::release`) once converted.
@@ -472,6 +489,7 @@ pub fn load(
     head: HeadPrecision,
 ) -> Result<(Model, Vec<String>)> {
     config.validate()?;
+    probe_memory(checkpoint)?;
     let ck = Loader {
         checkpoint,
         tensors: Usage::new(checkpoint),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1};
 use pyo3::prelude::*;
 
-use super::{invalid, IntoPyResult, PyTernaryMatrix};
+use super::{args, invalid, IntoPyResult, PyTernaryMatrix};
 use crate::checkpoint::MemoryCheckpoint;
 use crate::model::dense::DenseMatrix;
 use crate::model::{self, Config, DType, LinearClass, QuantizationMode};
@@ -29,23 +29,28 @@ impl PyModelConfig {
         *, vocab_size, hidden_size, intermediate_size, num_hidden_layers,
         num_attention_heads, num_key_value_heads, rope_theta, rms_norm_eps,
         max_position_embeddings, head_dim=None, tie_word_embeddings=true,
-        linear_class="bitlinear", quantization_mode="offline"
+        linear_class="bitlinear".to_string(), quantization_mode="offline".to_string()
     ))]
+    // The defaults as Python sees them (PyO3 writes a computed default as `...`).
+    #[pyo3(text_signature = "(*, vocab_size, hidden_size, intermediate_size, \
+        num_hidden_layers, num_attention_heads, num_key_value_heads, rope_theta, rms_norm_eps, \
+        max_position_embeddings, head_dim=None, tie_word_embeddings=True, \
+        linear_class='bitlinear', quantization_mode='offline')")]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        vocab_size: usize,
-        hidden_size: usize,
-        intermediate_size: usize,
-        num_hidden_layers: usize,
-        num_attention_heads: usize,
-        num_key_value_heads: usize,
-        rope_theta: f64,
-        rms_norm_eps: f64,
-        max_position_embeddings: usize,
-        head_dim: Option<usize>,
-        tie_word_embeddings: bool,
-        linear_class: &str,
-        quantization_mode: &str,
+        #[pyo3(from_py_with = args::vocab_size)] vocab_size: usize,
+        #[pyo3(from_py_with = args::hidden_size)] hidden_size: usize,
+        #[pyo3(from_py_with = args::intermediate_size)] intermediate_size: usize,
+        #[pyo3(from_py_with = args::num_hidden_layers)] num_hidden_layers: usize,
+        #[pyo3(from_py_with = args::num_attention_heads)] num_attention_heads: usize,
+        #[pyo3(from_py_with = args::num_key_value_heads)] num_key_value_heads: usize,
+        #[pyo3(from_py_with = args::rope_theta)] rope_theta: f64,
+        #[pyo3(from_py_with = args::rms_norm_eps)] rms_norm_eps: f64,
+        #[pyo3(from_py_with = args::max_position_embeddings)] max_position_embeddings: usize,
+        #[pyo3(from_py_with = args::head_dim)] head_dim: Option<usize>,
+        #[pyo3(from_py_with = args::tie_word_embeddings)] tie_word_embeddings: bool,
+        #[pyo3(from_py_with = args::linear_class)] linear_class: String,
+        #[pyo3(from_py_with = args::quantization_mode)] quantization_mode: String,
     ) -> PyResult<Self> {
         if num_attention_heads == 0 {
             return Err(invalid("config: num_attention_heads must be positive"));
@@ -64,8 +69,8 @@ impl PyModelConfig {
             rms_norm_eps: rms_norm_eps as f32,
             max_position_embeddings,
             tie_word_embeddings,
-            linear_class: LinearClass::parse(linear_class).py()?,
-            quantization_mode: QuantizationMode::parse(quantization_mode).py()?,
+            linear_class: LinearClass::parse(&linear_class).py()?,
+            quantization_mode: QuantizationMode::parse(&quantization_mode).py()?,
             bitlinear_norm_eps: None,
             rope_scaling: None,
         };
@@ -197,8 +202,8 @@ impl PyModel {
     fn open(
         py: Python<'_>,
         folder: PathBuf,
-        threads: Option<usize>,
-        int8_head: bool,
+        #[pyo3(from_py_with = args::threads)] threads: Option<usize>,
+        #[pyo3(from_py_with = args::int8_head)] int8_head: bool,
     ) -> PyResult<(PyModel, Vec<String>)> {
         let pool = threads::pool(threads).py()?;
         let (m, warnings) = py
@@ -216,8 +221,8 @@ impl PyModel {
         py: Python<'_>,
         config: &PyModelConfig,
         tensors: Vec<TensorArg<'_>>,
-        threads: Option<usize>,
-        int8_head: bool,
+        #[pyo3(from_py_with = args::threads)] threads: Option<usize>,
+        #[pyo3(from_py_with = args::int8_head)] int8_head: bool,
     ) -> PyResult<(PyModel, Vec<String>)> {
         let pool = threads::pool(threads).py()?;
         let mut checkpoint = MemoryCheckpoint::new();
@@ -257,8 +262,12 @@ impl PyModel {
     }
 
     /// A copy of projection `name` ("q_proj", ..., "down_proj") of `layer`.
-    fn projection(&self, layer: usize, name: &str) -> PyResult<PyTernaryMatrix> {
-        let p = model::Proj::parse(name).py()?;
+    fn projection(
+        &self,
+        #[pyo3(from_py_with = args::layer)] layer: usize,
+        #[pyo3(from_py_with = args::projection_name)] name: String,
+    ) -> PyResult<PyTernaryMatrix> {
+        let p = model::Proj::parse(&name).py()?;
         let l = self.inner.layers.get(layer).ok_or_else(|| {
             invalid(format!(
                 "layer {layer} does not exist; the model has {}",
@@ -367,12 +376,12 @@ impl PySampler {
         *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=0
     ))]
     fn new(
-        temperature: f64,
-        top_k: i64,
-        top_p: f64,
-        min_p: f64,
-        repetition_penalty: f64,
-        seed: u64,
+        #[pyo3(from_py_with = args::temperature)] temperature: f64,
+        #[pyo3(from_py_with = args::top_k)] top_k: i64,
+        #[pyo3(from_py_with = args::top_p)] top_p: f64,
+        #[pyo3(from_py_with = args::min_p)] min_p: f64,
+        #[pyo3(from_py_with = args::repetition_penalty)] repetition_penalty: f64,
+        #[pyo3(from_py_with = args::seed)] seed: u64,
     ) -> PyResult<Self> {
         if top_k < 0 {
             return Err(invalid(format!("top_k must be >= 0, got {top_k}")));
@@ -390,14 +399,6 @@ impl PySampler {
     }
 }
 
-fn token_ids(ids: Vec<i64>) -> PyResult<Vec<u32>> {
-    ids.into_iter()
-        .map(|id| {
-            u32::try_from(id).map_err(|_| invalid(format!("token id {id} is not a valid id")))
-        })
-        .collect()
-}
-
 /// One sequence on a model: KV cache for n_ctx positions and the tokens in it.
 #[pyclass(name = "Session", module = "trit._core")]
 pub(super) struct PySession {
@@ -407,14 +408,16 @@ pub(super) struct PySession {
 #[pymethods]
 impl PySession {
     #[new]
-    #[pyo3(signature = (model, *, n_ctx=None, threads=None, kv_cache="f16"))]
+    #[pyo3(signature = (model, *, n_ctx=None, threads=None, kv_cache="f16".to_string()))]
+    // The default as Python sees it (PyO3 writes a computed default as `...`).
+    #[pyo3(text_signature = "(model, *, n_ctx=None, threads=None, kv_cache='f16')")]
     fn new(
         model: &PyModel,
-        n_ctx: Option<usize>,
-        threads: Option<usize>,
-        kv_cache: &str,
+        #[pyo3(from_py_with = args::n_ctx)] n_ctx: Option<usize>,
+        #[pyo3(from_py_with = args::threads)] threads: Option<usize>,
+        #[pyo3(from_py_with = args::kv_cache)] kv_cache: String,
     ) -> PyResult<Self> {
-        let kv = model::KvType::parse(kv_cache).py()?;
+        let kv = model::KvType::parse(&kv_cache).py()?;
         Ok(PySession {
             inner: model::Session::new(model.inner.clone(), n_ctx, threads, kv).py()?,
         })
@@ -456,26 +459,31 @@ impl PySession {
 
     /// Makes `ids` the sequence (reusing the cached prefix) and computes the
     /// logits after it; returns the number of tokens processed.
-    fn prefill(&mut self, py: Python<'_>, ids: Vec<i64>) -> PyResult<usize> {
-        let ids = token_ids(ids)?;
+    fn prefill(
+        &mut self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
+    ) -> PyResult<usize> {
         let s = &mut self.inner;
         py.detach(|| s.prefill(&ids)).py()
     }
 
     /// Appends one token and computes the logits after it.
-    fn push(&mut self, py: Python<'_>, token: i64) -> PyResult<()> {
-        let id = token_ids(vec![token])?[0];
+    fn push(
+        &mut self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::token)] token: u32,
+    ) -> PyResult<()> {
         let s = &mut self.inner;
-        py.detach(|| s.push(id)).py()
+        py.detach(|| s.push(token)).py()
     }
 
     /// Logits at every position of `ids`: float32 [len(ids), vocab].
     fn logits<'py>(
         &mut self,
         py: Python<'py>,
-        ids: Vec<i64>,
+        #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let ids = token_ids(ids)?;
         let vocab = self.inner.model().config.vocab_size;
         let s = &mut self.inner;
         let values = py.detach(|| s.logits(&ids)).py()?;
@@ -487,8 +495,12 @@ impl PySession {
     /// cache (which then holds `ids`). The logits are those of `logits(ids)`,
     /// reduced position by position in float64: memory O(vocab), not
     /// O(len(ids) * vocab).
-    fn nll(&mut self, py: Python<'_>, ids: Vec<i64>, first: i64) -> PyResult<f64> {
-        let ids = token_ids(ids)?;
+    fn nll(
+        &mut self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
+        #[pyo3(from_py_with = args::first)] first: i64,
+    ) -> PyResult<f64> {
         let first = usize::try_from(first).map_err(|_| {
             invalid(format!(
                 "the first scored position must be >= 1, got {first}"
@@ -533,18 +545,34 @@ pub(super) struct PyEngine {
 /// whether the logits after the last are wanted).
 type WorkArg = (usize, Vec<i64>, bool);
 
+/// The token ids of one `WorkArg`.
+fn ids_of(ids: Vec<i64>) -> PyResult<Vec<u32>> {
+    ids.into_iter()
+        .map(|id| {
+            u32::try_from(id).map_err(|_| {
+                invalid(format!(
+                    "token id {id} is not a valid id; token ids are integers from 0 to {}",
+                    u32::MAX
+                ))
+            })
+        })
+        .collect()
+}
+
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (model, *, slots=1, n_ctx=None, threads=None, kv_cache="f16"))]
+    #[pyo3(signature = (model, *, slots=1, n_ctx=None, threads=None, kv_cache="f16".to_string()))]
+    // The default as Python sees it (PyO3 writes a computed default as `...`).
+    #[pyo3(text_signature = "(model, *, slots=1, n_ctx=None, threads=None, kv_cache='f16')")]
     fn new(
         model: &PyModel,
-        slots: usize,
-        n_ctx: Option<usize>,
-        threads: Option<usize>,
-        kv_cache: &str,
+        #[pyo3(from_py_with = args::slots)] slots: usize,
+        #[pyo3(from_py_with = args::n_ctx)] n_ctx: Option<usize>,
+        #[pyo3(from_py_with = args::threads)] threads: Option<usize>,
+        #[pyo3(from_py_with = args::kv_cache)] kv_cache: String,
     ) -> PyResult<Self> {
-        let kv = model::KvType::parse(kv_cache).py()?;
+        let kv = model::KvType::parse(&kv_cache).py()?;
         let kernel = crate::kernels::Kernel::active().py()?;
         let inner = model::Engine::new(model.inner.clone(), slots, n_ctx, threads, kv, kernel);
         Ok(PyEngine { inner: inner.py()? })
@@ -593,8 +621,10 @@ impl PyEngine {
     /// Takes a free slot for a sequence starting with `ids`, reusing the
     /// longest cached start of it (from any slot); an InvalidInputError when
     /// every slot is held. The slot then holds that start.
-    fn acquire(&mut self, ids: Vec<i64>) -> PyResult<usize> {
-        let ids = token_ids(ids)?;
+    fn acquire(
+        &mut self,
+        #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
+    ) -> PyResult<usize> {
         self.inner.acquire(&ids).py()
     }
 
@@ -618,7 +648,7 @@ impl PyEngine {
     fn step(&mut self, py: Python<'_>, work: Vec<WorkArg>) -> PyResult<()> {
         let ids = work
             .into_iter()
-            .map(|(slot, ids, logits)| Ok((slot, token_ids(ids)?, logits)))
+            .map(|(slot, ids, logits)| Ok((slot, ids_of(ids)?, logits)))
             .collect::<PyResult<Vec<_>>>()?;
         let work: Vec<model::Work<'_>> = ids
             .iter()
@@ -634,8 +664,12 @@ impl PyEngine {
 
     /// Makes `ids` a slot's sequence (reusing its cached prefix) and computes
     /// the logits after it; returns the number of tokens processed.
-    fn prefill(&mut self, py: Python<'_>, slot: usize, ids: Vec<i64>) -> PyResult<usize> {
-        let ids = token_ids(ids)?;
+    fn prefill(
+        &mut self,
+        py: Python<'_>,
+        slot: usize,
+        #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
+    ) -> PyResult<usize> {
         let engine = &mut self.inner;
         py.detach(|| engine.prefill(slot, &ids)).py()
     }
@@ -646,9 +680,8 @@ impl PyEngine {
         &mut self,
         py: Python<'py>,
         slot: usize,
-        ids: Vec<i64>,
+        #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let ids = token_ids(ids)?;
         let vocab = self.inner.model().config.vocab_size;
         let engine = &mut self.inner;
         let values = py.detach(|| engine.logits(slot, &ids)).py()?;
@@ -656,8 +689,13 @@ impl PyEngine {
     }
 
     /// As `Session.nll`, in `slot`.
-    fn nll(&mut self, py: Python<'_>, slot: usize, ids: Vec<i64>, first: i64) -> PyResult<f64> {
-        let ids = token_ids(ids)?;
+    fn nll(
+        &mut self,
+        py: Python<'_>,
+        slot: usize,
+        #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
+        #[pyo3(from_py_with = args::first)] first: i64,
+    ) -> PyResult<f64> {
         let first = usize::try_from(first).map_err(|_| {
             invalid(format!(
                 "the first scored position must be >= 1, got {first}"

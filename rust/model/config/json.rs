@@ -15,20 +15,15 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use super::{Activation, Config, Family, LinearClass, Llama3Rope, QuantizationMode};
+use crate::checkpoint::files;
 use crate::error::{Result, TritError};
 use crate::model::weights::Proj;
 
 impl Config {
     /// Reads and checks the `config.json` at `path`.
     pub fn from_json_file(path: &Path) -> Result<Config> {
-        let shown = path.display();
-        let text = std::fs::read(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => TritError::invalid(format!("{shown} does not exist")),
-            _ => TritError::invalid(format!("{shown}: cannot read: {e}")),
-        })?;
-        let json: Value = serde_json::from_slice(&text)
-            .map_err(|e| TritError::invalid(format!("{shown} is not readable JSON: {e}")))?;
-        Config::from_json(&json, &shown.to_string())
+        let json = files::read_json(path, files::MAX_JSON_BYTES)?;
+        Config::from_json(&json, &path.display().to_string())
     }
 
     /// A config from the parsed JSON of a `config.json`; `source` names the
@@ -906,5 +901,67 @@ mod tests {
         assert!(err.contains("intermediate_size * hidden_size"), "{err}");
         let err = error(&[("hidden_size", json!(18446744073709551616.0))]);
         assert!(err.contains("expected a positive integer"), "{err}");
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn value() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                prop::sample::select(vec![0u64, 1, 2, 4, 16, 64, 1 << 32, 1 << 62, u64::MAX])
+                    .prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                "[a-z0-9.]{0,6}".prop_map(Value::from),
+                prop::collection::vec(any::<u8>().prop_map(Value::from), 0..3)
+                    .prop_map(Value::from),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            /// Any values in any fields: a config that validates, or an
+            /// error naming the file; never a panic.
+            #[test]
+            fn any_config_is_read_or_refused(
+                changes in prop::collection::vec((
+                    prop::sample::select(vec![
+                        "hidden_size", "intermediate_size", "num_hidden_layers",
+                        "num_attention_heads", "num_key_value_heads", "vocab_size",
+                        "max_position_embeddings", "rope_theta", "rms_norm_eps",
+                        "tie_word_embeddings", "head_dim", "model_type", "hidden_act",
+                        "architectures", "rope_scaling", "quantization_config",
+                        "quantization_config.linear_class",
+                        "quantization_config.quantization_mode", "attention_bias",
+                    ]),
+                    value(),
+                ), 1..4),
+            ) {
+                let mut v = base();
+                for (key, value) in &changes {
+                    let mut target = &mut v;
+                    let mut parts = key.split('.').peekable();
+                    while let Some(part) = parts.next() {
+                        if !target.is_object() {
+                            break;
+                        }
+                        if parts.peek().is_none() {
+                            target[part] = value.clone();
+                        } else {
+                            target = &mut target[part];
+                        }
+                    }
+                }
+                match parse(&v) {
+                    Ok(c) => prop_assert!(c.validate().is_ok()),
+                    Err(e) => prop_assert!(e.to_string().starts_with("m/config.json"), "{}", e),
+                }
+            }
+        }
     }
 }
