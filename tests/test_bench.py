@@ -1,15 +1,18 @@
-"""trit bench on fixture models and on a small synthetic checkpoint."""
+"""trit bench on fixture models and on a small synthetic checkpoint; its --batch
+mode, and its --server load test against a `trit serve` on 127.0.0.1."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import FIXTURES
 from test_cli import run
+from test_server import free_port, trit_serve
 
-from trit import bench, synthetic
+from trit import bench, bench_batch, bench_server, synthetic
 from trit.loader import load_model, model_config
 
 MODEL = str(FIXTURES / "tiny-gqa-packed")
@@ -112,3 +115,135 @@ def test_synthetic_is_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="unknown synthetic model"):
         synthetic.ensure("70b", root=tmp_path)
+
+
+# -- trit bench --batch ---------------------------------------------------------
+
+
+def test_batch_run_reports_every_batch_size() -> None:
+    results = bench_batch.run(MODEL, batches=[1, 3], n_prompt=5, n_gen=3, threads=1)
+    assert [(r.batch, r.n_prompt, r.n_gen, r.n_threads) for r in results] == [
+        (1, 5, 3, 1),
+        (3, 5, 3, 1),
+    ]
+    pp128 = results[0].pp128_ts
+    assert pp128 > 0
+    for r in results:
+        assert r.pp_ts > 0 and r.tg_ts > 0
+        assert r.tg_ts_per_sequence == pytest.approx(r.tg_ts / r.batch)
+        assert (r.pp128_ts, r.tg_of_pp128) == (pp128, pytest.approx(r.tg_ts / pp128))
+        assert (r.type_k, r.type_v, r.model) == ("f16", "f16", "tiny-gqa-packed")
+    table = bench_batch.markdown(results)
+    assert "pp128 (one sequence)" in table and "| 3 | 5 | 3 |" in table
+
+
+def test_batch_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="--batch sizes"):
+        bench_batch.run(MODEL, batches=[2, 0])
+    with pytest.raises(ValueError, match="-p and -n"):
+        bench_batch.run(MODEL, batches=[1], n_gen=0)
+    with pytest.raises(ValueError, match="positions"):
+        bench_batch.run(MODEL, batches=[1], n_prompt=200, n_gen=200)
+    with pytest.raises(ValueError, match="not both"):
+        bench_batch.run(MODEL, synthetic_name="2b4t")
+
+
+def test_cli_batch_json_per_thread_count() -> None:
+    out = run("bench", "-m", MODEL, "--batch", "1,2", "-p", "4", "-n", "2", "-t", "1,2", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [(r["n_threads"], r["batch"]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(r["tg_ts"] > 0 and r["pp128_ts"] > 0 for r in rows)
+
+
+def test_cli_batch_table_and_refused_flags() -> None:
+    out = run("bench", "--batch", "2", "-p", "4", "-n", "2", "-t", "1")  # the bundled model
+    assert out.returncode == 0, out.stderr
+    assert "| 2 | 4 | 2 |" in out.stdout and "[batch 2:" in out.stderr
+    for extra, message in (
+        (("-r", "2"), "-r does not apply to --batch"),
+        (("-d", "8"), "-d does not apply to --batch"),
+        (("-p", "4,8"), "-p takes one value with --batch"),
+        (("--clients", "2"), "--clients does not apply to --batch"),
+        (("--api-key", "k"), "--api-key does not apply to --batch"),
+    ):
+        bad = run("bench", "-m", MODEL, "--batch", "1", *extra)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+    for extra in (("--requests", "3"), ("--timeout", "9")):
+        bad = run("bench", "-m", MODEL, *extra)
+        assert bad.returncode == 2 and f"{extra[0]} needs --server" in bad.stderr, bad.stderr
+
+
+# -- trit bench --server --------------------------------------------------------
+
+
+def _metric(text: str, name: str) -> float:
+    """The sum of a Prometheus counter's samples over its labels."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    )
+
+
+def test_cli_server_load_test_against_trit_serve() -> None:
+    args = ("-m", MODEL, "--parallel", "2", "--api-key", "k3y", "--log-level", "warning")
+    with trit_serve(*args) as (url, _proc):
+        load = ("bench", "--server", url, "--clients", "2", "--requests", "3", "-n", "4")
+        out = run(*load, "--api-key", "k3y", "--json")
+        assert out.returncode == 0, out.stderr
+        r = json.loads(out.stdout)
+        assert (r["url"], r["model"], r["clients"], r["requests"]) == (
+            url,
+            "tiny-gqa-packed",
+            2,
+            3,
+        )
+        assert r["requests_per_s"] == pytest.approx(3 / r["wall_s"])
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["wall_s"]
+        assert 0 < r["e2e_p50_s"] <= r["e2e_p99_s"] <= r["wall_s"]
+        assert r["ttft_p50_s"] <= r["e2e_p50_s"]
+        # The tokens it counted are the ones the server generated.
+        metrics = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer k3y"}).text
+        generated = _metric(metrics, "trit_generated_tokens_total")
+        assert 0 < generated <= 3 * 4
+        assert r["tokens_per_s"] * r["wall_s"] == pytest.approx(generated)
+        assert _metric(metrics, "trit_requests_total") == 3
+        table = run(*load, "--api-key", "k3y")
+        assert table.returncode == 0 and "| requests/s |" in table.stdout, table.stderr
+        # Without its key the server answers 401 to the first call.
+        denied = run(*load)
+        assert denied.returncode == 1 and "401" in denied.stderr, denied.stderr
+
+
+def test_cli_server_refuses_other_hosts_and_bad_counts() -> None:
+    for url, message in (
+        ("http://192.0.2.1:8000", "only targets a server on this machine"),
+        ("http://example.com", "only targets a server on this machine"),
+        ("https://127.0.0.1:8000", "must be an http:// URL"),
+    ):
+        out = run("bench", "--server", url)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for extra, message in (
+        (("--clients", "0"), "--clients must be in 1..256"),
+        (("--requests", "100000"), "--requests must be in 1..10000"),
+        (("--timeout", "0"), "--timeout must be > 0"),
+        (("--timeout", "inf"), "--timeout must be > 0"),
+        (("--timeout", "nan"), "--timeout must be > 0"),
+        (("-t", "2"), "-t does not apply to --server"),
+        (("-m", MODEL), "-m does not apply to --server"),
+    ):
+        out = run("bench", "--server", url, *extra)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+    refused = run("bench", "--server", url, "--requests", "1")
+    assert refused.returncode == 1 and "refused" in refused.stderr.lower(), refused.stderr
+
+
+def test_loopback_and_percentiles() -> None:
+    assert all(map(bench_server.is_loopback, ["127.0.0.1", "127.8.0.1", "::1", "localhost"]))
+    assert not any(map(bench_server.is_loopback, ["10.0.0.1", "0.0.0.0", "example.com", "::"]))
+    values = [float(v) for v in range(1, 101)]
+    assert bench_server.percentile(values, 0.5) == 50.0
+    assert bench_server.percentile(values, 0.99) == 99.0
+    assert bench_server.percentile([3.0], 0.99) == 3.0

@@ -362,25 +362,48 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags of `trit bench --server` alone (their defaults are None).
+SERVER_ONLY_BENCH_FLAGS = {
+    "clients": "--clients",
+    "requests": "--requests",
+    "timeout": "--timeout",
+    "api_key": "--api-key",
+}
+
+
+def _bench_flags_given(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """The flags (of `flags`: dest -> flag) given on the command line: their
+    defaults are None, so that a mode they do not apply to can refuse them."""
+    return [flag for dest, flag in flags.items() if getattr(args, dest) is not None]
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from trit import bench
 
+    if args.server is not None:
+        return _bench_server(args)
     if args.model is not None and args.synthetic is not None:
         print("trit bench: error: give -m MODEL or --synthetic NAME, not both", file=sys.stderr)
         return 2
     if args.model is None and args.synthetic is None:
         args.model = str(models.path())
+    if args.batch is not None:
+        return _bench_batch(args)
+    misplaced = _bench_flags_given(args, SERVER_ONLY_BENCH_FLAGS)
+    if misplaced:
+        print(f"trit bench: error: {misplaced[0]} needs --server URL", file=sys.stderr)
+        return 2
     try:
         results = bench.run(
             args.model,
             synthetic_name=args.synthetic,
-            n_prompt=args.n_prompt,
-            n_gen=args.n_gen,
+            n_prompt=[128] if args.n_prompt is None else args.n_prompt,
+            n_gen=[128] if args.n_gen is None else args.n_gen,
             threads=args.threads or bench.env_threads(),
-            depths=args.depths,
-            repetitions=args.repetitions,
+            depths=[0] if args.depths is None else args.depths,
+            repetitions=5 if args.repetitions is None else args.repetitions,
             head=args.head,
             kv_cache=args.kv_cache,
             progress=None if args.json else (lambda msg: print(f"[{msg}]", file=sys.stderr)),
@@ -394,6 +417,99 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps([r.to_json() for r in results], indent=2))
     else:
         print(bench.markdown(results))
+    return 0
+
+
+def _bench_batch(args: argparse.Namespace) -> int:
+    """`trit bench --batch 1,2,4`: batched decoding (trit.bench_batch)."""
+    import json
+
+    from trit import bench_batch
+
+    misplaced = _bench_flags_given(
+        args,
+        {"repetitions": "-r", "depths": "-d", **SERVER_ONLY_BENCH_FLAGS},
+    )
+    if misplaced:
+        print(f"trit bench: error: {misplaced[0]} does not apply to --batch", file=sys.stderr)
+        return 2
+    for flag, values in (("-p", args.n_prompt), ("-n", args.n_gen)):
+        if values is not None and len(values) != 1:
+            print(f"trit bench: error: {flag} takes one value with --batch", file=sys.stderr)
+            return 2
+    say = None if args.json else (lambda msg: print(f"[{msg}]", file=sys.stderr))
+    results = []
+    try:
+        for threads in args.threads or [None]:
+            results.append(
+                bench_batch.run(
+                    args.model,
+                    synthetic_name=args.synthetic,
+                    batches=args.batch,
+                    n_prompt=args.n_prompt[0] if args.n_prompt else 128,
+                    n_gen=args.n_gen[0] if args.n_gen else 32,
+                    threads=threads,
+                    head=args.head,
+                    kv_cache=args.kv_cache,
+                    progress=say,
+                )
+            )
+    except ValueError as exc:
+        if isinstance(exc, TritError):
+            raise
+        print(f"trit bench: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([r.to_json() for rows in results for r in rows], indent=2))
+    else:
+        print("\n\n".join(bench_batch.markdown(rows) for rows in results))
+    return 0
+
+
+def _bench_server(args: argparse.Namespace) -> int:
+    """`trit bench --server URL`: a load test of a running trit serve (trit.bench_server)."""
+    import json
+
+    from trit import bench_server
+
+    misplaced = _bench_flags_given(
+        args,
+        {
+            "model": "-m",
+            "synthetic": "--synthetic",
+            "batch": "--batch",
+            "n_prompt": "-p",
+            "threads": "-t",
+            "repetitions": "-r",
+            "depths": "-d",
+        },
+    )
+    if misplaced:
+        print(f"trit bench: error: {misplaced[0]} does not apply to --server", file=sys.stderr)
+        return 2
+    if args.n_gen is not None and len(args.n_gen) != 1:
+        print("trit bench: error: -n takes one value with --server", file=sys.stderr)
+        return 2
+    try:
+        result = bench_server.run(
+            args.server,
+            clients=8 if args.clients is None else args.clients,
+            requests=32 if args.requests is None else args.requests,
+            max_tokens=args.n_gen[0] if args.n_gen else 64,
+            timeout=300.0 if args.timeout is None else args.timeout,
+            api_key=args.api_key,
+            progress=None if args.json else (lambda msg: print(f"[{msg}]", file=sys.stderr)),
+        )
+    except ValueError as exc:
+        print(f"trit bench: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as exc:
+        print(f"trit bench: error: {args.server}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(bench_server.markdown(result))
     return 0
 
 
@@ -562,7 +678,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("bench", help="measure prompt and generation speed (llama-bench style)")
+    p = sub.add_parser(
+        "bench",
+        help="measure prompt and generation speed (llama-bench style), batched decoding "
+        "(--batch) or a running server (--server)",
+    )
     p.add_argument(
         "-m", "--model", help="model folder, GGUF file or Hub repo id (default: the bundled model)"
     )
@@ -573,20 +693,45 @@ def _parser() -> argparse.ArgumentParser:
         help=f"random weights in the layout and shapes of a published model, written once to "
         f"~/.cache/trit: {', '.join(SHAPES)} ({', '.join(ALIASES)}: earlier names)",
     )
-    p.add_argument("-p", "--n-prompt", type=_int_list, default=[128], help="pp sizes (default 128)")
-    p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="tg sizes (default 128)")
+    p.add_argument(
+        "-p", "--n-prompt", type=_int_list, help="pp sizes (default 128; one with --batch)"
+    )
+    p.add_argument(
+        "-n",
+        "--n-gen",
+        type=_int_list,
+        help="tg sizes (default 128; with --batch one, default 32; with --server the "
+        "max_tokens of each request, default 64)",
+    )
     p.add_argument("-t", "--threads", type=_int_list, help="thread counts (default 1,cores)")
-    p.add_argument("-r", "--repetitions", type=int, default=5, help="default 5")
+    p.add_argument("-r", "--repetitions", type=int, help="default 5")
     p.add_argument(
         "-d",
         "--depth",
         dest="depths",
         type=_int_list,
-        default=[0],
         help="tokens in the cache before tg, as llama-bench's -d (default 0)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_precision_args(p)
+    group = p.add_argument_group("batched decoding (llama-batched-bench style)")
+    group.add_argument(
+        "--batch",
+        type=_int_list,
+        metavar="B,...",
+        help="sequences run together: for each B, B prompts of -p tokens then -n steps; "
+        "aggregate and per-sequence generation rates beside one sequence's pp128",
+    )
+    group = p.add_argument_group("load test of a running `trit serve` (loopback only)")
+    group.add_argument(
+        "--server", metavar="URL", help="the server, e.g. http://127.0.0.1:8000 (this machine only)"
+    )
+    group.add_argument(
+        "--clients", type=int, metavar="C", help="concurrent streaming clients (default 8)"
+    )
+    group.add_argument("--requests", type=int, metavar="R", help="requests in all (default 32)")
+    group.add_argument("--timeout", type=float, help="seconds per request (default 300)")
+    group.add_argument("--api-key", help="the server's --api-key, if it has one")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
