@@ -16,6 +16,33 @@
     allow(dead_code)
 )]
 
+/// `$run!(R, T)` for the remainder tile of `nr` rows and `nt` tokens of a GEMM
+/// whose full tile is 4 × 4 (AVX-512, NEON): each size its own const-generic
+/// instantiation, so the tile's loops unroll.
+macro_rules! tile_4x4 {
+    ($nr:expr, $nt:expr, $run:ident) => {
+        match ($nr, $nt) {
+            (4, 4) => $run!(4, 4),
+            (4, 3) => $run!(4, 3),
+            (4, 2) => $run!(4, 2),
+            (4, _) => $run!(4, 1),
+            (3, 4) => $run!(3, 4),
+            (3, 3) => $run!(3, 3),
+            (3, 2) => $run!(3, 2),
+            (3, _) => $run!(3, 1),
+            (2, 4) => $run!(2, 4),
+            (2, 3) => $run!(2, 3),
+            (2, 2) => $run!(2, 2),
+            (2, _) => $run!(2, 1),
+            (_, 4) => $run!(1, 4),
+            (_, 3) => $run!(1, 3),
+            (_, 2) => $run!(1, 2),
+            _ => $run!(1, 1),
+        }
+    };
+}
+pub(crate) use tile_4x4;
+
 use std::ops::Range;
 
 use super::packing::{PackedBlock, TernaryMatrix, BLOCK};

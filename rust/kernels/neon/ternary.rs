@@ -160,26 +160,7 @@ impl GemmTile for Tile {
             };
         }
         // SAFETY: per the trait's contract (Neon; nr, nt and the operands in range).
-        unsafe {
-            match (nr, nt) {
-                (4, 4) => run!(4, 4),
-                (4, 3) => run!(4, 3),
-                (4, 2) => run!(4, 2),
-                (4, _) => run!(4, 1),
-                (3, 4) => run!(3, 4),
-                (3, 3) => run!(3, 3),
-                (3, 2) => run!(3, 2),
-                (3, _) => run!(3, 1),
-                (2, 4) => run!(2, 4),
-                (2, 3) => run!(2, 3),
-                (2, 2) => run!(2, 2),
-                (2, _) => run!(2, 1),
-                (_, 4) => run!(1, 4),
-                (_, 3) => run!(1, 3),
-                (_, 2) => run!(1, 2),
-                _ => run!(1, 1),
-            }
-        }
+        unsafe { driver::tile_4x4!(nr, nt, run) }
     }
 }
 
