@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::OnceLock;
 
 use super::packing::{self, TernaryMatrix};
-use super::{gemm_dots, gemv_dots, half, head, QuantizedActivations};
+use super::{gemm_dots, gemv_dots, half, head, QuantizedActivations, SMALL_BATCH};
 use crate::error::{Result, TritError};
 
 /// Environment variable that forces a kernel path.
@@ -155,37 +155,40 @@ impl Kernel {
     }
 
     fn ternary_agrees(self) -> bool {
-        // Ragged shapes: a partial block, partial row and token tiles, codes at both extremes.
-        let (n_out, n_in, m) = (13, 2 * packing::BLOCK + 77, 5);
+        // Ragged shapes: a partial block, partial row and token tiles, codes
+        // at both extremes; a batch for the small-batch tile and one for the GEMM tile.
+        let (n_out, n_in) = (13, 2 * packing::BLOCK + 77);
         let Ok(w) =
             TernaryMatrix::from_fn(n_out, n_in, 0.5, |n, k| ((n * 7 + k * 13) % 3) as i8 - 1)
         else {
             return false;
         };
-        let codes: Vec<i8> = (0..m * n_in).map(|i| (i * 37 % 256) as u8 as i8).collect();
-        let Ok(x) = QuantizedActivations::from_codes(&codes, m, n_in, &[1.0; 5]) else {
-            return false;
-        };
-        let mut scratch = Vec::new();
-        let mut expected = vec![0i32; n_out * m]; // [n_out, m]
-        let mut got = vec![0i32; n_out * m];
-        gemm_dots(
-            Kernel::Scalar,
-            &w,
-            &x,
-            0..n_out,
-            &mut expected,
-            &mut scratch,
-        );
-        gemm_dots(self, &w, &x, 0..n_out, &mut got, &mut scratch);
-        let gemm_ok = got == expected;
-        let mut got = vec![0i32; n_out];
-        gemv_dots(self, &w, x.token(1), x.sums()[1], 0..n_out, &mut got);
-        let gemv_ok = got
-            .iter()
-            .zip(expected.chunks_exact(m))
-            .all(|(&g, row)| g == row[1]);
-        gemm_ok && gemv_ok
+        [5, SMALL_BATCH + 3].into_iter().all(|m| {
+            let codes: Vec<i8> = (0..m * n_in).map(|i| (i * 37 % 256) as u8 as i8).collect();
+            let Ok(x) = QuantizedActivations::from_codes(&codes, m, n_in, &vec![1.0; m]) else {
+                return false;
+            };
+            let mut scratch = Vec::new();
+            let mut expected = vec![0i32; n_out * m]; // [n_out, m]
+            let mut got = vec![0i32; n_out * m];
+            gemm_dots(
+                Kernel::Scalar,
+                &w,
+                &x,
+                0..n_out,
+                &mut expected,
+                &mut scratch,
+            );
+            gemm_dots(self, &w, &x, 0..n_out, &mut got, &mut scratch);
+            let gemm_ok = got == expected;
+            let mut got = vec![0i32; n_out];
+            gemv_dots(self, &w, x.token(1), x.sums()[1], 0..n_out, &mut got);
+            let gemv_ok = got
+                .iter()
+                .zip(expected.chunks_exact(m))
+                .all(|(&g, row)| g == row[1]);
+            gemm_ok && gemv_ok
+        })
     }
 
     fn head_agrees(self) -> bool {
@@ -200,7 +203,16 @@ impl Kernel {
         let (mut want, mut got) = (vec![0i32; rows], vec![0i32; rows]);
         head::int8_dots(Kernel::Scalar, &a, &x, &mut want);
         head::int8_dots(self, &a, &x, &mut got);
-        got == want
+        // Several tokens at once: a partial token tile.
+        let tokens = 5;
+        let xs: Vec<i8> = (0..tokens * n)
+            .map(|i| ((i * 53 % 255) as i32 - 127) as i8)
+            .collect();
+        let mut want_tokens = vec![0i32; tokens * rows];
+        let mut got_tokens = vec![0i32; tokens * rows];
+        head::int8_dots_tokens(Kernel::Scalar, &a, &xs, tokens, &mut want_tokens);
+        head::int8_dots_tokens(self, &a, &xs, tokens, &mut got_tokens);
+        got == want && got_tokens == want_tokens
     }
 
     fn halves_agree(self) -> bool {

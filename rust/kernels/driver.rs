@@ -43,6 +43,35 @@ macro_rules! tile_4x4 {
 }
 pub(crate) use tile_4x4;
 
+/// `$run!(R, T)` for the tile of `nr` rows and `nt` tokens of a small-batch
+/// GEMM whose full tile is 2 × 8: each size its own instantiation.
+// Only AVX-512 has a small-batch tile so far.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
+macro_rules! tile_2x8 {
+    ($nr:expr, $nt:expr, $run:ident) => {
+        match ($nr, $nt) {
+            (2, 8) => $run!(2, 8),
+            (2, 7) => $run!(2, 7),
+            (2, 6) => $run!(2, 6),
+            (2, 5) => $run!(2, 5),
+            (2, 4) => $run!(2, 4),
+            (2, 3) => $run!(2, 3),
+            (2, 2) => $run!(2, 2),
+            (2, _) => $run!(2, 1),
+            (_, 8) => $run!(1, 8),
+            (_, 7) => $run!(1, 7),
+            (_, 6) => $run!(1, 6),
+            (_, 5) => $run!(1, 5),
+            (_, 4) => $run!(1, 4),
+            (_, 3) => $run!(1, 3),
+            (_, 2) => $run!(1, 2),
+            _ => $run!(1, 1),
+        }
+    };
+}
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
+pub(crate) use tile_2x8;
+
 use std::ops::Range;
 
 use super::packing::{PackedBlock, TernaryMatrix, BLOCK};
@@ -59,6 +88,22 @@ pub(crate) struct TileOperands {
     pub act_stride: usize,
     /// Inputs of the k-block: a multiple of `BLOCK`.
     pub len: usize,
+    /// Packed weights to prefetch while the tile runs, a cache line per 64
+    /// inputs (`ahead_lines` of them from `ahead`); none when 0.
+    pub ahead: *const u8,
+    pub ahead_lines: usize,
+}
+
+impl TileOperands {
+    /// The tile's share of the prefetching at input k (a multiple of the
+    /// tile's step): one line every 64 inputs, so that the loads spread
+    /// over the tile instead of queueing up at once.
+    #[inline(always)]
+    pub fn prefetch_at(&self, k: usize) {
+        if k.is_multiple_of(64) && k / 64 < self.ahead_lines {
+            prefetch(self.ahead.wrapping_add(k));
+        }
+    }
 }
 
 /// One instruction set's GEMM tile.
@@ -116,12 +161,26 @@ pub(crate) unsafe fn gemm<T: GemmTile>(
         for r0 in rows.clone().step_by(T::ROWS) {
             let nr = T::ROWS.min(rows.end - r0);
             for j in 0..nr {
+                let row = &w.row(r0 + j)[blocks.clone()];
                 // SAFETY: the caller runs T's path; row j of the scratch
                 // starts at j·kb (a multiple of 64 bytes, as kb is of BLOCK)
                 // and takes the len = blocks.len()·BLOCK <= kb codes.
-                unsafe { T::unpack(&w.row(r0 + j)[blocks.clone()], codes.add(j * kb)) };
+                unsafe { T::unpack(row, codes.add(j * kb)) };
             }
             let out_row = (r0 - rows.start) * m;
+            // The packed weights PREFETCH_TILES row tiles on, fetched while the
+            // first token tile runs: a few tokens' compute per row tile does
+            // not cover fetching the next one on demand. When the k-block is
+            // a whole row, those row tiles are contiguous bytes.
+            let ahead_rows = r0 + PREFETCH_TILES * T::ROWS;
+            let (ahead, ahead_lines) = if len == kp && ahead_rows + T::ROWS <= w.n_out() {
+                (
+                    w.row(ahead_rows).as_ptr().cast::<u8>(),
+                    T::ROWS * blocks.len(),
+                )
+            } else {
+                (std::ptr::null(), 0)
+            };
             for t0 in (0..m).step_by(T::TOKENS) {
                 let nt = T::TOKENS.min(m - t0);
                 let ops = TileOperands {
@@ -131,6 +190,8 @@ pub(crate) unsafe fn gemm<T: GemmTile>(
                     acts: unsafe { acts.add(t0 * kp + k0) },
                     act_stride: kp,
                     len,
+                    ahead,
+                    ahead_lines: if t0 == 0 { ahead_lines } else { 0 },
                 };
                 // SAFETY: nr rows of len codes were unpacked above; tokens
                 // t0..t0 + nt exist, each with kp - k0 >= len codes from k0;
@@ -138,6 +199,105 @@ pub(crate) unsafe fn gemm<T: GemmTile>(
                 // values at least.
                 unsafe { T::tile(nr, nt, ops, &mut dots[out_row + t0..], m) };
             }
+        }
+    }
+    for row_dots in dots.chunks_exact_mut(m) {
+        for (dot, &sum) in row_dots.iter_mut().zip(x.sums()) {
+            *dot -= sum;
+        }
+    }
+}
+
+/// How many row tiles ahead of the one being multiplied the GEMM prefetches
+/// its weights.
+const PREFETCH_TILES: usize = 2;
+
+/// Asks for the cache line at `p` to be brought into the cache: a hint that
+/// never faults, whatever the address.
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetcht0` (SSE, in every x86-64 CPU) only hints; it reads
+    // nothing architecturally and never faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: `prfm` (base AArch64) only hints; it never faults.
+    unsafe {
+        std::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p, options(nostack, readonly, preserves_flags))
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = p;
+}
+
+/// The operands of one small-batch tile.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[derive(Clone, Copy)]
+pub(crate) struct SmallTileOperands {
+    /// The tile's first row of packed weights; the others follow it, `row_blocks` apart.
+    pub rows: *const PackedBlock,
+    pub row_blocks: usize,
+    /// [TOKENS, act_stride] activation codes of the tile's first token.
+    pub acts: *const i8,
+    pub act_stride: usize,
+    /// Whether to prefetch the weights that follow the tile's rows (the
+    /// first token tile of a row tile reads them from memory).
+    pub prefetch: bool,
+}
+
+/// One instruction set's tile for a GEMM of a few tokens (a batched decode
+/// step): the packed codes decoded in registers and multiplied at once with
+/// every token of the tile, so each weight byte is read and decoded once per
+/// tile rather than unpacked to memory and read back.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) trait SmallGemmTile {
+    const ROWS: usize;
+    const TOKENS: usize;
+
+    /// `out[j·m + i] = Σ_k code(row j, k) · acts[i·act_stride + k]` over the
+    /// rows' `row_blocks` blocks (the codes `w + 1`), for `nr` rows and `nt` tokens.
+    ///
+    /// # Safety
+    /// The CPU runs the implementing path; 1 <= nr <= ROWS, 1 <= nt <=
+    /// TOKENS; the operands hold nr rows and nt tokens of `row_blocks ·
+    /// BLOCK` codes; `out` holds `(nr - 1)·m + nt` values.
+    unsafe fn tile(nr: usize, nt: usize, ops: SmallTileOperands, out: &mut [i32], m: usize);
+}
+
+/// `gemm` for a few tokens, over a `SmallGemmTile`: row tile by row tile,
+/// each multiplied with every token tile; then Σx subtracted.
+///
+/// # Safety
+/// The CPU runs the path `T` belongs to.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[inline(always)]
+pub(crate) unsafe fn gemm_small<T: SmallGemmTile>(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
+    let (m, kp) = (x.m(), w.k_padded());
+    assert!(x.k_padded() == kp && dots.len() == rows.len() * m && rows.end <= w.n_out());
+    let acts = x.codes().as_ptr(); // [m, kp]
+    for r0 in rows.clone().step_by(T::ROWS) {
+        let nr = T::ROWS.min(rows.end - r0);
+        let out_row = (r0 - rows.start) * m;
+        for t0 in (0..m).step_by(T::TOKENS) {
+            let nt = T::TOKENS.min(m - t0);
+            let ops = SmallTileOperands {
+                rows: w.row(r0).as_ptr(),
+                row_blocks: w.blocks_per_row(),
+                // SAFETY: t0 < m: inside the [m, kp] codes.
+                acts: unsafe { acts.add(t0 * kp) },
+                act_stride: kp,
+                prefetch: t0 == 0,
+            };
+            // SAFETY: rows r0..r0 + nr exist (rows.end <= n_out), tokens
+            // t0..t0 + nt exist with kp codes each; the row tile's dots
+            // from t0 are (nr - 1)·m + nt values at least.
+            unsafe { T::tile(nr, nt, ops, &mut dots[out_row + t0..], m) };
         }
     }
     for row_dots in dots.chunks_exact_mut(m) {

@@ -6,9 +6,9 @@
 #[cfg(target_arch = "aarch64")]
 use super::neon;
 use super::scalar;
-#[cfg(target_arch = "x86_64")]
-use super::x86_avx2;
 use super::Kernel;
+#[cfg(target_arch = "x86_64")]
+use super::{x86_avx2, x86_avx512};
 
 /// `dots[r] = Σ_i rows[r · n + i] · x[i]` for the `dots.len()` consecutive
 /// rows of n = x.len() int8 values in `rows`.
@@ -31,6 +31,32 @@ pub fn int8_dots(kernel: Kernel, rows: &[i8], x: &[i8], dots: &mut [i32]) {
     }
     let _ = kernel;
     scalar::head::int8_dots(rows, x, dots);
+}
+
+/// `dots[i · rows + r] = Σ_k head[r · n + k] · xs[i · n + k]`: the int8 dots
+/// of `tokens` token rows ([tokens, n] in `xs`) with the `rows = dots.len() /
+/// tokens` consecutive rows of `head`; `dots` is [tokens, rows]. With VNNI
+/// each row is read once for all the tokens; the other paths take the
+/// tokens one by one (`int8_dots`), the rows then coming from cache after
+/// the first.
+pub fn int8_dots_tokens(kernel: Kernel, head: &[i8], xs: &[i8], tokens: usize, dots: &mut [i32]) {
+    assert!(tokens > 0 && xs.len().is_multiple_of(tokens) && dots.len().is_multiple_of(tokens));
+    let (n, rows) = (xs.len() / tokens, dots.len() / tokens);
+    assert!(head.len() >= rows * n);
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512Vnni {
+        kernel.assert_supported();
+        // SAFETY: the VNNI path runs on this CPU (asserted).
+        unsafe { x86_avx512::head::int8_dots_tokens_vnni(head, xs, tokens, dots) };
+        return;
+    }
+    if kernel == Kernel::Scalar {
+        scalar::head::int8_dots_tokens(head, xs, tokens, dots);
+        return;
+    }
+    for (x, dots) in xs.chunks_exact(n).zip(dots.chunks_exact_mut(rows)) {
+        int8_dots(kernel, head, x, dots);
+    }
 }
 
 /// `out[r] = Σ_j bf16(rows[r · n + j]) · x[j]` for the `out.len()`

@@ -72,6 +72,10 @@ fn gemv_dots(
     }
 }
 
+/// Most tokens a GEMM multiplies with the small-batch tile, where the path
+/// has one (AVX-512): below this, decoding the packed weights in registers
+/// for every token tile costs less than unpacking them once to memory.
+const SMALL_BATCH: usize = 16;
 /// Raw dots of every token of `x` against `rows`: `dots` is [rows.len(), m].
 /// `scratch` holds the SIMD paths' unpacked weight codes from call to call.
 fn gemm_dots(
@@ -89,7 +93,17 @@ fn gemm_dots(
         Kernel::Avx2 => unsafe { x86_avx2::ternary::gemm(w, x, rows, dots, scratch) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
+        Kernel::Avx512Bw if x.m() <= SMALL_BATCH => unsafe {
+            x86_avx512::ternary::gemm_small_bw(w, x, rows, dots)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
         Kernel::Avx512Bw => unsafe { x86_avx512::ternary::gemm_bw(w, x, rows, dots, scratch) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx512Vnni if x.m() <= SMALL_BATCH => unsafe {
+            x86_avx512::ternary::gemm_small_vnni(w, x, rows, dots)
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Kernel::Avx512Vnni => unsafe { x86_avx512::ternary::gemm_vnni(w, x, rows, dots, scratch) },

@@ -76,7 +76,7 @@ fn check_all_kernels(w: &TernaryMatrix, x: &QuantizedActivations) {
 fn model_shapes_agree() {
     for (n_out, n_in) in [(640, 2560), (160, 2560), (64, 6912)] {
         let w = random_matrix(n_out, n_in, n_out as u64);
-        for m in [1, 5] {
+        for m in [1, 5, 8, 17] {
             let x = QuantizedActivations::quantize(&random_activations(m, n_in, m as u64), m, n_in)
                 .unwrap();
             check_all_kernels(&w, &x);

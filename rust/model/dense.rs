@@ -159,6 +159,63 @@ impl DenseMatrix {
             .for_each(|(c, ys)| self.dot_rows(kernel, c * ROWS_PER_TASK, x, ys));
     }
 
+    /// `outs[i] = self · x_i` for each row x_i of `xs` ([n, cols]; `outs`
+    /// holds n [rows] buffers): the logits of several sequences, each exactly
+    /// what `matvec(x_i)` gives, with the matrix read from memory once for
+    /// all of them. Int8 rows multiply every token while they are in
+    /// registers (VNNI) or in cache (`head::int8_dots_tokens`); float rows
+    /// serve each x in turn, a task's rows staying in cache.
+    pub fn matvecs(&self, kernel: Kernel, xs: &[f32], outs: &mut [&mut [f32]]) {
+        let (rows, cols) = (self.rows(), self.cols());
+        let n = outs.len();
+        assert!(xs.len() == n * cols && outs.iter().all(|o| o.len() == rows));
+        if n == 0 {
+            return;
+        }
+        // Rows per task: the int8 rows of a task (320 KB at 2560 columns)
+        // stay in a 512 KiB L2 while each token's dots are taken; bf16 rows
+        // twice that, read from L2 or L3 for every token after the first.
+        const ROWS_PER_TASK: usize = 128;
+        let mut pieces: Vec<Vec<&mut [f32]>> = Vec::new(); // [tasks][n] of [≤ ROWS_PER_TASK]
+        for out in outs.iter_mut() {
+            for (c, piece) in out.chunks_mut(ROWS_PER_TASK).enumerate() {
+                if pieces.len() <= c {
+                    pieces.push(Vec::with_capacity(n));
+                }
+                pieces[c].push(piece);
+            }
+        }
+        if let DenseMatrix::Int8 { codes, scales, .. } = self {
+            let mut qxs = vec![0i8; n * cols]; // [n, cols]
+            let sxs: Vec<f32> = xs
+                .chunks_exact(cols)
+                .zip(qxs.chunks_exact_mut(cols))
+                .map(|(x, q)| quantize_row_symmetric(x, q))
+                .collect();
+            pieces.into_par_iter().enumerate().for_each_init(
+                Vec::new,
+                |dots: &mut Vec<i32>, (c, mut task)| {
+                    let r0 = c * ROWS_PER_TASK;
+                    let len = task[0].len();
+                    dots.resize(n * len, 0); // [n, len]
+                    let head = &codes[r0 * cols..(r0 + len) * cols];
+                    head::int8_dots_tokens(kernel, head, &qxs, n, dots);
+                    for ((ys, ds), &sx) in task.iter_mut().zip(dots.chunks_exact(len)).zip(&sxs) {
+                        for (i, (y, &d)) in ys.iter_mut().zip(ds).enumerate() {
+                            *y = d as f32 / sx / scales[r0 + i];
+                        }
+                    }
+                },
+            );
+            return;
+        }
+        pieces.into_par_iter().enumerate().for_each(|(c, task)| {
+            for (x, piece) in xs.chunks_exact(cols).zip(task) {
+                self.dot_rows(kernel, c * ROWS_PER_TASK, x, piece);
+            }
+        });
+    }
+
     /// Rows of an int8 matrix times quantized activations `qx` (scale `sx`):
     /// `out[i] = (Σ qx · q_r) / sx / s_r`, r = first + i.
     fn int8_dot_rows(&self, kernel: Kernel, first: usize, qx: &[i8], sx: f32, out: &mut [f32]) {
@@ -373,6 +430,78 @@ mod tests {
                 let extreme = vec![-127i8; n];
                 head::int8_dots(kernel, &extreme, &extreme, &mut got[..1]);
                 assert_eq!(got[0], 127 * 127 * n as i32, "{kernel}");
+            }
+        }
+    }
+
+    /// The dots of several tokens at once equal each token's scalar dots bit
+    /// for bit on every path: lengths around the 64-byte step, row and token
+    /// counts around the 4 × 4 tile, the extreme codes.
+    #[test]
+    fn int8_dots_of_several_tokens_equal_the_definition() {
+        use crate::kernels::scalar;
+        for (n, rows, tokens) in [1usize, 63, 64, 65, 200, 2579].into_iter().flat_map(|n| {
+            [
+                (n, 1, 1),
+                (n, 3, 2),
+                (n, 4, 4),
+                (n, 5, 8),
+                (n, 9, 7),
+                (n, 13, 17),
+            ]
+        }) {
+            let head: Vec<i8> = (0..rows * n)
+                .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
+                .collect();
+            let xs: Vec<i8> = (0..tokens * n)
+                .map(|i| ((i * 91 % 255) as i32 - 127) as i8)
+                .collect();
+            let mut want = vec![0i32; tokens * rows];
+            for (x, want) in xs.chunks_exact(n).zip(want.chunks_exact_mut(rows)) {
+                scalar::head::int8_dots(&head, x, want);
+            }
+            for kernel in Kernel::supported() {
+                let mut got = vec![0i32; tokens * rows];
+                head::int8_dots_tokens(kernel, &head, &xs, tokens, &mut got);
+                assert_eq!(
+                    got, want,
+                    "{kernel} n = {n}, rows = {rows}, tokens = {tokens}"
+                );
+                for (lo, hi) in [(-127i8, -127i8), (127, -127), (-127, 127)] {
+                    let (a, b) = (vec![lo; rows * n], vec![hi; tokens * n]);
+                    head::int8_dots_tokens(kernel, &a, &b, tokens, &mut got);
+                    let each = i32::from(lo) * i32::from(hi) * n as i32;
+                    assert!(got.iter().all(|&d| d == each), "{kernel} extremes");
+                }
+            }
+        }
+    }
+
+    /// `matvecs` gives each x exactly what `matvec` gives it, int8 and bf16,
+    /// on every path, with rows past one task and a partial last task.
+    #[test]
+    fn matvecs_equal_each_matvec() {
+        let (rows, cols) = (300, 2560 + 19);
+        let bits: Vec<u16> = (0..rows * cols)
+            .map(|i| ((i * 2654435761) >> 7) as u16 & 0xBFFF)
+            .collect();
+        let m = DenseMatrix::Bf16 { rows, cols, bits };
+        let q = m.to_int8();
+        for n in [1usize, 2, 5, 8] {
+            let xs: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            for kernel in Kernel::supported() {
+                for matrix in [&m, &q] {
+                    let mut outs = vec![vec![0.0f32; rows]; n];
+                    let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+                    matrix.matvecs(kernel, &xs, &mut views);
+                    for (x, got) in xs.chunks_exact(cols).zip(&outs) {
+                        let mut want = vec![0.0f32; rows];
+                        matrix.matvec(kernel, x, &mut want);
+                        assert_eq!(got, &want, "{kernel}, {n} rows of x");
+                    }
+                }
             }
         }
     }

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use super::attention::{attend_chunk, attend_group, merge, ChunkScratch, Partial, KEY_CHUNK};
 use super::cache::{KvCache, KvType};
 use super::config::Activation;
-use super::dense::DenseMatrix;
 use super::ops::{add_rms_norm_rows, add_rows, glu_rows, rms_norm, rms_norm_rows, Rope};
 use super::scoring::next_token_nll;
 use super::weights::{Model, Proj};
@@ -806,7 +805,7 @@ impl Engine {
             for &slot in &order {
                 outs.push(by_slot[slot].take().expect("distinct slots"));
             }
-            head_rows(head, kernel, &s.normed_rows[..wanting * hidden], &mut outs);
+            head.matvecs(kernel, &s.normed_rows[..wanting * hidden], &mut outs);
             return Ok(());
         }
         for (row, seg) in placed() {
@@ -851,10 +850,6 @@ fn quantize_input(
     }
 }
 
-/// Head rows per task of `head_rows`: those of `DenseMatrix::matvec`'s
-/// tasks, so that every row is computed by the same call as there.
-const HEAD_ROWS: usize = 512;
-
 /// Most slots an engine may have: a bound on what input can ask for.
 pub const MAX_SLOTS: usize = 256;
 
@@ -868,29 +863,6 @@ fn pair_mut(slots: &mut [Slot], a: usize, b: usize) -> (&mut Slot, &Slot) {
         let (lo, hi) = slots.split_at_mut(a);
         (&mut hi[0], &lo[b])
     }
-}
-
-/// The head (`out_i = head · x_i`) for several rows at once: each task of
-/// `HEAD_ROWS` rows of the head serves every x in turn while those rows are
-/// in cache, so the head is read from memory once, not once per row. Each
-/// result is exactly `head.matvec(x_i)`'s, which splits its rows the same way.
-/// `xs` is [n, hidden]; `outs` holds n [vocab] buffers.
-fn head_rows(head: &DenseMatrix, kernel: Kernel, xs: &[f32], outs: &mut [&mut [f32]]) {
-    let hidden = head.cols();
-    let mut tasks: Vec<Vec<&mut [f32]>> = Vec::new(); // [chunks][n] pieces of outs
-    for out in outs.iter_mut() {
-        for (c, piece) in out.chunks_mut(HEAD_ROWS).enumerate() {
-            if tasks.len() <= c {
-                tasks.push(Vec::with_capacity(xs.len() / hidden));
-            }
-            tasks[c].push(piece);
-        }
-    }
-    tasks.into_par_iter().enumerate().for_each(|(c, pieces)| {
-        for (x, piece) in xs.chunks_exact(hidden).zip(pieces) {
-            head.dot_rows(kernel, c * HEAD_ROWS, x, piece);
-        }
-    });
 }
 
 /// How long a decoding helper spins without finding work before it returns

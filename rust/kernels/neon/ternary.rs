@@ -215,6 +215,7 @@ unsafe fn tile<const NR: usize, const NT: usize>(ops: TileOperands, out: &mut [i
         acts,
         act_stride,
         len,
+        ..
     } = ops;
     let codes = codes.cast::<i8>();
     let mut acc32 = [[vdupq_n_s32(0); NT]; NR];
@@ -223,6 +224,7 @@ unsafe fn tile<const NR: usize, const NT: usize>(ops: TileOperands, out: &mut [i
         let end = (k + GEMM_I16_STEPS * 16).min(len);
         let mut acc16 = [[vdupq_n_s16(0); NT]; NR];
         while k < end {
+            ops.prefetch_at(k);
             let mut a = [vdupq_n_s8(0); NT];
             for (i, a) in a.iter_mut().enumerate() {
                 // SAFETY: token i < NT holds len codes from acts + i·act_stride; k + 16 <= len.

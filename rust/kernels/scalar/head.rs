@@ -19,6 +19,17 @@ pub fn int8_dots(rows: &[i8], x: &[i8], dots: &mut [i32]) {
     }
 }
 
+/// `dots[i · rows + r] = Σ_k head[r · n + k] · xs[i · n + k]` for `tokens`
+/// token rows of n values in `xs` ([tokens, n]) and the `rows = dots.len() /
+/// tokens` consecutive rows of `head`: `dots` is [tokens, rows], each token's
+/// `int8_dots`.
+pub fn int8_dots_tokens(head: &[i8], xs: &[i8], tokens: usize, dots: &mut [i32]) {
+    let (n, rows) = (xs.len() / tokens, dots.len() / tokens);
+    for (x, dots) in xs.chunks_exact(n).zip(dots.chunks_exact_mut(rows)) {
+        int8_dots(head, x, dots);
+    }
+}
+
 /// `out[r] = Σ_j bf16(rows[r · n + j]) · x[j]` for consecutive rows of n =
 /// x.len() bfloat16 values, each a `dot_lanes` sum.
 pub fn bf16_dots(rows: &[u16], x: &[f32], out: &mut [f32]) {

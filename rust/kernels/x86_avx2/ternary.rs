@@ -247,6 +247,7 @@ unsafe fn tile<const NR: usize, const NT: usize>(ops: TileOperands, out: &mut [i
         acts,
         act_stride,
         len,
+        ..
     } = ops;
     let ones = _mm256_set1_epi16(1);
     let mut acc32 = [[_mm256_setzero_si256(); NT]; NR];
@@ -255,6 +256,7 @@ unsafe fn tile<const NR: usize, const NT: usize>(ops: TileOperands, out: &mut [i
         let end = (k + GEMM_I16_STEPS * 32).min(len);
         let mut acc16 = [[_mm256_setzero_si256(); NT]; NR];
         while k < end {
+            ops.prefetch_at(k);
             let mut a = [_mm256_setzero_si256(); NT];
             for (i, a) in a.iter_mut().enumerate() {
                 // SAFETY: token i < NT holds len codes from acts + i·act_stride; k + 32 <= len.

@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use crate::kernels::counts::{self, Isa};
-use crate::kernels::driver::{self, GemmTile, TileOperands};
+use crate::kernels::driver::{self, GemmTile, SmallGemmTile, SmallTileOperands, TileOperands};
 use crate::kernels::packing::{PackedBlock, TernaryMatrix, BLOCK};
 use crate::kernels::x86_avx2::ternary::GEMV_PREFETCH;
 use crate::kernels::{CacheLine, QuantizedActivations};
@@ -224,6 +224,140 @@ pub(crate) unsafe fn gemm_bw(
     unsafe { driver::gemm::<Tile<false>>(w, x, rows, dots, scratch) }
 }
 
+/// `gemm_vnni` for a few tokens (a batched decode step): the small-batch tile.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn gemm_small_vnni(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
+    counts::enter(Isa::Avx512Vnni);
+    // SAFETY: this function runs with AVX-512 F, BW and VNNI, what `SmallTile<true>` needs.
+    unsafe { driver::gemm_small::<SmallTile<true>>(w, x, rows, dots) }
+}
+
+/// `gemm_small_vnni` without VNNI.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn gemm_small_bw(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
+    counts::enter(Isa::Avx512Bw);
+    // SAFETY: this function runs with AVX-512 F and BW, what `SmallTile<false>` needs.
+    unsafe { driver::gemm_small::<SmallTile<false>>(w, x, rows, dots) }
+}
+
+/// The small-batch tile: 2 rows × 8 tokens = 16 accumulators, 8 activation
+/// vectors, 2 packed blocks and a plane of codes, of 32 registers.
+pub(crate) struct SmallTile<const VNNI: bool>;
+
+impl<const VNNI: bool> SmallGemmTile for SmallTile<VNNI> {
+    const ROWS: usize = 2;
+    const TOKENS: usize = 8;
+
+    #[inline(always)]
+    unsafe fn tile(nr: usize, nt: usize, ops: SmallTileOperands, out: &mut [i32], m: usize) {
+        macro_rules! run {
+            ($nr:literal, $nt:literal) => {
+                small_tile::<$nr, $nt, VNNI>(ops, out, m)
+            };
+        }
+        // SAFETY: per the trait's contract (the CPU runs this path; nr, nt
+        // and the operands in range).
+        unsafe { driver::tile_2x8!(nr, nt, run) }
+    }
+}
+
+/// Blocks of packed weights ahead of those being decoded that the small
+/// tile prefetches (4 KiB: two row tiles of a 2560-input matrix).
+const SMALL_PREFETCH_BLOCKS: usize = 64;
+
+/// `out[j·m + i] = Σ_k code(row j, k) · acts[i·act_stride + k]`: block by
+/// block, each row's block loaded once and its four planes decoded in
+/// registers (shift and mask), each plane multiplied with the NT tokens'
+/// activations for its 64 inputs.
+///
+/// # Safety
+/// As `SmallGemmTile::tile`, with nr = NR and nt = NT; AVX-512 F and BW, and VNNI if `VNNI`.
+#[inline(always)]
+unsafe fn small_tile<const NR: usize, const NT: usize, const VNNI: bool>(
+    ops: SmallTileOperands,
+    out: &mut [i32],
+    m: usize,
+) {
+    let SmallTileOperands {
+        rows,
+        row_blocks,
+        acts,
+        act_stride,
+        prefetch,
+    } = ops;
+    // SAFETY: per the contract: rows j < NR hold row_blocks aligned blocks,
+    // tokens i < NT hold row_blocks·BLOCK codes; a prefetch never faults.
+    unsafe {
+        let mask = _mm512_set1_epi8(3);
+        let mut acc = [[_mm512_setzero_si512(); NT]; NR];
+        for b in 0..row_blocks {
+            let mut packed = [_mm512_setzero_si512(); NR];
+            for (j, packed) in packed.iter_mut().enumerate() {
+                let block = rows.add(j * row_blocks + b);
+                if prefetch {
+                    let ahead = block.wrapping_add(SMALL_PREFETCH_BLOCKS);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                }
+                *packed = _mm512_load_si512(block.cast());
+            }
+            for plane in 0..4 {
+                let mut a = [_mm512_setzero_si512(); NT];
+                for (i, a) in a.iter_mut().enumerate() {
+                    let at = acts.add(i * act_stride + b * BLOCK + 64 * plane);
+                    *a = _mm512_loadu_si512(at.cast());
+                }
+                for j in 0..NR {
+                    let shifted = match plane {
+                        0 => packed[j],
+                        1 => _mm512_srli_epi16::<2>(packed[j]),
+                        2 => _mm512_srli_epi16::<4>(packed[j]),
+                        _ => _mm512_srli_epi16::<6>(packed[j]),
+                    };
+                    let codes = _mm512_and_si512(shifted, mask);
+                    for i in 0..NT {
+                        acc[j][i] = step::<VNNI>(acc[j][i], codes, a[i]);
+                    }
+                }
+            }
+        }
+        if NR * NT == 16 {
+            let mut flat = [_mm512_setzero_si512(); 16];
+            for (p, v) in flat.iter_mut().enumerate() {
+                *v = acc[p / NT][p % NT];
+            }
+            let mut sums = [0i32; 16];
+            _mm512_storeu_si512(sums.as_mut_ptr().cast(), sum_sixteen(flat));
+            for j in 0..NR {
+                for i in 0..NT {
+                    out[j * m + i] = sums[j * NT + i];
+                }
+            }
+        } else {
+            for j in 0..NR {
+                for i in 0..NT {
+                    out[j * m + i] = _mm512_reduce_add_epi32(acc[j][i]);
+                }
+            }
+        }
+    }
+}
+
 /// `out[j·m + i] += Σ_{k < len} codes[j·code_stride + k] · acts[i·act_stride + k]`.
 ///
 /// # Safety
@@ -240,6 +374,7 @@ unsafe fn tile<const NR: usize, const NT: usize, const VNNI: bool>(
         acts,
         act_stride,
         len,
+        ..
     } = ops;
     // SAFETY: per the contract: rows j < NR and tokens i < NT hold len codes
     // (code rows 64-byte aligned), k + 64 <= len.
@@ -247,6 +382,7 @@ unsafe fn tile<const NR: usize, const NT: usize, const VNNI: bool>(
         let mut acc = [[_mm512_setzero_si512(); NT]; NR];
         let mut k = 0;
         while k < len {
+            ops.prefetch_at(k);
             let mut a = [_mm512_setzero_si512(); NT];
             for (i, a) in a.iter_mut().enumerate() {
                 *a = _mm512_loadu_si512(acts.add(i * act_stride + k).cast());
@@ -259,10 +395,68 @@ unsafe fn tile<const NR: usize, const NT: usize, const VNNI: bool>(
             }
             k += 64;
         }
-        for j in 0..NR {
-            for i in 0..NT {
-                out[j * m + i] += _mm512_reduce_add_epi32(acc[j][i]);
+        if NR * NT == 16 {
+            // A full tile: the 16 horizontal sums in one transposing tree.
+            let mut flat = [_mm512_setzero_si512(); 16];
+            for (p, v) in flat.iter_mut().enumerate() {
+                *v = acc[p / NT][p % NT];
+            }
+            let mut sums = [0i32; 16];
+            _mm512_storeu_si512(sums.as_mut_ptr().cast(), sum_sixteen(flat));
+            for j in 0..NR {
+                for i in 0..NT {
+                    out[j * m + i] += sums[j * NT + i];
+                }
+            }
+        } else {
+            for j in 0..NR {
+                for i in 0..NT {
+                    out[j * m + i] += _mm512_reduce_add_epi32(acc[j][i]);
+                }
             }
         }
+    }
+}
+
+/// Lane p of the result = the sum of the 16 lanes of `v[p]`: a transposing
+/// tree of 45 instructions where 16 separate horizontal sums take about 130
+/// (each tile pays it once per k-block, a fixed cost a few tokens do not
+/// amortize). Exact: integer adds, in any order.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[inline(always)]
+unsafe fn sum_sixteen(v: [__m512i; 16]) -> __m512i {
+    // Macros, not closures: a closure may be compiled as a function of its
+    // own without the caller's target features, a call per use.
+    // Pairs of vectors: per 128-bit lane, [a0+a2, b0+b2, a1+a3, b1+b3].
+    macro_rules! pair {
+        ($a:expr, $b:expr) => {
+            _mm512_add_epi32(_mm512_unpacklo_epi32($a, $b), _mm512_unpackhi_epi32($a, $b))
+        };
+    }
+    // Pairs of pairs: per 128-bit lane L, the lane-L partial sums of four vectors.
+    macro_rules! quad {
+        ($a:expr, $b:expr) => {
+            _mm512_add_epi32(_mm512_unpacklo_epi64($a, $b), _mm512_unpackhi_epi64($a, $b))
+        };
+    }
+    // Across the 128-bit lanes: [x.L0 + x.L1, x.L2 + x.L3, y.L0 + y.L1, y.L2 + y.L3].
+    macro_rules! lanes {
+        ($x:expr, $y:expr) => {
+            _mm512_add_epi32(
+                _mm512_shuffle_i32x4::<0b10_00_10_00>($x, $y),
+                _mm512_shuffle_i32x4::<0b11_01_11_01>($x, $y),
+            )
+        };
+    }
+    // SAFETY: per the contract.
+    unsafe {
+        let q0 = quad!(pair!(v[0], v[1]), pair!(v[2], v[3]));
+        let q1 = quad!(pair!(v[4], v[5]), pair!(v[6], v[7]));
+        let q2 = quad!(pair!(v[8], v[9]), pair!(v[10], v[11]));
+        let q3 = quad!(pair!(v[12], v[13]), pair!(v[14], v[15]));
+        let (l01, l23) = (lanes!(q0, q1), lanes!(q2, q3));
+        lanes!(l01, l23)
     }
 }
