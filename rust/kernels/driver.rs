@@ -72,6 +72,26 @@ macro_rules! tile_2x8 {
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 pub(crate) use tile_2x8;
 
+/// `$run!(1, T)` for the tile of `nt` tokens of a small-batch GEMM whose
+/// full tile is one row × 8 tokens (AVX2): each size its own instantiation.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
+macro_rules! tile_1x8 {
+    ($nt:expr, $run:ident) => {
+        match $nt {
+            8 => $run!(1, 8),
+            7 => $run!(1, 7),
+            6 => $run!(1, 6),
+            5 => $run!(1, 5),
+            4 => $run!(1, 4),
+            3 => $run!(1, 3),
+            2 => $run!(1, 2),
+            _ => $run!(1, 1),
+        }
+    };
+}
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
+pub(crate) use tile_1x8;
+
 use std::ops::Range;
 
 use super::packing::{PackedBlock, TernaryMatrix, BLOCK};

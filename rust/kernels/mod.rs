@@ -73,7 +73,7 @@ fn gemv_dots(
 }
 
 /// Most tokens a GEMM multiplies with the small-batch tile, where the path
-/// has one (AVX-512): below this, decoding the packed weights in registers
+/// has one (AVX2, AVX-512): below this, decoding the packed weights in registers
 /// for every token tile costs less than unpacking them once to memory.
 const SMALL_BATCH: usize = 16;
 /// Raw dots of every token of `x` against `rows`: `dots` is [rows.len(), m].
@@ -90,6 +90,11 @@ fn gemm_dots(
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the path runs on this CPU (asserted above).
+        Kernel::Avx2 if x.m() <= SMALL_BATCH => unsafe {
+            x86_avx2::ternary::gemm_small(w, x, rows, dots)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
         Kernel::Avx2 => unsafe { x86_avx2::ternary::gemm(w, x, rows, dots, scratch) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.

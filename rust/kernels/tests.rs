@@ -188,6 +188,45 @@ fn extreme_codes_do_not_overflow() {
     }
 }
 
+/// The small-batch tiles of every path against scalar: every token count
+/// up to SMALL_BATCH (every token remainder of the tile) and one past it,
+/// row ranges leaving every row remainder, rows long enough to widen the
+/// i16 sums more than once; random activations, and the i16 sums' worst
+/// case (codes of 2 or 0 against -128 throughout).
+#[test]
+fn small_batch_tiles_agree() {
+    let (n_out, n_in) = (7, 8 * packing::BLOCK + 100);
+    let mut scratch = Vec::new();
+    let random = random_matrix(n_out, n_in, 11);
+    let plus = TernaryMatrix::pack(&vec![1; n_out * n_in], n_out, n_in, 1.0).unwrap();
+    let minus = TernaryMatrix::pack(&vec![-1; n_out * n_in], n_out, n_in, 1.0).unwrap();
+    for m in 1..=SMALL_BATCH + 1 {
+        let x = QuantizedActivations::quantize(&random_activations(m, n_in, m as u64), m, n_in)
+            .unwrap();
+        let lowest =
+            QuantizedActivations::from_codes(&vec![-128; m * n_in], m, n_in, &vec![1.0; m])
+                .unwrap();
+        for (w, x) in [(&random, &x), (&plus, &lowest), (&minus, &lowest)] {
+            for rows in [0..n_out, 1..n_out, 2..n_out, 3..4] {
+                let mut expected = vec![0i32; rows.len() * m]; // [rows, m]
+                gemm_dots(
+                    Kernel::Scalar,
+                    w,
+                    x,
+                    rows.clone(),
+                    &mut expected,
+                    &mut scratch,
+                );
+                for kernel in Kernel::supported() {
+                    let mut dots = vec![0i32; rows.len() * m];
+                    gemm_dots(kernel, w, x, rows.clone(), &mut dots, &mut scratch);
+                    assert_eq!(dots, expected, "{kernel}, m = {m}, rows {rows:?}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn matmul_rejects_mismatched_shapes() {
     let pool = threads::pool(Some(1)).unwrap();

@@ -10,7 +10,9 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use crate::kernels::counts::{self, Isa};
-use crate::kernels::driver::{self, GemmTile, RowDots, TileOperands};
+use crate::kernels::driver::{
+    self, GemmTile, RowDots, SmallGemmTile, SmallTileOperands, TileOperands,
+};
 use crate::kernels::packing::{PackedBlock, TernaryMatrix, BLOCK};
 use crate::kernels::{CacheLine, QuantizedActivations};
 
@@ -210,6 +212,161 @@ pub(crate) unsafe fn gemm(
     counts::enter(Isa::Avx2);
     // SAFETY: this function runs with AVX2, what `Tile` needs.
     unsafe { driver::gemm::<Tile>(w, x, rows, dots, scratch) }
+}
+
+/// `gemm` for a few tokens (a batched decode step): the small-batch tile.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn gemm_small(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
+    counts::enter(Isa::Avx2);
+    // SAFETY: this function runs with AVX2, what `SmallTile` needs.
+    unsafe { driver::gemm_small::<SmallTile>(w, x, rows, dots) }
+}
+
+/// The small-batch tile: one row × 8 tokens = 8 accumulators, the row's
+/// packed half-block, a plane of codes and the mask, of 16 registers; the
+/// activations are `vpmaddubsw`'s memory operands (each is used once per
+/// tile), so the registers go to tokens rather than rows. A row's codes are
+/// decoded once for 8 tokens (a second row would share the activation
+/// loads instead, which a memory operand makes free): docs/performance.md,
+/// "Small batches".
+pub(crate) struct SmallTile;
+
+impl SmallGemmTile for SmallTile {
+    const ROWS: usize = 1;
+    const TOKENS: usize = 8;
+
+    #[inline(always)]
+    unsafe fn tile(_nr: usize, nt: usize, ops: SmallTileOperands, out: &mut [i32], _m: usize) {
+        macro_rules! run {
+            ($nr:literal, $nt:literal) => {
+                small_tile::<$nt>(ops, out)
+            };
+        }
+        // SAFETY: per the trait's contract (AVX2; nr = 1, nt and the
+        // operands in range).
+        unsafe { driver::tile_1x8!(nt, run) }
+    }
+}
+
+/// Small tile: blocks summed in i16 before widening. Each block adds 8
+/// `vpmaddubsw` lanes (2 halves × 4 planes) to a token's accumulator:
+/// 7 · 8 · 512 = 28672.
+const SMALL_I16_BLOCKS: usize = 7;
+/// Blocks of packed weights ahead of the one being decoded that the small
+/// tile prefetches (4 KiB, as the AVX-512 one: the rows are one stream).
+const SMALL_PREFETCH_BLOCKS: usize = 64;
+
+/// `out[i] = Σ_k code(row, k) · acts[i·act_stride + k]` for the NT tokens i:
+/// block by block, each half of the row's block loaded once and its four
+/// planes decoded in registers (shift and mask), each plane multiplied with
+/// the NT tokens' 32 activations it meets.
+///
+/// # Safety
+/// As `SmallGemmTile::tile`, with nr = 1 and nt = NT.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn small_tile<const NT: usize>(ops: SmallTileOperands, out: &mut [i32]) {
+    let SmallTileOperands {
+        rows: row,
+        row_blocks,
+        acts,
+        act_stride,
+        prefetch,
+    } = ops;
+    let ones = _mm256_set1_epi16(1);
+    let mask = _mm256_set1_epi8(3);
+    let mut acc32 = [_mm256_setzero_si256(); NT];
+    let mut b = 0;
+    while b < row_blocks {
+        let end = (b + SMALL_I16_BLOCKS).min(row_blocks);
+        let mut acc16 = [_mm256_setzero_si256(); NT];
+        while b < end {
+            // SAFETY: b < row_blocks: a block of the row.
+            let block = unsafe { row.add(b) };
+            if prefetch {
+                let ahead = block.wrapping_add(SMALL_PREFETCH_BLOCKS);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            }
+            for half in 0..2 {
+                // SAFETY: a block is 64 aligned bytes; each half is 32.
+                let packed = unsafe { _mm256_load_si256(block.cast::<u8>().add(32 * half).cast()) };
+                for plane in 0..4 {
+                    let shifted = match plane {
+                        0 => packed,
+                        1 => _mm256_srli_epi16::<2>(packed),
+                        2 => _mm256_srli_epi16::<4>(packed),
+                        _ => _mm256_srli_epi16::<6>(packed),
+                    };
+                    let codes = _mm256_and_si256(shifted, mask);
+                    for (i, acc) in acc16.iter_mut().enumerate() {
+                        // Activations 64·plane + 32·half .. +32 of block b
+                        // meet the codes in bits 2·plane..2·plane+1 of this half.
+                        // SAFETY: token i < NT holds row_blocks·BLOCK codes from
+                        // acts + i·act_stride, and b·BLOCK + 256 <= that.
+                        let a = unsafe {
+                            _mm256_loadu_si256(
+                                acts.add(i * act_stride + b * BLOCK + 64 * plane + 32 * half)
+                                    .cast(),
+                            )
+                        };
+                        *acc = _mm256_add_epi16(*acc, _mm256_maddubs_epi16(codes, a));
+                    }
+                }
+            }
+            b += 1;
+        }
+        for (acc32, &acc16) in acc32.iter_mut().zip(&acc16) {
+            *acc32 = _mm256_add_epi32(*acc32, _mm256_madd_epi16(acc16, ones));
+        }
+    }
+    if NT == 8 {
+        let mut sums = [0i32; 8];
+        // SAFETY: sums holds 8 i32, 32 bytes.
+        unsafe { _mm256_storeu_si256(sums.as_mut_ptr().cast(), sum_eight(&acc32)) };
+        out[..8].copy_from_slice(&sums);
+    } else {
+        for (out, &acc) in out.iter_mut().zip(&acc32) {
+            *out = hsum_epi32(acc);
+        }
+    }
+}
+
+/// Lane i of the result = the sum of the 8 lanes of `v[i]`: a transposing
+/// tree of 21 instructions where 8 separate horizontal sums take about 50
+/// (a small tile pays it once per row, a cost a few tokens do not
+/// amortize). Exact: integer adds, in any order.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn sum_eight(v: &[__m256i]) -> __m256i {
+    // Macros, not closures: a closure may be compiled as a function of its
+    // own without the caller's target features, a call per use.
+    // Pairs of vectors: per 128-bit lane, [a0+a2, b0+b2, a1+a3, b1+b3].
+    macro_rules! pair {
+        ($a:expr, $b:expr) => {
+            _mm256_add_epi32(_mm256_unpacklo_epi32($a, $b), _mm256_unpackhi_epi32($a, $b))
+        };
+    }
+    // Pairs of pairs: per 128-bit lane L, the lane-L partial sums of four vectors.
+    macro_rules! quad {
+        ($a:expr, $b:expr) => {
+            _mm256_add_epi32(_mm256_unpacklo_epi64($a, $b), _mm256_unpackhi_epi64($a, $b))
+        };
+    }
+    let q0 = quad!(pair!(v[0], v[1]), pair!(v[2], v[3]));
+    let q1 = quad!(pair!(v[4], v[5]), pair!(v[6], v[7]));
+    // Across the two 128-bit lanes: [q0.L0 + q0.L1, q1.L0 + q1.L1].
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(q0, q1),
+        _mm256_permute2x128_si256::<0x31>(q0, q1),
+    )
 }
 
 /// Writes the codes of `blocks` in input order to `out` (32-byte aligned).
