@@ -44,9 +44,7 @@ macro_rules! tile_4x4 {
 pub(crate) use tile_4x4;
 
 /// `$run!(R, T)` for the tile of `nr` rows and `nt` tokens of a small-batch
-/// GEMM whose full tile is 2 × 8: each size its own instantiation.
-// Only AVX-512 has a small-batch tile so far.
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
+/// GEMM whose full tile is 2 × 8 (AVX-512, NEON): each size its own instantiation.
 macro_rules! tile_2x8 {
     ($nr:expr, $nt:expr, $run:ident) => {
         match ($nr, $nt) {
@@ -69,7 +67,6 @@ macro_rules! tile_2x8 {
         }
     };
 }
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 pub(crate) use tile_2x8;
 
 /// `$run!(1, T)` for the tile of `nt` tokens of a small-batch GEMM whose
@@ -235,7 +232,7 @@ const PREFETCH_TILES: usize = 2;
 /// Asks for the cache line at `p` to be brought into the cache: a hint that
 /// never faults, whatever the address.
 #[inline(always)]
-fn prefetch(p: *const u8) {
+pub(crate) fn prefetch(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `prefetcht0` (SSE, in every x86-64 CPU) only hints; it reads
     // nothing architecturally and never faults.
@@ -252,7 +249,6 @@ fn prefetch(p: *const u8) {
 }
 
 /// The operands of one small-batch tile.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Clone, Copy)]
 pub(crate) struct SmallTileOperands {
     /// The tile's first row of packed weights; the others follow it, `row_blocks` apart.
@@ -270,7 +266,6 @@ pub(crate) struct SmallTileOperands {
 /// step): the packed codes decoded in registers and multiplied at once with
 /// every token of the tile, so each weight byte is read and decoded once per
 /// tile rather than unpacked to memory and read back.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) trait SmallGemmTile {
     const ROWS: usize;
     const TOKENS: usize;
@@ -290,7 +285,6 @@ pub(crate) trait SmallGemmTile {
 ///
 /// # Safety
 /// The CPU runs the path `T` belongs to.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 pub(crate) unsafe fn gemm_small<T: SmallGemmTile>(
     w: &TernaryMatrix,

@@ -72,9 +72,9 @@ fn gemv_dots(
     }
 }
 
-/// Most tokens a GEMM multiplies with the small-batch tile, where the path
-/// has one (AVX2, AVX-512): below this, decoding the packed weights in registers
-/// for every token tile costs less than unpacking them once to memory.
+/// Most tokens a GEMM multiplies with the small-batch tile (every SIMD path
+/// has one): below this, decoding the packed weights in registers for every
+/// token tile costs less than unpacking them once to memory.
 const SMALL_BATCH: usize = 16;
 /// Raw dots of every token of `x` against `rows`: `dots` is [rows.len(), m].
 /// `scratch` holds the SIMD paths' unpacked weight codes from call to call.
@@ -112,6 +112,11 @@ fn gemm_dots(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Kernel::Avx512Vnni => unsafe { x86_avx512::ternary::gemm_vnni(w, x, rows, dots, scratch) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        Kernel::Neon if x.m() <= SMALL_BATCH => unsafe {
+            neon::ternary::gemm_small(w, x, rows, dots)
+        },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as above.
         Kernel::Neon => unsafe { neon::ternary::gemm(w, x, rows, dots, scratch) },

@@ -26,7 +26,7 @@ use std::arch::aarch64::*;
 use std::ops::Range;
 
 use crate::kernels::counts::{self, Isa};
-use crate::kernels::driver::{self, GemmTile, TileOperands};
+use crate::kernels::driver::{self, GemmTile, SmallGemmTile, SmallTileOperands, TileOperands};
 use crate::kernels::packing::{PackedBlock, TernaryMatrix, BLOCK, BLOCK_BYTES};
 use crate::kernels::{CacheLine, QuantizedActivations};
 
@@ -41,6 +41,14 @@ const GEMV_I16_BLOCKS: usize = 4;
 /// GEMM steps of 16 inputs summed in i16: a step adds 2 products to every lane
 /// (`smlal` + `smlal2` into one accumulator): 32 · 2 · 256 = 16384.
 const GEMM_I16_STEPS: usize = 32;
+
+/// Small tile: blocks summed in i16 before widening. A block adds 32
+/// products (4 chunks × 4 planes, `smlal` + `smlal2`) to every lane of a
+/// (row, token) accumulator: 3 · 32 · 256 = 24576.
+const SMALL_I16_BLOCKS: usize = 3;
+/// Blocks of packed weights ahead of those being decoded that the small
+/// tile prefetches (4 KiB: two row tiles of a 2560-input matrix).
+const SMALL_PREFETCH_BLOCKS: usize = 64;
 
 /// The four 16-code planes held by 16 packed bytes: plane i has the codes of
 /// bits 2i..2i+1.
@@ -180,6 +188,119 @@ pub(crate) unsafe fn gemm(
     counts::enter(Isa::Neon);
     // SAFETY: this function runs with Neon, what `Tile` needs.
     unsafe { driver::gemm::<Tile>(w, x, rows, dots, scratch) }
+}
+
+/// `gemm` for a few tokens (a batched decode step): the small-batch tile.
+///
+/// # Safety
+/// The CPU must support Neon.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn gemm_small(
+    w: &TernaryMatrix,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
+    counts::enter(Isa::Neon);
+    // SAFETY: this function runs with Neon, what `SmallTile` needs.
+    unsafe { driver::gemm_small::<SmallTile>(w, x, rows, dots) }
+}
+
+/// The small-batch tile: 2 rows × 8 tokens = 16 i16 accumulators, 8
+/// activation vectors (each load shared by the two rows), 2 chunks of
+/// packed codes, a plane and the mask, of 32 registers.
+pub(crate) struct SmallTile;
+
+impl SmallGemmTile for SmallTile {
+    const ROWS: usize = 2;
+    const TOKENS: usize = 8;
+
+    #[inline(always)]
+    unsafe fn tile(nr: usize, nt: usize, ops: SmallTileOperands, out: &mut [i32], m: usize) {
+        macro_rules! run {
+            ($nr:literal, $nt:literal) => {
+                small_tile::<$nr, $nt>(ops, out, m)
+            };
+        }
+        // SAFETY: per the trait's contract (Neon; nr, nt and the operands in range).
+        unsafe { driver::tile_2x8!(nr, nt, run) }
+    }
+}
+
+/// `out[j·m + i] = Σ_k code(row j, k) · acts[i·act_stride + k]`: block by
+/// block, chunk by chunk, each row's 16 packed bytes loaded once and their
+/// four planes decoded in registers, each plane multiplied with the NT
+/// tokens' 16 activations it meets.
+///
+/// # Safety
+/// As `SmallGemmTile::tile`, with nr = NR and nt = NT.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn small_tile<const NR: usize, const NT: usize>(
+    ops: SmallTileOperands,
+    out: &mut [i32],
+    m: usize,
+) {
+    let SmallTileOperands {
+        rows,
+        row_blocks,
+        acts,
+        act_stride,
+        prefetch,
+    } = ops;
+    let mut acc32 = [[vdupq_n_s32(0); NT]; NR];
+    let mut b = 0;
+    while b < row_blocks {
+        let end = (b + SMALL_I16_BLOCKS).min(row_blocks);
+        let mut acc16 = [[vdupq_n_s16(0); NT]; NR];
+        while b < end {
+            if prefetch {
+                for j in 0..NR {
+                    let ahead = rows.wrapping_add(j * row_blocks + b + SMALL_PREFETCH_BLOCKS);
+                    driver::prefetch(ahead.cast());
+                }
+            }
+            for q in 0..4 {
+                let mut codes = [[vdupq_n_s8(0); 4]; NR];
+                for (j, codes) in codes.iter_mut().enumerate() {
+                    // SAFETY: rows j < NR hold row_blocks blocks of 64
+                    // bytes, b < row_blocks; chunk q is 16 of them.
+                    let packed =
+                        unsafe { vld1q_u8(rows.add(j * row_blocks + b).cast::<u8>().add(16 * q)) };
+                    *codes = planes(packed);
+                }
+                for plane in 0..4 {
+                    // Activations 64·plane + 16q .. +16 of block b meet plane `plane` of chunk q.
+                    let mut a = [vdupq_n_s8(0); NT];
+                    for (i, a) in a.iter_mut().enumerate() {
+                        // SAFETY: token i < NT holds row_blocks·BLOCK codes from
+                        // acts + i·act_stride, and b·BLOCK + 256 <= that.
+                        *a = unsafe {
+                            vld1q_s8(acts.add(i * act_stride + b * BLOCK + 64 * plane + 16 * q))
+                        };
+                    }
+                    for j in 0..NR {
+                        let c = codes[j][plane];
+                        for i in 0..NT {
+                            let lo = vmlal_s8(acc16[j][i], vget_low_s8(c), vget_low_s8(a[i]));
+                            acc16[j][i] = vmlal_high_s8(lo, c, a[i]);
+                        }
+                    }
+                }
+            }
+            b += 1;
+        }
+        for j in 0..NR {
+            for i in 0..NT {
+                acc32[j][i] = vpadalq_s16(acc32[j][i], acc16[j][i]);
+            }
+        }
+    }
+    for j in 0..NR {
+        for i in 0..NT {
+            out[j * m + i] = vaddvq_s32(acc32[j][i]);
+        }
+    }
 }
 
 /// Writes the codes of `blocks` in input order to `out`.
