@@ -76,6 +76,12 @@ fn gemv_dots(
 /// has one): below this, decoding the packed weights in registers for every
 /// token tile costs less than unpacking them once to memory.
 const SMALL_BATCH: usize = 16;
+/// `SMALL_BATCH` for AVX2: one token tile of its small tile. Past it, the
+/// small tile measured slower than the GEMM tile (docs/performance.md,
+/// "Small batches"), likely as each row's token tiles take turns over more
+/// activations than L1 holds (16 tokens of 2560 inputs: 40 KB).
+#[cfg(target_arch = "x86_64")]
+const SMALL_BATCH_AVX2: usize = 8;
 /// Raw dots of every token of `x` against `rows`: `dots` is [rows.len(), m].
 /// `scratch` holds the SIMD paths' unpacked weight codes from call to call.
 fn gemm_dots(
@@ -90,7 +96,7 @@ fn gemm_dots(
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the path runs on this CPU (asserted above).
-        Kernel::Avx2 if x.m() <= SMALL_BATCH => unsafe {
+        Kernel::Avx2 if x.m() <= SMALL_BATCH_AVX2 => unsafe {
             x86_avx2::ternary::gemm_small(w, x, rows, dots)
         },
         #[cfg(target_arch = "x86_64")]
