@@ -251,7 +251,7 @@ def test_flags_are_checked_before_anything_runs(tmp_path: Path) -> None:
         (["--workers", "2"], "--workers needs --ray"),
         (["--ray-address", "auto"], "--ray-address needs --ray"),
         (["-n", "0"], "-n must be at least 1"),
-        (["--parallel", "0"], "--parallel must be between 1 and"),
+        (["--parallel", "0"], "--parallel must be in [1, "),
         (["--temp", "-1"], "argument --temp"),
     ]
     for flags, message in cases:

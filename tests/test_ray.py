@@ -149,17 +149,19 @@ def test_trit_serve_ray_deploys_serves_and_goes_down_on_ctrl_c(cluster: str) -> 
     assert status(f"http://127.0.0.1:{port}/health") == 0  # Serve's proxy went too
 
 
+@pytest.fixture(scope="class")
+def port(cluster: str) -> Iterator[int]:
+    """Two replicas of one thread behind Serve's proxy, on this port."""
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    options = trit_ray.ServeOptions(parallel=2, api_key=KEY)
+    serve.run(trit_ray.build_app(options, replicas=2), name="trit", route_prefix="/")
+    yield port
+    serve.shutdown()  # its CPUs are the batch tests'
+
+
 class TestReplicas:
     """Two replicas of one thread behind Serve's proxy."""
-
-    @pytest.fixture(scope="class")
-    def port(self, cluster: str) -> Iterator[int]:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        options = trit_ray.ServeOptions(parallel=2, api_key=KEY)
-        serve.run(trit_ray.build_app(options, replicas=2), name="trit", route_prefix="/")
-        yield port
-        serve.shutdown()
 
     def test_the_openai_client_chats_and_streams(self, port: int) -> None:
         assert len(replica_names()) == 2

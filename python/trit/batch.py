@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import IO, Any, Union
 
 from trit._core import InvalidInputError
-from trit.generator import Batch, Generation, Generator, GenerationStats
+from trit.generator import Batch, Generation, GenerationStats, Generator
 from trit.sampling import SamplingOptions
 from trit.server.protocol import (
     APIError,
@@ -179,9 +179,7 @@ def _row(raw: bytes, number: int, index: int, ctx: PromptContext, seen: dict[Row
 # Generation
 
 
-def job_defaults(
-    model: SamplingOptions, given: dict[str, Any], max_tokens: int
-) -> dict[str, Any]:
+def job_defaults(model: SamplingOptions, given: dict[str, Any], max_tokens: int) -> dict[str, Any]:
     """The request fields a line does not give: `max_tokens`, the sampling
     flags `given` (SamplingOptions field -> value), then the model's
     generation defaults `model`."""
@@ -232,7 +230,11 @@ def generate_rows(
                     yield row.index, error_row(row, exc)
                     continue
                 seq = Generation(
-                    row.index, req.ids, req.sampling.sampler(), req.max_tokens, list(req.sampling.stop)
+                    row.index,
+                    req.ids,
+                    req.sampling.sampler(),
+                    req.max_tokens,
+                    list(req.sampling.stop),
                 )
                 batch.add(seq)
                 running[row.index] = (row, [])

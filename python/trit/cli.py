@@ -725,10 +725,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print("trit batch: error: -n must be at least 1", file=sys.stderr)
         return 2
     if args.parallel is not None and not 1 <= args.parallel <= MAX_PARALLEL:
-        print(f"trit batch: error: --parallel must be between 1 and {MAX_PARALLEL}", file=sys.stderr)
+        print(f"trit batch: error: --parallel must be in [1, {MAX_PARALLEL}]", file=sys.stderr)
         return 2
-    misplaced = [f for d, f in (("workers", "--workers"), ("ray_address", "--ray-address"))
-                 if getattr(args, d) is not None and not args.ray]
+    misplaced = [
+        f
+        for d, f in (("workers", "--workers"), ("ray_address", "--ray-address"))
+        if getattr(args, d) is not None and not args.ray
+    ]
     if misplaced:
         print(f"trit batch: error: {misplaced[0]} needs --ray", file=sys.stderr)
         return 2
@@ -987,10 +990,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "batch",
         help="generate for every request of a JSON Lines file, resumably",
-        description="Each line of INPUT is a request: {\"id\": ..., \"prompt\": ...} or "
-        "{\"id\": ..., \"messages\": [...]}, with optional max_tokens, temperature, top_p, "
+        description='Each line of INPUT is a request: {"id": ..., "prompt": ...} or '
+        '{"id": ..., "messages": [...]}, with optional max_tokens, temperature, top_p, '
         "top_k, min_p, repetition_penalty, seed and stop. OUTPUT gets one line per request, "
-        "in order: {\"id\", \"text\", \"finish_reason\", \"usage\"}, or {\"id\", \"error\"} "
+        'in order: {"id", "text", "finish_reason", "usage"}, or {"id", "error"} '
         "for a request the model cannot take. A malformed line fails the job before it "
         "starts. Run again after an interruption: rows already in OUTPUT are kept.",
     )

@@ -175,12 +175,11 @@ def build_app(
         }
     )
     deployment = serve.deployment(
-        serve.ingress(build)(),
         name=name,
         ray_actor_options={"num_cpus": options.engine.threads},
         max_ongoing_requests=max(options.max_concurrency, parallel),
         **scaling,
-    )
+    )(serve.ingress(build)())
     return deployment.bind()
 
 
