@@ -39,6 +39,7 @@ import ray
 from ray import serve
 
 from trit import models
+from trit._core import TritError
 from trit.batch import Row, Runner, generate_rows, job_defaults
 from trit.generator import Generator
 from trit.sampling import SamplingOptions
@@ -256,7 +257,10 @@ def serve_until_stopped(
     serve.start(http_options={"host": host, "port": port})
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        serve.run(app, name=name, route_prefix="/")
+        try:
+            serve.run(app, name=name, route_prefix="/")
+        except RuntimeError as exc:
+            raise TritError(f"the deployment failed: {_failure(name) or exc}") from None
         ready()
         while True:
             time.sleep(3600)
@@ -276,6 +280,17 @@ def serve_until_stopped(
                 ray.shutdown()
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _failure(name: str) -> str | None:
+    """Why the application's deployment failed: the last line of its
+    replicas' error (the exception), if Serve has one."""
+    try:
+        deployment = serve.status().applications[name].deployments[name]
+    except (KeyError, RuntimeError):
+        return None
+    lines = [line for line in deployment.message.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else None
 
 
 # ---------------------------------------------------------------------------
