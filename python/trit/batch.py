@@ -69,6 +69,9 @@ MAX_REPORTED = 10
 SYNC_SECONDS = 1.0
 """Most seconds between syncs of the output to disk."""
 
+PROGRESS_SECONDS = 10.0
+"""Seconds between progress lines of a job."""
+
 
 @dataclass(frozen=True)
 class Row:
@@ -208,19 +211,19 @@ def result_row(row: Row, text: str, stats: GenerationStats) -> dict[str, Any]:
 
 
 def generate_rows(
-    g: Generator, rows: Iterable[Row], defaults: dict[str, Any]
+    g: Generator, rows: Iterable[Row], defaults: dict[str, Any], slots: int | None = None
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Generates each row's reply, as many at once as `g` has free slots (a
-    row starts as soon as another ends); yields (row index, output row) as
-    each ends, not in order. An engine failure raises (the rows yielded so
-    far are done)."""
+    """Generates each row's reply, `slots` at once (default: as many as `g`
+    has free; a row starts as soon as another ends); yields (row index,
+    output row) as each ends, not in order. An engine failure raises (the
+    rows yielded so far are done)."""
     ctx = PromptContext.of(g)
     waiting = iter(rows)
     batch = Batch(g)
     running: dict[int, tuple[Row, list[str]]] = {}
     try:
         while True:
-            while g.free_slots:
+            while g.free_slots and (slots is None or len(batch) < slots):
                 row = next(waiting, None)
                 if row is None:
                     break
@@ -363,19 +366,23 @@ def run_job(
             else f"{len(rows)} rows to generate"
         )
     writer = OrderedWriter(output, done)
+    said = time.monotonic()
     try:
         if todo:
             for index, row in runner(todo):
                 writer.add(index, row)
+                if progress is not None and time.monotonic() - said >= PROGRESS_SECONDS:
+                    progress(f"{done + writer.written} of {len(rows)} rows written")
+                    said = time.monotonic()
     finally:
         writer.close()
     return JobResult(len(rows), done, writer.written, writer.errors)
 
 
-def local_runner(g: Generator, defaults: dict[str, Any]) -> Runner:
-    """Rows generated on `g`, batched over its slots."""
+def local_runner(g: Generator, defaults: dict[str, Any], slots: int | None = None) -> Runner:
+    """Rows generated on `g`, `slots` at once (default: all of its slots)."""
 
     def run(rows: list[Row]) -> Iterator[tuple[int, dict[str, Any]]]:
-        return generate_rows(g, rows, defaults)
+        return generate_rows(g, rows, defaults, slots)
 
     return run

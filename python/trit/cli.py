@@ -760,7 +760,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         runner = trit_ray.batch_runner(
             engine,
             workers=args.workers or 1,
-            slots=args.parallel or AUTO_PARALLEL,
+            slots=args.parallel,
             given=given,
             max_tokens=args.max_new_tokens,
         )
@@ -774,10 +774,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 ray.shutdown()
     else:
         g = _load(args, slots=args.parallel or AUTO_PARALLEL)
+        parallel = _serve_slots(args, g)
+        if parallel is None:
+            return 2
         defaults = batch.job_defaults(
             g.generation_defaults, given, min(args.max_new_tokens, g.n_ctx)
         )
-        result = batch.run_job(rows, output, batch.local_runner(g, defaults), say)
+        result = batch.run_job(rows, output, batch.local_runner(g, defaults, parallel), say)
     errors = f", {result.errors} with an error" if result.errors else ""
     say(f"wrote {result.written} rows to {output}{errors} ({result.rows} in all)")
     return 0
@@ -1003,7 +1006,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--parallel",
         type=int,
-        help=f"requests run together by each engine (default: {AUTO_PARALLEL})",
+        help="requests run together by each engine, each in a slot with its own KV cache "
+        f"(default: as many as fit in memory, at most {AUTO_PARALLEL})",
     )
     _add_sampling_args(p)
     group = p.add_argument_group("on a Ray cluster (needs trit[ray]; -t is each worker's threads)")

@@ -301,16 +301,19 @@ class _RowEngine:
     """A Ray Data actor: generates `trit batch` rows on its own Generator."""
 
     def __init__(
-        self, engine: EngineOptions, slots: int, given: dict[str, Any], max_tokens: int
+        self, engine: EngineOptions, slots: int | None, given: dict[str, Any], max_tokens: int
     ) -> None:
-        self._g = engine.load(slots)
+        from trit.cli import AUTO_PARALLEL, fit_slots
+
+        self._g = engine.load(slots or AUTO_PARALLEL)
+        self._slots = fit_slots(slots, self._g)
         self._defaults = job_defaults(
             self._g.generation_defaults, given, min(max_tokens, self._g.n_ctx)
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [Row.from_json(str(text)) for text in batch["row"]]
-        out = dict(generate_rows(self._g, rows, self._defaults))
+        out = dict(generate_rows(self._g, rows, self._defaults, self._slots))
         results = [json.dumps(out[row.index], ensure_ascii=False) for row in rows]
         return {
             "index": np.array([row.index for row in rows], dtype=np.int64),
@@ -322,14 +325,15 @@ def batch_runner(
     engine: EngineOptions,
     *,
     workers: int,
-    slots: int,
+    slots: int | None,
     given: dict[str, Any],
     max_tokens: int,
     batch_rows: int = 32,
 ) -> Runner:
     """`trit batch --ray`: rows mapped in batches of `batch_rows` over
-    `workers` actors of `slots` slots each, results in the input's order (an
-    actor that dies is restarted by Ray and its batch run again)."""
+    `workers` actors of `slots` slots each (None: as many as fit in a
+    worker's memory, at most 8), results in the input's order (an actor that
+    dies is restarted by Ray and its batch run again)."""
 
     def run(rows: list[Row]) -> Iterator[tuple[int, dict[str, Any]]]:
         items = [{"row": row.to_json()} for row in rows]
