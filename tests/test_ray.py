@@ -151,11 +151,12 @@ def test_trit_serve_ray_deploys_serves_and_goes_down_on_ctrl_c(cluster: str) -> 
 
 @pytest.fixture(scope="class")
 def port(cluster: str) -> Iterator[int]:
-    """Two replicas of one thread behind Serve's proxy, on this port."""
+    """Two replicas of one thread behind Serve's proxy, on this port: the
+    application of a Serve config's args (as KubeRay deploys it)."""
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    options = trit_ray.ServeOptions(parallel=2, api_key=KEY)
-    serve.run(trit_ray.build_app(options, replicas=2), name="trit", route_prefix="/")
+    args = {"replicas": 2, "threads": 1, "parallel": 2, "api_key": KEY}
+    serve.run(trit_ray.app_builder(args), name="trit", route_prefix="/")
     yield port
     serve.shutdown()  # its CPUs are the batch tests'
 
