@@ -111,13 +111,14 @@ def test_bad_lines_fail_the_job_before_it_runs_naming_line_and_field(tmp_path: P
         '{"prompt": "p", "messages": [{"role": "user", "content": "m"}]}',
         '{"id": 1.5, "prompt": "p"}',
         '{"max_tokens": 3}',
+        '{"prompt": "p", "max_completion_tokens": 3}',
     ]
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
     r = trit("batch", str(source), "-o", str(out))
     assert r.returncode == 1
-    assert "8 of the lines" in r.stderr and "nothing was run" in r.stderr
+    assert "9 of the lines" in r.stderr and "nothing was run" in r.stderr
     for expected in (
         ":2: `temperature` must be in [0, 2], got 5",
         ":3: not valid JSON",
@@ -127,6 +128,7 @@ def test_bad_lines_fail_the_job_before_it_runs_naming_line_and_field(tmp_path: P
         ":9: give `prompt` or `messages`, not both",
         ":10: `id` must be a string or an integer",
         ":11: a request needs `prompt` or `messages`",
+        ":12: `max_completion_tokens` goes with `messages`",
     ):
         assert expected in r.stderr, (expected, r.stderr)
     assert not out.exists()

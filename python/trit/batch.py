@@ -120,7 +120,12 @@ def parse_request(body: dict[str, Any], ctx: PromptContext) -> ParsedRequest:
         return parse_chat(body, ctx)
     if not has_prompt:
         raise APIError(400, "a request needs `prompt` or `messages`", param="prompt")
-    body = {k: v for k, v in body.items() if k != "max_completion_tokens" or v is not None}
+    if body.get("max_completion_tokens") is not None:
+        raise APIError(
+            400,
+            "`max_completion_tokens` goes with `messages`; a prompt takes `max_tokens`",
+            param="max_completion_tokens",
+        )
     return parse_completion(body, ctx)
 
 
