@@ -1010,7 +1010,9 @@ def _parser() -> argparse.ArgumentParser:
         f"(default: as many as fit in memory, at most {AUTO_PARALLEL})",
     )
     _add_sampling_args(p)
-    group = p.add_argument_group("on a Ray cluster (needs trit[ray]; -t is each worker's threads)")
+    group = p.add_argument_group(
+        "on a Ray cluster (needs trit[ray]; -t is each worker's threads, default 1)"
+    )
     group.add_argument(
         "--ray", action="store_true", help="run on Ray Data, over a pool of --workers engines"
     )
