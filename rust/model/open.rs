@@ -20,8 +20,11 @@ pub const CONFIG_FILE: &str = "config.json";
 /// checkpoint lacks or holds wrongly.
 pub fn open(path: &Path, pool: &ThreadPool, head: HeadPrecision) -> Result<(Model, Vec<String>)> {
     if path.is_file() {
-        let checkpoint = GgufCheckpoint::open(path)?;
+        let mut checkpoint = GgufCheckpoint::open(path)?;
         let config = Config::from_gguf(&checkpoint)?;
+        if let Some((attn, ffn)) = config.family.sub_norms() {
+            checkpoint.rename_sub_norms(attn, ffn);
+        }
         return build(path, config, &checkpoint, pool, head);
     }
     let config = Config::from_json_file(&path.join(CONFIG_FILE))?;
