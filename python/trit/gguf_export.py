@@ -2,11 +2,14 @@
 package (llama.cpp's own writer; ``pip install gguf``).
 
 Projections are written as I2_S (bitnet.cpp's type) or TQ2_0 / TQ1_0 (ggml's),
-values and scale unchanged, under bitnet.cpp's ``general.architecture``
-"bitnet-b1.58" (llama.cpp's "bitnet" is the 1bitLLM block, with SiLU); norms
-as F32; the embedding and an untied head as the engine holds them (BF16, or
-F32 for F16/F32/quantized sources). The tokenizer goes into the
-metadata as llama.cpp's converter writes it. Layouts: docs/formats.md, "GGUF".
+values and scale unchanged, under the ``general.architecture`` the family's
+converter uses: bitnet.cpp's "bitnet-b1.58" for the 2B4T block, llama.cpp's
+"llama" for the Llama family (Q and K rows permuted as its
+convert_hf_to_gguf.py does, so llama.cpp's RoPE applies), and llama.cpp's
+"bitnet" with ``bitnet.hidden_act`` "silu" for 1bitLLM. Norms as F32; the
+embedding and an untied head as the engine holds them (BF16, or F32 for
+F16/F32/quantized sources). The tokenizer goes into the metadata as
+llama.cpp's converter writes it. Layouts: docs/formats.md, "GGUF".
 """
 
 from __future__ import annotations
@@ -41,6 +44,40 @@ NORMS = [
     ("post_attention_layernorm", "ffn_norm"),
     ("ffn_sub_norm", "ffn_sub_norm"),
 ]
+# The family's GGUF architecture, and whether its block has sub-norms.
+ARCHITECTURES = {"bitnet": ("bitnet-b1.58", True), "llama": ("llama", False), "1bitllm": ("bitnet", True)}
+
+
+def permute_rows(values: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's `LlamaModel.permute` (convert_hf_to_gguf.py) of Q or K rows:
+    within each head, the two rotary halves are interleaved, so that file row
+    2i + j holds row j*D/2 + i."""
+    return (
+        values.reshape(heads, 2, values.shape[0] // heads // 2, *values.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(values.shape)
+    )
+
+
+def _refuse_unwritable(source: Path) -> None:
+    """What a model folder's config asks for that GGUF cannot hold."""
+    config_path = source / "config.json"
+    if source.is_file() or not config_path.exists():
+        return
+    cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    quant = cfg.get("quantization_config") or {}
+    if quant.get("use_rms_norm") is True:
+        raise InvalidInputError(
+            f"{config_path}: quantization_config.use_rms_norm gives each projection its own "
+            "input norm, which no GGUF architecture holds"
+        )
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = cfg.get(key) or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise InvalidInputError(
+                f"{config_path}: {key} {kind!r} is not written to GGUF (trit writes unscaled RoPE)"
+            )
 
 
 def _gguf() -> Any:
@@ -171,17 +208,19 @@ def _tokenizer_from_gguf(w: Any, path: Path) -> None:
 def write_gguf(model: Model, source: Path, out: Path, kind: str) -> None:
     """Writes `model` (loaded from `source`, a folder or GGUF file, with the
     bf16 head) as GGUF `out` with projections of type `kind`."""
-    if model.config.family != "bitnet":
-        raise InvalidInputError(
-            f"trit convert writes the BitNet family (2B4T block); this is {model.config.family}"
-        )
+    cfg = model.config
+    if cfg.family not in ARCHITECTURES:
+        raise InvalidInputError(f"trit convert cannot write the {cfg.family} family to GGUF")
     if kind not in TYPES:
         raise InvalidInputError(f"type must be one of {', '.join(TYPES)}, got {kind!r}")
+    _refuse_unwritable(source)
     gguf = _gguf()
-    cfg = model.config
-    arch = "bitnet-b1.58"
+    arch, has_sub_norms = ARCHITECTURES[cfg.family]
     partial = out.with_name(out.name + ".partial")
     w = gguf.GGUFWriter(str(partial), arch)
+    if cfg.family == "1bitllm":
+        # llama.cpp's bitnet graph reads its activation here (SiLU when absent).
+        w.add_string(f"{arch}.hidden_act", "silu")
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_feed_forward_length(cfg.intermediate_size)
@@ -209,10 +248,15 @@ def write_gguf(model: Model, source: Path, out: Path, kind: str) -> None:
     dense("embed_tokens", "token_embd.weight")
     for layer in range(cfg.num_hidden_layers):
         for name, target in NORMS:
+            if name.endswith("sub_norm") and not has_sub_norms:
+                continue
             w.add_tensor(f"blk.{layer}.{target}.weight", model.norm(name, layer))
         for name, target in PROJECTIONS:
             m = model.projection(layer, name)
             values, scale = m.unpack(), m.scale
+            if arch == "llama" and name in ("q_proj", "k_proj"):
+                heads = cfg.num_attention_heads if name == "q_proj" else cfg.num_key_value_heads
+                values = permute_rows(values, heads)
             full = f"blk.{layer}.{target}.weight"
             if kind == "i2_s":
                 raw = encode_i2s(values, scale, full)

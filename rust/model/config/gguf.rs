@@ -157,8 +157,16 @@ impl Config {
 /// Falcon-E, Llama3-8B-1.58); llama.cpp's `bitnet` is 1bitLLM's block (SiLU)
 /// or, with `hidden_act` "relu2", 2B4T's.
 fn family(ck: &GgufCheckpoint, arch: &str) -> std::result::Result<Family, String> {
+    let sentencepiece = ck.string("tokenizer.ggml.model").ok().flatten() == Some("llama");
     if BITNET_ARCHITECTURES.contains(&arch) {
-        return Ok(Family::BitNet);
+        // bitnet.cpp's converter files 1bitLLM's BitnetForCausalLM under
+        // "bitnet-b1.58" too (its `BitnetModel`), with 1bitLLM's SentencePiece
+        // tokenizer; that model's MLP is SiLU, whatever the graph the name selects.
+        return Ok(if sentencepiece {
+            Family::OneBitLlm
+        } else {
+            Family::BitNet
+        });
     }
     match arch {
         "llama" => Ok(Family::Llama),
