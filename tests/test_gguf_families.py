@@ -287,6 +287,19 @@ def test_bitnet_hidden_act_decides_the_block(tmp_path: Path) -> None:
     assert np.array_equal(logits(relu2), logits(packed))
 
 
+def test_bitnet_cpp_files_of_one_bit_llm_run_its_family(tmp_path: Path) -> None:
+    """bitnet.cpp's converter files 1bitLLM's model under "bitnet-b1.58" too,
+    with its SentencePiece tokenizer: that is the SiLU block, not 2B4T's."""
+    silu = gguf_files.write(ONE_BIT_LLM, tmp_path / "m.gguf", projections="F16", tokenizer=False)
+    renamed = gguf_files.write(
+        ONE_BIT_LLM, tmp_path / "b.gguf", projections="F16", arch="bitnet-b1.58", tokenizer=False
+    )
+    spm = _with_metadata(renamed, tmp_path / "spm.gguf", {"tokenizer.ggml.model": "llama"})
+    model, _ = Model.open(spm, threads=1)
+    assert model.config.family == "1bitllm"
+    assert np.array_equal(logits(spm), logits(silu))
+
+
 def test_llama3_rope_factors_are_refused_by_name(tmp_path: Path) -> None:
     """llama.cpp writes Llama 3 RoPE scaling as a rope_freqs tensor."""
     path = gguf_files.write(LLAMA3, tmp_path / "m.gguf", projections="F32", tokenizer=False)

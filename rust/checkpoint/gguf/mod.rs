@@ -28,8 +28,10 @@ use crate::kernels::TernaryMatrix;
 
 /// The GGUF architectures whose files hold the BitNet b1.58 2B4T block
 /// (relu² GLU, sub-norms): bitnet.cpp's "bitnet-b1.58" and its earlier
-/// "bitnet-25". llama.cpp's "bitnet" is either block (docs/formats.md "GGUF
-/// metadata"), told apart by the tokenizer in `Config::from_gguf`.
+/// "bitnet-25" (1bitLLM's model, which bitnet.cpp also files under
+/// "bitnet-b1.58", is told apart by its SentencePiece tokenizer). llama.cpp's
+/// "bitnet" is either block, told apart by `bitnet.hidden_act`
+/// (docs/formats.md "GGUF metadata", `Config::from_gguf`).
 pub const BITNET_ARCHITECTURES: [&str; 2] = ["bitnet-b1.58", "bitnet-25"];
 
 /// Where one tensor lives and how it is stored.
