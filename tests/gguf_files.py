@@ -190,20 +190,23 @@ def write(
             elif projections == "I2_S_MAX":
                 add_i2s(w, target, values.shape, quantize_i2s(real))
             elif projections in ("F32", "F16"):
-                w.add_tensor(target, real.astype(np.float32 if projections == "F32" else np.float16))
+                w.add_tensor(
+                    target, real.astype(np.float32 if projections == "F32" else np.float16)
+                )
             else:
                 qtype = gguf.GGMLQuantizationType[projections]
                 w.add_tensor(target, gguf.quants.quantize(real, qtype), raw_dtype=qtype)
         elif len(shape) == 2:
             real = floats(dtype, data).reshape(shape)
-            if (embedding or dtype) == "BF16":
+            stored_as = embedding or dtype
+            if stored_as == "BF16":
                 assert dtype == "BF16"
                 bits = np.frombuffer(data, "<u2").reshape(shape)
                 w.add_tensor(target, bits.view(np.uint8), raw_dtype=gguf.GGMLQuantizationType.BF16)
-            elif (embedding or dtype) in ("F32", "F16"):
-                as_f32 = (embedding or dtype) == "F32"
+            elif stored_as in ("F32", "F16"):
+                as_f32 = stored_as == "F32"
                 w.add_tensor(target, real.astype(np.float32 if as_f32 else np.float16))
-            elif embedding == "Q6_K":
+            elif stored_as == "Q6_K":
                 # gguf has no Q6_K quantizer: random blocks with a small f16
                 # scale d (bytes 208-209) stand in; the test dequantizes them
                 # with gguf's own dequantizer.
@@ -214,7 +217,7 @@ def write(
                 qtype = gguf.GGMLQuantizationType.Q6_K
                 w.add_tensor(target, blocks.reshape(rows, -1), raw_dtype=qtype)
             else:
-                qtype = gguf.GGMLQuantizationType[embedding]
+                qtype = gguf.GGMLQuantizationType[stored_as]
                 w.add_tensor(target, gguf.quants.quantize(real, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(target, floats(dtype, data))

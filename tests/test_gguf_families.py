@@ -121,7 +121,9 @@ def test_one_bit_llm_gguf_runs_its_family(tmp_path: Path) -> None:
     assert np.array_equal(got.argmax(-1), want.argmax(-1))
 
 
-@pytest.mark.parametrize("folder", [FALCON3, FALCON_E, ONE_BIT_LLM], ids=["falcon3", "falcon-e", "1bitllm"])
+@pytest.mark.parametrize(
+    "folder", [FALCON3, FALCON_E, ONE_BIT_LLM], ids=["falcon3", "falcon-e", "1bitllm"]
+)
 def test_trit_convert_writes_what_llama_cpp_expects(tmp_path: Path, folder: Path) -> None:
     """trit convert of a Llama-family or 1bitLLM model: llama.cpp's arch and
     row order, the tokenizer in the metadata, identical logits read back."""
@@ -136,7 +138,9 @@ def test_trit_convert_writes_what_llama_cpp_expects(tmp_path: Path, folder: Path
     assert Tokenizer(out).encode(text) == Tokenizer(folder).encode(text)
     if family == "llama":
         again = gguf_files.write(folder, tmp_path / "ref.gguf", projections="I2_S", pre=PRE[folder])
-        assert _tensor_bytes(out, "blk.1.attn_q.weight") == _tensor_bytes(again, "blk.1.attn_q.weight")
+        assert _tensor_bytes(out, "blk.1.attn_q.weight") == _tensor_bytes(
+            again, "blk.1.attn_q.weight"
+        )
 
 
 def _tensor_bytes(path: Path, name: str) -> bytes:
@@ -219,6 +223,11 @@ def test_sentencepiece_metadata_is_checked(tmp_path: Path) -> None:
         tokenizer_json({**meta, "tokenizer.ggml.token_type": [1] * len(types)}, where)
     spaced = tokenizer_json({**meta, "tokenizer.ggml.add_space_prefix": False}, where)
     assert spaced["pre_tokenizer"]["prepend_scheme"] == "never"
+    # A hostile piece of a million characters is not split into a million merges.
+    tokens = list(meta["tokenizer.ggml.tokens"])  # type: ignore[call-overload]
+    tokens[-1] = "a" * 1_000_000
+    huge = tokenizer_json({**meta, "tokenizer.ggml.tokens": tokens}, where)
+    assert len(huge["model"]["merges"]) <= len(spaced["model"]["merges"])
 
 
 # ------------------------------------------------------------- refused by name
@@ -360,7 +369,9 @@ def test_projection_scale_tensors_multiply(tmp_path: Path, block_llama: Path) ->
         if shape == (1,):
             assert np.array_equal(logits(out), logits(exact))
         else:
-            with pytest.raises(InvalidInputError, match=r"\.scale\" is F32 \[2\]; a projection scale is one float"):
+            with pytest.raises(
+                InvalidInputError, match=r"\.scale\" is F32 \[2\]; a projection scale is one float"
+            ):
                 Model.open(out)
 
 
@@ -383,7 +394,9 @@ def test_a_folder_with_a_llama_gguf_runs(tmp_path: Path) -> None:
 
     folder = tmp_path / "falcon"
     folder.mkdir()
-    gguf_files.write(FALCON3, folder / "ggml-model-i2_s.gguf", projections="I2_S_MAX", pre="falcon3")
+    gguf_files.write(
+        FALCON3, folder / "ggml-model-i2_s.gguf", projections="I2_S_MAX", pre="falcon3"
+    )
     kw = {"threads": 1, "head": "bf16", "kv_cache": "f32"}
     a = Generator.from_pretrained(folder, **kw)  # type: ignore[arg-type]
     b = Generator.from_pretrained(FALCON3, **kw)  # type: ignore[arg-type]

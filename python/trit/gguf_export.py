@@ -45,7 +45,11 @@ NORMS = [
     ("ffn_sub_norm", "ffn_sub_norm"),
 ]
 # The family's GGUF architecture, and whether its block has sub-norms.
-ARCHITECTURES = {"bitnet": ("bitnet-b1.58", True), "llama": ("llama", False), "1bitllm": ("bitnet", True)}
+ARCHITECTURES = {
+    "bitnet": ("bitnet-b1.58", True),
+    "llama": ("llama", False),
+    "1bitllm": ("bitnet", True),
+}
 
 
 def permute_rows(values: np.ndarray, heads: int) -> np.ndarray:

@@ -71,6 +71,10 @@ BYTE = 6
 
 # SentencePiece's word-boundary mark, which stands for a space in its pieces.
 SPACE_MARK = "\u2581"
+# Longer pieces are not split into merges: SentencePiece's trainer caps pieces at
+# max_sentencepiece_length (default 16), and splitting costs the square of a
+# piece's length, which a hostile file could make large.
+MAX_MERGED_PIECE_CHARS = 64
 
 
 def _field(meta: dict[str, object], key: str, kind: type, path: Path) -> Any:
@@ -215,13 +219,16 @@ def sentencepiece_merges(
     score, highest first (SentencePiece merges the adjacent pair whose union
     scores highest), then by the piece's id and the split's strings, as
     transformers 5 ranks them (`SpmConverter.build_tokenizer_from_spm_proto`).
-    Byte, control and user-defined pieces are never merged."""
+    Byte, control and user-defined pieces are never merged, nor pieces longer
+    than MAX_MERGED_PIECE_CHARS."""
     normal: dict[str, int] = {}
     for i, (t, kind) in enumerate(zip(tokens, types)):
         if kind == NORMAL:
             normal.setdefault(t, i)
     ranked: list[tuple[float, int, str, str]] = []
     for piece, i in normal.items():
+        if len(piece) > MAX_MERGED_PIECE_CHARS:
+            continue
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             if left in normal and right in normal:

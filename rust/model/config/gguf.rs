@@ -210,10 +210,7 @@ fn check_tensors(ck: &GgufCheckpoint, config: &Config) -> std::result::Result<()
              read from GGUF"
                 .to_string()
         } else if gguf.contains("_sub_norm.") {
-            format!(
-                "the {} family has no sub-norms",
-                config.family.name()
-            )
+            format!("the {} family has no sub-norms", config.family.name())
         } else {
             format!(
                 "it is not part of the {} block trit runs ({} layers)",
@@ -252,5 +249,38 @@ fn expected(name: &str, config: &Config) -> bool {
         _ => crate::model::weights::Proj::ALL
             .iter()
             .any(|p| module == format!("{}.weight", p.path())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::tiny;
+
+    #[test]
+    fn each_family_expects_its_own_tensors() {
+        let mut llama = tiny();
+        llama.family = Family::Llama;
+        let bitnet = tiny();
+        for name in [
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.layers.1.post_attention_layernorm.weight",
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.1.mlp.down_proj.weight",
+        ] {
+            assert!(expected(name, &llama) && expected(name, &bitnet), "{name}");
+        }
+        let sub_norm = "model.layers.0.self_attn.attn_sub_norm.weight";
+        assert!(expected(sub_norm, &bitnet) && !expected(sub_norm, &llama));
+        for name in [
+            "model.layers.2.input_layernorm.weight", // beyond the 2 layers
+            "model.layers.x.input_layernorm.weight",
+            "model.layers.0.self_attn.q_norm.weight",
+            "rope_freqs.weight",
+            "blk.0.attn_q.scale",
+        ] {
+            assert!(!expected(name, &bitnet), "{name}");
+        }
     }
 }
