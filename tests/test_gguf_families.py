@@ -309,11 +309,47 @@ def test_bitnet_cpp_files_of_one_bit_llm_run_its_family(tmp_path: Path) -> None:
     assert np.array_equal(logits(spm), logits(silu))
 
 
-def test_llama3_rope_factors_are_refused_by_name(tmp_path: Path) -> None:
-    """llama.cpp writes Llama 3 RoPE scaling as a rope_freqs tensor."""
-    path = gguf_files.write(LLAMA3, tmp_path / "m.gguf", projections="F32", tokenizer=False)
+def _with_rope_scaling(tmp_path: Path, top_level_original: int | None) -> Path:
+    """tiny-falcon-e with Llama 3.1 RoPE scaling (factor 8, original context
+    8192, which the tiny model's frequencies straddle: all three bands occur)."""
+    folder = tmp_path / "scaled"
+    shutil.copytree(FALCON_E, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_scaling"] = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    if top_level_original is not None:
+        config["original_max_position_embeddings"] = top_level_original
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_llama3_rope_factors_are_read_back(tmp_path: Path) -> None:
+    """llama.cpp writes Llama 3 RoPE scaling as a rope_freqs tensor, one divisor
+    per frequency; trit recovers the parameters and gives the safetensors logits."""
+    folder = _with_rope_scaling(tmp_path, None)
+    path = gguf_files.write(folder, tmp_path / "m.gguf", projections="F32", tokenizer=False)
+    assert np.array_equal(logits(path), logits(folder))
+    assert not np.array_equal(logits(path), logits(FALCON_E))
+
+
+def test_other_rope_factors_are_refused_by_name(tmp_path: Path) -> None:
+    """The converter takes the original context from config.json's top level:
+    factors for 64 are not Llama 3.1's 8192, which trit would assume."""
+    folder = _with_rope_scaling(tmp_path, 64)
+    path = gguf_files.write(folder, tmp_path / "m.gguf", projections="F32", tokenizer=False)
     with pytest.raises(InvalidInputError, match=r'tensor "rope_freqs\.weight" is not supported'):
         Model.open(path)
+    fixed = _with_metadata(
+        path, tmp_path / "ctx.gguf", {"llama.rope.scaling.original_context_length": 64}
+    )
+    # Parameters that match, but not the folder's (its rope_scaling says 8192).
+    model, warnings = Model.open(fixed, threads=1)
+    assert warnings == []
 
 
 def test_tensors_outside_the_block_are_refused_by_name(tmp_path: Path) -> None:

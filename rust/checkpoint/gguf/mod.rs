@@ -276,6 +276,13 @@ impl GgufCheckpoint {
         }
     }
 
+    /// Forgets tensor `name` (a builder name) that the config has read
+    /// itself (`rope_freqs.weight`), so that the model builder does not
+    /// report it unused.
+    pub fn remove(&mut self, name: &str) {
+        self.tensors.remove(name);
+    }
+
     /// The shape of tensor `name` (a builder name), if the file has it.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.tensors.get(name).map(|e| e.shape.as_slice())

@@ -4,9 +4,9 @@
 //! What a file carries that trit does not run (a RoPE variant, experts, a
 //! tensor outside the family's block) is refused by name.
 
-use super::{Config, Family, LinearClass, QuantizationMode};
+use super::{Config, Family, LinearClass, Llama3Rope, QuantizationMode};
 use crate::checkpoint::gguf::BITNET_ARCHITECTURES;
-use crate::checkpoint::GgufCheckpoint;
+use crate::checkpoint::{Checkpoint, DType, GgufCheckpoint};
 use crate::error::{Result, TritError};
 
 /// llama.cpp's default RoPE base when `{arch}.rope.freq_base` is absent.
@@ -15,6 +15,15 @@ const DEFAULT_ROPE_BASE: f64 = 10000.0;
 /// The key llama.cpp reads the MLP activation of a `bitnet` file from
 /// (`LLM_KV_HIDDEN_ACT` in `src/models/bitnet.cpp`; SiLU when absent).
 const HIDDEN_ACT: &str = "bitnet.hidden_act";
+
+/// The tensor llama.cpp's converter writes Llama 3 RoPE scaling as.
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// The Llama 3 RoPE parameters llama.cpp's converter assumes when config.json
+/// does not give them (`LlamaModel.generate_extra_tensors`): Llama 3.1's.
+const LLAMA3_LOW_FREQ_FACTOR: f64 = 1.0;
+const LLAMA3_HIGH_FREQ_FACTOR: f64 = 4.0;
+const LLAMA3_ORIGINAL_CONTEXT: u64 = 8192;
 
 impl Config {
     pub fn from_gguf(ck: &GgufCheckpoint) -> Result<Config> {
@@ -139,7 +148,7 @@ impl Config {
             linear_class: LinearClass::AutoBitLinear,
             quantization_mode: QuantizationMode::Offline,
             bitlinear_norm_eps: None,
-            rope_scaling: None,
+            rope_scaling: llama3_rope(ck, arch, head_dim, rope_theta).map_err(fail)?,
         };
         config.validate().map_err(|e| {
             let message = e.to_string();
@@ -196,20 +205,93 @@ fn family(ck: &GgufCheckpoint, arch: &str) -> std::result::Result<Family, String
     }
 }
 
+/// Llama 3 RoPE scaling from `rope_freqs.weight` [head_dim / 2]: llama.cpp's
+/// converter (`LlamaModel.generate_extra_tensors`) stores one divisor per
+/// frequency, `factor` where the wavelength exceeds `original / low`, 1 below
+/// `original / high`, `1 / ((1 - smooth) / factor + smooth)` between: the
+/// same frequencies transformers' `llama3` RoPE computes. The file does not
+/// keep the parameters, so they are recovered: `factor` is the largest
+/// divisor, low and high are Llama 3.1's 1 and 4 (the converter's defaults),
+/// the original context `{arch}.rope.scaling.original_context_length` or
+/// 8192; the divisors those give must match the file's, or the tensor is
+/// refused by name. All ones is no scaling.
+fn llama3_rope(
+    ck: &GgufCheckpoint,
+    arch: &str,
+    head_dim: usize,
+    theta: f64,
+) -> std::result::Result<Option<Llama3Rope>, String> {
+    let Some(t) = ck.tensor(ROPE_FREQS) else {
+        return Ok(None);
+    };
+    let half = head_dim / 2;
+    if !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) || t.shape != [half] {
+        return Err(format!(
+            "tensor {ROPE_FREQS:?} is {} {:?}; expected {half} float RoPE factors",
+            t.dtype.name(),
+            t.shape
+        ));
+    }
+    let stored: Vec<f64> = t.to_f32().into_iter().map(f64::from).collect();
+    let factor = stored.iter().copied().fold(f64::NAN, f64::max);
+    if stored.iter().all(|&f| f == 1.0) {
+        return Ok(None);
+    }
+    let original_key = format!("{arch}.rope.scaling.original_context_length");
+    let original = ck
+        .uint(&original_key)
+        .map_err(|e| e.to_string())?
+        .unwrap_or(LLAMA3_ORIGINAL_CONTEXT);
+    let (low, high) = (LLAMA3_LOW_FREQ_FACTOR, LLAMA3_HIGH_FREQ_FACTOR);
+    let old = original as f64;
+    let expected = |i: usize| {
+        let freq = theta.powf(-((2 * i) as f64) / head_dim as f64);
+        let wavelen = std::f64::consts::TAU / freq;
+        if wavelen < old / high {
+            1.0
+        } else if wavelen > old / low {
+            factor
+        } else {
+            let smooth = (old / wavelen - low) / (high - low);
+            1.0 / ((1.0 - smooth) / factor + smooth)
+        }
+    };
+    // The converter computes in f32: a relative 1e-4 separates rounding from
+    // another set of parameters.
+    let matches = factor.is_finite()
+        && factor > 1.0
+        && stored
+            .iter()
+            .enumerate()
+            .all(|(i, &f)| (f - expected(i)).abs() <= 1e-4 * expected(i));
+    if !matches {
+        return Err(format!(
+            "tensor {ROPE_FREQS:?} is not supported: its RoPE frequency factors are not Llama \
+             3's with factor {factor}, low_freq_factor {low}, high_freq_factor {high} and an \
+             original context of {original} ({original_key}, default {LLAMA3_ORIGINAL_CONTEXT}), \
+             the only per-frequency factors trit runs"
+        ));
+    }
+    Ok(Some(Llama3Rope {
+        factor: factor as f32,
+        low_freq_factor: low as f32,
+        high_freq_factor: high as f32,
+        original_max_position_embeddings: usize::try_from(original)
+            .map_err(|_| format!("{original_key} is {original}; too large"))?,
+    }))
+}
+
 /// Refuses every tensor the family's block does not read, by name: the
 /// model would run without it, which is not the model the file describes.
 fn check_tensors(ck: &GgufCheckpoint, config: &Config) -> std::result::Result<(), String> {
     let mut names: Vec<(&str, &str)> = ck.tensor_names().collect();
     names.sort_unstable();
     for (name, gguf) in names {
-        if expected(name, config) {
+        // `rope_freqs.weight` was read, or refused, by `llama3_rope`.
+        if expected(name, config) || gguf == ROPE_FREQS {
             continue;
         }
-        let why = if gguf == "rope_freqs.weight" {
-            "it holds per-frequency RoPE factors (Llama 3.1 RoPE scaling), which trit does not \
-             read from GGUF"
-                .to_string()
-        } else if gguf.contains("_sub_norm.") {
+        let why = if gguf.contains("_sub_norm.") {
             format!("the {} family has no sub-norms", config.family.name())
         } else {
             format!(
