@@ -203,6 +203,55 @@ def test_sentencepiece_tokenizer_encodes_as_hugging_face() -> None:
     assert built.vocab_size == hf.vocab_size
 
 
+def test_a_bitnet_cpp_one_bit_llm_file_with_its_sentencepiece_tokenizer(tmp_path: Path) -> None:
+    """A 1bitLLM-shaped model of the SentencePiece fixture's vocabulary, as
+    bitnet.cpp's converter files it (arch "bitnet-b1.58", the tokenizer of
+    _set_vocab_sentencepiece): trit runs the 1bitLLM block and the GGUF-built
+    tokenizer, and generates what the safetensors folder with tokenizer.json does."""
+    from trit import Generator
+
+    folder = tmp_path / "model"
+    shape = Shape("test", 64, 128, 2, 4, 4, 640, False, 128, family="1bitllm", rope_theta=1e4)
+    write_synthetic(shape, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SPM / name, folder / name)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(bos_token_id=1, eos_token_id=2)
+    (folder / "config.json").write_text(json.dumps(config))
+    plain = gguf_files.write(
+        folder, tmp_path / "m.gguf", projections="F16", arch="bitnet-b1.58", tokenizer=False
+    )
+    path = tmp_path / "with-tokenizer.gguf"
+    reader, source = gguf.GGUFReader(plain), gguf.GGUFReader(SPM / "tokenizer.gguf")
+    w = gguf.GGUFWriter(str(path), "bitnet-b1.58")
+    for r in (reader, source):
+        for name, field in r.fields.items():
+            if not name.startswith("GGUF.") and name != "general.architecture":
+                w.add_key_value(name, field.contents(), field.types[0], field.types[-1])
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    kw = {"threads": 1, "head": "bf16", "kv_cache": "f32"}
+    from_gguf = Generator.from_pretrained(path, **kw)  # type: ignore[arg-type]
+    from_st = Generator.from_pretrained(folder, **kw)  # type: ignore[arg-type]
+    assert from_gguf.config.family == "1bitllm"
+    assert from_gguf.eos_ids == from_st.eos_ids
+    prompt = "Permission is hereby granted, free of charge"
+    ids = from_st.tokenizer.encode(prompt)
+    assert from_gguf.tokenizer.encode(prompt) == ids
+    assert from_gguf.tokenizer.decode(ids) == from_st.tokenizer.decode(ids)
+    # The GGUF holds each scale rounded to f16 (weight_quant), the folder float
+    # masters, and random weights amplify that: close logits, mostly the same argmax.
+    got = Session(Model.open(path, threads=1)[0], kv_cache="f32").logits(ids)
+    want = Session(Model.open(folder, threads=1)[0], kv_cache="f32").logits(ids)
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    assert from_gguf.generate(prompt, max_new_tokens=4, temperature=0.0)
+
+
 def test_sentencepiece_metadata_is_checked(tmp_path: Path) -> None:
     from trit.gguf_tokenizer import tokenizer_json
 
