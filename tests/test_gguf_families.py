@@ -250,6 +250,13 @@ def test_a_bitnet_cpp_one_bit_llm_file_with_its_sentencepiece_tokenizer(tmp_path
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
     assert from_gguf.generate(prompt, max_new_tokens=4, temperature=0.0)
+    # trit convert of that file: llama.cpp's "bitnet", the same model and tokenizer.
+    model, _ = Model.open(path, threads=1)
+    again = tmp_path / "again.gguf"
+    write_gguf(model, path, again, "i2_s")
+    assert gguf_metadata(again)["general.architecture"] == "bitnet"
+    assert np.array_equal(logits(again), logits(path))
+    assert Tokenizer(again).encode(prompt) == ids
 
 
 def test_sentencepiece_metadata_is_checked(tmp_path: Path) -> None:
