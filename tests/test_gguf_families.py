@@ -24,7 +24,7 @@ from test_gguf import FUZZ, _data_start
 from test_gguf_loading import CORPUS
 
 from trit import InvalidInputError
-from trit._core import Model, Session, gguf_metadata
+from trit._core import Model, Session, gguf_float_tensor, gguf_metadata
 from trit.gguf_export import write_gguf
 from trit.synthetic import Shape
 from trit.synthetic import write as write_synthetic
@@ -406,6 +406,35 @@ def test_other_rope_factors_are_refused_by_name(tmp_path: Path) -> None:
     # Parameters that match, but not the folder's (its rope_scaling says 8192).
     model, warnings = Model.open(fixed, threads=1)
     assert warnings == []
+
+
+@pytest.mark.parametrize("original", [8192, 64])
+def test_trit_convert_writes_llama3_rope_scaling(tmp_path: Path, original: int) -> None:
+    """rope_freqs as llama.cpp's converter computes it, and the original context
+    in rope.scaling.original_context_length when it is not 8192; read back,
+    the same logits; converted again from that GGUF, still the same."""
+    folder = _with_rope_scaling(tmp_path, None)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_scaling"]["original_max_position_embeddings"] = original
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = Model.open(folder, threads=1)
+    out = tmp_path / "m.gguf"
+    write_gguf(model, folder, out, "i2_s")
+    assert np.array_equal(logits(out), logits(folder))
+    meta = gguf_metadata(out)
+    assert meta.get("llama.rope.scaling.original_context_length") == (
+        None if original == 8192 else original
+    )
+    again = tmp_path / "again.gguf"
+    write_gguf(Model.open(out, threads=1)[0], out, again, "i2_s")
+    assert np.array_equal(logits(again), logits(folder))
+    assert gguf_float_tensor(out, "absent.weight") is None
+    with pytest.raises(InvalidInputError, match="blk.0.attn_q.weight.*not a float tensor"):
+        gguf_float_tensor(out, "blk.0.attn_q.weight")
+    config["rope_scaling"]["high_freq_factor"] = 2.0
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidInputError, match="high_freq_factor 2.0"):
+        write_gguf(Model.open(folder, threads=1)[0], folder, tmp_path / "x.gguf", "i2_s")
 
 
 def test_tensors_outside_the_block_are_refused_by_name(tmp_path: Path) -> None:

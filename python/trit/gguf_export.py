@@ -15,12 +15,13 @@ llama.cpp's converter writes it. Layouts: docs/formats.md, "GGUF".
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from trit._core import InvalidInputError, Model, TritError, gguf_metadata
+from trit._core import InvalidInputError, Model, TritError, gguf_float_tensor, gguf_metadata
 from trit.gguf_tokenizer import CONTROL, PRE_TOKENIZERS, USER_DEFINED
 
 TYPES = ("i2_s", "tq2_0", "tq1_0")
@@ -75,13 +76,76 @@ def _refuse_unwritable(source: Path) -> None:
             f"{config_path}: quantization_config.use_rms_norm gives each projection its own "
             "input norm, which no GGUF architecture holds"
         )
+
+
+# Llama 3 RoPE parameters a reader recovers from rope_freqs alone (llama.cpp's
+# converter's defaults); the original context goes in a key when it differs.
+LLAMA3_LOW_FREQ_FACTOR = 1.0
+LLAMA3_HIGH_FREQ_FACTOR = 4.0
+LLAMA3_ORIGINAL_CONTEXT = 8192
+
+
+def llama3_rope_factors(
+    theta: float, head_dim: int, factor: float, low: float, high: float, original: int
+) -> np.ndarray:
+    """llama.cpp's `rope_freqs` (`LlamaModel.generate_extra_tensors`): one
+    divisor per RoPE frequency, the Llama 3 scaling of transformers'
+    `_compute_llama3_parameters`."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / float(freq)
+        if wavelen < original / high:
+            factors.append(1.0)
+        elif wavelen > original / low:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def _rope_freqs(source: Path, cfg: Any) -> tuple[np.ndarray, int] | None:
+    """The rope_freqs tensor and original context to write for the model of
+    `source`: copied from a GGUF source, computed from a folder's Llama 3
+    `rope_scaling`; None without RoPE scaling. Other scalings are refused."""
+    if source.is_file():
+        stored = gguf_float_tensor(source, "rope_freqs.weight")
+        if stored is None:
+            return None
+        meta = gguf_metadata(source)
+        key = f"{meta.get('general.architecture')}.rope.scaling.original_context_length"
+        original = meta.get(key, LLAMA3_ORIGINAL_CONTEXT)
+        if not isinstance(original, int):
+            raise InvalidInputError(f"{source}: {key} is {original!r}; expected an integer")
+        return np.array(stored, dtype=np.float32), original
+    config_path = source / "config.json"
+    if not config_path.exists():
+        return None
+    config = json.loads(config_path.read_text(encoding="utf-8"))
     for key in ("rope_scaling", "rope_parameters"):
-        rope = cfg.get(key) or {}
+        rope = config.get(key) or {}
         kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
+        if kind == "default":
+            continue
+        low, high = rope.get("low_freq_factor"), rope.get("high_freq_factor")
+        if kind != "llama3" or (low, high) != (LLAMA3_LOW_FREQ_FACTOR, LLAMA3_HIGH_FREQ_FACTOR):
             raise InvalidInputError(
-                f"{config_path}: {key} {kind!r} is not written to GGUF (trit writes unscaled RoPE)"
+                f"{config_path}: {key} {kind!r} (low_freq_factor {low}, high_freq_factor "
+                f"{high}) is not written to GGUF: trit writes Llama 3 scaling with factors 1 "
+                "and 4, which a reader recovers from rope_freqs"
             )
+        original = int(rope["original_max_position_embeddings"])
+        factors = llama3_rope_factors(
+            cfg.rope_theta,
+            cfg.head_dim,
+            float(rope["factor"]),
+            LLAMA3_LOW_FREQ_FACTOR,
+            LLAMA3_HIGH_FREQ_FACTOR,
+            original,
+        )
+        return factors, original
+    return None
 
 
 def _gguf() -> Any:
@@ -237,6 +301,12 @@ def write_gguf(model: Model, source: Path, out: Path, kind: str) -> None:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_vocab_size(cfg.vocab_size)
+    rope = _rope_freqs(source, cfg)
+    if rope is not None:
+        factors, original = rope
+        w.add_tensor("rope_freqs.weight", factors)
+        if original != LLAMA3_ORIGINAL_CONTEXT:
+            w.add_rope_scaling_orig_ctx_len(original)
     if source.is_file():
         _tokenizer_from_gguf(w, source)
     else:
