@@ -401,6 +401,7 @@ fn _core(py: Python<'_>, m: &Bound<'_, PyModule>) -> PyResult<()> {
         checkpoint::files::MAX_TOKENIZER_BYTES,
     )?;
     m.add_function(wrap_pyfunction!(gguf::gguf_metadata, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf::gguf_float_tensor, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -13,6 +13,9 @@
 #   TRIT_BROWSER=1  install chromium and chromium-driver with apt (as root)
 #                   when missing, for the chat page's browser test
 #                   (tests/test_webui.py), which is skipped without them.
+#   TRIT_RAY=1      install the ray extra (Ray Serve and Ray Data, about 1 GB)
+#                   for tests/test_ray.py, a local Ray cluster on loopback
+#                   (about 70 s on 2 cores); skipped when Ray is not installed.
 #
 # About 5 minutes from a fresh clone on 2 cores without the optional parts,
 # 3 with warm cargo caches (README.md, "Test").
@@ -24,7 +27,11 @@ PYTHON=${PYTHON:-python3}
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q ".[test]"
+if [ "${TRIT_RAY:-0}" = 1 ]; then
+    python -m pip install -q ".[test,ray]"
+else
+    python -m pip install -q ".[test]"
+fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 step() { printf '\n== %s\n' "$*"; }
@@ -67,7 +74,12 @@ if [ "$aarch64" = 1 ]; then
     scripts/test-aarch64.sh --features simd-call-counts --test simd_calls
 fi
 step "pytest"
-python -m pytest -q
+python -m pytest -q -m "not ray"
+if python -c "import ray" 2>/dev/null; then
+    # A local Ray cluster that fails to come up would otherwise wait forever.
+    step "pytest -m ray (a local Ray cluster; at most 10 minutes)"
+    timeout 600 python -m pytest -q -m ray
+fi
 if [ "${TRIT_WHEEL:-0}" = 1 ]; then
     step "manylinux wheel (x86_64, zig), run without Rust"
     rm -f dist/trit-*manylinux*_x86_64.whl
@@ -77,6 +89,10 @@ fi
 if [ "${skipped_aarch64:-0}" = 1 ]; then
     printf '\nSkipped the aarch64 tests (no cross gcc and qemu-user here): TRIT_AARCH64=1 %s\n' \
         "scripts/test.sh installs them (apt, as root) and runs them (about 8 more minutes)."
+fi
+if ! python -c "import ray" 2>/dev/null; then
+    printf '\nSkipped the Ray tests (no ray here): %s\n' \
+        "TRIT_RAY=1 scripts/test.sh installs the ray extra and runs them (about 70 s more)."
 fi
 if ! { command -v chromium && command -v chromedriver; } >/dev/null; then
     printf '\nSkipped the chat page in a browser (no chromium and chromedriver here): %s\n' \

@@ -60,14 +60,14 @@ def test_gguf_tokenizer_encodes_as_hugging_face(tmp_path: Path, folder: Path) ->
 def test_unknown_pre_tokenizer_is_refused_by_name(tmp_path: Path) -> None:
     meta: dict[str, object] = {
         "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "falcon3",
+        "tokenizer.ggml.pre": "deepseek-llm",
         "tokenizer.ggml.tokens": ["a"],
         "tokenizer.ggml.merges": [],
     }
-    with pytest.raises(InvalidInputError, match="'falcon3' is not a pre-tokenizer"):
+    with pytest.raises(InvalidInputError, match="'deepseek-llm' is not a pre-tokenizer"):
         tokenizer_json(meta, tmp_path / "x.gguf")
-    meta["tokenizer.ggml.model"] = "llama"
-    with pytest.raises(InvalidInputError, match="tokenizer.ggml.model 'llama'"):
+    meta["tokenizer.ggml.model"] = "t5"
+    with pytest.raises(InvalidInputError, match="tokenizer.ggml.model 't5'"):
         tokenizer_json(meta, tmp_path / "x.gguf")
 
 

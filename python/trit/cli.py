@@ -1,4 +1,4 @@
-"""The `trit` command: `trit generate`, `chat`, `perplexity`, `bench` and `serve`.
+"""The `trit` command: `trit generate`, `chat`, `perplexity`, `bench`, `serve` and `batch`.
 
 Each subcommand is a function taking the parsed arguments; a new one adds a
 parser in `_parser` and a function here.
@@ -167,26 +167,34 @@ def _available_memory() -> int | None:
         return None
 
 
-def _serve_slots(args: argparse.Namespace, g: Generator) -> int | None:
-    """How many requests run at once: --parallel, or as many slots as fit in
-    the memory left (at most AUTO_PARALLEL); None (after printing why) when
-    the --parallel asked for cannot fit, each slot's KV cache being able to
-    grow to its full n_ctx."""
+def fit_slots(requested: int | None, g: Generator) -> int:
+    """How many requests run at once: `requested` (`--parallel`), or as many
+    slots as fit in the memory left (at most AUTO_PARALLEL). A ValueError
+    saying why when the slots asked for cannot fit, each slot's KV cache
+    being able to grow to its full n_ctx. `trit serve` and each replica of
+    `trit serve --ray` decide this on their own machine."""
     per_slot = g.slot_cache_bytes
     available = _available_memory()
-    if args.parallel is None:
+    if requested is None:
         fit = AUTO_PARALLEL if available is None else available // per_slot
         return max(1, min(AUTO_PARALLEL, fit))
-    if available is not None and args.parallel * per_slot > available:
-        print(
-            f"trit: error: --parallel {args.parallel} needs up to "
-            f"{args.parallel * per_slot / 2**20:.0f} MiB of KV cache "
+    if available is not None and requested * per_slot > available:
+        raise ValueError(
+            f"--parallel {requested} needs up to "
+            f"{requested * per_slot / 2**20:.0f} MiB of KV cache "
             f"({per_slot / 2**20:.0f} MiB a slot at n_ctx {g.n_ctx}), "
-            f"and {available / 2**20:.0f} MiB are available: lower --parallel or --ctx",
-            file=sys.stderr,
+            f"and {available / 2**20:.0f} MiB are available: lower --parallel or --ctx"
         )
+    return requested
+
+
+def _serve_slots(args: argparse.Namespace, g: Generator) -> int | None:
+    """`fit_slots` for --parallel; None (after printing why) when they cannot fit."""
+    try:
+        return fit_slots(args.parallel, g)
+    except ValueError as exc:
+        print(f"trit: error: {exc}", file=sys.stderr)
         return None
-    return int(args.parallel)
 
 
 def _print_stream(pieces: Iterable[str]) -> str:
@@ -555,6 +563,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.parallel is not None and not 1 <= args.parallel <= MAX_PARALLEL:
         print(f"trit: error: --parallel must be between 1 and {MAX_PARALLEL}", file=sys.stderr)
         return 2
+    if args.ray:
+        return _serve_ray(args)
+    misplaced = [flag for dest, flag in RAY_SERVE_FLAGS.items() if getattr(args, dest) is not None]
+    if misplaced:
+        print(f"trit: error: {misplaced[0]} needs --ray", file=sys.stderr)
+        return 2
+    if args.max_connections is None:
+        args.max_connections = 256
     # Slots not used cost no memory: a cache takes pages as it fills.
     g = _load(args, slots=args.parallel or AUTO_PARALLEL)
     parallel = _serve_slots(args, g)
@@ -602,6 +618,172 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     server.run()
     return 0 if server.started else 1  # uvicorn has said why (a port in use, ...)
+
+
+# Flags of `trit serve --ray` alone (their defaults are None).
+RAY_SERVE_FLAGS = {
+    "replicas": "--replicas",
+    "autoscale": "--autoscale",
+    "ray_address": "--ray-address",
+}
+
+
+def _replica_range(text: str) -> tuple[int, int]:
+    """`--autoscale MIN,MAX`."""
+    parts = text.split(",")
+    try:
+        low, high = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX (two integers), got {text!r}") from None
+    if not 0 <= low <= high or high < 1:
+        raise argparse.ArgumentTypeError(f"needs 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
+    return low, high
+
+
+def _need_ray(command: str) -> Any:
+    """trit.ray, or None after saying which extra it needs."""
+    try:
+        from trit import ray as trit_ray
+    except ImportError as exc:
+        print(
+            f"trit: error: `{command}` needs the ray extra ({exc}): pip install 'trit[ray]'",
+            file=sys.stderr,
+        )
+        return None
+    return trit_ray
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    """`trit serve --ray`: replicas on a Ray cluster behind Serve's proxy."""
+    if args.replicas is not None and args.autoscale is not None:
+        print("trit: error: give --replicas or --autoscale, not both", file=sys.stderr)
+        return 2
+    if args.max_connections is not None:
+        print("trit: error: --max-connections does not apply with --ray", file=sys.stderr)
+        return 2
+    trit_ray = _need_ray("trit serve --ray")
+    if trit_ray is None:
+        return 1
+    engine = trit_ray.EngineOptions(
+        trit_ray.EngineOptions.model_path(args.model),
+        revision=args.revision,
+        gguf_file=args.gguf_file,
+        threads=args.threads or 1,
+        n_ctx=args.ctx,
+        head=args.head,
+        kv_cache=args.kv_cache,
+    )
+    options = trit_ray.ServeOptions(
+        engine,
+        served_model_name=_model_id(args),
+        api_key=args.api_key or None,
+        parallel=args.parallel,
+        max_concurrency=args.max_concurrency,
+        request_timeout=args.request_timeout,
+    )
+    app = trit_ray.build_app(options, replicas=args.replicas or 1, autoscale=args.autoscale)
+    started = trit_ray.connect(args.ray_address)
+    if not _is_loopback(args.host) and not args.api_key:
+        print(
+            f"trit: warning: listening on {args.host} without --api-key: anyone who can reach "
+            "this port can use the model",
+            file=sys.stderr,
+        )
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    replicas = (
+        f"{args.replicas or 1} replica{'s' if (args.replicas or 1) > 1 else ''}"
+        if args.autoscale is None
+        else f"{args.autoscale[0]} to {args.autoscale[1]} replicas"
+    )
+    print(
+        f"trit serve --ray: deploying model {options.served_model_name!r}, {replicas} of "
+        f"{engine.threads} thread{'s' if engine.threads > 1 else ''}, on "
+        + ("a local Ray cluster" if started else "the Ray cluster")
+        + " ...",
+        file=sys.stderr,
+    )
+
+    def ready() -> None:
+        print(
+            f"trit serve --ray: serving on http://{host}:{args.port}/v1 (every node's proxy); "
+            "Ctrl-C takes the deployment down",
+            file=sys.stderr,
+        )
+
+    trit_ray.serve_until_stopped(
+        app, host=args.host, port=args.port, started_cluster=started, ready=ready
+    )
+    print("trit serve --ray: the deployment is down", file=sys.stderr)
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from trit import batch
+
+    given = _given_sampling(args)  # flags checked before anything runs
+    if args.max_new_tokens < 1:
+        print("trit batch: error: -n must be at least 1", file=sys.stderr)
+        return 2
+    if args.parallel is not None and not 1 <= args.parallel <= MAX_PARALLEL:
+        print(f"trit batch: error: --parallel must be in [1, {MAX_PARALLEL}]", file=sys.stderr)
+        return 2
+    misplaced = [
+        f
+        for d, f in (("workers", "--workers"), ("ray_address", "--ray-address"))
+        if getattr(args, d) is not None and not args.ray
+    ]
+    if misplaced:
+        print(f"trit batch: error: {misplaced[0]} needs --ray", file=sys.stderr)
+        return 2
+    output = Path(args.output)
+    if Path(args.input).resolve() == output.resolve():
+        print("trit batch: error: -o must not be the input file", file=sys.stderr)
+        return 2
+    rows = batch.read_rows(Path(args.input))
+
+    def say(message: str) -> None:
+        print(f"trit batch: {message}", file=sys.stderr)
+
+    if args.ray:
+        trit_ray = _need_ray("trit batch --ray")
+        if trit_ray is None:
+            return 1
+        engine = trit_ray.EngineOptions(
+            trit_ray.EngineOptions.model_path(args.model),
+            revision=args.revision,
+            gguf_file=args.gguf_file,
+            threads=args.threads or 1,
+            n_ctx=args.ctx,
+            head=args.head,
+            kv_cache=args.kv_cache,
+        )
+        runner = trit_ray.batch_runner(
+            engine,
+            workers=args.workers or 1,
+            slots=args.parallel,
+            given=given,
+            max_tokens=args.max_new_tokens,
+        )
+        started = trit_ray.connect(args.ray_address)
+        try:
+            result = batch.run_job(rows, output, runner, say)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    else:
+        g = _load(args, slots=args.parallel or AUTO_PARALLEL)
+        parallel = _serve_slots(args, g)
+        if parallel is None:
+            return 2
+        defaults = batch.job_defaults(
+            g.generation_defaults, given, min(args.max_new_tokens, g.n_ctx)
+        )
+        result = batch.run_job(rows, output, batch.local_runner(g, defaults, parallel), say)
+    errors = f", {result.errors} with an error" if result.errors else ""
+    say(f"wrote {result.written} rows to {output}{errors} ({result.rows} in all)")
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -767,8 +949,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-connections",
         type=_at_least(1),
-        default=256,
-        help="open HTTP connections at once; more get a 503 (default: 256)",
+        help="open HTTP connections at once; more get a 503 (default: 256; not with --ray)",
     )
     p.add_argument(
         "--request-timeout",
@@ -787,7 +968,60 @@ def _parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help="uvicorn's log level (default: info)",
     )
+    group = p.add_argument_group(
+        "replicas on a Ray cluster (needs trit[ray]; -t is each replica's threads, default 1)"
+    )
+    group.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve replicas on Ray Serve: on the cluster at --ray-address, else a local one",
+    )
+    group.add_argument("--replicas", type=_at_least(1), help="replicas (default: 1)")
+    group.add_argument(
+        "--autoscale",
+        type=_replica_range,
+        metavar="MIN,MAX",
+        help="between MIN and MAX replicas, as the load asks",
+    )
+    group.add_argument(
+        "--ray-address",
+        help="the cluster to join, e.g. ray://head:10001 (default: $RAY_ADDRESS, else a "
+        "local cluster started for this command)",
+    )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "batch",
+        help="generate for every request of a JSON Lines file, resumably",
+        description='Each line of INPUT is a request: {"id": ..., "prompt": ...} or '
+        '{"id": ..., "messages": [...]}, with optional max_tokens, temperature, top_p, '
+        "top_k, min_p, repetition_penalty, seed and stop. OUTPUT gets one line per request, "
+        'in order: {"id", "text", "finish_reason", "usage"}, or {"id", "error"} '
+        "for a request the model cannot take. A malformed line fails the job before it "
+        "starts. Run again after an interruption: rows already in OUTPUT are kept.",
+    )
+    _add_model_args(p)
+    p.add_argument("input", help="the requests, a JSON Lines file")
+    p.add_argument("-o", "--output", required=True, help="the JSON Lines file to write")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        help="requests run together by each engine, each in a slot with its own KV cache "
+        f"(default: as many as fit in memory, at most {AUTO_PARALLEL})",
+    )
+    _add_sampling_args(p)
+    group = p.add_argument_group(
+        "on a Ray cluster (needs trit[ray]; -t is each worker's threads, default 1)"
+    )
+    group.add_argument(
+        "--ray", action="store_true", help="run on Ray Data, over a pool of --workers engines"
+    )
+    group.add_argument("--workers", type=_at_least(1), help="engines (default: 1)")
+    group.add_argument(
+        "--ray-address",
+        help="the cluster to join (default: $RAY_ADDRESS, else a local cluster)",
+    )
+    p.set_defaults(func=cmd_batch)
     return parser
 
 

@@ -2,22 +2,26 @@
 package (llama.cpp's own writer; ``pip install gguf``).
 
 Projections are written as I2_S (bitnet.cpp's type) or TQ2_0 / TQ1_0 (ggml's),
-values and scale unchanged, under bitnet.cpp's ``general.architecture``
-"bitnet-b1.58" (llama.cpp's "bitnet" is the 1bitLLM block, with SiLU); norms
-as F32; the embedding and an untied head as the engine holds them (BF16, or
-F32 for F16/F32/quantized sources). The tokenizer goes into the
-metadata as llama.cpp's converter writes it. Layouts: docs/formats.md, "GGUF".
+values and scale unchanged, under the ``general.architecture`` the family's
+converter uses: bitnet.cpp's "bitnet-b1.58" for the 2B4T block, llama.cpp's
+"llama" for the Llama family (Q and K rows permuted as its
+convert_hf_to_gguf.py does, so llama.cpp's RoPE applies), and llama.cpp's
+"bitnet" with ``bitnet.hidden_act`` "silu" for 1bitLLM. Norms as F32; the
+embedding and an untied head as the engine holds them (BF16, or F32 for
+F16/F32/quantized sources). The tokenizer goes into the metadata as
+llama.cpp's converter writes it. Layouts: docs/formats.md, "GGUF".
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from trit._core import InvalidInputError, Model, TritError, gguf_metadata
+from trit._core import InvalidInputError, Model, TritError, gguf_float_tensor, gguf_metadata
 from trit.gguf_tokenizer import CONTROL, PRE_TOKENIZERS, USER_DEFINED
 
 TYPES = ("i2_s", "tq2_0", "tq1_0")
@@ -41,6 +45,107 @@ NORMS = [
     ("post_attention_layernorm", "ffn_norm"),
     ("ffn_sub_norm", "ffn_sub_norm"),
 ]
+# The family's GGUF architecture, and whether its block has sub-norms.
+ARCHITECTURES = {
+    "bitnet": ("bitnet-b1.58", True),
+    "llama": ("llama", False),
+    "1bitllm": ("bitnet", True),
+}
+
+
+def permute_rows(values: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's `LlamaModel.permute` (convert_hf_to_gguf.py) of Q or K rows:
+    within each head, the two rotary halves are interleaved, so that file row
+    2i + j holds row j*D/2 + i."""
+    return (
+        values.reshape(heads, 2, values.shape[0] // heads // 2, *values.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(values.shape)
+    )
+
+
+def _refuse_unwritable(source: Path) -> None:
+    """What a model folder's config asks for that GGUF cannot hold."""
+    config_path = source / "config.json"
+    if source.is_file() or not config_path.exists():
+        return
+    cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    quant = cfg.get("quantization_config") or {}
+    if quant.get("use_rms_norm") is True:
+        raise InvalidInputError(
+            f"{config_path}: quantization_config.use_rms_norm gives each projection its own "
+            "input norm, which no GGUF architecture holds"
+        )
+
+
+# Llama 3 RoPE parameters a reader recovers from rope_freqs alone (llama.cpp's
+# converter's defaults); the original context goes in a key when it differs.
+LLAMA3_LOW_FREQ_FACTOR = 1.0
+LLAMA3_HIGH_FREQ_FACTOR = 4.0
+LLAMA3_ORIGINAL_CONTEXT = 8192
+
+
+def llama3_rope_factors(
+    theta: float, head_dim: int, factor: float, low: float, high: float, original: int
+) -> np.ndarray:
+    """llama.cpp's `rope_freqs` (`LlamaModel.generate_extra_tensors`): one
+    divisor per RoPE frequency, the Llama 3 scaling of transformers'
+    `_compute_llama3_parameters`."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / float(freq)
+        if wavelen < original / high:
+            factors.append(1.0)
+        elif wavelen > original / low:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def _rope_freqs(source: Path, cfg: Any) -> tuple[np.ndarray, int] | None:
+    """The rope_freqs tensor and original context to write for the model of
+    `source`: copied from a GGUF source, computed from a folder's Llama 3
+    `rope_scaling`; None without RoPE scaling. Other scalings are refused."""
+    if source.is_file():
+        stored = gguf_float_tensor(source, "rope_freqs.weight")
+        if stored is None:
+            return None
+        meta = gguf_metadata(source)
+        key = f"{meta.get('general.architecture')}.rope.scaling.original_context_length"
+        original = meta.get(key, LLAMA3_ORIGINAL_CONTEXT)
+        if not isinstance(original, int):
+            raise InvalidInputError(f"{source}: {key} is {original!r}; expected an integer")
+        return np.array(stored, dtype=np.float32), original
+    config_path = source / "config.json"
+    if not config_path.exists():
+        return None
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key) or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "default":
+            continue
+        low, high = rope.get("low_freq_factor"), rope.get("high_freq_factor")
+        if kind != "llama3" or (low, high) != (LLAMA3_LOW_FREQ_FACTOR, LLAMA3_HIGH_FREQ_FACTOR):
+            raise InvalidInputError(
+                f"{config_path}: {key} {kind!r} (low_freq_factor {low}, high_freq_factor "
+                f"{high}) is not written to GGUF: trit writes Llama 3 scaling with factors 1 "
+                "and 4, which a reader recovers from rope_freqs"
+            )
+        original = int(rope["original_max_position_embeddings"])
+        factors = llama3_rope_factors(
+            cfg.rope_theta,
+            cfg.head_dim,
+            float(rope["factor"]),
+            LLAMA3_LOW_FREQ_FACTOR,
+            LLAMA3_HIGH_FREQ_FACTOR,
+            original,
+        )
+        return factors, original
+    return None
 
 
 def _gguf() -> Any:
@@ -171,17 +276,19 @@ def _tokenizer_from_gguf(w: Any, path: Path) -> None:
 def write_gguf(model: Model, source: Path, out: Path, kind: str) -> None:
     """Writes `model` (loaded from `source`, a folder or GGUF file, with the
     bf16 head) as GGUF `out` with projections of type `kind`."""
-    if model.config.family != "bitnet":
-        raise InvalidInputError(
-            f"trit convert writes the BitNet family (2B4T block); this is {model.config.family}"
-        )
+    cfg = model.config
+    if cfg.family not in ARCHITECTURES:
+        raise InvalidInputError(f"trit convert cannot write the {cfg.family} family to GGUF")
     if kind not in TYPES:
         raise InvalidInputError(f"type must be one of {', '.join(TYPES)}, got {kind!r}")
+    _refuse_unwritable(source)
     gguf = _gguf()
-    cfg = model.config
-    arch = "bitnet-b1.58"
+    arch, has_sub_norms = ARCHITECTURES[cfg.family]
     partial = out.with_name(out.name + ".partial")
     w = gguf.GGUFWriter(str(partial), arch)
+    if cfg.family == "1bitllm":
+        # llama.cpp's bitnet graph reads its activation here (SiLU when absent).
+        w.add_string(f"{arch}.hidden_act", "silu")
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_feed_forward_length(cfg.intermediate_size)
@@ -194,6 +301,12 @@ def write_gguf(model: Model, source: Path, out: Path, kind: str) -> None:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_vocab_size(cfg.vocab_size)
+    rope = _rope_freqs(source, cfg)
+    if rope is not None:
+        factors, original = rope
+        w.add_tensor("rope_freqs.weight", factors)
+        if original != LLAMA3_ORIGINAL_CONTEXT:
+            w.add_rope_scaling_orig_ctx_len(original)
     if source.is_file():
         _tokenizer_from_gguf(w, source)
     else:
@@ -209,10 +322,15 @@ def write_gguf(model: Model, source: Path, out: Path, kind: str) -> None:
     dense("embed_tokens", "token_embd.weight")
     for layer in range(cfg.num_hidden_layers):
         for name, target in NORMS:
+            if name.endswith("sub_norm") and not has_sub_norms:
+                continue
             w.add_tensor(f"blk.{layer}.{target}.weight", model.norm(name, layer))
         for name, target in PROJECTIONS:
             m = model.projection(layer, name)
             values, scale = m.unpack(), m.scale
+            if arch == "llama" and name in ("q_proj", "k_proj"):
+                heads = cfg.num_attention_heads if name == "q_proj" else cfg.num_key_value_heads
+                values = permute_rows(values, heads)
             full = f"blk.{layer}.{target}.weight"
             if kind == "i2_s":
                 raw = encode_i2s(values, scale, full)

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rayon::ThreadPool;
 
-use super::config::Config;
+use super::config::{Config, ROPE_FREQS};
 use super::weights::{load, HeadPrecision, Model};
 use crate::checkpoint::{Checkpoint, GgufCheckpoint, SafetensorsCheckpoint};
 use crate::error::{Result, TritError};
@@ -20,8 +20,13 @@ pub const CONFIG_FILE: &str = "config.json";
 /// checkpoint lacks or holds wrongly.
 pub fn open(path: &Path, pool: &ThreadPool, head: HeadPrecision) -> Result<(Model, Vec<String>)> {
     if path.is_file() {
-        let checkpoint = GgufCheckpoint::open(path)?;
+        let mut checkpoint = GgufCheckpoint::open(path)?;
         let config = Config::from_gguf(&checkpoint)?;
+        if let Some((attn, ffn)) = config.family.sub_norms() {
+            checkpoint.rename_sub_norms(attn, ffn);
+        }
+        // Read into the config's RoPE scaling (or refused) by `from_gguf`.
+        checkpoint.remove(ROPE_FREQS);
         return build(path, config, &checkpoint, pool, head);
     }
     let config = Config::from_json_file(&path.join(CONFIG_FILE))?;

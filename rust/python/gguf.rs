@@ -6,7 +6,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use super::IntoPyResult;
-use crate::checkpoint::gguf::{read_metadata, MetaArray, MetaValue, Number};
+use crate::checkpoint::gguf::{builder_name, read_metadata, MetaArray, MetaValue, Number};
+use crate::checkpoint::{Checkpoint, GgufCheckpoint};
+use crate::error::TritError;
 
 fn number<'py>(py: Python<'py>, n: Number) -> PyResult<Bound<'py, PyAny>> {
     Ok(match n {
@@ -53,4 +55,29 @@ pub fn gguf_metadata(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict
         dict.set_item(key, v)?;
     }
     Ok(dict)
+}
+
+/// The values of float tensor `name` (its GGUF name) of the GGUF file at
+/// `path`, widened to f32; None when the file has no such tensor. For small
+/// tensors the writer copies (`rope_freqs.weight`); a tensor of another type
+/// is an InvalidInputError naming it.
+#[pyfunction]
+pub fn gguf_float_tensor(
+    py: Python<'_>,
+    path: PathBuf,
+    name: String,
+) -> PyResult<Option<Vec<f32>>> {
+    py.detach(|| -> crate::error::Result<Option<Vec<f32>>> {
+        let checkpoint = GgufCheckpoint::open(&path)?;
+        let key = builder_name(&name);
+        match checkpoint.tensor(&key) {
+            Some(t) => Ok(Some(t.to_f32())),
+            None if checkpoint.shape(&key).is_some() => Err(TritError::invalid(format!(
+                "{}: tensor {name:?} is not a float tensor",
+                path.display()
+            ))),
+            None => Ok(None),
+        }
+    })
+    .py()
 }

@@ -28,8 +28,10 @@ use crate::kernels::TernaryMatrix;
 
 /// The GGUF architectures whose files hold the BitNet b1.58 2B4T block
 /// (relu² GLU, sub-norms): bitnet.cpp's "bitnet-b1.58" and its earlier
-/// "bitnet-25". llama.cpp's "bitnet" is either block (docs/formats.md "GGUF
-/// metadata"), told apart by the tokenizer in `Config::from_gguf`.
+/// "bitnet-25" (1bitLLM's model, which bitnet.cpp also files under
+/// "bitnet-b1.58", is told apart by its SentencePiece tokenizer). llama.cpp's
+/// "bitnet" is either block, told apart by `bitnet.hidden_act`
+/// (docs/formats.md "GGUF metadata", `Config::from_gguf`).
 pub const BITNET_ARCHITECTURES: [&str; 2] = ["bitnet-b1.58", "bitnet-25"];
 
 /// Where one tensor lives and how it is stored.
@@ -40,6 +42,9 @@ struct Entry {
     bytes: Range<usize>,
     /// f32 bytes of a dequantized Q8_0 / Q4_0 / Q6_K tensor.
     dequantized: Option<Vec<u8>>,
+    /// A projection's per-tensor scale from a `blk.N.{proj}.scale` tensor
+    /// (llama.cpp's `wq_s` and kin), which multiplies its output.
+    output_scale: Option<f32>,
 }
 
 /// A GGUF file, mapped read-only.
@@ -192,11 +197,13 @@ impl GgufCheckpoint {
                 shape,
                 bytes: range,
                 dequantized,
+                output_scale: None,
             };
             if tensors.insert(key, entry).is_some() {
                 return Err(fail(format!("tensor {name:?} appears twice")));
             }
         }
+        attach_output_scales(&mut tensors, file.bytes()).map_err(fail)?;
         let mut checkpoint = GgufCheckpoint {
             file,
             version: header.version,
@@ -241,6 +248,39 @@ impl GgufCheckpoint {
 
     pub fn get(&self, key: &str) -> Option<&MetaValue> {
         self.metadata.get(key)
+    }
+
+    /// Every tensor as (builder name, GGUF name).
+    pub fn tensor_names(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.tensors
+            .iter()
+            .map(|(k, e)| (k.as_str(), e.gguf_name.as_str()))
+    }
+
+    /// Files the sub-norms (`blk.N.attn_sub_norm`, `blk.N.ffn_sub_norm`)
+    /// under the module paths of the family that reads them (1bitLLM's
+    /// `self_attn.inner_attn_ln` and `mlp.ffn_layernorm`).
+    pub fn rename_sub_norms(&mut self, attn: &str, ffn: &str) {
+        for (generic, path) in [("self_attn.attn_sub_norm", attn), ("mlp.ffn_sub_norm", ffn)] {
+            let keys: Vec<String> = self
+                .tensors
+                .keys()
+                .filter(|k| k.ends_with(&format!(".{generic}.weight")))
+                .cloned()
+                .collect();
+            for key in keys {
+                if let Some(e) = self.tensors.remove(&key) {
+                    self.tensors.insert(key.replace(generic, path), e);
+                }
+            }
+        }
+    }
+
+    /// Forgets tensor `name` (a builder name) that the config has read
+    /// itself (`rope_freqs.weight`), so that the model builder does not
+    /// report it unused.
+    pub fn remove(&mut self, name: &str) {
+        self.tensors.remove(name);
     }
 
     /// The shape of tensor `name` (a builder name), if the file has it.
@@ -343,10 +383,11 @@ impl GgufCheckpoint {
                     ),
                 })
             })?;
-        if !t.scale.is_finite() {
+        // llama.cpp computes (W·x)·s; trit folds s into the one matrix scale.
+        let scale = t.scale * e.output_scale.unwrap_or(1.0);
+        if !scale.is_finite() {
             return Err(TritError::invalid(format!(
-                "{what} has scale {}; expected a finite number",
-                t.scale
+                "{what} has scale {scale}; expected a finite number"
             )));
         }
         let heads = match (self.rope_permuted, name) {
@@ -365,12 +406,58 @@ impl GgufCheckpoint {
         let matrix = if n_out.is_multiple_of(4) {
             // Through the Hugging Face packing, whose repack assembles our
             // blocks a byte at a time rather than a weight at a time.
-            TernaryMatrix::from_hf_packed(&pack_hf(&values, n_out, n_in), n_out, n_in, t.scale)
+            TernaryMatrix::from_hf_packed(&pack_hf(&values, n_out, n_in), n_out, n_in, scale)
         } else {
-            TernaryMatrix::from_fn(n_out, n_in, t.scale, |n, k| values[n * n_in + k])
+            TernaryMatrix::from_fn(n_out, n_in, scale, |n, k| values[n * n_in + k])
         };
         matrix.map_err(|err| TritError::invalid(format!("{what}: {err}")))
     }
+}
+
+/// Moves each `blk.N.{proj}.scale` tensor (one float; llama.cpp's optional
+/// per-tensor scale of a projection, `wq_s` and kin in `src/models/bitnet.cpp`,
+/// applied as `ggml_mul` after the matmul) into its projection's entry, which
+/// multiplies it into the matrix scale. A scale without its projection stays
+/// and is refused later as a tensor trit does not run.
+fn attach_output_scales(
+    tensors: &mut HashMap<String, Entry>,
+    file: &[u8],
+) -> std::result::Result<(), String> {
+    let scales: Vec<String> = tensors
+        .keys()
+        .filter(|k| k.starts_with("blk.") && k.ends_with(".scale"))
+        .cloned()
+        .collect();
+    for name in scales {
+        let projection = builder_name(&format!("{}.weight", name.trim_end_matches(".scale")));
+        if !is_projection(&projection) || !tensors.contains_key(&projection) {
+            continue;
+        }
+        let e = &tensors[&name];
+        let bytes = &file[e.bytes.clone()];
+        let value = match (e.ty, e.shape.iter().product::<usize>()) {
+            (GgmlType::F32, 1) => f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+            (GgmlType::F16, 1) => super::f16_to_f32(u16::from_le_bytes([bytes[0], bytes[1]])),
+            (GgmlType::BF16, 1) => super::bf16_to_f32(u16::from_le_bytes([bytes[0], bytes[1]])),
+            _ => {
+                return Err(format!(
+                    "tensor {name:?} is {} {:?}; a projection scale is one float",
+                    e.ty.name(),
+                    e.shape
+                ))
+            }
+        };
+        if !value.is_finite() {
+            return Err(format!(
+                "tensor {name:?} is {value}; expected a finite scale"
+            ));
+        }
+        tensors.remove(&name);
+        if let Some(p) = tensors.get_mut(&projection) {
+            p.output_scale = Some(value);
+        }
+    }
+    Ok(())
 }
 
 /// Ternary values [n_out, n_in] (n_out a multiple of 4) in the Hugging Face

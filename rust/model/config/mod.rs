@@ -5,6 +5,8 @@
 mod gguf;
 mod json;
 
+pub use gguf::ROPE_FREQS;
+
 use crate::error::{Result, TritError};
 
 /// Which transformers class the projections were saved for. It decides what a
