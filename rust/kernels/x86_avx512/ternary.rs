@@ -382,23 +382,10 @@ unsafe fn small_tile<const NR: usize, const NT: usize, const VNNI: bool>(
                 }
             }
         }
-        if NR * NT == 16 {
-            let mut flat = [_mm512_setzero_si512(); 16];
-            for (p, v) in flat.iter_mut().enumerate() {
-                *v = acc[p / NT][p % NT];
-            }
-            let mut sums = [0i32; 16];
-            _mm512_storeu_si512(sums.as_mut_ptr().cast(), sum_sixteen(flat));
-            for j in 0..NR {
-                for i in 0..NT {
-                    out[j * m + i] = sums[j * NT + i];
-                }
-            }
-        } else {
-            for j in 0..NR {
-                for i in 0..NT {
-                    out[j * m + i] = _mm512_reduce_add_epi32(acc[j][i]);
-                }
+        let sums = tile_sums(&acc);
+        for j in 0..NR {
+            for i in 0..NT {
+                out[j * m + i] = sums[j][i];
             }
         }
     }
@@ -441,27 +428,46 @@ unsafe fn tile<const NR: usize, const NT: usize, const VNNI: bool>(
             }
             k += 64;
         }
+        let sums = tile_sums(&acc);
+        for j in 0..NR {
+            for i in 0..NT {
+                out[j * m + i] += sums[j][i];
+            }
+        }
+    }
+}
+
+/// The horizontal sum of each accumulator of a tile: a full tile's sixteen
+/// in one transposing tree (`sum_sixteen`), a partial tile's one by one.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[inline(always)]
+unsafe fn tile_sums<const NR: usize, const NT: usize>(
+    acc: &[[__m512i; NT]; NR],
+) -> [[i32; NT]; NR] {
+    let mut sums = [[0i32; NT]; NR];
+    // SAFETY: per the contract.
+    unsafe {
         if NR * NT == 16 {
-            // A full tile: the 16 horizontal sums in one transposing tree.
             let mut flat = [_mm512_setzero_si512(); 16];
             for (p, v) in flat.iter_mut().enumerate() {
                 *v = acc[p / NT][p % NT];
             }
-            let mut sums = [0i32; 16];
-            _mm512_storeu_si512(sums.as_mut_ptr().cast(), sum_sixteen(flat));
-            for j in 0..NR {
-                for i in 0..NT {
-                    out[j * m + i] += sums[j * NT + i];
-                }
+            let mut lanes = [0i32; 16];
+            _mm512_storeu_si512(lanes.as_mut_ptr().cast(), sum_sixteen(flat));
+            for (p, &lane) in lanes.iter().enumerate() {
+                sums[p / NT][p % NT] = lane;
             }
         } else {
-            for j in 0..NR {
-                for i in 0..NT {
-                    out[j * m + i] += _mm512_reduce_add_epi32(acc[j][i]);
+            for (sums, acc) in sums.iter_mut().zip(acc) {
+                for (sum, &v) in sums.iter_mut().zip(acc) {
+                    *sum = _mm512_reduce_add_epi32(v);
                 }
             }
         }
     }
+    sums
 }
 
 /// Lane p of the result = the sum of the 16 lanes of `v[p]`: a transposing
