@@ -653,6 +653,19 @@ def _need_ray(command: str) -> Any:
     return trit_ray
 
 
+def _ray_engine(trit_ray: Any, args: argparse.Namespace) -> Any:
+    """The engine every replica or batch worker builds, from the model flags."""
+    return trit_ray.EngineOptions(
+        trit_ray.EngineOptions.model_path(args.model),
+        revision=args.revision,
+        gguf_file=args.gguf_file,
+        threads=args.threads or 1,
+        n_ctx=args.ctx,
+        head=args.head,
+        kv_cache=args.kv_cache,
+    )
+
+
 def _serve_ray(args: argparse.Namespace) -> int:
     """`trit serve --ray`: replicas on a Ray cluster behind Serve's proxy."""
     if args.replicas is not None and args.autoscale is not None:
@@ -664,15 +677,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
     trit_ray = _need_ray("trit serve --ray")
     if trit_ray is None:
         return 1
-    engine = trit_ray.EngineOptions(
-        trit_ray.EngineOptions.model_path(args.model),
-        revision=args.revision,
-        gguf_file=args.gguf_file,
-        threads=args.threads or 1,
-        n_ctx=args.ctx,
-        head=args.head,
-        kv_cache=args.kv_cache,
-    )
+    engine = _ray_engine(trit_ray, args)
     options = trit_ray.ServeOptions(
         engine,
         served_model_name=_model_id(args),
@@ -748,15 +753,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         trit_ray = _need_ray("trit batch --ray")
         if trit_ray is None:
             return 1
-        engine = trit_ray.EngineOptions(
-            trit_ray.EngineOptions.model_path(args.model),
-            revision=args.revision,
-            gguf_file=args.gguf_file,
-            threads=args.threads or 1,
-            n_ctx=args.ctx,
-            head=args.head,
-            kv_cache=args.kv_cache,
-        )
+        engine = _ray_engine(trit_ray, args)
         runner = trit_ray.batch_runner(
             engine,
             workers=args.workers or 1,

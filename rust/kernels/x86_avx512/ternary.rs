@@ -20,7 +20,9 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use crate::kernels::counts::{self, Isa};
-use crate::kernels::driver::{self, GemmTile, SmallGemmTile, SmallTileOperands, TileOperands};
+use crate::kernels::driver::{
+    self, GemmTile, RowDots, SmallGemmTile, SmallTileOperands, TileOperands,
+};
 use crate::kernels::packing::{PackedBlock, TernaryMatrix, BLOCK};
 use crate::kernels::x86_avx2::ternary::GEMV_PREFETCH;
 use crate::kernels::{CacheLine, QuantizedActivations};
@@ -104,14 +106,42 @@ unsafe fn gemv_with<const VNNI: bool>(
     dots: &mut [i32],
 ) {
     assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
-    for (dot, n) in dots.iter_mut().zip(rows) {
-        // SAFETY: per the contract; xq holds the row's padded length (asserted).
-        *dot = unsafe { gemv_row::<VNNI>(w.row(n), xq, xsum) };
+    let rows = TernaryRows::<VNNI> {
+        w,
+        first: rows.start,
+        xq,
+        xsum,
+    };
+    // SAFETY: per the contract, and `rows` covers dots.len() rows.
+    unsafe { driver::three_streams(&rows, dots) }
+}
+
+/// Rows `first..` of `w` against one token `xq` (sum `xsum`).
+struct TernaryRows<'a, const VNNI: bool> {
+    w: &'a TernaryMatrix,
+    first: usize,
+    xq: &'a [i8],
+    xsum: i32,
+}
+
+impl<const VNNI: bool> RowDots for TernaryRows<'_, VNNI> {
+    type Dot = i32;
+
+    #[inline(always)]
+    unsafe fn dots<const R: usize>(&self, rows: [usize; R]) -> [i32; R] {
+        let mut blocks: [&[PackedBlock]; R] = [&[]; R];
+        for (b, &r) in blocks.iter_mut().zip(&rows) {
+            *b = self.w.row(self.first + r);
+        }
+        // SAFETY: the caller runs this path (AVX-512 F and BW, VNNI if
+        // VNNI); `gemv_with` checked that xq holds the rows' padded length.
+        unsafe { gemv_rows::<R, VNNI>(&blocks, self.xq, self.xsum) }
     }
 }
 
-/// One row at a time with a software prefetch (this path keeps a single
-/// stream: docs/performance.md, "Three streams").
+/// The dots of R rows (of equal length) with one token, sharing its
+/// activation loads (R = 3: the three streams of `driver::three_streams`),
+/// each row prefetched `GEMV_PREFETCH` blocks ahead.
 ///
 /// The codes are not shifted down: plane i is masked in place (`packed &
 /// 3 << 2i`), so it holds code · 4^i (at most 128, still a u8), and its own
@@ -119,38 +149,54 @@ unsafe fn gemv_with<const VNNI: bool>(
 /// the end recovers it exactly (every term is a multiple of 4^i). That saves
 /// three shifts per 64 bytes. Without VNNI, a `vpmaddubsw` pair is then at
 /// most 2 · 128 · 127 = 32512 and at least 2 · 128 · -128 = -32768, so it
-/// still fits an i16 and is widened at once. Four accumulators also make
-/// four independent chains: `vpdpbusd` must wait several cycles before its
+/// still fits an i16 and is widened at once. Four accumulators a row also
+/// make independent chains: `vpdpbusd` must wait several cycles before its
 /// result can be added to again (docs/performance.md, "AVX-512 and VNNI").
 ///
 /// # Safety
-/// As `gemv_with`; `xq` holds the row's padded length.
+/// AVX-512 F and BW, and VNNI if `VNNI`; `xq` holds the rows' padded length.
 #[inline(always)]
-unsafe fn gemv_row<const VNNI: bool>(row: &[PackedBlock], xq: &[i8], xsum: i32) -> i32 {
+unsafe fn gemv_rows<const R: usize, const VNNI: bool>(
+    rows: &[&[PackedBlock]; R],
+    xq: &[i8],
+    xsum: i32,
+) -> [i32; R] {
     let x = xq.as_ptr();
+    let n_blocks = rows[0].len();
+    debug_assert!(rows.iter().all(|row| row.len() == n_blocks));
     // SAFETY: the CPU has AVX-512 F and BW (and VNNI if VNNI) per the
-    // contract; block b's activations b·BLOCK..+256 lie inside xq.
+    // contract; block b's activations b·BLOCK..+256 lie inside xq; a
+    // prefetch never faults.
     unsafe {
         let masks = [0x03, 0x0c, 0x30, 0xc0].map(|m: u8| _mm512_set1_epi8(m as i8));
-        let mut acc = [_mm512_setzero_si512(); 4];
-        for (b, block) in row.iter().enumerate() {
-            let ahead = (block as *const PackedBlock).wrapping_add(GEMV_PREFETCH);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-            let packed = _mm512_load_si512(block.0.as_ptr().cast());
+        let mut acc = [[_mm512_setzero_si512(); 4]; R];
+        for b in 0..n_blocks {
+            let mut packed = [_mm512_setzero_si512(); R];
+            for (p, row) in packed.iter_mut().zip(rows) {
+                let ahead = row.as_ptr().wrapping_add(b + GEMV_PREFETCH);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                *p = _mm512_load_si512(row[b].0.as_ptr().cast());
+            }
             for i in 0..4 {
-                let plane = _mm512_and_si512(packed, masks[i]); // codes · 4^i
                 let acts = _mm512_loadu_si512(x.add(b * BLOCK + 64 * i).cast());
-                acc[i] = step::<VNNI>(acc[i], plane, acts);
+                for (acc, &p) in acc.iter_mut().zip(&packed) {
+                    let plane = _mm512_and_si512(p, masks[i]); // codes · 4^i
+                    acc[i] = step::<VNNI>(acc[i], plane, acts);
+                }
             }
         }
-        let sum = _mm512_add_epi32(
-            _mm512_add_epi32(acc[0], _mm512_srai_epi32::<2>(acc[1])),
-            _mm512_add_epi32(
-                _mm512_srai_epi32::<4>(acc[2]),
-                _mm512_srai_epi32::<6>(acc[3]),
-            ),
-        );
-        _mm512_reduce_add_epi32(sum) - xsum
+        let mut dots = [0i32; R];
+        for (dot, acc) in dots.iter_mut().zip(&acc) {
+            let sum = _mm512_add_epi32(
+                _mm512_add_epi32(acc[0], _mm512_srai_epi32::<2>(acc[1])),
+                _mm512_add_epi32(
+                    _mm512_srai_epi32::<4>(acc[2]),
+                    _mm512_srai_epi32::<6>(acc[3]),
+                ),
+            );
+            *dot = _mm512_reduce_add_epi32(sum) - xsum;
+        }
+        dots
     }
 }
 
@@ -336,23 +382,10 @@ unsafe fn small_tile<const NR: usize, const NT: usize, const VNNI: bool>(
                 }
             }
         }
-        if NR * NT == 16 {
-            let mut flat = [_mm512_setzero_si512(); 16];
-            for (p, v) in flat.iter_mut().enumerate() {
-                *v = acc[p / NT][p % NT];
-            }
-            let mut sums = [0i32; 16];
-            _mm512_storeu_si512(sums.as_mut_ptr().cast(), sum_sixteen(flat));
-            for j in 0..NR {
-                for i in 0..NT {
-                    out[j * m + i] = sums[j * NT + i];
-                }
-            }
-        } else {
-            for j in 0..NR {
-                for i in 0..NT {
-                    out[j * m + i] = _mm512_reduce_add_epi32(acc[j][i]);
-                }
+        let sums = tile_sums(&acc);
+        for j in 0..NR {
+            for i in 0..NT {
+                out[j * m + i] = sums[j][i];
             }
         }
     }
@@ -395,27 +428,46 @@ unsafe fn tile<const NR: usize, const NT: usize, const VNNI: bool>(
             }
             k += 64;
         }
+        let sums = tile_sums(&acc);
+        for j in 0..NR {
+            for i in 0..NT {
+                out[j * m + i] += sums[j][i];
+            }
+        }
+    }
+}
+
+/// The horizontal sum of each accumulator of a tile: a full tile's sixteen
+/// in one transposing tree (`sum_sixteen`), a partial tile's one by one.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[inline(always)]
+unsafe fn tile_sums<const NR: usize, const NT: usize>(
+    acc: &[[__m512i; NT]; NR],
+) -> [[i32; NT]; NR] {
+    let mut sums = [[0i32; NT]; NR];
+    // SAFETY: per the contract.
+    unsafe {
         if NR * NT == 16 {
-            // A full tile: the 16 horizontal sums in one transposing tree.
             let mut flat = [_mm512_setzero_si512(); 16];
             for (p, v) in flat.iter_mut().enumerate() {
                 *v = acc[p / NT][p % NT];
             }
-            let mut sums = [0i32; 16];
-            _mm512_storeu_si512(sums.as_mut_ptr().cast(), sum_sixteen(flat));
-            for j in 0..NR {
-                for i in 0..NT {
-                    out[j * m + i] += sums[j * NT + i];
-                }
+            let mut lanes = [0i32; 16];
+            _mm512_storeu_si512(lanes.as_mut_ptr().cast(), sum_sixteen(flat));
+            for (p, &lane) in lanes.iter().enumerate() {
+                sums[p / NT][p % NT] = lane;
             }
         } else {
-            for j in 0..NR {
-                for i in 0..NT {
-                    out[j * m + i] += _mm512_reduce_add_epi32(acc[j][i]);
+            for (sums, acc) in sums.iter_mut().zip(acc) {
+                for (sum, &v) in sums.iter_mut().zip(acc) {
+                    *sum = _mm512_reduce_add_epi32(v);
                 }
             }
         }
     }
+    sums
 }
 
 /// Lane p of the result = the sum of the 16 lanes of `v[p]`: a transposing
