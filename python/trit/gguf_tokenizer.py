@@ -97,6 +97,30 @@ def _optional_id(meta: dict[str, object], key: str, n: int, path: Path) -> int |
     return value
 
 
+def _vocab_and_added(
+    tokens: list[str], types: list[Any], *, special: tuple[int, ...], plain: tuple[int, ...]
+) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """The vocabulary (a repeated text keeps its first id) and the added tokens:
+    those whose token type is in `special` (marked special) or `plain`."""
+    vocab: dict[str, int] = {}
+    added: list[dict[str, Any]] = []
+    for i, (text, kind) in enumerate(zip(tokens, types)):
+        vocab.setdefault(text, i)
+        if kind in special or kind in plain:
+            added.append(
+                {
+                    "id": i,
+                    "content": text,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": kind in special,
+                }
+            )
+    return vocab, added
+
+
 def tokenizer_json(meta: dict[str, object], path: Path) -> dict[str, Any]:
     """The tokenizer.json structure of the GGUF metadata `meta` (read from `path`)."""
     model = meta.get("tokenizer.ggml.model")
@@ -123,22 +147,8 @@ def tokenizer_json(meta: dict[str, object], path: Path) -> dict[str, Any]:
         raise InvalidInputError(
             f"{path}: tokenizer.ggml.token_type must list one type per token ({len(tokens)})"
         )
-    vocab: dict[str, int] = {}
-    added: list[dict[str, Any]] = []
-    for i, (text, kind) in enumerate(zip(tokens, types)):
-        vocab.setdefault(text, i)
-        if kind in (CONTROL, USER_DEFINED):
-            added.append(
-                {
-                    "id": i,
-                    "content": text,
-                    "single_word": False,
-                    "lstrip": False,
-                    "rstrip": False,
-                    "normalized": False,
-                    "special": kind == CONTROL,
-                }
-            )
+    # Byte-level BPE: control tokens are special, user-defined ones are added as they are.
+    vocab, added = _vocab_and_added(tokens, types, special=(CONTROL,), plain=(USER_DEFINED,))
     pairs = []
     for m in merges:
         left, sep, right = m.partition(" ")
@@ -271,22 +281,10 @@ def _sentencepiece_json(meta: dict[str, object], path: Path) -> dict[str, Any]:
             f"{path}: its SentencePiece tokenizer has no byte pieces (<0x00>...); trit builds "
             "SentencePiece tokenizers with byte fallback only"
         )
-    vocab: dict[str, int] = {}
-    added: list[dict[str, Any]] = []
-    for i, (text, kind) in enumerate(zip(tokens, types)):
-        vocab.setdefault(text, i)
-        if kind in (UNKNOWN, CONTROL, USER_DEFINED):
-            added.append(
-                {
-                    "id": i,
-                    "content": text,
-                    "single_word": False,
-                    "lstrip": False,
-                    "rstrip": False,
-                    "normalized": False,
-                    "special": kind != USER_DEFINED,
-                }
-            )
+    # SentencePiece: the unknown piece is special too, as transformers makes it.
+    vocab, added = _vocab_and_added(
+        tokens, types, special=(UNKNOWN, CONTROL), plain=(USER_DEFINED,)
+    )
     unk = _optional_id(meta, "tokenizer.ggml.unknown_token_id", len(tokens), path)
     if unk is None and UNKNOWN in types:
         unk = types.index(UNKNOWN)
