@@ -9,7 +9,7 @@
 use std::fmt;
 use std::sync::OnceLock;
 
-use super::packing::{self, TernaryMatrix};
+use super::packing::{self, Packing, TernaryMatrix};
 use super::{gemm_dots, gemv_dots, half, head, QuantizedActivations, SMALL_BATCH};
 use crate::error::{Result, TritError};
 
@@ -163,6 +163,15 @@ impl Kernel {
         else {
             return false;
         };
+        let Ok(tq1) = w.clone().into_packing(Packing::Tq1) else {
+            return false;
+        };
+        [w, tq1].iter().all(|w| self.ternary_agrees_on(w))
+    }
+
+    /// `ternary_agrees` for one matrix, in its packing.
+    fn ternary_agrees_on(self, w: &TernaryMatrix) -> bool {
+        let (n_out, n_in) = (w.n_out(), w.n_in());
         [5, SMALL_BATCH + 3].into_iter().all(|m| {
             let codes: Vec<i8> = (0..m * n_in).map(|i| (i * 37 % 256) as u8 as i8).collect();
             let Ok(x) = QuantizedActivations::from_codes(&codes, m, n_in, &vec![1.0; m]) else {
@@ -171,18 +180,11 @@ impl Kernel {
             let mut scratch = Vec::new();
             let mut expected = vec![0i32; n_out * m]; // [n_out, m]
             let mut got = vec![0i32; n_out * m];
-            gemm_dots(
-                Kernel::Scalar,
-                &w,
-                &x,
-                0..n_out,
-                &mut expected,
-                &mut scratch,
-            );
-            gemm_dots(self, &w, &x, 0..n_out, &mut got, &mut scratch);
+            gemm_dots(Kernel::Scalar, w, &x, 0..n_out, &mut expected, &mut scratch);
+            gemm_dots(self, w, &x, 0..n_out, &mut got, &mut scratch);
             let gemm_ok = got == expected;
             let mut got = vec![0i32; n_out];
-            gemv_dots(self, &w, x.token(1), x.sums()[1], 0..n_out, &mut got);
+            gemv_dots(self, w, x.token(1), x.sums()[1], 0..n_out, &mut got);
             let gemv_ok = got
                 .iter()
                 .zip(expected.chunks_exact(m))

@@ -91,7 +91,7 @@ pub(crate) use tile_1x8;
 
 use std::ops::Range;
 
-use super::packing::{PackedBlock, TernaryMatrix, BLOCK};
+use super::packing::{PackedBlock, Packing, TernaryMatrix, Tq1Block, BLOCK};
 use super::{gemm_k_block, CacheLine, QuantizedActivations};
 
 /// The operands of one GEMM tile.
@@ -137,6 +137,12 @@ pub(crate) trait GemmTile {
     /// takes `blocks.len() * BLOCK` bytes.
     unsafe fn unpack(blocks: &[PackedBlock], out: *mut u8);
 
+    /// `unpack` of 1.625-bit blocks.
+    ///
+    /// # Safety
+    /// As `unpack`.
+    unsafe fn unpack_tq1(blocks: &[Tq1Block], out: *mut u8);
+
     /// `out[j·m + i] += Σ_{k < len} codes[j·code_stride + k] · acts[i·act_stride + k]`
     /// for `nr` rows j and `nt` tokens i.
     ///
@@ -150,7 +156,8 @@ pub(crate) trait GemmTile {
 /// `dots[i, t] = Σ_k x[t, k] · W[rows.start + i, k]`, dots is [rows.len(), m]:
 /// over k-blocks (`gemm_k_block`), each row tile's codes unpacked once into
 /// `scratch` (the caller's, kept from call to call) and multiplied with every
-/// token tile; then Σx subtracted to undo the `+ 1` of the codes.
+/// token tile; then Σx subtracted to undo the `+ 1` of the codes. Either
+/// packing unpacks to the same codes, so the tiles are the same.
 ///
 /// # Safety
 /// The CPU runs the path `T` belongs to.
@@ -165,6 +172,7 @@ pub(crate) unsafe fn gemm<T: GemmTile>(
     let (m, kp) = (x.m(), w.k_padded());
     assert!(x.k_padded() == kp && dots.len() == rows.len() * m && rows.end <= w.n_out());
     dots.fill(0);
+    let packing = w.packing();
     let kb = gemm_k_block(m, kp);
     let lines = (T::ROWS * kb).div_ceil(64);
     if scratch.len() < lines {
@@ -178,11 +186,17 @@ pub(crate) unsafe fn gemm<T: GemmTile>(
         for r0 in rows.clone().step_by(T::ROWS) {
             let nr = T::ROWS.min(rows.end - r0);
             for j in 0..nr {
-                let row = &w.row(r0 + j)[blocks.clone()];
                 // SAFETY: the caller runs T's path; row j of the scratch
                 // starts at j·kb (a multiple of 64 bytes, as kb is of BLOCK)
                 // and takes the len = blocks.len()·BLOCK <= kb codes.
-                unsafe { T::unpack(row, codes.add(j * kb)) };
+                unsafe {
+                    match packing {
+                        Packing::I2 => T::unpack(&w.row(r0 + j)[blocks.clone()], codes.add(j * kb)),
+                        Packing::Tq1 => {
+                            T::unpack_tq1(&w.tq1_row(r0 + j)[blocks.clone()], codes.add(j * kb))
+                        }
+                    }
+                };
             }
             let out_row = (r0 - rows.start) * m;
             // The packed weights PREFETCH_TILES row tiles on, fetched while the
@@ -192,8 +206,8 @@ pub(crate) unsafe fn gemm<T: GemmTile>(
             let ahead_rows = r0 + PREFETCH_TILES * T::ROWS;
             let (ahead, ahead_lines) = if len == kp && ahead_rows + T::ROWS <= w.n_out() {
                 (
-                    w.row(ahead_rows).as_ptr().cast::<u8>(),
-                    T::ROWS * blocks.len(),
+                    w.row_start(ahead_rows),
+                    (T::ROWS * blocks.len() * packing.block_bytes()).div_ceil(64),
                 )
             } else {
                 (std::ptr::null(), 0)
@@ -294,6 +308,10 @@ pub(crate) unsafe fn gemm_small<T: SmallGemmTile>(
 ) {
     let (m, kp) = (x.m(), w.k_padded());
     assert!(x.k_padded() == kp && dots.len() == rows.len() * m && rows.end <= w.n_out());
+    assert!(
+        w.packing() == Packing::I2,
+        "the small tiles decode 2-bit blocks"
+    );
     let acts = x.codes().as_ptr(); // [m, kp]
     for r0 in rows.clone().step_by(T::ROWS) {
         let nr = T::ROWS.min(rows.end - r0);

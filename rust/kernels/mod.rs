@@ -32,7 +32,7 @@ use rayon::ThreadPool;
 
 pub use activations::QuantizedActivations;
 pub use cpu::{Kernel, KERNEL_ENV};
-pub use packing::TernaryMatrix;
+pub use packing::{Packing, TernaryMatrix};
 
 use crate::error::{Result, TritError};
 use crate::threads::{run_claimed, Claims};
@@ -55,19 +55,35 @@ fn gemv_dots(
     dots: &mut [i32],
 ) {
     kernel.assert_supported();
-    match kernel {
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    use Packing::{Tq1, I2};
+    match (kernel, w.packing()) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the path runs on this CPU (asserted above).
-        Kernel::Avx2 => unsafe { x86_avx2::ternary::gemv(w, xq, xsum, rows, dots) },
+        (Kernel::Avx2, I2) => unsafe { x86_avx2::ternary::gemv(w, xq, xsum, rows, dots) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Kernel::Avx512Bw => unsafe { x86_avx512::ternary::gemv_bw(w, xq, xsum, rows, dots) },
+        (Kernel::Avx2, Tq1) => unsafe { x86_avx2::tq1::gemv(w, xq, xsum, rows, dots) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Kernel::Avx512Vnni => unsafe { x86_avx512::ternary::gemv_vnni(w, xq, xsum, rows, dots) },
+        (Kernel::Avx512Bw, I2) => unsafe { x86_avx512::ternary::gemv_bw(w, xq, xsum, rows, dots) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Kernel::Avx512Bw, Tq1) => unsafe { x86_avx512::tq1::gemv_bw(w, xq, xsum, rows, dots) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Kernel::Avx512Vnni, I2) => unsafe {
+            x86_avx512::ternary::gemv_vnni(w, xq, xsum, rows, dots)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Kernel::Avx512Vnni, Tq1) => unsafe { x86_avx512::tq1::gemv_vnni(w, xq, xsum, rows, dots) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as above.
-        Kernel::Neon => unsafe { neon::ternary::gemv(w, xq, xsum, rows, dots) },
+        (Kernel::Neon, I2) => unsafe { neon::ternary::gemv(w, xq, xsum, rows, dots) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        (Kernel::Neon, Tq1) => unsafe { neon::tq1::gemv(w, xq, xsum, rows, dots) },
         _ => scalar::ternary::gemv(w, xq, xsum, rows, dots),
     }
 }
@@ -84,6 +100,10 @@ const SMALL_BATCH: usize = 16;
 const SMALL_BATCH_AVX2: usize = 8;
 /// Raw dots of every token of `x` against `rows`: `dots` is [rows.len(), m].
 /// `scratch` holds the SIMD paths' unpacked weight codes from call to call.
+///
+/// A `Packing::Tq1` matrix always takes the unpacking GEMM: its rows are
+/// decoded once per call into the 2-bit tiles' codes, whatever the batch
+/// (the small tiles decode 2-bit blocks in registers only).
 fn gemm_dots(
     kernel: Kernel,
     w: &TernaryMatrix,
@@ -93,10 +113,12 @@ fn gemm_dots(
     scratch: &mut Vec<CacheLine>,
 ) {
     kernel.assert_supported();
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    let small = |limit: usize| x.m() <= limit && w.packing() == Packing::I2;
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the path runs on this CPU (asserted above).
-        Kernel::Avx2 if x.m() <= SMALL_BATCH_AVX2 => unsafe {
+        Kernel::Avx2 if small(SMALL_BATCH_AVX2) => unsafe {
             x86_avx2::ternary::gemm_small(w, x, rows, dots)
         },
         #[cfg(target_arch = "x86_64")]
@@ -104,7 +126,7 @@ fn gemm_dots(
         Kernel::Avx2 => unsafe { x86_avx2::ternary::gemm(w, x, rows, dots, scratch) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Kernel::Avx512Bw if x.m() <= SMALL_BATCH => unsafe {
+        Kernel::Avx512Bw if small(SMALL_BATCH) => unsafe {
             x86_avx512::ternary::gemm_small_bw(w, x, rows, dots)
         },
         #[cfg(target_arch = "x86_64")]
@@ -112,7 +134,7 @@ fn gemm_dots(
         Kernel::Avx512Bw => unsafe { x86_avx512::ternary::gemm_bw(w, x, rows, dots, scratch) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Kernel::Avx512Vnni if x.m() <= SMALL_BATCH => unsafe {
+        Kernel::Avx512Vnni if small(SMALL_BATCH) => unsafe {
             x86_avx512::ternary::gemm_small_vnni(w, x, rows, dots)
         },
         #[cfg(target_arch = "x86_64")]
@@ -120,7 +142,7 @@ fn gemm_dots(
         Kernel::Avx512Vnni => unsafe { x86_avx512::ternary::gemm_vnni(w, x, rows, dots, scratch) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as above.
-        Kernel::Neon if x.m() <= SMALL_BATCH => unsafe {
+        Kernel::Neon if small(SMALL_BATCH) => unsafe {
             neon::ternary::gemm_small(w, x, rows, dots)
         },
         #[cfg(target_arch = "aarch64")]

@@ -579,7 +579,11 @@ mod tests {
                 assert_eq!(tq1_digit(byte, i as u32), d, "v = {v}, digit {i}");
                 // The SIMD paths' signed-byte form of the same compares.
                 let p = byte.wrapping_mul(3u8.pow(i as u32)) as i8;
-                assert_eq!(u8::from(p > -43) + u8::from(p > 42), d, "v = {v}, digit {i}");
+                assert_eq!(
+                    u8::from(p > -43) + u8::from(p > 42),
+                    d,
+                    "v = {v}, digit {i}"
+                );
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Every supported kernel path's ternary matmul against the scalar
 //! definition (exact), and the scalar definition against a plain i64
-//! reference over unpacked weights. (The other routines' paths are compared
+//! reference over unpacked weights, in both packings (every check runs on
+//! a matrix and on its `Packing::Tq1` copy). (The other routines' paths are compared
 //! beside them: `half`, `model::dense`, `model::attention`, `model::tests`.)
 
 use super::*;
@@ -20,6 +21,12 @@ fn random_matrix(n_out: usize, n_in: usize, seed: u64) -> TernaryMatrix {
         .map(|_| (xorshift(&mut s) % 3) as i8 - 1)
         .collect();
     TernaryMatrix::pack(&w, n_out, n_in, 0.75).unwrap()
+}
+
+/// `w` in every packing (it is packed as i2).
+fn packings(w: &TernaryMatrix) -> [TernaryMatrix; 2] {
+    assert_eq!(w.packing(), Packing::I2);
+    [w.clone(), w.clone().into_packing(Packing::Tq1).unwrap()]
 }
 
 fn random_activations(m: usize, k: usize, seed: u64) -> Vec<f32> {
@@ -51,24 +58,28 @@ fn reference_dots(w: &TernaryMatrix, x: &QuantizedActivations) -> Vec<i32> {
     dots
 }
 
+/// Every path's matmul of `w` (packed as i2) and of its tq1 copy equals the reference.
 fn check_all_kernels(w: &TernaryMatrix, x: &QuantizedActivations) {
     let pool = threads::pool(Some(2)).unwrap();
     let reference = reference_dots(w, x);
     let expected: Vec<f32> = (0..x.m() * w.n_out())
         .map(|i| dequantize(reference[i], x.scales()[i / w.n_out()], w.scale()))
         .collect();
-    for kernel in Kernel::supported() {
-        let y = matmul(w, x, kernel, &pool).unwrap();
-        let same = y
-            .iter()
-            .zip(&expected)
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(
-            same,
-            "kernel {kernel} differs from the reference at [{}, {}]",
-            x.m(),
-            w.n_out()
-        );
+    for w in &packings(w) {
+        for kernel in Kernel::supported() {
+            let y = matmul(w, x, kernel, &pool).unwrap();
+            let same = y
+                .iter()
+                .zip(&expected)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "kernel {kernel} ({}) differs from the reference at [{}, {}]",
+                w.packing().name(),
+                x.m(),
+                w.n_out()
+            );
+        }
     }
 }
 
@@ -103,26 +114,35 @@ fn token_blocked_gemm_agrees() {
 #[test]
 fn fused_matrices_equal_separate_calls() {
     let pool = threads::pool(Some(2)).unwrap();
-    let ws = [
+    let [a, b, c] = [
         random_matrix(100, 300, 1),
         random_matrix(13, 300, 2),
         random_matrix(250, 300, 3),
     ];
+    // Mixed packings too: each matrix is read in its own.
+    let tq1 = |w: &TernaryMatrix| w.clone().into_packing(Packing::Tq1).unwrap();
+    for ws in [[a.clone(), b.clone(), c.clone()], [tq1(&a), b, tq1(&c)]] {
+        fused_matrices_agree(&ws, &pool);
+    }
+    let ws = [a.clone(), a];
+    let x = QuantizedActivations::quantize(&random_activations(1, 300, 9), 1, 300).unwrap();
+    let mut y = vec![0.0; 100];
+    let err = matmul_many_into(&[&ws[0], &ws[1]], &x, &mut [&mut y], Kernel::Scalar, &pool);
+    assert!(err.is_err());
+}
+
+fn fused_matrices_agree(ws: &[TernaryMatrix; 3], pool: &ThreadPool) {
     for m in [1, 7] {
         let x = QuantizedActivations::quantize(&random_activations(m, 300, 9), m, 300).unwrap();
         for kernel in Kernel::supported() {
             let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; m * w.n_out()]).collect();
             let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| &mut y[..]).collect();
-            matmul_many_into(&[&ws[0], &ws[1], &ws[2]], &x, &mut outs, kernel, &pool).unwrap();
+            matmul_many_into(&[&ws[0], &ws[1], &ws[2]], &x, &mut outs, kernel, pool).unwrap();
             for (w, y) in ws.iter().zip(&ys) {
-                assert_eq!(y, &matmul(w, &x, kernel, &pool).unwrap(), "{kernel} m {m}");
+                assert_eq!(y, &matmul(w, &x, kernel, pool).unwrap(), "{kernel} m {m}");
             }
         }
     }
-    let x = QuantizedActivations::quantize(&random_activations(1, 300, 9), 1, 300).unwrap();
-    let mut y = vec![0.0; 100];
-    let err = matmul_many_into(&[&ws[0], &ws[1]], &x, &mut [&mut y], Kernel::Scalar, &pool);
-    assert!(err.is_err());
 }
 
 /// The fused MLP input equals the two products followed by `relu(g)² · u`,
@@ -133,11 +153,17 @@ fn fused_glu_equals_gate_and_up_then_relu2() {
     for (n_out, n_in, m) in [(130, 300, 1), (130, 300, 7), (61, 30_000, 29)] {
         let (gate, up) = (random_matrix(n_out, n_in, 4), random_matrix(n_out, n_in, 5));
         let x = QuantizedActivations::quantize(&random_activations(m, n_in, 6), m, n_in).unwrap();
-        for threads in [1, 3] {
+        let [gate_i2, gate_tq1] = packings(&gate);
+        let [up_i2, up_tq1] = packings(&up);
+        for (gate, up, threads) in [
+            (&gate_i2, &up_i2, 1),
+            (&gate_i2, &up_i2, 3),
+            (&gate_tq1, &up_tq1, 3),
+        ] {
             let pool = threads::pool(Some(threads)).unwrap();
             for kernel in Kernel::supported() {
-                let g = matmul(&gate, &x, kernel, &pool).unwrap();
-                let u = matmul(&up, &x, kernel, &pool).unwrap();
+                let g = matmul(gate, &x, kernel, &pool).unwrap();
+                let u = matmul(up, &x, kernel, &pool).unwrap();
                 let want: Vec<f32> = g
                     .iter()
                     .zip(&u)
@@ -147,9 +173,13 @@ fn fused_glu_equals_gate_and_up_then_relu2() {
                     })
                     .collect();
                 let mut h = vec![f32::NAN; m * n_out];
-                matmul_glu_into(&gate, &up, &x, &mut h, kernel, &pool).unwrap();
+                matmul_glu_into(gate, up, &x, &mut h, kernel, &pool).unwrap();
                 let same = h.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{kernel} [{n_out}, {n_in}] m {m} threads {threads}");
+                let packing = gate.packing().name();
+                assert!(
+                    same,
+                    "{kernel} ({packing}) [{n_out}, {n_in}] m {m} threads {threads}"
+                );
             }
         }
     }
@@ -192,7 +222,8 @@ fn extreme_codes_do_not_overflow() {
 /// up to SMALL_BATCH (every token remainder of the tile) and one past it,
 /// row ranges leaving every row remainder, rows long enough to widen the
 /// i16 sums more than once; random activations, and the i16 sums' worst
-/// case (codes of 2 or 0 against -128 throughout).
+/// case (codes of 2 or 0 against -128 throughout). The same for tq1
+/// matrices, which take the unpacking GEMM at every batch size.
 #[test]
 fn small_batch_tiles_agree() {
     let (n_out, n_in) = (7, 8 * packing::BLOCK + 100);
@@ -206,7 +237,9 @@ fn small_batch_tiles_agree() {
         let lowest =
             QuantizedActivations::from_codes(&vec![-128; m * n_in], m, n_in, &vec![1.0; m])
                 .unwrap();
-        for (w, x) in [(&random, &x), (&plus, &lowest), (&minus, &lowest)] {
+        let cases = [(&random, &x), (&plus, &lowest), (&minus, &lowest)];
+        for (w, x) in cases.iter().flat_map(|&(w, x)| packings(w).map(|w| (w, x))) {
+            let w = &w;
             for rows in [0..n_out, 1..n_out, 2..n_out, 3..4] {
                 let mut expected = vec![0i32; rows.len() * m]; // [rows, m]
                 gemm_dots(
@@ -220,7 +253,11 @@ fn small_batch_tiles_agree() {
                 for kernel in Kernel::supported() {
                     let mut dots = vec![0i32; rows.len() * m];
                     gemm_dots(kernel, w, x, rows.clone(), &mut dots, &mut scratch);
-                    assert_eq!(dots, expected, "{kernel}, m = {m}, rows {rows:?}");
+                    let packing = w.packing().name();
+                    assert_eq!(
+                        dots, expected,
+                        "{kernel} ({packing}), m = {m}, rows {rows:?}"
+                    );
                 }
             }
         }
@@ -279,19 +316,22 @@ proptest! {
     ) {
         let start = start % n_out;
         let rows = start..(start + len).min(n_out);
-        let w = random_matrix(n_out, n_in, seed);
         let x = QuantizedActivations::quantize(&random_activations(m, n_in, seed), m, n_in).unwrap();
         let mut scratch = Vec::new();
         let mut expected = vec![0i32; rows.len() * m];
-        gemm_dots(Kernel::Scalar, &w, &x, rows.clone(), &mut expected, &mut scratch);
-        for kernel in Kernel::supported() {
-            let mut dots = vec![0i32; rows.len() * m];
-            gemm_dots(kernel, &w, &x, rows.clone(), &mut dots, &mut scratch);
-            prop_assert_eq!(&dots, &expected, "gemm {}", kernel);
-            let mut dots = vec![0i32; rows.len()];
-            gemv_dots(kernel, &w, x.token(m - 1), x.sums()[m - 1], rows.clone(), &mut dots);
-            let column: Vec<i32> = expected.chunks_exact(m).map(|row| row[m - 1]).collect();
-            prop_assert_eq!(&dots, &column, "gemv {}", kernel);
+        let [i2, tq1] = packings(&random_matrix(n_out, n_in, seed));
+        gemm_dots(Kernel::Scalar, &i2, &x, rows.clone(), &mut expected, &mut scratch);
+        for w in [&i2, &tq1] {
+            let packing = w.packing().name();
+            for kernel in Kernel::supported() {
+                let mut dots = vec![0i32; rows.len() * m];
+                gemm_dots(kernel, w, &x, rows.clone(), &mut dots, &mut scratch);
+                prop_assert_eq!(&dots, &expected, "gemm {} ({})", kernel, packing);
+                let mut dots = vec![0i32; rows.len()];
+                gemv_dots(kernel, w, x.token(m - 1), x.sums()[m - 1], rows.clone(), &mut dots);
+                let column: Vec<i32> = expected.chunks_exact(m).map(|row| row[m - 1]).collect();
+                prop_assert_eq!(&dots, &column, "gemv {} ({})", kernel, packing);
+            }
         }
     }
 }

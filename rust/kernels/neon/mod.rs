@@ -4,3 +4,4 @@
 
 pub mod head;
 pub mod ternary;
+pub mod tq1;

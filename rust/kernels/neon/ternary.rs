@@ -27,7 +27,7 @@ use std::ops::Range;
 
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::driver::{self, GemmTile, SmallGemmTile, SmallTileOperands, TileOperands};
-use crate::kernels::packing::{PackedBlock, TernaryMatrix, BLOCK, BLOCK_BYTES};
+use crate::kernels::packing::{PackedBlock, TernaryMatrix, Tq1Block, BLOCK, BLOCK_BYTES};
 use crate::kernels::{CacheLine, QuantizedActivations};
 
 /// GEMV rows per tile: they share each activation load.
@@ -158,6 +158,12 @@ impl GemmTile for Tile {
     unsafe fn unpack(blocks: &[PackedBlock], out: *mut u8) {
         // SAFETY: per the trait's contract (Neon; room for the codes).
         unsafe { unpack_codes(blocks, out.cast::<i8>()) }
+    }
+
+    #[inline(always)]
+    unsafe fn unpack_tq1(blocks: &[Tq1Block], out: *mut u8) {
+        // SAFETY: per the trait's contract (Neon; room for the codes).
+        unsafe { super::tq1::unpack(blocks, out.cast::<i8>()) }
     }
 
     #[inline(always)]

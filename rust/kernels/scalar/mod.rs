@@ -5,3 +5,4 @@ pub mod attention;
 pub mod half;
 pub mod head;
 pub mod ternary;
+pub mod tq1;

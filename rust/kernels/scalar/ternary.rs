@@ -2,7 +2,8 @@
 
 use std::ops::Range;
 
-use crate::kernels::packing::{PackedBlock, TernaryMatrix, BLOCK, BLOCK_BYTES};
+use crate::kernels::packing::{PackedBlock, Packing, TernaryMatrix, BLOCK, BLOCK_BYTES};
+use crate::kernels::scalar::tq1;
 use crate::kernels::QuantizedActivations;
 
 /// Σ_k xq[k] · W[k] for one packed row; `xq` is at least the row's padded length.
@@ -19,11 +20,19 @@ pub fn dot_row(row: &[PackedBlock], xq: &[i8]) -> i32 {
     sum
 }
 
+/// Σ_k xq[k] · W[n, k] for row `n` of `w`, in either packing.
+fn dot_matrix_row(w: &TernaryMatrix, n: usize, xq: &[i8]) -> i32 {
+    match w.packing() {
+        Packing::I2 => dot_row(w.row(n), xq),
+        Packing::Tq1 => tq1::dot_row(w.tq1_row(n), xq),
+    }
+}
+
 /// `dots[i] = Σ_k xq[k] · W[rows.start + i, k]`. `_xsum` is unused: the scalar
 /// path decodes the weights themselves rather than correcting code sums.
 pub fn gemv(w: &TernaryMatrix, xq: &[i8], _xsum: i32, rows: Range<usize>, dots: &mut [i32]) {
     for (dot, n) in dots.iter_mut().zip(rows) {
-        *dot = dot_row(w.row(n), xq);
+        *dot = dot_matrix_row(w, n, xq);
     }
 }
 
@@ -32,7 +41,7 @@ pub fn gemm(w: &TernaryMatrix, x: &QuantizedActivations, rows: Range<usize>, dot
     let m = x.m();
     for (row_dots, n) in dots.chunks_exact_mut(m).zip(rows) {
         for (t, dot) in row_dots.iter_mut().enumerate() {
-            *dot = dot_row(w.row(n), x.token(t));
+            *dot = dot_matrix_row(w, n, x.token(t));
         }
     }
 }

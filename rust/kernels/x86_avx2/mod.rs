@@ -7,3 +7,4 @@ pub mod bandwidth;
 pub mod half;
 pub mod head;
 pub mod ternary;
+pub mod tq1;

@@ -13,7 +13,7 @@ use crate::kernels::counts::{self, Isa};
 use crate::kernels::driver::{
     self, GemmTile, RowDots, SmallGemmTile, SmallTileOperands, TileOperands,
 };
-use crate::kernels::packing::{PackedBlock, TernaryMatrix, BLOCK};
+use crate::kernels::packing::{PackedBlock, TernaryMatrix, Tq1Block, BLOCK};
 use crate::kernels::{CacheLine, QuantizedActivations};
 
 /// GEMV: blocks summed in i16 before widening. Each block adds 4 `vpmaddubsw`
@@ -176,6 +176,12 @@ impl GemmTile for Tile {
     unsafe fn unpack(blocks: &[PackedBlock], out: *mut u8) {
         // SAFETY: per the trait's contract (AVX2, room for the codes).
         unsafe { unpack_codes(blocks, out) }
+    }
+
+    #[inline(always)]
+    unsafe fn unpack_tq1(blocks: &[Tq1Block], out: *mut u8) {
+        // SAFETY: per the trait's contract (AVX2, room for the codes).
+        unsafe { super::tq1::unpack(blocks, out) }
     }
 
     #[inline(always)]

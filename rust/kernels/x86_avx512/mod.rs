@@ -5,3 +5,4 @@
 
 pub mod head;
 pub mod ternary;
+pub mod tq1;

@@ -23,7 +23,7 @@ use crate::kernels::counts::{self, Isa};
 use crate::kernels::driver::{
     self, GemmTile, RowDots, SmallGemmTile, SmallTileOperands, TileOperands,
 };
-use crate::kernels::packing::{PackedBlock, TernaryMatrix, BLOCK};
+use crate::kernels::packing::{PackedBlock, TernaryMatrix, Tq1Block, BLOCK};
 use crate::kernels::x86_avx2::ternary::GEMV_PREFETCH;
 use crate::kernels::{CacheLine, QuantizedActivations};
 
@@ -33,7 +33,11 @@ use crate::kernels::{CacheLine, QuantizedActivations};
 /// # Safety
 /// The CPU must support AVX-512 F and BW, and VNNI if `VNNI`.
 #[inline(always)]
-unsafe fn step<const VNNI: bool>(acc: __m512i, codes: __m512i, acts: __m512i) -> __m512i {
+pub(super) unsafe fn step<const VNNI: bool>(
+    acc: __m512i,
+    codes: __m512i,
+    acts: __m512i,
+) -> __m512i {
     // SAFETY: per the contract.
     unsafe {
         if VNNI {
@@ -220,6 +224,13 @@ impl<const VNNI: bool> GemmTile for Tile<VNNI> {
                 }
             }
         }
+    }
+
+    #[inline(always)]
+    unsafe fn unpack_tq1(blocks: &[Tq1Block], out: *mut u8) {
+        // SAFETY: per the trait's contract (AVX-512 F and BW, which imply
+        // AVX2; out takes blocks.len()·BLOCK bytes, 64-byte aligned).
+        unsafe { crate::kernels::x86_avx2::tq1::unpack(blocks, out) }
     }
 
     #[inline(always)]
