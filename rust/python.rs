@@ -200,7 +200,7 @@ fn kernel_arg(kernel: Option<&str>) -> PyResult<Kernel> {
 // ---------------------------------------------------------------- TernaryMatrix
 
 /// A ternary weight matrix W[n_out, n_in] in {-1, 0, 1}, packed 2 bits per
-/// weight, with one float32 scale: the real weights are W * scale.
+/// weight (or 1.625: `packing`), with one float32 scale: the real weights are W * scale.
 #[pyclass(name = "TernaryMatrix", module = "trit._core", frozen)]
 struct PyTernaryMatrix {
     inner: kernels::TernaryMatrix,
@@ -208,12 +208,16 @@ struct PyTernaryMatrix {
 
 #[pymethods]
 impl PyTernaryMatrix {
-    /// Packs `w` (int8 [n_out, n_in], values in {-1, 0, 1}) with `scale`.
+    /// Packs `w` (int8 [n_out, n_in], values in {-1, 0, 1}) with `scale`,
+    /// 2 bits per weight ("i2") or 1.625 ("tq1").
     #[staticmethod]
+    #[pyo3(signature = (w, scale, *, packing=kernels::Packing::I2))]
+    #[pyo3(text_signature = "(w, scale, *, packing='i2')")]
     fn pack(
         py: Python<'_>,
         w: &Bound<'_, PyAny>,
         #[pyo3(from_py_with = args::scale)] scale: f64,
+        #[pyo3(from_py_with = args::packing)] packing: kernels::Packing,
     ) -> PyResult<Self> {
         let (values, shape) = read_array::<i8>(w, "w", "int8")?;
         if shape.len() != 2 {
@@ -228,7 +232,9 @@ impl PyTernaryMatrix {
             )));
         }
         let inner = py
-            .detach(|| kernels::TernaryMatrix::pack(&values, shape[0], shape[1], scale))
+            .detach(|| {
+                kernels::TernaryMatrix::pack(&values, shape[0], shape[1], scale)?.repacked(packing)
+            })
             .py()?;
         Ok(PyTernaryMatrix { inner })
     }
@@ -242,6 +248,12 @@ impl PyTernaryMatrix {
     #[getter]
     fn scale(&self) -> f32 {
         self.inner.scale()
+    }
+
+    /// How the weights are stored: "i2" or "tq1".
+    #[getter]
+    fn packing(&self) -> &'static str {
+        self.inner.packing().name()
     }
 
     /// Bytes of packed weights.

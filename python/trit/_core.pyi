@@ -48,13 +48,15 @@ class OutOfMemoryError(TritError, MemoryError):
 
 @final
 class TernaryMatrix:
-    """A ternary weight matrix W[n_out, n_in] in {-1, 0, 1}, packed 2 bits per weight,
-    with one float32 scale: the real weights are W * scale."""
+    """A ternary weight matrix W[n_out, n_in] in {-1, 0, 1}, packed 2 bits per weight
+    (or 1.625: `packing`), with one float32 scale: the real weights are W * scale."""
 
     @staticmethod
-    def pack(w: npt.NDArray[np.int8], scale: float) -> TernaryMatrix: ...
+    def pack(w: npt.NDArray[np.int8], scale: float, *, packing: str = "i2") -> TernaryMatrix: ...
     @property
     def shape(self) -> tuple[int, int]: ...
+    @property
+    def packing(self) -> str: ...
     @property
     def scale(self) -> float: ...
     @property
@@ -126,7 +128,11 @@ class Model:
 
     @staticmethod
     def open(
-        folder: str | PathLike[str], *, threads: int | None = None, int8_head: bool = False
+        folder: str | PathLike[str],
+        *,
+        threads: int | None = None,
+        int8_head: bool = False,
+        packing: str = "i2",
     ) -> tuple[Model, list[str]]: ...
     @staticmethod
     def load(
@@ -135,9 +141,12 @@ class Model:
         *,
         threads: int | None = None,
         int8_head: bool = False,
+        packing: str = "i2",
     ) -> tuple[Model, list[str]]: ...
     @property
     def config(self) -> ModelConfig: ...
+    @property
+    def packing(self) -> str: ...
     @property
     def weight_bytes(self) -> int: ...
     @property

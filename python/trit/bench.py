@@ -56,6 +56,7 @@ class BenchResult:
     roofline_fraction: float = 0.0  # avg_ts / roofline_ts (tg tests; 0 for pp)
     peak_rss_bytes: int = 0
     load_s: float = 0.0
+    packing: str = "i2"  # how the ternary weights are stored ("i2" or "tq1")
 
     @property
     def test(self) -> str:
@@ -120,6 +121,7 @@ def run(
     progress: object = None,
     head: str = "int8",
     kv_cache: str = "f16",
+    packing: str = "i2",
 ) -> list[BenchResult]:
     """Runs every test for every thread count; see the module docstring."""
     if (model is None) == (synthetic_name is None):
@@ -150,7 +152,7 @@ def run(
 
     _reset_peak_rss()
     start = time.perf_counter()
-    loaded: Model = load_model(folder, head=head)
+    loaded: Model = load_model(folder, head=head, packing=packing)
     load_s = time.perf_counter() - start
     cfg = loaded.config
     size, per_token = loaded.weight_bytes, loaded.bytes_per_token
@@ -191,6 +193,7 @@ def run(
                     samples_ts=rates,
                     kernel=kernel,
                     load_s=load_s,
+                    packing=loaded.packing,
                 )
             )
             token_bytes.append(bytes_per_token)
@@ -251,8 +254,9 @@ def _gib(n: int) -> str:
 def markdown(results: Sequence[BenchResult]) -> str:
     """A llama-bench style table, plus the memory and load figures."""
     lines = [
-        "| model | size | head | kv | kernel | threads | test | t/s | roofline t/s | of roofline |",
-        "|---|---:|---|---|---|---:|---|---:|---:|---:|",
+        "| model | size | head | packing | kv | kernel | threads | test | t/s | roofline t/s "
+        "| of roofline |",
+        "|---|---:|---|---|---|---|---:|---|---:|---:|---:|",
     ]
     for r in results:
         frac = f"{100 * r.roofline_fraction:.0f} %" if r.n_gen else ""
@@ -260,7 +264,8 @@ def markdown(results: Sequence[BenchResult]) -> str:
         # One repetition has no spread to show.
         spread = f" ± {r.stddev_ts:.2f}" if len(r.samples_ts) > 1 else ""
         lines.append(
-            f"| {r.model} | {_gib(r.model_size)} | {r.head} | {r.type_k} | {r.kernel} "
+            f"| {r.model} | {_gib(r.model_size)} | {r.head} | {r.packing} | {r.type_k} "
+            f"| {r.kernel} "
             f"| {r.n_threads} "
             f"| {r.test} | {r.avg_ts:.2f}{spread} | {roof} | {frac} |"
         )

@@ -44,6 +44,7 @@ class BatchResult:
     tg_ts_per_sequence: float
     pp128_ts: float  # one sequence's pp128 rate in the same run
     tg_of_pp128: float  # tg_ts / pp128_ts
+    packing: str = "i2"  # how the ternary weights are stored ("i2" or "tq1")
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -96,6 +97,7 @@ def run(
     progress: Callable[[str], object] | None = None,
     head: str = "int8",
     kv_cache: str = "f16",
+    packing: str = "i2",
 ) -> list[BatchResult]:
     """One result per batch size; see the module docstring."""
     if (model is None) == (synthetic_name is None):
@@ -115,7 +117,7 @@ def run(
         assert model is not None
         folder = resolve(model)
         label = Path(model).name if Path(model).is_dir() else str(model)
-    loaded = load_model(folder, head=head)
+    loaded = load_model(folder, head=head, packing=packing)
     cfg = loaded.config
     longest = max(PP_REFERENCE, n_prompt + n_gen)
     if longest > cfg.max_position_embeddings:
@@ -147,6 +149,7 @@ def run(
                 tg_ts_per_sequence=n_gen / tg_s,
                 pp128_ts=pp128,
                 tg_of_pp128=tg_ts / pp128,
+                packing=loaded.packing,
             )
         )
     return results
@@ -158,7 +161,7 @@ def markdown(results: Sequence[BatchResult]) -> str:
         return ""
     r0 = results[0]
     lines = [
-        f"{r0.model}, {r0.n_threads} thread(s), kv {r0.type_k}: "
+        f"{r0.model}, {r0.n_threads} thread(s), kv {r0.type_k}, packing {r0.packing}: "
         f"pp{PP_REFERENCE} (one sequence) {r0.pp128_ts:.1f} tokens/s",
         "",
         "| B | PP | TG | pp t/s | tg t/s (all) | tg t/s (each) | tg / pp128 |",

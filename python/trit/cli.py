@@ -74,6 +74,13 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
         help="KV cache precision: f16 (default, half the bytes attention reads) or f32 "
         "(exact: transformers' attention)",
     )
+    p.add_argument(
+        "--packing",
+        choices=["i2", "tq1"],
+        default="i2",
+        help="ternary weight packing: i2 (default, 2 bits per weight) or tq1 (1.625 bits: "
+        "19 %% fewer bytes per token, more decoding work; the same logits)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -139,6 +146,7 @@ def _load(args: argparse.Namespace, slots: int = 1) -> Generator:
         revision=args.revision,
         head=args.head,
         kv_cache=args.kv_cache,
+        packing=args.packing,
         filename=args.gguf_file,
         slots=slots,
     )
@@ -414,6 +422,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             repetitions=5 if args.repetitions is None else args.repetitions,
             head=args.head,
             kv_cache=args.kv_cache,
+            packing=args.packing,
             progress=None if args.json else (lambda msg: print(f"[{msg}]", file=sys.stderr)),
         )
     except ValueError as exc:
@@ -459,6 +468,7 @@ def _bench_batch(args: argparse.Namespace) -> int:
                     threads=threads,
                     head=args.head,
                     kv_cache=args.kv_cache,
+                    packing=args.packing,
                     progress=say,
                 )
             )
@@ -663,6 +673,7 @@ def _ray_engine(trit_ray: Any, args: argparse.Namespace) -> Any:
         n_ctx=args.ctx,
         head=args.head,
         kv_cache=args.kv_cache,
+        packing=args.packing,
     )
 
 

@@ -350,6 +350,7 @@ class Generator:
         revision: str | None = None,
         head: str = "int8",
         kv_cache: str = "f16",
+        packing: str = "i2",
         filename: str | None = None,
         slots: int = 1,
     ) -> Generator:
@@ -364,6 +365,9 @@ class Generator:
         `kv_cache` the KV cache's: "f16" (default: half the bytes attention
         reads) or "f32" (transformers' attention). With head="bf16" and
         kv_cache="f32" the logits are transformers' own (README, "Precision").
+        `packing` stores the ternary weights at "i2" (default: 2 bits per
+        weight) or "tq1" (1.625 bits: fewer bytes per generated token, more
+        decoding work; the same logits).
         `slots` is how many sequences can run at once (each a KV cache of
         `n_ctx` positions, `slot_cache_bytes` when full; memory is taken as
         positions fill)."""
@@ -373,7 +377,7 @@ class Generator:
             name_or_path = models.path()
         folder = resolve(name_or_path, revision=revision, filename=filename)
         tokenizer = Tokenizer(folder)
-        model = load_model(folder, threads=threads, head=head)
+        model = load_model(folder, threads=threads, head=head, packing=packing)
         engine = Engine(model, slots=slots, n_ctx=n_ctx, threads=threads, kv_cache=kv_cache)
         g = cls(model, tokenizer, engine, _eos_ids(folder, tokenizer))
         generation_config = folder / "generation_config.json"

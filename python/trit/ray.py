@@ -66,6 +66,7 @@ class EngineOptions:
     n_ctx: int | None = None
     head: str = "int8"
     kv_cache: str = "f16"
+    packing: str = "i2"
 
     def load(self, slots: int) -> Generator:
         return Generator.from_pretrained(
@@ -75,6 +76,7 @@ class EngineOptions:
             revision=self.revision,
             head=self.head,
             kv_cache=self.kv_cache,
+            packing=self.packing,
             filename=self.gguf_file,
             slots=slots,
         )

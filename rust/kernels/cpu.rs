@@ -163,7 +163,7 @@ impl Kernel {
         else {
             return false;
         };
-        let Ok(tq1) = w.clone().into_packing(Packing::Tq1) else {
+        let Ok(tq1) = w.repacked(Packing::Tq1) else {
             return false;
         };
         [w, tq1].iter().all(|w| self.ternary_agrees_on(w))

@@ -424,11 +424,12 @@ impl TernaryMatrix {
         code as i8 - 1
     }
 
-    /// The same weights in `packing`: the matrix itself if it has that
-    /// packing already, else a copy (allocated fallibly: models are large).
-    pub fn into_packing(self, packing: Packing) -> Result<TernaryMatrix> {
+    /// The same weights in `packing`: a copy, allocated fallibly (models
+    /// are large), converted block by block where the packings differ.
+    pub fn repacked(&self, packing: Packing) -> Result<TernaryMatrix> {
         let blocks = match (&self.blocks, packing) {
-            (Blocks::I2(_), Packing::I2) | (Blocks::Tq1(_), Packing::Tq1) => return Ok(self),
+            (Blocks::I2(from), Packing::I2) => Blocks::I2(convert(from, |&b| b)?),
+            (Blocks::Tq1(from), Packing::Tq1) => Blocks::Tq1(convert(from, |&b| b)?),
             (Blocks::I2(from), Packing::Tq1) => {
                 Blocks::Tq1(convert(from, |b| Tq1Block::encode(&decode_i2(b)))?)
             }
@@ -436,7 +437,12 @@ impl TernaryMatrix {
                 Blocks::I2(convert(from, |b| PackedBlock::encode(&b.decode()))?)
             }
         };
-        Ok(TernaryMatrix { blocks, ..self })
+        Ok(TernaryMatrix {
+            n_out: self.n_out,
+            n_in: self.n_in,
+            scale: self.scale,
+            blocks,
+        })
     }
 
     /// The weights as [n_out, n_in] row-major values in {-1, 0, 1}.
@@ -620,7 +626,7 @@ mod tests {
                 (state % 3) as i8 - 1
             }).collect();
             let i2 = TernaryMatrix::pack(&w, n_out, n_in, 0.5).unwrap();
-            let tq1 = i2.clone().into_packing(Packing::Tq1).unwrap();
+            let tq1 = i2.repacked(Packing::Tq1).unwrap();
             prop_assert_eq!(tq1.packing(), Packing::Tq1);
             prop_assert_eq!(tq1.try_unpack().unwrap(), w);
             prop_assert_eq!(tq1.packed_bytes(), n_out * n_in.div_ceil(256) * 52);
@@ -629,7 +635,7 @@ mod tests {
             for k in (n_in - 1) % 256 + 1..256 {
                 prop_assert_eq!(last[k], 1);
             }
-            prop_assert_eq!(tq1.into_packing(Packing::I2).unwrap(), i2);
+            prop_assert_eq!(tq1.repacked(Packing::I2).unwrap(), i2);
         }
 
         #[test]

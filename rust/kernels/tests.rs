@@ -26,7 +26,7 @@ fn random_matrix(n_out: usize, n_in: usize, seed: u64) -> TernaryMatrix {
 /// `w` in every packing (it is packed as i2).
 fn packings(w: &TernaryMatrix) -> [TernaryMatrix; 2] {
     assert_eq!(w.packing(), Packing::I2);
-    [w.clone(), w.clone().into_packing(Packing::Tq1).unwrap()]
+    [w.clone(), w.repacked(Packing::Tq1).unwrap()]
 }
 
 fn random_activations(m: usize, k: usize, seed: u64) -> Vec<f32> {
@@ -120,7 +120,7 @@ fn fused_matrices_equal_separate_calls() {
         random_matrix(250, 300, 3),
     ];
     // Mixed packings too: each matrix is read in its own.
-    let tq1 = |w: &TernaryMatrix| w.clone().into_packing(Packing::Tq1).unwrap();
+    let tq1 = |w: &TernaryMatrix| w.repacked(Packing::Tq1).unwrap();
     for ws in [[a.clone(), b.clone(), c.clone()], [tq1(&a), b, tq1(&c)]] {
         fused_matrices_agree(&ws, &pool);
     }

@@ -10,7 +10,7 @@ use super::config::tiny;
 use super::dense::DenseMatrix;
 use super::*;
 use crate::checkpoint::MemoryCheckpoint;
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, Packing};
 use crate::threads;
 
 /// Owned tensors: name → (dtype, shape, bytes).
@@ -840,4 +840,48 @@ fn a_step_is_checked_whole_before_any_work() {
         .contains("does not exist"));
     assert!(e.tokens(a).unwrap().is_empty());
     assert!(Engine::new(e.model().clone(), 0, None, None, KvType::F32, kernel).is_err());
+}
+
+/// A model whose projections are packed as tq1 computes the same integer
+/// dots as the 2-bit one, so its logits are the same bits: a prompt (the
+/// GEMM, in small- and large-batch sizes) and decoding (the GEMV). It reads
+/// 52 bytes per 256 weights instead of 64.
+#[test]
+fn tq1_packing_gives_the_same_logits() {
+    let c = tiny();
+    let i2 = model(&c);
+    let mut tq1 = (*i2).clone();
+    tq1.repack(Packing::Tq1, &threads::pool(Some(2)).unwrap())
+        .unwrap();
+    assert_eq!(tq1.packing(), Packing::Tq1);
+    for (a, b) in i2.layers.iter().zip(&tq1.layers) {
+        for p in Proj::ALL {
+            let (a, b) = (a.proj(p), b.proj(p));
+            assert_eq!(b.packing(), Packing::Tq1, "{p:?}");
+            assert_eq!(a.unpack(), b.unpack(), "{p:?}");
+            assert_eq!(b.packed_bytes() * 64, a.packed_bytes() * 52, "{p:?}");
+        }
+    }
+    assert!(tq1.bytes_per_token() < i2.bytes_per_token());
+    let tq1 = Arc::new(tq1);
+    let ids: Vec<u32> = (0..24).map(|i| (i * 7 + 3) % c.vocab_size as u32).collect();
+    for len in [5, ids.len()] {
+        let ids = &ids[..len];
+        let mut a = Session::new(i2.clone(), None, Some(2), KvType::F32).unwrap();
+        let mut b = Session::new(tq1.clone(), None, Some(2), KvType::F32).unwrap();
+        assert_eq!(
+            a.logits(ids).unwrap(),
+            b.logits(ids).unwrap(),
+            "{len} tokens"
+        );
+    }
+    let mut a = Session::new(i2, Some(16), Some(2), KvType::F32).unwrap();
+    let mut b = Session::new(tq1, Some(16), Some(2), KvType::F32).unwrap();
+    a.prefill(&ids[..3]).unwrap();
+    b.prefill(&ids[..3]).unwrap();
+    for &id in &ids[3..10] {
+        a.push(id).unwrap();
+        b.push(id).unwrap();
+        assert_eq!(a.last_logits().unwrap(), b.last_logits().unwrap());
+    }
 }

@@ -16,7 +16,7 @@ use super::config::{Config, LinearClass, QuantizationMode};
 use super::dense::DenseMatrix;
 use crate::checkpoint::{Checkpoint, DType, RawTensor, Usage};
 use crate::error::{Result, TritError};
-use crate::kernels::TernaryMatrix;
+use crate::kernels::{Packing, TernaryMatrix};
 use crate::memory::try_reserve_total;
 
 /// The seven ternary projections of a decoder layer.
@@ -112,6 +112,25 @@ impl Layer {
         self.bitlinear_norms.as_ref().map(|n| &n[i][..])
     }
 
+    /// Stores the layer's seven projections in `packing`, one at a time (at
+    /// most one projection is held twice).
+    pub fn repack(&mut self, packing: Packing) -> Result<()> {
+        for m in [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ] {
+            if m.packing() != packing {
+                *m = m.repacked(packing)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn proj(&self, p: Proj) -> &TernaryMatrix {
         match p {
             Proj::Q => &self.q,
@@ -141,6 +160,24 @@ impl Model {
     /// The matrix the logits are computed with.
     pub fn head(&self) -> &DenseMatrix {
         self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Stores every ternary projection in `packing` (`Packing::I2` as
+    /// loaded), layers converted in parallel on `pool`. The kernels compute
+    /// the same integer dots from either packing, so the logits do not change.
+    pub fn repack(&mut self, packing: Packing, pool: &ThreadPool) -> Result<()> {
+        pool.install(|| {
+            self.layers
+                .par_iter_mut()
+                .try_for_each(|layer| layer.repack(packing))
+        })
+    }
+
+    /// The packing of the ternary projections (all share one).
+    pub fn packing(&self) -> Packing {
+        self.layers
+            .first()
+            .map_or(Packing::default(), |l| l.q.packing())
     }
 
     /// Bytes of the layers read once per token: packed projections and norms.

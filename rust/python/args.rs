@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyString};
 
 use super::{invalid, type_name};
+use crate::kernels::Packing;
 
 /// The integer types an argument converts to, with their ranges for messages.
 pub(super) trait IntArg: TryFrom<i128> {
@@ -217,6 +218,12 @@ pub(super) fn work(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(usize, Vec<u32>, boo
             ))
         })
         .collect()
+}
+
+/// The `packing` of a model or matrix: "i2" or "tq1" (`Packing::parse`).
+pub(super) fn packing(obj: &Bound<'_, PyAny>) -> PyResult<Packing> {
+    let name = string(obj, "packing")?;
+    Packing::parse(&name).map_err(|e| invalid(e.to_string()))
 }
 
 /// Named extractors for `#[pyo3(from_py_with = ...)]`, one per argument

@@ -10,6 +10,8 @@ use pyo3::prelude::*;
 
 use super::{args, invalid, IntoPyResult, PyTernaryMatrix};
 use crate::checkpoint::MemoryCheckpoint;
+use crate::error::TritError;
+use crate::kernels::Packing;
 use crate::model::dense::DenseMatrix;
 use crate::model::{self, Config, DType, LinearClass, QuantizationMode};
 use crate::sampling::{Sampler, SamplingParams};
@@ -192,18 +194,25 @@ impl PyModel {
     /// Reads the model in `folder` (config.json and model.safetensors, or
     /// shards and their index), or the GGUF file `folder` names. Returns it with warnings (all-zero or unused
     /// tensors) for the caller to show. With `int8_head`, the output head is
-    /// quantized to int8 rows (see `HeadPrecision::Int8`).
+    /// quantized to int8 rows (see `HeadPrecision::Int8`). `packing` is how
+    /// the ternary projections are stored: "i2" or "tq1" (`Packing`).
     #[staticmethod]
-    #[pyo3(signature = (folder, *, threads=None, int8_head=false))]
+    #[pyo3(signature = (folder, *, threads=None, int8_head=false, packing=Packing::I2))]
+    #[pyo3(text_signature = "(folder, *, threads=None, int8_head=False, packing='i2')")]
     fn open(
         py: Python<'_>,
         folder: PathBuf,
         #[pyo3(from_py_with = args::threads)] threads: Option<usize>,
         #[pyo3(from_py_with = args::int8_head)] int8_head: bool,
+        #[pyo3(from_py_with = args::packing)] packing: Packing,
     ) -> PyResult<(PyModel, Vec<String>)> {
         let pool = threads::pool(threads).py()?;
         let (m, warnings) = py
-            .detach(|| model::open(&folder, &pool, head_precision(int8_head)))
+            .detach(|| {
+                let (mut m, warnings) = model::open(&folder, &pool, head_precision(int8_head))?;
+                m.repack(packing, &pool)?;
+                Ok::<_, TritError>((m, warnings))
+            })
             .py()?;
         Ok((PyModel { inner: Arc::new(m) }, warnings))
     }
@@ -212,13 +221,15 @@ impl PyModel {
     /// first, so the arrays are only read, never kept or changed. Returns the
     /// model with warnings (all-zero or unused tensors) for the caller to show.
     #[staticmethod]
-    #[pyo3(signature = (config, tensors, *, threads=None, int8_head=false))]
+    #[pyo3(signature = (config, tensors, *, threads=None, int8_head=false, packing=Packing::I2))]
+    #[pyo3(text_signature = "(config, tensors, *, threads=None, int8_head=False, packing='i2')")]
     fn load(
         py: Python<'_>,
         config: &PyModelConfig,
         #[pyo3(from_py_with = args::tensors)] tensors: Vec<args::TensorArg<'_>>,
         #[pyo3(from_py_with = args::threads)] threads: Option<usize>,
         #[pyo3(from_py_with = args::int8_head)] int8_head: bool,
+        #[pyo3(from_py_with = args::packing)] packing: Packing,
     ) -> PyResult<(PyModel, Vec<String>)> {
         let pool = threads::pool(threads).py()?;
         let mut checkpoint = MemoryCheckpoint::new();
@@ -233,7 +244,12 @@ impl PyModel {
         }
         let config = config.inner.clone();
         let (m, warnings) = py
-            .detach(|| model::load(config, &checkpoint, &pool, head_precision(int8_head)))
+            .detach(|| {
+                let (mut m, warnings) =
+                    model::load(config, &checkpoint, &pool, head_precision(int8_head))?;
+                m.repack(packing, &pool)?;
+                Ok::<_, TritError>((m, warnings))
+            })
             .py()?;
         Ok((PyModel { inner: Arc::new(m) }, warnings))
     }
@@ -249,6 +265,12 @@ impl PyModel {
     #[getter]
     fn weight_bytes(&self) -> usize {
         self.inner.weight_bytes()
+    }
+
+    /// How the ternary projections are stored: "i2" or "tq1".
+    #[getter]
+    fn packing(&self) -> &'static str {
+        self.inner.packing().name()
     }
 
     /// Bytes of weights read to generate one token.
