@@ -81,6 +81,22 @@ def test_cli_json() -> None:
         assert key in pp and key in tg
     assert (pp["n_prompt"], pp["n_gen"], tg["n_prompt"], tg["n_gen"]) == (8, 0, 0, 4)
     assert tg["roofline_fraction"] > 0 and tg["kernel"] and tg["peak_rss_bytes"] > 0
+    assert pp["packing"] == tg["packing"] == "i2"
+
+
+def test_cli_packing_is_reported_and_checked() -> None:
+    """--packing tq1: the rows say so, and the model is 52/64 of the ternary bytes
+    smaller; an unknown value is refused naming the flag."""
+    args = ("bench", "-m", MODEL, "-p", "8", "-n", "4", "-t", "1", "-r", "1", "--json")
+    i2 = json.loads(run(*args).stdout)
+    tq1 = json.loads(run(*args, "--packing", "tq1").stdout)
+    assert {r["packing"] for r in tq1} == {"tq1"}
+    assert tq1[0]["model_size"] < i2[0]["model_size"]
+    table = run(*args[:-1], "--packing", "tq1")
+    assert table.returncode == 0, table.stderr
+    assert "| packing |" in table.stdout and "| tq1 |" in table.stdout
+    bad = run(*args, "--packing", "tq2")
+    assert bad.returncode == 2 and "--packing" in bad.stderr
 
 
 def test_cli_table_shows_a_spread_only_over_repetitions() -> None:

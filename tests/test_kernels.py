@@ -72,6 +72,32 @@ def test_every_kernel_matches_scalar_and_numpy(n_out: int, n_in: int, m: int, se
         np.testing.assert_array_equal(y.view(np.uint32), scalar.view(np.uint32), err_msg=kernel)
 
 
+@settings(max_examples=40, deadline=None)
+@given(n_out=dims, n_in=dims, m=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_tq1_packing_gives_the_same_bits(n_out: int, n_in: int, m: int, seed: int) -> None:
+    """1.625 bits per weight: the same weights, 52 bytes per 256 instead of 64,
+    and every path's product the same bits as the 2-bit matrix's (one token:
+    the GEMV; several: the GEMM)."""
+    w, x = random_case(seed, n_out, n_in, m)
+    i2, tq1 = TernaryMatrix.pack(w, 0.37), TernaryMatrix.pack(w, 0.37, packing="tq1")
+    assert (i2.packing, tq1.packing) == ("i2", "tq1")
+    assert tq1.nbytes == n_out * ((n_in + 255) // 256) * 52
+    np.testing.assert_array_equal(tq1.unpack(), w)
+    expected = numpy_matmul(w, 0.37, x)
+    for kernel in KERNELS:
+        for xs, want in ((x, expected), (x[0], expected[0])):
+            y = tq1.matmul(xs, kernel=kernel, threads=2)
+            np.testing.assert_array_equal(y.view(np.uint32), want.view(np.uint32), err_msg=kernel)
+
+
+def test_pack_rejects_an_unknown_packing() -> None:
+    w = np.zeros((2, 3), dtype=np.int8)
+    with pytest.raises(trit.InvalidInputError, match='unknown packing "i3"'):
+        TernaryMatrix.pack(w, 1.0, packing="i3")
+    with pytest.raises(trit.InvalidInputError, match="packing"):
+        TernaryMatrix.pack(w, 1.0, packing=2)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n_out,n_in", [(640, 2560), (1728, 2560), (256, 6912)])
 def test_model_shapes(kernel: str, n_out: int, n_in: int) -> None:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, MODELS, generator
 
-from trit import Generator
-from trit._core import Sampler, Session
+from trit import Generator, InvalidInputError
+from trit._core import Model, Sampler, Session
 from trit.kernels import quantize_activations
 
 SHORT_TOL = 1e-4
@@ -163,6 +163,27 @@ def test_config_is_read() -> None:
     assert c.rope_theta == 10000.0 and c.vocab_size == 512
     assert c.linear_class == "autobitlinear" and c.quantization_mode == "offline"
     assert generator("tiny-gqa-bf16").config.quantization_mode == "online"
+
+
+def test_tq1_packing_gives_the_same_logits_in_fewer_bytes() -> None:
+    """The 1.625-bit packing computes the same integer dots as the 2-bit one,
+    so a prompt's logits (the GEMM) and one token's (the GEMV) are the same
+    bits; each projection takes 52 bytes per 256 weights instead of 64."""
+    path = FIXTURES / "tiny-mha-packed"
+    i2 = Generator.from_pretrained(path, threads=2)
+    tq1 = Generator.from_pretrained(path, threads=2, packing="tq1")
+    assert (i2.model.packing, tq1.model.packing) == ("i2", "tq1")
+    for ids in ([5, 17, 300, 42, 7, 1, 99], [509]):
+        np.testing.assert_array_equal(i2.logits(ids), tq1.logits(ids))
+    a, b = i2.model.projection(1, "down_proj"), tq1.model.projection(1, "down_proj")
+    assert b.packing == "tq1" and b.nbytes * 64 == a.nbytes * 52
+    np.testing.assert_array_equal(a.unpack(), b.unpack())
+    assert tq1.model.bytes_per_token < i2.model.bytes_per_token
+    with pytest.raises(InvalidInputError, match="packing must be one of i2, tq1, got 'tq2'"):
+        Generator.from_pretrained(path, packing="tq2")
+    # The engine's own check, for callers of Model.open.
+    with pytest.raises(InvalidInputError, match='unknown packing "tq2"'):
+        Model.open(path, packing="tq2")
 
 
 def test_int8_head_is_close_and_smaller() -> None:

@@ -221,9 +221,7 @@ def load_model(
         raise InvalidInputError(f"packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
     # Errors name the file at fault, or the folder for a tensor the model
     # needs but the checkpoint lacks or holds wrongly.
-    model, messages = Model.open(
-        folder, threads=threads, int8_head=head == "int8", packing=packing
-    )
+    model, messages = Model.open(folder, threads=threads, int8_head=head == "int8", packing=packing)
     for message in messages:
         warnings.warn(f"{folder}: {message}", RuntimeWarning, stacklevel=3)
     return model
