@@ -277,6 +277,29 @@ fn head_int8(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    // The logits of a batched decode step: the head read once for n tokens.
+    let mut group = c.benchmark_group("head_int8_tokens");
+    group.throughput(Throughput::BytesDecimal(head.nbytes() as u64));
+    group.sample_size(10);
+    for n in [4usize, 8, 16] {
+        let xs: Vec<f32> = (0..n * cols).map(|i| (i % 19) as f32 - 9.0).collect(); // [n, cols]
+        let mut outs: Vec<Vec<f32>> = vec![vec![0.0; rows]; n]; // [n][rows]
+        for threads in THREADS {
+            let pool = threads::pool(Some(threads)).unwrap();
+            let id = BenchmarkId::new(format!("m{n}"), format!("t{threads}"));
+            group.bench_function(id, |b| {
+                pool.install(|| {
+                    b.iter(|| {
+                        let mut views: Vec<&mut [f32]> =
+                            outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                        head.matvecs(kernel, black_box(&xs), &mut views)
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
 }
 
 criterion_group!(
