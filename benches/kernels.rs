@@ -302,6 +302,129 @@ fn head_int8(c: &mut Criterion) {
     group.finish();
 }
 
+/// The GEMM with its weights and activations in cache (one thread): L1
+/// (64 × 512 weights, 8 KB packed) and L2 (384 × 2560, 240 KB packed),
+/// at 8 tokens (the small-batch tile) and 128 (the prompt tile). With
+/// `isa_peak`, what the tiles reach of the core's multiply-add rate when
+/// memory is out of the way.
+fn gemm_cached(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gemm_cached");
+    group.sample_size(20);
+    let pool = threads::pool(Some(1)).unwrap();
+    for (level, n_out, n_in) in [("l1", 64usize, 512usize), ("l2", 384, 2560)] {
+        let w = random_matrix(n_out, n_in, 11);
+        for m in [8usize, 128] {
+            let x = activations(m, n_in);
+            let mut y = vec![0.0f32; m * n_out]; // [m, n_out]
+            group.throughput(Throughput::Elements((m * n_out * n_in) as u64));
+            for kernel in kernels() {
+                let id = BenchmarkId::new(kernel.name(), format!("{level}/m{m}"));
+                group.bench_function(id, |b| {
+                    b.iter(|| matmul_into(&w, black_box(&x), &mut y, kernel, &pool).unwrap())
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+/// The core's multiply-add peak for the instructions the tiles use, from
+/// registers only (16 independent accumulators, no loads): AVX-512 VNNI
+/// `vpdpbusd` (64 u8·i8 MACs), AVX2 `vpmaddubsw` + `vpmaddwd` + `vpaddd`
+/// (32 MACs widened to i32 at once) and `vpmaddubsw` + `vpaddw` (32 MACs
+/// summed in i16, as the AVX2 tiles do between widenings). One thread;
+/// elem/s = MAC/s.
+fn isa_peak(c: &mut Criterion) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        const STEPS: usize = 1 << 12;
+        const ACCS: usize = 16;
+        let mut group = c.benchmark_group("isa_peak");
+        group.sample_size(20);
+        if Kernel::supported().contains(&Kernel::Avx512Vnni) {
+            group.throughput(Throughput::Elements((STEPS * ACCS * 64) as u64));
+            #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+            unsafe fn vnni(a: __m512i, b: __m512i) -> i32 {
+                let mut acc = [_mm512_setzero_si512(); ACCS];
+                for _ in 0..STEPS {
+                    for acc in acc.iter_mut() {
+                        *acc = _mm512_dpbusd_epi32(*acc, a, b);
+                    }
+                }
+                acc.iter().map(|&v| _mm512_reduce_add_epi32(v)).sum()
+            }
+            group.bench_function("avx512vnni/vpdpbusd", |bch| {
+                bch.iter(|| {
+                    // SAFETY: the CPU has AVX-512 F, BW and VNNI (checked above).
+                    unsafe {
+                        vnni(
+                            black_box(_mm512_set1_epi8(1)),
+                            black_box(_mm512_set1_epi8(1)),
+                        )
+                    }
+                })
+            });
+        }
+        if Kernel::supported().contains(&Kernel::Avx2) {
+            group.throughput(Throughput::Elements((STEPS * ACCS * 32) as u64));
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2(a: __m256i, b: __m256i) -> i32 {
+                let ones = _mm256_set1_epi16(1);
+                let mut acc = [_mm256_setzero_si256(); ACCS];
+                for _ in 0..STEPS {
+                    for acc in acc.iter_mut() {
+                        let pairs = _mm256_maddubs_epi16(a, b);
+                        *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+                let sum = acc
+                    .iter()
+                    .fold(_mm256_setzero_si256(), |s, &v| _mm256_add_epi32(s, v));
+                _mm256_extract_epi32::<0>(sum)
+            }
+            group.bench_function("avx2/vpmaddubsw+vpmaddwd", |bch| {
+                bch.iter(|| {
+                    // SAFETY: the CPU has AVX2 (checked above).
+                    unsafe {
+                        avx2(
+                            black_box(_mm256_set1_epi8(1)),
+                            black_box(_mm256_set1_epi8(1)),
+                        )
+                    }
+                })
+            });
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2_i16(a: __m256i, b: __m256i) -> i32 {
+                let mut acc = [_mm256_setzero_si256(); ACCS];
+                for _ in 0..STEPS {
+                    for acc in acc.iter_mut() {
+                        *acc = _mm256_add_epi16(*acc, _mm256_maddubs_epi16(a, b));
+                    }
+                }
+                let sum = acc
+                    .iter()
+                    .fold(_mm256_setzero_si256(), |s, &v| _mm256_add_epi16(s, v));
+                _mm256_extract_epi16::<0>(sum)
+            }
+            group.bench_function("avx2/vpmaddubsw+vpaddw", |bch| {
+                bch.iter(|| {
+                    // SAFETY: the CPU has AVX2 (checked above).
+                    unsafe {
+                        avx2_i16(
+                            black_box(_mm256_set1_epi8(1)),
+                            black_box(_mm256_set1_epi8(1)),
+                        )
+                    }
+                })
+            });
+        }
+        group.finish();
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = c;
+}
+
 criterion_group!(
     benches,
     read_bandwidth,
@@ -310,6 +433,8 @@ criterion_group!(
     head_int8,
     gemm,
     gemm_streamed,
+    gemm_cached,
+    isa_peak,
     attention
 );
 criterion_main!(benches);
