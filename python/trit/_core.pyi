@@ -126,7 +126,7 @@ class Model:
 
     @staticmethod
     def open(
-        folder: str | PathLike[str], *, threads: int | None = None, int8_head: bool = False
+        folder: str | PathLike[str], *, threads: int | None = None, head: str = "bf16"
     ) -> tuple[Model, list[str]]: ...
     @staticmethod
     def load(
@@ -134,7 +134,7 @@ class Model:
         tensors: list[tuple[str, str, list[int], npt.NDArray[np.uint8]]],
         *,
         threads: int | None = None,
-        int8_head: bool = False,
+        head: str = "bf16",
     ) -> tuple[Model, list[str]]: ...
     @property
     def config(self) -> ModelConfig: ...

@@ -93,7 +93,7 @@ pub fn block_of(c: usize) -> usize {
 }
 
 /// A matrix of 6-bit rows (see the module documentation).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Q6Matrix {
     rows: usize,
     cols: usize,
@@ -117,16 +117,25 @@ impl Q6Matrix {
         // KiB (docs/performance.md, "Output head").
         advise_huge_pages(&data);
         let mut steps = vec![0.0f32; rows];
-        data.par_chunks_mut(row_bytes)
-            .zip(steps.par_iter_mut())
-            .enumerate()
-            .for_each_init(
-                || vec![0.0f32; groups * GROUP],
-                |row, (r, (out, step))| {
-                    fill_row(r, &mut row[..cols]);
-                    *step = quantize_row(row, out);
-                },
-            );
+        let quantize = |row: &mut Vec<f32>, (r, (out, step)): (usize, (&mut [u8], &mut f32))| {
+            fill_row(r, &mut row[..cols]);
+            *step = quantize_row(row, out);
+        };
+        let padded_row = || vec![0.0f32; groups * GROUP];
+        // A small matrix (the start-up self-check's) stays on this thread:
+        // no thread pool is started for it.
+        if rows * cols < 1 << 16 {
+            let mut row = padded_row();
+            data.chunks_mut(row_bytes)
+                .zip(steps.iter_mut())
+                .enumerate()
+                .for_each(|item| quantize(&mut row, item));
+        } else {
+            data.par_chunks_mut(row_bytes)
+                .zip(steps.par_iter_mut())
+                .enumerate()
+                .for_each_init(padded_row, quantize);
+        }
         Q6Matrix {
             rows,
             cols,

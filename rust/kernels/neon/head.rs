@@ -227,7 +227,7 @@ unsafe fn q6_codes(group: *const u8) -> [int8x16_t; 4] {
 unsafe fn q6_sub_scales(scales: *const u8) -> int16x8_t {
     // SAFETY: per the contract.
     let (s0, s1) = unsafe { (u64::from(*scales), u64::from(*scales.add(1))) };
-    vreinterpretq_s16_u64(vdupq_n_u64(s0 * 0x0001_0001 | (s1 * 0x0001_0001) << 32))
+    vreinterpretq_s16_u64(vdupq_n_u64((s0 * 0x0001_0001) | ((s1 * 0x0001_0001) << 32)))
 }
 
 /// Σ_b s_b · X_b of a span's sub-scales and block sums (at most 256 terms
