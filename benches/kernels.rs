@@ -248,8 +248,9 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
-/// The int8 output head of 2B4T (the tied embedding, 128256 × 2560 codes,
-/// 328 MB) times one token: read once per generated token, like the weights.
+/// The output head of 2B4T (the tied embedding, 128256 × 2560) as int8
+/// rows (328 MB of codes) and as q6 rows (257 MB) times one token: read once
+/// per generated token, like the weights.
 fn head_int8(c: &mut Criterion) {
     use trit::model::dense::DenseMatrix;
     use trit::model::{DType, RawTensor};
@@ -261,22 +262,27 @@ fn head_int8(c: &mut Criterion) {
             ((v.to_bits() >> 16) as u16).to_le_bytes()
         })
         .collect();
-    let head =
-        DenseMatrix::int8_from_raw(&RawTensor::new("head", DType::BF16, &shape, &bf16).unwrap());
+    let raw = RawTensor::new("head", DType::BF16, &shape, &bf16).unwrap();
+    let heads = [
+        ("head_int8", DenseMatrix::int8_from_raw(&raw)),
+        ("head_q6", DenseMatrix::q6_from_raw(&raw)),
+    ];
     drop(bf16);
     let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 - 8.0).collect();
     let mut logits = vec![0.0f32; rows];
     let kernel = Kernel::best();
-    let mut group = c.benchmark_group("head_int8");
-    group.throughput(Throughput::BytesDecimal(head.nbytes() as u64));
-    group.sample_size(20);
-    for threads in THREADS {
-        let pool = threads::pool(Some(threads)).unwrap();
-        group.bench_function(BenchmarkId::from_parameter(format!("t{threads}")), |b| {
-            pool.install(|| b.iter(|| head.matvec(kernel, black_box(&x), &mut logits)))
-        });
+    for (name, head) in &heads {
+        let mut group = c.benchmark_group(*name);
+        group.throughput(Throughput::BytesDecimal(head.nbytes() as u64));
+        group.sample_size(20);
+        for threads in THREADS {
+            let pool = threads::pool(Some(threads)).unwrap();
+            group.bench_function(BenchmarkId::from_parameter(format!("t{threads}")), |b| {
+                pool.install(|| b.iter(|| head.matvec(kernel, black_box(&x), &mut logits)))
+            });
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 criterion_group!(
