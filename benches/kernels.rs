@@ -249,8 +249,8 @@ fn attention(c: &mut Criterion) {
 }
 
 /// The output head of 2B4T (the tied embedding, 128256 × 2560) as int8
-/// rows (328 MB of codes) and as q6 rows (257 MB) times one token: read once
-/// per generated token, like the weights.
+/// rows (328 MB of codes) and as q6 rows (257 MB) times one token and times
+/// a few: read once per generated token (or decode step), like the weights.
 fn head_int8(c: &mut Criterion) {
     use trit::model::dense::DenseMatrix;
     use trit::model::{DType, RawTensor};
@@ -264,25 +264,223 @@ fn head_int8(c: &mut Criterion) {
         .collect();
     let raw = RawTensor::new("head", DType::BF16, &shape, &bf16).unwrap();
     let heads = [
-        ("head_int8", DenseMatrix::int8_from_raw(&raw)),
-        ("head_q6", DenseMatrix::q6_from_raw(&raw)),
+        ("int8", DenseMatrix::int8_from_raw(&raw)),
+        ("q6", DenseMatrix::q6_from_raw(&raw)),
     ];
     drop(bf16);
+    for (name, head) in &heads {
+        head_dense(c, name, head, rows, cols);
+    }
+}
+
+/// `head_int8`'s groups for one head: `head_{name}` (one token) and
+/// `head_{name}_tokens` (n tokens at once).
+fn head_dense(
+    c: &mut Criterion,
+    name: &str,
+    head: &trit::model::dense::DenseMatrix,
+    rows: usize,
+    cols: usize,
+) {
     let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 - 8.0).collect();
     let mut logits = vec![0.0f32; rows];
     let kernel = Kernel::best();
-    for (name, head) in &heads {
-        let mut group = c.benchmark_group(*name);
-        group.throughput(Throughput::BytesDecimal(head.nbytes() as u64));
-        group.sample_size(20);
+    let mut group = c.benchmark_group(format!("head_{name}"));
+    group.throughput(Throughput::BytesDecimal(head.nbytes() as u64));
+    group.sample_size(20);
+    for threads in THREADS {
+        let pool = threads::pool(Some(threads)).unwrap();
+        group.bench_function(BenchmarkId::from_parameter(format!("t{threads}")), |b| {
+            pool.install(|| b.iter(|| head.matvec(kernel, black_box(&x), &mut logits)))
+        });
+    }
+    group.finish();
+
+    // The logits of a batched decode step: the head read once for n tokens.
+    let mut group = c.benchmark_group(format!("head_{name}_tokens"));
+    group.throughput(Throughput::BytesDecimal(head.nbytes() as u64));
+    group.sample_size(10);
+    for n in [4usize, 8, 16] {
+        let xs: Vec<f32> = (0..n * cols).map(|i| (i % 19) as f32 - 9.0).collect(); // [n, cols]
+        let mut outs: Vec<Vec<f32>> = vec![vec![0.0; rows]; n]; // [n][rows]
         for threads in THREADS {
             let pool = threads::pool(Some(threads)).unwrap();
-            group.bench_function(BenchmarkId::from_parameter(format!("t{threads}")), |b| {
-                pool.install(|| b.iter(|| head.matvec(kernel, black_box(&x), &mut logits)))
+            let id = BenchmarkId::new(format!("m{n}"), format!("t{threads}"));
+            group.bench_function(id, |b| {
+                pool.install(|| {
+                    b.iter(|| {
+                        let mut views: Vec<&mut [f32]> =
+                            outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                        head.matvecs(kernel, black_box(&xs), &mut views)
+                    })
+                })
             });
+        }
+    }
+    group.finish();
+}
+
+/// The GEMM with its weights and activations in cache (one thread): L1
+/// (64 × 512 weights, 8 KB packed) and L2 (384 × 2560, 240 KB packed),
+/// at 8 tokens (the small-batch tile) and 128 (the prompt tile). With
+/// `isa_peak`, what the tiles reach of the core's multiply-add rate when
+/// memory is out of the way.
+fn gemm_cached(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gemm_cached");
+    group.sample_size(20);
+    let pool = threads::pool(Some(1)).unwrap();
+    for (level, n_out, n_in) in [("l1", 64usize, 512usize), ("l2", 384, 2560)] {
+        let w = random_matrix(n_out, n_in, 11);
+        for m in [8usize, 128] {
+            let x = activations(m, n_in);
+            let mut y = vec![0.0f32; m * n_out]; // [m, n_out]
+            group.throughput(Throughput::Elements((m * n_out * n_in) as u64));
+            for kernel in kernels() {
+                let id = BenchmarkId::new(kernel.name(), format!("{level}/m{m}"));
+                group.bench_function(id, |b| {
+                    b.iter(|| matmul_into(&w, black_box(&x), &mut y, kernel, &pool).unwrap())
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+/// The core's multiply-add peak for the instructions the tiles use, from
+/// registers only (16 independent accumulators, no loads): AVX-512 VNNI
+/// `vpdpbusd` (64 u8·i8 MACs), AVX2 `vpmaddubsw` + `vpmaddwd` + `vpaddd`
+/// (32 MACs widened to i32 at once) and `vpmaddubsw` + `vpaddw` (32 MACs
+/// summed in i16, as the AVX2 tiles do between widenings). One thread;
+/// elem/s = MAC/s.
+fn isa_peak(c: &mut Criterion) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        const STEPS: usize = 1 << 12;
+        const ACCS: usize = 16;
+        let mut group = c.benchmark_group("isa_peak");
+        group.sample_size(20);
+        if Kernel::supported().contains(&Kernel::Avx512Vnni) {
+            group.throughput(Throughput::Elements((STEPS * ACCS * 64) as u64));
+            #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+            unsafe fn vnni(a: __m512i, b: __m512i) -> i32 {
+                let mut acc = [_mm512_setzero_si512(); ACCS];
+                for _ in 0..STEPS {
+                    for acc in acc.iter_mut() {
+                        *acc = _mm512_dpbusd_epi32(*acc, a, b);
+                    }
+                }
+                acc.iter().map(|&v| _mm512_reduce_add_epi32(v)).sum()
+            }
+            group.bench_function("avx512vnni/vpdpbusd", |bch| {
+                bch.iter(|| {
+                    // SAFETY: the CPU has AVX-512 F, BW and VNNI (checked above).
+                    unsafe {
+                        vnni(
+                            black_box(_mm512_set1_epi8(1)),
+                            black_box(_mm512_set1_epi8(1)),
+                        )
+                    }
+                })
+            });
+        }
+        if Kernel::supported().contains(&Kernel::Avx2) {
+            // Eight chains (the adds are all that depends on an accumulator),
+            // written in asm: in intrinsics the products of loop invariants
+            // would be hoisted out of the loop.
+            group.throughput(Throughput::Elements((STEPS * 8 * 32) as u64));
+            macro_rules! avx2_peak {
+                ($name:literal, $fn:ident, $($step:literal),+) => {
+                    #[target_feature(enable = "avx2")]
+                    unsafe fn $fn(a: __m256i, b: __m256i) -> i32 {
+                        let ones = _mm256_set1_epi16(1);
+                        let mut acc = [_mm256_setzero_si256(); 8];
+                        for _ in 0..STEPS {
+                            // SAFETY: register-only AVX2 instructions (the
+                            // caller checked AVX2); no memory is touched.
+                            unsafe {
+                                std::arch::asm!(
+                                    $($step),+,
+                                    a = in(ymm_reg) a, b = in(ymm_reg) b, ones = in(ymm_reg) ones,
+                                    t = out(ymm_reg) _,
+                                    c0 = inout(ymm_reg) acc[0], c1 = inout(ymm_reg) acc[1],
+                                    c2 = inout(ymm_reg) acc[2], c3 = inout(ymm_reg) acc[3],
+                                    c4 = inout(ymm_reg) acc[4], c5 = inout(ymm_reg) acc[5],
+                                    c6 = inout(ymm_reg) acc[6], c7 = inout(ymm_reg) acc[7],
+                                    options(pure, nomem, nostack),
+                                );
+                            }
+                        }
+                        let sum = acc.iter().fold(_mm256_setzero_si256(), |s, &v| _mm256_add_epi32(s, v));
+                        _mm256_extract_epi32::<0>(sum)
+                    }
+                    group.bench_function($name, |bch| {
+                        bch.iter(|| {
+                            // SAFETY: the CPU has AVX2 (checked above).
+                            unsafe {
+                                $fn(
+                                    black_box(_mm256_set1_epi8(1)),
+                                    black_box(_mm256_set1_epi8(1)),
+                                )
+                            }
+                        })
+                    });
+                };
+            }
+            avx2_peak!(
+                "avx2/vpmaddubsw+vpmaddwd",
+                widen,
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpmaddwd {t}, {t}, {ones}",
+                "vpaddd {c0}, {c0}, {t}",
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpmaddwd {t}, {t}, {ones}",
+                "vpaddd {c1}, {c1}, {t}",
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpmaddwd {t}, {t}, {ones}",
+                "vpaddd {c2}, {c2}, {t}",
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpmaddwd {t}, {t}, {ones}",
+                "vpaddd {c3}, {c3}, {t}",
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpmaddwd {t}, {t}, {ones}",
+                "vpaddd {c4}, {c4}, {t}",
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpmaddwd {t}, {t}, {ones}",
+                "vpaddd {c5}, {c5}, {t}",
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpmaddwd {t}, {t}, {ones}",
+                "vpaddd {c6}, {c6}, {t}",
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpmaddwd {t}, {t}, {ones}",
+                "vpaddd {c7}, {c7}, {t}"
+            );
+            avx2_peak!(
+                "avx2/vpmaddubsw+vpaddw",
+                in_i16,
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpaddw {c0}, {c0}, {t}",
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpaddw {c1}, {c1}, {t}",
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpaddw {c2}, {c2}, {t}",
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpaddw {c3}, {c3}, {t}",
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpaddw {c4}, {c4}, {t}",
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpaddw {c5}, {c5}, {t}",
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpaddw {c6}, {c6}, {t}",
+                "vpmaddubsw {t}, {a}, {b}",
+                "vpaddw {c7}, {c7}, {t}",
+                "/* {ones} unused */"
+            );
         }
         group.finish();
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = c;
 }
 
 criterion_group!(
@@ -293,6 +491,8 @@ criterion_group!(
     head_int8,
     gemm,
     gemm_streamed,
+    gemm_cached,
+    isa_peak,
     attention
 );
 criterion_main!(benches);

@@ -128,6 +128,10 @@ impl Sampler {
             return Err(TritError::invalid("no logits to sample from"));
         }
         let p = self.params;
+        if p.temperature == 0.0 && p.repetition_penalty == 1.0 {
+            // Greedy and nothing to adjust: no copy of the logits.
+            return Ok(argmax(logits));
+        }
         let work = &mut self.work;
         work.clear();
         work.extend_from_slice(logits);

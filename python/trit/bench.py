@@ -52,8 +52,8 @@ class BenchResult:
     samples_ts: list[float] = field(default_factory=list)
     kernel: str = ""
     read_bandwidth_gbs: float = 0.0
-    roofline_ts: float = 0.0  # the most tg tokens/s memory allows
-    roofline_fraction: float = 0.0  # avg_ts / roofline_ts (tg tests; 0 for pp)
+    roofline_ts: float | None = None  # the most tg tokens/s memory allows (tg tests)
+    roofline_fraction: float | None = None  # avg_ts / roofline_ts (tg tests; none for pp)
     peak_rss_bytes: int = 0
     load_s: float = 0.0
     # Bytes a generated token reads at the test's depth: every weight (the
@@ -209,8 +209,9 @@ def run(
         r.peak_rss_bytes = peak
         r.bytes_per_token = n_bytes
         r.read_bandwidth_gbs = bandwidths[r.n_threads]
-        r.roofline_ts = r.read_bandwidth_gbs * 1e9 / n_bytes
-        r.roofline_fraction = r.avg_ts / r.roofline_ts if r.n_gen else 0.0
+        if r.n_gen:
+            r.roofline_ts = r.read_bandwidth_gbs * 1e9 / n_bytes
+            r.roofline_fraction = r.avg_ts / r.roofline_ts
     return results
 
 
@@ -260,8 +261,8 @@ def markdown(results: Sequence[BenchResult]) -> str:
         "|---|---:|---|---|---|---:|---|---:|---:|---:|",
     ]
     for r in results:
-        frac = f"{100 * r.roofline_fraction:.0f} %" if r.n_gen else ""
-        roof = f"{r.roofline_ts:.1f}" if r.n_gen else ""
+        frac = f"{100 * r.roofline_fraction:.0f} %" if r.roofline_fraction is not None else ""
+        roof = f"{r.roofline_ts:.1f}" if r.roofline_ts is not None else ""
         # One repetition has no spread to show.
         spread = f" ± {r.stddev_ts:.2f}" if len(r.samples_ts) > 1 else ""
         lines.append(

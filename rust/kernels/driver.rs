@@ -280,7 +280,10 @@ pub(crate) trait SmallGemmTile {
     unsafe fn tile(nr: usize, nt: usize, ops: SmallTileOperands, out: &mut [i32], m: usize);
 }
 
-/// `gemm` for a few tokens, over a `SmallGemmTile`: row tile by row tile,
+/// Row tiles of the small-batch GEMM that run each token tile in turn.
+const SMALL_ROW_GROUP_TILES: usize = 8;
+
+/// `gemm` for a few tokens, over a `SmallGemmTile`: groups of row tiles,
 /// each multiplied with every token tile; then Σx subtracted.
 ///
 /// # Safety
@@ -295,23 +298,36 @@ pub(crate) unsafe fn gemm_small<T: SmallGemmTile>(
     let (m, kp) = (x.m(), w.k_padded());
     assert!(x.k_padded() == kp && dots.len() == rows.len() * m && rows.end <= w.n_out());
     let acts = x.codes().as_ptr(); // [m, kp]
-    for r0 in rows.clone().step_by(T::ROWS) {
-        let nr = T::ROWS.min(rows.end - r0);
-        let out_row = (r0 - rows.start) * m;
+                                   // More tokens than a tile takes: a group of row tiles runs one token
+                                   // tile after the other, so that a token tile's activations stay in L1
+                                   // over the group's rows (and the rows, read from memory by the first
+                                   // token tile, come from cache for the others), rather than each row tile
+                                   // cycling through every token's activations, more than L1 holds.
+    let group_rows = if m > T::TOKENS {
+        SMALL_ROW_GROUP_TILES * T::ROWS
+    } else {
+        rows.len().max(1)
+    };
+    for g0 in rows.clone().step_by(group_rows) {
+        let g_end = (g0 + group_rows).min(rows.end);
         for t0 in (0..m).step_by(T::TOKENS) {
             let nt = T::TOKENS.min(m - t0);
-            let ops = SmallTileOperands {
-                rows: w.row(r0).as_ptr(),
-                row_blocks: w.blocks_per_row(),
-                // SAFETY: t0 < m: inside the [m, kp] codes.
-                acts: unsafe { acts.add(t0 * kp) },
-                act_stride: kp,
-                prefetch: t0 == 0,
-            };
-            // SAFETY: rows r0..r0 + nr exist (rows.end <= n_out), tokens
-            // t0..t0 + nt exist with kp codes each; the row tile's dots
-            // from t0 are (nr - 1)·m + nt values at least.
-            unsafe { T::tile(nr, nt, ops, &mut dots[out_row + t0..], m) };
+            for r0 in (g0..g_end).step_by(T::ROWS) {
+                let nr = T::ROWS.min(g_end - r0);
+                let out_row = (r0 - rows.start) * m;
+                let ops = SmallTileOperands {
+                    rows: w.row(r0).as_ptr(),
+                    row_blocks: w.blocks_per_row(),
+                    // SAFETY: t0 < m: inside the [m, kp] codes.
+                    acts: unsafe { acts.add(t0 * kp) },
+                    act_stride: kp,
+                    prefetch: t0 == 0,
+                };
+                // SAFETY: rows r0..r0 + nr exist (rows.end <= n_out), tokens
+                // t0..t0 + nt exist with kp codes each; the row tile's dots
+                // from t0 are (nr - 1)·m + nt values at least.
+                unsafe { T::tile(nr, nt, ops, &mut dots[out_row + t0..], m) };
+            }
         }
     }
     for row_dots in dots.chunks_exact_mut(m) {

@@ -357,6 +357,10 @@ struct PieceScratch {
     dots: Vec<i32>,
     values: [Vec<f32>; MAX_PAIRED],
     codes: Vec<CacheLine>,
+    /// The token block's activation multipliers repeated for every row of a
+    /// piece ([piece, block]), so that the epilogue is one flat loop the
+    /// compiler vectorizes (a division per output otherwise dominates it).
+    row_scales: Vec<f32>,
 }
 
 thread_local! {
@@ -470,6 +474,7 @@ impl<'a> TokenBlocks<'a> {
             dots,
             values,
             codes,
+            row_scales,
         } = scratch;
         dots.resize(piece_max, 0); // [piece, block]
         for values in values.iter_mut() {
@@ -477,18 +482,22 @@ impl<'a> TokenBlocks<'a> {
         }
         let mut run = |t0: usize, xb: &QuantizedActivations| {
             let mb = xb.m();
+            row_scales.clear(); // [piece, block]
+            for _ in 0..GEMM_ROW_PIECE.min(rows.len()) {
+                row_scales.extend_from_slice(xb.scales());
+            }
             for p0 in rows.clone().step_by(GEMM_ROW_PIECE) {
                 let piece = p0..(p0 + GEMM_ROW_PIECE).min(rows.end);
                 let len = piece.len() * mb;
                 for (w, values) in ws.iter().zip(values.iter_mut()) {
                     gemm_dots(kernel, w, xb, piece.clone(), &mut dots[..len], codes);
-                    for (vs, ds) in values[..len]
-                        .chunks_exact_mut(mb)
-                        .zip(dots[..len].chunks_exact(mb))
+                    let w_scale = w.scale();
+                    for ((v, &d), &xs) in values[..len]
+                        .iter_mut()
+                        .zip(&dots[..len])
+                        .zip(&row_scales[..len])
                     {
-                        for ((v, &d), &xs) in vs.iter_mut().zip(ds).zip(xb.scales()) {
-                            *v = dequantize(d, xs, w.scale());
-                        }
+                        *v = dequantize(d, xs, w_scale);
                     }
                 }
                 let [a, b] = &*values;

@@ -624,6 +624,7 @@ mod tests {
                 (n, 5, 8),
                 (n, 9, 7),
                 (n, 13, 17),
+                (n, 6, 12),
             ]
         }) {
             let head: Vec<i8> = (0..rows * n)

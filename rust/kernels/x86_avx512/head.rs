@@ -22,14 +22,23 @@ use crate::kernels::q6::{
 };
 use crate::kernels::x86_avx2;
 
-/// Rows and tokens of one tile: 16 accumulators, 4 row and 4 token operands.
+/// Tiles: 4 rows × 4 tokens (16 accumulators, 4 row and 4 token operands)
+/// for up to four tokens, 2 rows × 8 tokens (16 accumulators, 2 row and 8
+/// token operands) for more: eight tokens' dots are then taken in one pass
+/// over the rows, which come from memory once, rather than in two passes of
+/// which the second reads them back from L2 while memory idles.
 const ROWS: usize = 4;
 const TOKENS: usize = 4;
+const WIDE_ROWS: usize = 2;
+const WIDE_TOKENS: usize = 8;
+/// The accumulator block every tile fills: [ROWS.max(WIDE_ROWS), TOKENS.max(WIDE_TOKENS)].
+type TileDots = [[i32; WIDE_TOKENS]; ROWS];
 
-/// Bytes of the head ahead of the row tile being read that it prefetches:
-/// the head streams from memory, and a tile's compute for a few tokens does
-/// not hide the latency of fetching the next tile on demand.
-const PREFETCH_TILES: usize = 2;
+/// Rows of the head ahead of the tile being read that it prefetches, into
+/// L2: the head streams from memory, and prefetching into L1 held too few
+/// lines in flight (the L1 has fewer miss buffers than L2) to keep up with
+/// a tile's compute.
+const PREFETCH_ROWS: usize = 24;
 
 /// `dots[i · rows + r] = Σ_k head[r · n + k] · xs[i · n + k]` for the
 /// `dots.len() / tokens` consecutive rows of n = `xs.len() / tokens` int8 values
@@ -52,16 +61,23 @@ pub(crate) unsafe fn int8_dots_tokens_vnni(
     assert!(tokens > 0 && xs.len().is_multiple_of(tokens) && dots.len().is_multiple_of(tokens));
     let (n, rows) = (xs.len() / tokens, dots.len() / tokens);
     assert!(head.len() >= rows * n);
-    for t0 in (0..tokens).step_by(TOKENS) {
-        let nt = TOKENS.min(tokens - t0);
+    let mut t0 = 0;
+    while t0 < tokens {
+        let wide = tokens - t0 > TOKENS;
+        let (tile_rows, tile_tokens) = if wide {
+            (WIDE_ROWS, WIDE_TOKENS)
+        } else {
+            (ROWS, TOKENS)
+        };
+        let nt = tile_tokens.min(tokens - t0);
         // 128 · Σx of each token: what flipping the codes to w + 128 added.
-        let mut excess = [0i32; TOKENS];
+        let mut excess = [0i32; WIDE_TOKENS];
         for (i, e) in excess.iter_mut().enumerate().take(nt) {
             let x = &xs[(t0 + i) * n..(t0 + i + 1) * n];
             *e = 128 * x.iter().map(|&v| i32::from(v)).sum::<i32>();
         }
-        for r0 in (0..rows).step_by(ROWS) {
-            let nr = ROWS.min(rows - r0);
+        for r0 in (0..rows).step_by(tile_rows) {
+            let nr = tile_rows.min(rows - r0);
             let operands = Operands {
                 // SAFETY: r0 < rows, inside head's rows·n values.
                 rows: unsafe { head.as_ptr().add(r0 * n) },
@@ -70,7 +86,7 @@ pub(crate) unsafe fn int8_dots_tokens_vnni(
                 n,
                 prefetch: t0 == 0,
             };
-            let mut tile = [[0i32; TOKENS]; ROWS];
+            let mut tile: TileDots = [[0; WIDE_TOKENS]; ROWS];
             macro_rules! run {
                 ($nr:literal, $nt:literal) => {
                     // SAFETY: this function runs with AVX-512 F, BW and
@@ -78,13 +94,18 @@ pub(crate) unsafe fn int8_dots_tokens_vnni(
                     unsafe { tile_dots::<$nr, $nt>(operands, &mut tile) }
                 };
             }
-            crate::kernels::driver::tile_4x4!(nr, nt, run);
+            if wide {
+                crate::kernels::driver::tile_2x8!(nr, nt, run);
+            } else {
+                crate::kernels::driver::tile_4x4!(nr, nt, run);
+            }
             for (j, tile_row) in tile.iter().enumerate().take(nr) {
                 for (i, &dot) in tile_row.iter().enumerate().take(nt) {
                     dots[(t0 + i) * rows + r0 + j] = dot - excess[i];
                 }
             }
         }
+        t0 += nt;
     }
 }
 
@@ -94,8 +115,8 @@ struct Operands {
     rows: *const i8, // [NR, n]
     xs: *const i8,   // [NT, n]
     n: usize,
-    /// Whether to prefetch the rows PREFETCH_TILES tiles on (the first token
-    /// tile of a row tile reads the rows from memory; the others from cache).
+    /// Whether to prefetch the rows PREFETCH_ROWS on (the first token tile
+    /// of a row tile reads the rows from memory; the others from cache).
     prefetch: bool,
 }
 
@@ -104,10 +125,7 @@ struct Operands {
 /// # Safety
 /// AVX-512 F, BW and VNNI; the operands hold NR rows and NT tokens of n values.
 #[inline(always)]
-unsafe fn tile_dots<const NR: usize, const NT: usize>(
-    ops: Operands,
-    out: &mut [[i32; TOKENS]; ROWS],
-) {
+unsafe fn tile_dots<const NR: usize, const NT: usize>(ops: Operands, out: &mut TileDots) {
     let Operands {
         rows,
         xs,
@@ -129,8 +147,8 @@ unsafe fn tile_dots<const NR: usize, const NT: usize>(
             };
             if prefetch {
                 for j in 0..NR {
-                    let ahead = rows.wrapping_add((PREFETCH_TILES * ROWS + j) * n + k);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                    let ahead = rows.wrapping_add((PREFETCH_ROWS + j) * n + k);
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
                 }
             }
             let mut x = [_mm512_setzero_si512(); NT];
