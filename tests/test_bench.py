@@ -60,6 +60,7 @@ def test_the_q6_head_reads_fewer_bytes_per_token() -> None:
     assert (int8.head, q6.head) == ("int8", "q6")
     assert int8.bytes_per_token - q6.bytes_per_token == 512 * (64 - 50)
     assert int8.model_size - q6.model_size == 512 * (64 - 50)
+    assert int8.roofline_ts is not None and q6.roofline_ts is not None
     ratio = int8.bytes_per_token / q6.bytes_per_token
     assert q6.roofline_ts / q6.read_bandwidth_gbs == pytest.approx(
         ratio * int8.roofline_ts / int8.read_bandwidth_gbs

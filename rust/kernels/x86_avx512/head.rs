@@ -419,7 +419,8 @@ struct Q6Operands {
     row_bytes: usize,
     xs: *const i8, // [NT, groups · GROUP]
     groups: usize,
-    /// Whether to prefetch the rows PREFETCH_TILES tiles on.
+    /// Whether to prefetch the rows PREFETCH_ROWS on (into L2, as the
+    /// int8 tiles do).
     prefetch: bool,
 }
 
@@ -456,8 +457,8 @@ unsafe fn q6_tile<const NR: usize, const NT: usize, const VNNI: bool>(
                 for j in 0..NR {
                     let row = rows.add(j * row_bytes);
                     if prefetch {
-                        let ahead = (PREFETCH_TILES * ROWS + j) * row_bytes + g * GROUP_CODE_BYTES;
-                        _mm_prefetch::<_MM_HINT_T0>(rows.wrapping_add(ahead).cast());
+                        let ahead = (PREFETCH_ROWS + j) * row_bytes + g * GROUP_CODE_BYTES;
+                        _mm_prefetch::<_MM_HINT_T1>(rows.wrapping_add(ahead).cast());
                     }
                     let codes = q6_codes(row.add(g * GROUP_CODE_BYTES));
                     let scales = q6_sub_scales(row.add(code_bytes + g * BLOCKS_PER_GROUP));
