@@ -248,8 +248,9 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
-/// The int8 output head of 2B4T (the tied embedding, 128256 × 2560 codes,
-/// 328 MB) times one token: read once per generated token, like the weights.
+/// The output head of 2B4T (the tied embedding, 128256 × 2560) as int8
+/// rows (328 MB of codes) and as q6 rows (257 MB) times one token and times
+/// a few: read once per generated token (or decode step), like the weights.
 fn head_int8(c: &mut Criterion) {
     use trit::model::dense::DenseMatrix;
     use trit::model::{DType, RawTensor};
@@ -261,13 +262,30 @@ fn head_int8(c: &mut Criterion) {
             ((v.to_bits() >> 16) as u16).to_le_bytes()
         })
         .collect();
-    let head =
-        DenseMatrix::int8_from_raw(&RawTensor::new("head", DType::BF16, &shape, &bf16).unwrap());
+    let raw = RawTensor::new("head", DType::BF16, &shape, &bf16).unwrap();
+    let heads = [
+        ("int8", DenseMatrix::int8_from_raw(&raw)),
+        ("q6", DenseMatrix::q6_from_raw(&raw)),
+    ];
     drop(bf16);
+    for (name, head) in &heads {
+        head_dense(c, name, head, rows, cols);
+    }
+}
+
+/// `head_int8`'s groups for one head: `head_{name}` (one token) and
+/// `head_{name}_tokens` (n tokens at once).
+fn head_dense(
+    c: &mut Criterion,
+    name: &str,
+    head: &trit::model::dense::DenseMatrix,
+    rows: usize,
+    cols: usize,
+) {
     let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 - 8.0).collect();
     let mut logits = vec![0.0f32; rows];
     let kernel = Kernel::best();
-    let mut group = c.benchmark_group("head_int8");
+    let mut group = c.benchmark_group(format!("head_{name}"));
     group.throughput(Throughput::BytesDecimal(head.nbytes() as u64));
     group.sample_size(20);
     for threads in THREADS {
@@ -279,7 +297,7 @@ fn head_int8(c: &mut Criterion) {
     group.finish();
 
     // The logits of a batched decode step: the head read once for n tokens.
-    let mut group = c.benchmark_group("head_int8_tokens");
+    let mut group = c.benchmark_group(format!("head_{name}_tokens"));
     group.throughput(Throughput::BytesDecimal(head.nbytes() as u64));
     group.sample_size(10);
     for n in [4usize, 8, 16] {

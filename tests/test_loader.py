@@ -282,8 +282,8 @@ def test_no_public_call_changes_a_read_only_buffer(model_copy: Path) -> None:
         given.append((name, dtype, shape, array))
         expected.append(bytes(data))
     assert any(len(d) >= 2 * 4096 for d in expected)
-    for int8_head in (False, True):
-        model, warnings_ = Model.load(config, given, threads=2, int8_head=int8_head)
+    for head in ("bf16", "int8", "q6"):
+        model, warnings_ = Model.load(config, given, threads=2, head=head)
         assert warnings_ == []
         for (_, _, _, array), data in zip(given, expected):
             assert not array.flags.writeable
@@ -291,7 +291,7 @@ def test_no_public_call_changes_a_read_only_buffer(model_copy: Path) -> None:
     # Opening the folder maps its file read-only and releases its pages: the
     # file is unchanged too.
     file_bytes = (model_copy / "model.safetensors").read_bytes()
-    reference, _ = Model.open(model_copy, threads=1, int8_head=True)
+    reference, _ = Model.open(model_copy, threads=1, head="q6")
     assert (model_copy / "model.safetensors").read_bytes() == file_bytes
     assert model.weight_bytes == reference.weight_bytes
     for layer in range(config.num_hidden_layers):

@@ -131,7 +131,7 @@ class Model:
         folder: str | PathLike[str],
         *,
         threads: int | None = None,
-        int8_head: bool = False,
+        head: str = "bf16",
         packing: str = "i2",
     ) -> tuple[Model, list[str]]: ...
     @staticmethod
@@ -140,7 +140,7 @@ class Model:
         tensors: list[tuple[str, str, list[int], npt.NDArray[np.uint8]]],
         *,
         threads: int | None = None,
-        int8_head: bool = False,
+        head: str = "bf16",
         packing: str = "i2",
     ) -> tuple[Model, list[str]]: ...
     @property

@@ -57,6 +57,10 @@ class BenchResult:
     peak_rss_bytes: int = 0
     load_s: float = 0.0
     packing: str = "i2"  # how the ternary weights are stored ("i2" or "tq1")
+    # Bytes a generated token reads at the test's depth: every weight (the
+    # output head in its precision, `head`) and the cached keys and values;
+    # roofline_ts is read_bandwidth_gbs over it.
+    bytes_per_token: int = 0
 
     @property
     def test(self) -> str:
@@ -206,6 +210,7 @@ def run(
         bandwidths[n_threads] = max(bandwidths[n_threads], again)
     for r, n_bytes in zip(results, token_bytes):
         r.peak_rss_bytes = peak
+        r.bytes_per_token = n_bytes
         r.read_bandwidth_gbs = bandwidths[r.n_threads]
         if r.n_gen:
             r.roofline_ts = r.read_bandwidth_gbs * 1e9 / n_bytes
@@ -277,8 +282,11 @@ def markdown(results: Sequence[BenchResult]) -> str:
             for t in {x.n_threads: x for x in results}.values()
         )
         lines.append("")
+        # The fewest: the weights alone, at depth 0 (a pp row is at depth 0).
+        weights = min(x.bytes_per_token for x in results)
         lines.append(
-            f"load {r.load_s:.2f} s, peak RSS {_gib(r.peak_rss_bytes)}, read bandwidth {bw}"
+            f"load {r.load_s:.2f} s, peak RSS {_gib(r.peak_rss_bytes)}, read bandwidth {bw}, "
+            f"{_gib(weights)} of weights read per generated token ({r.head} head)"
         )
     return "\n".join(lines)
 

@@ -62,10 +62,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_precision_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--head",
-        choices=["int8", "bf16"],
+        choices=["int8", "bf16", "q6"],
         default="int8",
-        help="output head precision: int8 (default, half the bytes per token) or bf16 "
-        "(as stored: transformers' exact logits)",
+        help="output head precision: int8 (default, half the bytes per token), q6 (6-bit "
+        "rows, 78%% of int8's bytes) or bf16 (as stored: transformers' exact logits)",
     )
     p.add_argument(
         "--kv-cache",

@@ -361,7 +361,8 @@ class Generator:
         model's max_position_embeddings) sets the context size; `threads` the
         worker threads (default: TRIT_NUM_THREADS or the physical cores);
         `head` the output head's precision: "int8" (default: half the bytes
-        per generated token) or "bf16" (as stored: transformers' logits);
+        per generated token), "q6" (6-bit rows: 78 % of int8's bytes) or
+        "bf16" (as stored: transformers' logits);
         `kv_cache` the KV cache's: "f16" (default: half the bytes attention
         reads) or "f32" (transformers' attention). With head="bf16" and
         kv_cache="f32" the logits are transformers' own (README, "Precision").

@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::OnceLock;
 
 use super::packing::{self, Packing, TernaryMatrix};
-use super::{gemm_dots, gemv_dots, half, head, QuantizedActivations, SMALL_BATCH};
+use super::{gemm_dots, gemv_dots, half, head, q6, QuantizedActivations, SMALL_BATCH};
 use crate::error::{Result, TritError};
 
 /// Environment variable that forces a kernel path.
@@ -135,7 +135,7 @@ impl Kernel {
     }
 
     /// Whether this path computes small awkward cases exactly as the scalar
-    /// path does (the ternary matmul, the int8 head dots and the half
+    /// path does (the ternary matmul, the int8 and q6 head dots and the half
     /// conversions, whose results are meant to be identical). The default path
     /// is chosen only among those that pass, so a path that could not be
     /// exercised where it was built (CI machines lack some instruction sets)
@@ -214,7 +214,41 @@ impl Kernel {
         let mut got_tokens = vec![0i32; tokens * rows];
         head::int8_dots_tokens(Kernel::Scalar, &a, &xs, tokens, &mut want_tokens);
         head::int8_dots_tokens(self, &a, &xs, tokens, &mut got_tokens);
-        got == want && got_tokens == want_tokens
+        got == want && got_tokens == want_tokens && self.q6_head_agrees()
+    }
+
+    fn q6_head_agrees(self) -> bool {
+        // 7 rows of 2 groups and a partial one, the last two rows at the
+        // extreme codes (all 63, all 0); 5 tokens, the last two at -128 and 127.
+        let (rows, cols, tokens) = (7, 2 * q6::GROUP + 13, 5);
+        let m = q6::Q6Matrix::from_rows(rows, cols, |r, out| {
+            for (c, v) in out.iter_mut().enumerate() {
+                *v = match r {
+                    5 => 1.0,
+                    6 => -1.0,
+                    _ => ((r * 31 + c * 17) % 23) as f32 - 11.0,
+                };
+            }
+        });
+        let mut acts = q6::Q6Activations::new(tokens, m.groups());
+        for (i, x) in acts.code_rows_mut().enumerate() {
+            for (c, x) in x[..cols].iter_mut().enumerate() {
+                *x = match i {
+                    3 => -128,
+                    4 => 127,
+                    _ => ((i * 53 + c * 91) % 255) as i32 as i8,
+                };
+            }
+        }
+        let xs = acts.finish();
+        let view = m.rows_view(0, rows);
+        let mut want = vec![0i64; tokens * rows];
+        let mut got = vec![0i64; tokens * rows];
+        head::q6_dots_tokens(Kernel::Scalar, view, xs, &mut want);
+        head::q6_dots_tokens(self, view, xs, &mut got);
+        let mut one = vec![0i64; rows];
+        head::q6_dots(self, view, xs.token(4), &mut one);
+        got == want && one[..] == want[4 * rows..]
     }
 
     fn halves_agree(self) -> bool {

@@ -17,6 +17,7 @@ mod driver;
 pub mod half;
 pub mod head;
 pub mod packing;
+pub mod q6;
 pub mod scalar;
 
 #[cfg(target_arch = "aarch64")]

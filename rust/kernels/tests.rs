@@ -1,8 +1,9 @@
 //! Every supported kernel path's ternary matmul against the scalar
 //! definition (exact), and the scalar definition against a plain i64
 //! reference over unpacked weights, in both packings (every check runs on
-//! a matrix and on its `Packing::Tq1` copy). (The other routines' paths are compared
-//! beside them: `half`, `model::dense`, `model::attention`, `model::tests`.)
+//! a matrix and on its `Packing::Tq1` copy); the same for the q6 head dots.
+//! (The other routines' paths are compared beside them: `half`,
+//! `model::dense`, `model::attention`, `model::tests`.)
 
 use super::*;
 use crate::threads;
@@ -340,5 +341,98 @@ proptest! {
 fn every_supported_path_passes_its_self_check() {
     for kernel in Kernel::supported() {
         assert!(kernel.self_check(), "{kernel}");
+    }
+}
+
+/// A q6 matrix of values in [-1, 1] with a column eight times wider every
+/// 97, and two rows at the extremes: row 1 all 1.0 (every code 63, every
+/// sub-scale 255), row 2 all -1.0 (every code 0).
+fn random_q6(rows: usize, cols: usize, seed: u64) -> q6::Q6Matrix {
+    let mut s = seed | 1;
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| {
+            let v = (xorshift(&mut s) % 20001) as f32 / 10000.0 - 1.0;
+            if i % 97 == 5 {
+                8.0 * v
+            } else {
+                v
+            }
+        })
+        .collect();
+    q6::Q6Matrix::from_rows(rows, cols, |r, out| match r {
+        1 => out.fill(1.0),
+        2 => out.fill(-1.0),
+        _ => out.copy_from_slice(&values[r * cols..(r + 1) * cols]),
+    })
+}
+
+/// Activation codes of `tokens` tokens for q6 rows of `cols` columns: random
+/// ones, then a token of all -128 and one of all 127 (with the extreme rows,
+/// the largest sums the lanes can meet).
+fn q6_activations(tokens: usize, m: &q6::Q6Matrix, seed: u64) -> q6::Q6Activations {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut acts = q6::Q6Activations::new(tokens, m.groups());
+    for (i, codes) in acts.code_rows_mut().enumerate() {
+        for code in &mut codes[..m.cols()] {
+            *code = match i {
+                1 => -128,
+                2 => 127,
+                _ => (xorshift(&mut s) % 256) as u8 as i8,
+            };
+        }
+    }
+    acts
+}
+
+/// Σ_c (s · (u − 32))_c · x_c over the columns, each weight's integer
+/// recovered from its dequantized value: a reference independent of the
+/// kernels' own decoding.
+fn q6_reference(m: &q6::Q6Matrix, r: usize, x: &[i8]) -> i64 {
+    let mut row = vec![0.0f32; m.cols()];
+    m.row_into(r, &mut row);
+    row.iter()
+        .zip(x)
+        .map(|(&v, &x)| (v / m.step(r)).round() as i64 * i64::from(x))
+        .sum()
+}
+
+#[test]
+fn q6_dots_of_every_path_equal_the_definition() {
+    // Lengths around a group, one long row past a span, rows around the
+    // three streams and the 4-row tiles, tokens around the tiles.
+    let span = q6::SPAN_GROUPS * q6::GROUP;
+    let shapes = [1usize, 63, 64, 65, 200, 2579]
+        .into_iter()
+        .flat_map(|cols| [1usize, 3, 5, 7, 10].map(|rows| (cols, rows)))
+        .chain([(2 * span + 70, 4)]);
+    for (cols, rows) in shapes {
+        let m = random_q6(rows.max(3), cols, (cols * 31 + rows) as u64);
+        let view = m.rows_view(0, rows);
+        for tokens in [1usize, 3, 6] {
+            let mut acts = q6_activations(tokens.max(3), &m, cols as u64);
+            let all = acts.finish();
+            let mut want = vec![0i64; tokens * rows]; // [tokens, rows]
+            for (i, want) in want.chunks_exact_mut(rows).enumerate() {
+                for (r, w) in want.iter_mut().enumerate() {
+                    *w = scalar::head::q6_dot(view, r, all.codes(i));
+                    if cols < span {
+                        assert_eq!(*w, q6_reference(&m, r, all.codes(i)), "{cols} × {r}");
+                    }
+                }
+            }
+            // The first `tokens` tokens: a contiguous prefix of `all`.
+            let mut first = q6_activations(tokens, &m, cols as u64);
+            let xs = first.finish();
+            for kernel in Kernel::supported() {
+                let mut got = vec![0i64; tokens * rows];
+                head::q6_dots_tokens(kernel, view, xs, &mut got);
+                assert_eq!(got, want, "{kernel} tokens, {cols} × {rows} × {tokens}");
+                for (i, want) in want.chunks_exact(rows).enumerate() {
+                    let mut got = vec![0i64; rows];
+                    head::q6_dots(kernel, view, xs.token(i), &mut got);
+                    assert_eq!(got, want, "{kernel}, {cols} × {rows}, token {i}");
+                }
+            }
+        }
     }
 }

@@ -1,19 +1,22 @@
 //! Float matrices kept in memory (the embedding and the output head): their
-//! storage in on-disk precision or requantized to int8 rows, and the
-//! output head's matrix-vector product. The dot kernels are `kernels::head`'s.
+//! storage in on-disk precision or requantized to int8 or 6-bit rows, and
+//! the output head's matrix-vector product. The dot kernels are
+//! `kernels::head`'s; the 6-bit layout is `kernels::q6`'s.
 
 use rayon::prelude::*;
 
 use crate::checkpoint::{bf16_to_f32, DType, RawTensor};
 use crate::kernels::activations::int8_code;
 use crate::kernels::head;
+use crate::kernels::q6::{Q6Activations, Q6Matrix, Q6Tokens};
 use crate::kernels::scalar::head::dot_lanes;
 use crate::kernels::Kernel;
 use crate::memory::advise_huge_pages;
 
 /// A row-major float matrix (the embedding and the output head) kept in its
 /// on-disk precision, so a 128256×2560 bf16 embedding costs 656 MB rather than
-/// 1.3 GB as f32 — or requantized to int8 rows (`to_int8`), 328 MB.
+/// 1.3 GB as f32 — or requantized to int8 rows (`to_int8`), 328 MB, or to
+/// 6-bit rows (`to_q6`), 257 MB.
 #[derive(Clone, Debug)]
 pub enum DenseMatrix {
     /// bfloat16 bits, [rows, cols].
@@ -35,6 +38,9 @@ pub enum DenseMatrix {
         codes: Vec<i8>,   // [rows, cols]
         scales: Vec<f32>, // [rows] multipliers, 127 / absmax of the row
     },
+    /// 6-bit codes in blocks of 32 columns with 8-bit sub-scales under an
+    /// f32 step per row (`kernels::q6`): 6.25 bits a weight.
+    Q6(Q6Matrix),
 }
 
 impl DenseMatrix {
@@ -64,6 +70,7 @@ impl DenseMatrix {
             DenseMatrix::Bf16 { rows, .. }
             | DenseMatrix::F32 { rows, .. }
             | DenseMatrix::Int8 { rows, .. } => *rows,
+            DenseMatrix::Q6(m) => m.rows(),
         }
     }
 
@@ -73,6 +80,7 @@ impl DenseMatrix {
             DenseMatrix::Bf16 { bits, .. } => bits.len() * 2,
             DenseMatrix::F32 { values, .. } => values.len() * 4,
             DenseMatrix::Int8 { codes, scales, .. } => codes.len() + scales.len() * 4,
+            DenseMatrix::Q6(m) => m.nbytes(),
         }
     }
 
@@ -89,11 +97,27 @@ impl DenseMatrix {
         int8_rows(t.shape[0], t.shape[1], |r, row| t.row_into(r, row))
     }
 
+    /// The matrix requantized to 6-bit rows (`kernels::q6`).
+    pub fn to_q6(&self) -> DenseMatrix {
+        DenseMatrix::Q6(Q6Matrix::from_rows(self.rows(), self.cols(), |r, row| {
+            self.row_into(r, row)
+        }))
+    }
+
+    /// A 2-D float tensor quantized straight to 6-bit rows, as `to_q6`
+    /// would from `from_raw`, without the half-precision copy in between.
+    pub fn q6_from_raw(t: &RawTensor<'_>) -> DenseMatrix {
+        DenseMatrix::Q6(Q6Matrix::from_rows(t.shape[0], t.shape[1], |r, row| {
+            t.row_into(r, row)
+        }))
+    }
+
     pub fn cols(&self) -> usize {
         match self {
             DenseMatrix::Bf16 { cols, .. }
             | DenseMatrix::F32 { cols, .. }
             | DenseMatrix::Int8 { cols, .. } => *cols,
+            DenseMatrix::Q6(m) => m.cols(),
         }
     }
 
@@ -118,6 +142,7 @@ impl DenseMatrix {
                     *o = f32::from(q) / scales[r];
                 }
             }
+            DenseMatrix::Q6(m) => m.row_into(r, out),
         }
     }
 
@@ -131,7 +156,7 @@ impl DenseMatrix {
             DenseMatrix::F32 { cols, values, .. } => {
                 dot_lanes(&values[r * cols..(r + 1) * cols], x, |v| *v)
             }
-            DenseMatrix::Int8 { .. } => {
+            DenseMatrix::Int8 { .. } | DenseMatrix::Q6(_) => {
                 let mut out = [0.0f32];
                 self.dot_rows(Kernel::Scalar, r, x, &mut out);
                 out[0]
@@ -142,10 +167,18 @@ impl DenseMatrix {
 
 impl DenseMatrix {
     /// `out[i] = row_i · x` for every row, in parallel chunks: the logits.
-    /// An int8 matrix quantizes x once here (see `dot_rows`).
+    /// An int8 or q6 matrix quantizes x once here (see `dot_rows`).
     pub fn matvec(&self, kernel: Kernel, x: &[f32], out: &mut [f32]) {
-        // 512 rows of 2560 columns: 1.3 MB (int8) or 2.6 MB (bf16) a task.
+        // 512 rows of 2560 columns: 1.0 MB (q6), 1.3 MB (int8) or 2.6 MB (bf16) a task.
         const ROWS_PER_TASK: usize = 512;
+        if let DenseMatrix::Q6(m) = self {
+            let (mut acts, sxs) = q6_activations(m, x, 1);
+            let xs = acts.finish();
+            out.par_chunks_mut(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(c, ys)| q6_dot_rows(m, kernel, c * ROWS_PER_TASK, xs, sxs[0], ys));
+            return;
+        }
         if let DenseMatrix::Int8 { cols, .. } = self {
             let mut qx = vec![0i8; *cols];
             let sx = quantize_row_symmetric(x, &mut qx);
@@ -162,9 +195,9 @@ impl DenseMatrix {
     /// `outs[i] = self · x_i` for each row x_i of `xs` ([n, cols]; `outs`
     /// holds n [rows] buffers): the logits of several sequences, each exactly
     /// what `matvec(x_i)` gives, with the matrix read from memory once for
-    /// all of them. Int8 rows multiply every token while they are in
-    /// registers (VNNI) or in cache (`head::int8_dots_tokens`); float rows
-    /// serve each x in turn, a task's rows staying in cache.
+    /// all of them. Int8 and q6 rows multiply every token while they are in
+    /// registers (`head::int8_dots_tokens`, `head::q6_dots_tokens`) or in
+    /// cache; float rows serve each x in turn, a task's rows staying in cache.
     pub fn matvecs(&self, kernel: Kernel, xs: &[f32], outs: &mut [&mut [f32]]) {
         let (rows, cols) = (self.rows(), self.cols());
         let n = outs.len();
@@ -172,9 +205,9 @@ impl DenseMatrix {
         if n == 0 {
             return;
         }
-        // Rows per task: the int8 rows of a task (320 KB at 2560 columns)
-        // stay in a 512 KiB L2 while each token's dots are taken; bf16 rows
-        // twice that, read from L2 or L3 for every token after the first.
+        // Rows per task: the int8 rows of a task (320 KB at 2560 columns,
+        // q6 250 KB) stay in a 512 KiB L2 while each token's dots are taken;
+        // bf16 rows twice that, read from L2 or L3 for every token after the first.
         const ROWS_PER_TASK: usize = 128;
         let mut pieces: Vec<Vec<&mut [f32]>> = Vec::new(); // [tasks][n] of [≤ ROWS_PER_TASK]
         for out in outs.iter_mut() {
@@ -184,6 +217,25 @@ impl DenseMatrix {
                 }
                 pieces[c].push(piece);
             }
+        }
+        if let DenseMatrix::Q6(m) = self {
+            let (mut acts, sxs) = q6_activations(m, xs, n);
+            let q6_xs = acts.finish();
+            pieces.into_par_iter().enumerate().for_each_init(
+                Vec::new,
+                |dots: &mut Vec<i64>, (c, mut task)| {
+                    let r0 = c * ROWS_PER_TASK;
+                    let len = task[0].len();
+                    dots.resize(n * len, 0); // [n, len]
+                    head::q6_dots_tokens(kernel, m.rows_view(r0, len), q6_xs, dots);
+                    for ((ys, ds), &sx) in task.iter_mut().zip(dots.chunks_exact(len)).zip(&sxs) {
+                        for (i, (y, &d)) in ys.iter_mut().zip(ds).enumerate() {
+                            *y = q6_logit(d, sx, m.step(r0 + i));
+                        }
+                    }
+                },
+            );
+            return;
         }
         if let DenseMatrix::Int8 { codes, scales, .. } = self {
             let mut qxs = vec![0i8; n * cols]; // [n, cols]
@@ -249,9 +301,14 @@ impl DenseMatrix {
     /// about 1e-6); f32 rows use `dot_row`.
     ///
     /// An int8 matrix quantizes x the same way (per call) and multiplies in
-    /// integers: `out[i] = (Σ qx · q_r) / sx / s_r`.
+    /// integers: `out[i] = (Σ qx · q_r) / sx / s_r`; a q6 matrix likewise,
+    /// `out[i] = q6_dot / sx · step_r`.
     pub fn dot_rows(&self, kernel: Kernel, first: usize, x: &[f32], out: &mut [f32]) {
         match self {
+            DenseMatrix::Q6(m) => {
+                let (mut acts, sxs) = q6_activations(m, x, 1);
+                q6_dot_rows(m, kernel, first, acts.finish(), sxs[0], out);
+            }
             DenseMatrix::Int8 { cols, .. } => {
                 let mut qx = vec![0i8; *cols];
                 let sx = quantize_row_symmetric(x, &mut qx);
@@ -272,6 +329,50 @@ impl DenseMatrix {
             }
         }
     }
+}
+
+/// The activations `xs` ([tokens, cols]) quantized for the q6 rows of `m`
+/// as for int8 rows (`quantize_row_symmetric`), and their scales.
+fn q6_activations(m: &Q6Matrix, xs: &[f32], tokens: usize) -> (Q6Activations, Vec<f32>) {
+    let cols = m.cols();
+    let mut acts = Q6Activations::new(tokens, m.groups());
+    let sxs = acts
+        .code_rows_mut()
+        .zip(xs.chunks_exact(cols.max(1)))
+        .map(|(q, x)| quantize_row_symmetric(x, &mut q[..cols]))
+        .collect();
+    (acts, sxs)
+}
+
+/// Rows `first..first + out.len()` of a q6 matrix times the quantized
+/// token `x` (scale `sx`): `out[i] = q6_logit(dot, sx, step_r)`, through a
+/// stack buffer (no allocation per call). A piece is a whole `matvec` task,
+/// so that the three streams are as long as they can be.
+fn q6_dot_rows(
+    m: &Q6Matrix,
+    kernel: Kernel,
+    first: usize,
+    x: Q6Tokens<'_>,
+    sx: f32,
+    out: &mut [f32],
+) {
+    const PIECE: usize = 512;
+    let mut dots = [0i64; PIECE];
+    for (c, ys) in out.chunks_mut(PIECE).enumerate() {
+        let r0 = first + c * PIECE;
+        let dots = &mut dots[..ys.len()];
+        head::q6_dots(kernel, m.rows_view(r0, ys.len()), x, dots);
+        for (i, (y, &d)) in ys.iter_mut().zip(dots.iter()).enumerate() {
+            *y = q6_logit(d, sx, m.step(r0 + i));
+        }
+    }
+}
+
+/// The float epilogue of a q6 dot, shared by every path: the integer dot
+/// (exact on every path) over the activation scale, times the row's step.
+#[inline]
+fn q6_logit(dot: i64, sx: f32, step: f32) -> f32 {
+    dot as f32 / sx * step
 }
 
 /// Builds an int8 matrix row by row (in parallel: a real vocabulary has
@@ -351,9 +452,79 @@ mod tests {
         }
     }
 
-    /// Rows 2.. of bf16 and int8 matrices of 3 to 12 rows (fewer than, as
-    /// many as and more than the three streams, with rows left over) on
-    /// every path: int8 bit for bit with the scalar path, bf16 within
+    /// Logits of heads shaped like a real one (2560 columns of bf16 values
+    /// spread as a normal distribution's; then with a column eight times
+    /// wider every 97, outliers that make a row's largest value far from its
+    /// typical one), int8 and q6, against the bf16 head's: the RMS of the
+    /// logit errors over the RMS of the logits, and the cosine. Both include
+    /// the int8 rounding of the activations. Measured: int8 0.0135 and q6
+    /// 0.0254 (cosines 0.99991 and 0.99968) on the normal rows, 0.0336 and
+    /// 0.0382 (0.99944 and 0.99928) with the outliers; the bounds are 1.3
+    /// times that. A misplaced bit, block or sub-scale gives errors of order 1.
+    #[test]
+    fn q6_head_logits_stay_close_to_bf16() {
+        // (outlier width, measured (error, cosine) of int8, of q6)
+        let measured = [
+            (1.0, (0.0135, 0.99991), (0.0254, 0.99968)),
+            (8.0, (0.0336, 0.99944), (0.0382, 0.99928)),
+        ];
+        for (wide, int8_measured, q6_measured) in measured {
+            let (int8, q6) = logit_errors(wide);
+            for (got, (error, cosine)) in [(int8, int8_measured), (q6, q6_measured)] {
+                assert!(
+                    got.0 < 1.3 * error && 1.0 - got.1 < 1.3 * (1.0 - cosine),
+                    "outliers {wide}: {got:?} against {error}, {cosine}"
+                );
+            }
+        }
+    }
+
+    /// (relative RMS error, cosine) of the int8 and the q6 head's logits
+    /// against the bf16 head's, on 200 rows whose every 97th column is
+    /// `wide` times wider than the others.
+    fn logit_errors(wide: f32) -> ((f32, f32), (f32, f32)) {
+        let (rows, cols) = (200, 2560);
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut uniform = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        // Normal by Box-Muller.
+        let mut normal = move || {
+            let (u, v) = (uniform().max(1e-7), uniform());
+            (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+        };
+        let bits: Vec<u16> = (0..rows * cols)
+            .map(|i| {
+                let width = if i % cols % 97 == 5 { wide } else { 1.0 };
+                ((0.02 * width * normal()).to_bits() >> 16) as u16
+            })
+            .collect();
+        let m = DenseMatrix::Bf16 { rows, cols, bits };
+        let x: Vec<f32> = (0..cols).map(|_| normal()).collect();
+        let mut exact = vec![0.0; rows];
+        m.matvec(Kernel::Scalar, &x, &mut exact);
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+        let error = |matrix: &DenseMatrix| {
+            let mut got = vec![0.0; rows];
+            matrix.matvec(Kernel::Scalar, &x, &mut got);
+            let diff: Vec<f32> = exact.iter().zip(&got).map(|(a, b)| a - b).collect();
+            let dot: f32 = exact.iter().zip(&got).map(|(a, b)| a * b).sum();
+            (
+                norm(&diff) / norm(&exact),
+                dot / (norm(&exact) * norm(&got)),
+            )
+        };
+        let q6 = m.to_q6();
+        assert!(q6.nbytes() * 100 < m.to_int8().nbytes() * 79);
+        (error(&m.to_int8()), error(&q6))
+    }
+
+    /// Rows 2.. of bf16, int8 and q6 matrices of 3 to 12 rows (fewer than,
+    /// as many as and more than the three streams, with rows left over) on
+    /// every path: int8 and q6 bit for bit with the scalar path, bf16 within
     /// `BF16_DOT_REL_TOL` of `dot_row`; and the matvec of each path equals
     /// its own dot_rows.
     #[test]
@@ -368,8 +539,11 @@ mod tests {
                 .collect();
             let m = DenseMatrix::Bf16 { rows, cols, bits };
             let q = m.to_int8();
+            let q6 = m.to_q6();
             let mut want_int8 = vec![0.0; rows - 2];
             q.dot_rows(Kernel::Scalar, 2, &x, &mut want_int8);
+            let mut want_q6 = vec![0.0; rows - 2];
+            q6.dot_rows(Kernel::Scalar, 2, &x, &mut want_q6);
             for kernel in Kernel::supported() {
                 let mut fast = vec![0.0; rows - 2];
                 m.dot_rows(kernel, 2, &x, &mut fast);
@@ -386,7 +560,9 @@ mod tests {
                 let mut got = vec![0.0; rows - 2];
                 q.dot_rows(kernel, 2, &x, &mut got);
                 assert_eq!(got, want_int8, "{kernel} int8, {rows} rows");
-                for matrix in [&m, &q] {
+                q6.dot_rows(kernel, 2, &x, &mut got);
+                assert_eq!(got, want_q6, "{kernel} q6, {rows} rows");
+                for matrix in [&m, &q, &q6] {
                     let mut all = vec![0.0; rows];
                     matrix.matvec(kernel, &x, &mut all);
                     let mut tail = vec![0.0; rows - 2];
@@ -478,8 +654,8 @@ mod tests {
         }
     }
 
-    /// `matvecs` gives each x exactly what `matvec` gives it, int8 and bf16,
-    /// on every path, with rows past one task and a partial last task.
+    /// `matvecs` gives each x exactly what `matvec` gives it, int8, q6 and
+    /// bf16, on every path, with rows past one task and a partial last task.
     #[test]
     fn matvecs_equal_each_matvec() {
         let (rows, cols) = (300, 2560 + 19);
@@ -488,12 +664,13 @@ mod tests {
             .collect();
         let m = DenseMatrix::Bf16 { rows, cols, bits };
         let q = m.to_int8();
+        let q6 = m.to_q6();
         for n in [1usize, 2, 5, 8] {
             let xs: Vec<f32> = (0..n * cols)
                 .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
                 .collect();
             for kernel in Kernel::supported() {
-                for matrix in [&m, &q] {
+                for matrix in [&m, &q, &q6] {
                     let mut outs = vec![vec![0.0f32; rows]; n];
                     let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
                     matrix.matvecs(kernel, &xs, &mut views);

@@ -474,6 +474,48 @@ fn an_int8_head_is_quantized_straight_from_the_checkpoint() {
 }
 
 #[test]
+fn a_q6_head_is_quantized_straight_from_the_checkpoint() {
+    // Hidden 128: whole groups of 64 (a narrower row is padded to one).
+    let c = wide();
+    let owned = checkpoint(&c, 7);
+    let (exact, _) = build(&c, &owned).unwrap();
+    let (int8, _) = build_with(&c, &owned, HeadPrecision::Int8).unwrap();
+    let (q6, _) = build_with(&c, &owned, HeadPrecision::Q6).unwrap();
+    // The same rows as requantizing the loaded bf16 matrix.
+    let (DenseMatrix::Q6(got), DenseMatrix::Q6(want)) = (&q6.embed, &exact.embed.to_q6()) else {
+        panic!("the tied head is not q6");
+    };
+    assert_eq!(got, want);
+    // Fewer bytes than int8, in memory and read per token (the tied head
+    // is read whole; its embedding rows are not counted apart).
+    assert!(q6.weight_bytes() < int8.weight_bytes());
+    assert_eq!(
+        int8.bytes_per_token() - q6.bytes_per_token(),
+        int8.head().nbytes() - q6.head().nbytes()
+    );
+    // Logits stay as close to the exact head's as the int8 head's test asks.
+    let ids = [1u32, 5, 9];
+    let mut a = Session::new(Arc::new(exact), None, Some(1), KvType::F32).unwrap();
+    let mut b = Session::new(Arc::new(q6), None, Some(1), KvType::F32).unwrap();
+    let (la, lb) = (a.logits(&ids).unwrap(), b.logits(&ids).unwrap());
+    let spread = la.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(
+        max_diff(&la, &lb) < 0.25 * spread,
+        "{} vs {spread}",
+        max_diff(&la, &lb)
+    );
+}
+
+#[test]
+fn head_precisions_round_trip_their_names() {
+    for head in HeadPrecision::ALL {
+        assert_eq!(HeadPrecision::parse(head.name()).unwrap(), head);
+    }
+    let err = HeadPrecision::parse("int4").unwrap_err().to_string();
+    assert!(err.contains("\"q6\""), "{err}");
+}
+
+#[test]
 fn an_f16_cache_is_close_to_the_f32_one_and_half_its_size() {
     let c = tiny();
     let m = model(&c);
@@ -615,19 +657,21 @@ fn forward_on(m: &Arc<Model>, kernel: Kernel, kv: KvType) -> (Vec<f32>, Vec<f32>
 }
 
 /// A whole forward pass on every path equals the scalar path's: bit for bit
-/// with the int8 head (integer dots, attention and half conversions are
-/// exact on every path), and within `BF16_HEAD_REL_TOL` of the logits'
-/// spread with the bf16 head (its dots add the same products in another
-/// order).
+/// with the int8 and the q6 head (integer dots, attention and half
+/// conversions are exact on every path), and within `BF16_HEAD_REL_TOL` of
+/// the logits' spread with the bf16 head (its dots add the same products in
+/// another order).
 #[test]
 fn every_kernel_path_runs_the_model_as_scalar_does() {
     const BF16_HEAD_REL_TOL: f32 = 1e-5;
     let c = wide();
     let owned = checkpoint(&c, 11);
     let int8 = Arc::new(build_with(&c, &owned, HeadPrecision::Int8).unwrap().0);
+    let q6 = Arc::new(build_with(&c, &owned, HeadPrecision::Q6).unwrap().0);
     let bf16 = Arc::new(build(&c, &owned).unwrap().0);
     for kv in KvType::ALL {
         let want_int8 = forward_on(&int8, Kernel::Scalar, kv);
+        let want_q6 = forward_on(&q6, Kernel::Scalar, kv);
         let want_bf16 = forward_on(&bf16, Kernel::Scalar, kv);
         let spread = want_bf16.0.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         for kernel in Kernel::supported() {
@@ -635,6 +679,7 @@ fn every_kernel_path_runs_the_model_as_scalar_does() {
                 forward_on(&int8, kernel, kv) == want_int8,
                 "{kernel} {kv:?}"
             );
+            assert!(forward_on(&q6, kernel, kv) == want_q6, "{kernel} {kv:?} q6");
             let (batch, decoded) = forward_on(&bf16, kernel, kv);
             let diff = max_diff(&batch, &want_bf16.0).max(max_diff(&decoded, &want_bf16.1));
             assert!(

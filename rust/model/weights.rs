@@ -498,6 +498,42 @@ pub enum HeadPrecision {
     /// the bytes a generated token reads from a bf16 head. A tied head is the
     /// embedding, whose lookups then read the int8 rows too.
     Int8,
+    /// Requantized to 6-bit rows with a sub-scale per 32 columns
+    /// (`DenseMatrix::q6_from_raw`, `kernels::q6`): 78 % of the int8 head's
+    /// bytes. A tied head is the embedding, whose lookups then read the 6-bit
+    /// rows too (one copy in memory; the perplexity measured in
+    /// `tests/test_bundled.py` includes both effects).
+    Q6,
+}
+
+impl HeadPrecision {
+    pub const ALL: [HeadPrecision; 3] = [
+        HeadPrecision::AsStored,
+        HeadPrecision::Int8,
+        HeadPrecision::Q6,
+    ];
+
+    /// The name the Python API and the CLI use ("bf16" for as stored: what
+    /// published checkpoints hold).
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadPrecision::AsStored => "bf16",
+            HeadPrecision::Int8 => "int8",
+            HeadPrecision::Q6 => "q6",
+        }
+    }
+
+    /// The precision `name()` calls `name`.
+    pub fn parse(name: &str) -> Result<HeadPrecision> {
+        HeadPrecision::ALL
+            .into_iter()
+            .find(|h| h.name() == name)
+            .ok_or_else(|| {
+                TritError::invalid(format!(
+                    "unknown head precision {name:?}; expected \"bf16\", \"int8\" or \"q6\""
+                ))
+            })
+    }
 }
 
 /// Asks the allocator once, without touching the memory, for as many bytes
@@ -537,6 +573,7 @@ pub fn load(
     let head_matrix = |t: &RawTensor<'_>| match head {
         HeadPrecision::AsStored => DenseMatrix::from_raw(t),
         HeadPrecision::Int8 => pool.install(|| DenseMatrix::int8_from_raw(t)),
+        HeadPrecision::Q6 => pool.install(|| DenseMatrix::q6_from_raw(t)),
     };
     let embed_t = ck.float("model.embed_tokens.weight", &[c.vocab_size, hidden])?;
     let embed = if c.tie_word_embeddings {

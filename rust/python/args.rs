@@ -268,6 +268,6 @@ named! {
     head_dim -> Option<usize> = optional_int("head_dim");
     linear_class -> String = string("linear_class");
     tie_word_embeddings -> bool = boolean("tie_word_embeddings");
-    int8_head -> bool = boolean("int8_head");
+    head -> String = string("head");
     quantization_mode -> String = string("quantization_mode");
 }

@@ -181,35 +181,29 @@ pub(super) struct PyModel {
     inner: Arc<model::Model>,
 }
 
-fn head_precision(int8_head: bool) -> model::HeadPrecision {
-    if int8_head {
-        model::HeadPrecision::Int8
-    } else {
-        model::HeadPrecision::AsStored
-    }
-}
-
 #[pymethods]
 impl PyModel {
     /// Reads the model in `folder` (config.json and model.safetensors, or
     /// shards and their index), or the GGUF file `folder` names. Returns it with warnings (all-zero or unused
-    /// tensors) for the caller to show. With `int8_head`, the output head is
-    /// quantized to int8 rows (see `HeadPrecision::Int8`). `packing` is how
-    /// the ternary projections are stored: "i2" or "tq1" (`Packing`).
+    /// tensors) for the caller to show. `head` is the output head's
+    /// precision: "bf16" (as stored), "int8" or "q6" (see `HeadPrecision`).
+    /// `packing` is how the ternary projections are stored: "i2" or "tq1"
+    /// (`Packing`).
     #[staticmethod]
-    #[pyo3(signature = (folder, *, threads=None, int8_head=false, packing=Packing::I2))]
-    #[pyo3(text_signature = "(folder, *, threads=None, int8_head=False, packing='i2')")]
+    #[pyo3(signature = (folder, *, threads=None, head="bf16".to_string(), packing=Packing::I2))]
+    #[pyo3(text_signature = "(folder, *, threads=None, head='bf16', packing='i2')")]
     fn open(
         py: Python<'_>,
         folder: PathBuf,
         #[pyo3(from_py_with = args::threads)] threads: Option<usize>,
-        #[pyo3(from_py_with = args::int8_head)] int8_head: bool,
+        #[pyo3(from_py_with = args::head)] head: String,
         #[pyo3(from_py_with = args::packing)] packing: Packing,
     ) -> PyResult<(PyModel, Vec<String>)> {
         let pool = threads::pool(threads).py()?;
+        let head = model::HeadPrecision::parse(&head).py()?;
         let (m, warnings) = py
             .detach(|| {
-                let (mut m, warnings) = model::open(&folder, &pool, head_precision(int8_head))?;
+                let (mut m, warnings) = model::open(&folder, &pool, head)?;
                 m.repack(packing, &pool)?;
                 Ok::<_, TritError>((m, warnings))
             })
@@ -219,19 +213,21 @@ impl PyModel {
 
     /// Builds the model from tensors given in memory. Their bytes are copied
     /// first, so the arrays are only read, never kept or changed. Returns the
-    /// model with warnings (all-zero or unused tensors) for the caller to show.
+    /// model with warnings (all-zero or unused tensors) for the caller to
+    /// show. `head` as for `open`.
     #[staticmethod]
-    #[pyo3(signature = (config, tensors, *, threads=None, int8_head=false, packing=Packing::I2))]
-    #[pyo3(text_signature = "(config, tensors, *, threads=None, int8_head=False, packing='i2')")]
+    #[pyo3(signature = (config, tensors, *, threads=None, head="bf16".to_string(), packing=Packing::I2))]
+    #[pyo3(text_signature = "(config, tensors, *, threads=None, head='bf16', packing='i2')")]
     fn load(
         py: Python<'_>,
         config: &PyModelConfig,
         #[pyo3(from_py_with = args::tensors)] tensors: Vec<args::TensorArg<'_>>,
         #[pyo3(from_py_with = args::threads)] threads: Option<usize>,
-        #[pyo3(from_py_with = args::int8_head)] int8_head: bool,
+        #[pyo3(from_py_with = args::head)] head: String,
         #[pyo3(from_py_with = args::packing)] packing: Packing,
     ) -> PyResult<(PyModel, Vec<String>)> {
         let pool = threads::pool(threads).py()?;
+        let head = model::HeadPrecision::parse(&head).py()?;
         let mut checkpoint = MemoryCheckpoint::new();
         for (name, dtype, shape, data) in tensors {
             let dtype =
@@ -245,8 +241,7 @@ impl PyModel {
         let config = config.inner.clone();
         let (m, warnings) = py
             .detach(|| {
-                let (mut m, warnings) =
-                    model::load(config, &checkpoint, &pool, head_precision(int8_head))?;
+                let (mut m, warnings) = model::load(config, &checkpoint, &pool, head)?;
                 m.repack(packing, &pool)?;
                 Ok::<_, TritError>((m, warnings))
             })
@@ -338,7 +333,7 @@ impl PyModel {
 
     /// A copy of the embedding ("embed_tokens") or the untied head
     /// ("lm_head") as held: ("bf16", its uint16 bits) or ("f32", float32),
-    /// [rows, cols]. An int8 head is refused: it is not the stored values.
+    /// [rows, cols]. An int8 or q6 head is refused: it is not the stored values.
     fn dense<'py>(
         &self,
         py: Python<'py>,
@@ -376,6 +371,9 @@ impl PyModel {
             )),
             DenseMatrix::Int8 { .. } => Err(invalid(format!(
                 "{name} is held as int8 rows; load the model with the bf16 head to read it"
+            ))),
+            DenseMatrix::Q6(_) => Err(invalid(format!(
+                "{name} is held as q6 rows; load the model with the bf16 head to read it"
             ))),
         }
     }

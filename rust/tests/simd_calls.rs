@@ -93,7 +93,7 @@ fn snapshot() -> [u64; 4] {
 }
 
 /// A prompt batch past one key chunk, decoded tokens and sampling, on
-/// `kernel`, with the bf16 and the int8 head and both cache types.
+/// `kernel`, with every head precision and both cache types.
 fn run_everything(owned: &Owned, kernel: Kernel) {
     let c = config();
     let mut views = MemoryCheckpoint::new();
@@ -104,7 +104,7 @@ fn run_everything(owned: &Owned, kernel: Kernel) {
     }
     let pool = threads::pool(Some(2)).unwrap();
     let ids: Vec<u32> = (0..270u32).map(|i| (i * 37 + 11) % 70).collect();
-    for head in [HeadPrecision::AsStored, HeadPrecision::Int8] {
+    for head in HeadPrecision::ALL {
         let (model, _) = load(c.clone(), &views, &pool, head).unwrap();
         let model = Arc::new(model);
         for kv in [KvType::F16, KvType::F32] {

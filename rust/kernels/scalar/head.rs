@@ -1,7 +1,8 @@
 //! The output-head dots: the definitions the SIMD versions must match
-//! (exactly for int8; up to the order of the float additions for bf16).
+//! (exactly for int8 and q6; up to the order of the float additions for bf16).
 
 pub use crate::checkpoint::bf16_to_f32 as bf16_value;
+use crate::kernels::q6::{self, Q6Rows, Q6Tokens, BLOCKS_PER_GROUP, GROUP, GROUP_CODE_BYTES};
 
 /// Σ a[i] · b[i] of int8 vectors.
 pub fn int8_dot(a: &[i8], b: &[i8]) -> i32 {
@@ -27,6 +28,36 @@ pub fn int8_dots_tokens(head: &[i8], xs: &[i8], tokens: usize, dots: &mut [i32])
     let (n, rows) = (xs.len() / tokens, dots.len() / tokens);
     for (x, dots) in xs.chunks_exact(n).zip(dots.chunks_exact_mut(rows)) {
         int8_dots(head, x, dots);
+    }
+}
+
+/// Σ_c s_b(c) · (u_c − 32) · x_c over row r of `rows` (`x` of its padded
+/// length): the q6 dot, in i64, column by column as the layout defines it
+/// (`kernels::q6`).
+pub fn q6_dot(rows: Q6Rows<'_>, r: usize, x: &[i8]) -> i64 {
+    let (codes, scales) = (rows.codes(r), rows.scales(r));
+    let mut dot = 0i64;
+    for ((group, s), x) in codes
+        .chunks_exact(GROUP_CODE_BYTES)
+        .zip(scales.chunks_exact(BLOCKS_PER_GROUP))
+        .zip(x.chunks_exact(GROUP))
+    {
+        for (c, &xc) in x.iter().enumerate() {
+            let w = i64::from(q6::code(group, c)) - i64::from(q6::CODE_OFFSET);
+            dot += i64::from(s[q6::block_of(c)]) * w * i64::from(xc);
+        }
+    }
+    dot
+}
+
+/// `dots[i · n + r] = q6_dot(rows, r, token i)` for every token i of `xs`
+/// and the n = dots.len() / xs.len() first rows of `rows`: dots is [tokens, n].
+pub fn q6_dots(rows: Q6Rows<'_>, xs: Q6Tokens<'_>, dots: &mut [i64]) {
+    let n = dots.len() / xs.len();
+    for (i, dots) in dots.chunks_mut(n.max(1)).enumerate() {
+        for (r, dot) in dots.iter_mut().enumerate() {
+            *dot = q6_dot(rows, r, xs.codes(i));
+        }
     }
 }
 

@@ -1,5 +1,5 @@
-//! AVX2 output-head dots: int8 rows times quantized activations (exact, as
-//! `scalar::head::int8_dots`), and bf16 rows times f32 activations (FMA; the
+//! AVX2 output-head dots: int8 and q6 rows times quantized activations
+//! (exact, as `scalar::head::int8_dots` and `q6_dots`), and bf16 rows times f32 activations (FMA; the
 //! same products as `scalar::head::bf16_dots`, added in another order). The
 //! head is one long read per token, so both read their rows as three streams
 //! (`driver::three_streams`).
@@ -8,6 +8,10 @@ use std::arch::x86_64::*;
 
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::driver::{self, RowDots};
+use crate::kernels::q6::{
+    Q6Rows, Q6Tokens, BLOCKS_PER_GROUP, CODE_OFFSET, GROUP, GROUP_BYTES, GROUP_CODE_BYTES,
+    SPAN_GROUPS,
+};
 use crate::kernels::scalar;
 
 /// Bytes of the head to prefetch ahead of the one being read: without a
@@ -186,4 +190,294 @@ unsafe fn bf16_dots_of<const R: usize>(rows: &[*const u16; R], x: &[f32], out: &
             *total += scalar::head::bf16_value(row[k]) * x[k];
         }
     }
+}
+
+/// `dots[r]` = the q6 dot of row r with the one token of `x`
+/// (`scalar::head::q6_dot`, exactly), for the dots.len() first rows, read as
+/// three streams.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn q6_dots(rows: Q6Rows<'_>, x: Q6Tokens<'_>, dots: &mut [i64]) {
+    counts::enter(Isa::Avx2);
+    assert!(x.len() == 1 && x.groups() == rows.groups() && rows.len() >= dots.len());
+    let q6 = Q6RowDots {
+        rows,
+        x: x.codes(0),
+        sums: x.sums(0),
+    };
+    // SAFETY: this function runs with AVX2; `rows` holds dots.len() rows (asserted).
+    unsafe { driver::three_streams(&q6, dots) }
+}
+
+struct Q6RowDots<'a> {
+    rows: Q6Rows<'a>,
+    x: &'a [i8],     // [groups · GROUP]
+    sums: &'a [i16], // [groups · BLOCKS_PER_GROUP]
+}
+
+impl RowDots for Q6RowDots<'_> {
+    type Dot = i64;
+
+    #[inline(always)]
+    unsafe fn dots<const R: usize>(&self, rows: [usize; R]) -> [i64; R] {
+        let mut row_data = [&[][..]; R];
+        for (d, &r) in row_data.iter_mut().zip(&rows) {
+            *d = self.rows.row(r);
+        }
+        // SAFETY: the caller runs the AVX2 path.
+        unsafe { q6_dots_of(&row_data, self.rows.groups(), self.x, self.sums) }
+    }
+}
+
+/// The q6 dots of R rows (each `groups` groups) with one token, sharing
+/// its loads: span by span (`q6::SPAN_GROUPS`), 32-bit lanes summed into
+/// i64 at the end of each.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q6_dots_of<const R: usize>(
+    rows: &[&[u8]; R],
+    groups: usize,
+    x: &[i8],
+    sums: &[i16],
+) -> [i64; R] {
+    let code_bytes = groups * GROUP_CODE_BYTES;
+    assert!(x.len() == groups * GROUP && sums.len() == groups * BLOCKS_PER_GROUP);
+    assert!(rows.iter().all(|row| row.len() == groups * GROUP_BYTES));
+    let mut dots = [0i64; R];
+    for g0 in (0..groups).step_by(SPAN_GROUPS) {
+        let g1 = (g0 + SPAN_GROUPS).min(groups);
+        let mut acc = [_mm256_setzero_si256(); R];
+        for g in g0..g1 {
+            // SAFETY: group g's 64 values of x (asserted length).
+            let xs = unsafe { load_q6_activations(x.as_ptr().add(g * GROUP)) };
+            for (acc, row) in acc.iter_mut().zip(rows) {
+                // SAFETY: each row holds `groups` groups' codes, then their
+                // sub-scales (asserted length).
+                let (codes, scales) = unsafe {
+                    (
+                        row.as_ptr().add(g * GROUP_CODE_BYTES),
+                        row.as_ptr().add(code_bytes + g * BLOCKS_PER_GROUP),
+                    )
+                };
+                _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(PREFETCH).cast());
+                // SAFETY: as above.
+                let (u, s) = unsafe { (q6_codes(codes), q6_sub_scales(scales)) };
+                *acc = _mm256_add_epi32(*acc, q6_products(u, xs, s));
+            }
+        }
+        let blocks = g0 * BLOCKS_PER_GROUP..g1 * BLOCKS_PER_GROUP;
+        for ((dot, acc), row) in dots.iter_mut().zip(acc).zip(rows) {
+            let scales = &row[code_bytes..][blocks.clone()];
+            *dot += widening_sum(acc)
+                - i64::from(CODE_OFFSET) * i64::from(scaled_sums(scales, &sums[blocks.clone()]));
+        }
+    }
+    dots
+}
+
+/// The dots of the tokens of `xs` with the n = dots.len() / tokens first
+/// rows of `rows` (dots is [tokens, n]), as `q6_dots` gives each: row by
+/// row, a group's codes decoded once for up to `Q6_TOKENS` tokens.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn q6_dots_tokens(rows: Q6Rows<'_>, xs: Q6Tokens<'_>, dots: &mut [i64]) {
+    counts::enter(Isa::Avx2);
+    let tokens = xs.len();
+    assert!(tokens > 0 && xs.groups() == rows.groups() && dots.len().is_multiple_of(tokens));
+    let n = dots.len() / tokens;
+    assert!(rows.len() >= n);
+    for t0 in (0..tokens).step_by(Q6_TOKENS) {
+        let nt = Q6_TOKENS.min(tokens - t0);
+        for r in 0..n {
+            macro_rules! run {
+                ($nt:literal) => {{
+                    let mut x = [&[][..]; $nt];
+                    let mut sums = [&[][..]; $nt];
+                    for i in 0..$nt {
+                        x[i] = xs.codes(t0 + i);
+                        sums[i] = xs.sums(t0 + i);
+                    }
+                    // SAFETY: this function runs with AVX2.
+                    let got = unsafe { q6_tile::<$nt>(rows.row(r), rows.groups(), &x, &sums) };
+                    for (i, &dot) in got.iter().enumerate() {
+                        dots[(t0 + i) * n + r] = dot;
+                    }
+                }};
+            }
+            match nt {
+                4 => run!(4),
+                3 => run!(3),
+                2 => run!(2),
+                _ => run!(1),
+            }
+        }
+    }
+}
+
+/// Tokens of a `q6_dots_tokens` tile: 4 accumulators, a group's two code
+/// vectors and its sub-scales stay in registers beside the constants.
+const Q6_TOKENS: usize = 4;
+
+/// The q6 dots of one row with T tokens.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q6_tile<const T: usize>(
+    row: &[u8],
+    groups: usize,
+    xs: &[&[i8]; T],
+    sums: &[&[i16]; T],
+) -> [i64; T] {
+    let code_bytes = groups * GROUP_CODE_BYTES;
+    assert!(row.len() == groups * GROUP_BYTES);
+    assert!(xs.iter().all(|x| x.len() == groups * GROUP));
+    assert!(sums.iter().all(|s| s.len() == groups * BLOCKS_PER_GROUP));
+    let mut dots = [0i64; T];
+    for g0 in (0..groups).step_by(SPAN_GROUPS) {
+        let g1 = (g0 + SPAN_GROUPS).min(groups);
+        let mut acc = [_mm256_setzero_si256(); T];
+        for g in g0..g1 {
+            // SAFETY: the row holds `groups` groups' codes, then their
+            // sub-scales (asserted length).
+            let (u, s) = unsafe {
+                (
+                    q6_codes(row.as_ptr().add(g * GROUP_CODE_BYTES)),
+                    q6_sub_scales(row.as_ptr().add(code_bytes + g * BLOCKS_PER_GROUP)),
+                )
+            };
+            for (acc, x) in acc.iter_mut().zip(xs) {
+                // SAFETY: group g's 64 values of each token (asserted lengths).
+                let xv = unsafe { load_q6_activations(x.as_ptr().add(g * GROUP)) };
+                *acc = _mm256_add_epi32(*acc, q6_products(u, xv, s));
+            }
+        }
+        let blocks = g0 * BLOCKS_PER_GROUP..g1 * BLOCKS_PER_GROUP;
+        let scales = &row[code_bytes..][blocks.clone()];
+        for ((dot, acc), sums) in dots.iter_mut().zip(acc).zip(sums) {
+            *dot += widening_sum(acc)
+                - i64::from(CODE_OFFSET) * i64::from(scaled_sums(scales, &sums[blocks.clone()]));
+        }
+    }
+    dots
+}
+
+/// A q6 group's 64 activation codes: columns 0..31 and 32..63.
+///
+/// # Safety
+/// The CPU must support AVX2; `x` begins 64 readable values.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load_q6_activations(x: *const i8) -> [__m256i; 2] {
+    // SAFETY: per the contract.
+    unsafe {
+        [
+            _mm256_loadu_si256(x.cast()),
+            _mm256_loadu_si256(x.add(32).cast()),
+        ]
+    }
+}
+
+/// A q6 group's 64 codes (u in 0..63, one a byte): columns 0..31 and 32..63.
+/// The low nibbles by an AND (and a shift); the high bit pairs, their 16
+/// bytes in both lanes, by a per-lane shift to bits 4-5 (left 4 and 2 for
+/// columns 0-15 and 16-31, right 0 and 2 for 32-47 and 48-63: the pair
+/// stays inside its byte) and an AND.
+///
+/// # Safety
+/// The CPU must support AVX2; `group` begins the group's 48 code bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q6_codes(group: *const u8) -> [__m256i; 2] {
+    // SAFETY: per the contract.
+    let (low, high) = unsafe {
+        (
+            _mm256_loadu_si256(group.cast()),
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(group.add(32).cast())),
+        )
+    };
+    let (nibble, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+    let high_a = _mm256_sllv_epi32(high, _mm256_setr_epi32(4, 4, 4, 4, 2, 2, 2, 2));
+    let high_b = _mm256_srlv_epi32(high, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
+    [
+        _mm256_or_si256(
+            _mm256_and_si256(low, nibble),
+            _mm256_and_si256(high_a, pair),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(low), nibble),
+            _mm256_and_si256(high_b, pair),
+        ),
+    ]
+}
+
+/// A group's two sub-scales as 16-bit lanes `[s0, s1, s0, s1, …]`: lane j
+/// of a `vpmaddubsw` result holds columns of block j & 1.
+///
+/// # Safety
+/// The CPU must support AVX2; `scales` begins 2 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q6_sub_scales(scales: *const u8) -> __m256i {
+    // SAFETY: per the contract.
+    let (s0, s1) = unsafe { (*scales, *scales.add(1)) };
+    _mm256_set1_epi32(i32::from(s0) | i32::from(s1) << 16)
+}
+
+/// Σ s_b · u · x of a group in eight i32 lanes (8 columns each). The two
+/// halves' `vpmaddubsw` pairs are added as i16 before scaling: a lane then
+/// holds four products of the same block, at most 4 · 63 · 128 = 32256.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q6_products(u: [__m256i; 2], x: [__m256i; 2], scales: __m256i) -> __m256i {
+    let pairs = _mm256_add_epi16(
+        _mm256_maddubs_epi16(u[0], x[0]),
+        _mm256_maddubs_epi16(u[1], x[1]),
+    );
+    _mm256_madd_epi16(pairs, scales)
+}
+
+/// Σ of eight i32 lanes, in i64.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn widening_sum(v: __m256i) -> i64 {
+    let mut lanes = [0i32; 8];
+    // SAFETY: `lanes` is 32 writable bytes.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), v) };
+    lanes.iter().map(|&l| i64::from(l)).sum()
+}
+
+/// Σ_b s_b · X_b of a span's sub-scales and block sums (at most 256 terms
+/// of at most 255 · 4096 in magnitude: an i32), 16 at a time.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) fn scaled_sums(scales: &[u8], sums: &[i16]) -> i32 {
+    assert!(scales.len() == sums.len());
+    let mut acc = _mm256_setzero_si256();
+    let mut k = 0;
+    while k + 16 <= scales.len() {
+        // SAFETY: k + 16 <= len of both.
+        let (s, x) = unsafe {
+            (
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(scales.as_ptr().add(k).cast())),
+                _mm256_loadu_si256(sums.as_ptr().add(k).cast()),
+            )
+        };
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, x));
+        k += 16;
+    }
+    let tail: i32 = scales[k..]
+        .iter()
+        .zip(&sums[k..])
+        .map(|(&s, &x)| i32::from(s) * i32::from(x))
+        .sum();
+    widening_sum(acc) as i32 + tail
 }

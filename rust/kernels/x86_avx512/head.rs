@@ -1,10 +1,13 @@
-//! AVX-512 VNNI output-head dots of several tokens at once (a batched
-//! decode step asks for the logits of every sequence): the head is read from
-//! memory once per step, and each 64 bytes of a row, once loaded, multiply
-//! every token's activations.
+//! AVX-512 output-head dots: int8 rows with VNNI for several tokens at once
+//! (a batched decode step asks for the logits of every sequence: the head is
+//! read from memory once per step, and each 64 bytes of a row, once loaded,
+//! multiply every token's activations), and q6 rows (`kernels::q6`) for one
+//! token (three streams) and for several (4 × 4 tiles), with VNNI's
+//! `vpdpwssd` or without it. The q6 bodies are `#[inline(always)]` generic
+//! over VNNI for the reason given in `x86_avx512::ternary`.
 //!
-//! `vpdpbusd` multiplies u8 by i8, and both the head's codes and the
-//! activations are signed: a row's codes are flipped to `w + 128` (u8, one
+//! For int8 rows: `vpdpbusd` multiplies u8 by i8, and both the head's codes
+//! and the activations are signed: a row's codes are flipped to `w + 128` (u8, one
 //! `vpxorq` per 64 bytes) and the excess `128 · Σx` is subtracted once per
 //! token at the end. Every product and sum is an integer well inside i32
 //! (|Σ| <= 255 · 127 · n), so the dots are exactly the scalar ones.
@@ -12,6 +15,12 @@
 use std::arch::x86_64::*;
 
 use crate::kernels::counts::{self, Isa};
+use crate::kernels::driver::{self, RowDots};
+use crate::kernels::q6::{
+    Q6Rows, Q6Tokens, BLOCKS_PER_GROUP, CODE_OFFSET, GROUP, GROUP_BYTES, GROUP_CODE_BYTES,
+    SPAN_GROUPS,
+};
+use crate::kernels::x86_avx2;
 
 /// Tiles: 4 rows × 4 tokens (16 accumulators, 4 row and 4 token operands)
 /// for up to four tokens, 2 rows × 8 tokens (16 accumulators, 2 row and 8
@@ -157,6 +166,311 @@ unsafe fn tile_dots<const NR: usize, const NT: usize>(ops: Operands, out: &mut T
         for j in 0..NR {
             for i in 0..NT {
                 out[j][i] = _mm512_reduce_add_epi32(acc[j][i]);
+            }
+        }
+    }
+}
+
+/// The q6 dots of a group of 64 columns in 16 i32 lanes (4 columns each):
+/// `vpmaddubsw` pairs of one block each (lane j of block j & 1), times the
+/// sub-scales `[s0, s1, …]`: `vpdpwssd` with VNNI, else `vpmaddwd` + add.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW, and VNNI if `VNNI`.
+#[inline(always)]
+unsafe fn q6_step<const VNNI: bool>(
+    acc: __m512i,
+    codes: __m512i,
+    x: __m512i,
+    scales: __m512i,
+) -> __m512i {
+    // SAFETY: per the contract.
+    unsafe {
+        let pairs = _mm512_maddubs_epi16(codes, x);
+        if VNNI {
+            _mm512_dpwssd_epi32(acc, pairs, scales)
+        } else {
+            _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, scales))
+        }
+    }
+}
+
+/// A q6 group's 64 codes (u in 0..63), one a byte in column order: the low
+/// nibbles, in both halves, shifted down by 4 in the upper one; the high bit
+/// pairs, in every 16-byte lane, rotated to bits 4-5 (by 4, 2, 0 and 30 for
+/// columns 0-15, 16-31, 32-47 and 48-63: a pair stays inside its byte);
+/// `(nibbles & 0x0F) | pairs` in one `vpternlogd`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW; `group` begins the group's 48 code bytes.
+#[inline(always)]
+unsafe fn q6_codes(group: *const u8) -> __m512i {
+    // SAFETY: per the contract.
+    unsafe {
+        let low = _mm512_broadcast_i64x4(_mm256_loadu_si256(group.cast()));
+        let nibbles = _mm512_mask_srli_epi16::<4>(low, 0xFFFF_0000, low);
+        let high = _mm512_broadcast_i32x4(_mm_loadu_si128(group.add(32).cast()));
+        let rotations = _mm512_setr_epi32(4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0, 30, 30, 30, 30);
+        let pairs = _mm512_and_si512(_mm512_rolv_epi32(high, rotations), _mm512_set1_epi8(0x30));
+        // 0xEC: (A & C) | B, bit by bit.
+        _mm512_ternarylogic_epi32::<0xEC>(nibbles, pairs, _mm512_set1_epi8(0x0F))
+    }
+}
+
+/// A group's two sub-scales as 16-bit lanes `[s0, s1, s0, s1, …]`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; `scales` begins 2 readable bytes.
+#[inline(always)]
+unsafe fn q6_sub_scales(scales: *const u8) -> __m512i {
+    // SAFETY: per the contract.
+    unsafe {
+        let (s0, s1) = (*scales, *scales.add(1));
+        _mm512_set1_epi32(i32::from(s0) | i32::from(s1) << 16)
+    }
+}
+
+/// Σ of sixteen i32 lanes, in i64.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[inline(always)]
+unsafe fn widening_sum(v: __m512i) -> i64 {
+    let mut lanes = [0i32; 16];
+    // SAFETY: per the contract; `lanes` is 64 writable bytes.
+    unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), v) };
+    lanes.iter().map(|&l| i64::from(l)).sum()
+}
+
+/// `dots[r]` = the q6 dot of row r with the one token of `x`
+/// (`scalar::head::q6_dot`, exactly), for the dots.len() first rows, read as
+/// three streams.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn q6_dots_vnni(rows: Q6Rows<'_>, x: Q6Tokens<'_>, dots: &mut [i64]) {
+    counts::enter(Isa::Avx512Vnni);
+    // SAFETY: this function runs with AVX-512 F, BW and VNNI.
+    unsafe { q6_dots_with::<true>(rows, x, dots) }
+}
+
+/// `q6_dots_vnni` without VNNI.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn q6_dots_bw(rows: Q6Rows<'_>, x: Q6Tokens<'_>, dots: &mut [i64]) {
+    counts::enter(Isa::Avx512Bw);
+    // SAFETY: this function runs with AVX-512 F and BW.
+    unsafe { q6_dots_with::<false>(rows, x, dots) }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F and BW, and VNNI if `VNNI`.
+#[inline(always)]
+unsafe fn q6_dots_with<const VNNI: bool>(rows: Q6Rows<'_>, x: Q6Tokens<'_>, dots: &mut [i64]) {
+    assert!(x.len() == 1 && x.groups() == rows.groups() && rows.len() >= dots.len());
+    let q6 = Q6RowDots::<VNNI> {
+        rows,
+        x: x.codes(0),
+        sums: x.sums(0),
+    };
+    // SAFETY: per the contract; `rows` holds dots.len() rows (asserted).
+    unsafe { driver::three_streams(&q6, dots) }
+}
+
+struct Q6RowDots<'a, const VNNI: bool> {
+    rows: Q6Rows<'a>,
+    x: &'a [i8],     // [groups · GROUP]
+    sums: &'a [i16], // [groups · BLOCKS_PER_GROUP]
+}
+
+impl<const VNNI: bool> RowDots for Q6RowDots<'_, VNNI> {
+    type Dot = i64;
+
+    #[inline(always)]
+    unsafe fn dots<const R: usize>(&self, rows: [usize; R]) -> [i64; R] {
+        let groups = self.rows.groups();
+        let code_bytes = groups * GROUP_CODE_BYTES;
+        let mut starts = [std::ptr::null::<u8>(); R];
+        for (p, &r) in starts.iter_mut().zip(&rows) {
+            *p = self.rows.row(r).as_ptr();
+        }
+        assert!(self.x.len() == groups * GROUP && self.sums.len() == groups * BLOCKS_PER_GROUP);
+        let mut dots = [0i64; R];
+        for g0 in (0..groups).step_by(SPAN_GROUPS) {
+            let g1 = (g0 + SPAN_GROUPS).min(groups);
+            // SAFETY: the caller runs this path (AVX-512 F).
+            let mut acc = [unsafe { _mm512_setzero_si512() }; R];
+            for g in g0..g1 {
+                // SAFETY: the caller runs this path (AVX-512 F and BW, VNNI
+                // if VNNI); x holds the groups' 64 values each (asserted) and
+                // each row (from `Q6Rows::row`) the groups' codes, then their
+                // sub-scales.
+                unsafe {
+                    let x = _mm512_loadu_si512(self.x.as_ptr().add(g * GROUP).cast());
+                    for (acc, &row) in acc.iter_mut().zip(&starts) {
+                        let codes = row.add(g * GROUP_CODE_BYTES);
+                        _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(PREFETCH).cast());
+                        let scales = q6_sub_scales(row.add(code_bytes + g * BLOCKS_PER_GROUP));
+                        *acc = q6_step::<VNNI>(*acc, q6_codes(codes), x, scales);
+                    }
+                }
+            }
+            let blocks = g0 * BLOCKS_PER_GROUP..g1 * BLOCKS_PER_GROUP;
+            for ((dot, acc), &r) in dots.iter_mut().zip(acc).zip(&rows) {
+                let scales = &self.rows.scales(r)[blocks.clone()];
+                // SAFETY: the caller runs this path, with AVX-512 F (and so AVX2).
+                let (sum, corrected) = unsafe {
+                    (
+                        widening_sum(acc),
+                        x86_avx2::head::scaled_sums(scales, &self.sums[blocks.clone()]),
+                    )
+                };
+                *dot += sum - i64::from(CODE_OFFSET) * i64::from(corrected);
+            }
+        }
+        dots
+    }
+}
+
+/// Bytes of a row ahead of the one being read that the single-token q6
+/// dots prefetch (as the AVX2 head dots do).
+const PREFETCH: usize = 2048;
+
+/// The dots of the tokens of `xs` with the n = dots.len() / tokens first
+/// rows of `rows` (dots is [tokens, n]), as `q6_dots_vnni` gives each:
+/// tiles of 4 rows × 4 tokens, each group of a row decoded once per tile.
+/// Token tile by token tile: the first reads the rows from memory (and
+/// prefetches them), the others from cache (a call's rows are a head task's,
+/// sized to stay in L2).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn q6_dots_tokens_vnni(rows: Q6Rows<'_>, xs: Q6Tokens<'_>, dots: &mut [i64]) {
+    counts::enter(Isa::Avx512Vnni);
+    // SAFETY: this function runs with AVX-512 F, BW and VNNI.
+    unsafe { q6_dots_tokens_with::<true>(rows, xs, dots) }
+}
+
+/// `q6_dots_tokens_vnni` without VNNI.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn q6_dots_tokens_bw(rows: Q6Rows<'_>, xs: Q6Tokens<'_>, dots: &mut [i64]) {
+    counts::enter(Isa::Avx512Bw);
+    // SAFETY: this function runs with AVX-512 F and BW.
+    unsafe { q6_dots_tokens_with::<false>(rows, xs, dots) }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F and BW, and VNNI if `VNNI`.
+#[inline(always)]
+unsafe fn q6_dots_tokens_with<const VNNI: bool>(
+    rows: Q6Rows<'_>,
+    xs: Q6Tokens<'_>,
+    dots: &mut [i64],
+) {
+    let tokens = xs.len();
+    assert!(tokens > 0 && xs.groups() == rows.groups() && dots.len().is_multiple_of(tokens));
+    let (n, groups) = (dots.len() / tokens, rows.groups());
+    assert!(rows.len() >= n);
+    let row_bytes = groups * GROUP_BYTES;
+    for t0 in (0..tokens).step_by(TOKENS) {
+        let nt = TOKENS.min(tokens - t0);
+        for r0 in (0..n).step_by(ROWS) {
+            let nr = ROWS.min(n - r0);
+            let operands = Q6Operands {
+                rows: rows.row(r0).as_ptr(),
+                row_bytes,
+                xs: xs.codes(t0).as_ptr(),
+                groups,
+                prefetch: t0 == 0,
+            };
+            let mut tile = [[0i64; TOKENS]; ROWS];
+            macro_rules! run {
+                ($nr:literal, $nt:literal) => {
+                    // SAFETY: per the contract; rows r0..r0 + nr and tokens
+                    // t0..t0 + nt exist (each token's codes follow the last's).
+                    unsafe { q6_tile::<$nr, $nt, VNNI>(operands, &mut tile) }
+                };
+            }
+            crate::kernels::driver::tile_4x4!(nr, nt, run);
+            for (j, tile_row) in tile.iter().enumerate().take(nr) {
+                let scales = rows.scales(r0 + j);
+                for (i, &dot) in tile_row.iter().enumerate().take(nt) {
+                    // SAFETY: per the contract, AVX-512 F (and so AVX2).
+                    let corrected = unsafe { x86_avx2::head::scaled_sums(scales, xs.sums(t0 + i)) };
+                    dots[(t0 + i) * n + r0 + j] =
+                        dot - i64::from(CODE_OFFSET) * i64::from(corrected);
+                }
+            }
+        }
+    }
+}
+
+/// One q6 tile's operands: NR consecutive rows and NT consecutive tokens.
+#[derive(Clone, Copy)]
+struct Q6Operands {
+    rows: *const u8, // [NR, row_bytes]
+    row_bytes: usize,
+    xs: *const i8, // [NT, groups · GROUP]
+    groups: usize,
+    /// Whether to prefetch the rows PREFETCH_ROWS on (into L2, as the
+    /// int8 tiles do).
+    prefetch: bool,
+}
+
+/// `out[j][i] = Σ s_b · u · x` over row j and token i (the block-sum term
+/// not yet subtracted), span by span in 32-bit lanes (`q6::SPAN_GROUPS`).
+///
+/// # Safety
+/// AVX-512 F and BW, and VNNI if `VNNI`; the operands hold NR rows and NT
+/// tokens of `groups` groups.
+#[inline(always)]
+unsafe fn q6_tile<const NR: usize, const NT: usize, const VNNI: bool>(
+    ops: Q6Operands,
+    out: &mut [[i64; TOKENS]; ROWS],
+) {
+    let Q6Operands {
+        rows,
+        row_bytes,
+        xs,
+        groups,
+        prefetch,
+    } = ops;
+    let (code_bytes, n) = (groups * GROUP_CODE_BYTES, groups * GROUP);
+    // SAFETY: per the contract; every load is inside row j's codes and
+    // sub-scales or token i's codes; a prefetch never faults.
+    unsafe {
+        for g0 in (0..groups).step_by(SPAN_GROUPS) {
+            let g1 = (g0 + SPAN_GROUPS).min(groups);
+            let mut acc = [[_mm512_setzero_si512(); NT]; NR];
+            for g in g0..g1 {
+                let mut x = [_mm512_setzero_si512(); NT];
+                for (i, x) in x.iter_mut().enumerate() {
+                    *x = _mm512_loadu_si512(xs.add(i * n + g * GROUP).cast());
+                }
+                for j in 0..NR {
+                    let row = rows.add(j * row_bytes);
+                    if prefetch {
+                        let ahead = (PREFETCH_ROWS + j) * row_bytes + g * GROUP_CODE_BYTES;
+                        _mm_prefetch::<_MM_HINT_T1>(rows.wrapping_add(ahead).cast());
+                    }
+                    let codes = q6_codes(row.add(g * GROUP_CODE_BYTES));
+                    let scales = q6_sub_scales(row.add(code_bytes + g * BLOCKS_PER_GROUP));
+                    for i in 0..NT {
+                        acc[j][i] = q6_step::<VNNI>(acc[j][i], codes, x[i], scales);
+                    }
+                }
+            }
+            for j in 0..NR {
+                for i in 0..NT {
+                    out[j][i] += widening_sum(acc[j][i]);
+                }
             }
         }
     }
