@@ -264,8 +264,8 @@ fn head_int8(c: &mut Criterion) {
         .collect();
     let raw = RawTensor::new("head", DType::BF16, &shape, &bf16).unwrap();
     let heads = [
-        ("int8", DenseMatrix::int8_from_raw(&raw)),
-        ("q6", DenseMatrix::q6_from_raw(&raw)),
+        ("int8", DenseMatrix::int8_from_raw(&raw).unwrap()),
+        ("q6", DenseMatrix::q6_from_raw(&raw).unwrap()),
     ];
     drop(bf16);
     for (name, head) in &heads {

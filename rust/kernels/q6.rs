@@ -42,7 +42,8 @@
 
 use rayon::prelude::*;
 
-use crate::memory::advise_huge_pages;
+use crate::error::{Result, TritError};
+use crate::memory::{advise_huge_pages, try_zeroed};
 
 /// Columns of a group.
 pub const GROUP: usize = 64;
@@ -105,18 +106,23 @@ pub struct Q6Matrix {
 impl Q6Matrix {
     /// Quantizes a rows × cols matrix row by row (in parallel: a vocabulary
     /// has 128256 rows) from `fill_row(r, out)`, which writes row r as f32.
+    /// An error, not an abort, if the rows do not fit in memory.
     pub fn from_rows(
         rows: usize,
         cols: usize,
         fill_row: impl Fn(usize, &mut [f32]) + Sync,
-    ) -> Q6Matrix {
+    ) -> Result<Q6Matrix> {
         let groups = groups_for(cols);
         let row_bytes = groups * GROUP_BYTES;
-        let mut data = vec![0u8; rows * row_bytes];
+        let what = format!("the 6-bit rows of a {rows} × {cols} matrix");
+        let len = rows
+            .checked_mul(row_bytes)
+            .ok_or_else(|| TritError::invalid(format!("{what}: its size overflows")))?;
+        let mut data: Vec<u8> = try_zeroed(len, &what)?;
         // Read whole for every token: in 2 MiB pages, not a TLB miss every 4
         // KiB (docs/performance.md, "Output head").
         advise_huge_pages(&data);
-        let mut steps = vec![0.0f32; rows];
+        let mut steps: Vec<f32> = try_zeroed(rows, &what)?;
         let quantize = |row: &mut Vec<f32>, (r, (out, step)): (usize, (&mut [u8], &mut f32))| {
             fill_row(r, &mut row[..cols]);
             *step = quantize_row(row, out);
@@ -136,13 +142,13 @@ impl Q6Matrix {
                 .enumerate()
                 .for_each_init(padded_row, quantize);
         }
-        Q6Matrix {
+        Ok(Q6Matrix {
             rows,
             cols,
             groups,
             data,
             steps,
-        }
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -420,7 +426,8 @@ mod tests {
                 .collect();
             let m = Q6Matrix::from_rows(rows, cols, |r, out| {
                 out.copy_from_slice(&values[r * cols..(r + 1) * cols])
-            });
+            })
+            .unwrap();
             assert_eq!(m.nbytes(), rows * (groups_for(cols) * GROUP_BYTES + 4));
             let mut back = vec![0.0f32; cols];
             for r in 0..rows {

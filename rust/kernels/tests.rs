@@ -364,6 +364,7 @@ fn random_q6(rows: usize, cols: usize, seed: u64) -> q6::Q6Matrix {
         2 => out.fill(-1.0),
         _ => out.copy_from_slice(&values[r * cols..(r + 1) * cols]),
     })
+    .unwrap()
 }
 
 /// Activation codes of `tokens` tokens for q6 rows of `cols` columns: random

@@ -6,12 +6,13 @@
 use rayon::prelude::*;
 
 use crate::checkpoint::{bf16_to_f32, DType, RawTensor};
+use crate::error::{Result, TritError};
 use crate::kernels::activations::int8_code;
 use crate::kernels::head;
 use crate::kernels::q6::{Q6Activations, Q6Matrix, Q6Tokens};
 use crate::kernels::scalar::head::dot_lanes;
 use crate::kernels::Kernel;
-use crate::memory::advise_huge_pages;
+use crate::memory::{advise_huge_pages, try_zeroed};
 
 /// A row-major float matrix (the embedding and the output head) kept in its
 /// on-disk precision, so a 128256×2560 bf16 embedding costs 656 MB rather than
@@ -86,30 +87,28 @@ impl DenseMatrix {
 
     /// The matrix requantized to symmetric int8 rows (the activation formula
     /// of BitNet, per row, with -128 excluded so that |code| <= 127).
-    pub fn to_int8(&self) -> DenseMatrix {
+    pub fn to_int8(&self) -> Result<DenseMatrix> {
         int8_rows(self.rows(), self.cols(), |r, row| self.row_into(r, row))
     }
 
     /// A 2-D float tensor quantized straight to int8 rows, as `to_int8` would
     /// from `from_raw`, without the half-precision copy in between (656 MB for
     /// the 2B4T embedding): peak memory at load stays at the int8 size.
-    pub fn int8_from_raw(t: &RawTensor<'_>) -> DenseMatrix {
+    pub fn int8_from_raw(t: &RawTensor<'_>) -> Result<DenseMatrix> {
         int8_rows(t.shape[0], t.shape[1], |r, row| t.row_into(r, row))
     }
 
     /// The matrix requantized to 6-bit rows (`kernels::q6`).
-    pub fn to_q6(&self) -> DenseMatrix {
-        DenseMatrix::Q6(Q6Matrix::from_rows(self.rows(), self.cols(), |r, row| {
-            self.row_into(r, row)
-        }))
+    pub fn to_q6(&self) -> Result<DenseMatrix> {
+        Q6Matrix::from_rows(self.rows(), self.cols(), |r, row| self.row_into(r, row))
+            .map(DenseMatrix::Q6)
     }
 
     /// A 2-D float tensor quantized straight to 6-bit rows, as `to_q6`
     /// would from `from_raw`, without the half-precision copy in between.
-    pub fn q6_from_raw(t: &RawTensor<'_>) -> DenseMatrix {
-        DenseMatrix::Q6(Q6Matrix::from_rows(t.shape[0], t.shape[1], |r, row| {
-            t.row_into(r, row)
-        }))
+    pub fn q6_from_raw(t: &RawTensor<'_>) -> Result<DenseMatrix> {
+        Q6Matrix::from_rows(t.shape[0], t.shape[1], |r, row| t.row_into(r, row))
+            .map(DenseMatrix::Q6)
     }
 
     pub fn cols(&self) -> usize {
@@ -377,13 +376,22 @@ fn q6_logit(dot: i64, sx: f32, step: f32) -> f32 {
 
 /// Builds an int8 matrix row by row (in parallel: a real vocabulary has
 /// 128256 rows) from `fill_row(r, out)`, which writes row r as f32.
-fn int8_rows(rows: usize, cols: usize, fill_row: impl Fn(usize, &mut [f32]) + Sync) -> DenseMatrix {
+/// An error, not an abort, if the rows do not fit in memory.
+fn int8_rows(
+    rows: usize,
+    cols: usize,
+    fill_row: impl Fn(usize, &mut [f32]) + Sync,
+) -> Result<DenseMatrix> {
+    let what = format!("the int8 rows of a {rows} × {cols} matrix");
+    let len = rows
+        .checked_mul(cols)
+        .ok_or_else(|| TritError::invalid(format!("{what}: its size overflows")))?;
     // Zeroed pages not yet touched: the advice takes effect as they are filled.
-    let mut codes = vec![0i8; rows * cols];
+    let mut codes: Vec<i8> = try_zeroed(len, &what)?;
     // The output head is read whole for every token: in 4 KiB pages that is
     // a TLB miss every 4 KiB of the stream (docs/performance.md, "Output head").
     advise_huge_pages(&codes);
-    let mut scales = vec![0.0f32; rows];
+    let mut scales: Vec<f32> = try_zeroed(rows, &what)?;
     codes
         .par_chunks_mut(cols.max(1))
         .zip(scales.par_iter_mut())
@@ -395,12 +403,12 @@ fn int8_rows(rows: usize, cols: usize, fill_row: impl Fn(usize, &mut [f32]) + Sy
                 *scale = quantize_row_symmetric(row, out);
             },
         );
-    DenseMatrix::Int8 {
+    Ok(DenseMatrix::Int8 {
         rows,
         cols,
         codes,
         scales,
-    }
+    })
 }
 
 /// Per-row symmetric int8: `s = 127 / max(absmax, 1e-5)`,
@@ -430,7 +438,7 @@ mod tests {
             .map(|i| ((i * 2654435761) >> 9) as u16 & 0xBFFF)
             .collect();
         let m = DenseMatrix::Bf16 { rows, cols, bits };
-        let q = m.to_int8();
+        let q = m.to_int8().unwrap();
         assert_eq!(q.nbytes(), rows * cols + rows * 4);
         let x: Vec<f32> = (0..cols)
             .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
@@ -517,9 +525,9 @@ mod tests {
                 dot / (norm(&exact) * norm(&got)),
             )
         };
-        let q6 = m.to_q6();
-        assert!(q6.nbytes() * 100 < m.to_int8().nbytes() * 79);
-        (error(&m.to_int8()), error(&q6))
+        let q6 = m.to_q6().unwrap();
+        assert!(q6.nbytes() * 100 < m.to_int8().unwrap().nbytes() * 79);
+        (error(&m.to_int8().unwrap()), error(&q6))
     }
 
     /// Rows 2.. of bf16, int8 and q6 matrices of 3 to 12 rows (fewer than,
@@ -538,8 +546,8 @@ mod tests {
                 .map(|i| ((i * 2654435761) >> 7) as u16 & 0xBFFF)
                 .collect();
             let m = DenseMatrix::Bf16 { rows, cols, bits };
-            let q = m.to_int8();
-            let q6 = m.to_q6();
+            let q = m.to_int8().unwrap();
+            let q6 = m.to_q6().unwrap();
             let mut want_int8 = vec![0.0; rows - 2];
             q.dot_rows(Kernel::Scalar, 2, &x, &mut want_int8);
             let mut want_q6 = vec![0.0; rows - 2];
@@ -663,8 +671,8 @@ mod tests {
             .map(|i| ((i * 2654435761) >> 7) as u16 & 0xBFFF)
             .collect();
         let m = DenseMatrix::Bf16 { rows, cols, bits };
-        let q = m.to_int8();
-        let q6 = m.to_q6();
+        let q = m.to_int8().unwrap();
+        let q6 = m.to_q6().unwrap();
         for n in [1usize, 2, 5, 8] {
             let xs: Vec<f32> = (0..n * cols)
                 .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)

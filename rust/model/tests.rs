@@ -453,7 +453,7 @@ fn an_int8_head_is_quantized_straight_from_the_checkpoint() {
             scales: s2,
             ..
         },
-    ) = (&int8.embed, &exact.embed.to_int8())
+    ) = (&int8.embed, &exact.embed.to_int8().unwrap())
     else {
         panic!("the tied head is not int8");
     };
@@ -482,7 +482,8 @@ fn a_q6_head_is_quantized_straight_from_the_checkpoint() {
     let (int8, _) = build_with(&c, &owned, HeadPrecision::Int8).unwrap();
     let (q6, _) = build_with(&c, &owned, HeadPrecision::Q6).unwrap();
     // The same rows as requantizing the loaded bf16 matrix.
-    let (DenseMatrix::Q6(got), DenseMatrix::Q6(want)) = (&q6.embed, &exact.embed.to_q6()) else {
+    let (DenseMatrix::Q6(got), DenseMatrix::Q6(want)) = (&q6.embed, &exact.embed.to_q6().unwrap())
+    else {
         panic!("the tied head is not q6");
     };
     assert_eq!(got, want);

@@ -571,13 +571,13 @@ pub fn load(
     let c = &config;
     let (hidden, inter) = (c.hidden_size, c.intermediate_size);
     let head_matrix = |t: &RawTensor<'_>| match head {
-        HeadPrecision::AsStored => DenseMatrix::from_raw(t),
+        HeadPrecision::AsStored => Ok(DenseMatrix::from_raw(t)),
         HeadPrecision::Int8 => pool.install(|| DenseMatrix::int8_from_raw(t)),
         HeadPrecision::Q6 => pool.install(|| DenseMatrix::q6_from_raw(t)),
     };
     let embed_t = ck.float("model.embed_tokens.weight", &[c.vocab_size, hidden])?;
     let embed = if c.tie_word_embeddings {
-        head_matrix(&embed_t)
+        head_matrix(&embed_t)?
     } else {
         DenseMatrix::from_raw(&embed_t)
     };
@@ -586,7 +586,7 @@ pub fn load(
     let lm_head = if c.tie_word_embeddings {
         None
     } else {
-        let matrix = head_matrix(&ck.float("lm_head.weight", &[c.vocab_size, hidden])?);
+        let matrix = head_matrix(&ck.float("lm_head.weight", &[c.vocab_size, hidden])?)?;
         ck.tensors.release_prefix("lm_head.");
         Some(matrix)
     };
