@@ -452,7 +452,7 @@ unsafe fn tile<const NR: usize, const NT: usize, const VNNI: bool>(
 /// # Safety
 /// The CPU must support AVX-512 F.
 #[inline(always)]
-unsafe fn tile_sums<const NR: usize, const NT: usize>(
+pub(crate) unsafe fn tile_sums<const NR: usize, const NT: usize>(
     acc: &[[__m512i; NT]; NR],
 ) -> [[i32; NT]; NR] {
     let mut sums = [[0i32; NT]; NR];
