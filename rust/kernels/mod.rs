@@ -268,7 +268,11 @@ pub fn matmul_many_into(
     let run_rows = |w: &TernaryMatrix, rows: Range<usize>, out: OutPtr| {
         let n_out = w.n_out();
         blocks.for_each_piece(kernel, &[w], rows, |t0, piece, mb, values| {
-            write_tokens(out, n_out, t0, piece, mb, |at| values[0][at]);
+            write_tokens(out, n_out, t0, piece, mb, |t, row| {
+                for (y, &v) in row.iter_mut().zip(token_values(values[0], t, mb)) {
+                    *y = v;
+                }
+            });
         });
     };
     // A task covers rows first..last of the matrices' rows listed one after another.
@@ -317,9 +321,13 @@ pub fn matmul_glu_into(
     let blocks = TokenBlocks::new(x);
     let task = |rows: Range<usize>| {
         blocks.for_each_piece(kernel, &[gate, up], rows, |t0, piece, mb, values| {
-            write_tokens(out, n_out, t0, piece, mb, |at| {
-                let r = values[0][at].max(0.0);
-                (r * r) * values[1][at]
+            write_tokens(out, n_out, t0, piece, mb, |t, row| {
+                let gates = token_values(values[0], t, mb);
+                let ups = token_values(values[1], t, mb);
+                for ((y, &gate), &up) in row.iter_mut().zip(gates).zip(ups) {
+                    let r = gate.max(0.0);
+                    *y = (r * r) * up;
+                }
             });
         });
     };
@@ -536,26 +544,32 @@ impl<'a> TokenBlocks<'a> {
     }
 }
 
-/// Writes `value(i · mb + t)` to `y[t0 + t, n]` for the rows n =
-/// piece.start + i of a piece and its block's tokens t: y is [m, n_out],
-/// written token by token.
+/// Fills `y[t0 + t, piece]` for each token t of a block of mb: y is [m,
+/// n_out], `fill(t, row)` writes the piece's columns of token t0 + t (from
+/// values laid out [piece, mb]: token t's are every mb-th from t).
 fn write_tokens(
     y: OutPtr,
     n_out: usize,
     t0: usize,
     piece: Range<usize>,
     mb: usize,
-    value: impl Fn(usize) -> f32,
+    fill: impl Fn(usize, &mut [f32]),
 ) {
     let y = y.get();
     for t in 0..mb {
-        let at = (t0 + t) * n_out;
-        for (i, n) in piece.clone().enumerate() {
-            // SAFETY: t0 + t < m and n < n_out, so the index is inside y, and
-            // tasks own disjoint sets of columns n, so no two write one place.
-            unsafe { y.add(at + n).write(value(i * mb + t)) };
-        }
+        // SAFETY: t0 + t < m and piece.end <= n_out, so the row's columns lie
+        // inside y ([m, n_out]); tasks own disjoint sets of columns, so no
+        // other task reads or writes these elements while the slice lives.
+        let row = unsafe {
+            std::slice::from_raw_parts_mut(y.add((t0 + t) * n_out + piece.start), piece.len())
+        };
+        fill(t, row);
     }
+}
+
+/// The values of token t of a [piece, mb] block: every mb-th from t.
+fn token_values(values: &[f32], t: usize, mb: usize) -> impl Iterator<Item = &f32> {
+    values[t..].iter().step_by(mb)
 }
 
 /// The output pointer shared by GEMM tasks that write disjoint columns.
