@@ -2,6 +2,7 @@
 
 use super::dtype::{bf16_to_f32, decode_into, f16_to_f32, DType};
 use crate::error::{Result, TritError};
+use crate::memory::try_zeroed;
 
 /// A borrowed view of one stored tensor: little-endian bytes, row-major,
 /// whose count matches shape and dtype (checked by `new`).
@@ -47,10 +48,12 @@ impl<'a> RawTensor<'a> {
     }
 
     /// All elements as f32.
-    pub fn to_f32(&self) -> Vec<f32> {
-        let mut out = vec![0.0f32; self.numel()];
+    /// The values widened to f32, in a buffer allocated fallibly: a tensor
+    /// too large for memory is an error naming `what`, not an abort.
+    pub fn to_f32(&self, what: &str) -> Result<Vec<f32>> {
+        let mut out = try_zeroed::<f32>(self.numel(), what)?;
         decode_into(self.dtype, self.data, &mut out);
-        out
+        Ok(out)
     }
 
     /// Row `r` of a 2-D tensor as f32 into `out` ([shape[1]]).
@@ -92,6 +95,6 @@ mod tests {
         let mut row = [0.0f32; 2];
         t.row_into(1, &mut row);
         assert_eq!(row, [t.get_f32(2), t.get_f32(3)]);
-        assert_eq!(t.to_f32(), vec![1.0, 2.0, 3.0, -4.0]);
+        assert_eq!(t.to_f32("t").unwrap(), vec![1.0, 2.0, 3.0, -4.0]);
     }
 }

@@ -357,7 +357,7 @@ mod tests {
         assert_eq!(names, ["a", "b"]);
         let a = c.tensor("a").unwrap();
         assert_eq!((a.dtype, a.shape), (DType::BF16, &[2][..]));
-        assert_eq!(a.to_f32(), [0.5, 1.0]);
+        assert_eq!(a.to_f32("a").unwrap(), [0.5, 1.0]);
         assert_eq!(c.tensor("b").unwrap().data, [1, 2, 3]);
         c.release("a");
         c.release("b");

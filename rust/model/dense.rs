@@ -45,25 +45,24 @@ pub enum DenseMatrix {
 }
 
 impl DenseMatrix {
-    /// Copies a 2-D float tensor.
-    pub fn from_raw(t: &RawTensor<'_>) -> Self {
+    /// Copies a 2-D float tensor, into memory allocated fallibly (a matrix
+    /// too large is an error naming `what`).
+    pub fn from_raw(t: &RawTensor<'_>, what: &str) -> Result<Self> {
         let (rows, cols) = (t.shape[0], t.shape[1]);
-        match t.dtype {
-            DType::BF16 => DenseMatrix::Bf16 {
-                rows,
-                cols,
-                bits: t
-                    .data
-                    .chunks_exact(2)
-                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                    .collect(),
-            },
+        Ok(match t.dtype {
+            DType::BF16 => {
+                let mut bits = try_zeroed::<u16>(t.data.len() / 2, what)?; // [rows, cols]
+                for (bits, b) in bits.iter_mut().zip(t.data.chunks_exact(2)) {
+                    *bits = u16::from_le_bytes([b[0], b[1]]);
+                }
+                DenseMatrix::Bf16 { rows, cols, bits }
+            }
             _ => DenseMatrix::F32 {
                 rows,
                 cols,
-                values: t.to_f32(),
+                values: t.to_f32(what)?,
             },
-        }
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -710,7 +709,7 @@ mod tests {
             .collect();
         let shape = [2, 11];
         let t = RawTensor::new("e", DType::BF16, &shape, &bytes).unwrap();
-        let m = DenseMatrix::from_raw(&t);
+        let m = DenseMatrix::from_raw(&t, "e").unwrap();
         let mut row = [0.0f32; 11];
         m.row_into(1, &mut row);
         assert_eq!(row[10], -11.0);

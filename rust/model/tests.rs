@@ -116,7 +116,7 @@ fn pack_all(c: &Config, t: &mut Owned) {
             let (n_out, n_in) = proj.dims(c);
             let (_, shape, bytes) = t.remove(&name).unwrap();
             let raw = RawTensor::new(&name, DType::BF16, &shape, &bytes).unwrap();
-            let m = weights::ternarize_absmean(&raw, n_out, n_in);
+            let m = weights::ternarize_absmean(&name, &raw, n_out, n_in).unwrap();
             let w = m.unpack();
             let rows = n_out / 4;
             let mut packed = vec![0u8; rows * n_in];

@@ -267,7 +267,7 @@ impl<'c> Loader<'c> {
 
     /// A norm weight vector of `len` values, widened to f32.
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
-        Ok(self.float(name, &[len])?.to_f32())
+        self.float(name, &[len])?.to_f32(name)
     }
 
     /// A ternary projection, packed or from float masters per the config.
@@ -317,7 +317,7 @@ impl<'c> Loader<'c> {
             }
             QuantizationMode::Online => {
                 let t = self.float(&name, &[n_out, n_in])?;
-                ternarize_absmean(&t, n_out, n_in)
+                ternarize_absmean(&name, &t, n_out, n_in)?
             }
         };
         Ok(m)
@@ -473,10 +473,15 @@ pub fn unpack_hf(
 /// docs/formats.md "Absmean ternarisation"): `s = 1 / max(mean|W|, 1e-5)` in f32,
 /// `T = clamp(round_half_even(W * s), -1, 1)`, and the weight used is `T / s`,
 /// so the matrix scale is `1 / s`.
-pub fn ternarize_absmean(t: &RawTensor<'_>, n_out: usize, n_in: usize) -> TernaryMatrix {
-    let w = t.to_f32(); // [n_out, n_in]
-                        // The mean in f64, rounded once: torch's f32 cascade sum is that accurate
-                        // too, so both land on the same f32 (one ulp apart at worst).
+pub fn ternarize_absmean(
+    name: &str,
+    t: &RawTensor<'_>,
+    n_out: usize,
+    n_in: usize,
+) -> Result<TernaryMatrix> {
+    let w = t.to_f32(name)?; // [n_out, n_in]
+                             // The mean in f64, rounded once: torch's f32 cascade sum is that accurate
+                             // too, so both land on the same f32 (one ulp apart at worst).
     let sum: f64 = w.iter().map(|v| f64::from(v.abs())).sum();
     let mean = (sum / w.len() as f64) as f32;
     let s = 1.0f32 / mean.max(1e-5);
@@ -484,7 +489,6 @@ pub fn ternarize_absmean(t: &RawTensor<'_>, n_out: usize, n_in: usize) -> Ternar
     TernaryMatrix::from_fn(n_out, n_in, scale, |n, k| {
         (w[n * n_in + k] * s).round_ties_even().clamp(-1.0, 1.0) as i8
     })
-    .expect("dimensions and scale were checked")
 }
 
 /// The precision the output head is kept in.
@@ -571,7 +575,7 @@ pub fn load(
     let c = &config;
     let (hidden, inter) = (c.hidden_size, c.intermediate_size);
     let head_matrix = |t: &RawTensor<'_>| match head {
-        HeadPrecision::AsStored => Ok(DenseMatrix::from_raw(t)),
+        HeadPrecision::AsStored => DenseMatrix::from_raw(t, "the output head"),
         HeadPrecision::Int8 => pool.install(|| DenseMatrix::int8_from_raw(t)),
         HeadPrecision::Q6 => pool.install(|| DenseMatrix::q6_from_raw(t)),
     };
@@ -579,7 +583,7 @@ pub fn load(
     let embed = if c.tie_word_embeddings {
         head_matrix(&embed_t)?
     } else {
-        DenseMatrix::from_raw(&embed_t)
+        DenseMatrix::from_raw(&embed_t, "model.embed_tokens.weight")?
     };
     ck.tensors.release_prefix("model.embed_tokens.");
     let norm = ck.vector("model.norm.weight", hidden)?;
@@ -682,7 +686,7 @@ mod tests {
         let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
         let shape = [2, 2];
         let t = RawTensor::new("w", DType::F32, &shape, &bytes).unwrap();
-        let m = ternarize_absmean(&t, 2, 2);
+        let m = ternarize_absmean("w", &t, 2, 2).unwrap();
         assert_eq!(m.unpack(), vec![0, -1, 0, 1]);
         let s = 1.0f32 / 1.025f32;
         assert_eq!(m.scale(), 1.0f32 / s);

@@ -71,7 +71,7 @@ pub fn gguf_float_tensor(
         let checkpoint = GgufCheckpoint::open(&path)?;
         let key = builder_name(&name);
         match checkpoint.tensor(&key) {
-            Some(t) => Ok(Some(t.to_f32())),
+            Some(t) => Ok(Some(t.to_f32(&name)?)),
             None if checkpoint.shape(&key).is_some() => Err(TritError::invalid(format!(
                 "{}: tensor {name:?} is not a float tensor",
                 path.display()

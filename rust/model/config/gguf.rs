@@ -232,7 +232,12 @@ fn llama3_rope(
             t.shape
         ));
     }
-    let stored: Vec<f64> = t.to_f32().into_iter().map(f64::from).collect();
+    let stored: Vec<f64> = t
+        .to_f32(ROPE_FREQS)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(f64::from)
+        .collect();
     let factor = stored.iter().copied().fold(f64::NAN, f64::max);
     if stored.iter().all(|&f| f == 1.0) {
         return Ok(None);
