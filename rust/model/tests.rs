@@ -931,3 +931,66 @@ fn tq1_packing_gives_the_same_logits() {
         assert_eq!(a.last_logits().unwrap(), b.last_logits().unwrap());
     }
 }
+
+#[test]
+fn a_q8_0_cache_is_close_to_the_f32_one_and_34_bytes_per_32_values() {
+    let c = wide();
+    let m = model(&c);
+    let ids = [3u32, 17, 0, 39, 8, 8, 21, 5, 5, 30, 64, 1];
+    let mut exact = Session::new(m.clone(), Some(32), Some(1), KvType::F32).unwrap();
+    let mut q8 = Session::new(m, Some(32), Some(1), KvType::Q8_0).unwrap();
+    assert_eq!(q8.kv_type(), KvType::Q8_0);
+    // f32: 128 bytes per 32 values.
+    assert_eq!(128 * q8.cache_bytes(), 34 * exact.cache_bytes());
+    let (a, b) = (exact.logits(&ids).unwrap(), q8.logits(&ids).unwrap());
+    let spread = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(
+        max_diff(&a, &b) < 0.05 * spread,
+        "{} vs {spread}",
+        max_diff(&a, &b)
+    );
+    assert!(max_diff(&a, &b) > 0.0, "the codes round keys and values");
+}
+
+#[test]
+fn a_q8_0_cache_needs_a_head_size_of_whole_blocks() {
+    let m = model(&tiny()); // head_dim 4
+    let err = Session::new(m, Some(8), Some(1), KvType::Q8_0)
+        .err()
+        .expect("head_dim 4 is refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("\"q8_0\"") && text.contains("head_dim (4)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_q8_0_prefix_another_slot_computed_gives_a_fresh_sequence_s_logits() {
+    let m = model(&wide());
+    let kernel = Kernel::active().unwrap();
+    let mut e = Engine::new(m.clone(), 2, Some(64), Some(2), KvType::Q8_0, kernel).unwrap();
+    let system: Vec<u32> = (0..40u32).map(|i| (i * 13 + 5) % 70).collect();
+    let a = e.acquire(&system).unwrap();
+    e.step(&[Work {
+        slot: a,
+        ids: &system,
+        logits: true,
+    }])
+    .unwrap();
+    let prompt: Vec<u32> = [&system[..], &[7, 9]].concat();
+    let b = e.acquire(&prompt).unwrap();
+    assert_eq!(e.tokens(b).unwrap(), &system[..]);
+    e.step(&[Work {
+        slot: b,
+        ids: &prompt[system.len()..],
+        logits: true,
+    }])
+    .unwrap();
+    let mut fresh = Session::with_kernel(m, Some(64), Some(2), KvType::Q8_0, kernel).unwrap();
+    fresh.prefill(&prompt).unwrap();
+    assert_eq!(
+        e.last_logits(b).unwrap().unwrap(),
+        fresh.last_logits().unwrap()
+    );
+}
