@@ -117,7 +117,9 @@ impl<'a, T: RowElement, Q: RowElement> HeadGroup<'a, T, Q> {
         assert!(hd >= 1 && hd.is_multiple_of(T::VALUES) && hd.is_multiple_of(Q::VALUES));
         let (q_row, kv_row) = (hd / Q::VALUES, hd / T::VALUES);
         assert!(!q.is_empty() && q.len().is_multiple_of(q_row));
-        assert!(keys.len() == values.len() && keys.len().is_multiple_of(kv_row) && !keys.is_empty());
+        assert!(
+            keys.len() == values.len() && keys.len().is_multiple_of(kv_row) && !keys.is_empty()
+        );
         let (heads, n) = (q.len() / q_row, keys.len() / kv_row);
         assert!(scores.stride >= n && scores.data.len() >= (heads - 1) * scores.stride + n);
         assert!(out.stride >= hd && out.data.len() >= (heads - 1) * out.stride + hd);

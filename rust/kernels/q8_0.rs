@@ -75,7 +75,7 @@ mod tests {
         };
         let mut src = Vec::new();
         for b in 0..400 {
-            let scale = f32::powi(2.0, (b % 60) as i32 - 40) * if b % 2 == 0 { 1.0 } else { 3.7 };
+            let scale = f32::powi(2.0, b % 60 - 40) * if b % 2 == 0 { 1.0 } else { 3.7 };
             for i in 0..Q8_0_VALUES {
                 let r = next();
                 let uniform = ((r >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
@@ -131,7 +131,10 @@ mod tests {
             }
             for (&q, &v) in block.qs.iter().zip(x) {
                 let exact = f64::from(v) / d;
-                assert!((exact - f64::from(q)).abs() <= 0.5 + 1e-4, "{v} / {d} -> {q}");
+                assert!(
+                    (exact - f64::from(q)).abs() <= 0.5 + 1e-4,
+                    "{v} / {d} -> {q}"
+                );
             }
         }
         // Ties: d = 1 exactly, so x = k + 0.5 goes to k + 1 (or -k - 1).

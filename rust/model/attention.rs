@@ -34,8 +34,8 @@ pub const KEY_CHUNK: usize = 256;
 /// Reusable buffers of `attend_group`.
 #[derive(Default)]
 pub struct ChunkScratch {
-    out: Vec<f32>,              // [chunks, heads, hd]
-    stats: Vec<Partial>,        // [chunks, heads]
+    out: Vec<f32>,                // [chunks, heads, hd]
+    stats: Vec<Partial>,          // [chunks, heads]
     query_blocks: Vec<BlockQ8_0>, // [heads, hd / 32], for a q8_0 cache
 }
 
@@ -454,7 +454,10 @@ mod tests {
                 let want = run_chunk(Kernel::Scalar, &q, hd, k8r, v8r, range.clone());
                 for path in paths() {
                     let got = run_chunk(path, &q, hd, k8r, v8r, range.clone());
-                    assert_eq!(got, want, "{path:?} q8_0 hd {hd} n {n} heads {heads} chunk {c}");
+                    assert_eq!(
+                        got, want,
+                        "{path:?} q8_0 hd {hd} n {n} heads {heads} chunk {c}"
+                    );
                 }
             }
             let want = run_group(Kernel::Scalar, &q, hd, k8r, v8r, n, scaling);
@@ -477,7 +480,11 @@ mod tests {
                     );
                     let off = (got - unquantized[d]).abs();
                     worst = worst.max(off);
-                    assert!(off < F32_TOL, "hd {hd} n {n} h {h} d {d}: {got} vs {}", unquantized[d]);
+                    assert!(
+                        off < F32_TOL,
+                        "hd {hd} n {n} h {h} d {d}: {got} vs {}",
+                        unquantized[d]
+                    );
                 }
             }
         }

@@ -317,7 +317,10 @@ mod tests {
             let err = KvCache::new(2, 2, 8, head_dim, KvType::Q8_0, Kernel::Scalar).unwrap_err();
             let text = err.to_string();
             assert!(matches!(err, TritError::InvalidInput(_)), "{err:?}");
-            assert!(text.contains("q8_0") && text.contains(&format!("head_dim ({head_dim})")), "{text}");
+            assert!(
+                text.contains("q8_0") && text.contains(&format!("head_dim ({head_dim})")),
+                "{text}"
+            );
             assert!(KvCache::new(2, 2, 8, head_dim, KvType::F16, Kernel::Scalar).is_ok());
         }
         assert!(KvCache::new(2, 2, 8, 64, KvType::Q8_0, Kernel::Scalar).is_ok());
@@ -334,8 +337,14 @@ mod tests {
             }
             a.copy_prefix(&b, 2);
             let zero = vec![0.0; HD];
-            assert_eq!(f32s(a.keys(0, 0, 3)), [row(0.0, 1.0), zero.clone(), zero.clone()].concat());
-            assert_eq!(f32s(a.keys(1, 1, 3)), [zero.clone(), row(7.0, 8.0), zero.clone()].concat());
+            assert_eq!(
+                f32s(a.keys(0, 0, 3)),
+                [row(0.0, 1.0), zero.clone(), zero.clone()].concat()
+            );
+            assert_eq!(
+                f32s(a.keys(1, 1, 3)),
+                [zero.clone(), row(7.0, 8.0), zero.clone()].concat()
+            );
             assert_eq!(f32s(a.values(1, 1, 2))[HD..], row(-7.0, 1.0));
             // Position 2 lies beyond the prefix.
             assert_eq!(f32s(a.keys(1, 0, 3)), vec![0.0; 3 * HD], "{kind:?}");
@@ -378,7 +387,10 @@ mod tests {
         }
         assert_eq!(KvType::parse("q8_0").unwrap(), KvType::Q8_0);
         let err = KvType::parse("q4_0").unwrap_err().to_string();
-        assert!(err.contains("kv_cache") && err.contains("\"q4_0\""), "{err}");
+        assert!(
+            err.contains("kv_cache") && err.contains("\"q4_0\""),
+            "{err}"
+        );
         for kind in KvType::ALL {
             assert!(err.contains(&format!("\"{}\"", kind.name())), "{err}");
         }

@@ -3,7 +3,7 @@
 
 pub mod attention;
 pub mod half;
-pub mod q8_0;
 pub mod head;
+pub mod q8_0;
 pub mod ternary;
 pub mod tq1;

@@ -49,8 +49,7 @@ pub fn quantize(dst: &mut [BlockQ8_0], src: &[f32]) {
 /// and converts to f32 exactly.
 #[inline(always)]
 pub fn block_dot(a: &BlockQ8_0, b: &BlockQ8_0) -> i32 {
-    a.qs
-        .iter()
+    a.qs.iter()
         .zip(&b.qs)
         .map(|(&x, &y)| i32::from(x) * i32::from(y))
         .sum()

@@ -450,7 +450,12 @@ unsafe fn scores8_q8_0<const H: usize>(
     for (row, &acc_h) in rows.iter_mut().zip(&acc) {
         let s = &mut row.scores[j..j + 8];
         // SAFETY: `s` holds 8 floats.
-        unsafe { _mm256_storeu_ps(s.as_mut_ptr(), _mm256_mul_ps(acc_h, _mm256_set1_ps(scaling))) };
+        unsafe {
+            _mm256_storeu_ps(
+                s.as_mut_ptr(),
+                _mm256_mul_ps(acc_h, _mm256_set1_ps(scaling)),
+            )
+        };
     }
 }
 

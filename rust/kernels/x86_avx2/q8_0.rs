@@ -61,7 +61,10 @@ fn quantize_block(x: &[f32]) -> BlockQ8_0 {
     let words_hi = _mm256_packs_epi32(codes[2], codes[3]);
     let bytes = _mm256_packs_epi16(words_lo, words_hi);
     let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    let mut block = BlockQ8_0 { d, qs: [0; Q8_0_VALUES] };
+    let mut block = BlockQ8_0 {
+        d,
+        qs: [0; Q8_0_VALUES],
+    };
     // SAFETY: qs holds 32 bytes.
     unsafe { _mm256_storeu_si256(block.qs.as_mut_ptr().cast(), ordered) };
     block
