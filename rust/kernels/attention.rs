@@ -195,7 +195,7 @@ pub fn attend_chunk<T: KvElement>(kernel: Kernel, group: &mut HeadGroup<'_, T>) 
 
 /// `attend_chunk` over q8_0 keys and values, the queries quantized to q8_0
 /// too: `s_j = scaling · Σ_b (d_q[b] · d_k[b]) · (q_b · k_b)`, each block's
-/// integer dot exact, and `out_h = Σ_j e_j · d_v[b] · v_j` in f32. Every
+/// integer dot exact, and `out_h = Σ_j e_j · (d_v[b] · v_j)` in f32. Every
 /// path's result is exactly `scalar::attention::attend_head_q8_0` of each head.
 pub fn attend_chunk_q8_0(kernel: Kernel, group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0>) {
     #[cfg(target_arch = "x86_64")]

@@ -149,8 +149,10 @@ pub fn score_q8_0(q: &[BlockQ8_0], k: &[BlockQ8_0], scaling: f32) -> f32 {
 /// The definition of one head's partial over one chunk of q8_0 keys and
 /// values, the query quantized to q8_0 as well: the scores
 /// `s_j = score_q8_0(q, k_j)` (in `scores`, then replaced by exp(s_j - max)),
-/// `out[32 b + i] = Σ_j (e_j · d_v[j, b]) · v_j[b].qs[i]` (fused
-/// multiply-adds in key order); returns (max, Σ_j exp(s_j - max)).
+/// `out[32 b + i] = Σ_j e_j · (d_v[j, b] · v_j[b].qs[i])` (fused
+/// multiply-adds in key order); returns (max, Σ_j exp(s_j - max)). Each
+/// value d · code is exact in f32 (an 11-bit significand times at most 2^7),
+/// so it is the dequantized value itself, computed once for all heads.
 pub fn attend_head_q8_0(
     q: &[BlockQ8_0],      // [hd / 32]
     keys: &[BlockQ8_0],   // [n, hd / 32]
@@ -171,9 +173,9 @@ pub fn attend_head_q8_0(
     out.fill(0.0);
     for (&e, row) in scores.iter().zip(values.chunks_exact(blocks)) {
         for (o, v) in out.chunks_exact_mut(Q8_0_VALUES).zip(row) {
-            let w = e * v.d.to_f32();
+            let d = v.d.to_f32();
             for (od, &code) in o.iter_mut().zip(&v.qs) {
-                *od = w.mul_add(f32::from(code), *od);
+                *od = e.mul_add(d * f32::from(code), *od);
             }
         }
     }

@@ -459,9 +459,9 @@ unsafe fn scores8_q8_0<const H: usize>(
     }
 }
 
-/// out_h[d..d + 16] = Σ_j (e_h[j] · d_v[j, b]) · v_j[b].qs[i..i + 16], with
-/// b = d / 32, i = d % 32 (0 or 16): each value block is loaded (and
-/// widened) once for all heads.
+/// out_h[d..d + 16] = Σ_j e_h[j] · (d_v[j, b] · v_j[b].qs[i..i + 16]), with
+/// b = d / 32, i = d % 32 (0 or 16): each value block is loaded, widened
+/// and scaled (exactly) once for all heads.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; `values` is [n, blocks] with n
@@ -489,14 +489,16 @@ unsafe fn values_step_q8_0<const H: usize>(
         let dv = _mm256_cvtph_ps(_mm_set1_epi16(v.d.0 as i16));
         // SAFETY: i + 16 <= 32 bytes of qs (asserted).
         let codes = unsafe { _mm_loadu_si128(v.qs.as_ptr().add(i).cast()) };
-        let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
-        let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(codes)));
+        let lo = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)));
+        let hi = _mm256_mul_ps(
+            dv,
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(codes))),
+        );
         for (acc_h, &w) in acc.iter_mut().zip(&weights) {
             // SAFETY: j < n, the length of every head's scores (asserted).
             let e = unsafe { _mm256_broadcast_ss(&*w.add(j)) };
-            let we = _mm256_mul_ps(e, dv);
-            acc_h[0] = _mm256_fmadd_ps(we, lo, acc_h[0]);
-            acc_h[1] = _mm256_fmadd_ps(we, hi, acc_h[1]);
+            acc_h[0] = _mm256_fmadd_ps(e, lo, acc_h[0]);
+            acc_h[1] = _mm256_fmadd_ps(e, hi, acc_h[1]);
         }
     }
     for (row, acc_h) in rows.iter_mut().zip(&acc) {
