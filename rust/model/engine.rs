@@ -885,10 +885,11 @@ impl Drop for Release<'_> {
 /// Buffers of `attention`, sized for a full context.
 #[derive(Default)]
 struct AttentionScratch {
-    scores: Vec<f32>,             // [n_heads, chunks, KEY_CHUNK]
-    partial_out: Vec<f32>,        // [n_heads, chunks, hd], by KV group: [n_kv, chunks, group, hd]
-    partial_stats: Vec<Partial>,  // [n_heads, chunks], by KV group: [n_kv, chunks, group]
-    query_blocks: Vec<BlockQ8_0>, // [n_heads, hd / 32]: one token's queries, for a q8_0 cache
+    scores: Vec<f32>,            // [n_heads, chunks, KEY_CHUNK]
+    partial_out: Vec<f32>,       // [n_heads, chunks, hd], by KV group: [n_kv, chunks, group, hd]
+    partial_stats: Vec<Partial>, // [n_heads, chunks], by KV group: [n_kv, chunks, group]
+    /// [n_heads, hd / 32]: one token's queries, for a q8_0 cache.
+    query_blocks: Vec<BlockQ8_0>,
 }
 
 impl AttentionScratch {
