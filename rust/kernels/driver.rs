@@ -265,15 +265,20 @@ pub(crate) fn prefetch(p: *const u8) {
 /// The operands of one small-batch tile.
 #[derive(Clone, Copy)]
 pub(crate) struct SmallTileOperands {
-    /// The tile's first row of packed weights; the others follow it, `row_blocks` apart.
+    /// The first block the tile reads of its first row; the other rows'
+    /// follow it, `row_stride` blocks apart.
     pub rows: *const PackedBlock,
-    pub row_blocks: usize,
-    /// [TOKENS, act_stride] activation codes of the tile's first token.
+    pub row_stride: usize,
+    /// Blocks of each row the tile reads (a K chunk: all of a row, or part).
+    pub blocks: usize,
+    /// [TOKENS, act_stride] activation codes of the tile's first token, from
+    /// the chunk's first input.
     pub acts: *const i8,
     pub act_stride: usize,
-    /// Whether to prefetch the weights that follow the tile's rows (the
-    /// first token tile of a row tile reads them from memory).
-    pub prefetch: bool,
+    /// Blocks ahead of each block read to prefetch (the weights a later tile
+    /// reads), or 0 for none: only the first token tile of a row tile reads
+    /// its weights from memory.
+    pub prefetch_ahead: usize,
 }
 
 /// One instruction set's tile for a GEMM of a few tokens (a batched decode
@@ -284,21 +289,47 @@ pub(crate) trait SmallGemmTile {
     const ROWS: usize;
     const TOKENS: usize;
 
-    /// `out[j·m + i] = Σ_k code(row j, k) · acts[i·act_stride + k]` over the
-    /// rows' `row_blocks` blocks (the codes `w + 1`), for `nr` rows and `nt` tokens.
+    /// `out[j·m + i] += Σ_k code(row j, k) · acts[i·act_stride + k]` over the
+    /// `blocks` blocks from `rows` of each row (the codes `w + 1`), for `nr`
+    /// rows and `nt` tokens.
     ///
     /// # Safety
     /// The CPU runs the implementing path; 1 <= nr <= ROWS, 1 <= nt <=
-    /// TOKENS; the operands hold nr rows and nt tokens of `row_blocks ·
-    /// BLOCK` codes; `out` holds `(nr - 1)·m + nt` values.
+    /// TOKENS; row j's blocks are `rows + j·row_stride ..` `+ blocks`, token
+    /// i's codes `acts + i·act_stride ..` `+ blocks · BLOCK`; `out` holds
+    /// `(nr - 1)·m + nt` values.
     unsafe fn tile(nr: usize, nt: usize, ops: SmallTileOperands, out: &mut [i32], m: usize);
 }
 
 /// Row tiles of the small-batch GEMM that run each token tile in turn.
 const SMALL_ROW_GROUP_TILES: usize = 8;
 
-/// `gemm` for a few tokens, over a `SmallGemmTile`: groups of row tiles,
-/// each multiplied with every token tile; then Σx subtracted.
+/// Bytes of one token tile's activations a K chunk of the small-batch GEMM
+/// may take: the chunk's activations stay in L1 (32 KiB or more on the
+/// CPUs the paths target) beside the weights streaming through it, where a
+/// whole row of 6912 inputs for 8 tokens (54 KiB) would come from L2 for
+/// every row tile.
+const SMALL_CHUNK_ACT_BYTES: usize = 24 * 1024;
+
+/// Blocks ahead of the one being read that an unchunked small tile
+/// prefetches (4 KiB: the rows of a row tile and the next are contiguous).
+const SMALL_PREFETCH_BLOCKS: usize = 64;
+
+/// Row tiles ahead whose blocks a chunked small tile prefetches (the same
+/// chunk of later rows: the next blocks in memory belong to the next chunk).
+const SMALL_PREFETCH_ROW_TILES: usize = 2;
+
+/// The K chunk of the small-batch GEMM, in blocks: a row in equal parts of at
+/// most `SMALL_CHUNK_ACT_BYTES` of `tokens` tokens' activations each.
+fn small_chunk_blocks(tokens: usize, row_blocks: usize) -> usize {
+    let most = (SMALL_CHUNK_ACT_BYTES / (tokens.max(1) * BLOCK)).max(1);
+    let chunks = row_blocks.div_ceil(most).max(1);
+    row_blocks.div_ceil(chunks).max(1)
+}
+
+/// `gemm` for a few tokens, over a `SmallGemmTile`: K in chunks whose
+/// activations stay in L1, groups of row tiles each multiplied with every
+/// token tile; then Σx subtracted.
 ///
 /// # Safety
 /// The CPU runs the path `T` belongs to.
@@ -316,35 +347,49 @@ pub(crate) unsafe fn gemm_small<T: SmallGemmTile>(
         "the small tiles decode 2-bit blocks"
     );
     let acts = x.codes().as_ptr(); // [m, kp]
-                                   // More tokens than a tile takes: a group of row tiles runs one token
-                                   // tile after the other, so that a token tile's activations stay in L1
-                                   // over the group's rows (and the rows, read from memory by the first
-                                   // token tile, come from cache for the others), rather than each row tile
-                                   // cycling through every token's activations, more than L1 holds.
+    let row_blocks = w.blocks_per_row();
+    let chunk_blocks = small_chunk_blocks(T::TOKENS.min(m), row_blocks);
+    let chunked = chunk_blocks < row_blocks;
+    // More tokens than a tile takes: a group of row tiles runs one token
+    // tile after the other, so that a token tile's activations stay in L1
+    // over the group's rows (and the rows, read from memory by the first
+    // token tile, come from cache for the others), rather than each row tile
+    // cycling through every token's activations, more than L1 holds.
     let group_rows = if m > T::TOKENS {
         SMALL_ROW_GROUP_TILES * T::ROWS
     } else {
         rows.len().max(1)
     };
+    let prefetch_ahead = if chunked {
+        SMALL_PREFETCH_ROW_TILES * T::ROWS * row_blocks
+    } else {
+        SMALL_PREFETCH_BLOCKS
+    };
+    dots.fill(0);
     for g0 in rows.clone().step_by(group_rows) {
         let g_end = (g0 + group_rows).min(rows.end);
-        for t0 in (0..m).step_by(T::TOKENS) {
-            let nt = T::TOKENS.min(m - t0);
-            for r0 in (g0..g_end).step_by(T::ROWS) {
-                let nr = T::ROWS.min(g_end - r0);
-                let out_row = (r0 - rows.start) * m;
-                let ops = SmallTileOperands {
-                    rows: w.row(r0).as_ptr(),
-                    row_blocks: w.blocks_per_row(),
-                    // SAFETY: t0 < m: inside the [m, kp] codes.
-                    acts: unsafe { acts.add(t0 * kp) },
-                    act_stride: kp,
-                    prefetch: t0 == 0,
-                };
-                // SAFETY: rows r0..r0 + nr exist (rows.end <= n_out), tokens
-                // t0..t0 + nt exist with kp codes each; the row tile's dots
-                // from t0 are (nr - 1)·m + nt values at least.
-                unsafe { T::tile(nr, nt, ops, &mut dots[out_row + t0..], m) };
+        for c0 in (0..row_blocks).step_by(chunk_blocks) {
+            let blocks = chunk_blocks.min(row_blocks - c0);
+            for t0 in (0..m).step_by(T::TOKENS) {
+                let nt = T::TOKENS.min(m - t0);
+                for r0 in (g0..g_end).step_by(T::ROWS) {
+                    let nr = T::ROWS.min(g_end - r0);
+                    let out_row = (r0 - rows.start) * m;
+                    let ops = SmallTileOperands {
+                        rows: w.row(r0)[c0..].as_ptr(),
+                        row_stride: row_blocks,
+                        blocks,
+                        // SAFETY: t0 < m and c0·BLOCK < kp: inside the [m, kp] codes.
+                        acts: unsafe { acts.add(t0 * kp + c0 * BLOCK) },
+                        act_stride: kp,
+                        prefetch_ahead: if t0 == 0 { prefetch_ahead } else { 0 },
+                    };
+                    // SAFETY: rows r0..r0 + nr exist (rows.end <= n_out) with
+                    // row_blocks >= c0 + blocks blocks each, tokens t0..t0 + nt
+                    // exist with kp >= (c0 + blocks)·BLOCK codes each; the row
+                    // tile's dots from t0 are (nr - 1)·m + nt values at least.
+                    unsafe { T::tile(nr, nt, ops, &mut dots[out_row + t0..], m) };
+                }
             }
         }
     }

@@ -224,10 +224,18 @@ fn extreme_codes_do_not_overflow() {
 /// row ranges leaving every row remainder, rows long enough to widen the
 /// i16 sums more than once; random activations, and the i16 sums' worst
 /// case (codes of 2 or 0 against -128 throughout). The same for tq1
-/// matrices, which take the unpacking GEMM at every batch size.
+/// matrices, which take the unpacking GEMM at every batch size. Rows of 9
+/// blocks run whole; rows of 26 are split in K chunks (of 9, 9 and 8 blocks
+/// for 8 tokens) whose sums add up.
 #[test]
 fn small_batch_tiles_agree() {
-    let (n_out, n_in) = (7, 8 * packing::BLOCK + 100);
+    for n_in in [8 * packing::BLOCK + 100, 25 * packing::BLOCK + 100] {
+        small_batch_tiles_agree_at(n_in);
+    }
+}
+
+fn small_batch_tiles_agree_at(n_in: usize) {
+    let n_out = 7;
     let mut scratch = Vec::new();
     let random = random_matrix(n_out, n_in, 11);
     let plus = TernaryMatrix::pack(&vec![1; n_out * n_in], n_out, n_in, 1.0).unwrap();
@@ -257,7 +265,7 @@ fn small_batch_tiles_agree() {
                     let packing = w.packing().name();
                     assert_eq!(
                         dots, expected,
-                        "{kernel} ({packing}), m = {m}, rows {rows:?}"
+                        "{kernel} ({packing}), m = {m}, rows {rows:?}, {n_in} inputs"
                     );
                 }
             }

@@ -251,9 +251,11 @@ impl DenseMatrix {
                     dots.resize(n * len, 0); // [n, len]
                     let head = &codes[r0 * cols..(r0 + len) * cols];
                     head::int8_dots_tokens(kernel, head, &qxs, n, dots);
+                    let row_scales = &scales[r0..r0 + len];
                     for ((ys, ds), &sx) in task.iter_mut().zip(dots.chunks_exact(len)).zip(&sxs) {
-                        for (i, (y, &d)) in ys.iter_mut().zip(ds).enumerate() {
-                            *y = d as f32 / sx / scales[r0 + i];
+                        // Zipped, not indexed: the divisions vectorize.
+                        for ((y, &d), &scale) in ys.iter_mut().zip(ds).zip(row_scales) {
+                            *y = d as f32 / sx / scale;
                         }
                     }
                 },
@@ -288,8 +290,11 @@ impl DenseMatrix {
             let r0 = first + c * PIECE;
             let dots = &mut dots[..ys.len()];
             head::int8_dots(kernel, &codes[r0 * cols..(r0 + ys.len()) * cols], qx, dots);
-            for (i, (y, &d)) in ys.iter_mut().zip(dots.iter()).enumerate() {
-                *y = d as f32 / sx / scales[r0 + i];
+            // Zipped with the rows' scales rather than indexed: no bounds
+            // check per element, so the divisions vectorize.
+            let row_scales = &scales[r0..r0 + ys.len()];
+            for ((y, &d), &scale) in ys.iter_mut().zip(dots.iter()).zip(row_scales) {
+                *y = d as f32 / sx / scale;
             }
         }
     }

@@ -46,9 +46,6 @@ const GEMM_I16_STEPS: usize = 32;
 /// products (4 chunks × 4 planes, `smlal` + `smlal2`) to every lane of a
 /// (row, token) accumulator: 3 · 32 · 256 = 24576.
 const SMALL_I16_BLOCKS: usize = 3;
-/// Blocks of packed weights ahead of those being decoded that the small
-/// tile prefetches (4 KiB: two row tiles of a 2560-input matrix).
-const SMALL_PREFETCH_BLOCKS: usize = 64;
 
 /// The four 16-code planes held by 16 packed bytes: plane i has the codes of
 /// bits 2i..2i+1.
@@ -233,7 +230,7 @@ impl SmallGemmTile for SmallTile {
     }
 }
 
-/// `out[j·m + i] = Σ_k code(row j, k) · acts[i·act_stride + k]`: block by
+/// `out[j·m + i] += Σ_k code(row j, k) · acts[i·act_stride + k]`: block by
 /// block, chunk by chunk, each row's 16 packed bytes loaded once and their
 /// four planes decoded in registers, each plane multiplied with the NT
 /// tokens' 16 activations it meets.
@@ -249,37 +246,38 @@ unsafe fn small_tile<const NR: usize, const NT: usize>(
 ) {
     let SmallTileOperands {
         rows,
-        row_blocks,
+        row_stride,
+        blocks,
         acts,
         act_stride,
-        prefetch,
+        prefetch_ahead,
     } = ops;
     let mut acc32 = [[vdupq_n_s32(0); NT]; NR];
     let mut b = 0;
-    while b < row_blocks {
-        let end = (b + SMALL_I16_BLOCKS).min(row_blocks);
+    while b < blocks {
+        let end = (b + SMALL_I16_BLOCKS).min(blocks);
         let mut acc16 = [[vdupq_n_s16(0); NT]; NR];
         while b < end {
-            if prefetch {
+            if prefetch_ahead != 0 {
                 for j in 0..NR {
-                    let ahead = rows.wrapping_add(j * row_blocks + b + SMALL_PREFETCH_BLOCKS);
+                    let ahead = rows.wrapping_add(j * row_stride + b + prefetch_ahead);
                     driver::prefetch(ahead.cast());
                 }
             }
             for q in 0..4 {
                 let mut codes = [[vdupq_n_s8(0); 4]; NR];
                 for (j, codes) in codes.iter_mut().enumerate() {
-                    // SAFETY: rows j < NR hold row_blocks blocks of 64
-                    // bytes, b < row_blocks; chunk q is 16 of them.
+                    // SAFETY: rows j < NR hold `blocks` blocks of 64 bytes
+                    // from rows + j·row_stride, b < blocks; chunk q is 16 of them.
                     let packed =
-                        unsafe { vld1q_u8(rows.add(j * row_blocks + b).cast::<u8>().add(16 * q)) };
+                        unsafe { vld1q_u8(rows.add(j * row_stride + b).cast::<u8>().add(16 * q)) };
                     *codes = planes(packed);
                 }
                 for plane in 0..4 {
                     // Activations 64·plane + 16q .. +16 of block b meet plane `plane` of chunk q.
                     let mut a = [vdupq_n_s8(0); NT];
                     for (i, a) in a.iter_mut().enumerate() {
-                        // SAFETY: token i < NT holds row_blocks·BLOCK codes from
+                        // SAFETY: token i < NT holds blocks·BLOCK codes from
                         // acts + i·act_stride, and b·BLOCK + 256 <= that.
                         *a = unsafe {
                             vld1q_s8(acts.add(i * act_stride + b * BLOCK + 64 * plane + 16 * q))
@@ -304,7 +302,7 @@ unsafe fn small_tile<const NR: usize, const NT: usize>(
     }
     for j in 0..NR {
         for i in 0..NT {
-            out[j * m + i] = vaddvq_s32(acc32[j][i]);
+            out[j * m + i] += vaddvq_s32(acc32[j][i]);
         }
     }
 }

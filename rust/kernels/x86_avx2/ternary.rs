@@ -266,11 +266,7 @@ impl SmallGemmTile for SmallTile {
 /// `vpmaddubsw` lanes (2 halves × 4 planes) to a token's accumulator:
 /// 7 · 8 · 512 = 28672.
 const SMALL_I16_BLOCKS: usize = 7;
-/// Blocks of packed weights ahead of the one being decoded that the small
-/// tile prefetches (4 KiB, as the AVX-512 one: the rows are one stream).
-const SMALL_PREFETCH_BLOCKS: usize = 64;
-
-/// `out[i] = Σ_k code(row, k) · acts[i·act_stride + k]` for the NT tokens i:
+/// `out[i] += Σ_k code(row, k) · acts[i·act_stride + k]` for the NT tokens i:
 /// block by block, each half of the row's block loaded once and its four
 /// planes decoded in registers (shift and mask), each plane multiplied with
 /// the NT tokens' 32 activations it meets.
@@ -282,23 +278,24 @@ const SMALL_PREFETCH_BLOCKS: usize = 64;
 unsafe fn small_tile<const NT: usize>(ops: SmallTileOperands, out: &mut [i32]) {
     let SmallTileOperands {
         rows: row,
-        row_blocks,
+        blocks,
         acts,
         act_stride,
-        prefetch,
+        prefetch_ahead,
+        ..
     } = ops;
     let ones = _mm256_set1_epi16(1);
     let mask = _mm256_set1_epi8(3);
     let mut acc32 = [_mm256_setzero_si256(); NT];
     let mut b = 0;
-    while b < row_blocks {
-        let end = (b + SMALL_I16_BLOCKS).min(row_blocks);
+    while b < blocks {
+        let end = (b + SMALL_I16_BLOCKS).min(blocks);
         let mut acc16 = [_mm256_setzero_si256(); NT];
         while b < end {
-            // SAFETY: b < row_blocks: a block of the row.
+            // SAFETY: b < blocks: a block of the row.
             let block = unsafe { row.add(b) };
-            if prefetch {
-                let ahead = block.wrapping_add(SMALL_PREFETCH_BLOCKS);
+            if prefetch_ahead != 0 {
+                let ahead = block.wrapping_add(prefetch_ahead);
                 _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
             }
             for half in 0..2 {
@@ -315,7 +312,7 @@ unsafe fn small_tile<const NT: usize>(ops: SmallTileOperands, out: &mut [i32]) {
                     for (i, acc) in acc16.iter_mut().enumerate() {
                         // Activations 64·plane + 32·half .. +32 of block b
                         // meet the codes in bits 2·plane..2·plane+1 of this half.
-                        // SAFETY: token i < NT holds row_blocks·BLOCK codes from
+                        // SAFETY: token i < NT holds blocks·BLOCK codes from
                         // acts + i·act_stride, and b·BLOCK + 256 <= that.
                         let a = unsafe {
                             _mm256_loadu_si256(
@@ -337,10 +334,12 @@ unsafe fn small_tile<const NT: usize>(ops: SmallTileOperands, out: &mut [i32]) {
         let mut sums = [0i32; 8];
         // SAFETY: sums holds 8 i32, 32 bytes.
         unsafe { _mm256_storeu_si256(sums.as_mut_ptr().cast(), sum_eight(&acc32)) };
-        out[..8].copy_from_slice(&sums);
+        for (out, sum) in out.iter_mut().zip(sums) {
+            *out += sum;
+        }
     } else {
         for (out, &acc) in out.iter_mut().zip(&acc32) {
-            *out = hsum_epi32(acc);
+            *out += hsum_epi32(acc);
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::kernels::q6::{
     Q6Rows, Q6Tokens, BLOCKS_PER_GROUP, CODE_OFFSET, GROUP, GROUP_BYTES, GROUP_CODE_BYTES,
     SPAN_GROUPS,
 };
-use crate::kernels::x86_avx2;
+use crate::kernels::{x86_avx2, x86_avx512};
 
 /// Tiles: 4 rows × 4 tokens (16 accumulators, 4 row and 4 token operands)
 /// for up to four tokens, 2 rows × 8 tokens (16 accumulators, 2 row and 8
@@ -163,10 +163,10 @@ unsafe fn tile_dots<const NR: usize, const NT: usize>(ops: Operands, out: &mut T
             }
             k += 64;
         }
-        for j in 0..NR {
-            for i in 0..NT {
-                out[j][i] = _mm512_reduce_add_epi32(acc[j][i]);
-            }
+        // Sixteen accumulators (a full tile) in one transposing tree.
+        let sums = x86_avx512::ternary::tile_sums(&acc);
+        for (out, sums) in out.iter_mut().zip(&sums) {
+            out[..NT].copy_from_slice(sums);
         }
     }
 }

@@ -334,11 +334,7 @@ impl<const VNNI: bool> SmallGemmTile for SmallTile<VNNI> {
     }
 }
 
-/// Blocks of packed weights ahead of those being decoded that the small
-/// tile prefetches (4 KiB: two row tiles of a 2560-input matrix).
-const SMALL_PREFETCH_BLOCKS: usize = 64;
-
-/// `out[j·m + i] = Σ_k code(row j, k) · acts[i·act_stride + k]`: block by
+/// `out[j·m + i] += Σ_k code(row j, k) · acts[i·act_stride + k]`: block by
 /// block, each row's block loaded once and its four planes decoded in
 /// registers (shift and mask), each plane multiplied with the NT tokens'
 /// activations for its 64 inputs.
@@ -353,22 +349,24 @@ unsafe fn small_tile<const NR: usize, const NT: usize, const VNNI: bool>(
 ) {
     let SmallTileOperands {
         rows,
-        row_blocks,
+        row_stride,
+        blocks,
         acts,
         act_stride,
-        prefetch,
+        prefetch_ahead,
     } = ops;
-    // SAFETY: per the contract: rows j < NR hold row_blocks aligned blocks,
-    // tokens i < NT hold row_blocks·BLOCK codes; a prefetch never faults.
+    // SAFETY: per the contract: rows j < NR hold `blocks` aligned blocks
+    // from rows + j·row_stride, tokens i < NT hold blocks·BLOCK codes; a
+    // prefetch never faults.
     unsafe {
         let mask = _mm512_set1_epi8(3);
         let mut acc = [[_mm512_setzero_si512(); NT]; NR];
-        for b in 0..row_blocks {
+        for b in 0..blocks {
             let mut packed = [_mm512_setzero_si512(); NR];
             for (j, packed) in packed.iter_mut().enumerate() {
-                let block = rows.add(j * row_blocks + b);
-                if prefetch {
-                    let ahead = block.wrapping_add(SMALL_PREFETCH_BLOCKS);
+                let block = rows.add(j * row_stride + b);
+                if prefetch_ahead != 0 {
+                    let ahead = block.wrapping_add(prefetch_ahead);
                     _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
                 }
                 *packed = _mm512_load_si512(block.cast());
@@ -396,7 +394,7 @@ unsafe fn small_tile<const NR: usize, const NT: usize, const VNNI: bool>(
         let sums = tile_sums(&acc);
         for j in 0..NR {
             for i in 0..NT {
-                out[j * m + i] = sums[j][i];
+                out[j * m + i] += sums[j][i];
             }
         }
     }
@@ -454,7 +452,7 @@ unsafe fn tile<const NR: usize, const NT: usize, const VNNI: bool>(
 /// # Safety
 /// The CPU must support AVX-512 F.
 #[inline(always)]
-unsafe fn tile_sums<const NR: usize, const NT: usize>(
+pub(crate) unsafe fn tile_sums<const NR: usize, const NT: usize>(
     acc: &[[__m512i; NT]; NR],
 ) -> [[i32; NT]; NR] {
     let mut sums = [[0i32; NT]; NR];
