@@ -56,6 +56,32 @@ pub fn quantize_q8_0(kernel: Kernel, dst: &mut [BlockQ8_0], src: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Any f32 bit patterns (NaNs, infinities, subnormals included),
+        /// scaled into every range of magnitudes: the paths agree.
+        #[test]
+        fn any_values_quantize_alike(bits in prop::collection::vec(any::<u32>(), 32..=96), shift in 0u32..8) {
+            let blocks = bits.len() / Q8_0_VALUES;
+            let src: Vec<f32> = bits[..blocks * Q8_0_VALUES]
+                .iter()
+                .map(|&b| {
+                    // Raw bit patterns (shift 0), or the exponents moved into
+                    // one of seven ranges of 8 octaves (2^-19 to 2^44), so
+                    // whole blocks of ordinary values come up too.
+                    let raw = (b >> 23) & 0xff;
+                    let exp = if shift == 0 { raw } else { 100 + 8 * shift + (raw & 7) };
+                    f32::from_bits((b & 0x807f_ffff) | (exp << 23))
+                })
+                .collect();
+            let want = quantized(Kernel::Scalar, &src);
+            for kernel in Kernel::supported() {
+                prop_assert_eq!(quantized(kernel, &src), want.clone(), "{}", kernel);
+            }
+        }
+    }
 
     fn quantized(kernel: Kernel, src: &[f32]) -> Vec<BlockQ8_0> {
         let mut dst = vec![BlockQ8_0::default(); src.len() / Q8_0_VALUES];

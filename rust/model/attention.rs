@@ -492,6 +492,31 @@ mod tests {
         assert!(worst > DEQUANTIZED_TOL, "{worst}");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Ragged key counts, group sizes and head sizes over a q8_0 cache:
+        /// every path equals scalar bit for bit.
+        #[test]
+        fn q8_0_ragged_groups_agree(
+            blocks in 1usize..6,
+            n in 1usize..600,
+            heads in 1usize..9,
+            seed in 1u64..u64::MAX,
+        ) {
+            let hd = blocks * Q8_0_VALUES;
+            let mut rng = Rng(seed);
+            let q: Vec<f32> = (0..heads * hd).map(|_| 4.0 * rng.float()).collect();
+            let k: Vec<f32> = (0..n * hd).map(|_| 4.0 * rng.float()).collect();
+            let v: Vec<f32> = (0..n * hd).map(|_| rng.float()).collect();
+            let (k8, v8) = (q8_0_blocks(&k), q8_0_blocks(&v));
+            let (k8r, v8r) = (KvRows::Q8_0(&k8), KvRows::Q8_0(&v8));
+            let want = run_group(Kernel::Scalar, &q, hd, k8r, v8r, n, 0.1);
+            for path in paths() {
+                proptest::prop_assert_eq!(run_group(path, &q, hd, k8r, v8r, n, 0.1), want.clone(), "{}", path);
+            }
+        }
+    }
+
     #[test]
     fn one_chunk_merges_to_its_own_normalisation() {
         let (hd, heads) = (5, 2);
