@@ -140,35 +140,41 @@ fn gemv_streamed(c: &mut Criterion) {
 /// Tokens of the batched-decode GEMMs: a step of 4, 8 or 16 sequences.
 const BATCH_TOKENS: [usize; 3] = [4, 8, 16];
 
-/// GEMM of a few tokens (one batched decode step) over many 2560→6912
-/// matrices in turn, so every weight comes from memory as in decoding: MACs
-/// per second, to set beside `gemm_m128` (the same work with weights reused
-/// by 128 tokens) and `gemv_streamed` (the memory bound of one token).
+/// GEMM of a few tokens (one batched decode step) over many matrices of the
+/// FFN's shapes in turn (2560→6912, and the down projection's 6912→2560,
+/// whose rows of 8 tokens' activations overflow L1), so every weight comes
+/// from memory as in decoding: MACs per second, to set beside `gemm_m128`
+/// (the same work with weights reused by 128 tokens) and `gemv_streamed`
+/// (the memory bound of one token).
 fn gemm_streamed(c: &mut Criterion) {
-    let (n_in, n_out) = (2560, 6912);
-    let count = STREAM_BYTES / (n_out * n_in / 4);
-    let matrices: Vec<TernaryMatrix> = (0..count)
-        .map(|i| random_matrix(n_out, n_in, i as u64 + 1))
-        .collect();
     let mut group = c.benchmark_group("gemm_streamed");
     group.sample_size(10);
-    for m in BATCH_TOKENS {
-        let x = activations(m, n_in);
-        let mut y = vec![0.0f32; m * n_out];
-        group.throughput(Throughput::Elements((count * m * n_in * n_out) as u64));
-        for kernel in kernels().into_iter().filter(|&k| k != Kernel::Scalar) {
-            for threads in THREADS {
-                let pool = threads::pool(Some(threads)).unwrap();
-                let id = BenchmarkId::new(format!("{kernel}/t{threads}"), format!("m{m}"));
-                group.bench_function(id, |b| {
-                    pool.install(|| {
-                        b.iter(|| {
-                            for w in &matrices {
-                                matmul_into(w, black_box(&x), &mut y, kernel, &pool).unwrap();
-                            }
+    for (n_in, n_out) in [(2560, 6912), (6912, 2560)] {
+        let count = STREAM_BYTES / (n_out * n_in / 4);
+        let matrices: Vec<TernaryMatrix> = (0..count)
+            .map(|i| random_matrix(n_out, n_in, i as u64 + 1))
+            .collect();
+        for m in BATCH_TOKENS {
+            let x = activations(m, n_in);
+            let mut y = vec![0.0f32; m * n_out];
+            group.throughput(Throughput::Elements((count * m * n_in * n_out) as u64));
+            for kernel in kernels().into_iter().filter(|&k| k != Kernel::Scalar) {
+                for threads in THREADS {
+                    let pool = threads::pool(Some(threads)).unwrap();
+                    let id = BenchmarkId::new(
+                        format!("{kernel}/t{threads}"),
+                        format!("{n_in}x{n_out}/m{m}"),
+                    );
+                    group.bench_function(id, |b| {
+                        pool.install(|| {
+                            b.iter(|| {
+                                for w in &matrices {
+                                    matmul_into(w, black_box(&x), &mut y, kernel, &pool).unwrap();
+                                }
+                            })
                         })
-                    })
-                });
+                    });
+                }
             }
         }
     }

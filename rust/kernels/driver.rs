@@ -309,7 +309,7 @@ const SMALL_ROW_GROUP_TILES: usize = 8;
 /// CPUs the paths target) beside the weights streaming through it, where a
 /// whole row of 6912 inputs for 8 tokens (54 KiB) would come from L2 for
 /// every row tile.
-const SMALL_CHUNK_ACT_BYTES: usize = 24 * 1024;
+const SMALL_CHUNK_ACT_BYTES: usize = 28 * 1024;
 
 /// Blocks ahead of the one being read that an unchunked small tile
 /// prefetches (4 KiB: the rows of a row tile and the next are contiguous).

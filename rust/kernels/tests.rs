@@ -225,8 +225,8 @@ fn extreme_codes_do_not_overflow() {
 /// i16 sums more than once; random activations, and the i16 sums' worst
 /// case (codes of 2 or 0 against -128 throughout). The same for tq1
 /// matrices, which take the unpacking GEMM at every batch size. Rows of 9
-/// blocks run whole; rows of 26 are split in K chunks (of 9, 9 and 8 blocks
-/// for 8 tokens) whose sums add up.
+/// blocks run whole; rows of 26 are split in K chunks (two of 13 blocks from
+/// 5 tokens on) whose sums add up.
 #[test]
 fn small_batch_tiles_agree() {
     for n_in in [8 * packing::BLOCK + 100, 25 * packing::BLOCK + 100] {
