@@ -364,7 +364,10 @@ class Generator:
         per generated token), "q6" (6-bit rows: 78 % of int8's bytes) or
         "bf16" (as stored: transformers' logits);
         `kv_cache` the KV cache's: "f16" (default: half the bytes attention
-        reads) or "f32" (transformers' attention). With head="bf16" and
+        reads), "q8_0" (blocks of 32 values as an f16 scale and int8 codes,
+        llama.cpp's q8_0: 53 % of f16's bytes, so generation slows less with
+        depth; needs a head_dim that is a multiple of 32) or "f32"
+        (transformers' attention). With head="bf16" and
         kv_cache="f32" the logits are transformers' own (README, "Precision").
         `packing` stores the ternary weights at "i2" (default: 2 bits per
         weight) or "tq1" (1.625 bits: fewer bytes per generated token, more

@@ -4,8 +4,11 @@
 //! is `model::attention`'s; the kernels are `scalar::attention` (the
 //! definition) and `x86_avx2::attention`, which performs the very same
 //! floating-point operations in the same order, so the two agree to the bit.
+//! Keys and values are f32, F16, or q8_0 blocks (with queries quantized to
+//! q8_0 blocks too, and integer dots).
 
 use super::half::F16;
+use super::q8_0::{BlockQ8_0, Q8_0_VALUES};
 use super::scalar;
 #[cfg(target_arch = "x86_64")]
 use super::x86_avx2;
@@ -22,8 +25,26 @@ pub trait ArchLoads {}
 #[cfg(not(target_arch = "x86_64"))]
 impl<T> ArchLoads for T {}
 
-/// An element keys and values are kept in: f32 or F16.
-pub trait KvElement: Copy + Default + Send + Sync + 'static + ArchLoads {
+/// What rows of queries, keys and values are made of: `VALUES` values per
+/// element.
+pub trait RowElement: Copy + Send + Sync + 'static {
+    const VALUES: usize;
+}
+
+impl RowElement for f32 {
+    const VALUES: usize = 1;
+}
+
+impl RowElement for F16 {
+    const VALUES: usize = 1;
+}
+
+impl RowElement for BlockQ8_0 {
+    const VALUES: usize = Q8_0_VALUES;
+}
+
+/// A float element keys and values are kept in: f32 or F16.
+pub trait KvElement: RowElement + Default + ArchLoads {
     fn to_f32(self) -> f32;
 }
 
@@ -58,11 +79,13 @@ pub struct Strided<'a> {
 
 /// The query heads of one GQA group (sharing one KV head) over n keys and
 /// values, with each head's scratch and output rows: the arguments of every
-/// attention kernel, checked once when the view is made.
-pub struct HeadGroup<'a, T> {
-    q: &'a [f32],    // [heads, hd]
-    keys: &'a [T],   // [n, hd]
-    values: &'a [T], // [n, hd]
+/// attention kernel, checked once when the view is made. Rows of hd values
+/// are hd / VALUES elements: the queries are f32 for float keys, q8_0
+/// blocks for q8_0 keys.
+pub struct HeadGroup<'a, T, Q = f32> {
+    q: &'a [Q],      // [heads, hd / Q::VALUES]
+    keys: &'a [T],   // [n, hd / T::VALUES]
+    values: &'a [T], // [n, hd / T::VALUES]
     hd: usize,
     scaling: f32,
     scores: Strided<'a>, // [heads, stride]: the first n of row h are head h's scores
@@ -71,18 +94,19 @@ pub struct HeadGroup<'a, T> {
 }
 
 /// One head's rows inside a `HeadGroup`.
-pub struct HeadRows<'g> {
-    pub q: &'g [f32],          // [hd]
+pub struct HeadRows<'g, Q = f32> {
+    pub q: &'g [Q],            // [hd / Q::VALUES]
     pub scores: &'g mut [f32], // [n] scratch: scores, then softmax weights
     pub out: &'g mut [f32],    // [hd]: Σ_j exp(s_j - max) v_j
     pub stats: &'g mut Partial,
 }
 
-impl<'a, T: KvElement> HeadGroup<'a, T> {
-    /// A group of q.len() / hd heads over `keys` and `values` ([n, hd] each,
-    /// n >= 1). Panics unless every head's rows fit their buffers.
+impl<'a, T: RowElement, Q: RowElement> HeadGroup<'a, T, Q> {
+    /// A group of heads over `keys` and `values` (n >= 1 rows each), hd
+    /// values per row. Panics unless hd is a whole number of elements of
+    /// both types and every head's rows fit their buffers.
     pub fn new(
-        q: &'a [f32],
+        q: &'a [Q],
         hd: usize,
         (keys, values): (&'a [T], &'a [T]),
         scaling: f32,
@@ -90,9 +114,13 @@ impl<'a, T: KvElement> HeadGroup<'a, T> {
         out: Strided<'a>,
         stats: &'a mut [Partial],
     ) -> Self {
-        assert!(hd >= 1 && !q.is_empty() && q.len().is_multiple_of(hd));
-        assert!(keys.len() == values.len() && keys.len().is_multiple_of(hd) && !keys.is_empty());
-        let (heads, n) = (q.len() / hd, keys.len() / hd);
+        assert!(hd >= 1 && hd.is_multiple_of(T::VALUES) && hd.is_multiple_of(Q::VALUES));
+        let (q_row, kv_row) = (hd / Q::VALUES, hd / T::VALUES);
+        assert!(!q.is_empty() && q.len().is_multiple_of(q_row));
+        assert!(
+            keys.len() == values.len() && keys.len().is_multiple_of(kv_row) && !keys.is_empty()
+        );
+        let (heads, n) = (q.len() / q_row, keys.len() / kv_row);
         assert!(scores.stride >= n && scores.data.len() >= (heads - 1) * scores.stride + n);
         assert!(out.stride >= hd && out.data.len() >= (heads - 1) * out.stride + hd);
         assert!(stats.len() >= heads);
@@ -109,7 +137,7 @@ impl<'a, T: KvElement> HeadGroup<'a, T> {
     }
 
     pub fn heads(&self) -> usize {
-        self.q.len() / self.hd
+        self.q.len() / (self.hd / Q::VALUES)
     }
 
     pub fn head_dim(&self) -> usize {
@@ -118,24 +146,24 @@ impl<'a, T: KvElement> HeadGroup<'a, T> {
 
     /// Keys (and values) in the group's chunk.
     pub fn n(&self) -> usize {
-        self.keys.len() / self.hd
+        self.keys.len() / (self.hd / T::VALUES)
     }
 
     pub fn scaling(&self) -> f32 {
         self.scaling
     }
 
-    /// [n, hd] keys and values.
+    /// [n, hd / T::VALUES] keys and values.
     pub fn keys_values(&self) -> (&'a [T], &'a [T]) {
         (self.keys, self.values)
     }
 
     /// The rows of heads h0..h0 + H, each borrowed on its own (rows of
     /// different heads never overlap: each stride is at least its row).
-    pub fn rows<const H: usize>(&mut self, h0: usize) -> [HeadRows<'_>; H] {
+    pub fn rows<const H: usize>(&mut self, h0: usize) -> [HeadRows<'_, Q>; H] {
         assert!(h0 + H <= self.heads());
-        let (hd, n) = (self.hd, self.n());
-        let mut q = self.q[h0 * hd..].chunks_exact(hd);
+        let (hd, n, q_row) = (self.hd, self.n(), self.hd / Q::VALUES);
+        let mut q = self.q[h0 * q_row..].chunks_exact(q_row);
         let mut scores = self.scores.data[h0 * self.scores.stride..].chunks_mut(self.scores.stride);
         let mut out = self.out.data[h0 * self.out.stride..].chunks_mut(self.out.stride);
         let mut stats = self.stats[h0..].iter_mut();
@@ -163,6 +191,23 @@ pub fn attend_chunk<T: KvElement>(kernel: Kernel, group: &mut HeadGroup<'_, T>) 
     }
     let _ = kernel;
     scalar::attention::attend_chunk(group);
+}
+
+/// `attend_chunk` over q8_0 keys and values, the queries quantized to q8_0
+/// too: `s_j = scaling · Σ_b (d_q[b] · d_k[b]) · (q_b · k_b)`, each block's
+/// integer dot exact, and `out_h = Σ_j e_j · (d_v[b] · v_j)` in f32. Every
+/// path's result is exactly `scalar::attention::attend_head_q8_0` of each head.
+pub fn attend_chunk_q8_0(kernel: Kernel, group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0>) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel.uses_avx2_routines() {
+        kernel.assert_supported();
+        // SAFETY: the path runs on this CPU (asserted), and every path that
+        // uses the AVX2 routines has AVX2, FMA and F16C.
+        unsafe { x86_avx2::attention::attend_chunk_q8_0(group) };
+        return;
+    }
+    let _ = kernel;
+    scalar::attention::attend_chunk_q8_0(group);
 }
 
 /// Combines the partials of consecutive chunks, in chunk order:

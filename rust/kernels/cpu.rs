@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::OnceLock;
 
 use super::packing::{self, Packing, TernaryMatrix};
-use super::{gemm_dots, gemv_dots, half, head, q6, QuantizedActivations, SMALL_BATCH};
+use super::{gemm_dots, gemv_dots, half, head, q6, q8_0, QuantizedActivations, SMALL_BATCH};
 use crate::error::{Result, TritError};
 
 /// Environment variable that forces a kernel path.
@@ -145,7 +145,10 @@ impl Kernel {
         if self == Kernel::Scalar {
             return true;
         }
-        let ok = self.ternary_agrees() && self.head_agrees() && self.halves_agree();
+        let ok = self.ternary_agrees()
+            && self.head_agrees()
+            && self.halves_agree()
+            && self.q8_0_agrees();
         if !ok {
             eprintln!(
                 "trit: kernel {self} failed its self-check on this CPU and is not used by default"
@@ -263,6 +266,22 @@ impl Kernel {
         let (mut want, mut got) = (vec![half::F16(0); 19], vec![half::F16(0); 19]);
         half::halves_from_f32(Kernel::Scalar, &mut want, &src);
         half::halves_from_f32(self, &mut got, &src);
+        got == want
+    }
+
+    fn q8_0_agrees(self) -> bool {
+        // Two blocks: values of every sign with ties (d = 1), and small ones.
+        let src: Vec<f32> = (0..64)
+            .map(|i| match i {
+                0 => 127.0,
+                1..32 => (i as f32 - 16.0) * 4.5,
+                _ => (i as f32 - 40.0) * 1e-3,
+            })
+            .collect();
+        let zero = q8_0::BlockQ8_0::default();
+        let (mut want, mut got) = ([zero; 2], [zero; 2]);
+        q8_0::quantize_q8_0(Kernel::Scalar, &mut want, &src);
+        q8_0::quantize_q8_0(self, &mut got, &src);
         got == want
     }
 

@@ -18,6 +18,7 @@ pub mod half;
 pub mod head;
 pub mod packing;
 pub mod q6;
+pub mod q8_0;
 pub mod scalar;
 
 #[cfg(target_arch = "aarch64")]

@@ -11,9 +11,14 @@
 //! The kernels are `kernels::scalar::attention` (the definition of a
 //! partial) and its SIMD twins, which agree with it to the bit; the tests
 //! compare them exactly, and with an f64 reference.
+//!
+//! Over a q8_0 cache the queries are quantized to q8_0 too (`Queries`), once
+//! per call rather than per chunk, and each score is a sum of exact integer
+//! block dots times the two blocks' scales.
 
-use super::cache::KvRows;
+use super::cache::{KvRows, KvType};
 use crate::kernels::attention::{self as kernels, HeadGroup, Strided};
+use crate::kernels::q8_0::{quantize_q8_0, BlockQ8_0, Q8_0_VALUES};
 use crate::kernels::Kernel;
 
 pub use crate::kernels::attention::Partial;
@@ -29,15 +34,62 @@ pub const KEY_CHUNK: usize = 256;
 /// Reusable buffers of `attend_group`.
 #[derive(Default)]
 pub struct ChunkScratch {
-    out: Vec<f32>,       // [chunks, heads, hd]
-    stats: Vec<Partial>, // [chunks, heads]
+    out: Vec<f32>,                // [chunks, heads, hd]
+    stats: Vec<Partial>,          // [chunks, heads]
+    query_blocks: Vec<BlockQ8_0>, // [heads, hd / 32], for a q8_0 cache
+}
+
+/// Query heads as attention takes them: [heads, hd] values, in f32 for an
+/// f32 or f16 cache, as q8_0 blocks for a q8_0 cache.
+#[derive(Clone, Copy, Debug)]
+pub enum Queries<'a> {
+    F32(&'a [f32]), // [heads, hd]
+    /// [heads, hd / 32]
+    Q8_0(&'a [BlockQ8_0]),
+}
+
+impl<'a> Queries<'a> {
+    /// The queries `q` ([heads, hd]) for a cache of type `kind`: `q` itself,
+    /// or its q8_0 blocks, quantized into `blocks` (reused: it only grows).
+    pub fn new(
+        kernel: Kernel,
+        kind: KvType,
+        q: &'a [f32],
+        hd: usize,
+        blocks: &'a mut Vec<BlockQ8_0>,
+    ) -> Queries<'a> {
+        match kind {
+            KvType::F32 | KvType::F16 => Queries::F32(q),
+            KvType::Q8_0 => {
+                // The cache checked that head_dim is whole blocks.
+                assert!(hd.is_multiple_of(Q8_0_VALUES) && q.len().is_multiple_of(hd));
+                let n = q.len() / Q8_0_VALUES;
+                if blocks.len() < n {
+                    blocks.resize(n, BlockQ8_0::default());
+                }
+                quantize_q8_0(kernel, &mut blocks[..n], q);
+                Queries::Q8_0(&blocks[..n])
+            }
+        }
+    }
+
+    /// Heads `heads` (of hd values each).
+    pub fn heads(self, heads: std::ops::Range<usize>, hd: usize) -> Queries<'a> {
+        match self {
+            Queries::F32(q) => Queries::F32(&q[heads.start * hd..heads.end * hd]),
+            Queries::Q8_0(q) => {
+                let per_head = hd / Q8_0_VALUES;
+                Queries::Q8_0(&q[heads.start * per_head..heads.end * per_head])
+            }
+        }
+    }
 }
 
 /// Attention of the query heads that share one KV head (a GQA group) over
 /// positions 0..n of `keys` and `values` ([>= n, hd] each): `attend_chunk`
-/// on every chunk of `KEY_CHUNK` keys, then `merge`. `q` is [heads, hd];
-/// head h's output goes to `out[h * out_stride..][..hd]`; `scores` is
-/// scratch of [heads, KEY_CHUNK].
+/// on every chunk of `KEY_CHUNK` keys, then `merge`. `q` is [heads, hd]
+/// (quantized once here for a q8_0 cache); head h's output goes to
+/// `out[h * out_stride..][..hd]`; `scores` is scratch of [heads, KEY_CHUNK].
 #[allow(clippy::too_many_arguments)]
 pub fn attend_group(
     kernel: Kernel,
@@ -57,6 +109,7 @@ pub fn attend_group(
     let chunks = n.div_ceil(KEY_CHUNK);
     scratch.out.resize(chunks * heads * hd, 0.0);
     scratch.stats.resize(chunks * heads, Partial::default());
+    let q = Queries::new(kernel, keys.kind(), q, hd, &mut scratch.query_blocks);
     for (c, (part, stats)) in scratch
         .out
         .chunks_exact_mut(heads * hd)
@@ -80,7 +133,8 @@ pub fn attend_group(
 }
 
 /// The softmax partials of the query heads of one group over the keys in
-/// `range` (at most `KEY_CHUNK` of them): for head h, its scores (scratch)
+/// `range` (at most `KEY_CHUNK` of them), the queries made for the keys'
+/// type (`Queries::new`): for head h, its scores (scratch)
 /// at `scores[h * scores_stride..]`, `out[h * out_stride..][..hd]` =
 /// Σ_j exp(s_j - max) v_j and `stats[h]` = (max, Σ_j exp(s_j - max)).
 /// The arguments become one `HeadGroup` view, checked there; every path's
@@ -88,7 +142,7 @@ pub fn attend_group(
 #[allow(clippy::too_many_arguments)]
 pub fn attend_chunk(
     kernel: Kernel,
-    q: &[f32],
+    q: Queries<'_>,
     hd: usize,
     keys: KvRows<'_>,
     values: KvRows<'_>,
@@ -110,18 +164,24 @@ pub fn attend_chunk(
         data: out,
         stride: out_stride,
     };
-    match (keys, values) {
-        (KvRows::F32(k), KvRows::F32(v)) => {
+    match (q, keys, values) {
+        (Queries::F32(q), KvRows::F32(k), KvRows::F32(v)) => {
             let kv = (&k[rows.clone()], &v[rows]);
             let mut group = HeadGroup::new(q, hd, kv, scaling, scores, out, stats);
             kernels::attend_chunk(kernel, &mut group);
         }
-        (KvRows::F16(k), KvRows::F16(v)) => {
+        (Queries::F32(q), KvRows::F16(k), KvRows::F16(v)) => {
             let kv = (&k[rows.clone()], &v[rows]);
             let mut group = HeadGroup::new(q, hd, kv, scaling, scores, out, stats);
             kernels::attend_chunk(kernel, &mut group);
         }
-        _ => unreachable!("keys and values share the cache's type"),
+        (Queries::Q8_0(q), KvRows::Q8_0(k), KvRows::Q8_0(v)) => {
+            let blocks = range.start * hd / Q8_0_VALUES..range.end * hd / Q8_0_VALUES;
+            let kv = (&k[blocks.clone()], &v[blocks]);
+            let mut group = HeadGroup::new(q, hd, kv, scaling, scores, out, stats);
+            kernels::attend_chunk_q8_0(kernel, &mut group);
+        }
+        _ => unreachable!("queries, keys and values are made for the cache's type"),
     }
 }
 
@@ -256,6 +316,8 @@ mod tests {
         let mut scores = vec![0.0; heads * ss];
         let mut out = vec![0.0; heads * os];
         let mut stats = vec![Partial::default(); heads];
+        let mut blocks = Vec::new();
+        let q = Queries::new(path, keys.kind(), q, hd, &mut blocks);
         attend_chunk(
             path,
             q,
@@ -339,6 +401,118 @@ mod tests {
                 assert_eq!(got, want32, "{path:?} f32 hd {hd} n {n} heads {heads}");
                 let got = run_group(path, &q, hd, k16r, v16r, n, scaling);
                 assert_eq!(got, want16, "{path:?} f16 hd {hd} n {n} heads {heads}");
+            }
+        }
+    }
+
+    fn q8_0_blocks(x: &[f32]) -> Vec<BlockQ8_0> {
+        let mut blocks = vec![BlockQ8_0::default(); x.len() / Q8_0_VALUES];
+        quantize_q8_0(Kernel::Scalar, &mut blocks, x);
+        blocks
+    }
+
+    fn dequantized(blocks: &[BlockQ8_0]) -> Vec<f32> {
+        blocks.iter().flat_map(|b| b.dequantize()).collect()
+    }
+
+    /// Over a q8_0 cache: every path equals scalar bit for bit, chunk by
+    /// chunk and whole; the result is the formula over the dequantized
+    /// queries, keys and values within `DEQUANTIZED_TOL` (f32 rounding
+    /// only), and the f32 result within `F32_TOL` (the codes' rounding: half
+    /// a step, max|x| / 254, on each of q and k moves scores of several units
+    /// by about 1 %, and each value by as much).
+    #[test]
+    fn q8_0_paths_equal_scalar_bit_for_bit_and_the_dequantized_formula() {
+        const DEQUANTIZED_TOL: f64 = 1e-5;
+        const F32_TOL: f64 = 0.05;
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let mut worst = 0.0f64;
+        for &(hd, n, heads) in &[
+            (128usize, 1usize, 4usize),
+            (128, 7, 4),
+            (128, 8, 4),
+            (128, 15, 3),
+            (128, 256, 4),
+            (128, 300, 4),
+            (128, 601, 5),
+            (64, 33, 1),
+            (64, 520, 4),
+            (32, 9, 3),
+            (32, 17, 2),
+            (96, 65, 8),
+            (256, 11, 1),
+            (64, 263, 6),
+        ] {
+            let scaling = (hd as f32).powf(-0.5);
+            let q: Vec<f32> = (0..heads * hd).map(|_| 3.0 * rng.float()).collect();
+            let k: Vec<f32> = (0..n * hd).map(|_| 3.0 * rng.float()).collect();
+            let v: Vec<f32> = (0..n * hd).map(|_| rng.float()).collect();
+            let (k8, v8) = (q8_0_blocks(&k), q8_0_blocks(&v));
+            let (k8r, v8r) = (KvRows::Q8_0(&k8), KvRows::Q8_0(&v8));
+            for c in 0..n.div_ceil(KEY_CHUNK) {
+                let range = c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(n);
+                let want = run_chunk(Kernel::Scalar, &q, hd, k8r, v8r, range.clone());
+                for path in paths() {
+                    let got = run_chunk(path, &q, hd, k8r, v8r, range.clone());
+                    assert_eq!(
+                        got, want,
+                        "{path:?} q8_0 hd {hd} n {n} heads {heads} chunk {c}"
+                    );
+                }
+            }
+            let want = run_group(Kernel::Scalar, &q, hd, k8r, v8r, n, scaling);
+            for path in paths() {
+                let got = run_group(path, &q, hd, k8r, v8r, n, scaling);
+                assert_eq!(got, want, "{path:?} q8_0 hd {hd} n {n} heads {heads}");
+            }
+            let (kd, vd) = (dequantized(&k8), dequantized(&v8));
+            for h in 0..heads {
+                let qh = &q[h * hd..(h + 1) * hd];
+                let qd = dequantized(&q8_0_blocks(qh));
+                let exact = reference(&qd, &kd, &vd, scaling);
+                let unquantized = reference(qh, &k, &v, scaling);
+                for d in 0..hd {
+                    let got = f64::from(want[h][d]);
+                    assert!(
+                        (got - exact[d]).abs() < DEQUANTIZED_TOL,
+                        "hd {hd} n {n} h {h} d {d}: {got} vs {}",
+                        exact[d]
+                    );
+                    let off = (got - unquantized[d]).abs();
+                    worst = worst.max(off);
+                    assert!(
+                        off < F32_TOL,
+                        "hd {hd} n {n} h {h} d {d}: {got} vs {}",
+                        unquantized[d]
+                    );
+                }
+            }
+        }
+        // The quantization does change the result: the f32 tolerance is needed.
+        assert!(worst > DEQUANTIZED_TOL, "{worst}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Ragged key counts, group sizes and head sizes over a q8_0 cache:
+        /// every path equals scalar bit for bit.
+        #[test]
+        fn q8_0_ragged_groups_agree(
+            blocks in 1usize..6,
+            n in 1usize..600,
+            heads in 1usize..9,
+            seed in 1u64..u64::MAX,
+        ) {
+            let hd = blocks * Q8_0_VALUES;
+            let mut rng = Rng(seed);
+            let q: Vec<f32> = (0..heads * hd).map(|_| 4.0 * rng.float()).collect();
+            let k: Vec<f32> = (0..n * hd).map(|_| 4.0 * rng.float()).collect();
+            let v: Vec<f32> = (0..n * hd).map(|_| rng.float()).collect();
+            let (k8, v8) = (q8_0_blocks(&k), q8_0_blocks(&v));
+            let (k8r, v8r) = (KvRows::Q8_0(&k8), KvRows::Q8_0(&v8));
+            let want = run_group(Kernel::Scalar, &q, hd, k8r, v8r, n, 0.1);
+            for path in paths() {
+                proptest::prop_assert_eq!(run_group(path, &q, hd, k8r, v8r, n, 0.1), want.clone(), "{}", path);
             }
         }
     }

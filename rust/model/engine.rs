@@ -15,8 +15,10 @@ use rayon::ThreadPool;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::attention::{attend_chunk, attend_group, merge, ChunkScratch, Partial, KEY_CHUNK};
-use super::cache::{KvCache, KvType};
+use super::attention::{
+    attend_chunk, attend_group, merge, ChunkScratch, Partial, Queries, KEY_CHUNK,
+};
+use super::cache::{BlockQ8_0, KvCache, KvType};
 use super::config::Activation;
 use super::ops::{add_rms_norm_rows, add_rows, glu_rows, rms_norm, rms_norm_rows, Rope};
 use super::scoring::next_token_nll;
@@ -886,6 +888,8 @@ struct AttentionScratch {
     scores: Vec<f32>,            // [n_heads, chunks, KEY_CHUNK]
     partial_out: Vec<f32>,       // [n_heads, chunks, hd], by KV group: [n_kv, chunks, group, hd]
     partial_stats: Vec<Partial>, // [n_heads, chunks], by KV group: [n_kv, chunks, group]
+    /// [n_heads, hd / 32]: one token's queries, for a q8_0 cache.
+    query_blocks: Vec<BlockQ8_0>,
 }
 
 impl AttentionScratch {
@@ -905,6 +909,7 @@ impl AttentionScratch {
             scores: try_filled(size(KEY_CHUNK)?, 0.0, &what)?,
             partial_out: try_filled(size(hd)?, 0.0, &what)?,
             partial_stats: try_filled(size(1)?, Partial::default(), &what)?,
+            query_blocks: Vec::new(),
         })
     }
 }
@@ -997,6 +1002,14 @@ fn attention(
         let chunks = n_all.div_ceil(KEY_CHUNK);
         let partial_out = &mut scratch.partial_out[..n_kv * chunks * group * hd];
         let partial_stats = &mut scratch.partial_stats[..n_kv * chunks * group];
+        // Quantized once for every chunk of keys (over a q8_0 cache).
+        let queries = Queries::new(
+            kernel,
+            cache.kind(),
+            &q[..q_dim],
+            hd,
+            &mut scratch.query_blocks,
+        );
         partial_out
             .par_chunks_mut(group * hd) // [group, hd] of (g, c)
             .zip(partial_stats.par_chunks_mut(group))
@@ -1006,7 +1019,7 @@ fn attention(
                 let (g, c) = (task / chunks, task % chunks);
                 let (keys, values) = kv(g);
                 let range = c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(n_all);
-                let qg = &q[g * group * hd..(g + 1) * group * hd];
+                let qg = queries.heads(g * group..(g + 1) * group, hd);
                 attend_chunk(
                     kernel, qg, hd, keys, values, range, scaling, scores, KEY_CHUNK, out, hd, stats,
                 );

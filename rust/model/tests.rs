@@ -931,3 +931,73 @@ fn tq1_packing_gives_the_same_logits() {
         assert_eq!(a.last_logits().unwrap(), b.last_logits().unwrap());
     }
 }
+
+/// Random weights amplify every rounding (an f16 cache moves these logits by
+/// about 5 % of their spread); q8_0's codes are coarser than f16's mantissa
+/// (a step of max|x| / 127 over a block of 32, against 2^-10 of each value)
+/// and move them further, by no more than 8 times as far (measured: 5.9).
+#[test]
+fn a_q8_0_cache_moves_logits_at_most_8_times_as_far_as_f16_at_34_bytes_per_32_values() {
+    let m = model(&wide());
+    let ids = [3u32, 17, 0, 39, 8, 8, 21, 5, 5, 30, 64, 1];
+    let session = |kv| Session::new(m.clone(), Some(32), Some(1), kv).unwrap();
+    let (mut exact, mut half, mut q8) = (
+        session(KvType::F32),
+        session(KvType::F16),
+        session(KvType::Q8_0),
+    );
+    assert_eq!(q8.kv_type(), KvType::Q8_0);
+    // f32: 128 bytes per 32 values.
+    assert_eq!(128 * q8.cache_bytes(), 34 * exact.cache_bytes());
+    let a = exact.logits(&ids).unwrap();
+    let f16_moved = max_diff(&a, &half.logits(&ids).unwrap());
+    let q8_moved = max_diff(&a, &q8.logits(&ids).unwrap());
+    assert!(
+        f16_moved > 0.0 && q8_moved > f16_moved,
+        "{q8_moved} vs {f16_moved}"
+    );
+    assert!(q8_moved <= 8.0 * f16_moved, "{q8_moved} vs {f16_moved}");
+}
+
+#[test]
+fn a_q8_0_cache_needs_a_head_size_of_whole_blocks() {
+    let m = model(&tiny()); // head_dim 4
+    let err = Session::new(m, Some(8), Some(1), KvType::Q8_0)
+        .err()
+        .expect("head_dim 4 is refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("\"q8_0\"") && text.contains("head_dim (4)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_q8_0_prefix_another_slot_computed_gives_a_fresh_sequence_s_logits() {
+    let m = model(&wide());
+    let kernel = Kernel::active().unwrap();
+    let mut e = Engine::new(m.clone(), 2, Some(64), Some(2), KvType::Q8_0, kernel).unwrap();
+    let system: Vec<u32> = (0..40u32).map(|i| (i * 13 + 5) % 70).collect();
+    let a = e.acquire(&system).unwrap();
+    e.step(&[Work {
+        slot: a,
+        ids: &system,
+        logits: true,
+    }])
+    .unwrap();
+    let prompt: Vec<u32> = [&system[..], &[7, 9]].concat();
+    let b = e.acquire(&prompt).unwrap();
+    assert_eq!(e.tokens(b).unwrap(), &system[..]);
+    e.step(&[Work {
+        slot: b,
+        ids: &prompt[system.len()..],
+        logits: true,
+    }])
+    .unwrap();
+    let mut fresh = Session::with_kernel(m, Some(64), Some(2), KvType::Q8_0, kernel).unwrap();
+    fresh.prefill(&prompt).unwrap();
+    assert_eq!(
+        e.last_logits(b).unwrap().unwrap(),
+        fresh.last_logits().unwrap()
+    );
+}

@@ -444,7 +444,7 @@ impl PySession {
         self.inner.n_ctx()
     }
 
-    /// What the KV cache stores keys and values as: "f16" or "f32".
+    /// What the KV cache stores keys and values as: "f16", "f32" or "q8_0".
     #[getter]
     fn kv_cache(&self) -> &'static str {
         self.inner.kv_type().name()
@@ -581,7 +581,7 @@ impl PyEngine {
         self.inner.n_ctx()
     }
 
-    /// What the KV caches store keys and values as: "f16" or "f32".
+    /// What the KV caches store keys and values as: "f16", "f32" or "q8_0".
     #[getter]
     fn kv_cache(&self) -> &'static str {
         self.inner.kv_type().name()

@@ -93,7 +93,7 @@ fn snapshot() -> [u64; 4] {
 }
 
 /// A prompt batch past one key chunk, decoded tokens and sampling, on
-/// `kernel`, with every head precision and both cache types.
+/// `kernel`, with every head precision and every cache type.
 fn run_everything(owned: &Owned, kernel: Kernel) {
     let c = config();
     let mut views = MemoryCheckpoint::new();
@@ -107,7 +107,7 @@ fn run_everything(owned: &Owned, kernel: Kernel) {
     for head in HeadPrecision::ALL {
         let (model, _) = load(c.clone(), &views, &pool, head).unwrap();
         let model = Arc::new(model);
-        for kv in [KvType::F16, KvType::F32] {
+        for kv in KvType::ALL {
             let mut s = Session::with_kernel(model.clone(), None, Some(2), kv, kernel).unwrap();
             s.prefill(&ids).unwrap();
             let params = SamplingParams {

@@ -5,6 +5,8 @@
 //! vector version can perform exactly these operations in this order.
 
 use crate::kernels::attention::{HeadGroup, KvElement, Partial, Strided};
+use crate::kernels::q8_0::{BlockQ8_0, Q8_0_VALUES};
+use crate::kernels::scalar::q8_0::block_dot;
 
 /// Cephes' single-precision exp: `x = n ln2 + r`, |r| <= ln2 / 2, a degree-5
 /// polynomial for exp(r) - 1 - r, then a scaling by 2^n. Within 2 ulp of the
@@ -106,11 +108,7 @@ pub fn attend_head<T: KvElement>(
     for (j, s) in scores.iter_mut().enumerate() {
         *s = dot(q, &keys[j * hd..(j + 1) * hd]) * scaling;
     }
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    for s in scores.iter_mut() {
-        *s = exp(*s - max);
-    }
-    let total = sum(scores);
+    let partial = softmax_weights(scores);
     for (d, o) in out.iter_mut().enumerate() {
         let mut acc = 0.0f32;
         for (j, &e) in scores.iter().enumerate() {
@@ -118,7 +116,80 @@ pub fn attend_head<T: KvElement>(
         }
         *o = acc;
     }
-    Partial { max, sum: total }
+    partial
+}
+
+/// Scores to softmax weights in place: s_j becomes exp(s_j - max); returns
+/// (max, Σ_j exp(s_j - max)).
+#[inline(always)]
+pub fn softmax_weights(scores: &mut [f32]) -> Partial {
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    for s in scores.iter_mut() {
+        *s = exp(*s - max);
+    }
+    Partial {
+        max,
+        sum: sum(scores),
+    }
+}
+
+/// One key's score over q8_0 blocks: `Σ_b (d_q[b] · d_k[b]) · (q_b · k_b)`,
+/// each block's dot an exact integer (`block_dot`), fused multiply-adds in
+/// block order, then times `scaling`.
+#[inline(always)]
+pub fn score_q8_0(q: &[BlockQ8_0], k: &[BlockQ8_0], scaling: f32) -> f32 {
+    let mut acc = 0.0f32;
+    for (qb, kb) in q.iter().zip(k) {
+        let w = qb.d.to_f32() * kb.d.to_f32();
+        acc = w.mul_add(block_dot(qb, kb) as f32, acc);
+    }
+    acc * scaling
+}
+
+/// The definition of one head's partial over one chunk of q8_0 keys and
+/// values, the query quantized to q8_0 as well: the scores
+/// `s_j = score_q8_0(q, k_j)` (in `scores`, then replaced by exp(s_j - max)),
+/// `out[32 b + i] = Σ_j e_j · (d_v[j, b] · v_j[b].qs[i])` (fused
+/// multiply-adds in key order); returns (max, Σ_j exp(s_j - max)). Each
+/// value d · code is exact in f32 (an 11-bit significand times at most 2^7),
+/// so it is the dequantized value itself, computed once for all heads.
+pub fn attend_head_q8_0(
+    q: &[BlockQ8_0],      // [hd / 32]
+    keys: &[BlockQ8_0],   // [n, hd / 32]
+    values: &[BlockQ8_0], // [n, hd / 32]
+    scaling: f32,
+    scores: &mut [f32], // [n]
+    out: &mut [f32],    // [hd]
+) -> Partial {
+    let blocks = q.len();
+    let n = keys.len() / blocks;
+    let scores = &mut scores[..n];
+    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(blocks)) {
+        *s = score_q8_0(q, k, scaling);
+    }
+    let partial = softmax_weights(scores);
+    // Key by key, each output accumulating in key order: the same
+    // operations per output as a loop over keys inside a loop over outputs.
+    out.fill(0.0);
+    for (&e, row) in scores.iter().zip(values.chunks_exact(blocks)) {
+        for (o, v) in out.chunks_exact_mut(Q8_0_VALUES).zip(row) {
+            let d = v.d.to_f32();
+            for (od, &code) in o.iter_mut().zip(&v.qs) {
+                *od = e.mul_add(d * f32::from(code), *od);
+            }
+        }
+    }
+    partial
+}
+
+/// `attend_head_q8_0` for every head of the group.
+pub fn attend_chunk_q8_0(group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0>) {
+    let (keys, values) = group.keys_values();
+    let scaling = group.scaling();
+    for h in 0..group.heads() {
+        let [head] = group.rows::<1>(h);
+        *head.stats = attend_head_q8_0(head.q, keys, values, scaling, head.scores, head.out);
+    }
 }
 
 /// `attend_head` for every head of the group.

@@ -9,6 +9,7 @@ use std::arch::x86_64::*;
 use crate::kernels::attention::{HeadGroup, HeadRows, KvElement, Partial, Strided};
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::half::F16;
+use crate::kernels::q8_0::{BlockQ8_0, Q8_0_VALUES};
 use crate::kernels::scalar::attention::{self as scalar, exp_consts as c};
 
 /// Loads eight cached values as f32.
@@ -333,6 +334,231 @@ fn heads_chunk<T: KvElement, const H: usize>(
             }
             row.out[d] = acc;
         }
+    }
+}
+
+/// `scalar::attention::attend_chunk_q8_0`: heads four at a time.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn attend_chunk_q8_0(group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0>) {
+    counts::enter(Isa::Avx2);
+    let (keys, values) = group.keys_values();
+    let (hd, heads, scaling) = (group.head_dim(), group.heads(), group.scaling());
+    let mut h = 0;
+    while h < heads {
+        let take = (heads - h).min(4);
+        match take {
+            4 => heads_chunk_q8_0(&mut group.rows::<4>(h), keys, values, hd, scaling),
+            3 => heads_chunk_q8_0(&mut group.rows::<3>(h), keys, values, hd, scaling),
+            2 => heads_chunk_q8_0(&mut group.rows::<2>(h), keys, values, hd, scaling),
+            _ => heads_chunk_q8_0(&mut group.rows::<1>(h), keys, values, hd, scaling),
+        }
+        h += take;
+    }
+}
+
+/// Eight f16 scales, as f32.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn scales8(d: [F16; 8]) -> __m256 {
+    let h = |u: usize| d[u].0 as i16;
+    _mm256_cvtph_ps(_mm_setr_epi16(
+        h(0),
+        h(1),
+        h(2),
+        h(3),
+        h(4),
+        h(5),
+        h(6),
+        h(7),
+    ))
+}
+
+/// `scalar::q8_0::block_dot` of one query block with block b of keys
+/// j..j + 8: lane u is key j + u's exact integer dot.
+///
+/// # Safety
+/// The CPU must support AVX2; keys j..j + 8 exist ([n, blocks]), b < blocks.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn block_dots8(
+    q: &BlockQ8_0,
+    keys: &[BlockQ8_0],
+    blocks: usize,
+    j: usize,
+    b: usize,
+) -> __m256i {
+    // SAFETY: qs holds 32 bytes.
+    let qv = unsafe { _mm256_loadu_si256(q.qs.as_ptr().cast()) };
+    let q_abs = _mm256_abs_epi8(qv);
+    let ones = _mm256_set1_epi16(1);
+    // q · k as |q| · (k with q's sign): `maddubs` multiplies unsigned by
+    // signed bytes. Codes lie in [-127, 127] (`scalar::q8_0::block_scale`),
+    // so a pair of products is at most 2 · 127² = 32258: the 16-bit sums do
+    // not saturate, and the 32-bit ones (`madd`) are exact.
+    let products = |u: usize| {
+        let k = &keys[(j + u) * blocks + b];
+        // SAFETY: qs holds 32 bytes.
+        let kv = unsafe { _mm256_loadu_si256(k.qs.as_ptr().cast()) };
+        _mm256_madd_epi16(_mm256_maddubs_epi16(q_abs, _mm256_sign_epi8(kv, qv)), ones)
+    };
+    // Eight vectors to one whose lane u is the sum of vector u's lanes
+    // (integers: any order gives the same sums).
+    let s01 = _mm256_hadd_epi32(products(0), products(1));
+    let s23 = _mm256_hadd_epi32(products(2), products(3));
+    let s45 = _mm256_hadd_epi32(products(4), products(5));
+    let s67 = _mm256_hadd_epi32(products(6), products(7));
+    // [sums of keys 0-3 over lanes 0-3 | the same over lanes 4-7], and 4-7.
+    let t0123 = _mm256_hadd_epi32(s01, s23);
+    let t4567 = _mm256_hadd_epi32(s45, s67);
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(t0123, t4567),
+        _mm256_permute2x128_si256::<0x31>(t0123, t4567),
+    )
+}
+
+/// Scores of keys j..j + 8 for H heads (lane u of a head's vector is key
+/// j + u), each accumulating `(d_q[b] · d_k[b]) · dot_b` by fused
+/// multiply-adds in block order, as `scalar::attention::score_q8_0`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; keys j..j + 8 exist; each q row
+/// holds `blocks` blocks.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores8_q8_0<const H: usize>(
+    rows: &mut [HeadRows<'_, BlockQ8_0>; H],
+    keys: &[BlockQ8_0],
+    blocks: usize,
+    scaling: f32,
+    j: usize,
+) {
+    let mut acc = [_mm256_setzero_ps(); H];
+    for b in 0..blocks {
+        let dk = scales8(std::array::from_fn(|u| keys[(j + u) * blocks + b].d));
+        for (row, acc_h) in rows.iter().zip(acc.iter_mut()) {
+            let qb = &row.q[b];
+            let dq = _mm256_cvtph_ps(_mm_set1_epi16(qb.d.0 as i16));
+            let w = _mm256_mul_ps(dq, dk);
+            // SAFETY: keys j..j + 8 exist and b < blocks (the contract).
+            let dots = unsafe { block_dots8(qb, keys, blocks, j, b) };
+            *acc_h = _mm256_fmadd_ps(w, _mm256_cvtepi32_ps(dots), *acc_h);
+        }
+    }
+    for (row, &acc_h) in rows.iter_mut().zip(&acc) {
+        let s = &mut row.scores[j..j + 8];
+        // SAFETY: `s` holds 8 floats.
+        unsafe {
+            _mm256_storeu_ps(
+                s.as_mut_ptr(),
+                _mm256_mul_ps(acc_h, _mm256_set1_ps(scaling)),
+            )
+        };
+    }
+}
+
+/// out_h[d..d + 16] = Σ_j e_h[j] · (d_v[j, b] · v_j[b].qs[i..i + 16]), with
+/// b = d / 32, i = d % 32 (0 or 16): each value block is loaded, widened
+/// and scaled (exactly) once for all heads.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `values` is [n, blocks] with n
+/// the heads' score count; d is a multiple of 16 below 32 · blocks.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn values_step_q8_0<const H: usize>(
+    rows: &mut [HeadRows<'_, BlockQ8_0>; H],
+    values: &[BlockQ8_0],
+    blocks: usize,
+    d: usize,
+) {
+    let n = rows[0].scores.len();
+    let (b, i) = (d / Q8_0_VALUES, d % Q8_0_VALUES);
+    assert!(b < blocks && i + 16 <= Q8_0_VALUES && values.len() >= n * blocks);
+    let mut weights = [std::ptr::null::<f32>(); H];
+    for (w, row) in weights.iter_mut().zip(rows.iter()) {
+        assert_eq!(row.scores.len(), n);
+        *w = row.scores.as_ptr();
+    }
+    let mut acc = [[_mm256_setzero_ps(); 2]; H];
+    for j in 0..n {
+        // SAFETY: j < n rows of `blocks` blocks (asserted).
+        let v = unsafe { values.get_unchecked(j * blocks + b) };
+        let dv = _mm256_cvtph_ps(_mm_set1_epi16(v.d.0 as i16));
+        // SAFETY: i + 16 <= 32 bytes of qs (asserted).
+        let codes = unsafe { _mm_loadu_si128(v.qs.as_ptr().add(i).cast()) };
+        let lo = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)));
+        let hi = _mm256_mul_ps(
+            dv,
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(codes))),
+        );
+        for (acc_h, &w) in acc.iter_mut().zip(&weights) {
+            // SAFETY: j < n, the length of every head's scores (asserted).
+            let e = unsafe { _mm256_broadcast_ss(&*w.add(j)) };
+            acc_h[0] = _mm256_fmadd_ps(e, lo, acc_h[0]);
+            acc_h[1] = _mm256_fmadd_ps(e, hi, acc_h[1]);
+        }
+    }
+    for (row, acc_h) in rows.iter_mut().zip(&acc) {
+        for (half, &acc_hb) in acc_h.iter().enumerate() {
+            let o = &mut row.out[d + 8 * half..d + 8 * half + 8];
+            // SAFETY: `o` holds 8 floats.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), acc_hb) };
+        }
+    }
+}
+
+/// `scalar::attention::attend_head_q8_0` for each of H heads sharing keys
+/// and values: scores eight keys at a time (the last n % 8 one by one, as
+/// the scalar code), 16 outputs per pass over the value rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn heads_chunk_q8_0<const H: usize>(
+    rows: &mut [HeadRows<'_, BlockQ8_0>; H],
+    keys: &[BlockQ8_0],
+    values: &[BlockQ8_0],
+    hd: usize,
+    scaling: f32,
+) {
+    let blocks = hd / Q8_0_VALUES;
+    let n = keys.len() / blocks;
+    assert!(blocks >= 1 && blocks * Q8_0_VALUES == hd);
+    assert!(keys.len() == n * blocks && values.len() == n * blocks);
+    assert!(rows
+        .iter()
+        .all(|r| r.scores.len() == n && r.q.len() == blocks && r.out.len() == hd));
+
+    // While the scores are computed, ask for the value rows too (as
+    // `heads_chunk`).
+    let value_bytes = std::mem::size_of_val(values);
+    let value_lines = values.as_ptr().cast::<u8>();
+    let row_bytes = blocks * std::mem::size_of::<BlockQ8_0>();
+    let lines_per_tile = (8 * row_bytes).div_ceil(64);
+    let mut j = 0;
+    while j + 8 <= n {
+        for line in 0..lines_per_tile {
+            let at = (j * row_bytes + 64 * line).min(value_bytes - 1);
+            _mm_prefetch::<_MM_HINT_T1>(value_lines.wrapping_add(at).cast());
+        }
+        // SAFETY: keys j..j + 8 exist; q rows hold `blocks` blocks (asserted).
+        unsafe { scores8_q8_0::<H>(rows, keys, blocks, scaling, j) };
+        j += 8;
+    }
+    for row in rows.iter_mut() {
+        for (jj, k) in keys.chunks_exact(blocks).enumerate().skip(j) {
+            row.scores[jj] = scalar::score_q8_0(row.q, k, scaling);
+        }
+    }
+
+    for row in rows.iter_mut() {
+        *row.stats = softmax_weights(row.scores);
+    }
+
+    for d in (0..hd).step_by(16) {
+        // SAFETY: values is [n, blocks] (asserted), d + 16 <= hd = 32 · blocks.
+        unsafe { values_step_q8_0::<H>(rows, values, blocks, d) };
     }
 }
 

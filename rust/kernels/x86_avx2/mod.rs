@@ -6,5 +6,6 @@ pub mod attention;
 pub mod bandwidth;
 pub mod half;
 pub mod head;
+pub mod q8_0;
 pub mod ternary;
 pub mod tq1;
