@@ -35,6 +35,28 @@ impl Load8 for F16 {
     }
 }
 
+/// Runs `$chunk::<H>(rows, keys, values, hd, scaling)` over a group's heads,
+/// four at a time (H = the heads left, at most 4). A macro, not a generic
+/// function: each `$chunk` is its own function with target features.
+macro_rules! heads_by_four {
+    ($group:expr, $chunk:ident) => {{
+        let group = $group;
+        let (keys, values) = group.keys_values();
+        let (hd, heads, scaling) = (group.head_dim(), group.heads(), group.scaling());
+        let mut h = 0;
+        while h < heads {
+            let take = (heads - h).min(4);
+            match take {
+                4 => $chunk(&mut group.rows::<4>(h), keys, values, hd, scaling),
+                3 => $chunk(&mut group.rows::<3>(h), keys, values, hd, scaling),
+                2 => $chunk(&mut group.rows::<2>(h), keys, values, hd, scaling),
+                _ => $chunk(&mut group.rows::<1>(h), keys, values, hd, scaling),
+            }
+            h += take;
+        }
+    }};
+}
+
 /// `scalar::attention::attend_chunk`: heads four at a time.
 ///
 /// # Safety
@@ -42,19 +64,7 @@ impl Load8 for F16 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn attend_chunk<T: KvElement>(group: &mut HeadGroup<'_, T>) {
     counts::enter(Isa::Avx2);
-    let (keys, values) = group.keys_values();
-    let (hd, heads, scaling) = (group.head_dim(), group.heads(), group.scaling());
-    let mut h = 0;
-    while h < heads {
-        let take = (heads - h).min(4);
-        match take {
-            4 => heads_chunk(&mut group.rows::<4>(h), keys, values, hd, scaling),
-            3 => heads_chunk(&mut group.rows::<3>(h), keys, values, hd, scaling),
-            2 => heads_chunk(&mut group.rows::<2>(h), keys, values, hd, scaling),
-            _ => heads_chunk(&mut group.rows::<1>(h), keys, values, hd, scaling),
-        }
-        h += take;
-    }
+    heads_by_four!(group, heads_chunk);
 }
 
 #[inline]
@@ -344,19 +354,7 @@ fn heads_chunk<T: KvElement, const H: usize>(
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn attend_chunk_q8_0(group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0>) {
     counts::enter(Isa::Avx2);
-    let (keys, values) = group.keys_values();
-    let (hd, heads, scaling) = (group.head_dim(), group.heads(), group.scaling());
-    let mut h = 0;
-    while h < heads {
-        let take = (heads - h).min(4);
-        match take {
-            4 => heads_chunk_q8_0(&mut group.rows::<4>(h), keys, values, hd, scaling),
-            3 => heads_chunk_q8_0(&mut group.rows::<3>(h), keys, values, hd, scaling),
-            2 => heads_chunk_q8_0(&mut group.rows::<2>(h), keys, values, hd, scaling),
-            _ => heads_chunk_q8_0(&mut group.rows::<1>(h), keys, values, hd, scaling),
-        }
-        h += take;
-    }
+    heads_by_four!(group, heads_chunk_q8_0);
 }
 
 /// Eight f16 scales, as f32.
