@@ -2,17 +2,18 @@
 //! heads of a GQA group over a chunk of keys) and their dispatch by
 //! `Kernel`. What attention computes, and how chunks are formed and merged,
 //! is `model::attention`'s; the kernels are `scalar::attention` (the
-//! definition) and `x86_avx2::attention`, which performs the very same
-//! floating-point operations in the same order, so the two agree to the bit.
-//! Keys and values are f32, F16, or q8_0 blocks (with queries quantized to
-//! q8_0 blocks too, and integer dots).
+//! definition), `x86_avx2::attention` and, over q8_0, `x86_avx512::attention`,
+//! which perform the very same floating-point operations in the same order,
+//! so they agree to the bit. Keys and values are f32 or F16 rows, or q8_0
+//! (keys in tiles of 16 positions, `KeyTileBlock`, values in rows of blocks,
+//! the queries quantized to q8_0 blocks too, and integer dots).
 
 use super::half::F16;
-use super::q8_0::{BlockQ8_0, Q8_0_VALUES};
+use super::q8_0::{BlockQ8_0, KeyTileBlock, KEY_TILE, Q8_0_VALUES};
 use super::scalar;
-#[cfg(target_arch = "x86_64")]
-use super::x86_avx2;
 use super::Kernel;
+#[cfg(target_arch = "x86_64")]
+use super::{x86_avx2, x86_avx512};
 
 /// The loads an instruction set's attention needs from an element type.
 #[cfg(target_arch = "x86_64")]
@@ -43,8 +44,39 @@ impl RowElement for BlockQ8_0 {
     const VALUES: usize = Q8_0_VALUES;
 }
 
+/// What a chunk's keys are stored as: rows of a `RowElement`, or q8_0 tiles.
+pub trait KeyElement: Copy + Send + Sync + 'static {
+    /// Elements that hold n keys of hd values.
+    fn elements(n: usize, hd: usize) -> usize;
+}
+
+impl KeyElement for f32 {
+    fn elements(n: usize, hd: usize) -> usize {
+        n * hd
+    }
+}
+
+impl KeyElement for F16 {
+    fn elements(n: usize, hd: usize) -> usize {
+        n * hd
+    }
+}
+
+impl KeyElement for BlockQ8_0 {
+    fn elements(n: usize, hd: usize) -> usize {
+        n * (hd / Q8_0_VALUES)
+    }
+}
+
+impl KeyElement for KeyTileBlock {
+    /// Whole tiles: the last one may hold fewer than 16 keys.
+    fn elements(n: usize, hd: usize) -> usize {
+        n.div_ceil(KEY_TILE) * (hd / Q8_0_VALUES)
+    }
+}
+
 /// A float element keys and values are kept in: f32 or F16.
-pub trait KvElement: RowElement + Default + ArchLoads {
+pub trait KvElement: RowElement + KeyElement + Default + ArchLoads {
     fn to_f32(self) -> f32;
 }
 
@@ -81,10 +113,10 @@ pub struct Strided<'a> {
 /// values, with each head's scratch and output rows: the arguments of every
 /// attention kernel, checked once when the view is made. Rows of hd values
 /// are hd / VALUES elements: the queries are f32 for float keys, q8_0
-/// blocks for q8_0 keys.
-pub struct HeadGroup<'a, T, Q = f32> {
+/// blocks for q8_0 keys; keys are rows like the values (K = T) or q8_0 tiles.
+pub struct HeadGroup<'a, T, Q = f32, K = T> {
     q: &'a [Q],      // [heads, hd / Q::VALUES]
-    keys: &'a [T],   // [n, hd / T::VALUES]
+    keys: &'a [K], // K::elements(n, hd): [n, hd / T::VALUES], or [n / 16 rounded up, hd / 32] tiles
     values: &'a [T], // [n, hd / T::VALUES]
     hd: usize,
     scaling: f32,
@@ -101,14 +133,15 @@ pub struct HeadRows<'g, Q = f32> {
     pub stats: &'g mut Partial,
 }
 
-impl<'a, T: RowElement, Q: RowElement> HeadGroup<'a, T, Q> {
-    /// A group of heads over `keys` and `values` (n >= 1 rows each), hd
+impl<'a, T: RowElement, Q: RowElement, K: KeyElement> HeadGroup<'a, T, Q, K> {
+    /// A group of heads over `keys` and `values` (n >= 1 of each), hd
     /// values per row. Panics unless hd is a whole number of elements of
-    /// both types and every head's rows fit their buffers.
+    /// both types, the keys are n keys' elements and every head's rows fit
+    /// their buffers.
     pub fn new(
         q: &'a [Q],
         hd: usize,
-        (keys, values): (&'a [T], &'a [T]),
+        (keys, values): (&'a [K], &'a [T]),
         scaling: f32,
         scores: Strided<'a>,
         out: Strided<'a>,
@@ -117,10 +150,9 @@ impl<'a, T: RowElement, Q: RowElement> HeadGroup<'a, T, Q> {
         assert!(hd >= 1 && hd.is_multiple_of(T::VALUES) && hd.is_multiple_of(Q::VALUES));
         let (q_row, kv_row) = (hd / Q::VALUES, hd / T::VALUES);
         assert!(!q.is_empty() && q.len().is_multiple_of(q_row));
-        assert!(
-            keys.len() == values.len() && keys.len().is_multiple_of(kv_row) && !keys.is_empty()
-        );
-        let (heads, n) = (q.len() / q_row, keys.len() / kv_row);
+        assert!(values.len().is_multiple_of(kv_row) && !values.is_empty());
+        let (heads, n) = (q.len() / q_row, values.len() / kv_row);
+        assert_eq!(keys.len(), K::elements(n, hd));
         assert!(scores.stride >= n && scores.data.len() >= (heads - 1) * scores.stride + n);
         assert!(out.stride >= hd && out.data.len() >= (heads - 1) * out.stride + hd);
         assert!(stats.len() >= heads);
@@ -146,15 +178,15 @@ impl<'a, T: RowElement, Q: RowElement> HeadGroup<'a, T, Q> {
 
     /// Keys (and values) in the group's chunk.
     pub fn n(&self) -> usize {
-        self.keys.len() / (self.hd / T::VALUES)
+        self.values.len() / (self.hd / T::VALUES)
     }
 
     pub fn scaling(&self) -> f32 {
         self.scaling
     }
 
-    /// [n, hd / T::VALUES] keys and values.
-    pub fn keys_values(&self) -> (&'a [T], &'a [T]) {
+    /// Keys (`K::elements(n, hd)`) and [n, hd / T::VALUES] values.
+    pub fn keys_values(&self) -> (&'a [K], &'a [T]) {
         (self.keys, self.values)
     }
 
@@ -193,11 +225,23 @@ pub fn attend_chunk<T: KvElement>(kernel: Kernel, group: &mut HeadGroup<'_, T>) 
     scalar::attention::attend_chunk(group);
 }
 
-/// `attend_chunk` over q8_0 keys and values, the queries quantized to q8_0
-/// too: `s_j = scaling · Σ_b (d_q[b] · d_k[b]) · (q_b · k_b)`, each block's
-/// integer dot exact, and `out_h = Σ_j e_j · (d_v[b] · v_j)` in f32. Every
-/// path's result is exactly `scalar::attention::attend_head_q8_0` of each head.
-pub fn attend_chunk_q8_0(kernel: Kernel, group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0>) {
+/// `attend_chunk` over q8_0 keys (in tiles) and values, the queries
+/// quantized to q8_0 too: `s_j = scaling · Σ_b (d_q[b] · d_k[b]) · (q_b · k_b)`,
+/// each block's integer dot exact, and `out_h = Σ_j e_j · (d_v[b] · v_j)` in
+/// f32. Every path's result is exactly `scalar::attention::attend_head_q8_0`
+/// of each head.
+pub fn attend_chunk_q8_0(
+    kernel: Kernel,
+    group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0, KeyTileBlock>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512Vnni {
+        kernel.assert_supported();
+        // SAFETY: the path runs on this CPU (asserted): it has AVX-512 F, BW
+        // and VNNI, and AVX2, FMA and F16C.
+        unsafe { x86_avx512::attention::attend_chunk_q8_0_vnni(group) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if kernel.uses_avx2_routines() {
         kernel.assert_supported();

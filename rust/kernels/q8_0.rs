@@ -37,6 +37,71 @@ impl BlockQ8_0 {
     }
 }
 
+/// Keys per key tile.
+pub const KEY_TILE: usize = 16;
+
+/// Block b of a tile of 16 q8_0 keys (positions 16t..16t + 16 of one KV
+/// head): their 16 scales, then their codes four at a time, so that one
+/// 64-byte load is codes 4g..4g + 4 of all 16 keys, the operand of one
+/// `vpdpbusd` against four query codes (and a 32-byte half, of eight keys,
+/// one AVX2 operand). `vpdpbusd` multiplies unsigned by signed bytes, so a
+/// code k is stored as k + 128 (in [1, 255]: codes lie in [-127, 127]); the
+/// kernels take back 128 · Σ q. The same 34 bytes per block of 32 values as
+/// `BlockQ8_0`; a tile of hd values per key is hd / 32 of these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, align(32))]
+pub struct KeyTileBlock {
+    pub d: [F16; KEY_TILE],
+    /// [8 groups, 16 keys, 4 codes]: `qs[64 g + 4 u + i]` is code 4 g + i of
+    /// key u, plus 128.
+    pub qs: [u8; KEY_TILE * Q8_0_VALUES],
+}
+
+// The scales fill one 32-byte line and the codes sixteen more: each
+// 64-byte load of codes is 32-byte aligned (never split within a half).
+const _: () = assert!(std::mem::size_of::<KeyTileBlock>() == KEY_TILE * 34);
+const _: () = assert!(std::mem::align_of::<KeyTileBlock>() == 32);
+
+// SAFETY: all-zero bits are scales +0.0 (F16 is a transparent u16) and
+// bytes 0; the type is not zero-sized.
+unsafe impl crate::memory::ZeroBits for KeyTileBlock {}
+
+/// The offset between a key code and the byte that stores it.
+pub const KEY_CODE_OFFSET: i32 = 128;
+
+impl KeyTileBlock {
+    /// Key u's block.
+    #[inline]
+    pub fn get(&self, u: usize) -> BlockQ8_0 {
+        BlockQ8_0 {
+            d: self.d[u],
+            qs: std::array::from_fn(|i| self.code(u, i)),
+        }
+    }
+
+    /// Makes key u's block `block`.
+    #[inline]
+    pub fn set(&mut self, u: usize, block: &BlockQ8_0) {
+        self.d[u] = block.d;
+        for (i, &q) in block.qs.iter().enumerate() {
+            // Codes lie in [-127, 127], so k + 128 is in [1, 255].
+            self.qs[Self::at(u, i)] = (i32::from(q) + KEY_CODE_OFFSET) as u8;
+        }
+    }
+
+    /// Code i of key u.
+    #[inline(always)]
+    pub fn code(&self, u: usize, i: usize) -> i8 {
+        (i32::from(self.qs[Self::at(u, i)]) - KEY_CODE_OFFSET) as i8
+    }
+
+    #[inline(always)]
+    fn at(u: usize, i: usize) -> usize {
+        debug_assert!(u < KEY_TILE && i < Q8_0_VALUES);
+        64 * (i / 4) + 4 * u + i % 4
+    }
+}
+
 /// `dst[b] = quantize(src[32 b..32 b + 32])` (`scalar::q8_0::quantize_block`
 /// on every path, bit for bit). `src` is [32 · dst.len()].
 pub fn quantize_q8_0(kernel: Kernel, dst: &mut [BlockQ8_0], src: &[f32]) {

@@ -18,7 +18,7 @@
 
 use super::cache::{KvRows, KvType};
 use crate::kernels::attention::{self as kernels, HeadGroup, Strided};
-use crate::kernels::q8_0::{quantize_q8_0, BlockQ8_0, Q8_0_VALUES};
+use crate::kernels::q8_0::{quantize_q8_0, BlockQ8_0, KEY_TILE, Q8_0_VALUES};
 use crate::kernels::Kernel;
 
 pub use crate::kernels::attention::Partial;
@@ -30,6 +30,8 @@ pub use crate::kernels::attention::Partial;
 /// over the threads; the split depends on positions only, never on the
 /// thread count, so the results do not either.
 pub const KEY_CHUNK: usize = 256;
+
+const _: () = assert!(KEY_CHUNK.is_multiple_of(KEY_TILE));
 
 /// Reusable buffers of `attend_group`.
 #[derive(Default)]
@@ -175,9 +177,14 @@ pub fn attend_chunk(
             let mut group = HeadGroup::new(q, hd, kv, scaling, scores, out, stats);
             kernels::attend_chunk(kernel, &mut group);
         }
-        (Queries::Q8_0(q), KvRows::Q8_0(k), KvRows::Q8_0(v)) => {
-            let blocks = range.start * hd / Q8_0_VALUES..range.end * hd / Q8_0_VALUES;
-            let kv = (&k[blocks.clone()], &v[blocks]);
+        (Queries::Q8_0(q), KvRows::Q8_0Tiles { tiles, n }, KvRows::Q8_0(v)) => {
+            // Chunks start at a tile (KEY_CHUNK is whole tiles), so the
+            // chunk's keys are whole tiles, its last one maybe partial.
+            assert!(range.start.is_multiple_of(KEY_TILE) && range.end <= n);
+            let per_key = hd / Q8_0_VALUES;
+            let tiles =
+                &tiles[range.start / KEY_TILE * per_key..range.end.div_ceil(KEY_TILE) * per_key];
+            let kv = (tiles, &v[range.start * per_key..range.end * per_key]);
             let mut group = HeadGroup::new(q, hd, kv, scaling, scores, out, stats);
             kernels::attend_chunk_q8_0(kernel, &mut group);
         }
@@ -209,7 +216,7 @@ pub fn merge(
 
 #[cfg(test)]
 mod tests {
-    use super::super::cache::F16;
+    use super::super::cache::{KeyTileBlock, F16};
     use super::*;
     use crate::kernels::scalar::attention as scalar;
 
@@ -411,6 +418,22 @@ mod tests {
         blocks
     }
 
+    /// The tiles of q8_0 keys `keys` ([n, blocks]), lanes past n left zero.
+    fn key_tiles(keys: &[BlockQ8_0], blocks: usize) -> Vec<KeyTileBlock> {
+        let n = keys.len() / blocks;
+        let zero = KeyTileBlock {
+            d: [F16(0); KEY_TILE],
+            qs: [0; KEY_TILE * Q8_0_VALUES],
+        };
+        let mut tiles = vec![zero; n.div_ceil(KEY_TILE) * blocks];
+        for (j, row) in keys.chunks_exact(blocks).enumerate() {
+            for (b, block) in row.iter().enumerate() {
+                tiles[j / KEY_TILE * blocks + b].set(j % KEY_TILE, block);
+            }
+        }
+        tiles
+    }
+
     fn dequantized(blocks: &[BlockQ8_0]) -> Vec<f32> {
         blocks.iter().flat_map(|b| b.dequantize()).collect()
     }
@@ -442,13 +465,16 @@ mod tests {
             (96, 65, 8),
             (256, 11, 1),
             (64, 263, 6),
+            (32, 272, 2),
+            (64, 529, 4),
         ] {
             let scaling = (hd as f32).powf(-0.5);
             let q: Vec<f32> = (0..heads * hd).map(|_| 3.0 * rng.float()).collect();
             let k: Vec<f32> = (0..n * hd).map(|_| 3.0 * rng.float()).collect();
             let v: Vec<f32> = (0..n * hd).map(|_| rng.float()).collect();
             let (k8, v8) = (q8_0_blocks(&k), q8_0_blocks(&v));
-            let (k8r, v8r) = (KvRows::Q8_0(&k8), KvRows::Q8_0(&v8));
+            let k8t = key_tiles(&k8, hd / Q8_0_VALUES);
+            let (k8r, v8r) = (KvRows::Q8_0Tiles { tiles: &k8t, n }, KvRows::Q8_0(&v8));
             for c in 0..n.div_ceil(KEY_CHUNK) {
                 let range = c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(n);
                 let want = run_chunk(Kernel::Scalar, &q, hd, k8r, v8r, range.clone());
@@ -509,7 +535,8 @@ mod tests {
             let k: Vec<f32> = (0..n * hd).map(|_| 4.0 * rng.float()).collect();
             let v: Vec<f32> = (0..n * hd).map(|_| rng.float()).collect();
             let (k8, v8) = (q8_0_blocks(&k), q8_0_blocks(&v));
-            let (k8r, v8r) = (KvRows::Q8_0(&k8), KvRows::Q8_0(&v8));
+            let k8t = key_tiles(&k8, hd / Q8_0_VALUES);
+            let (k8r, v8r) = (KvRows::Q8_0Tiles { tiles: &k8t, n }, KvRows::Q8_0(&v8));
             let want = run_group(Kernel::Scalar, &q, hd, k8r, v8r, n, 0.1);
             for path in paths() {
                 proptest::prop_assert_eq!(run_group(path, &q, hd, k8r, v8r, n, 0.1), want.clone(), "{}", path);
@@ -548,6 +575,52 @@ mod tests {
         for h in 0..heads {
             for d in 0..hd {
                 assert_eq!(out[h * hd + d], parts[h * hd + d] / stats[h].sum);
+            }
+        }
+    }
+
+    /// Lanes of a partial key tile past n hold whatever they hold (another
+    /// sequence's keys after a copied prefix): huge codes, infinite and NaN
+    /// scales there change nothing.
+    #[test]
+    fn q8_0_lanes_past_n_do_not_count() {
+        let (hd, heads) = (64, 3);
+        let blocks = hd / Q8_0_VALUES;
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let q: Vec<f32> = (0..heads * hd).map(|_| rng.float()).collect();
+        for n in [1, 9, 16, 23, 257, 270] {
+            let k: Vec<f32> = (0..n * hd).map(|_| rng.float()).collect();
+            let v: Vec<f32> = (0..n * hd).map(|_| rng.float()).collect();
+            let (k8, v8) = (q8_0_blocks(&k), q8_0_blocks(&v));
+            let clean = key_tiles(&k8, blocks);
+            let mut dirty = clean.clone();
+            let last = n.div_ceil(KEY_TILE) - 1;
+            for (b, t) in dirty[last * blocks..].iter_mut().enumerate() {
+                for u in n - last * KEY_TILE..KEY_TILE {
+                    t.d[u] = if b % 2 == 0 { F16(0x7c00) } else { F16(0x7e00) };
+                    for i in 0..Q8_0_VALUES {
+                        t.qs[64 * (i / 4) + 4 * u + i % 4] = (i * 97) as u8;
+                    }
+                }
+            }
+            let v8r = KvRows::Q8_0(&v8);
+            let want = run_group(
+                Kernel::Scalar,
+                &q,
+                hd,
+                KvRows::Q8_0Tiles { tiles: &clean, n },
+                v8r,
+                n,
+                0.3,
+            );
+            assert!(want.iter().flatten().all(|x| x.is_finite()));
+            for path in paths() {
+                let dirty = KvRows::Q8_0Tiles { tiles: &dirty, n };
+                assert_eq!(
+                    run_group(path, &q, hd, dirty, v8r, n, 0.3),
+                    want,
+                    "{path} n {n}"
+                );
             }
         }
     }

@@ -3,7 +3,7 @@
 
 use crate::error::{Result, TritError};
 use crate::kernels::half::halves_from_f32;
-use crate::kernels::q8_0::{quantize_q8_0, Q8_0_VALUES};
+use crate::kernels::q8_0::{quantize_q8_0, KEY_TILE, Q8_0_VALUES};
 use crate::kernels::Kernel;
 use crate::memory::try_zeroed;
 
@@ -49,15 +49,22 @@ impl KvType {
 
 pub use crate::kernels::attention::KvElement;
 pub use crate::kernels::half::F16;
-pub use crate::kernels::q8_0::BlockQ8_0;
+pub use crate::kernels::q8_0::{BlockQ8_0, KeyTileBlock};
 
-/// Rows of keys or values of one KV head, [n, head_dim] values.
+/// Keys or values of one KV head at positions 0..n: rows of [n, head_dim]
+/// values, or (q8_0 keys) tiles of 16 positions.
 #[derive(Clone, Copy, Debug)]
 pub enum KvRows<'a> {
     F32(&'a [f32]),
     F16(&'a [F16]),
-    /// [n, head_dim / 32] blocks.
+    /// [n, head_dim / 32] blocks: q8_0 values.
     Q8_0(&'a [BlockQ8_0]),
+    /// [n / 16 rounded up, head_dim / 32] tile blocks: q8_0 keys, position
+    /// p at lane p % 16 of tile p / 16; lanes past n are not keys.
+    Q8_0Tiles {
+        tiles: &'a [KeyTileBlock],
+        n: usize,
+    },
 }
 
 impl KvRows<'_> {
@@ -66,75 +73,143 @@ impl KvRows<'_> {
         match self {
             KvRows::F32(_) => KvType::F32,
             KvRows::F16(_) => KvType::F16,
-            KvRows::Q8_0(_) => KvType::Q8_0,
+            KvRows::Q8_0(_) | KvRows::Q8_0Tiles { .. } => KvType::Q8_0,
         }
     }
 }
 
-/// The cache's elements. Offsets and lengths are counted in values; a q8_0
-/// store holds them as blocks of 32 (`at` and `len` then multiples of 32:
-/// head_dim is, checked in `KvCache::new`).
+/// The cache's elements for `heads` (layers × KV heads) heads of `n_ctx`
+/// positions of `hd` values each, head after head.
 #[derive(Clone, Debug)]
 enum Store {
-    F32(Vec<f32>),
-    F16(Vec<F16>),
-    Q8_0(Vec<BlockQ8_0>), // [values / 32]
+    F32(Vec<f32>),                // [heads, n_ctx, hd]
+    F16(Vec<F16>),                // [heads, n_ctx, hd]
+    Q8_0(Vec<BlockQ8_0>),         // [heads, n_ctx, hd / 32]
+    Q8_0Tiles(Vec<KeyTileBlock>), // [heads, n_ctx / 16 rounded up, hd / 32]
+}
+
+/// The shape every store of a cache shares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Shape {
+    heads: usize,
+    n_ctx: usize,
+    hd: usize,
+}
+
+impl Shape {
+    /// q8_0 blocks per position (hd is whole blocks: checked in `KvCache::new`).
+    fn blocks(self) -> usize {
+        self.hd / Q8_0_VALUES
+    }
+
+    /// Tile blocks per head: n_ctx rounded up to whole tiles.
+    fn tile_blocks(self) -> usize {
+        self.n_ctx.div_ceil(KEY_TILE) * self.blocks()
+    }
 }
 
 impl Store {
-    fn new(kind: KvType, len: usize, what: &str) -> Result<Store> {
+    /// Zeros for `shape`, its q8_0 keys (`keys`) in tiles; an error (naming
+    /// `what`) if the size overflows or does not fit in memory.
+    fn new(kind: KvType, keys: bool, shape: Shape, what: &str) -> Result<Store> {
+        let len = |per_head: usize| {
+            shape
+                .heads
+                .checked_mul(per_head)
+                .ok_or_else(|| TritError::invalid(format!("{what}: its size overflows")))
+        };
+        let values = shape
+            .n_ctx
+            .checked_mul(shape.hd)
+            .ok_or_else(|| TritError::invalid(format!("{what}: its size overflows")))?;
         // Zero pages from the allocator: memory is only touched as positions fill.
         Ok(match kind {
-            KvType::F32 => Store::F32(try_zeroed(len, what)?),
-            KvType::F16 => Store::F16(try_zeroed(len, what)?),
-            KvType::Q8_0 => {
-                debug_assert!(len.is_multiple_of(Q8_0_VALUES));
-                Store::Q8_0(try_zeroed(len / Q8_0_VALUES, what)?)
-            }
+            KvType::F32 => Store::F32(try_zeroed(len(values)?, what)?),
+            KvType::F16 => Store::F16(try_zeroed(len(values)?, what)?),
+            KvType::Q8_0 if keys => Store::Q8_0Tiles(try_zeroed(len(shape.tile_blocks())?, what)?),
+            KvType::Q8_0 => Store::Q8_0(try_zeroed(len(values / Q8_0_VALUES)?, what)?),
         })
     }
 
-    /// The blocks of values at..at + len.
-    fn blocks(at: usize, len: usize) -> std::ops::Range<usize> {
-        debug_assert!(at.is_multiple_of(Q8_0_VALUES) && len.is_multiple_of(Q8_0_VALUES));
-        at / Q8_0_VALUES..(at + len) / Q8_0_VALUES
-    }
-
-    fn write(&mut self, kernel: Kernel, at: usize, x: &[f32]) {
+    /// Writes `x` ([hd]) at position `pos` of head `head`.
+    fn write(&mut self, kernel: Kernel, shape: Shape, head: usize, pos: usize, x: &[f32]) {
+        let at = (head * shape.n_ctx + pos) * shape.hd;
         match self {
-            Store::F32(v) => v[at..at + x.len()].copy_from_slice(x),
-            Store::F16(v) => halves_from_f32(kernel, &mut v[at..at + x.len()], x),
-            Store::Q8_0(v) => quantize_q8_0(kernel, &mut v[Store::blocks(at, x.len())], x),
+            Store::F32(v) => v[at..at + shape.hd].copy_from_slice(x),
+            Store::F16(v) => halves_from_f32(kernel, &mut v[at..at + shape.hd], x),
+            Store::Q8_0(v) => {
+                let blocks = at / Q8_0_VALUES..(at + shape.hd) / Q8_0_VALUES;
+                quantize_q8_0(kernel, &mut v[blocks], x);
+            }
+            Store::Q8_0Tiles(v) => {
+                let tile = head * shape.tile_blocks() + pos / KEY_TILE * shape.blocks();
+                let tile = &mut v[tile..tile + shape.blocks()];
+                // Quantized a few blocks at a time on the stack, then
+                // scattered into the position's lane.
+                let mut blocks = [BlockQ8_0::default(); 8];
+                for (tile, x) in tile
+                    .chunks_mut(blocks.len())
+                    .zip(x.chunks(blocks.len() * Q8_0_VALUES))
+                {
+                    let blocks = &mut blocks[..tile.len()];
+                    quantize_q8_0(kernel, blocks, x);
+                    for (t, block) in tile.iter_mut().zip(blocks.iter()) {
+                        t.set(pos % KEY_TILE, block);
+                    }
+                }
+            }
         }
     }
 
-    fn rows(&self, at: usize, len: usize) -> KvRows<'_> {
+    /// Positions 0..n of head `head`.
+    fn rows(&self, shape: Shape, head: usize, n: usize) -> KvRows<'_> {
+        let at = head * shape.n_ctx * shape.hd;
+        let len = n * shape.hd;
         match self {
             Store::F32(v) => KvRows::F32(&v[at..at + len]),
             Store::F16(v) => KvRows::F16(&v[at..at + len]),
-            Store::Q8_0(v) => KvRows::Q8_0(&v[Store::blocks(at, len)]),
-        }
-    }
-
-    /// Copies `len` values at `at` from `other` (of the same type).
-    fn copy_from(&mut self, other: &Store, at: usize, len: usize) {
-        match (self, other) {
-            (Store::F32(v), Store::F32(w)) => v[at..at + len].copy_from_slice(&w[at..at + len]),
-            (Store::F16(v), Store::F16(w)) => v[at..at + len].copy_from_slice(&w[at..at + len]),
-            (Store::Q8_0(v), Store::Q8_0(w)) => {
-                let blocks = Store::blocks(at, len);
-                v[blocks.clone()].copy_from_slice(&w[blocks]);
+            Store::Q8_0(v) => KvRows::Q8_0(&v[at / Q8_0_VALUES..(at + len) / Q8_0_VALUES]),
+            Store::Q8_0Tiles(v) => {
+                let at = head * shape.tile_blocks();
+                let tiles = &v[at..at + n.div_ceil(KEY_TILE) * shape.blocks()];
+                KvRows::Q8_0Tiles { tiles, n }
             }
-            _ => unreachable!("caches of one engine share their type"),
         }
     }
 
-    /// Values held.
-    fn len(&self) -> usize {
-        match self {
-            Store::F32(v) => v.len(),
-            Store::F16(v) => v.len(),
-            Store::Q8_0(v) => v.len() * Q8_0_VALUES,
+    /// Copies positions 0..n of every head from `other` (of the same type
+    /// and shape); the rest stays as it was.
+    fn copy_prefix(&mut self, other: &Store, shape: Shape, n: usize) {
+        for head in 0..shape.heads {
+            let at = head * shape.n_ctx * shape.hd;
+            let len = n * shape.hd;
+            match (&mut *self, other) {
+                (Store::F32(v), Store::F32(w)) => {
+                    v[at..at + len].copy_from_slice(&w[at..at + len]);
+                }
+                (Store::F16(v), Store::F16(w)) => {
+                    v[at..at + len].copy_from_slice(&w[at..at + len]);
+                }
+                (Store::Q8_0(v), Store::Q8_0(w)) => {
+                    let blocks = at / Q8_0_VALUES..(at + len) / Q8_0_VALUES;
+                    v[blocks.clone()].copy_from_slice(&w[blocks]);
+                }
+                (Store::Q8_0Tiles(v), Store::Q8_0Tiles(w)) => {
+                    // Whole tiles, then the lanes below n of a partial one.
+                    let at = head * shape.tile_blocks();
+                    let whole = at..at + n / KEY_TILE * shape.blocks();
+                    v[whole.clone()].copy_from_slice(&w[whole.clone()]);
+                    let partial = whole.end..whole.end + shape.blocks();
+                    if n % KEY_TILE != 0 {
+                        for (t, o) in v[partial.clone()].iter_mut().zip(&w[partial]) {
+                            for u in 0..n % KEY_TILE {
+                                t.set(u, &o.get(u));
+                            }
+                        }
+                    }
+                }
+                _ => unreachable!("caches of one engine share their type"),
+            }
         }
     }
 
@@ -143,6 +218,7 @@ impl Store {
             Store::F32(v) => std::mem::size_of_val(v.as_slice()),
             Store::F16(v) => std::mem::size_of_val(v.as_slice()),
             Store::Q8_0(v) => std::mem::size_of_val(v.as_slice()),
+            Store::Q8_0Tiles(v) => std::mem::size_of_val(v.as_slice()),
         }
     }
 }
@@ -151,20 +227,23 @@ impl Store {
 /// not per query head.
 #[derive(Clone, Debug)]
 pub struct KvCache {
-    n_ctx: usize,
+    shape: Shape, // heads = layers × KV heads
     n_kv_heads: usize,
-    head_dim: usize,
     kind: KvType,
-    /// The path that converts what is written to half precision.
+    /// The path that converts what is written to half precision or q8_0.
     kernel: Kernel,
-    k: Store, // [layers, n_kv_heads, n_ctx, head_dim] values
+    /// [layers, n_kv_heads, n_ctx, head_dim] values, q8_0 keys in tiles of
+    /// 16 positions (`Store::Q8_0Tiles`): the scores' kernels read 16 keys'
+    /// codes per load.
+    k: Store,
     v: Store, // [layers, n_kv_heads, n_ctx, head_dim] values
 }
 
 impl KvCache {
-    /// A cache for `n_ctx` positions; an error (naming n_ctx) if it does not
-    /// fit this machine's memory or address space, or (naming the type and
-    /// head_dim) if head_dim is not a whole number of q8_0 blocks.
+    /// A cache for `n_ctx` positions (q8_0 keys in whole tiles of 16: n_ctx
+    /// rounded up); an error (naming n_ctx) if it does not fit this
+    /// machine's memory or address space, or (naming the type and head_dim)
+    /// if head_dim is not a whole number of q8_0 blocks.
     pub fn new(
         n_layers: usize,
         n_kv_heads: usize,
@@ -184,67 +263,66 @@ impl KvCache {
             "the KV cache of n_ctx = {n_ctx} positions ({n_layers} layers, {n_kv_heads} \
              key/value heads of {head_dim}); pass a smaller n_ctx"
         );
-        let len = [n_kv_heads, n_ctx, head_dim]
-            .iter()
-            .try_fold(n_layers, |acc, &d| acc.checked_mul(d))
+        let heads = n_layers
+            .checked_mul(n_kv_heads)
             .ok_or_else(|| TritError::invalid(format!("{what}: its size overflows")))?;
-        Ok(KvCache {
+        let shape = Shape {
+            heads,
             n_ctx,
+            hd: head_dim,
+        };
+        Ok(KvCache {
+            shape,
             n_kv_heads,
-            head_dim,
             kind,
             kernel,
-            k: Store::new(kind, len, &what)?,
-            v: Store::new(kind, len, &what)?,
+            k: Store::new(kind, true, shape, &what)?,
+            v: Store::new(kind, false, shape, &what)?,
         })
     }
 
     pub fn n_ctx(&self) -> usize {
-        self.n_ctx
+        self.shape.n_ctx
     }
 
     pub fn kind(&self) -> KvType {
         self.kind
     }
 
-    fn head_offset(&self, layer: usize, kv_head: usize) -> usize {
-        (layer * self.n_kv_heads + kv_head) * self.n_ctx * self.head_dim
+    /// The store's head index of `kv_head` of `layer`.
+    fn head(&self, layer: usize, kv_head: usize) -> usize {
+        debug_assert!(kv_head < self.n_kv_heads);
+        layer * self.n_kv_heads + kv_head
     }
 
     /// Stores the key and value of `kv_head` at `pos` (each [head_dim]).
     pub fn write(&mut self, layer: usize, kv_head: usize, pos: usize, k: &[f32], v: &[f32]) {
-        debug_assert!(pos < self.n_ctx);
-        let at = self.head_offset(layer, kv_head) + pos * self.head_dim;
-        self.k.write(self.kernel, at, &k[..self.head_dim]);
-        self.v.write(self.kernel, at, &v[..self.head_dim]);
+        debug_assert!(pos < self.shape.n_ctx);
+        let (head, hd) = (self.head(layer, kv_head), self.shape.hd);
+        self.k.write(self.kernel, self.shape, head, pos, &k[..hd]);
+        self.v.write(self.kernel, self.shape, head, pos, &v[..hd]);
     }
 
-    /// Keys of `kv_head` at positions 0..n, [n, head_dim].
+    /// Keys of `kv_head` at positions 0..n.
     pub fn keys(&self, layer: usize, kv_head: usize, n: usize) -> KvRows<'_> {
-        self.k
-            .rows(self.head_offset(layer, kv_head), n * self.head_dim)
+        self.k.rows(self.shape, self.head(layer, kv_head), n)
     }
 
     /// Values of `kv_head` at positions 0..n, [n, head_dim].
     pub fn values(&self, layer: usize, kv_head: usize, n: usize) -> KvRows<'_> {
-        self.v
-            .rows(self.head_offset(layer, kv_head), n * self.head_dim)
+        self.v.rows(self.shape, self.head(layer, kv_head), n)
     }
 
     /// Makes positions 0..n hold `other`'s (a cache of the same shape and
     /// type): a prefix that another sequence already computed.
     pub fn copy_prefix(&mut self, other: &KvCache, n: usize) {
         assert!(
-            n <= self.n_ctx
-                && (self.n_ctx, self.n_kv_heads, self.head_dim, self.kind)
-                    == (other.n_ctx, other.n_kv_heads, other.head_dim, other.kind)
+            n <= self.shape.n_ctx
+                && (self.shape, self.n_kv_heads, self.kind)
+                    == (other.shape, other.n_kv_heads, other.kind)
         );
-        let heads = self.k.len() / (self.n_ctx * self.head_dim);
-        for head in 0..heads {
-            let at = head * self.n_ctx * self.head_dim;
-            self.k.copy_from(&other.k, at, n * self.head_dim);
-            self.v.copy_from(&other.v, at, n * self.head_dim);
-        }
+        self.k.copy_prefix(&other.k, self.shape, n);
+        self.v.copy_prefix(&other.v, self.shape, n);
     }
 
     /// Bytes held by keys and values.
@@ -262,6 +340,25 @@ mod tests {
             KvRows::F32(v) => v.to_vec(),
             KvRows::F16(v) => v.iter().map(|h| h.to_f32()).collect(),
             KvRows::Q8_0(v) => v.iter().flat_map(|b| b.dequantize()).collect(),
+            KvRows::Q8_0Tiles { .. } => blocks(rows).iter().flat_map(|b| b.dequantize()).collect(),
+        }
+    }
+
+    /// The q8_0 blocks of positions 0..n, [n, head_dim / 32], read from
+    /// rows or tiles.
+    fn blocks(rows: KvRows<'_>) -> Vec<BlockQ8_0> {
+        match rows {
+            KvRows::Q8_0(v) => v.to_vec(),
+            KvRows::Q8_0Tiles { tiles, n } => {
+                let per_tile = tiles.len() / n.div_ceil(KEY_TILE);
+                (0..n)
+                    .flat_map(|p| {
+                        let tile = &tiles[p / KEY_TILE * per_tile..][..per_tile];
+                        tile.iter().map(move |t| t.get(p % KEY_TILE))
+                    })
+                    .collect()
+            }
+            _ => panic!("not a q8_0 store"),
         }
     }
 
@@ -289,7 +386,8 @@ mod tests {
             let bytes = match kind {
                 KvType::F32 => values * 4,
                 KvType::F16 => values * 2,
-                KvType::Q8_0 => values / 32 * 34,
+                // Values, then keys in whole tiles of 16 positions.
+                KvType::Q8_0 => values / 2 / 32 * 34 + 2 * 3 * 16 * HD / 32 * 34,
             };
             assert_eq!(c.nbytes(), bytes, "{kind:?}");
         }
@@ -366,16 +464,68 @@ mod tests {
             let k: Vec<f32> = (0..hd).map(|_| float()).collect();
             let v: Vec<f32> = (0..hd).map(|_| float()).collect();
             c.write(0, 1, 2, &k, &v);
-            let KvRows::Q8_0(blocks) = c.keys(0, 1, 3) else {
-                panic!("a q8_0 cache gives q8_0 rows")
-            };
+            let keys = c.keys(0, 1, 3);
+            assert!(matches!(keys, KvRows::Q8_0Tiles { n: 3, .. }), "{keys:?}");
             let mut want = vec![BlockQ8_0::default(); 2];
             crate::kernels::scalar::q8_0::quantize(&mut want, &k);
-            assert_eq!(&blocks[4..], &want[..], "{kernel}");
+            assert_eq!(&blocks(keys)[4..], &want[..], "{kernel}");
             for (got, x) in f32s(c.values(0, 1, 3))[2 * hd..].iter().zip(&v) {
                 // Half a step (d = max|x| / 127, max|x| < 3), plus the f16
                 // rounding of d (2^-11 of it) times a code of up to 127.
                 assert!((got - x).abs() <= 3.0 / 127.0 * 0.57, "{got} vs {x}");
+            }
+        }
+    }
+
+    /// Keys of every position of several tiles (a partial last one) read
+    /// back through the tiles as the blocks written, each head its own;
+    /// a copied prefix ending inside a tile takes the other cache's keys
+    /// below n only.
+    #[test]
+    fn q8_0_key_tiles_hold_each_position_s_blocks() {
+        let (hd, n_ctx) = (96, 37);
+        let key = |head: usize, pos: usize| -> Vec<f32> {
+            (0..hd)
+                .map(|i| ((head * 131 + pos * 17 + i * 7) % 255) as f32 - 127.0)
+                .collect()
+        };
+        let quantized = |x: &[f32]| {
+            let mut b = vec![BlockQ8_0::default(); x.len() / 32];
+            crate::kernels::scalar::q8_0::quantize(&mut b, x);
+            b
+        };
+        let mut a = KvCache::new(2, 2, n_ctx, hd, KvType::Q8_0, Kernel::Scalar).unwrap();
+        let mut b = KvCache::new(2, 2, n_ctx, hd, KvType::Q8_0, Kernel::Scalar).unwrap();
+        let zero = vec![0.0; hd];
+        for (layer, head) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            for pos in 0..n_ctx {
+                let h = layer * 2 + head;
+                a.write(layer, head, pos, &key(h, pos), &zero);
+                b.write(layer, head, pos, &key(h + 4, pos), &zero);
+            }
+        }
+        for (layer, head) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            let h = layer * 2 + head;
+            let want: Vec<BlockQ8_0> = (0..n_ctx).flat_map(|p| quantized(&key(h, p))).collect();
+            for n in [1, 15, 16, 17, 32, 37] {
+                let got = blocks(a.keys(layer, head, n));
+                assert_eq!(got, want[..n * hd / 32], "head {h} n {n}");
+            }
+        }
+        for n in [0, 5, 16, 21, 37] {
+            let mut c = a.clone();
+            c.copy_prefix(&b, n);
+            for (layer, head) in [(0, 0), (1, 1)] {
+                let h = layer * 2 + head;
+                let got = blocks(c.keys(layer, head, n_ctx));
+                for p in 0..n_ctx {
+                    let src = if p < n { h + 4 } else { h };
+                    assert_eq!(
+                        got[p * 3..p * 3 + 3],
+                        quantized(&key(src, p)),
+                        "n {n} p {p}"
+                    );
+                }
             }
         }
     }

@@ -5,8 +5,8 @@
 //! vector version can perform exactly these operations in this order.
 
 use crate::kernels::attention::{HeadGroup, KvElement, Partial, Strided};
-use crate::kernels::q8_0::{BlockQ8_0, Q8_0_VALUES};
-use crate::kernels::scalar::q8_0::block_dot;
+use crate::kernels::q8_0::{BlockQ8_0, KeyTileBlock, KEY_TILE, Q8_0_VALUES};
+use crate::kernels::scalar::q8_0::tile_dot;
 
 /// Cephes' single-precision exp: `x = n ln2 + r`, |r| <= ln2 / 2, a degree-5
 /// polynomial for exp(r) - 1 - r, then a scaling by 2^n. Within 2 ulp of the
@@ -133,39 +133,42 @@ pub fn softmax_weights(scores: &mut [f32]) -> Partial {
     }
 }
 
-/// One key's score over q8_0 blocks: `Σ_b (d_q[b] · d_k[b]) · (q_b · k_b)`,
-/// each block's dot an exact integer (`block_dot`), fused multiply-adds in
-/// block order, then times `scaling`.
+/// The score of key u of a tile (`tile`: its hd / 32 blocks) over q8_0
+/// blocks: `Σ_b (d_q[b] · d_k[b]) · (q_b · k_b)`, each block's dot an exact
+/// integer (`tile_dot`), fused multiply-adds in block order, then times
+/// `scaling`.
 #[inline(always)]
-pub fn score_q8_0(q: &[BlockQ8_0], k: &[BlockQ8_0], scaling: f32) -> f32 {
+pub fn score_q8_0(q: &[BlockQ8_0], tile: &[KeyTileBlock], u: usize, scaling: f32) -> f32 {
     let mut acc = 0.0f32;
-    for (qb, kb) in q.iter().zip(k) {
-        let w = qb.d.to_f32() * kb.d.to_f32();
-        acc = w.mul_add(block_dot(qb, kb) as f32, acc);
+    for (qb, kb) in q.iter().zip(tile) {
+        let w = qb.d.to_f32() * kb.d[u].to_f32();
+        acc = w.mul_add(tile_dot(qb, kb, u) as f32, acc);
     }
     acc * scaling
 }
 
-/// The definition of one head's partial over one chunk of q8_0 keys and
-/// values, the query quantized to q8_0 as well: the scores
+/// The definition of one head's partial over one chunk of q8_0 keys (in
+/// tiles, the chunk starting at a tile) and values, the query quantized to
+/// q8_0 as well: the scores
 /// `s_j = score_q8_0(q, k_j)` (in `scores`, then replaced by exp(s_j - max)),
 /// `out[32 b + i] = Σ_j e_j · (d_v[j, b] · v_j[b].qs[i])` (fused
 /// multiply-adds in key order); returns (max, Σ_j exp(s_j - max)). Each
 /// value d · code is exact in f32 (an 11-bit significand times at most 2^7),
 /// so it is the dequantized value itself, computed once for all heads.
 pub fn attend_head_q8_0(
-    q: &[BlockQ8_0],      // [hd / 32]
-    keys: &[BlockQ8_0],   // [n, hd / 32]
-    values: &[BlockQ8_0], // [n, hd / 32]
+    q: &[BlockQ8_0],       // [hd / 32]
+    keys: &[KeyTileBlock], // [n / 16 rounded up, hd / 32]
+    values: &[BlockQ8_0],  // [n, hd / 32]
     scaling: f32,
     scores: &mut [f32], // [n]
     out: &mut [f32],    // [hd]
 ) -> Partial {
     let blocks = q.len();
-    let n = keys.len() / blocks;
+    let n = values.len() / blocks;
     let scores = &mut scores[..n];
-    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(blocks)) {
-        *s = score_q8_0(q, k, scaling);
+    for (j, s) in scores.iter_mut().enumerate() {
+        let tile = &keys[j / KEY_TILE * blocks..][..blocks];
+        *s = score_q8_0(q, tile, j % KEY_TILE, scaling);
     }
     let partial = softmax_weights(scores);
     // Key by key, each output accumulating in key order: the same
@@ -183,7 +186,7 @@ pub fn attend_head_q8_0(
 }
 
 /// `attend_head_q8_0` for every head of the group.
-pub fn attend_chunk_q8_0(group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0>) {
+pub fn attend_chunk_q8_0(group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0, KeyTileBlock>) {
     let (keys, values) = group.keys_values();
     let scaling = group.scaling();
     for h in 0..group.heads() {

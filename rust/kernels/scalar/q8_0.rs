@@ -2,7 +2,7 @@
 //! SIMD paths reproduce bit for bit.
 
 use crate::kernels::half::F16;
-use crate::kernels::q8_0::{BlockQ8_0, Q8_0_VALUES};
+use crate::kernels::q8_0::{BlockQ8_0, KeyTileBlock, Q8_0_VALUES};
 
 /// The largest |x| of a block, NaNs left out (as `vmaxps(|x|, m)` leaves
 /// them out: it keeps its second operand when the first is NaN).
@@ -52,5 +52,14 @@ pub fn block_dot(a: &BlockQ8_0, b: &BlockQ8_0) -> i32 {
     a.qs.iter()
         .zip(&b.qs)
         .map(|(&x, &y)| i32::from(x) * i32::from(y))
+        .sum()
+}
+
+/// `block_dot` of `q` with key u of a tile block: Σ_i q.qs[i] · k_u[i], exact.
+#[inline(always)]
+pub fn tile_dot(q: &BlockQ8_0, tile: &KeyTileBlock, u: usize) -> i32 {
+    q.qs.iter()
+        .enumerate()
+        .map(|(i, &x)| i32::from(x) * i32::from(tile.code(u, i)))
         .sum()
 }

@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 use crate::kernels::attention::{HeadGroup, HeadRows, KvElement, Partial, Strided};
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::half::F16;
-use crate::kernels::q8_0::{BlockQ8_0, Q8_0_VALUES};
+use crate::kernels::q8_0::{BlockQ8_0, KeyTileBlock, KEY_TILE, Q8_0_VALUES};
 use crate::kernels::scalar::attention::{self as scalar, exp_consts as c};
 
 /// Loads eight cached values as f32.
@@ -56,6 +56,7 @@ macro_rules! heads_by_four {
         }
     }};
 }
+pub(crate) use heads_by_four;
 
 /// `scalar::attention::attend_chunk`: heads four at a time.
 ///
@@ -202,7 +203,7 @@ unsafe fn scores_step<T: KvElement, const H: usize, const K: usize>(
 /// exp(s - max) over one head's scores, in place; returns the max and their sum.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn softmax_weights(scores: &mut [f32]) -> Partial {
+pub(crate) fn softmax_weights(scores: &mut [f32]) -> Partial {
     let n = scores.len();
     let full_n = n / 8 * 8;
     let mut max8 = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -352,109 +353,66 @@ fn heads_chunk<T: KvElement, const H: usize>(
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn attend_chunk_q8_0(group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0>) {
+pub(crate) unsafe fn attend_chunk_q8_0(
+    group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0, KeyTileBlock>,
+) {
     counts::enter(Isa::Avx2);
     heads_by_four!(group, heads_chunk_q8_0);
 }
 
-/// Eight f16 scales, as f32.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-fn scales8(d: [F16; 8]) -> __m256 {
-    let h = |u: usize| d[u].0 as i16;
-    _mm256_cvtph_ps(_mm_setr_epi16(
-        h(0),
-        h(1),
-        h(2),
-        h(3),
-        h(4),
-        h(5),
-        h(6),
-        h(7),
-    ))
+/// Four query codes (4 g..4 g + 4 of a block) as one i32, to broadcast.
+#[inline(always)]
+pub(crate) fn query_group(q: &BlockQ8_0, g: usize) -> i32 {
+    let c = &q.qs[4 * g..4 * g + 4];
+    i32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8])
 }
 
-/// `scalar::q8_0::block_dot` of one query block with block b of keys
-/// j..j + 8: lane u is key j + u's exact integer dot.
+/// Scores of the eight keys in half `half` of a tile (`tile`: its blocks,
+/// [hd / 32]) for H heads, lane u being key 8 half + u: each head
+/// accumulates `(d_q[b] · d_k[b]) · dot_b` by fused multiply-adds in block
+/// order, as `scalar::attention::score_q8_0`; returns them times `scaling`.
 ///
-/// # Safety
-/// The CPU must support AVX2; keys j..j + 8 exist ([n, blocks]), b < blocks.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn block_dots8(
-    q: &BlockQ8_0,
-    keys: &[BlockQ8_0],
-    blocks: usize,
-    j: usize,
-    b: usize,
-) -> __m256i {
-    // SAFETY: qs holds 32 bytes.
-    let qv = unsafe { _mm256_loadu_si256(q.qs.as_ptr().cast()) };
-    let q_abs = _mm256_abs_epi8(qv);
-    let ones = _mm256_set1_epi16(1);
-    // q · k as |q| · (k with q's sign): `maddubs` multiplies unsigned by
-    // signed bytes. Codes lie in [-127, 127] (`scalar::q8_0::block_scale`),
-    // so a pair of products is at most 2 · 127² = 32258: the 16-bit sums do
-    // not saturate, and the 32-bit ones (`madd`) are exact.
-    let products = |u: usize| {
-        let k = &keys[(j + u) * blocks + b];
-        // SAFETY: qs holds 32 bytes.
-        let kv = unsafe { _mm256_loadu_si256(k.qs.as_ptr().cast()) };
-        _mm256_madd_epi16(_mm256_maddubs_epi16(q_abs, _mm256_sign_epi8(kv, qv)), ones)
-    };
-    // Eight vectors to one whose lane u is the sum of vector u's lanes
-    // (integers: any order gives the same sums).
-    let s01 = _mm256_hadd_epi32(products(0), products(1));
-    let s23 = _mm256_hadd_epi32(products(2), products(3));
-    let s45 = _mm256_hadd_epi32(products(4), products(5));
-    let s67 = _mm256_hadd_epi32(products(6), products(7));
-    // [sums of keys 0-3 over lanes 0-3 | the same over lanes 4-7], and 4-7.
-    let t0123 = _mm256_hadd_epi32(s01, s23);
-    let t4567 = _mm256_hadd_epi32(s45, s67);
-    _mm256_add_epi32(
-        _mm256_permute2x128_si256::<0x20>(t0123, t4567),
-        _mm256_permute2x128_si256::<0x31>(t0123, t4567),
-    )
-}
-
-/// Scores of keys j..j + 8 for H heads (lane u of a head's vector is key
-/// j + u), each accumulating `(d_q[b] · d_k[b]) · dot_b` by fused
-/// multiply-adds in block order, as `scalar::attention::score_q8_0`.
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C; keys j..j + 8 exist; each q row
-/// holds `blocks` blocks.
+/// Each 32 bytes of codes are four codes of the eight keys: `maddubs`
+/// multiplies unsigned by signed bytes, so q · k is taken as
+/// |k| · (q with k's sign), and `madd` sums each key's four products. Codes
+/// lie in [-127, 127] (a lane past the keys may read -128), so a pair of
+/// products is at most 2 · 128 · 127 = 32512: the 16-bit sums do not
+/// saturate, and the 32-bit ones are exact (|dot| <= 32 · 128 · 127).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scores8_q8_0<const H: usize>(
-    rows: &mut [HeadRows<'_, BlockQ8_0>; H],
-    keys: &[BlockQ8_0],
-    blocks: usize,
+fn scores8_q8_0<const H: usize>(
+    rows: &[HeadRows<'_, BlockQ8_0>; H],
+    tile: &[KeyTileBlock],
+    half: usize,
     scaling: f32,
-    j: usize,
-) {
+) -> [__m256; H] {
+    assert!(half < 2 && rows.iter().all(|r| r.q.len() == tile.len()));
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(i8::MIN);
     let mut acc = [_mm256_setzero_ps(); H];
-    for b in 0..blocks {
-        let dk = scales8(std::array::from_fn(|u| keys[(j + u) * blocks + b].d));
-        for (row, acc_h) in rows.iter().zip(acc.iter_mut()) {
-            let qb = &row.q[b];
-            let dq = _mm256_cvtph_ps(_mm_set1_epi16(qb.d.0 as i16));
+    for (b, kb) in tile.iter().enumerate() {
+        let scales = &kb.d[8 * half..8 * half + 8];
+        // SAFETY: `scales` holds 8 halves (16 bytes).
+        let dk = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(scales.as_ptr().cast()) });
+        let mut dots = [_mm256_setzero_si256(); H];
+        for g in 0..Q8_0_VALUES / 4 {
+            let codes = &kb.qs[64 * g + 32 * half..64 * g + 32 * half + 32];
+            // SAFETY: `codes` holds 32 bytes. Stored as k + 128: back to k.
+            let k = _mm256_xor_si256(unsafe { _mm256_loadu_si256(codes.as_ptr().cast()) }, flip);
+            let k_abs = _mm256_abs_epi8(k);
+            for (row, dot) in rows.iter().zip(dots.iter_mut()) {
+                let q4 = _mm256_set1_epi32(query_group(&row.q[b], g));
+                let products = _mm256_maddubs_epi16(k_abs, _mm256_sign_epi8(q4, k));
+                *dot = _mm256_add_epi32(*dot, _mm256_madd_epi16(products, ones));
+            }
+        }
+        for ((row, acc_h), &dot) in rows.iter().zip(acc.iter_mut()).zip(&dots) {
+            let dq = _mm256_cvtph_ps(_mm_set1_epi16(row.q[b].d.0 as i16));
             let w = _mm256_mul_ps(dq, dk);
-            // SAFETY: keys j..j + 8 exist and b < blocks (the contract).
-            let dots = unsafe { block_dots8(qb, keys, blocks, j, b) };
-            *acc_h = _mm256_fmadd_ps(w, _mm256_cvtepi32_ps(dots), *acc_h);
+            *acc_h = _mm256_fmadd_ps(w, _mm256_cvtepi32_ps(dot), *acc_h);
         }
     }
-    for (row, &acc_h) in rows.iter_mut().zip(&acc) {
-        let s = &mut row.scores[j..j + 8];
-        // SAFETY: `s` holds 8 floats.
-        unsafe {
-            _mm256_storeu_ps(
-                s.as_mut_ptr(),
-                _mm256_mul_ps(acc_h, _mm256_set1_ps(scaling)),
-            )
-        };
-    }
+    acc.map(|a| _mm256_mul_ps(a, _mm256_set1_ps(scaling)))
 }
 
 /// out_h[d..d + 16] = Σ_j e_h[j] · (d_v[j, b] · v_j[b].qs[i..i + 16]), with
@@ -509,21 +467,21 @@ unsafe fn values_step_q8_0<const H: usize>(
 }
 
 /// `scalar::attention::attend_head_q8_0` for each of H heads sharing keys
-/// and values: scores eight keys at a time (the last n % 8 one by one, as
-/// the scalar code), 16 outputs per pass over the value rows.
+/// and values: scores eight keys (half a tile) at a time, 16 outputs per
+/// pass over the value rows.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn heads_chunk_q8_0<const H: usize>(
     rows: &mut [HeadRows<'_, BlockQ8_0>; H],
-    keys: &[BlockQ8_0],
+    keys: &[KeyTileBlock],
     values: &[BlockQ8_0],
     hd: usize,
     scaling: f32,
 ) {
     let blocks = hd / Q8_0_VALUES;
-    let n = keys.len() / blocks;
-    assert!(blocks >= 1 && blocks * Q8_0_VALUES == hd);
-    assert!(keys.len() == n * blocks && values.len() == n * blocks);
+    let n = values.len() / blocks;
+    assert!(blocks >= 1 && blocks * Q8_0_VALUES == hd && values.len() == n * blocks);
+    assert!(keys.len() == n.div_ceil(KEY_TILE) * blocks);
     assert!(rows
         .iter()
         .all(|r| r.scores.len() == n && r.q.len() == blocks && r.out.len() == hd));
@@ -533,20 +491,21 @@ fn heads_chunk_q8_0<const H: usize>(
     let value_bytes = std::mem::size_of_val(values);
     let value_lines = values.as_ptr().cast::<u8>();
     let row_bytes = blocks * std::mem::size_of::<BlockQ8_0>();
-    let lines_per_tile = (8 * row_bytes).div_ceil(64);
-    let mut j = 0;
-    while j + 8 <= n {
-        for line in 0..lines_per_tile {
+    let lines_per_half = (8 * row_bytes).div_ceil(64);
+    for j in (0..n).step_by(8) {
+        for line in 0..lines_per_half {
             let at = (j * row_bytes + 64 * line).min(value_bytes - 1);
             _mm_prefetch::<_MM_HINT_T1>(value_lines.wrapping_add(at).cast());
         }
-        // SAFETY: keys j..j + 8 exist; q rows hold `blocks` blocks (asserted).
-        unsafe { scores8_q8_0::<H>(rows, keys, blocks, scaling, j) };
-        j += 8;
-    }
-    for row in rows.iter_mut() {
-        for (jj, k) in keys.chunks_exact(blocks).enumerate().skip(j) {
-            row.scores[jj] = scalar::score_q8_0(row.q, k, scaling);
+        let tile = &keys[j / KEY_TILE * blocks..][..blocks];
+        let scores = scores8_q8_0::<H>(rows, tile, j % KEY_TILE / 8, scaling);
+        // Lanes past the last key (of a partial tile) are dropped.
+        let take = (n - j).min(8);
+        for (row, &s) in rows.iter_mut().zip(&scores) {
+            let mut lanes = [0.0f32; 8];
+            // SAFETY: `lanes` holds 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), s) };
+            row.scores[j..j + take].copy_from_slice(&lanes[..take]);
         }
     }
 

@@ -1,0 +1,194 @@
+//! AVX-512 VNNI attention over a q8_0 cache: `scalar::attention::attend_head_q8_0`
+//! for up to four heads at a time, with the very same floating-point
+//! operations in the same order, so the results agree to the bit. The
+//! softmax is the AVX2 path's (`x86_avx2::attention::softmax_weights`).
+//!
+//! Scores: a key tile (`KeyTileBlock`) holds codes 4 g..4 g + 4 of 16 keys
+//! in 64 bytes, so one `vpdpbusd` against four query codes broadcast adds
+//! 64 products into the 16 keys' dots: per block, 8 loads serve every head,
+//! and each head takes 8 `vpdpbusd`, no horizontal sum. The stored codes are
+//! k + 128 (u8), so each dot comes out as q · k + 128 · Σ q; the excess is
+//! taken back once per block and head. Every product and sum is an integer
+//! well inside i32 (|Σ| <= 32 · 255 · 127 per block), so the dots are exact.
+//!
+//! Values: 32 outputs (one block) in two vectors per key: codes widened to
+//! i32, converted, times d_v (exact: an f16 times a code below 2^7), then
+//! one FMA per head with its weight broadcast.
+
+use std::arch::x86_64::*;
+
+use crate::kernels::attention::{HeadGroup, HeadRows};
+use crate::kernels::counts::{self, Isa};
+use crate::kernels::q8_0::{BlockQ8_0, KeyTileBlock, KEY_CODE_OFFSET, KEY_TILE, Q8_0_VALUES};
+use crate::kernels::x86_avx2::attention::{heads_by_four, query_group, softmax_weights};
+
+/// `scalar::attention::attend_chunk_q8_0`: heads four at a time.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI, AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn attend_chunk_q8_0_vnni(
+    group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0, KeyTileBlock>,
+) {
+    counts::enter(Isa::Avx512Vnni);
+    heads_by_four!(group, heads_chunk_q8_0);
+}
+
+/// A half as f32 in every lane.
+#[inline]
+#[target_feature(enable = "avx2,f16c,avx512f")]
+fn broadcast_half(h: u16) -> __m512 {
+    _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
+}
+
+/// The scores of the chunk's keys for H heads, into each head's `scores`:
+/// block by block over all the tiles, each key's score accumulating
+/// `(d_q[b] · d_k[b]) · dot_b` in its slot by a fused multiply-add, so in
+/// block order, as `scalar::attention::score_q8_0`, and times `scaling`
+/// after the last block. The value rows are prefetched during the first
+/// block's pass.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+fn scores_q8_0<const H: usize>(
+    rows: &mut [HeadRows<'_, BlockQ8_0>; H],
+    keys: &[KeyTileBlock], // [n / 16 rounded up, blocks]
+    values: &[BlockQ8_0],  // [n, blocks]
+    blocks: usize,
+    scaling: f32,
+) {
+    let n = values.len() / blocks;
+    assert!(keys.len() == n.div_ceil(KEY_TILE) * blocks);
+    assert!(rows
+        .iter()
+        .all(|r| r.scores.len() == n && r.q.len() == blocks));
+    let value_bytes = std::mem::size_of_val(values);
+    let value_lines = values.as_ptr().cast::<u8>();
+    let tile_value_bytes = KEY_TILE * blocks * std::mem::size_of::<BlockQ8_0>();
+    let scale = _mm512_set1_ps(scaling);
+    for b in 0..blocks {
+        // Per head: d_q as f32, and the excess 128 · Σ q of the offset codes.
+        let dq: [__m512; H] = std::array::from_fn(|h| broadcast_half(rows[h].q[b].d.0));
+        let excess: [__m512i; H] = std::array::from_fn(|h| {
+            let sum: i32 = rows[h].q[b].qs.iter().map(|&x| i32::from(x)).sum();
+            _mm512_set1_epi32(KEY_CODE_OFFSET * sum)
+        });
+        for (t, tile) in keys.chunks_exact(blocks).enumerate() {
+            if b == 0 {
+                for line in (0..tile_value_bytes).step_by(64) {
+                    let at = (t * tile_value_bytes + line).min(value_bytes - 1);
+                    _mm_prefetch::<_MM_HINT_T1>(value_lines.wrapping_add(at).cast());
+                }
+            }
+            let kb = &tile[b];
+            // Lanes past the last key (of a partial tile) are neither read
+            // nor written in the scores.
+            let lanes = (n - t * KEY_TILE).min(KEY_TILE);
+            let mask: __mmask16 = (((1u32 << lanes) - 1) & 0xffff) as u16;
+            // SAFETY: d holds 16 halves (32 bytes).
+            let dk = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(kb.d.as_ptr().cast()) });
+            let mut dots = [_mm512_setzero_si512(); H];
+            for g in 0..Q8_0_VALUES / 4 {
+                // SAFETY: qs holds 512 bytes; 64 g + 64 <= 512.
+                let codes = unsafe { _mm512_loadu_si512(kb.qs.as_ptr().add(64 * g).cast()) };
+                for (row, dot) in rows.iter().zip(dots.iter_mut()) {
+                    let q4 = _mm512_set1_epi32(query_group(&row.q[b], g));
+                    *dot = _mm512_dpbusd_epi32(*dot, codes, q4);
+                }
+            }
+            for h in 0..H {
+                let dot = _mm512_sub_epi32(dots[h], excess[h]);
+                let w = _mm512_mul_ps(dq[h], dk);
+                let s = rows[h].scores[t * KEY_TILE..].as_mut_ptr();
+                let before = if b == 0 {
+                    _mm512_setzero_ps()
+                } else {
+                    // SAFETY: lanes below `lanes` are scores t·16.. < n of
+                    // the row; the rest are masked off (not read).
+                    unsafe { _mm512_maskz_loadu_ps(mask, s) }
+                };
+                let mut acc = _mm512_fmadd_ps(w, _mm512_cvtepi32_ps(dot), before);
+                if b + 1 == blocks {
+                    acc = _mm512_mul_ps(acc, scale);
+                }
+                // SAFETY: as the load: only lanes below `lanes` are written.
+                unsafe { _mm512_mask_storeu_ps(s, mask, acc) };
+            }
+        }
+    }
+}
+
+/// out_h[32 b..32 (b + B)] = Σ_j e_h[j] · (d_v[j, b] · v_j[b].qs) for
+/// blocks b0..b0 + B, fused multiply-adds in key order: each value block is
+/// loaded, widened and scaled (exactly) once for all heads.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw")]
+fn values_step_q8_0<const H: usize, const B: usize>(
+    rows: &mut [HeadRows<'_, BlockQ8_0>; H],
+    values: &[BlockQ8_0], // [n, blocks]
+    blocks: usize,
+    b0: usize,
+) {
+    let n = rows[0].scores.len();
+    assert!(b0 + B <= blocks && values.len() == n * blocks);
+    assert!(rows
+        .iter()
+        .all(|r| r.scores.len() == n && r.out.len() == blocks * Q8_0_VALUES));
+    let mut acc = [[[_mm512_setzero_ps(); 2]; B]; H];
+    for (j, row) in values.chunks_exact(blocks).enumerate() {
+        let mut v = [[_mm512_setzero_ps(); 2]; B];
+        for (vb, block) in v.iter_mut().zip(&row[b0..b0 + B]) {
+            let dv = broadcast_half(block.d.0);
+            for (half, vh) in vb.iter_mut().enumerate() {
+                // SAFETY: qs holds 32 bytes; 16 half + 16 <= 32.
+                let codes = unsafe { _mm_loadu_si128(block.qs.as_ptr().add(16 * half).cast()) };
+                *vh = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)));
+            }
+        }
+        for (acc_h, head) in acc.iter_mut().zip(rows.iter()) {
+            let e = _mm512_set1_ps(head.scores[j]);
+            for (acc_hb, vb) in acc_h.iter_mut().zip(&v) {
+                for (a, &vh) in acc_hb.iter_mut().zip(vb) {
+                    *a = _mm512_fmadd_ps(e, vh, *a);
+                }
+            }
+        }
+    }
+    for (head, acc_h) in rows.iter_mut().zip(&acc) {
+        for (bb, acc_hb) in acc_h.iter().enumerate() {
+            for (half, &a) in acc_hb.iter().enumerate() {
+                let at = (b0 + bb) * Q8_0_VALUES + 16 * half;
+                let o = &mut head.out[at..at + 16];
+                // SAFETY: `o` holds 16 floats.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
+            }
+        }
+    }
+}
+
+/// `scalar::attention::attend_head_q8_0` for each of H heads sharing keys
+/// and values: scores 16 keys (a tile) at a time, then the AVX2 softmax,
+/// then two blocks (64 outputs) per pass over the value rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+fn heads_chunk_q8_0<const H: usize>(
+    rows: &mut [HeadRows<'_, BlockQ8_0>; H],
+    keys: &[KeyTileBlock],
+    values: &[BlockQ8_0],
+    hd: usize,
+    scaling: f32,
+) {
+    let blocks = hd / Q8_0_VALUES;
+    assert!(blocks >= 1 && blocks * Q8_0_VALUES == hd);
+    scores_q8_0(rows, keys, values, blocks, scaling);
+    for row in rows.iter_mut() {
+        *row.stats = softmax_weights(row.scores);
+    }
+    let mut b = 0;
+    while b + 2 <= blocks {
+        values_step_q8_0::<H, 2>(rows, values, blocks, b);
+        b += 2;
+    }
+    if b < blocks {
+        values_step_q8_0::<H, 1>(rows, values, blocks, b);
+    }
+}
