@@ -199,10 +199,11 @@ impl Store {
                     let at = head * shape.tile_blocks();
                     let whole = at..at + n / KEY_TILE * shape.blocks();
                     v[whole.clone()].copy_from_slice(&w[whole.clone()]);
-                    let partial = whole.end..whole.end + shape.blocks();
-                    if n % KEY_TILE != 0 {
+                    let lanes = n % KEY_TILE;
+                    if lanes > 0 {
+                        let partial = whole.end..whole.end + shape.blocks();
                         for (t, o) in v[partial.clone()].iter_mut().zip(&w[partial]) {
-                            for u in 0..n % KEY_TILE {
+                            for u in 0..lanes {
                                 t.set(u, &o.get(u));
                             }
                         }
