@@ -515,8 +515,9 @@ impl Engine {
         }
         let pool = self.pool.clone();
         let no_rows = &mut |_: usize, _: &[f32]| {};
-        // One token alone is the single-sequence decode, helpers and all.
-        if total == 1 && pool.current_num_threads() > 1 {
+        // A step of a few tokens (one sequence's decode, or several's) is
+        // short parallel regions: keep the helpers awake between them.
+        if total <= 16 && pool.current_num_threads() > 1 {
             return pool.install(|| self.decode_with_helpers(&segments, no_rows, &pool));
         }
         pool.install(|| self.forward(&segments, no_rows, &pool))
