@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::{bf16_to_f32, DType, RawTensor};
 use crate::error::{Result, TritError};
-use crate::kernels::activations::int8_code;
+use crate::kernels::activations::{abs_max, int8_code};
 use crate::kernels::head;
 use crate::kernels::q6::{Q6Activations, Q6Matrix, Q6Tokens};
 use crate::kernels::scalar::head::dot_lanes;
@@ -418,8 +418,7 @@ fn int8_rows(
 /// Per-row symmetric int8: `s = 127 / max(absmax, 1e-5)`,
 /// `q = clamp(round_half_even(x · s), -127, 127)`; returns s.
 fn quantize_row_symmetric(x: &[f32], q: &mut [i8]) -> f32 {
-    let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let s = 127.0f32 / absmax.max(1e-5);
+    let s = 127.0f32 / abs_max(x).max(1e-5);
     for (qi, &xi) in q.iter_mut().zip(x) {
         // |x · s| <= 127 up to rounding, so only -128 needs excluding.
         *qi = int8_code(xi * s).max(-127);

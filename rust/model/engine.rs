@@ -515,19 +515,21 @@ impl Engine {
         }
         let pool = self.pool.clone();
         let no_rows = &mut |_: usize, _: &[f32]| {};
-        // One token alone is the single-sequence decode, helpers and all.
-        if total == 1 && pool.current_num_threads() > 1 {
+        // A step of a few tokens (one sequence's decode, or several's) is
+        // short parallel regions: keep the helpers awake between them.
+        if total <= 16 && pool.current_num_threads() > 1 {
             return pool.install(|| self.decode_with_helpers(&segments, no_rows, &pool));
         }
         pool.install(|| self.forward(&segments, no_rows, &pool))
     }
 
-    /// One decoded token with the pool's other threads kept awake: a token
-    /// is ~150 short parallel regions, and between them rayon's idle workers
-    /// yield to the OS and then sleep, so each region could start with a
-    /// wake-up. For the length of the token they instead run whatever work
-    /// the regions offer (`rayon::yield_now`) and spin in between
-    /// (docs/performance.md "Decode helpers").
+    /// A step of few tokens (one sequence's decoded token, or one token of
+    /// each of several sequences) with the pool's other threads kept awake:
+    /// such a step is ~150 short parallel regions, and between them rayon's
+    /// idle workers yield to the OS and then sleep, so each region could
+    /// start with a wake-up. For the length of the step they instead run
+    /// whatever work the regions offer (`rayon::yield_now`) and spin in
+    /// between (docs/performance.md "Decode helpers").
     fn decode_with_helpers(
         &mut self,
         segments: &[Segment<'_>],
