@@ -148,6 +148,38 @@ mod tests {
         }
     }
 
+    /// Each key's block comes back from its lane; its bytes lie where the
+    /// kernels load them (four codes of each key per 4 bytes, 16 keys per
+    /// 64), offset by 128.
+    #[test]
+    fn key_tile_lanes_hold_their_blocks() {
+        let mut tile = KeyTileBlock {
+            d: [F16(0); KEY_TILE],
+            qs: [0; KEY_TILE * Q8_0_VALUES],
+        };
+        let block = |u: usize| BlockQ8_0 {
+            d: F16(0x3c00 + u as u16),
+            qs: std::array::from_fn(|i| (((u * 37 + i * 11) % 255) as i32 - 127) as i8),
+        };
+        for u in 0..KEY_TILE {
+            tile.set(u, &block(u));
+        }
+        for u in 0..KEY_TILE {
+            assert_eq!(tile.get(u), block(u));
+            for (i, &q) in block(u).qs.iter().enumerate() {
+                let byte = tile.qs[64 * (i / 4) + 4 * u + i % 4];
+                assert_eq!(i32::from(byte), i32::from(q) + 128, "key {u} code {i}");
+            }
+        }
+        let extremes = BlockQ8_0 {
+            d: F16(0x7bff),
+            qs: std::array::from_fn(|i| if i % 2 == 0 { 127 } else { -127 }),
+        };
+        tile.set(5, &extremes);
+        assert_eq!(tile.get(5), extremes);
+        assert_eq!(tile.get(4), block(4));
+    }
+
     fn quantized(kernel: Kernel, src: &[f32]) -> Vec<BlockQ8_0> {
         let mut dst = vec![BlockQ8_0::default(); src.len() / Q8_0_VALUES];
         quantize_q8_0(kernel, &mut dst, src);
