@@ -235,7 +235,7 @@ pub fn attend_chunk_q8_0(
     group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0, KeyTileBlock>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx512Vnni {
+    if kernel == Kernel::Avx512Vnni && group.head_dim() <= x86_avx512::attention::MAX_HEAD_DIM {
         kernel.assert_supported();
         // SAFETY: the path runs on this CPU (asserted): it has AVX-512 F, BW
         // and VNNI, and AVX2, FMA and F16C.

@@ -467,6 +467,8 @@ mod tests {
             (64, 263, 6),
             (32, 272, 2),
             (64, 529, 4),
+            // Past the AVX-512 kernel's largest head: the AVX2 kernel's.
+            (544, 40, 2),
         ] {
             let scaling = (hd as f32).powf(-0.5);
             let q: Vec<f32> = (0..heads * hd).map(|_| 3.0 * rng.float()).collect();

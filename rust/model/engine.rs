@@ -81,10 +81,23 @@ struct Slot {
     cache: KvCache,
     /// The tokens whose keys and values are in the cache, in order.
     tokens: Vec<u32>,
-    /// [vocab] logits predicting the token after `tokens` (empty when unknown).
+    /// [vocab] logits predicting the token after `tokens`, when
+    /// `has_logits`; the buffer is kept between steps (not refilled).
     last_logits: Vec<f32>,
+    has_logits: bool,
     /// Held by a sequence (between `acquire` and `release`).
     busy: bool,
+}
+
+impl Slot {
+    /// The buffer of the slot's next logits, [vocab], to be written whole:
+    /// from then on they are its logits. Sized once (not cleared between
+    /// steps: a step of 8 sequences would refill 4 MB).
+    fn logits_to_write(&mut self, vocab: usize) -> &mut [f32] {
+        self.last_logits.resize(vocab, 0.0);
+        self.has_logits = true;
+        &mut self.last_logits
+    }
 }
 
 /// The tokens one sequence runs in a step, after those already in its slot.
@@ -172,6 +185,7 @@ impl Engine {
                     )?,
                     tokens: Vec::new(),
                     last_logits: Vec::new(),
+                    has_logits: false,
                     busy: false,
                 })
             })
@@ -248,7 +262,7 @@ impl Engine {
     /// Logits predicting `slot`'s next token, [vocab]; None before any input.
     pub fn last_logits(&self, slot: usize) -> Result<Option<&[f32]>> {
         let s = self.slot(slot)?;
-        Ok((!s.last_logits.is_empty()).then_some(&s.last_logits[..]))
+        Ok(s.has_logits.then_some(&s.last_logits[..]))
     }
 
     /// Forgets `slot`'s cached tokens.
@@ -256,7 +270,7 @@ impl Engine {
         self.slot(slot)?;
         let s = &mut self.slots[slot];
         s.tokens.clear();
-        s.last_logits.clear();
+        s.has_logits = false;
         Ok(())
     }
 
@@ -310,7 +324,7 @@ impl Engine {
         };
         let s = &mut self.slots[slot];
         s.tokens.truncate(reused);
-        s.last_logits.clear();
+        s.has_logits = false;
         s.busy = true;
         Ok(slot)
     }
@@ -354,7 +368,7 @@ impl Engine {
         // The last token is always run again: its logits are not kept.
         let start = shared.min(ids.len() - 1);
         s.tokens.truncate(start);
-        s.last_logits.clear();
+        s.has_logits = false;
         self.run(slot, &ids[start..], Logits::Last, &mut |_, _| {})?;
         Ok(ids.len() - start)
     }
@@ -511,7 +525,7 @@ impl Engine {
         }
         // Logits after earlier tokens are stale once more come.
         for seg in &segments {
-            self.slots[seg.slot].last_logits.clear();
+            self.slots[seg.slot].has_logits = false;
         }
         let pool = self.pool.clone();
         let no_rows = &mut |_: usize, _: &[f32]| {};
@@ -796,15 +810,11 @@ impl Engine {
                 rms_norm(&s.x[t * hidden..(t + 1) * hidden], &model.norm, eps, row);
                 order.push(slot);
             }
-            for (i, slot) in slots.iter_mut().enumerate() {
-                if order.contains(&i) {
-                    slot.last_logits.resize(vocab, 0.0);
-                }
-            }
             // In the order of `order`: gather the slots' buffers.
             let mut by_slot: Vec<Option<&mut [f32]>> = slots
                 .iter_mut()
-                .map(|sl| Some(&mut sl.last_logits[..]))
+                .enumerate()
+                .map(|(i, sl)| order.contains(&i).then(|| sl.logits_to_write(vocab)))
                 .collect();
             for &slot in &order {
                 outs.push(by_slot[slot].take().expect("distinct slots"));
@@ -819,8 +829,10 @@ impl Engine {
                 Logits::Last => n - 1..n,
                 Logits::From(first) => first.saturating_sub(start).min(n)..n,
             };
-            let last_logits = &mut slots[seg.slot].last_logits;
-            last_logits.resize(vocab, 0.0);
+            if rows.is_empty() {
+                continue;
+            }
+            let last_logits = slots[seg.slot].logits_to_write(vocab);
             for t in rows {
                 let x = &s.x[(row + t) * hidden..(row + t + 1) * hidden];
                 rms_norm(x, &model.norm, eps, &mut s.normed);

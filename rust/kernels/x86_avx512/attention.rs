@@ -41,12 +41,22 @@ fn broadcast_half(h: u16) -> __m512 {
     _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
 }
 
+/// The largest head_dim this kernel takes (its per-head constants live on
+/// the stack); larger heads go to the AVX2 kernel, which gives the same bits.
+pub(crate) const MAX_HEAD_DIM: usize = 512;
+const MAX_BLOCKS: usize = MAX_HEAD_DIM / Q8_0_VALUES;
+
+/// Tiles ahead of the one being scored whose keys are prefetched.
+const KEY_PREFETCH_TILES: usize = 2;
+
+/// Rows ahead of the one being summed whose values are prefetched.
+const VALUE_PREFETCH_ROWS: usize = 8;
+
 /// The scores of the chunk's keys for H heads, into each head's `scores`:
-/// block by block over all the tiles, each key's score accumulating
-/// `(d_q[b] · d_k[b]) · dot_b` in its slot by a fused multiply-add, so in
-/// block order, as `scalar::attention::score_q8_0`, and times `scaling`
-/// after the last block. The value rows are prefetched during the first
-/// block's pass.
+/// tile by tile (the keys are read in memory order), each key's score
+/// accumulating `(d_q[b] · d_k[b]) · dot_b` by fused multiply-adds in block
+/// order, as `scalar::attention::score_q8_0`, then times `scaling`. A tile's
+/// value rows are prefetched (into L2) as its keys are scored.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
 fn scores_q8_0<const H: usize>(
@@ -57,62 +67,66 @@ fn scores_q8_0<const H: usize>(
     scaling: f32,
 ) {
     let n = values.len() / blocks;
-    assert!(keys.len() == n.div_ceil(KEY_TILE) * blocks);
+    assert!(blocks <= MAX_BLOCKS && keys.len() == n.div_ceil(KEY_TILE) * blocks);
     assert!(rows
         .iter()
         .all(|r| r.scores.len() == n && r.q.len() == blocks));
+    // Per head and block: d_q as f32, the excess 128 · Σ q of the offset
+    // codes, and the query codes four at a time.
+    let mut dq = [[0.0f32; MAX_BLOCKS]; H];
+    let mut excess = [[0i32; MAX_BLOCKS]; H];
+    let mut q4 = [[[0i32; Q8_0_VALUES / 4]; MAX_BLOCKS]; H];
+    for (h, row) in rows.iter().enumerate() {
+        for (b, qb) in row.q.iter().enumerate() {
+            dq[h][b] = qb.d.to_f32();
+            excess[h][b] = KEY_CODE_OFFSET * qb.qs.iter().map(|&x| i32::from(x)).sum::<i32>();
+            for (g, q) in q4[h][b].iter_mut().enumerate() {
+                *q = query_group(qb, g);
+            }
+        }
+    }
     let value_bytes = std::mem::size_of_val(values);
     let value_lines = values.as_ptr().cast::<u8>();
     let tile_value_bytes = KEY_TILE * blocks * std::mem::size_of::<BlockQ8_0>();
     let scale = _mm512_set1_ps(scaling);
-    for b in 0..blocks {
-        // Per head: d_q as f32, and the excess 128 · Σ q of the offset codes.
-        let dq: [__m512; H] = std::array::from_fn(|h| broadcast_half(rows[h].q[b].d.0));
-        let excess: [__m512i; H] = std::array::from_fn(|h| {
-            let sum: i32 = rows[h].q[b].qs.iter().map(|&x| i32::from(x)).sum();
-            _mm512_set1_epi32(KEY_CODE_OFFSET * sum)
-        });
-        for (t, tile) in keys.chunks_exact(blocks).enumerate() {
-            if b == 0 {
-                for line in (0..tile_value_bytes).step_by(64) {
-                    let at = (t * tile_value_bytes + line).min(value_bytes - 1);
-                    _mm_prefetch::<_MM_HINT_T1>(value_lines.wrapping_add(at).cast());
-                }
-            }
-            let kb = &tile[b];
-            // Lanes past the last key (of a partial tile) are neither read
-            // nor written in the scores.
-            let lanes = (n - t * KEY_TILE).min(KEY_TILE);
-            let mask: __mmask16 = (((1u32 << lanes) - 1) & 0xffff) as u16;
+    let key_bytes = std::mem::size_of_val(keys);
+    let key_lines = keys.as_ptr().cast::<u8>();
+    let tile_key_bytes = blocks * std::mem::size_of::<KeyTileBlock>();
+    for (t, tile) in keys.chunks_exact(blocks).enumerate() {
+        for line in (0..tile_value_bytes).step_by(64) {
+            let at = (t * tile_value_bytes + line).min(value_bytes - 1);
+            _mm_prefetch::<_MM_HINT_T1>(value_lines.wrapping_add(at).cast());
+        }
+        for line in (0..tile_key_bytes).step_by(64) {
+            let at = ((t + KEY_PREFETCH_TILES) * tile_key_bytes + line).min(key_bytes - 1);
+            _mm_prefetch::<_MM_HINT_T0>(key_lines.wrapping_add(at).cast());
+        }
+        let mut acc = [_mm512_setzero_ps(); H];
+        for (b, kb) in tile.iter().enumerate() {
             // SAFETY: d holds 16 halves (32 bytes).
             let dk = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(kb.d.as_ptr().cast()) });
             let mut dots = [_mm512_setzero_si512(); H];
             for g in 0..Q8_0_VALUES / 4 {
                 // SAFETY: qs holds 512 bytes; 64 g + 64 <= 512.
                 let codes = unsafe { _mm512_loadu_si512(kb.qs.as_ptr().add(64 * g).cast()) };
-                for (row, dot) in rows.iter().zip(dots.iter_mut()) {
-                    let q4 = _mm512_set1_epi32(query_group(&row.q[b], g));
-                    *dot = _mm512_dpbusd_epi32(*dot, codes, q4);
+                for (dot, q4) in dots.iter_mut().zip(&q4) {
+                    *dot = _mm512_dpbusd_epi32(*dot, codes, _mm512_set1_epi32(q4[b][g]));
                 }
             }
             for h in 0..H {
-                let dot = _mm512_sub_epi32(dots[h], excess[h]);
-                let w = _mm512_mul_ps(dq[h], dk);
-                let s = rows[h].scores[t * KEY_TILE..].as_mut_ptr();
-                let before = if b == 0 {
-                    _mm512_setzero_ps()
-                } else {
-                    // SAFETY: lanes below `lanes` are scores t·16.. < n of
-                    // the row; the rest are masked off (not read).
-                    unsafe { _mm512_maskz_loadu_ps(mask, s) }
-                };
-                let mut acc = _mm512_fmadd_ps(w, _mm512_cvtepi32_ps(dot), before);
-                if b + 1 == blocks {
-                    acc = _mm512_mul_ps(acc, scale);
-                }
-                // SAFETY: as the load: only lanes below `lanes` are written.
-                unsafe { _mm512_mask_storeu_ps(s, mask, acc) };
+                let dot = _mm512_sub_epi32(dots[h], _mm512_set1_epi32(excess[h][b]));
+                let w = _mm512_mul_ps(_mm512_set1_ps(dq[h][b]), dk);
+                acc[h] = _mm512_fmadd_ps(w, _mm512_cvtepi32_ps(dot), acc[h]);
             }
+        }
+        // Lanes past the last key (of a partial tile) are not written.
+        let lanes = (n - t * KEY_TILE).min(KEY_TILE);
+        let mask: __mmask16 = (((1u32 << lanes) - 1) & 0xffff) as u16;
+        for (row, &acc) in rows.iter_mut().zip(&acc) {
+            let s = row.scores[t * KEY_TILE..].as_mut_ptr();
+            // SAFETY: lanes below `lanes` are scores t·16.. < n of the row;
+            // the rest are masked off (not written).
+            unsafe { _mm512_mask_storeu_ps(s, mask, _mm512_mul_ps(acc, scale)) };
         }
     }
 }
@@ -134,7 +148,18 @@ fn values_step_q8_0<const H: usize, const B: usize>(
         .iter()
         .all(|r| r.scores.len() == n && r.out.len() == blocks * Q8_0_VALUES));
     let mut acc = [[[_mm512_setzero_ps(); 2]; B]; H];
+    let row_bytes = blocks * std::mem::size_of::<BlockQ8_0>();
+    let pass_lines = values
+        .as_ptr()
+        .cast::<u8>()
+        .wrapping_add(b0 * std::mem::size_of::<BlockQ8_0>());
+    let last = std::mem::size_of_val(values) - b0 * std::mem::size_of::<BlockQ8_0>() - 1;
     for (j, row) in values.chunks_exact(blocks).enumerate() {
+        // The pass's bytes of a later row, into L1 (the scores asked for
+        // them in L2): one row in 64 bytes or less, two lines at most.
+        let ahead = ((j + VALUE_PREFETCH_ROWS) * row_bytes).min(last);
+        _mm_prefetch::<_MM_HINT_T0>(pass_lines.wrapping_add(ahead).cast());
+        _mm_prefetch::<_MM_HINT_T0>(pass_lines.wrapping_add((ahead + 63).min(last)).cast());
         let mut v = [[_mm512_setzero_ps(); 2]; B];
         for (vb, block) in v.iter_mut().zip(&row[b0..b0 + B]) {
             let dv = broadcast_half(block.d.0);
