@@ -267,6 +267,76 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
+/// One 2B4T token's attention at depth 4096: 30 layers × 5 KV groups (4
+/// query heads of 128 each) over 4096 cached positions, every group's keys
+/// and values its own (315 MB in f16, 167 MB in q8_0: read from memory, as
+/// a token at that depth reads them). The groups are tasks over 1 or 2
+/// threads; bytes per second of keys and values read.
+fn attention_depth(c: &mut Criterion) {
+    use trit::model::attention::{attend_group, ChunkScratch, KEY_CHUNK};
+    use trit::model::cache::{KvCache, KvType};
+    const HD: usize = 128;
+    const GROUP: usize = 4;
+    const LAYERS: usize = 30;
+    const KV_HEADS: usize = 5;
+    const N: usize = 4096;
+    let x = |i: usize| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0;
+    let q: Vec<f32> = (0..GROUP * HD).map(x).collect();
+    let mut group = c.benchmark_group("attention_depth4096");
+    group.sample_size(10);
+    for kind in [KvType::F16, KvType::Q8_0] {
+        let kernel = Kernel::best();
+        let mut cache = KvCache::new(LAYERS, KV_HEADS, N, HD, kind, kernel).unwrap();
+        let (mut k, mut v) = (vec![0.0f32; HD], vec![0.0f32; HD]);
+        for l in 0..LAYERS {
+            for g in 0..KV_HEADS {
+                for p in 0..N {
+                    let seed = (l * KV_HEADS + g) * N + p;
+                    for d in 0..HD {
+                        k[d] = x(seed * 3 + d);
+                        v[d] = x(seed * 5 + d + 1);
+                    }
+                    cache.write(l, g, p, &k, &v);
+                }
+            }
+        }
+        group.throughput(Throughput::BytesDecimal(cache.nbytes() as u64));
+        for threads in THREADS {
+            let pool = threads::pool(Some(threads)).unwrap();
+            let id = BenchmarkId::new(kernel.name(), format!("{}/t{threads}", kind.name()));
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    pool.install(|| {
+                        (0..LAYERS * KV_HEADS).into_par_iter().for_each_init(
+                            || {
+                                let scores = vec![0.0f32; GROUP * KEY_CHUNK];
+                                (scores, vec![0.0f32; GROUP * HD], ChunkScratch::default())
+                            },
+                            |(scores, out, scratch), task| {
+                                let (l, g) = (task / KV_HEADS, task % KV_HEADS);
+                                attend_group(
+                                    kernel,
+                                    black_box(&q),
+                                    HD,
+                                    cache.keys(l, g, N),
+                                    cache.values(l, g, N),
+                                    N,
+                                    0.088,
+                                    scores,
+                                    out,
+                                    HD,
+                                    scratch,
+                                );
+                            },
+                        )
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 /// The output head of 2B4T (the tied embedding, 128256 × 2560) as int8
 /// rows (328 MB of codes) and as q6 rows (257 MB) times one token and times
 /// a few: read once per generated token (or decode step), like the weights.
@@ -512,6 +582,7 @@ criterion_group!(
     gemm_streamed,
     gemm_cached,
     isa_peak,
-    attention
+    attention,
+    attention_depth
 );
 criterion_main!(benches);

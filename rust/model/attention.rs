@@ -182,10 +182,15 @@ pub fn attend_chunk(
             // chunk's keys are whole tiles, its last one maybe partial.
             assert!(range.start.is_multiple_of(KEY_TILE) && range.end <= n);
             let per_key = hd / Q8_0_VALUES;
-            let tiles =
-                &tiles[range.start / KEY_TILE * per_key..range.end.div_ceil(KEY_TILE) * per_key];
-            let kv = (tiles, &v[range.start * per_key..range.end * per_key]);
-            let mut group = HeadGroup::new(q, hd, kv, scaling, scores, out, stats);
+            let tile_range = |keys: std::ops::Range<usize>| {
+                keys.start / KEY_TILE * per_key..keys.end.div_ceil(KEY_TILE) * per_key
+            };
+            let rows = |keys: std::ops::Range<usize>| keys.start * per_key..keys.end * per_key;
+            let next = range.end..(range.end + KEY_CHUNK).min(n);
+            let next = (&tiles[tile_range(next.clone())], &v[rows(next)]);
+            let kv = (&tiles[tile_range(range.clone())], &v[rows(range)]);
+            let mut group =
+                HeadGroup::new(q, hd, kv, scaling, scores, out, stats).prefetching(next);
             kernels::attend_chunk_q8_0(kernel, &mut group);
         }
         _ => unreachable!("queries, keys and values are made for the cache's type"),

@@ -35,11 +35,11 @@ impl Load8 for F16 {
     }
 }
 
-/// Runs `$chunk::<H>(rows, keys, values, hd, scaling)` over a group's heads,
+/// Runs `$chunk::<H>(rows, keys, values, hd, scaling, extra..)` over a group's heads,
 /// four at a time (H = the heads left, at most 4). A macro, not a generic
 /// function: each `$chunk` is its own function with target features.
 macro_rules! heads_by_four {
-    ($group:expr, $chunk:ident) => {{
+    ($group:expr, $chunk:ident $(, $extra:expr)*) => {{
         let group = $group;
         let (keys, values) = group.keys_values();
         let (hd, heads, scaling) = (group.head_dim(), group.heads(), group.scaling());
@@ -47,10 +47,10 @@ macro_rules! heads_by_four {
         while h < heads {
             let take = (heads - h).min(4);
             match take {
-                4 => $chunk(&mut group.rows::<4>(h), keys, values, hd, scaling),
-                3 => $chunk(&mut group.rows::<3>(h), keys, values, hd, scaling),
-                2 => $chunk(&mut group.rows::<2>(h), keys, values, hd, scaling),
-                _ => $chunk(&mut group.rows::<1>(h), keys, values, hd, scaling),
+                4 => $chunk(&mut group.rows::<4>(h), keys, values, hd, scaling $(, $extra)*),
+                3 => $chunk(&mut group.rows::<3>(h), keys, values, hd, scaling $(, $extra)*),
+                2 => $chunk(&mut group.rows::<2>(h), keys, values, hd, scaling $(, $extra)*),
+                _ => $chunk(&mut group.rows::<1>(h), keys, values, hd, scaling $(, $extra)*),
             }
             h += take;
         }

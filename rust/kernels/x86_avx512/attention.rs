@@ -31,7 +31,8 @@ pub(crate) unsafe fn attend_chunk_q8_0_vnni(
     group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0, KeyTileBlock>,
 ) {
     counts::enter(Isa::Avx512Vnni);
-    heads_by_four!(group, heads_chunk_q8_0);
+    let next = group.next();
+    heads_by_four!(group, heads_chunk_q8_0, next);
 }
 
 /// A half as f32 in every lane.
@@ -46,17 +47,13 @@ fn broadcast_half(h: u16) -> __m512 {
 pub(crate) const MAX_HEAD_DIM: usize = 512;
 const MAX_BLOCKS: usize = MAX_HEAD_DIM / Q8_0_VALUES;
 
-/// Tiles ahead of the one being scored whose keys are prefetched.
-const KEY_PREFETCH_TILES: usize = 2;
-
 /// Rows ahead of the one being summed whose values are prefetched.
 const VALUE_PREFETCH_ROWS: usize = 8;
 
 /// The scores of the chunk's keys for H heads, into each head's `scores`:
 /// tile by tile (the keys are read in memory order), each key's score
 /// accumulating `(d_q[b] · d_k[b]) · dot_b` by fused multiply-adds in block
-/// order, as `scalar::attention::score_q8_0`, then times `scaling`. A tile's
-/// value rows are prefetched (into L2) as its keys are scored.
+/// order, as `scalar::attention::score_q8_0`, then times `scaling`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
 fn scores_q8_0<const H: usize>(
@@ -85,22 +82,8 @@ fn scores_q8_0<const H: usize>(
             }
         }
     }
-    let value_bytes = std::mem::size_of_val(values);
-    let value_lines = values.as_ptr().cast::<u8>();
-    let tile_value_bytes = KEY_TILE * blocks * std::mem::size_of::<BlockQ8_0>();
     let scale = _mm512_set1_ps(scaling);
-    let key_bytes = std::mem::size_of_val(keys);
-    let key_lines = keys.as_ptr().cast::<u8>();
-    let tile_key_bytes = blocks * std::mem::size_of::<KeyTileBlock>();
     for (t, tile) in keys.chunks_exact(blocks).enumerate() {
-        for line in (0..tile_value_bytes).step_by(64) {
-            let at = (t * tile_value_bytes + line).min(value_bytes - 1);
-            _mm_prefetch::<_MM_HINT_T1>(value_lines.wrapping_add(at).cast());
-        }
-        for line in (0..tile_key_bytes).step_by(64) {
-            let at = ((t + KEY_PREFETCH_TILES) * tile_key_bytes + line).min(key_bytes - 1);
-            _mm_prefetch::<_MM_HINT_T0>(key_lines.wrapping_add(at).cast());
-        }
         let mut acc = [_mm512_setzero_ps(); H];
         for (b, kb) in tile.iter().enumerate() {
             // SAFETY: d holds 16 halves (32 bytes).
@@ -133,7 +116,9 @@ fn scores_q8_0<const H: usize>(
 
 /// out_h[32 b..32 (b + B)] = Σ_j e_h[j] · (d_v[j, b] · v_j[b].qs) for
 /// blocks b0..b0 + B, fused multiply-adds in key order: each value block is
-/// loaded, widened and scaled (exactly) once for all heads.
+/// loaded, widened and scaled (exactly) once for all heads. The passes also
+/// ask for the next chunk's keys and values (`next`, into L2), a few lines
+/// a row.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw")]
 fn values_step_q8_0<const H: usize, const B: usize>(
@@ -141,6 +126,7 @@ fn values_step_q8_0<const H: usize, const B: usize>(
     values: &[BlockQ8_0], // [n, blocks]
     blocks: usize,
     b0: usize,
+    (next_keys, next_values): (&[KeyTileBlock], &[BlockQ8_0]),
 ) {
     let n = rows[0].scores.len();
     assert!(b0 + B <= blocks && values.len() == n * blocks);
@@ -154,12 +140,33 @@ fn values_step_q8_0<const H: usize, const B: usize>(
         .cast::<u8>()
         .wrapping_add(b0 * std::mem::size_of::<BlockQ8_0>());
     let last = std::mem::size_of_val(values) - b0 * std::mem::size_of::<BlockQ8_0>() - 1;
+    let key_lines = std::mem::size_of_val(next_keys).div_ceil(64);
+    let next_lines = key_lines + std::mem::size_of_val(next_values).div_ceil(64);
+    // Spread over the passes (two blocks each, the last maybe one): a few
+    // lines a row, the pass's share of them.
+    let (passes, pass) = (blocks.div_ceil(2), b0 / 2);
+    let next_per_row = next_lines.div_ceil(passes * n);
+    let first_line = pass * n * next_per_row;
+    let line_at = |line: usize| {
+        if line < key_lines {
+            next_keys.as_ptr().cast::<u8>().wrapping_add(64 * line)
+        } else {
+            next_values
+                .as_ptr()
+                .cast::<u8>()
+                .wrapping_add(64 * (line - key_lines))
+        }
+    };
     for (j, row) in values.chunks_exact(blocks).enumerate() {
-        // The pass's bytes of a later row, into L1 (the scores asked for
-        // them in L2): one row in 64 bytes or less, two lines at most.
+        // The pass's bytes of a later row: one row in 64 bytes or less,
+        // two lines at most.
         let ahead = ((j + VALUE_PREFETCH_ROWS) * row_bytes).min(last);
         _mm_prefetch::<_MM_HINT_T0>(pass_lines.wrapping_add(ahead).cast());
         _mm_prefetch::<_MM_HINT_T0>(pass_lines.wrapping_add((ahead + 63).min(last)).cast());
+        let lines = first_line + j * next_per_row..first_line + (j + 1) * next_per_row;
+        for line in lines.start.min(next_lines)..lines.end.min(next_lines) {
+            _mm_prefetch::<_MM_HINT_T1>(line_at(line).cast());
+        }
         let mut v = [[_mm512_setzero_ps(); 2]; B];
         for (vb, block) in v.iter_mut().zip(&row[b0..b0 + B]) {
             let dv = broadcast_half(block.d.0);
@@ -201,6 +208,7 @@ fn heads_chunk_q8_0<const H: usize>(
     values: &[BlockQ8_0],
     hd: usize,
     scaling: f32,
+    next: (&[KeyTileBlock], &[BlockQ8_0]),
 ) {
     let blocks = hd / Q8_0_VALUES;
     assert!(blocks >= 1 && blocks * Q8_0_VALUES == hd);
@@ -210,10 +218,10 @@ fn heads_chunk_q8_0<const H: usize>(
     }
     let mut b = 0;
     while b + 2 <= blocks {
-        values_step_q8_0::<H, 2>(rows, values, blocks, b);
+        values_step_q8_0::<H, 2>(rows, values, blocks, b, next);
         b += 2;
     }
     if b < blocks {
-        values_step_q8_0::<H, 1>(rows, values, blocks, b);
+        values_step_q8_0::<H, 1>(rows, values, blocks, b, next);
     }
 }
