@@ -330,6 +330,19 @@ impl KvCache {
     pub fn nbytes(&self) -> usize {
         self.k.nbytes() + self.v.nbytes()
     }
+
+    /// Bytes of keys and values one position takes, over all layers and
+    /// heads (what a filled position costs; `nbytes` also counts the q8_0
+    /// keys' last tile, rounded up to 16 positions).
+    pub fn bytes_per_position(&self) -> usize {
+        let Shape { heads, hd, .. } = self.shape;
+        let per_value_pair = match self.kind {
+            KvType::F32 => 2 * hd * 4,
+            KvType::F16 => 2 * hd * 2,
+            KvType::Q8_0 => 2 * self.shape.blocks() * std::mem::size_of::<BlockQ8_0>(),
+        };
+        heads * per_value_pair
+    }
 }
 
 #[cfg(test)]
@@ -391,6 +404,13 @@ mod tests {
                 KvType::Q8_0 => values / 2 / 32 * 34 + 2 * 3 * 16 * HD / 32 * 34,
             };
             assert_eq!(c.nbytes(), bytes, "{kind:?}");
+            // Per position: exactly, where n_ctx = 4 leaves 12 positions
+            // of each q8_0 key tile unused.
+            let per_position = match kind {
+                KvType::Q8_0 => 2 * 2 * 3 * HD / 32 * 34,
+                _ => bytes / 4,
+            };
+            assert_eq!(c.bytes_per_position(), per_position, "{kind:?}");
         }
     }
 

@@ -241,7 +241,7 @@ impl Engine {
 
     /// Bytes of the caches' positions that hold tokens now, all slots.
     pub fn cache_bytes_in_use(&self) -> usize {
-        let per_position = self.slot_cache_bytes() / self.n_ctx;
+        let per_position = self.slots[0].cache.bytes_per_position();
         self.slots.iter().map(|s| s.tokens.len()).sum::<usize>() * per_position
     }
 
