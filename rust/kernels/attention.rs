@@ -126,7 +126,7 @@ pub struct HeadGroup<'a, T, Q = f32, K = T> {
     /// The keys and values of the next chunk of the sequence, which a
     /// kernel may ask the cache for while it computes this chunk
     /// (`prefetching`).
-    next: (&'a [K], &'a [T]),
+    next_chunk: (&'a [K], &'a [T]),
 }
 
 /// One head's rows inside a `HeadGroup`.
@@ -169,22 +169,23 @@ impl<'a, T: RowElement, Q: RowElement, K: KeyElement> HeadGroup<'a, T, Q, K> {
             scores,
             out,
             stats,
-            next: (&[], &[]),
+            next_chunk: (&[], &[]),
         }
     }
 
-    /// The group, with `next` (the keys and values of the sequence's next
-    /// chunk) to bring into cache while this chunk is computed: the sums of
-    /// values take longer than memory needs to give the next chunk's bytes,
-    /// so the reads of one chunk overlap the arithmetic of the one before.
-    pub fn prefetching(mut self, next: (&'a [K], &'a [T])) -> Self {
-        self.next = next;
+    /// The group, with `next_chunk` (the keys and values of the sequence's
+    /// next chunk) to bring into cache while this chunk is computed: the
+    /// sums of values take longer than memory needs to give the next
+    /// chunk's bytes, so the reads of one chunk overlap the arithmetic of
+    /// the one before.
+    pub fn prefetching(mut self, next_chunk: (&'a [K], &'a [T])) -> Self {
+        self.next_chunk = next_chunk;
         self
     }
 
     /// See `prefetching` (empty if none was given).
-    pub fn next(&self) -> (&'a [K], &'a [T]) {
-        self.next
+    pub fn next_chunk(&self) -> (&'a [K], &'a [T]) {
+        self.next_chunk
     }
 
     pub fn heads(&self) -> usize {

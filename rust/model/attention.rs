@@ -187,10 +187,14 @@ pub fn attend_chunk(
             };
             let rows = |keys: std::ops::Range<usize>| keys.start * per_key..keys.end * per_key;
             let next = range.end..(range.end + KEY_CHUNK).min(n);
-            let next = (&tiles[tile_range(next.clone())], &v[rows(next)]);
+            let next_chunk = if next.is_empty() {
+                (&[][..], &[][..])
+            } else {
+                (&tiles[tile_range(next.clone())], &v[rows(next)])
+            };
             let kv = (&tiles[tile_range(range.clone())], &v[rows(range)]);
             let mut group =
-                HeadGroup::new(q, hd, kv, scaling, scores, out, stats).prefetching(next);
+                HeadGroup::new(q, hd, kv, scaling, scores, out, stats).prefetching(next_chunk);
             kernels::attend_chunk_q8_0(kernel, &mut group);
         }
         _ => unreachable!("queries, keys and values are made for the cache's type"),

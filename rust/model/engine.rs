@@ -531,7 +531,7 @@ impl Engine {
         let no_rows = &mut |_: usize, _: &[f32]| {};
         // A step of a few tokens (one sequence's decode, or several's) is
         // short parallel regions: keep the helpers awake between them.
-        if total <= 16 && pool.current_num_threads() > 1 {
+        if total <= HELPED_STEP_TOKENS && pool.current_num_threads() > 1 {
             return pool.install(|| self.decode_with_helpers(&segments, no_rows, &pool));
         }
         pool.install(|| self.forward(&segments, no_rows, &pool))
@@ -880,6 +880,11 @@ fn pair_mut(slots: &mut [Slot], a: usize, b: usize) -> (&mut Slot, &Slot) {
         (&mut hi[0], &lo[b])
     }
 }
+
+/// The most tokens a step takes with the helpers kept awake
+/// (`decode_with_helpers`): a step of one token per sequence for up to 16
+/// sequences; a prompt's steps have regions long enough to wake threads for.
+const HELPED_STEP_TOKENS: usize = 16;
 
 /// How long a decoding helper spins without finding work before it returns
 /// to rayon: longer than the serial stretches of a token (tens of µs), short

@@ -31,8 +31,8 @@ pub(crate) unsafe fn attend_chunk_q8_0_vnni(
     group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0, KeyTileBlock>,
 ) {
     counts::enter(Isa::Avx512Vnni);
-    let next = group.next();
-    heads_by_four!(group, heads_chunk_q8_0, next);
+    let next_chunk = group.next_chunk();
+    heads_by_four!(group, heads_chunk_q8_0, next_chunk);
 }
 
 /// A half as f32 in every lane.
@@ -117,8 +117,8 @@ fn scores_q8_0<const H: usize>(
 /// out_h[32 b..32 (b + B)] = Σ_j e_h[j] · (d_v[j, b] · v_j[b].qs) for
 /// blocks b0..b0 + B, fused multiply-adds in key order: each value block is
 /// loaded, widened and scaled (exactly) once for all heads. The passes also
-/// ask for the next chunk's keys and values (`next`, into L2), a few lines
-/// a row.
+/// ask for the next chunk's keys and values (`next_chunk`, into L2), a few
+/// lines a row.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw")]
 fn values_step_q8_0<const H: usize, const B: usize>(
@@ -163,8 +163,8 @@ fn values_step_q8_0<const H: usize, const B: usize>(
         let ahead = ((j + VALUE_PREFETCH_ROWS) * row_bytes).min(last);
         _mm_prefetch::<_MM_HINT_T0>(pass_lines.wrapping_add(ahead).cast());
         _mm_prefetch::<_MM_HINT_T0>(pass_lines.wrapping_add((ahead + 63).min(last)).cast());
-        let lines = first_line + j * next_per_row..first_line + (j + 1) * next_per_row;
-        for line in lines.start.min(next_lines)..lines.end.min(next_lines) {
+        let start = (first_line + j * next_per_row).min(next_lines);
+        for line in start..(start + next_per_row).min(next_lines) {
             _mm_prefetch::<_MM_HINT_T1>(line_at(line).cast());
         }
         let mut v = [[_mm512_setzero_ps(); 2]; B];
@@ -208,7 +208,7 @@ fn heads_chunk_q8_0<const H: usize>(
     values: &[BlockQ8_0],
     hd: usize,
     scaling: f32,
-    next: (&[KeyTileBlock], &[BlockQ8_0]),
+    next_chunk: (&[KeyTileBlock], &[BlockQ8_0]),
 ) {
     let blocks = hd / Q8_0_VALUES;
     assert!(blocks >= 1 && blocks * Q8_0_VALUES == hd);
@@ -218,10 +218,10 @@ fn heads_chunk_q8_0<const H: usize>(
     }
     let mut b = 0;
     while b + 2 <= blocks {
-        values_step_q8_0::<H, 2>(rows, values, blocks, b, next);
+        values_step_q8_0::<H, 2>(rows, values, blocks, b, next_chunk);
         b += 2;
     }
     if b < blocks {
-        values_step_q8_0::<H, 1>(rows, values, blocks, b, next);
+        values_step_q8_0::<H, 1>(rows, values, blocks, b, next_chunk);
     }
 }
