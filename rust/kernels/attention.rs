@@ -5,11 +5,14 @@
 //! definition), `x86_avx2::attention` and, over q8_0, `x86_avx512::attention`,
 //! which perform the very same floating-point operations in the same order,
 //! so they agree to the bit. Keys and values are f32 or F16 rows, or q8_0
-//! (keys in tiles of 16 positions, `KeyTileBlock`, values in rows of blocks,
-//! the queries quantized to q8_0 blocks too, and integer dots).
+//! tiles of 16 positions (`KeyTileBlock`, `ValueTileBlock`), the queries
+//! quantized to q8_0 blocks too, and integer dots for scores and for the
+//! weighted sums of values.
 
 use super::half::F16;
-use super::q8_0::{BlockQ8_0, KeyTileBlock, KEY_TILE, Q8_0_VALUES};
+use super::q8_0::{
+    BlockQ8_0, KeyTileBlock, TileBlock, TileLanes, ValueTileBlock, Q8_0_VALUES, TILE_POSITIONS,
+};
 use super::scalar;
 use super::Kernel;
 #[cfg(target_arch = "x86_64")]
@@ -44,39 +47,34 @@ impl RowElement for BlockQ8_0 {
     const VALUES: usize = Q8_0_VALUES;
 }
 
-/// What a chunk's keys are stored as: rows of a `RowElement`, or q8_0 tiles.
-pub trait KeyElement: Copy + Send + Sync + 'static {
-    /// Elements that hold n keys of hd values.
+/// What a chunk's keys or values are stored as: rows of f32 or F16, or
+/// q8_0 tiles.
+pub trait ChunkElement: Copy + Send + Sync + 'static {
+    /// Elements that hold n positions of hd values.
     fn elements(n: usize, hd: usize) -> usize;
 }
 
-impl KeyElement for f32 {
+impl ChunkElement for f32 {
     fn elements(n: usize, hd: usize) -> usize {
         n * hd
     }
 }
 
-impl KeyElement for F16 {
+impl ChunkElement for F16 {
     fn elements(n: usize, hd: usize) -> usize {
         n * hd
     }
 }
 
-impl KeyElement for BlockQ8_0 {
+impl<L: TileLanes> ChunkElement for TileBlock<L> {
+    /// Whole tiles: the last one may hold fewer than 16 positions.
     fn elements(n: usize, hd: usize) -> usize {
-        n * (hd / Q8_0_VALUES)
-    }
-}
-
-impl KeyElement for KeyTileBlock {
-    /// Whole tiles: the last one may hold fewer than 16 keys.
-    fn elements(n: usize, hd: usize) -> usize {
-        n.div_ceil(KEY_TILE) * (hd / Q8_0_VALUES)
+        n.div_ceil(TILE_POSITIONS) * (hd / Q8_0_VALUES)
     }
 }
 
 /// A float element keys and values are kept in: f32 or F16.
-pub trait KvElement: RowElement + KeyElement + Default + ArchLoads {
+pub trait KvElement: RowElement + ChunkElement + Default + ArchLoads {
     fn to_f32(self) -> f32;
 }
 
@@ -111,13 +109,14 @@ pub struct Strided<'a> {
 
 /// The query heads of one GQA group (sharing one KV head) over n keys and
 /// values, with each head's scratch and output rows: the arguments of every
-/// attention kernel, checked once when the view is made. Rows of hd values
-/// are hd / VALUES elements: the queries are f32 for float keys, q8_0
-/// blocks for q8_0 keys; keys are rows like the values (K = T) or q8_0 tiles.
+/// attention kernel, checked once when the view is made. The queries are
+/// f32 for float keys, q8_0 blocks for q8_0 keys; keys and values are rows
+/// of the same float type (K = T) or q8_0 tiles.
 pub struct HeadGroup<'a, T, Q = f32, K = T> {
     q: &'a [Q],      // [heads, hd / Q::VALUES]
-    keys: &'a [K], // K::elements(n, hd): [n, hd / T::VALUES], or [n / 16 rounded up, hd / 32] tiles
-    values: &'a [T], // [n, hd / T::VALUES]
+    keys: &'a [K],   // K::elements(n, hd): [n, hd], or [n / 16 rounded up, hd / 32] tiles
+    values: &'a [T], // T::elements(n, hd), as the keys
+    n: usize,
     hd: usize,
     scaling: f32,
     scores: Strided<'a>, // [heads, stride]: the first n of row h are head h's scores
@@ -137,26 +136,28 @@ pub struct HeadRows<'g, Q = f32> {
     pub stats: &'g mut Partial,
 }
 
-impl<'a, T: RowElement, Q: RowElement, K: KeyElement> HeadGroup<'a, T, Q, K> {
-    /// A group of heads over `keys` and `values` (n >= 1 of each), hd
-    /// values per row. Panics unless hd is a whole number of elements of
-    /// both types, the keys are n keys' elements and every head's rows fit
-    /// their buffers.
+impl<'a, T: ChunkElement, Q: RowElement, K: ChunkElement> HeadGroup<'a, T, Q, K> {
+    /// A group of heads over the `keys` and `values` of n >= 1 positions, hd
+    /// values per row. Panics unless hd is a whole number of query elements,
+    /// the keys and values are n positions' elements and every head's rows
+    /// fit their buffers.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         q: &'a [Q],
         hd: usize,
+        n: usize,
         (keys, values): (&'a [K], &'a [T]),
         scaling: f32,
         scores: Strided<'a>,
         out: Strided<'a>,
         stats: &'a mut [Partial],
     ) -> Self {
-        assert!(hd >= 1 && hd.is_multiple_of(T::VALUES) && hd.is_multiple_of(Q::VALUES));
-        let (q_row, kv_row) = (hd / Q::VALUES, hd / T::VALUES);
+        assert!(hd >= 1 && hd.is_multiple_of(Q::VALUES) && n >= 1);
+        let q_row = hd / Q::VALUES;
         assert!(!q.is_empty() && q.len().is_multiple_of(q_row));
-        assert!(values.len().is_multiple_of(kv_row) && !values.is_empty());
-        let (heads, n) = (q.len() / q_row, values.len() / kv_row);
+        let heads = q.len() / q_row;
         assert_eq!(keys.len(), K::elements(n, hd));
+        assert_eq!(values.len(), T::elements(n, hd));
         assert!(scores.stride >= n && scores.data.len() >= (heads - 1) * scores.stride + n);
         assert!(out.stride >= hd && out.data.len() >= (heads - 1) * out.stride + hd);
         assert!(stats.len() >= heads);
@@ -164,6 +165,7 @@ impl<'a, T: RowElement, Q: RowElement, K: KeyElement> HeadGroup<'a, T, Q, K> {
             q,
             keys,
             values,
+            n,
             hd,
             scaling,
             scores,
@@ -198,14 +200,14 @@ impl<'a, T: RowElement, Q: RowElement, K: KeyElement> HeadGroup<'a, T, Q, K> {
 
     /// Keys (and values) in the group's chunk.
     pub fn n(&self) -> usize {
-        self.values.len() / (self.hd / T::VALUES)
+        self.n
     }
 
     pub fn scaling(&self) -> f32 {
         self.scaling
     }
 
-    /// Keys (`K::elements(n, hd)`) and [n, hd / T::VALUES] values.
+    /// Keys (`K::elements(n, hd)`) and values (`T::elements(n, hd)`).
     pub fn keys_values(&self) -> (&'a [K], &'a [T]) {
         (self.keys, self.values)
     }
@@ -245,15 +247,14 @@ pub fn attend_chunk<T: KvElement>(kernel: Kernel, group: &mut HeadGroup<'_, T>) 
     scalar::attention::attend_chunk(group);
 }
 
-/// `attend_chunk` over q8_0 keys (in tiles) and values, the queries
+/// `attend_chunk` over q8_0 keys and values (in tiles), the queries
 /// quantized to q8_0 too: `s_j = scaling · Σ_b (d_q[b] · d_k[b]) · (q_b · k_b)`,
-/// each block's integer dot exact, and `out_h = Σ_j e_j · (d_v[b] · v_j)` in
-/// f32. Every path's result is exactly `scalar::attention::attend_head_q8_0`
-/// of each head.
-pub fn attend_chunk_q8_0(
-    kernel: Kernel,
-    group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0, KeyTileBlock>,
-) {
+/// each block's integer dot exact, and each block of `out_h` an exact
+/// integer sum of the values' codes times 14-bit codes of the weights
+/// `e_j · d_v[j, b]`, scaled back (`scalar::attention::value_sums_q8_0`).
+/// Every path's result is exactly `scalar::attention::attend_head_q8_0` of
+/// each head.
+pub fn attend_chunk_q8_0(kernel: Kernel, group: &mut Q8_0Group<'_>) {
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Avx512Vnni && group.head_dim() <= x86_avx512::attention::MAX_HEAD_DIM {
         kernel.assert_supported();
@@ -273,6 +274,9 @@ pub fn attend_chunk_q8_0(
     let _ = kernel;
     scalar::attention::attend_chunk_q8_0(group);
 }
+
+/// A head group over q8_0 keys and values.
+pub type Q8_0Group<'a> = HeadGroup<'a, ValueTileBlock, BlockQ8_0, KeyTileBlock>;
 
 /// Combines the partials of consecutive chunks, in chunk order:
 /// with M the largest max and w_c = exp(max_c - M),

@@ -2,6 +2,8 @@
 //! one f16 scale and 32 int8 codes, and the quantization of whole rows,
 //! dispatched by `Kernel`.
 
+use std::marker::PhantomData;
+
 use super::half::F16;
 use super::scalar;
 #[cfg(target_arch = "x86_64")]
@@ -37,40 +39,89 @@ impl BlockQ8_0 {
     }
 }
 
-/// Keys per key tile.
-pub const KEY_TILE: usize = 16;
+/// Positions per tile, of keys or of values.
+pub const TILE_POSITIONS: usize = 16;
 
-/// Block b of a tile of 16 q8_0 keys (positions 16t..16t + 16 of one KV
-/// head): their 16 scales, then their codes four at a time, so that one
-/// 64-byte load is codes 4g..4g + 4 of all 16 keys, the operand of one
-/// `vpdpbusd` against four query codes (and a 32-byte half, of eight keys,
-/// one AVX2 operand). `vpdpbusd` multiplies unsigned by signed bytes, so a
-/// code k is stored as k + 128 (in [1, 255]: codes lie in [-127, 127]); the
-/// kernels take back 128 · Σ q. The same 34 bytes per block of 32 values as
-/// `BlockQ8_0`; a tile of hd values per key is hd / 32 of these.
+/// Where the codes of a tile's positions lie in its `qs`: the arrangement a
+/// kernel's loads want.
+pub trait TileLanes: Copy + Eq + std::fmt::Debug + Send + Sync + 'static {
+    /// The byte of code i of position u.
+    fn at(u: usize, i: usize) -> usize;
+}
+
+/// Keys: [8 groups, 16 keys, 4 codes], `qs[64 g + 4 u + i]` is code 4 g + i
+/// of key u. One 64-byte load is codes 4g..4g + 4 of all 16 keys, the
+/// operand of one `vpdpbusd` against four query codes broadcast (and a
+/// 32-byte half, of eight keys, one AVX2 operand): 16 scores at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyLanes;
+
+impl TileLanes for KeyLanes {
+    #[inline(always)]
+    fn at(u: usize, i: usize) -> usize {
+        64 * (i / 4) + 4 * u + i % 4
+    }
+}
+
+/// Values: [4 quads of positions, 32 codes, 4 positions],
+/// `qs[128 (u / 4) + 4 i + u % 4]` is code i of position u. One 64-byte load
+/// is codes 16h..16h + 16 of four positions, the operand of one `vpdpbusd`
+/// against the four positions' weights broadcast: 16 outputs at once (a
+/// 32-byte half, eight outputs, on AVX2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValueLanes;
+
+impl TileLanes for ValueLanes {
+    #[inline(always)]
+    fn at(u: usize, i: usize) -> usize {
+        128 * (u / 4) + 4 * i + u % 4
+    }
+}
+
+/// Block b of a tile of 16 q8_0 positions (16t..16t + 16 of one KV head):
+/// their 16 scales, then their codes in the order `L` gives. `vpdpbusd`
+/// multiplies unsigned by signed bytes, so a code c is stored as c + 128 (in
+/// [1, 255]: codes lie in [-127, 127]); the kernels take the excess back
+/// once per block. The same 34 bytes per block of 32 values as `BlockQ8_0`;
+/// a tile of hd values per position is hd / 32 of these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C, align(32))]
-pub struct KeyTileBlock {
-    pub d: [F16; KEY_TILE],
-    /// [8 groups, 16 keys, 4 codes]: `qs[64 g + 4 u + i]` is code 4 g + i of
-    /// key u, plus 128.
-    pub qs: [u8; KEY_TILE * Q8_0_VALUES],
+pub struct TileBlock<L> {
+    pub d: [F16; TILE_POSITIONS],
+    /// Code i of position u, plus 128, at `L::at(u, i)`.
+    pub qs: [u8; TILE_POSITIONS * Q8_0_VALUES],
+    lanes: PhantomData<L>,
 }
+
+/// Tiles of q8_0 keys.
+pub type KeyTileBlock = TileBlock<KeyLanes>;
+/// Tiles of q8_0 values.
+pub type ValueTileBlock = TileBlock<ValueLanes>;
 
 // The scales fill one 32-byte line and the codes sixteen more: each
 // 64-byte load of codes is 32-byte aligned (never split within a half).
-const _: () = assert!(std::mem::size_of::<KeyTileBlock>() == KEY_TILE * 34);
-const _: () = assert!(std::mem::align_of::<KeyTileBlock>() == 32);
+const _: () = assert!(std::mem::size_of::<KeyTileBlock>() == TILE_POSITIONS * 34);
+const _: () = assert!(std::mem::size_of::<ValueTileBlock>() == TILE_POSITIONS * 34);
+const _: () = assert!(std::mem::align_of::<ValueTileBlock>() == 32);
 
 // SAFETY: all-zero bits are scales +0.0 (F16 is a transparent u16) and
-// bytes 0; the type is not zero-sized.
-unsafe impl crate::memory::ZeroBits for KeyTileBlock {}
+// bytes 0 (`PhantomData` has no bytes); the type is not zero-sized.
+unsafe impl<L: TileLanes> crate::memory::ZeroBits for TileBlock<L> {}
 
-/// The offset between a key code and the byte that stores it.
-pub const KEY_CODE_OFFSET: i32 = 128;
+/// The offset between a code and the byte that stores it in a tile.
+pub const TILE_CODE_OFFSET: i32 = 128;
 
-impl KeyTileBlock {
-    /// Key u's block.
+impl<L: TileLanes> TileBlock<L> {
+    /// Scales 0 and every byte 0.
+    pub fn zeroed() -> Self {
+        TileBlock {
+            d: [F16(0); TILE_POSITIONS],
+            qs: [0; TILE_POSITIONS * Q8_0_VALUES],
+            lanes: PhantomData,
+        }
+    }
+
+    /// Position u's block.
     #[inline]
     pub fn get(&self, u: usize) -> BlockQ8_0 {
         BlockQ8_0 {
@@ -79,26 +130,26 @@ impl KeyTileBlock {
         }
     }
 
-    /// Makes key u's block `block`.
+    /// Makes position u's block `block`.
     #[inline]
     pub fn set(&mut self, u: usize, block: &BlockQ8_0) {
         self.d[u] = block.d;
         for (i, &q) in block.qs.iter().enumerate() {
-            // Codes lie in [-127, 127], so k + 128 is in [1, 255].
-            self.qs[Self::at(u, i)] = (i32::from(q) + KEY_CODE_OFFSET) as u8;
+            // Codes lie in [-127, 127], so c + 128 is in [1, 255].
+            self.qs[Self::at(u, i)] = (i32::from(q) + TILE_CODE_OFFSET) as u8;
         }
     }
 
-    /// Code i of key u.
+    /// Code i of position u.
     #[inline(always)]
     pub fn code(&self, u: usize, i: usize) -> i8 {
-        (i32::from(self.qs[Self::at(u, i)]) - KEY_CODE_OFFSET) as i8
+        (i32::from(self.qs[Self::at(u, i)]) - TILE_CODE_OFFSET) as i8
     }
 
     #[inline(always)]
     fn at(u: usize, i: usize) -> usize {
-        debug_assert!(u < KEY_TILE && i < Q8_0_VALUES);
-        64 * (i / 4) + 4 * u + i % 4
+        debug_assert!(u < TILE_POSITIONS && i < Q8_0_VALUES);
+        L::at(u, i)
     }
 }
 
@@ -148,27 +199,24 @@ mod tests {
         }
     }
 
-    /// Each key's block comes back from its lane; its bytes lie where the
-    /// kernels load them (four codes of each key per 4 bytes, 16 keys per
-    /// 64), offset by 128.
-    #[test]
-    fn key_tile_lanes_hold_their_blocks() {
-        let mut tile = KeyTileBlock {
-            d: [F16(0); KEY_TILE],
-            qs: [0; KEY_TILE * Q8_0_VALUES],
-        };
+    /// Each position's block comes back from its lane; its bytes lie where
+    /// the kernels load them, offset by 128: four codes of each key per 4
+    /// bytes (16 keys per 64), or each code of four positions per 4 bytes
+    /// (16 codes of a quad per 64).
+    fn tile_lanes_hold_their_blocks<L: TileLanes>(byte_of: impl Fn(usize, usize) -> usize) {
+        let mut tile = TileBlock::<L>::zeroed();
         let block = |u: usize| BlockQ8_0 {
             d: F16(0x3c00 + u as u16),
             qs: std::array::from_fn(|i| (((u * 37 + i * 11) % 255) as i32 - 127) as i8),
         };
-        for u in 0..KEY_TILE {
+        for u in 0..TILE_POSITIONS {
             tile.set(u, &block(u));
         }
-        for u in 0..KEY_TILE {
+        for u in 0..TILE_POSITIONS {
             assert_eq!(tile.get(u), block(u));
             for (i, &q) in block(u).qs.iter().enumerate() {
-                let byte = tile.qs[64 * (i / 4) + 4 * u + i % 4];
-                assert_eq!(i32::from(byte), i32::from(q) + 128, "key {u} code {i}");
+                let byte = tile.qs[byte_of(u, i)];
+                assert_eq!(i32::from(byte), i32::from(q) + 128, "position {u} code {i}");
             }
         }
         let extremes = BlockQ8_0 {
@@ -178,6 +226,18 @@ mod tests {
         tile.set(5, &extremes);
         assert_eq!(tile.get(5), extremes);
         assert_eq!(tile.get(4), block(4));
+    }
+
+    #[test]
+    fn key_tile_lanes_hold_their_blocks() {
+        tile_lanes_hold_their_blocks::<KeyLanes>(|u, i| 64 * (i / 4) + 4 * u + i % 4);
+    }
+
+    #[test]
+    fn value_tile_lanes_hold_their_blocks() {
+        tile_lanes_hold_their_blocks::<ValueLanes>(|u, i| {
+            128 * (u / 4) + 64 * (i / 16) + 4 * (i % 16) + u % 4
+        });
     }
 
     fn quantized(kernel: Kernel, src: &[f32]) -> Vec<BlockQ8_0> {

@@ -3,7 +3,7 @@
 
 use crate::error::{Result, TritError};
 use crate::kernels::half::halves_from_f32;
-use crate::kernels::q8_0::{quantize_q8_0, KEY_TILE, Q8_0_VALUES};
+use crate::kernels::q8_0::{quantize_q8_0, TileBlock, TileLanes, Q8_0_VALUES, TILE_POSITIONS};
 use crate::kernels::Kernel;
 use crate::memory::{advise_huge_pages, try_zeroed};
 
@@ -49,20 +49,23 @@ impl KvType {
 
 pub use crate::kernels::attention::KvElement;
 pub use crate::kernels::half::F16;
-pub use crate::kernels::q8_0::{BlockQ8_0, KeyTileBlock};
+pub use crate::kernels::q8_0::{BlockQ8_0, KeyTileBlock, ValueTileBlock};
 
 /// Keys or values of one KV head at positions 0..n: rows of [n, head_dim]
-/// values, or (q8_0 keys) tiles of 16 positions.
+/// values, or (q8_0) tiles of 16 positions.
 #[derive(Clone, Copy, Debug)]
 pub enum KvRows<'a> {
     F32(&'a [f32]),
     F16(&'a [F16]),
-    /// [n, head_dim / 32] blocks: q8_0 values.
-    Q8_0(&'a [BlockQ8_0]),
     /// [n / 16 rounded up, head_dim / 32] tile blocks: q8_0 keys, position
     /// p at lane p % 16 of tile p / 16; lanes past n are not keys.
-    Q8_0Tiles {
+    Q8_0Keys {
         tiles: &'a [KeyTileBlock],
+        n: usize,
+    },
+    /// q8_0 values in tiles, as the keys.
+    Q8_0Values {
+        tiles: &'a [ValueTileBlock],
         n: usize,
     },
 }
@@ -73,7 +76,7 @@ impl KvRows<'_> {
         match self {
             KvRows::F32(_) => KvType::F32,
             KvRows::F16(_) => KvType::F16,
-            KvRows::Q8_0(_) | KvRows::Q8_0Tiles { .. } => KvType::Q8_0,
+            KvRows::Q8_0Keys { .. } | KvRows::Q8_0Values { .. } => KvType::Q8_0,
         }
     }
 }
@@ -82,10 +85,10 @@ impl KvRows<'_> {
 /// positions of `hd` values each, head after head.
 #[derive(Clone, Debug)]
 enum Store {
-    F32(Vec<f32>),                // [heads, n_ctx, hd]
-    F16(Vec<F16>),                // [heads, n_ctx, hd]
-    Q8_0(Vec<BlockQ8_0>),         // [heads, n_ctx, hd / 32]
-    Q8_0Tiles(Vec<KeyTileBlock>), // [heads, n_ctx / 16 rounded up, hd / 32]
+    F32(Vec<f32>),                   // [heads, n_ctx, hd]
+    F16(Vec<F16>),                   // [heads, n_ctx, hd]
+    Q8_0Keys(Vec<KeyTileBlock>),     // [heads, n_ctx / 16 rounded up, hd / 32]
+    Q8_0Values(Vec<ValueTileBlock>), // [heads, n_ctx / 16 rounded up, hd / 32]
 }
 
 /// The shape every store of a cache shares.
@@ -104,12 +107,12 @@ impl Shape {
 
     /// Tile blocks per head: n_ctx rounded up to whole tiles.
     fn tile_blocks(self) -> usize {
-        self.n_ctx.div_ceil(KEY_TILE) * self.blocks()
+        self.n_ctx.div_ceil(TILE_POSITIONS) * self.blocks()
     }
 }
 
 impl Store {
-    /// Zeros for `shape`, its q8_0 keys (`keys`) in tiles; an error (naming
+    /// Zeros for `shape`, q8_0 keys (`keys`) or values in tiles; an error (naming
     /// `what`) if the size overflows or does not fit in memory.
     fn new(kind: KvType, keys: bool, shape: Shape, what: &str) -> Result<Store> {
         let len = |per_head: usize| {
@@ -129,14 +132,14 @@ impl Store {
         let store = match kind {
             KvType::F32 => Store::F32(try_zeroed(len(values)?, what)?),
             KvType::F16 => Store::F16(try_zeroed(len(values)?, what)?),
-            KvType::Q8_0 if keys => Store::Q8_0Tiles(try_zeroed(len(shape.tile_blocks())?, what)?),
-            KvType::Q8_0 => Store::Q8_0(try_zeroed(len(values / Q8_0_VALUES)?, what)?),
+            KvType::Q8_0 if keys => Store::Q8_0Keys(try_zeroed(len(shape.tile_blocks())?, what)?),
+            KvType::Q8_0 => Store::Q8_0Values(try_zeroed(len(shape.tile_blocks())?, what)?),
         };
         match &store {
             Store::F32(v) => advise_huge_pages(v),
             Store::F16(v) => advise_huge_pages(v),
-            Store::Q8_0(v) => advise_huge_pages(v),
-            Store::Q8_0Tiles(v) => advise_huge_pages(v),
+            Store::Q8_0Keys(v) => advise_huge_pages(v),
+            Store::Q8_0Values(v) => advise_huge_pages(v),
         }
         Ok(store)
     }
@@ -147,27 +150,8 @@ impl Store {
         match self {
             Store::F32(v) => v[at..at + shape.hd].copy_from_slice(x),
             Store::F16(v) => halves_from_f32(kernel, &mut v[at..at + shape.hd], x),
-            Store::Q8_0(v) => {
-                let blocks = at / Q8_0_VALUES..(at + shape.hd) / Q8_0_VALUES;
-                quantize_q8_0(kernel, &mut v[blocks], x);
-            }
-            Store::Q8_0Tiles(v) => {
-                let tile = head * shape.tile_blocks() + pos / KEY_TILE * shape.blocks();
-                let tile = &mut v[tile..tile + shape.blocks()];
-                // Quantized a few blocks at a time on the stack, then
-                // scattered into the position's lane.
-                let mut blocks = [BlockQ8_0::default(); 8];
-                for (tile, x) in tile
-                    .chunks_mut(blocks.len())
-                    .zip(x.chunks(blocks.len() * Q8_0_VALUES))
-                {
-                    let blocks = &mut blocks[..tile.len()];
-                    quantize_q8_0(kernel, blocks, x);
-                    for (t, block) in tile.iter_mut().zip(blocks.iter()) {
-                        t.set(pos % KEY_TILE, block);
-                    }
-                }
-            }
+            Store::Q8_0Keys(v) => write_tiles(v, kernel, shape, head, pos, x),
+            Store::Q8_0Values(v) => write_tiles(v, kernel, shape, head, pos, x),
         }
     }
 
@@ -178,12 +162,14 @@ impl Store {
         match self {
             Store::F32(v) => KvRows::F32(&v[at..at + len]),
             Store::F16(v) => KvRows::F16(&v[at..at + len]),
-            Store::Q8_0(v) => KvRows::Q8_0(&v[at / Q8_0_VALUES..(at + len) / Q8_0_VALUES]),
-            Store::Q8_0Tiles(v) => {
-                let at = head * shape.tile_blocks();
-                let tiles = &v[at..at + n.div_ceil(KEY_TILE) * shape.blocks()];
-                KvRows::Q8_0Tiles { tiles, n }
-            }
+            Store::Q8_0Keys(v) => KvRows::Q8_0Keys {
+                tiles: tiles_of(v, shape, head, n),
+                n,
+            },
+            Store::Q8_0Values(v) => KvRows::Q8_0Values {
+                tiles: tiles_of(v, shape, head, n),
+                n,
+            },
         }
     }
 
@@ -200,25 +186,8 @@ impl Store {
                 (Store::F16(v), Store::F16(w)) => {
                     v[at..at + len].copy_from_slice(&w[at..at + len]);
                 }
-                (Store::Q8_0(v), Store::Q8_0(w)) => {
-                    let blocks = at / Q8_0_VALUES..(at + len) / Q8_0_VALUES;
-                    v[blocks.clone()].copy_from_slice(&w[blocks]);
-                }
-                (Store::Q8_0Tiles(v), Store::Q8_0Tiles(w)) => {
-                    // Whole tiles, then the lanes below n of a partial one.
-                    let at = head * shape.tile_blocks();
-                    let whole = at..at + n / KEY_TILE * shape.blocks();
-                    v[whole.clone()].copy_from_slice(&w[whole.clone()]);
-                    let lanes = n % KEY_TILE;
-                    if lanes > 0 {
-                        let partial = whole.end..whole.end + shape.blocks();
-                        for (t, o) in v[partial.clone()].iter_mut().zip(&w[partial]) {
-                            for u in 0..lanes {
-                                t.set(u, &o.get(u));
-                            }
-                        }
-                    }
-                }
+                (Store::Q8_0Keys(v), Store::Q8_0Keys(w)) => copy_tiles(v, w, shape, head, n),
+                (Store::Q8_0Values(v), Store::Q8_0Values(w)) => copy_tiles(v, w, shape, head, n),
                 _ => unreachable!("caches of one engine share their type"),
             }
         }
@@ -228,8 +197,68 @@ impl Store {
         match self {
             Store::F32(v) => std::mem::size_of_val(v.as_slice()),
             Store::F16(v) => std::mem::size_of_val(v.as_slice()),
-            Store::Q8_0(v) => std::mem::size_of_val(v.as_slice()),
-            Store::Q8_0Tiles(v) => std::mem::size_of_val(v.as_slice()),
+            Store::Q8_0Keys(v) => std::mem::size_of_val(v.as_slice()),
+            Store::Q8_0Values(v) => std::mem::size_of_val(v.as_slice()),
+        }
+    }
+}
+
+/// Writes `x` ([hd]) at position `pos` of head `head` of q8_0 tiles
+/// ([heads, n_ctx / 16 rounded up, hd / 32]): quantized a few blocks at a
+/// time on the stack, then scattered into the position's lane.
+fn write_tiles<L: TileLanes>(
+    tiles: &mut [TileBlock<L>],
+    kernel: Kernel,
+    shape: Shape,
+    head: usize,
+    pos: usize,
+    x: &[f32],
+) {
+    let tile = head * shape.tile_blocks() + pos / TILE_POSITIONS * shape.blocks();
+    let tile = &mut tiles[tile..tile + shape.blocks()];
+    let mut blocks = [BlockQ8_0::default(); 8];
+    for (tile, x) in tile
+        .chunks_mut(blocks.len())
+        .zip(x.chunks(blocks.len() * Q8_0_VALUES))
+    {
+        let blocks = &mut blocks[..tile.len()];
+        quantize_q8_0(kernel, blocks, x);
+        for (t, block) in tile.iter_mut().zip(blocks.iter()) {
+            t.set(pos % TILE_POSITIONS, block);
+        }
+    }
+}
+
+/// The tiles of positions 0..n of head `head`.
+fn tiles_of<L: TileLanes>(
+    tiles: &[TileBlock<L>],
+    shape: Shape,
+    head: usize,
+    n: usize,
+) -> &[TileBlock<L>] {
+    let at = head * shape.tile_blocks();
+    &tiles[at..at + n.div_ceil(TILE_POSITIONS) * shape.blocks()]
+}
+
+/// Copies positions 0..n of head `head` from `from`: whole tiles, then the
+/// lanes below n of a partial one (the rest of it stays as it was).
+fn copy_tiles<L: TileLanes>(
+    to: &mut [TileBlock<L>],
+    from: &[TileBlock<L>],
+    shape: Shape,
+    head: usize,
+    n: usize,
+) {
+    let at = head * shape.tile_blocks();
+    let whole = at..at + n / TILE_POSITIONS * shape.blocks();
+    to[whole.clone()].copy_from_slice(&from[whole.clone()]);
+    let lanes = n % TILE_POSITIONS;
+    if lanes > 0 {
+        let partial = whole.end..whole.end + shape.blocks();
+        for (t, o) in to[partial.clone()].iter_mut().zip(&from[partial]) {
+            for u in 0..lanes {
+                t.set(u, &o.get(u));
+            }
         }
     }
 }
@@ -243,15 +272,15 @@ pub struct KvCache {
     kind: KvType,
     /// The path that converts what is written to half precision or q8_0.
     kernel: Kernel,
-    /// [layers, n_kv_heads, n_ctx, head_dim] values, q8_0 keys in tiles of
-    /// 16 positions (`Store::Q8_0Tiles`): the scores' kernels read 16 keys'
-    /// codes per load.
+    /// [layers, n_kv_heads, n_ctx, head_dim] values; q8_0 keys and values
+    /// in tiles of 16 positions (`TileBlock`): the scores' kernels read 16
+    /// keys' codes per load, the value sums four positions' codes per load.
     k: Store,
-    v: Store, // [layers, n_kv_heads, n_ctx, head_dim] values
+    v: Store, // as `k`
 }
 
 impl KvCache {
-    /// A cache for `n_ctx` positions (q8_0 keys in whole tiles of 16: n_ctx
+    /// A cache for `n_ctx` positions (q8_0 in whole tiles of 16: n_ctx
     /// rounded up); an error (naming n_ctx) if it does not fit this
     /// machine's memory or address space, or (naming the type and head_dim)
     /// if head_dim is not a whole number of q8_0 blocks.
@@ -343,7 +372,7 @@ impl KvCache {
 
     /// Bytes of keys and values one position takes, over all layers and
     /// heads (what a filled position costs; `nbytes` also counts the q8_0
-    /// keys' last tile, rounded up to 16 positions).
+    /// last tiles, rounded up to 16 positions).
     pub fn bytes_per_position(&self) -> usize {
         let Shape { heads, hd, .. } = self.shape;
         let per_value_pair = match self.kind {
@@ -363,25 +392,27 @@ mod tests {
         match rows {
             KvRows::F32(v) => v.to_vec(),
             KvRows::F16(v) => v.iter().map(|h| h.to_f32()).collect(),
-            KvRows::Q8_0(v) => v.iter().flat_map(|b| b.dequantize()).collect(),
-            KvRows::Q8_0Tiles { .. } => blocks(rows).iter().flat_map(|b| b.dequantize()).collect(),
+            KvRows::Q8_0Keys { .. } | KvRows::Q8_0Values { .. } => {
+                blocks(rows).iter().flat_map(|b| b.dequantize()).collect()
+            }
         }
     }
 
     /// The q8_0 blocks of positions 0..n, [n, head_dim / 32], read from
-    /// rows or tiles.
+    /// tiles.
     fn blocks(rows: KvRows<'_>) -> Vec<BlockQ8_0> {
+        fn of<L: TileLanes>(tiles: &[TileBlock<L>], n: usize) -> Vec<BlockQ8_0> {
+            let per_tile = tiles.len() / n.div_ceil(TILE_POSITIONS);
+            (0..n)
+                .flat_map(|p| {
+                    let tile = &tiles[p / TILE_POSITIONS * per_tile..][..per_tile];
+                    tile.iter().map(move |t| t.get(p % TILE_POSITIONS))
+                })
+                .collect()
+        }
         match rows {
-            KvRows::Q8_0(v) => v.to_vec(),
-            KvRows::Q8_0Tiles { tiles, n } => {
-                let per_tile = tiles.len() / n.div_ceil(KEY_TILE);
-                (0..n)
-                    .flat_map(|p| {
-                        let tile = &tiles[p / KEY_TILE * per_tile..][..per_tile];
-                        tile.iter().map(move |t| t.get(p % KEY_TILE))
-                    })
-                    .collect()
-            }
+            KvRows::Q8_0Keys { tiles, n } => of(tiles, n),
+            KvRows::Q8_0Values { tiles, n } => of(tiles, n),
             _ => panic!("not a q8_0 store"),
         }
     }
@@ -410,12 +441,12 @@ mod tests {
             let bytes = match kind {
                 KvType::F32 => values * 4,
                 KvType::F16 => values * 2,
-                // Values, then keys in whole tiles of 16 positions.
-                KvType::Q8_0 => values / 2 / 32 * 34 + 2 * 3 * 16 * HD / 32 * 34,
+                // Keys and values in whole tiles of 16 positions.
+                KvType::Q8_0 => 2 * 2 * 3 * 16 * HD / 32 * 34,
             };
             assert_eq!(c.nbytes(), bytes, "{kind:?}");
             // Per position: exactly, where n_ctx = 4 leaves 12 positions
-            // of each q8_0 key tile unused.
+            // of each q8_0 tile unused.
             let per_position = match kind {
                 KvType::Q8_0 => 2 * 2 * 3 * HD / 32 * 34,
                 _ => bytes / 4,
@@ -496,7 +527,7 @@ mod tests {
             let v: Vec<f32> = (0..hd).map(|_| float()).collect();
             c.write(0, 1, 2, &k, &v);
             let keys = c.keys(0, 1, 3);
-            assert!(matches!(keys, KvRows::Q8_0Tiles { n: 3, .. }), "{keys:?}");
+            assert!(matches!(keys, KvRows::Q8_0Keys { n: 3, .. }), "{keys:?}");
             let mut want = vec![BlockQ8_0::default(); 2];
             crate::kernels::scalar::q8_0::quantize(&mut want, &k);
             assert_eq!(&blocks(keys)[4..], &want[..], "{kernel}");
@@ -508,12 +539,12 @@ mod tests {
         }
     }
 
-    /// Keys of every position of several tiles (a partial last one) read
-    /// back through the tiles as the blocks written, each head its own;
-    /// a copied prefix ending inside a tile takes the other cache's keys
-    /// below n only.
+    /// Keys and values of every position of several tiles (a partial last
+    /// one) read back through the tiles as the blocks written, each head its
+    /// own; a copied prefix ending inside a tile takes the other cache's
+    /// keys and values below n only.
     #[test]
-    fn q8_0_key_tiles_hold_each_position_s_blocks() {
+    fn q8_0_tiles_hold_each_position_s_blocks() {
         let (hd, n_ctx) = (96, 37);
         let key = |head: usize, pos: usize| -> Vec<f32> {
             (0..hd)
@@ -527,20 +558,23 @@ mod tests {
         };
         let mut a = KvCache::new(2, 2, n_ctx, hd, KvType::Q8_0, Kernel::Scalar).unwrap();
         let mut b = KvCache::new(2, 2, n_ctx, hd, KvType::Q8_0, Kernel::Scalar).unwrap();
-        let zero = vec![0.0; hd];
+        // Values are the "keys" of heads 8.. .
         for (layer, head) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
             for pos in 0..n_ctx {
                 let h = layer * 2 + head;
-                a.write(layer, head, pos, &key(h, pos), &zero);
-                b.write(layer, head, pos, &key(h + 4, pos), &zero);
+                a.write(layer, head, pos, &key(h, pos), &key(h + 8, pos));
+                b.write(layer, head, pos, &key(h + 4, pos), &key(h + 12, pos));
             }
         }
         for (layer, head) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
             let h = layer * 2 + head;
-            let want: Vec<BlockQ8_0> = (0..n_ctx).flat_map(|p| quantized(&key(h, p))).collect();
+            let want =
+                |h| -> Vec<BlockQ8_0> { (0..n_ctx).flat_map(|p| quantized(&key(h, p))).collect() };
             for n in [1, 15, 16, 17, 32, 37] {
                 let got = blocks(a.keys(layer, head, n));
-                assert_eq!(got, want[..n * hd / 32], "head {h} n {n}");
+                assert_eq!(got, want(h)[..n * hd / 32], "head {h} n {n}");
+                let got = blocks(a.values(layer, head, n));
+                assert_eq!(got, want(h + 8)[..n * hd / 32], "values: head {h} n {n}");
             }
         }
         for n in [0, 5, 16, 21, 37] {
@@ -548,13 +582,19 @@ mod tests {
             c.copy_prefix(&b, n);
             for (layer, head) in [(0, 0), (1, 1)] {
                 let h = layer * 2 + head;
-                let got = blocks(c.keys(layer, head, n_ctx));
+                let keys = blocks(c.keys(layer, head, n_ctx));
+                let values = blocks(c.values(layer, head, n_ctx));
                 for p in 0..n_ctx {
                     let src = if p < n { h + 4 } else { h };
                     assert_eq!(
-                        got[p * 3..p * 3 + 3],
+                        keys[p * 3..p * 3 + 3],
                         quantized(&key(src, p)),
                         "n {n} p {p}"
+                    );
+                    assert_eq!(
+                        values[p * 3..p * 3 + 3],
+                        quantized(&key(src + 8, p)),
+                        "values: n {n} p {p}"
                     );
                 }
             }

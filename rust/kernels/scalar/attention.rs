@@ -4,8 +4,8 @@
 //! polynomial, and products are fused multiply-adds (`mul_add`), so that a
 //! vector version can perform exactly these operations in this order.
 
-use crate::kernels::attention::{HeadGroup, KvElement, Partial, Strided};
-use crate::kernels::q8_0::{BlockQ8_0, KeyTileBlock, KEY_TILE, Q8_0_VALUES};
+use crate::kernels::attention::{HeadGroup, KvElement, Partial, Q8_0Group, Strided};
+use crate::kernels::q8_0::{BlockQ8_0, KeyTileBlock, ValueTileBlock, Q8_0_VALUES, TILE_POSITIONS};
 use crate::kernels::scalar::q8_0::tile_dot;
 
 /// Cephes' single-precision exp: `x = n ln2 + r`, |r| <= ln2 / 2, a degree-5
@@ -147,46 +147,103 @@ pub fn score_q8_0(q: &[BlockQ8_0], tile: &[KeyTileBlock], u: usize, scaling: f32
     acc * scaling
 }
 
-/// The definition of one head's partial over one chunk of q8_0 keys (in
-/// tiles, the chunk starting at a tile) and values, the query quantized to
-/// q8_0 as well: the scores
-/// `s_j = score_q8_0(q, k_j)` (in `scores`, then replaced by exp(s_j - max)),
-/// `out[32 b + i] = Σ_j e_j · (d_v[j, b] · v_j[b].qs[i])` (fused
-/// multiply-adds in key order); returns (max, Σ_j exp(s_j - max)). Each
-/// value d · code is exact in f32 (an 11-bit significand times at most 2^7),
-/// so it is the dequantized value itself, computed once for all heads.
+/// The largest code of a weight in the value sums over q8_0: 14 bits, two
+/// 7-bit halves that are each a signed byte, the operand `vpdpbusd` takes.
+pub const WEIGHT_CODE_MAX: i32 = (1 << 14) - 1;
+
+/// Positions a value sum over q8_0 may take at once: each sum of a weight
+/// code times a value code stays within i32 (|Σ| <= 16383 · 128 · 512 < 2^30).
+pub const MAX_VALUE_SUM_POSITIONS: usize = 512;
+
+/// For the largest weight `top` of a block, (`to_code`, `from_code`): the
+/// factor that makes a weight its code, and the value of one code.
+#[inline(always)]
+pub fn weight_scales(top: f32) -> (f32, f32) {
+    if top > 0.0 {
+        let max = WEIGHT_CODE_MAX as f32;
+        (max / top, top / max)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
+/// A weight's code: `w · to_code` clamped to [0, 16383] (a NaN to 0),
+/// rounded to nearest, ties to even.
+#[inline(always)]
+pub fn weight_code(w: f32, to_code: f32) -> i32 {
+    (w * to_code)
+        .max(0.0)
+        .min(WEIGHT_CODE_MAX as f32)
+        .round_ties_even() as i32
+}
+
+/// The largest of `top` and `w`, a NaN `w` ignored (as `maxps(w, top)`).
+#[inline(always)]
+pub fn larger_weight(w: f32, top: f32) -> f32 {
+    if w > top {
+        w
+    } else {
+        top
+    }
+}
+
+/// The weighted sums of q8_0 values: for each block b of 32 values, with
+/// the weights `w_j = e_j · d_v[j, b]` (`weights`: e_j, j < n; `values`:
+/// [n / 16 rounded up, blocks] tiles), their largest `top` (NaNs ignored,
+/// at least 0) and `(to_code, from_code) = weight_scales(top)`:
+/// `out[32 b + i] = (Σ_j weight_code(w_j, to_code) · v_j[b].qs[i]) as f32 ·
+/// from_code`, the sum an exact integer. Each weight moves by at most half
+/// a code, top / 32766: relative to the sum of weights, less than f16's
+/// rounding of a single value.
+pub fn value_sums_q8_0(weights: &[f32], values: &[ValueTileBlock], out: &mut [f32]) {
+    let n = weights.len();
+    let blocks = out.len() / Q8_0_VALUES;
+    assert!((1..=MAX_VALUE_SUM_POSITIONS).contains(&n));
+    assert_eq!(values.len(), n.div_ceil(TILE_POSITIONS) * blocks);
+    let tile = |j: usize, b: usize| &values[j / TILE_POSITIONS * blocks + b];
+    for (b, out) in out.chunks_exact_mut(Q8_0_VALUES).enumerate() {
+        let weight = |j: usize| weights[j] * tile(j, b).d[j % TILE_POSITIONS].to_f32();
+        let top = (0..n).fold(0.0f32, |top, j| larger_weight(weight(j), top));
+        let (to_code, from_code) = weight_scales(top);
+        let mut sums = [0i32; Q8_0_VALUES];
+        for j in 0..n {
+            let w = weight_code(weight(j), to_code);
+            for (i, sum) in sums.iter_mut().enumerate() {
+                *sum += w * i32::from(tile(j, b).code(j % TILE_POSITIONS, i));
+            }
+        }
+        for (o, &sum) in out.iter_mut().zip(&sums) {
+            *o = sum as f32 * from_code;
+        }
+    }
+}
+
+/// The definition of one head's partial over one chunk of q8_0 keys and
+/// values (in tiles, the chunk starting at a tile), the query quantized to
+/// q8_0 as well: the scores `s_j = score_q8_0(q, k_j)` (in `scores`, then
+/// replaced by e_j = exp(s_j - max)), then `out` = `value_sums_q8_0` of the
+/// e_j; returns (max, Σ_j e_j).
 pub fn attend_head_q8_0(
-    q: &[BlockQ8_0],       // [hd / 32]
-    keys: &[KeyTileBlock], // [n / 16 rounded up, hd / 32]
-    values: &[BlockQ8_0],  // [n, hd / 32]
+    q: &[BlockQ8_0],           // [hd / 32]
+    keys: &[KeyTileBlock],     // [n / 16 rounded up, hd / 32]
+    values: &[ValueTileBlock], // [n / 16 rounded up, hd / 32]
     scaling: f32,
     scores: &mut [f32], // [n]
     out: &mut [f32],    // [hd]
 ) -> Partial {
     let blocks = q.len();
-    let n = values.len() / blocks;
-    let scores = &mut scores[..n];
+    let n = scores.len();
     for (j, s) in scores.iter_mut().enumerate() {
-        let tile = &keys[j / KEY_TILE * blocks..][..blocks];
-        *s = score_q8_0(q, tile, j % KEY_TILE, scaling);
+        let tile = &keys[j / TILE_POSITIONS * blocks..][..blocks];
+        *s = score_q8_0(q, tile, j % TILE_POSITIONS, scaling);
     }
     let partial = softmax_weights(scores);
-    // Key by key, each output accumulating in key order: the same
-    // operations per output as a loop over keys inside a loop over outputs.
-    out.fill(0.0);
-    for (&e, row) in scores.iter().zip(values.chunks_exact(blocks)) {
-        for (o, v) in out.chunks_exact_mut(Q8_0_VALUES).zip(row) {
-            let d = v.d.to_f32();
-            for (od, &code) in o.iter_mut().zip(&v.qs) {
-                *od = e.mul_add(d * f32::from(code), *od);
-            }
-        }
-    }
+    value_sums_q8_0(&scores[..n], values, out);
     partial
 }
 
 /// `attend_head_q8_0` for every head of the group.
-pub fn attend_chunk_q8_0(group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0, KeyTileBlock>) {
+pub fn attend_chunk_q8_0(group: &mut Q8_0Group<'_>) {
     let (keys, values) = group.keys_values();
     let scaling = group.scaling();
     for h in 0..group.heads() {

@@ -6,10 +6,10 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::attention::{HeadGroup, HeadRows, KvElement, Partial, Strided};
+use crate::kernels::attention::{HeadGroup, HeadRows, KvElement, Partial, Q8_0Group, Strided};
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::half::F16;
-use crate::kernels::q8_0::{BlockQ8_0, KeyTileBlock, KEY_TILE, Q8_0_VALUES};
+use crate::kernels::q8_0::{BlockQ8_0, KeyTileBlock, ValueTileBlock, Q8_0_VALUES, TILE_POSITIONS};
 use crate::kernels::scalar::attention::{self as scalar, exp_consts as c};
 
 /// Loads eight cached values as f32.
@@ -353,9 +353,7 @@ fn heads_chunk<T: KvElement, const H: usize>(
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn attend_chunk_q8_0(
-    group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0, KeyTileBlock>,
-) {
+pub(crate) unsafe fn attend_chunk_q8_0(group: &mut Q8_0Group<'_>) {
     counts::enter(Isa::Avx2);
     heads_by_four!(group, heads_chunk_q8_0);
 }
@@ -415,53 +413,193 @@ fn scores8_q8_0<const H: usize>(
     acc.map(|a| _mm256_mul_ps(a, _mm256_set1_ps(scaling)))
 }
 
-/// out_h[d..d + 16] = Σ_j e_h[j] · (d_v[j, b] · v_j[b].qs[i..i + 16]), with
-/// b = d / 32, i = d % 32 (0 or 16): each value block is loaded, widened
-/// and scaled (exactly) once for all heads.
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C; `values` is [n, blocks] with n
-/// the heads' score count; d is a multiple of 16 below 32 · blocks.
+/// One tile's weight codes for one head, as the value sums load them:
+/// `[lo 0..8, hi 0..8, lo 8..16, hi 8..16]`, code w = 128 hi + lo of
+/// position u in byte u (lo) and 8 + u (hi) of half u / 8, so that the
+/// four positions of quad p are 4 bytes at `quad_lo(p)` and `quad_lo(p) + 8`.
+pub(crate) type TileWeightBytes = [u8; 2 * TILE_POSITIONS];
+
+/// Where the low halves of quad p's four weight codes start in its
+/// `TileWeightBytes` (the high halves 8 bytes on).
+#[inline(always)]
+pub(crate) fn quad_lo(p: usize) -> usize {
+    16 * (p / 2) + 4 * (p % 2)
+}
+
+/// Four bytes of `bytes` from `at`, as one i32 (to broadcast).
+#[inline(always)]
+pub(crate) fn four_bytes(bytes: &TileWeightBytes, at: usize) -> i32 {
+    i32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// The softmax weights e_j of the tile's 16 lanes from t·16, as two
+/// vectors; lanes past `scores` (a partial last tile) are 0.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn tile_weights(scores: &[f32], t: usize) -> [__m256; 2] {
+    let from = t * TILE_POSITIONS;
+    let mut padded = [0.0f32; TILE_POSITIONS];
+    let lanes = match scores.get(from..from + TILE_POSITIONS) {
+        Some(whole) => whole,
+        None => {
+            let rest = &scores[from..];
+            padded[..rest.len()].copy_from_slice(rest);
+            &padded[..]
+        }
+    };
+    // SAFETY: `lanes` holds 16 floats.
+    unsafe {
+        [
+            _mm256_loadu_ps(lanes.as_ptr()),
+            _mm256_loadu_ps(lanes.as_ptr().add(8)),
+        ]
+    }
+}
+
+/// The 16 scales of a value tile block, as f32.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn tile_scales(block: &ValueTileBlock) -> [__m256; 2] {
+    // SAFETY: d holds 16 halves (32 bytes).
+    let d = unsafe { _mm256_loadu_si256(block.d.as_ptr().cast()) };
+    [
+        _mm256_cvtph_ps(_mm256_castsi256_si128(d)),
+        _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(d)),
+    ]
+}
+
+/// For block b of the values and H heads, `scalar::attention::value_sums_q8_0`'s
+/// weight codes: each head's largest weight e_j · d_v[j, b] gives its
+/// `weight_scales`; every tile's codes go to `bytes` ([tiles, H]), as
+/// `TileWeightBytes`. Returns each head's (Σ_j code_j, from_code).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn values_step_q8_0<const H: usize>(
-    rows: &mut [HeadRows<'_, BlockQ8_0>; H],
-    values: &[BlockQ8_0],
+pub(crate) fn weight_codes_q8_0<const H: usize>(
+    rows: &[HeadRows<'_, BlockQ8_0>; H],
+    values: &[ValueTileBlock], // [n / 16 rounded up, blocks]
     blocks: usize,
-    d: usize,
-) {
+    b: usize,
+    bytes: &mut [[TileWeightBytes; H]],
+) -> [(i32, f32); H] {
     let n = rows[0].scores.len();
-    let (b, i) = (d / Q8_0_VALUES, d % Q8_0_VALUES);
-    assert!(b < blocks && i + 16 <= Q8_0_VALUES && values.len() >= n * blocks);
-    let mut weights = [std::ptr::null::<f32>(); H];
-    for (w, row) in weights.iter_mut().zip(rows.iter()) {
-        assert_eq!(row.scores.len(), n);
-        *w = row.scores.as_ptr();
-    }
-    let mut acc = [[_mm256_setzero_ps(); 2]; H];
-    for j in 0..n {
-        // SAFETY: j < n rows of `blocks` blocks (asserted).
-        let v = unsafe { values.get_unchecked(j * blocks + b) };
-        let dv = _mm256_cvtph_ps(_mm_set1_epi16(v.d.0 as i16));
-        // SAFETY: i + 16 <= 32 bytes of qs (asserted).
-        let codes = unsafe { _mm_loadu_si128(v.qs.as_ptr().add(i).cast()) };
-        let lo = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)));
-        let hi = _mm256_mul_ps(
-            dv,
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(codes))),
-        );
-        for (acc_h, &w) in acc.iter_mut().zip(&weights) {
-            // SAFETY: j < n, the length of every head's scores (asserted).
-            let e = unsafe { _mm256_broadcast_ss(&*w.add(j)) };
-            acc_h[0] = _mm256_fmadd_ps(e, lo, acc_h[0]);
-            acc_h[1] = _mm256_fmadd_ps(e, hi, acc_h[1]);
+    let tiles = n.div_ceil(TILE_POSITIONS);
+    assert!(b < blocks && values.len() == tiles * blocks && bytes.len() >= tiles);
+    assert!(rows.iter().all(|r| r.scores.len() == n));
+    let mut top = [_mm256_setzero_ps(); H];
+    for t in 0..tiles {
+        let d = tile_scales(&values[t * blocks + b]);
+        for (row, top) in rows.iter().zip(top.iter_mut()) {
+            let e = tile_weights(row.scores, t);
+            for k in 0..2 {
+                // maxps(w, top) is top when w is a NaN: `larger_weight`.
+                *top = _mm256_max_ps(_mm256_mul_ps(e[k], d[k]), *top);
+            }
         }
     }
-    for (row, acc_h) in rows.iter_mut().zip(&acc) {
-        for (half, &acc_hb) in acc_h.iter().enumerate() {
-            let o = &mut row.out[d + 8 * half..d + 8 * half + 8];
-            // SAFETY: `o` holds 8 floats.
-            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), acc_hb) };
+    let scales = top.map(|top| {
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), top) };
+        // Exact whatever the order: no lane is a NaN.
+        scalar::weight_scales(lanes.iter().fold(0.0, |m, &x| scalar::larger_weight(x, m)))
+    });
+    let (zero, max) = (
+        _mm256_setzero_ps(),
+        _mm256_set1_ps(scalar::WEIGHT_CODE_MAX as f32),
+    );
+    let high = _mm256_set1_epi32(0x3f80);
+    // Within each 128-bit lane, the low bytes of its eight words, then the high ones.
+    let split = _mm256_setr_epi8(
+        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, //
+        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+    );
+    let mut sums = [_mm256_setzero_si256(); H];
+    for t in 0..tiles {
+        let d = tile_scales(&values[t * blocks + b]);
+        for (h, row) in rows.iter().enumerate() {
+            let e = tile_weights(row.scores, t);
+            let to_code = _mm256_set1_ps(scales[h].0);
+            let codes = [0, 1].map(|k| {
+                let x = _mm256_mul_ps(_mm256_mul_ps(e[k], d[k]), to_code);
+                // maxps(x, 0) is 0 for a NaN x, as f32::max.
+                _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(x, zero), max))
+            });
+            sums[h] = _mm256_add_epi32(sums[h], _mm256_add_epi32(codes[0], codes[1]));
+            // w = 128 hi + lo becomes lo + 256 hi: the two 7-bit halves
+            // as the two bytes of a word.
+            let [a, c] = codes.map(|w| _mm256_add_epi32(w, _mm256_and_si256(w, high)));
+            let words = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(a, c));
+            let split = _mm256_shuffle_epi8(words, split);
+            // SAFETY: a `TileWeightBytes` holds 32 bytes.
+            unsafe { _mm256_storeu_si256(bytes[t][h].as_mut_ptr().cast(), split) };
+        }
+    }
+    std::array::from_fn(|h| {
+        let mut lanes = [0i32; 8];
+        // SAFETY: `lanes` holds 8 i32.
+        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sums[h]) };
+        // At most 16383 · 512: no overflow.
+        (lanes.iter().sum(), scales[h].1)
+    })
+}
+
+/// Tiles of a chunk at most (`scalar::attention::MAX_VALUE_SUM_POSITIONS`).
+pub(crate) const MAX_TILES: usize =
+    crate::kernels::scalar::attention::MAX_VALUE_SUM_POSITIONS / TILE_POSITIONS;
+
+/// out_h[32 b..32 b + 32] for H heads: `scalar::attention::value_sums_q8_0`
+/// of block b. Eight outputs of four positions are 32 bytes of a tile;
+/// `maddubs` multiplies the weights' 7-bit halves (unsigned) by the codes
+/// (signed: the stored c + 128 back to c), at most 2 · 127 · 128 = 32512 a
+/// pair, so the 16-bit sums do not saturate; `madd` by 128 and by 1 sums
+/// each output's four products of each half in i32, exactly.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn value_sums_q8_0<const H: usize>(
+    rows: &mut [HeadRows<'_, BlockQ8_0>; H],
+    values: &[ValueTileBlock],
+    blocks: usize,
+    b: usize,
+) {
+    let n = rows[0].scores.len();
+    let tiles = n.div_ceil(TILE_POSITIONS);
+    assert!(tiles <= MAX_TILES);
+    let mut bytes = [[[0u8; 2 * TILE_POSITIONS]; H]; MAX_TILES];
+    let codes = weight_codes_q8_0(rows, values, blocks, b, &mut bytes);
+    let (flip, ones, high) = (
+        _mm256_set1_epi8(i8::MIN),
+        _mm256_set1_epi16(1),
+        _mm256_set1_epi16(128),
+    );
+    for half in 0..2 {
+        let mut acc = [[_mm256_setzero_si256(); 2]; H];
+        for (t, bytes) in bytes[..tiles].iter().enumerate() {
+            let block = &values[t * blocks + b];
+            for p in 0..4 {
+                let c = [0, 1].map(|k| {
+                    let at = 128 * p + 64 * half + 32 * k;
+                    // SAFETY: at + 32 <= 512 bytes of qs.
+                    let stored = unsafe { _mm256_loadu_si256(block.qs.as_ptr().add(at).cast()) };
+                    _mm256_xor_si256(stored, flip)
+                });
+                for (acc, bytes) in acc.iter_mut().zip(bytes.iter()) {
+                    let lo = _mm256_set1_epi32(four_bytes(bytes, quad_lo(p)));
+                    let hi = _mm256_set1_epi32(four_bytes(bytes, quad_lo(p) + 8));
+                    for (a, &c) in acc.iter_mut().zip(&c) {
+                        let lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, c), ones);
+                        let hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, c), high);
+                        *a = _mm256_add_epi32(*a, _mm256_add_epi32(lo, hi));
+                    }
+                }
+            }
+        }
+        for ((row, acc), &(_, from_code)) in rows.iter_mut().zip(&acc).zip(&codes) {
+            for (k, &a) in acc.iter().enumerate() {
+                let at = Q8_0_VALUES * b + 16 * half + 8 * k;
+                let o = _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(from_code));
+                // SAFETY: out holds hd = 32 · blocks floats; at + 8 <= hd.
+                unsafe { _mm256_storeu_ps(row.out[at..at + 8].as_mut_ptr(), o) };
+            }
         }
     }
 }
@@ -474,31 +612,31 @@ unsafe fn values_step_q8_0<const H: usize>(
 fn heads_chunk_q8_0<const H: usize>(
     rows: &mut [HeadRows<'_, BlockQ8_0>; H],
     keys: &[KeyTileBlock],
-    values: &[BlockQ8_0],
+    values: &[ValueTileBlock],
     hd: usize,
     scaling: f32,
 ) {
     let blocks = hd / Q8_0_VALUES;
-    let n = values.len() / blocks;
-    assert!(blocks >= 1 && blocks * Q8_0_VALUES == hd && values.len() == n * blocks);
-    assert!(keys.len() == n.div_ceil(KEY_TILE) * blocks);
+    let n = rows[0].scores.len();
+    let tiles = n.div_ceil(TILE_POSITIONS) * blocks;
+    assert!(blocks >= 1 && blocks * Q8_0_VALUES == hd);
+    assert!(keys.len() == tiles && values.len() == tiles);
     assert!(rows
         .iter()
         .all(|r| r.scores.len() == n && r.q.len() == blocks && r.out.len() == hd));
 
-    // While the scores are computed, ask for the value rows too (as
-    // `heads_chunk`).
+    // While the scores are computed, ask for the value tiles too (as
+    // `heads_chunk`): eight positions' share of them per step.
     let value_bytes = std::mem::size_of_val(values);
     let value_lines = values.as_ptr().cast::<u8>();
-    let row_bytes = blocks * std::mem::size_of::<BlockQ8_0>();
-    let lines_per_half = (8 * row_bytes).div_ceil(64);
+    let lines_per_half = (value_bytes / n.div_ceil(TILE_POSITIONS) / 2).div_ceil(64);
     for j in (0..n).step_by(8) {
         for line in 0..lines_per_half {
-            let at = (j * row_bytes + 64 * line).min(value_bytes - 1);
+            let at = (j / 8 * lines_per_half * 64 + 64 * line).min(value_bytes - 1);
             _mm_prefetch::<_MM_HINT_T1>(value_lines.wrapping_add(at).cast());
         }
-        let tile = &keys[j / KEY_TILE * blocks..][..blocks];
-        let scores = scores8_q8_0::<H>(rows, tile, j % KEY_TILE / 8, scaling);
+        let tile = &keys[j / TILE_POSITIONS * blocks..][..blocks];
+        let scores = scores8_q8_0::<H>(rows, tile, j % TILE_POSITIONS / 8, scaling);
         // Lanes past the last key (of a partial tile) are dropped.
         let take = (n - j).min(8);
         for (row, &s) in rows.iter_mut().zip(&scores) {
@@ -513,9 +651,8 @@ fn heads_chunk_q8_0<const H: usize>(
         *row.stats = softmax_weights(row.scores);
     }
 
-    for d in (0..hd).step_by(16) {
-        // SAFETY: values is [n, blocks] (asserted), d + 16 <= hd = 32 · blocks.
-        unsafe { values_step_q8_0::<H>(rows, values, blocks, d) };
+    for b in 0..blocks {
+        value_sums_q8_0::<H>(rows, values, blocks, b);
     }
 }
 

@@ -11,44 +11,40 @@
 //! taken back once per block and head. Every product and sum is an integer
 //! well inside i32 (|Σ| <= 32 · 255 · 127 per block), so the dots are exact.
 //!
-//! Values: 32 outputs (one block) in two vectors per key: codes widened to
-//! i32, converted, times d_v (exact: an f16 times a code below 2^7), then
-//! one FMA per head with its weight broadcast.
+//! Values: the weights' 14-bit codes (`scalar::attention::weight_code`),
+//! as two 7-bit halves; a value tile's 64-byte load is 16 outputs of four
+//! positions, so one `vpdpbusd` against a half of the four positions' codes
+//! broadcast adds 64 products into 16 outputs. The stored codes are
+//! c + 128, so each sum comes out with 128 · Σ_j code_j in excess, taken
+//! back once per block and head.
 
 use std::arch::x86_64::*;
 
-use crate::kernels::attention::{HeadGroup, HeadRows};
+use crate::kernels::attention::{HeadRows, Q8_0Group};
 use crate::kernels::counts::{self, Isa};
-use crate::kernels::q8_0::{BlockQ8_0, KeyTileBlock, KEY_CODE_OFFSET, KEY_TILE, Q8_0_VALUES};
-use crate::kernels::x86_avx2::attention::{heads_by_four, query_group, softmax_weights};
+use crate::kernels::q8_0::{
+    BlockQ8_0, KeyTileBlock, ValueTileBlock, Q8_0_VALUES, TILE_CODE_OFFSET, TILE_POSITIONS,
+};
+use crate::kernels::scalar::attention as scalar;
+use crate::kernels::x86_avx2::attention::{
+    four_bytes, heads_by_four, quad_lo, query_group, softmax_weights, TileWeightBytes, MAX_TILES,
+};
 
 /// `scalar::attention::attend_chunk_q8_0`: heads four at a time.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI, AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-pub(crate) unsafe fn attend_chunk_q8_0_vnni(
-    group: &mut HeadGroup<'_, BlockQ8_0, BlockQ8_0, KeyTileBlock>,
-) {
+pub(crate) unsafe fn attend_chunk_q8_0_vnni(group: &mut Q8_0Group<'_>) {
     counts::enter(Isa::Avx512Vnni);
     let next_chunk = group.next_chunk();
     heads_by_four!(group, heads_chunk_q8_0, next_chunk);
-}
-
-/// A half as f32 in every lane.
-#[inline]
-#[target_feature(enable = "avx2,f16c,avx512f")]
-fn broadcast_half(h: u16) -> __m512 {
-    _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
 }
 
 /// The largest head_dim this kernel takes (its per-head constants live on
 /// the stack); larger heads go to the AVX2 kernel, which gives the same bits.
 pub(crate) const MAX_HEAD_DIM: usize = 512;
 const MAX_BLOCKS: usize = MAX_HEAD_DIM / Q8_0_VALUES;
-
-/// Rows ahead of the one being summed whose values are prefetched.
-const VALUE_PREFETCH_ROWS: usize = 8;
 
 /// The scores of the chunk's keys for H heads, into each head's `scores`:
 /// tile by tile (the keys are read in memory order), each key's score
@@ -59,12 +55,11 @@ const VALUE_PREFETCH_ROWS: usize = 8;
 fn scores_q8_0<const H: usize>(
     rows: &mut [HeadRows<'_, BlockQ8_0>; H],
     keys: &[KeyTileBlock], // [n / 16 rounded up, blocks]
-    values: &[BlockQ8_0],  // [n, blocks]
     blocks: usize,
     scaling: f32,
 ) {
-    let n = values.len() / blocks;
-    assert!(blocks <= MAX_BLOCKS && keys.len() == n.div_ceil(KEY_TILE) * blocks);
+    let n = rows[0].scores.len();
+    assert!(blocks <= MAX_BLOCKS && keys.len() == n.div_ceil(TILE_POSITIONS) * blocks);
     assert!(rows
         .iter()
         .all(|r| r.scores.len() == n && r.q.len() == blocks));
@@ -76,7 +71,7 @@ fn scores_q8_0<const H: usize>(
     for (h, row) in rows.iter().enumerate() {
         for (b, qb) in row.q.iter().enumerate() {
             dq[h][b] = qb.d.to_f32();
-            excess[h][b] = KEY_CODE_OFFSET * qb.qs.iter().map(|&x| i32::from(x)).sum::<i32>();
+            excess[h][b] = TILE_CODE_OFFSET * qb.qs.iter().map(|&x| i32::from(x)).sum::<i32>();
             for (g, q) in q4[h][b].iter_mut().enumerate() {
                 *q = query_group(qb, g);
             }
@@ -103,10 +98,10 @@ fn scores_q8_0<const H: usize>(
             }
         }
         // Lanes past the last key (of a partial tile) are not written.
-        let lanes = (n - t * KEY_TILE).min(KEY_TILE);
+        let lanes = (n - t * TILE_POSITIONS).min(TILE_POSITIONS);
         let mask: __mmask16 = (((1u32 << lanes) - 1) & 0xffff) as u16;
         for (row, &acc) in rows.iter_mut().zip(&acc) {
-            let s = row.scores[t * KEY_TILE..].as_mut_ptr();
+            let s = row.scores[t * TILE_POSITIONS..].as_mut_ptr();
             // SAFETY: lanes below `lanes` are scores t·16.. < n of the row;
             // the rest are masked off (not written).
             unsafe { _mm512_mask_storeu_ps(s, mask, _mm512_mul_ps(acc, scale)) };
@@ -114,39 +109,95 @@ fn scores_q8_0<const H: usize>(
     }
 }
 
-/// out_h[32 b..32 (b + B)] = Σ_j e_h[j] · (d_v[j, b] · v_j[b].qs) for
-/// blocks b0..b0 + B, fused multiply-adds in key order: each value block is
-/// loaded, widened and scaled (exactly) once for all heads. The passes also
-/// ask for the next chunk's keys and values (`next_chunk`, into L2), a few
-/// lines a row.
+/// out_h[32 b..32 b + 32] for H heads: `scalar::attention::value_sums_q8_0`
+/// of block b. Each (head, half of the block) has a sum for the codes' high
+/// halves and one for the low halves: `128 · Σ hi·(c + 128) + Σ lo·(c + 128)
+/// - 128 · Σ code` is Σ code · c exactly (wrapping i32 arithmetic, and the
+/// result within |Σ| < 2^30). The pass also asks for its share of the next
+/// chunk's keys and values (`next_chunk`, into L2), a few lines a tile.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw")]
-fn values_step_q8_0<const H: usize, const B: usize>(
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+fn value_sums_q8_0<const H: usize>(
     rows: &mut [HeadRows<'_, BlockQ8_0>; H],
-    values: &[BlockQ8_0], // [n, blocks]
+    values: &[ValueTileBlock], // [n / 16 rounded up, blocks]
     blocks: usize,
-    b0: usize,
-    (next_keys, next_values): (&[KeyTileBlock], &[BlockQ8_0]),
+    b: usize,
+    (next_keys, next_values): (&[KeyTileBlock], &[ValueTileBlock]),
 ) {
     let n = rows[0].scores.len();
-    assert!(b0 + B <= blocks && values.len() == n * blocks);
-    assert!(rows
-        .iter()
-        .all(|r| r.scores.len() == n && r.out.len() == blocks * Q8_0_VALUES));
-    let mut acc = [[[_mm512_setzero_ps(); 2]; B]; H];
-    let row_bytes = blocks * std::mem::size_of::<BlockQ8_0>();
-    let pass_lines = values
-        .as_ptr()
-        .cast::<u8>()
-        .wrapping_add(b0 * std::mem::size_of::<BlockQ8_0>());
-    let last = std::mem::size_of_val(values) - b0 * std::mem::size_of::<BlockQ8_0>() - 1;
+    let tiles = n.div_ceil(TILE_POSITIONS);
+    assert!(tiles <= MAX_TILES && b < blocks && values.len() == tiles * blocks);
+    assert!(rows.iter().all(|r| r.scores.len() == n));
+    // Each tile's 16 weights e_j (lanes past n: 0) and scales d_v[j, b].
+    let weights = |row: &HeadRows<'_, BlockQ8_0>, t: usize| {
+        let lanes = (n - t * TILE_POSITIONS).min(TILE_POSITIONS);
+        let mask: __mmask16 = (((1u32 << lanes) - 1) & 0xffff) as u16;
+        // SAFETY: lanes below `lanes` are scores t·16.. < n of the row; the
+        // rest are masked off (not read).
+        unsafe { _mm512_maskz_loadu_ps(mask, row.scores.as_ptr().add(t * TILE_POSITIONS)) }
+    };
+    let scales = |t: usize| {
+        let block = &values[t * blocks + b];
+        // SAFETY: d holds 16 halves (32 bytes).
+        _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(block.d.as_ptr().cast()) })
+    };
+
+    // Each head's largest weight: maxps(w, top) is top when w is a NaN (a
+    // lane past n with a junk scale), as `scalar::larger_weight`.
+    let mut top = [_mm512_setzero_ps(); H];
+    for t in 0..tiles {
+        let d = scales(t);
+        for (top, row) in top.iter_mut().zip(rows.iter()) {
+            *top = _mm512_max_ps(_mm512_mul_ps(weights(row, t), d), *top);
+        }
+    }
+    let to_from = top.map(|top| {
+        let mut lanes = [0.0f32; 16];
+        // SAFETY: `lanes` holds 16 floats.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), top) };
+        // Exact whatever the order: no lane is a NaN.
+        scalar::weight_scales(lanes.iter().fold(0.0, |m, &x| scalar::larger_weight(x, m)))
+    });
+    let (zero, max) = (
+        _mm512_setzero_ps(),
+        _mm512_set1_ps(scalar::WEIGHT_CODE_MAX as f32),
+    );
+    let high_half = _mm512_set1_epi32(0x3f80);
+    // Within each 128-bit lane, the low bytes of its eight words, then the high ones.
+    let split = _mm256_setr_epi8(
+        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, //
+        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+    );
+    // Every tile's weight codes, `scalar::attention::weight_code` (maxps(x,
+    // 0) is 0 for a NaN x, as f32::max), as `TileWeightBytes`: read back
+    // from memory, each four bytes broadcast by the `vpdpbusd` that uses them.
+    let mut code_sums = [_mm512_setzero_si512(); H];
+    let mut bytes: [[TileWeightBytes; H]; MAX_TILES] = [[[0; 2 * TILE_POSITIONS]; H]; MAX_TILES];
+    for (t, bytes) in bytes[..tiles].iter_mut().enumerate() {
+        let d = scales(t);
+        for ((bytes, row), (sum, &(to_code, _))) in bytes
+            .iter_mut()
+            .zip(rows.iter())
+            .zip(code_sums.iter_mut().zip(&to_from))
+        {
+            let x = _mm512_mul_ps(_mm512_mul_ps(weights(row, t), d), _mm512_set1_ps(to_code));
+            let w = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(x, zero), max));
+            *sum = _mm512_add_epi32(*sum, w);
+            // w = 128 hi + lo becomes lo + 256 hi: the two 7-bit halves as
+            // the two bytes of a word.
+            let w = _mm512_add_epi32(w, _mm512_and_si512(w, high_half));
+            let halves = _mm256_shuffle_epi8(_mm512_cvtepi32_epi16(w), split);
+            // SAFETY: a `TileWeightBytes` holds 32 bytes.
+            unsafe { _mm256_storeu_si256(bytes.as_mut_ptr().cast(), halves) };
+        }
+    }
+
     let key_lines = std::mem::size_of_val(next_keys).div_ceil(64);
     let next_lines = key_lines + std::mem::size_of_val(next_values).div_ceil(64);
-    // Spread over the passes (two blocks each, the last maybe one): a few
-    // lines a row, the pass's share of them.
-    let (passes, pass) = (blocks.div_ceil(2), b0 / 2);
-    let next_per_row = next_lines.div_ceil(passes * n);
-    let first_line = pass * n * next_per_row;
+    // Spread over the passes (one a block): a few lines a tile, the pass's
+    // share of them.
+    let next_per_tile = next_lines.div_ceil(blocks * tiles);
+    let first_line = b * tiles * next_per_tile;
     let line_at = |line: usize| {
         if line < key_lines {
             next_keys.as_ptr().cast::<u8>().wrapping_add(64 * line)
@@ -157,71 +208,69 @@ fn values_step_q8_0<const H: usize, const B: usize>(
                 .wrapping_add(64 * (line - key_lines))
         }
     };
-    for (j, row) in values.chunks_exact(blocks).enumerate() {
-        // The pass's bytes of a later row: one row in 64 bytes or less,
-        // two lines at most.
-        let ahead = ((j + VALUE_PREFETCH_ROWS) * row_bytes).min(last);
-        _mm_prefetch::<_MM_HINT_T0>(pass_lines.wrapping_add(ahead).cast());
-        _mm_prefetch::<_MM_HINT_T0>(pass_lines.wrapping_add((ahead + 63).min(last)).cast());
-        let start = (first_line + j * next_per_row).min(next_lines);
-        for line in start..(start + next_per_row).min(next_lines) {
+
+    let mut high = [[_mm512_setzero_si512(); 2]; H];
+    let mut low = [[_mm512_setzero_si512(); 2]; H];
+    for (t, bytes) in bytes[..tiles].iter().enumerate() {
+        let start = (first_line + t * next_per_tile).min(next_lines);
+        for line in start..(start + next_per_tile).min(next_lines) {
             _mm_prefetch::<_MM_HINT_T1>(line_at(line).cast());
         }
-        let mut v = [[_mm512_setzero_ps(); 2]; B];
-        for (vb, block) in v.iter_mut().zip(&row[b0..b0 + B]) {
-            let dv = broadcast_half(block.d.0);
-            for (half, vh) in vb.iter_mut().enumerate() {
-                // SAFETY: qs holds 32 bytes; 16 half + 16 <= 32.
-                let codes = unsafe { _mm_loadu_si128(block.qs.as_ptr().add(16 * half).cast()) };
-                *vh = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)));
-            }
-        }
-        for (acc_h, head) in acc.iter_mut().zip(rows.iter()) {
-            let e = _mm512_set1_ps(head.scores[j]);
-            for (acc_hb, vb) in acc_h.iter_mut().zip(&v) {
-                for (a, &vh) in acc_hb.iter_mut().zip(vb) {
-                    *a = _mm512_fmadd_ps(e, vh, *a);
+        let block = &values[t * blocks + b];
+        for p in 0..4 {
+            let c = [0, 1].map(|half| {
+                // SAFETY: qs holds 512 bytes; 128 p + 64 half + 64 <= 512.
+                unsafe { _mm512_loadu_si512(block.qs.as_ptr().add(128 * p + 64 * half).cast()) }
+            });
+            for ((high, low), bytes) in high.iter_mut().zip(low.iter_mut()).zip(bytes.iter()) {
+                let lo = _mm512_set1_epi32(four_bytes(bytes, quad_lo(p)));
+                let hi = _mm512_set1_epi32(four_bytes(bytes, quad_lo(p) + 8));
+                for half in 0..2 {
+                    high[half] = _mm512_dpbusd_epi32(high[half], c[half], hi);
+                    low[half] = _mm512_dpbusd_epi32(low[half], c[half], lo);
                 }
             }
         }
     }
-    for (head, acc_h) in rows.iter_mut().zip(&acc) {
-        for (bb, acc_hb) in acc_h.iter().enumerate() {
-            for (half, &a) in acc_hb.iter().enumerate() {
-                let at = (b0 + bb) * Q8_0_VALUES + 16 * half;
-                let o = &mut head.out[at..at + 16];
-                // SAFETY: `o` holds 16 floats.
-                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
-            }
+    for (h, row) in rows.iter_mut().enumerate() {
+        let from_code = to_from[h].1;
+        let mut lanes = [0i32; 16];
+        // SAFETY: `lanes` holds 16 i32.
+        unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), code_sums[h]) };
+        // At most 16383 · 512: no overflow.
+        let sum: i32 = lanes.iter().sum();
+        let excess = _mm512_set1_epi32(sum * TILE_CODE_OFFSET);
+        for half in 0..2 {
+            let total = _mm512_add_epi32(_mm512_slli_epi32::<7>(high[h][half]), low[h][half]);
+            let total = _mm512_sub_epi32(total, excess);
+            let o = _mm512_mul_ps(_mm512_cvtepi32_ps(total), _mm512_set1_ps(from_code));
+            let at = Q8_0_VALUES * b + 16 * half;
+            // SAFETY: out holds hd = 32 · blocks floats; at + 16 <= hd.
+            unsafe { _mm512_storeu_ps(row.out[at..at + 16].as_mut_ptr(), o) };
         }
     }
 }
 
 /// `scalar::attention::attend_head_q8_0` for each of H heads sharing keys
 /// and values: scores 16 keys (a tile) at a time, then the AVX2 softmax,
-/// then two blocks (64 outputs) per pass over the value rows.
+/// then one block (32 outputs) per pass over the value tiles.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
 fn heads_chunk_q8_0<const H: usize>(
     rows: &mut [HeadRows<'_, BlockQ8_0>; H],
     keys: &[KeyTileBlock],
-    values: &[BlockQ8_0],
+    values: &[ValueTileBlock],
     hd: usize,
     scaling: f32,
-    next_chunk: (&[KeyTileBlock], &[BlockQ8_0]),
+    next_chunk: (&[KeyTileBlock], &[ValueTileBlock]),
 ) {
     let blocks = hd / Q8_0_VALUES;
     assert!(blocks >= 1 && blocks * Q8_0_VALUES == hd);
-    scores_q8_0(rows, keys, values, blocks, scaling);
+    scores_q8_0(rows, keys, blocks, scaling);
     for row in rows.iter_mut() {
         *row.stats = softmax_weights(row.scores);
     }
-    let mut b = 0;
-    while b + 2 <= blocks {
-        values_step_q8_0::<H, 2>(rows, values, blocks, b, next_chunk);
-        b += 2;
-    }
-    if b < blocks {
-        values_step_q8_0::<H, 1>(rows, values, blocks, b, next_chunk);
+    for b in 0..blocks {
+        value_sums_q8_0::<H>(rows, values, blocks, b, next_chunk);
     }
 }
