@@ -70,7 +70,7 @@ pub(crate) unsafe fn attend_chunk<T: KvElement>(group: &mut HeadGroup<'_, T>) {
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn reduce(v: __m256) -> f32 {
+pub(crate) fn reduce(v: __m256) -> f32 {
     // (l + l+4), then (l + l+2), then the pair: as `reduce_lanes`.
     let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
@@ -114,7 +114,7 @@ fn reduce8(v: [__m256; 8]) -> __m256 {
 /// `scalar::attention::exp` of eight lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn exp8(x: __m256) -> __m256 {
+pub(crate) fn exp8(x: __m256) -> __m256 {
     let x = _mm256_min_ps(
         _mm256_max_ps(x, _mm256_set1_ps(c::MIN)),
         _mm256_set1_ps(c::MAX),

@@ -1,7 +1,8 @@
 //! AVX-512 VNNI attention over a q8_0 cache: `scalar::attention::attend_head_q8_0`
 //! for up to four heads at a time, with the very same floating-point
 //! operations in the same order, so the results agree to the bit. The
-//! softmax is the AVX2 path's (`x86_avx2::attention::softmax_weights`).
+//! softmax is the AVX2 path's (`x86_avx2::attention::softmax_weights`),
+//! with its exponentials 16 lanes at a time.
 //!
 //! Scores: a key tile (`KeyTileBlock`) holds codes 4 g..4 g + 4 of 16 keys
 //! in 64 bytes, so one `vpdpbusd` against four query codes broadcast adds
@@ -20,15 +21,16 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::attention::{HeadRows, Q8_0Group};
+use crate::kernels::attention::{HeadRows, Partial, Q8_0Group};
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::q8_0::{
     BlockQ8_0, KeyTileBlock, ValueTileBlock, Q8_0_VALUES, TILE_CODE_OFFSET, TILE_POSITIONS,
 };
 use crate::kernels::scalar::attention as scalar;
 use crate::kernels::x86_avx2::attention::{
-    four_bytes, heads_by_four, quad_lo, query_group, softmax_weights, TileWeightBytes, MAX_TILES,
+    exp8, four_bytes, heads_by_four, quad_lo, query_group, reduce, TileWeightBytes, MAX_TILES,
 };
+use scalar::exp_consts as c;
 
 /// `scalar::attention::attend_chunk_q8_0`: heads four at a time.
 ///
@@ -39,6 +41,84 @@ pub(crate) unsafe fn attend_chunk_q8_0_vnni(group: &mut Q8_0Group<'_>) {
     counts::enter(Isa::Avx512Vnni);
     let next_chunk = group.next_chunk();
     heads_by_four!(group, heads_chunk_q8_0, next_chunk);
+}
+
+/// `scalar::attention::exp` of 16 lanes: `x86_avx2::attention::exp8`'s
+/// operations, in zmm.
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f")]
+fn exp16(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(c::MIN)),
+        _mm512_set1_ps(c::MAX),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(c::LOG2E)),
+    );
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(c::LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(c::LN2_LO), r);
+    let mut p = _mm512_set1_ps(c::P[0]);
+    for &coef in &c::P[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(coef));
+    }
+    let y = _mm512_add_ps(
+        _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+        _mm512_set1_ps(1.0),
+    );
+    let exponent = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(exponent)))
+}
+
+/// `x86_avx2::attention::softmax_weights` (so `scalar::attention::softmax_weights`):
+/// the same maximum, eight lanes at a time in the same order; the
+/// exponentials 16 at a time, each half added into the eight-lane sum in
+/// turn, so every sum is the same; then the last n % 16 as there.
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f")]
+fn softmax_weights(scores: &mut [f32]) -> Partial {
+    let n = scores.len();
+    let (full16, full8) = (n / 16 * 16, n / 8 * 8);
+    let mut max8 = _mm256_set1_ps(f32::NEG_INFINITY);
+    for c in (0..full8).step_by(8) {
+        // SAFETY: c + 8 <= n.
+        max8 = _mm256_max_ps(max8, unsafe { _mm256_loadu_ps(scores.as_ptr().add(c)) });
+    }
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), max8) };
+    let max = lanes
+        .iter()
+        .chain(&scores[full8..])
+        .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let mut sum8 = _mm256_setzero_ps();
+    for c in (0..full16).step_by(16) {
+        // SAFETY: c + 16 <= n.
+        unsafe {
+            let p = scores.as_mut_ptr().add(c);
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p), _mm512_set1_ps(max)));
+            _mm512_storeu_ps(p, e);
+            sum8 = _mm256_add_ps(sum8, _mm512_castps512_ps256(e));
+            sum8 = _mm256_add_ps(
+                sum8,
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))),
+            );
+        }
+    }
+    if full8 > full16 {
+        // SAFETY: full16 + 8 = full8 <= n.
+        unsafe {
+            let p = scores.as_mut_ptr().add(full16);
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), _mm256_set1_ps(max)));
+            _mm256_storeu_ps(p, e);
+            sum8 = _mm256_add_ps(sum8, e);
+        }
+    }
+    let mut total = reduce(sum8);
+    for s in &mut scores[full8..] {
+        *s = scalar::exp(*s - max);
+        total += *s;
+    }
+    Partial { max, sum: total }
 }
 
 /// The largest head_dim this kernel takes (its per-head constants live on
