@@ -106,6 +106,18 @@ fn to_py_err(err: TritError) -> PyErr {
     })
 }
 
+/// The error for an object (`what`) that another thread is using now.
+fn busy(what: &str) -> PyErr {
+    let msg = format!(
+        "this {what} is in use by another thread; give each thread its own {what}, \
+         or hold a lock around its calls"
+    );
+    Python::attach(|py| match TRIT_ERROR.get(py) {
+        Some(class) => PyErr::from_type(class.bind(py).clone(), msg),
+        None => PyRuntimeError::new_err(msg),
+    })
+}
+
 fn invalid(msg: impl Into<String>) -> PyErr {
     to_py_err(TritError::invalid(msg))
 }

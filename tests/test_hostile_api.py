@@ -381,6 +381,52 @@ def test_threads_sharing_a_generator_never_fail_with_already_borrowed() -> None:
         assert r == want or (isinstance(r, TritError) and "slots are in use" in str(r)), r
 
 
+@pytest.mark.parametrize("kind", ["Session", "Engine"])
+def test_a_raw_session_or_engine_shared_by_threads_says_it_is_busy(kind: str) -> None:
+    """While one thread computes with a Session or Engine (the GIL released),
+    another thread's call on it is a TritError naming it, not PyO3's
+    "Already borrowed" RuntimeError; the first call's result is unharmed."""
+    model = s_model()
+    ids = list(range(1, 120))
+    if kind == "Session":
+        obj: Any = Session(model, threads=1, n_ctx=128)
+        want = Session(model, threads=1, n_ctx=128).logits(ids)
+
+        def compute() -> Any:
+            return obj.logits(ids)
+
+        def poke() -> object:
+            return obj.n_tokens
+    else:
+        obj = Engine(model, slots=1, threads=1, n_ctx=128)
+        want = Engine(model, slots=1, threads=1, n_ctx=128).logits(0, ids)
+
+        def compute() -> Any:
+            return obj.logits(0, ids)
+
+        def poke() -> object:
+            return obj.free_slots
+
+    for _ in range(200):
+        results: list[Any] = []
+        worker = threading.Thread(target=lambda out=results: out.append(compute()))
+        worker.start()
+        seen: list[BaseException] = []
+        while worker.is_alive() and not seen:
+            try:
+                poke()
+            except BaseException as exc:  # noqa: BLE001  # any class: checked below
+                seen.append(exc)
+        worker.join(30)
+        np.testing.assert_array_equal(results[0], want)
+        if seen:
+            assert type(seen[0]) is TritError, repr(seen[0])
+            assert f"this {kind} is in use by another thread" in str(seen[0])
+            assert obj.n_ctx == 128  # what never changes stays readable
+            return
+    pytest.fail("the second thread never met the first one's call")
+
+
 # ---------------------------------------------------------------- class 5: thread pools
 
 

@@ -3,12 +3,12 @@
 //! sampling run detached.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
 
-use super::{args, invalid, IntoPyResult, PyTernaryMatrix};
+use super::{args, busy, invalid, IntoPyResult, PyTernaryMatrix};
 use crate::checkpoint::MemoryCheckpoint;
 use crate::error::TritError;
 use crate::kernels::Packing;
@@ -379,10 +379,38 @@ impl PyModel {
     }
 }
 
+/// An object that one thread uses at a time. A Python thread that reaches
+/// it while another computes with it gets a `TritError` naming it rather
+/// than a wait: the holder runs without the GIL and needs it back to
+/// return, so a thread waiting with the GIL held could wait forever.
+struct Exclusive<T> {
+    value: Mutex<T>,
+    what: &'static str,
+}
+
+impl<T> Exclusive<T> {
+    fn new(what: &'static str, value: T) -> Self {
+        Exclusive {
+            value: Mutex::new(value),
+            what,
+        }
+    }
+
+    fn get(&self) -> PyResult<MutexGuard<'_, T>> {
+        match self.value.try_lock() {
+            Ok(guard) => Ok(guard),
+            // A panic is caught at the boundary and raised; the value is
+            // left as the failed call left it, as it was before this lock.
+            Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => Err(busy(self.what)),
+        }
+    }
+}
+
 /// How the next token is picked: greedy when temperature is 0.
-#[pyclass(name = "Sampler", module = "trit._core")]
+#[pyclass(name = "Sampler", module = "trit._core", frozen)]
 pub(super) struct PySampler {
-    inner: Sampler,
+    inner: Exclusive<Sampler>,
 }
 
 #[pymethods]
@@ -410,15 +438,19 @@ impl PySampler {
             repetition_penalty: repetition_penalty as f32,
         };
         Ok(PySampler {
-            inner: Sampler::new(params, seed).py()?,
+            inner: Exclusive::new("Sampler", Sampler::new(params, seed).py()?),
         })
     }
 }
 
 /// One sequence on a model: KV cache for n_ctx positions and the tokens in it.
-#[pyclass(name = "Session", module = "trit._core")]
+#[pyclass(name = "Session", module = "trit._core", frozen)]
 pub(super) struct PySession {
-    inner: model::Session,
+    inner: Exclusive<model::Session>,
+    n_ctx: usize,
+    kv: model::KvType,
+    cache_bytes: usize,
+    threads: usize,
 }
 
 #[pymethods]
@@ -434,74 +466,78 @@ impl PySession {
         #[pyo3(from_py_with = args::kv_cache)] kv_cache: String,
     ) -> PyResult<Self> {
         let kv = model::KvType::parse(&kv_cache).py()?;
+        let session = model::Session::new(model.inner.clone(), n_ctx, threads, kv).py()?;
         Ok(PySession {
-            inner: model::Session::new(model.inner.clone(), n_ctx, threads, kv).py()?,
+            n_ctx: session.n_ctx(),
+            kv: session.kv_type(),
+            cache_bytes: session.cache_bytes(),
+            threads: session.threads(),
+            inner: Exclusive::new("Session", session),
         })
     }
 
     #[getter]
     fn n_ctx(&self) -> usize {
-        self.inner.n_ctx()
+        self.n_ctx
     }
 
     /// What the KV cache stores keys and values as: "f16", "f32" or "q8_0".
     #[getter]
     fn kv_cache(&self) -> &'static str {
-        self.inner.kv_type().name()
+        self.kv.name()
     }
 
     /// Bytes of the KV cache.
     #[getter]
     fn cache_bytes(&self) -> usize {
-        self.inner.cache_bytes()
+        self.cache_bytes
     }
 
     #[getter]
     fn threads(&self) -> usize {
-        self.inner.threads()
+        self.threads
     }
 
     /// The tokens in the cache (a copy: `n_tokens` is the cheap way to count them).
     #[getter]
-    fn tokens(&self) -> Vec<u32> {
-        self.inner.tokens().to_vec()
+    fn tokens(&self) -> PyResult<Vec<u32>> {
+        Ok(self.inner.get()?.tokens().to_vec())
     }
 
     /// How many tokens are in the cache.
     #[getter]
-    fn n_tokens(&self) -> usize {
-        self.inner.tokens().len()
+    fn n_tokens(&self) -> PyResult<usize> {
+        Ok(self.inner.get()?.tokens().len())
     }
 
     /// Makes `ids` the sequence (reusing the cached prefix) and computes the
     /// logits after it; returns the number of tokens processed.
     fn prefill(
-        &mut self,
+        &self,
         py: Python<'_>,
         #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
     ) -> PyResult<usize> {
-        let s = &mut self.inner;
+        let mut s = self.inner.get()?;
+        let s = &mut *s;
         py.detach(|| s.prefill(&ids)).py()
     }
 
     /// Appends one token and computes the logits after it.
-    fn push(
-        &mut self,
-        py: Python<'_>,
-        #[pyo3(from_py_with = args::token)] token: u32,
-    ) -> PyResult<()> {
-        let s = &mut self.inner;
+    fn push(&self, py: Python<'_>, #[pyo3(from_py_with = args::token)] token: u32) -> PyResult<()> {
+        let mut s = self.inner.get()?;
+        let s = &mut *s;
         py.detach(|| s.push(token)).py()
     }
 
     /// Logits at every position of `ids`: float32 [len(ids), vocab].
     fn logits<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let vocab = self.inner.model().config.vocab_size;
-        let s = &mut self.inner;
+        let mut s = self.inner.get()?;
+        let vocab = s.model().config.vocab_size;
+        let s = &mut *s;
         let values = py.detach(|| s.logits(&ids)).py()?;
         values.into_pyarray(py).reshape([ids.len(), vocab])
     }
@@ -512,7 +548,7 @@ impl PySession {
     /// reduced position by position in float64: memory O(vocab), not
     /// O(len(ids) * vocab).
     fn nll(
-        &mut self,
+        &self,
         py: Python<'_>,
         #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
         #[pyo3(from_py_with = args::first)] first: i64,
@@ -522,39 +558,46 @@ impl PySession {
                 "the first scored position must be >= 1, got {first}"
             ))
         })?;
-        let s = &mut self.inner;
+        let mut s = self.inner.get()?;
+        let s = &mut *s;
         py.detach(|| s.nll(&ids, first)).py()
     }
 
     /// Logits predicting the next token, float32 [vocab]; None before any input.
-    fn last_logits<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyArray1<f32>>> {
-        self.inner
-            .last_logits()
-            .map(|l| l.to_vec().into_pyarray(py))
+    fn last_logits<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
+        let s = self.inner.get()?;
+        Ok(s.last_logits().map(|l| l.to_vec().into_pyarray(py)))
     }
 
     /// Picks the next token from the current logits.
-    fn sample(&self, py: Python<'_>, sampler: &mut PySampler) -> PyResult<u32> {
-        let s = &self.inner;
+    fn sample(&self, py: Python<'_>, sampler: &PySampler) -> PyResult<u32> {
+        let s = self.inner.get()?;
         let logits = s
             .last_logits()
             .ok_or_else(|| invalid("nothing to sample from: feed the session a prompt first"))?;
-        let sampler = &mut sampler.inner;
+        let mut sampler = sampler.inner.get()?;
+        let sampler = &mut *sampler;
         py.detach(|| sampler.sample(logits, s.tokens())).py()
     }
 
     /// Forgets the cached tokens.
-    fn reset(&mut self) {
-        self.inner.reset();
+    fn reset(&self) -> PyResult<()> {
+        self.inner.get()?.reset();
+        Ok(())
     }
 }
 
 /// Sequences run together on one model: `slots` KV caches of n_ctx
 /// positions each; `step` runs one forward pass over tokens of several of
 /// them at once.
-#[pyclass(name = "Engine", module = "trit._core")]
+#[pyclass(name = "Engine", module = "trit._core", frozen)]
 pub(super) struct PyEngine {
-    inner: model::Engine,
+    inner: Exclusive<model::Engine>,
+    n_ctx: usize,
+    kv: model::KvType,
+    threads: usize,
+    slots: usize,
+    slot_cache_bytes: usize,
 }
 
 #[pymethods]
@@ -572,79 +615,84 @@ impl PyEngine {
     ) -> PyResult<Self> {
         let kv = model::KvType::parse(&kv_cache).py()?;
         let kernel = crate::kernels::Kernel::active().py()?;
-        let inner = model::Engine::new(model.inner.clone(), slots, n_ctx, threads, kv, kernel);
-        Ok(PyEngine { inner: inner.py()? })
+        let engine =
+            model::Engine::new(model.inner.clone(), slots, n_ctx, threads, kv, kernel).py()?;
+        Ok(PyEngine {
+            n_ctx: engine.n_ctx(),
+            kv: engine.kv_type(),
+            threads: engine.threads(),
+            slots: engine.n_slots(),
+            slot_cache_bytes: engine.slot_cache_bytes(),
+            inner: Exclusive::new("Engine", engine),
+        })
     }
 
     #[getter]
     fn n_ctx(&self) -> usize {
-        self.inner.n_ctx()
+        self.n_ctx
     }
 
     /// What the KV caches store keys and values as: "f16", "f32" or "q8_0".
     #[getter]
     fn kv_cache(&self) -> &'static str {
-        self.inner.kv_type().name()
+        self.kv.name()
     }
 
     #[getter]
     fn threads(&self) -> usize {
-        self.inner.threads()
+        self.threads
     }
 
     /// How many sequences the engine holds.
     #[getter]
     fn slots(&self) -> usize {
-        self.inner.n_slots()
+        self.slots
     }
 
     /// How many slots no sequence holds.
     #[getter]
-    fn free_slots(&self) -> usize {
-        self.inner.free_slots()
+    fn free_slots(&self) -> PyResult<usize> {
+        Ok(self.inner.get()?.free_slots())
     }
 
     /// Bytes of one slot's KV cache when full (n_ctx positions).
     #[getter]
     fn slot_cache_bytes(&self) -> usize {
-        self.inner.slot_cache_bytes()
+        self.slot_cache_bytes
     }
 
     /// Bytes of the KV caches' positions that hold tokens now.
     #[getter]
-    fn cache_bytes_in_use(&self) -> usize {
-        self.inner.cache_bytes_in_use()
+    fn cache_bytes_in_use(&self) -> PyResult<usize> {
+        Ok(self.inner.get()?.cache_bytes_in_use())
     }
 
     /// Takes a free slot for a sequence starting with `ids`, reusing the
     /// longest cached start of it (from any slot); an InvalidInputError when
     /// every slot is held. The slot then holds that start.
-    fn acquire(
-        &mut self,
-        #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
-    ) -> PyResult<usize> {
-        self.inner.acquire(&ids).py()
+    fn acquire(&self, #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>) -> PyResult<usize> {
+        self.inner.get()?.acquire(&ids).py()
     }
 
     /// Gives a slot back (its cache is kept for prefix reuse).
-    fn release(&mut self, #[pyo3(from_py_with = args::slot)] slot: usize) -> PyResult<()> {
-        self.inner.release(slot).py()
+    fn release(&self, #[pyo3(from_py_with = args::slot)] slot: usize) -> PyResult<()> {
+        self.inner.get()?.release(slot).py()
     }
 
     /// The tokens in a slot's cache.
     fn tokens(&self, #[pyo3(from_py_with = args::slot)] slot: usize) -> PyResult<Vec<u32>> {
-        Ok(self.inner.tokens(slot).py()?.to_vec())
+        Ok(self.inner.get()?.tokens(slot).py()?.to_vec())
     }
 
     /// How many tokens are in a slot's cache.
     fn n_tokens(&self, #[pyo3(from_py_with = args::slot)] slot: usize) -> PyResult<usize> {
-        Ok(self.inner.tokens(slot).py()?.len())
+        Ok(self.inner.get()?.tokens(slot).py()?.len())
     }
 
     /// One forward pass: each (slot, ids, logits) runs ids after the slot's
     /// cached tokens; slots asking for logits get those after their last token.
     fn step(
-        &mut self,
+        &self,
         py: Python<'_>,
         #[pyo3(from_py_with = args::work)] work: Vec<(usize, Vec<u32>, bool)>,
     ) -> PyResult<()> {
@@ -656,39 +704,42 @@ impl PyEngine {
                 logits: *logits,
             })
             .collect();
-        let engine = &mut self.inner;
+        let mut engine = self.inner.get()?;
+        let engine = &mut *engine;
         py.detach(|| engine.step(&work)).py()
     }
 
     /// Makes `ids` a slot's sequence (reusing its cached prefix) and computes
     /// the logits after it; returns the number of tokens processed.
     fn prefill(
-        &mut self,
+        &self,
         py: Python<'_>,
         #[pyo3(from_py_with = args::slot)] slot: usize,
         #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
     ) -> PyResult<usize> {
-        let engine = &mut self.inner;
+        let mut engine = self.inner.get()?;
+        let engine = &mut *engine;
         py.detach(|| engine.prefill(slot, &ids)).py()
     }
 
     /// Logits at every position of `ids`, run in `slot` from an empty cache:
     /// float32 [len(ids), vocab].
     fn logits<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         #[pyo3(from_py_with = args::slot)] slot: usize,
         #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let vocab = self.inner.model().config.vocab_size;
-        let engine = &mut self.inner;
+        let mut engine = self.inner.get()?;
+        let vocab = engine.model().config.vocab_size;
+        let engine = &mut *engine;
         let values = py.detach(|| engine.logits(slot, &ids)).py()?;
         values.into_pyarray(py).reshape([ids.len(), vocab])
     }
 
     /// As `Session.nll`, in `slot`.
     fn nll(
-        &mut self,
+        &self,
         py: Python<'_>,
         #[pyo3(from_py_with = args::slot)] slot: usize,
         #[pyo3(from_py_with = args::token_ids)] ids: Vec<u32>,
@@ -699,7 +750,8 @@ impl PyEngine {
                 "the first scored position must be >= 1, got {first}"
             ))
         })?;
-        let engine = &mut self.inner;
+        let mut engine = self.inner.get()?;
+        let engine = &mut *engine;
         py.detach(|| engine.nll(slot, &ids, first)).py()
     }
 
@@ -709,7 +761,8 @@ impl PyEngine {
         py: Python<'py>,
         #[pyo3(from_py_with = args::slot)] slot: usize,
     ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
-        let logits = self.inner.last_logits(slot).py()?;
+        let engine = self.inner.get()?;
+        let logits = engine.last_logits(slot).py()?;
         Ok(logits.map(|l| l.to_vec().into_pyarray(py)))
     }
 
@@ -718,21 +771,22 @@ impl PyEngine {
         &self,
         py: Python<'_>,
         #[pyo3(from_py_with = args::slot)] slot: usize,
-        sampler: &mut PySampler,
+        sampler: &PySampler,
     ) -> PyResult<u32> {
-        let e = &self.inner;
+        let e = self.inner.get()?;
         let logits = e.last_logits(slot).py()?.ok_or_else(|| {
             invalid(format!(
                 "nothing to sample from: slot {slot} has no logits (run its tokens first)"
             ))
         })?;
         let tokens = e.tokens(slot).py()?;
-        let sampler = &mut sampler.inner;
+        let mut sampler = sampler.inner.get()?;
+        let sampler = &mut *sampler;
         py.detach(|| sampler.sample(logits, tokens)).py()
     }
 
     /// Forgets a slot's cached tokens.
-    fn reset(&mut self, #[pyo3(from_py_with = args::slot)] slot: usize) -> PyResult<()> {
-        self.inner.reset(slot).py()
+    fn reset(&self, #[pyo3(from_py_with = args::slot)] slot: usize) -> PyResult<()> {
+        self.inner.get()?.reset(slot).py()
     }
 }
