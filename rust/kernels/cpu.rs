@@ -9,6 +9,7 @@
 use std::fmt;
 use std::sync::OnceLock;
 
+use super::attention::{self, HeadGroup, Partial, Strided};
 use super::packing::{self, Packing, TernaryMatrix};
 use super::{gemm_dots, gemv_dots, half, head, q6, q8_0, QuantizedActivations, SMALL_BATCH};
 use crate::error::{Result, TritError};
@@ -135,8 +136,9 @@ impl Kernel {
     }
 
     /// Whether this path computes small awkward cases exactly as the scalar
-    /// path does (the ternary matmul, the int8 and q6 head dots and the half
-    /// conversions, whose results are meant to be identical). The default path
+    /// path does (the ternary matmul, the int8 and q6 head dots, the half
+    /// and q8_0 conversions and attention over f16 and q8_0 caches, whose
+    /// results are meant to be identical). The default path
     /// is chosen only among those that pass, so a path that could not be
     /// exercised where it was built (CI machines lack some instruction sets)
     /// never silently gives wrong answers; a path forced by name is not
@@ -148,7 +150,8 @@ impl Kernel {
         let ok = self.ternary_agrees()
             && self.head_agrees()
             && self.halves_agree()
-            && self.q8_0_agrees();
+            && self.q8_0_agrees()
+            && self.attention_agrees();
         if !ok {
             eprintln!(
                 "trit: kernel {self} failed its self-check on this CPU and is not used by default"
@@ -283,6 +286,74 @@ impl Kernel {
         q8_0::quantize_q8_0(Kernel::Scalar, &mut want, &src);
         q8_0::quantize_q8_0(self, &mut got, &src);
         got == want
+    }
+
+    fn attention_agrees(self) -> bool {
+        // A GQA group of four heads of 64 over 21 positions (a partial tile
+        // of 16), scores of both signs and a spread of weights.
+        const HEADS: usize = 4;
+        const HD: usize = 64;
+        const N: usize = 21;
+        let value = |i: usize, scale: f32| ((i * 37 % 101) as f32 - 50.0) * scale;
+        let q: Vec<f32> = (0..HEADS * HD).map(|i| value(i, 0.02)).collect();
+        let k: Vec<f32> = (0..N * HD).map(|i| value(i + 7, 0.03)).collect();
+        let v: Vec<f32> = (0..N * HD).map(|i| value(i + 11, 0.05)).collect();
+        // One run of a kernel: (outputs, stats).
+        type Run = (Vec<f32>, Vec<Partial>);
+        let run = |go: &dyn Fn(Strided<'_>, Strided<'_>, &mut [Partial])| -> Run {
+            let (mut scores, mut out) = (vec![0.0; HEADS * N], vec![0.0; HEADS * HD]);
+            let mut stats = vec![Partial::default(); HEADS];
+            let scores = Strided {
+                data: &mut scores,
+                stride: N,
+            };
+            let outs = Strided {
+                data: &mut out,
+                stride: HD,
+            };
+            go(scores, outs, &mut stats);
+            (out, stats)
+        };
+
+        let (mut k16, mut v16) = (vec![half::F16(0); N * HD], vec![half::F16(0); N * HD]);
+        half::halves_from_f32(Kernel::Scalar, &mut k16, &k);
+        half::halves_from_f32(Kernel::Scalar, &mut v16, &v);
+        let f16 = |kernel: Kernel| {
+            run(&|scores, out, stats| {
+                let kv = (&k16[..], &v16[..]);
+                let mut group = HeadGroup::new(&q, HD, N, kv, 0.125, scores, out, stats);
+                attention::attend_chunk(kernel, &mut group);
+            })
+        };
+
+        let blocks = |x: &[f32]| {
+            let mut b = vec![q8_0::BlockQ8_0::default(); x.len() / q8_0::Q8_0_VALUES];
+            q8_0::quantize_q8_0(Kernel::Scalar, &mut b, x);
+            b
+        };
+        fn tiles<L: q8_0::TileLanes>(rows: &[q8_0::BlockQ8_0]) -> Vec<q8_0::TileBlock<L>> {
+            let per = HD / q8_0::Q8_0_VALUES;
+            let mut t = vec![q8_0::TileBlock::zeroed(); N.div_ceil(q8_0::TILE_POSITIONS) * per];
+            for (j, row) in rows.chunks_exact(per).enumerate() {
+                for (b, block) in row.iter().enumerate() {
+                    t[j / q8_0::TILE_POSITIONS * per + b].set(j % q8_0::TILE_POSITIONS, block);
+                }
+            }
+            t
+        }
+        let q8 = blocks(&q);
+        let (k8, v8) = (
+            tiles::<q8_0::KeyLanes>(&blocks(&k)),
+            tiles::<q8_0::ValueLanes>(&blocks(&v)),
+        );
+        let quantized = |kernel: Kernel| {
+            run(&|scores, out, stats| {
+                let kv = (&k8[..], &v8[..]);
+                let mut group = HeadGroup::new(&q8, HD, N, kv, 0.125, scores, out, stats);
+                attention::attend_chunk_q8_0(kernel, &mut group);
+            })
+        };
+        f16(self) == f16(Kernel::Scalar) && quantized(self) == quantized(Kernel::Scalar)
     }
 
     /// This path, or an error saying why it cannot run here.
