@@ -560,12 +560,12 @@ fn value_sums_q8_0<const H: usize>(
     values: &[ValueTileBlock],
     blocks: usize,
     b: usize,
+    bytes: &mut [[TileWeightBytes; H]; MAX_TILES],
 ) {
     let n = rows[0].scores.len();
     let tiles = n.div_ceil(TILE_POSITIONS);
     assert!(tiles <= MAX_TILES);
-    let mut bytes = [[[0u8; 2 * TILE_POSITIONS]; H]; MAX_TILES];
-    let codes = weight_codes_q8_0(rows, values, blocks, b, &mut bytes);
+    let codes = weight_codes_q8_0(rows, values, blocks, b, bytes);
     let (flip, ones, high) = (
         _mm256_set1_epi8(i8::MIN),
         _mm256_set1_epi16(1),
@@ -651,8 +651,10 @@ fn heads_chunk_q8_0<const H: usize>(
         *row.stats = softmax_weights(row.scores);
     }
 
+    // Each block's weight codes, tile by tile: one buffer for every block.
+    let mut bytes = [[[0u8; 2 * TILE_POSITIONS]; H]; MAX_TILES];
     for b in 0..blocks {
-        value_sums_q8_0::<H>(rows, values, blocks, b);
+        value_sums_q8_0::<H>(rows, values, blocks, b, &mut bytes);
     }
 }
 

@@ -203,6 +203,7 @@ fn value_sums_q8_0<const H: usize>(
     blocks: usize,
     b: usize,
     (next_keys, next_values): (&[KeyTileBlock], &[ValueTileBlock]),
+    bytes: &mut [[TileWeightBytes; H]; MAX_TILES],
 ) {
     let n = rows[0].scores.len();
     let tiles = n.div_ceil(TILE_POSITIONS);
@@ -252,7 +253,6 @@ fn value_sums_q8_0<const H: usize>(
     // 0) is 0 for a NaN x, as f32::max), as `TileWeightBytes`: read back
     // from memory, each four bytes broadcast by the `vpdpbusd` that uses them.
     let mut code_sums = [_mm512_setzero_si512(); H];
-    let mut bytes: [[TileWeightBytes; H]; MAX_TILES] = [[[0; 2 * TILE_POSITIONS]; H]; MAX_TILES];
     for (t, bytes) in bytes[..tiles].iter_mut().enumerate() {
         let d = scales(t);
         for ((bytes, row), (sum, &(to_code, _))) in bytes
@@ -350,7 +350,9 @@ fn heads_chunk_q8_0<const H: usize>(
     for row in rows.iter_mut() {
         *row.stats = softmax_weights(row.scores);
     }
+    // Each block's weight codes, tile by tile: one buffer for every block.
+    let mut bytes = [[[0u8; 2 * TILE_POSITIONS]; H]; MAX_TILES];
     for b in 0..blocks {
-        value_sums_q8_0::<H>(rows, values, blocks, b, next_chunk);
+        value_sums_q8_0::<H>(rows, values, blocks, b, next_chunk, &mut bytes);
     }
 }
