@@ -413,25 +413,6 @@ fn scores8_q8_0<const H: usize>(
     acc.map(|a| _mm256_mul_ps(a, _mm256_set1_ps(scaling)))
 }
 
-/// One tile's weight codes for one head, as the value sums load them:
-/// `[lo 0..8, hi 0..8, lo 8..16, hi 8..16]`, code w = 128 hi + lo of
-/// position u in byte u (lo) and 8 + u (hi) of half u / 8, so that the
-/// four positions of quad p are 4 bytes at `quad_lo(p)` and `quad_lo(p) + 8`.
-pub(crate) type TileWeightBytes = [u8; 2 * TILE_POSITIONS];
-
-/// Where the low halves of quad p's four weight codes start in its
-/// `TileWeightBytes` (the high halves 8 bytes on).
-#[inline(always)]
-pub(crate) fn quad_lo(p: usize) -> usize {
-    16 * (p / 2) + 4 * (p % 2)
-}
-
-/// Four bytes of `bytes` from `at`, as one i32 (to broadcast).
-#[inline(always)]
-pub(crate) fn four_bytes(bytes: &TileWeightBytes, at: usize) -> i32 {
-    i32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-}
-
 /// The softmax weights e_j of the tile's 16 lanes from t·16, as two
 /// vectors; lanes past `scores` (a partial last tile) are 0.
 #[inline]
@@ -468,22 +449,29 @@ fn tile_scales(block: &ValueTileBlock) -> [__m256; 2] {
     ]
 }
 
+/// Tiles of a chunk at most (`scalar::attention::MAX_VALUE_SUM_POSITIONS`).
+pub(crate) const MAX_TILES: usize =
+    crate::kernels::scalar::attention::MAX_VALUE_SUM_POSITIONS / TILE_POSITIONS;
+
+/// One tile's weight codes for one head, position by position.
+type TileWeights = [i16; TILE_POSITIONS];
+
 /// For block b of the values and H heads, `scalar::attention::value_sums_q8_0`'s
 /// weight codes: each head's largest weight e_j · d_v[j, b] gives its
-/// `weight_scales`; every tile's codes go to `bytes` ([tiles, H]), as
-/// `TileWeightBytes`. Returns each head's (Σ_j code_j, from_code).
+/// `weight_scales`; every tile's codes go to `weights` ([tiles, H]).
+/// Returns each head's from_code.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn weight_codes_q8_0<const H: usize>(
+fn weight_codes_q8_0<const H: usize>(
     rows: &[HeadRows<'_, BlockQ8_0>; H],
     values: &[ValueTileBlock], // [n / 16 rounded up, blocks]
     blocks: usize,
     b: usize,
-    bytes: &mut [[TileWeightBytes; H]],
-) -> [(i32, f32); H] {
+    weights: &mut [[TileWeights; H]; MAX_TILES],
+) -> [f32; H] {
     let n = rows[0].scores.len();
     let tiles = n.div_ceil(TILE_POSITIONS);
-    assert!(b < blocks && values.len() == tiles * blocks && bytes.len() >= tiles);
+    assert!(b < blocks && values.len() == tiles * blocks && tiles <= MAX_TILES);
     assert!(rows.iter().all(|r| r.scores.len() == n));
     let mut top = [_mm256_setzero_ps(); H];
     for t in 0..tiles {
@@ -507,52 +495,31 @@ pub(crate) fn weight_codes_q8_0<const H: usize>(
         _mm256_setzero_ps(),
         _mm256_set1_ps(scalar::WEIGHT_CODE_MAX as f32),
     );
-    let high = _mm256_set1_epi32(0x3f80);
-    // Within each 128-bit lane, the low bytes of its eight words, then the high ones.
-    let split = _mm256_setr_epi8(
-        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, //
-        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-    );
-    let mut sums = [_mm256_setzero_si256(); H];
-    for t in 0..tiles {
+    for (t, weights) in weights[..tiles].iter_mut().enumerate() {
         let d = tile_scales(&values[t * blocks + b]);
-        for (h, row) in rows.iter().enumerate() {
+        for ((weights, row), &(to_code, _)) in weights.iter_mut().zip(rows.iter()).zip(&scales) {
             let e = tile_weights(row.scores, t);
-            let to_code = _mm256_set1_ps(scales[h].0);
-            let codes = [0, 1].map(|k| {
-                let x = _mm256_mul_ps(_mm256_mul_ps(e[k], d[k]), to_code);
+            let [a, c] = [0, 1].map(|k| {
+                let x = _mm256_mul_ps(_mm256_mul_ps(e[k], d[k]), _mm256_set1_ps(to_code));
                 // maxps(x, 0) is 0 for a NaN x, as f32::max.
                 _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(x, zero), max))
             });
-            sums[h] = _mm256_add_epi32(sums[h], _mm256_add_epi32(codes[0], codes[1]));
-            // w = 128 hi + lo becomes lo + 256 hi: the two 7-bit halves
-            // as the two bytes of a word.
-            let [a, c] = codes.map(|w| _mm256_add_epi32(w, _mm256_and_si256(w, high)));
-            let words = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(a, c));
-            let split = _mm256_shuffle_epi8(words, split);
-            // SAFETY: a `TileWeightBytes` holds 32 bytes.
-            unsafe { _mm256_storeu_si256(bytes[t][h].as_mut_ptr().cast(), split) };
+            // Codes fit i16; the pack interleaves 128-bit lanes, the permute
+            // puts positions back in order.
+            let words = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, c));
+            // SAFETY: a `TileWeights` holds 32 bytes.
+            unsafe { _mm256_storeu_si256(weights.as_mut_ptr().cast(), words) };
         }
     }
-    std::array::from_fn(|h| {
-        let mut lanes = [0i32; 8];
-        // SAFETY: `lanes` holds 8 i32.
-        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sums[h]) };
-        // At most 16383 · 512: no overflow.
-        (lanes.iter().sum(), scales[h].1)
-    })
+    scales.map(|(_, from_code)| from_code)
 }
 
-/// Tiles of a chunk at most (`scalar::attention::MAX_VALUE_SUM_POSITIONS`).
-pub(crate) const MAX_TILES: usize =
-    crate::kernels::scalar::attention::MAX_VALUE_SUM_POSITIONS / TILE_POSITIONS;
-
 /// out_h[32 b..32 b + 32] for H heads: `scalar::attention::value_sums_q8_0`
-/// of block b. Eight outputs of four positions are 32 bytes of a tile;
-/// `maddubs` multiplies the weights' 7-bit halves (unsigned) by the codes
-/// (signed: the stored c + 128 back to c), at most 2 · 127 · 128 = 32512 a
-/// pair, so the 16-bit sums do not saturate; `madd` by 128 and by 1 sums
-/// each output's four products of each half in i32, exactly.
+/// of block b, eight outputs per pass over the tiles. Eight outputs of four
+/// positions are 32 bytes of a tile: the codes (the stored c + 128 back to
+/// c) widened to i16, then `madd` against the four positions' weight codes
+/// (a 64-bit broadcast) adds two products into each 32-bit lane, two lanes
+/// per output, summed pairwise at the end: exact in i32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn value_sums_q8_0<const H: usize>(
@@ -560,46 +527,47 @@ fn value_sums_q8_0<const H: usize>(
     values: &[ValueTileBlock],
     blocks: usize,
     b: usize,
-    bytes: &mut [[TileWeightBytes; H]; MAX_TILES],
+    weights: &mut [[TileWeights; H]; MAX_TILES],
 ) {
     let n = rows[0].scores.len();
     let tiles = n.div_ceil(TILE_POSITIONS);
-    assert!(tiles <= MAX_TILES);
-    let codes = weight_codes_q8_0(rows, values, blocks, b, bytes);
-    let (flip, ones, high) = (
-        _mm256_set1_epi8(i8::MIN),
-        _mm256_set1_epi16(1),
-        _mm256_set1_epi16(128),
-    );
-    for half in 0..2 {
+    let from_code = weight_codes_q8_0(rows, values, blocks, b, weights);
+    let flip = _mm256_set1_epi8(i8::MIN);
+    for k in 0..Q8_0_VALUES / 8 {
         let mut acc = [[_mm256_setzero_si256(); 2]; H];
-        for (t, bytes) in bytes[..tiles].iter().enumerate() {
+        for (t, weights) in weights[..tiles].iter().enumerate() {
             let block = &values[t * blocks + b];
             for p in 0..4 {
-                let c = [0, 1].map(|k| {
-                    let at = 128 * p + 64 * half + 32 * k;
-                    // SAFETY: at + 32 <= 512 bytes of qs.
-                    let stored = unsafe { _mm256_loadu_si256(block.qs.as_ptr().add(at).cast()) };
-                    _mm256_xor_si256(stored, flip)
-                });
-                for (acc, bytes) in acc.iter_mut().zip(bytes.iter()) {
-                    let lo = _mm256_set1_epi32(four_bytes(bytes, quad_lo(p)));
-                    let hi = _mm256_set1_epi32(four_bytes(bytes, quad_lo(p) + 8));
+                // SAFETY: 128 p + 32 k + 32 <= 512 bytes of qs.
+                let stored =
+                    unsafe { _mm256_loadu_si256(block.qs.as_ptr().add(128 * p + 32 * k).cast()) };
+                let c = _mm256_xor_si256(stored, flip);
+                let c = [
+                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(c)),
+                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(c)),
+                ];
+                for (acc, weights) in acc.iter_mut().zip(weights.iter()) {
+                    let w = &weights[4 * p..4 * p + 4];
+                    let w = _mm256_set1_epi64x(
+                        (i64::from(w[0] as u16))
+                            | (i64::from(w[1] as u16) << 16)
+                            | (i64::from(w[2] as u16) << 32)
+                            | (i64::from(w[3] as u16) << 48),
+                    );
                     for (a, &c) in acc.iter_mut().zip(&c) {
-                        let lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, c), ones);
-                        let hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, c), high);
-                        *a = _mm256_add_epi32(*a, _mm256_add_epi32(lo, hi));
+                        *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c, w));
                     }
                 }
             }
         }
-        for ((row, acc), &(_, from_code)) in rows.iter_mut().zip(&acc).zip(&codes) {
-            for (k, &a) in acc.iter().enumerate() {
-                let at = Q8_0_VALUES * b + 16 * half + 8 * k;
-                let o = _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(from_code));
-                // SAFETY: out holds hd = 32 · blocks floats; at + 8 <= hd.
-                unsafe { _mm256_storeu_ps(row.out[at..at + 8].as_mut_ptr(), o) };
-            }
+        for ((row, acc), &from_code) in rows.iter_mut().zip(&acc).zip(&from_code) {
+            // Lanes 2i and 2i + 1 hold output i's two halves: summed
+            // pairwise, then the 64-bit pairs put back in order.
+            let sums = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(acc[0], acc[1]));
+            let o = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(from_code));
+            let at = Q8_0_VALUES * b + 8 * k;
+            // SAFETY: out holds hd = 32 · blocks floats; at + 8 <= hd.
+            unsafe { _mm256_storeu_ps(row.out[at..at + 8].as_mut_ptr(), o) };
         }
     }
 }
@@ -652,9 +620,9 @@ fn heads_chunk_q8_0<const H: usize>(
     }
 
     // Each block's weight codes, tile by tile: one buffer for every block.
-    let mut bytes = [[[0u8; 2 * TILE_POSITIONS]; H]; MAX_TILES];
+    let mut weights = [[[0i16; TILE_POSITIONS]; H]; MAX_TILES];
     for b in 0..blocks {
-        value_sums_q8_0::<H>(rows, values, blocks, b, &mut bytes);
+        value_sums_q8_0::<H>(rows, values, blocks, b, &mut weights);
     }
 }
 

@@ -27,9 +27,7 @@ use crate::kernels::q8_0::{
     BlockQ8_0, KeyTileBlock, ValueTileBlock, Q8_0_VALUES, TILE_CODE_OFFSET, TILE_POSITIONS,
 };
 use crate::kernels::scalar::attention as scalar;
-use crate::kernels::x86_avx2::attention::{
-    exp8, four_bytes, heads_by_four, quad_lo, query_group, reduce, TileWeightBytes, MAX_TILES,
-};
+use crate::kernels::x86_avx2::attention::{exp8, heads_by_four, query_group, reduce, MAX_TILES};
 use scalar::exp_consts as c;
 
 /// `scalar::attention::attend_chunk_q8_0`: heads four at a time.
@@ -119,6 +117,25 @@ fn softmax_weights(scores: &mut [f32]) -> Partial {
         total += *s;
     }
     Partial { max, sum: total }
+}
+
+/// One tile's weight codes for one head, as the value sums load them:
+/// `[lo 0..8, hi 0..8, lo 8..16, hi 8..16]`, code w = 128 hi + lo of
+/// position u in byte u (lo) and 8 + u (hi) of half u / 8, so that the
+/// four positions of quad p are 4 bytes at `quad_lo(p)` and `quad_lo(p) + 8`.
+type TileWeightBytes = [u8; 2 * TILE_POSITIONS];
+
+/// Where the low halves of quad p's four weight codes start in its
+/// `TileWeightBytes` (the high halves 8 bytes on).
+#[inline(always)]
+fn quad_lo(p: usize) -> usize {
+    16 * (p / 2) + 4 * (p % 2)
+}
+
+/// Four bytes of `bytes` from `at`, as one i32 (to broadcast).
+#[inline(always)]
+fn four_bytes(bytes: &TileWeightBytes, at: usize) -> i32 {
+    i32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
 /// The largest head_dim this kernel takes (its per-head constants live on
@@ -351,7 +368,7 @@ fn heads_chunk_q8_0<const H: usize>(
         *row.stats = softmax_weights(row.scores);
     }
     // Each block's weight codes, tile by tile: one buffer for every block.
-    let mut bytes = [[[0u8; 2 * TILE_POSITIONS]; H]; MAX_TILES];
+    let mut bytes: [[TileWeightBytes; H]; MAX_TILES] = [[[0; 2 * TILE_POSITIONS]; H]; MAX_TILES];
     for b in 0..blocks {
         value_sums_q8_0::<H>(rows, values, blocks, b, next_chunk, &mut bytes);
     }
