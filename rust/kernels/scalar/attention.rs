@@ -177,6 +177,13 @@ pub fn weight_code(w: f32, to_code: f32) -> i32 {
         .round_ties_even() as i32
 }
 
+/// `weight_scales` of the largest of `maxima`, a SIMD path's running
+/// maxima by lane (`larger_weight` from 0: no NaN among them, so the order
+/// of the reduction does not matter).
+pub fn weight_scales_of_maxima(maxima: &[f32]) -> (f32, f32) {
+    weight_scales(maxima.iter().fold(0.0, |m, &x| larger_weight(x, m)))
+}
+
 /// The largest of `top` and `w`, a NaN `w` ignored (as `maxps(w, top)`).
 #[inline(always)]
 pub fn larger_weight(w: f32, top: f32) -> f32 {

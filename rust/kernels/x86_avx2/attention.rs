@@ -488,8 +488,7 @@ fn weight_codes_q8_0<const H: usize>(
         let mut lanes = [0.0f32; 8];
         // SAFETY: `lanes` holds 8 floats.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), top) };
-        // Exact whatever the order: no lane is a NaN.
-        scalar::weight_scales(lanes.iter().fold(0.0, |m, &x| scalar::larger_weight(x, m)))
+        scalar::weight_scales_of_maxima(&lanes)
     });
     let (zero, max) = (
         _mm256_setzero_ps(),

@@ -253,8 +253,7 @@ fn value_sums_q8_0<const H: usize>(
         let mut lanes = [0.0f32; 16];
         // SAFETY: `lanes` holds 16 floats.
         unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), top) };
-        // Exact whatever the order: no lane is a NaN.
-        scalar::weight_scales(lanes.iter().fold(0.0, |m, &x| scalar::larger_weight(x, m)))
+        scalar::weight_scales_of_maxima(&lanes)
     });
     let (zero, max) = (
         _mm512_setzero_ps(),
