@@ -70,7 +70,7 @@ pub(crate) unsafe fn attend_chunk<T: KvElement>(group: &mut HeadGroup<'_, T>) {
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) fn reduce(v: __m256) -> f32 {
+fn reduce(v: __m256) -> f32 {
     // (l + l+4), then (l + l+2), then the pair: as `reduce_lanes`.
     let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
@@ -114,7 +114,7 @@ fn reduce8(v: [__m256; 8]) -> __m256 {
 /// `scalar::attention::exp` of eight lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) fn exp8(x: __m256) -> __m256 {
+fn exp8(x: __m256) -> __m256 {
     let x = _mm256_min_ps(
         _mm256_max_ps(x, _mm256_set1_ps(c::MIN)),
         _mm256_set1_ps(c::MAX),
@@ -204,8 +204,16 @@ unsafe fn scores_step<T: KvElement, const H: usize, const K: usize>(
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) fn softmax_weights(scores: &mut [f32]) -> Partial {
-    let n = scores.len();
-    let full_n = n / 8 * 8;
+    let max = largest_score(scores);
+    softmax_from(scores, 0, max, _mm256_setzero_ps())
+}
+
+/// The largest of one head's scores as `softmax_weights` takes it: eight
+/// lanes of `maxps` in order, then the last n % 8.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) fn largest_score(scores: &[f32]) -> f32 {
+    let full_n = scores.len() / 8 * 8;
     let mut max8 = _mm256_set1_ps(f32::NEG_INFINITY);
     for c in (0..full_n).step_by(8) {
         // SAFETY: c + 8 <= n.
@@ -214,13 +222,22 @@ pub(crate) fn softmax_weights(scores: &mut [f32]) -> Partial {
     let mut lanes = [0.0f32; 8];
     // SAFETY: `lanes` holds 8 floats.
     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), max8) };
-    let max = lanes
+    lanes
         .iter()
         .chain(&scores[full_n..])
-        .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        .fold(f32::NEG_INFINITY, |m, &s| m.max(s))
+}
+
+/// The rest of `softmax_weights` from score `from` (a multiple of 8) on,
+/// the weights before it already made and summed into `sum8`: eight at a
+/// time, each eight added into `sum8` in turn, then the last n % 8.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn softmax_from(scores: &mut [f32], from: usize, max: f32, mut sum8: __m256) -> Partial {
+    let full_n = scores.len() / 8 * 8;
+    assert!(from.is_multiple_of(8) && from <= full_n);
     let max8 = _mm256_set1_ps(max);
-    let mut sum8 = _mm256_setzero_ps();
-    for c in (0..full_n).step_by(8) {
+    for c in (from..full_n).step_by(8) {
         // SAFETY: c + 8 <= n.
         unsafe {
             let p = scores.as_mut_ptr().add(c);

@@ -27,7 +27,9 @@ use crate::kernels::q8_0::{
     BlockQ8_0, KeyTileBlock, ValueTileBlock, Q8_0_VALUES, TILE_CODE_OFFSET, TILE_POSITIONS,
 };
 use crate::kernels::scalar::attention as scalar;
-use crate::kernels::x86_avx2::attention::{exp8, heads_by_four, query_group, reduce, MAX_TILES};
+use crate::kernels::x86_avx2::attention::{
+    heads_by_four, largest_score, query_group, softmax_from, MAX_TILES,
+};
 use scalar::exp_consts as c;
 
 /// `scalar::attention::attend_chunk_q8_0`: heads four at a time.
@@ -68,26 +70,14 @@ fn exp16(x: __m512) -> __m512 {
 }
 
 /// `x86_avx2::attention::softmax_weights` (so `scalar::attention::softmax_weights`):
-/// the same maximum, eight lanes at a time in the same order; the
-/// exponentials 16 at a time, each half added into the eight-lane sum in
-/// turn, so every sum is the same; then the last n % 16 as there.
+/// the same maximum; the exponentials 16 at a time, each half added into
+/// the eight-lane sum in turn, so every sum is the same; then the rest as
+/// there.
 #[inline]
 #[target_feature(enable = "avx2,fma,avx512f")]
 fn softmax_weights(scores: &mut [f32]) -> Partial {
-    let n = scores.len();
-    let (full16, full8) = (n / 16 * 16, n / 8 * 8);
-    let mut max8 = _mm256_set1_ps(f32::NEG_INFINITY);
-    for c in (0..full8).step_by(8) {
-        // SAFETY: c + 8 <= n.
-        max8 = _mm256_max_ps(max8, unsafe { _mm256_loadu_ps(scores.as_ptr().add(c)) });
-    }
-    let mut lanes = [0.0f32; 8];
-    // SAFETY: `lanes` holds 8 floats.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), max8) };
-    let max = lanes
-        .iter()
-        .chain(&scores[full8..])
-        .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let max = largest_score(scores);
+    let full16 = scores.len() / 16 * 16;
     let mut sum8 = _mm256_setzero_ps();
     for c in (0..full16).step_by(16) {
         // SAFETY: c + 16 <= n.
@@ -102,21 +92,7 @@ fn softmax_weights(scores: &mut [f32]) -> Partial {
             );
         }
     }
-    if full8 > full16 {
-        // SAFETY: full16 + 8 = full8 <= n.
-        unsafe {
-            let p = scores.as_mut_ptr().add(full16);
-            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), _mm256_set1_ps(max)));
-            _mm256_storeu_ps(p, e);
-            sum8 = _mm256_add_ps(sum8, e);
-        }
-    }
-    let mut total = reduce(sum8);
-    for s in &mut scores[full8..] {
-        *s = scalar::exp(*s - max);
-        total += *s;
-    }
-    Partial { max, sum: total }
+    softmax_from(scores, full16, max, sum8)
 }
 
 /// One tile's weight codes for one head, as the value sums load them:
@@ -136,6 +112,14 @@ fn quad_lo(p: usize) -> usize {
 #[inline(always)]
 fn four_bytes(bytes: &TileWeightBytes, at: usize) -> i32 {
     i32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// The lanes of tile t that are positions below n (all 16 but in a
+/// partial last tile).
+#[inline(always)]
+fn tile_mask(n: usize, t: usize) -> __mmask16 {
+    let lanes = (n - t * TILE_POSITIONS).min(TILE_POSITIONS);
+    (((1u32 << lanes) - 1) & 0xffff) as u16
 }
 
 /// The largest head_dim this kernel takes (its per-head constants live on
@@ -195,11 +179,10 @@ fn scores_q8_0<const H: usize>(
             }
         }
         // Lanes past the last key (of a partial tile) are not written.
-        let lanes = (n - t * TILE_POSITIONS).min(TILE_POSITIONS);
-        let mask: __mmask16 = (((1u32 << lanes) - 1) & 0xffff) as u16;
+        let mask = tile_mask(n, t);
         for (row, &acc) in rows.iter_mut().zip(&acc) {
             let s = row.scores[t * TILE_POSITIONS..].as_mut_ptr();
-            // SAFETY: lanes below `lanes` are scores t·16.. < n of the row;
+            // SAFETY: the mask's lanes are scores t·16.. < n of the row;
             // the rest are masked off (not written).
             unsafe { _mm512_mask_storeu_ps(s, mask, _mm512_mul_ps(acc, scale)) };
         }
@@ -228,11 +211,11 @@ fn value_sums_q8_0<const H: usize>(
     assert!(rows.iter().all(|r| r.scores.len() == n));
     // Each tile's 16 weights e_j (lanes past n: 0) and scales d_v[j, b].
     let weights = |row: &HeadRows<'_, BlockQ8_0>, t: usize| {
-        let lanes = (n - t * TILE_POSITIONS).min(TILE_POSITIONS);
-        let mask: __mmask16 = (((1u32 << lanes) - 1) & 0xffff) as u16;
-        // SAFETY: lanes below `lanes` are scores t·16.. < n of the row; the
+        // SAFETY: the mask's lanes are scores t·16.. < n of the row; the
         // rest are masked off (not read).
-        unsafe { _mm512_maskz_loadu_ps(mask, row.scores.as_ptr().add(t * TILE_POSITIONS)) }
+        unsafe {
+            _mm512_maskz_loadu_ps(tile_mask(n, t), row.scores.as_ptr().add(t * TILE_POSITIONS))
+        }
     };
     let scales = |t: usize| {
         let block = &values[t * blocks + b];
