@@ -16,7 +16,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rayon::prelude::*;
 use trit::bandwidth::sum_words;
-use trit::kernels::{matmul_into, Kernel, QuantizedActivations, TernaryMatrix};
+use trit::kernels::{matmul_into, Kernel, Packing, QuantizedActivations, TernaryMatrix};
 use trit::threads;
 
 /// (n_in, n_out) of the 2B4T projections: q/o, k/v, gate/up, down.
@@ -414,6 +414,31 @@ fn head_dense(
 /// at 8 tokens (the small-batch tile) and 128 (the prompt tile). With
 /// `isa_peak`, what the tiles reach of the core's multiply-add rate when
 /// memory is out of the way.
+/// One token against a matrix that stays in L2 (384 × 2560), in both
+/// packings, one thread: the GEMV's decoding and multiplying speed without
+/// memory (elem/s = weights, i.e. MACs, per second).
+fn gemv_cached(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gemv_cached");
+    group.sample_size(20);
+    let pool = threads::pool(Some(1)).unwrap();
+    let (n_out, n_in) = (384usize, 2560usize);
+    let x = activations(1, n_in);
+    let mut y = vec![0.0f32; n_out];
+    group.throughput(Throughput::Elements((n_out * n_in) as u64));
+    for packing in [Packing::I2, Packing::Tq1] {
+        let w = random_matrix(n_out, n_in, 5).repacked(packing).unwrap();
+        for kernel in kernels().into_iter().filter(|&k| k != Kernel::Scalar) {
+            let id = BenchmarkId::new(kernel.name(), packing.name());
+            group.bench_function(id, |b| {
+                pool.install(|| {
+                    b.iter(|| matmul_into(&w, black_box(&x), &mut y, kernel, &pool).unwrap())
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 fn gemm_cached(c: &mut Criterion) {
     let mut group = c.benchmark_group("gemm_cached");
     group.sample_size(20);
@@ -581,6 +606,7 @@ criterion_group!(
     gemm,
     gemm_streamed,
     gemm_cached,
+    gemv_cached,
     isa_peak,
     attention,
     attention_depth

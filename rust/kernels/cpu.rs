@@ -55,7 +55,11 @@ fn detected() -> &'static [bool; 5] {
                 avx2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
             found[1] = avx2;
             found[2] = bw;
-            found[3] = bw && is_x86_feature_detected!("avx512vnni");
+            // Every CPU with VNNI has VL too; the VNNI path's 32-byte
+            // `vpdpbusd` needs both.
+            found[3] = bw
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl");
         }
         #[cfg(target_arch = "aarch64")]
         {

@@ -219,6 +219,26 @@ fn extreme_codes_do_not_overflow() {
     }
 }
 
+/// Rows longer than 64 blocks: the AVX-512 VNNI tq1 GEMV sums its base-3
+/// bytes (up to 255) times the activations over runs of 64 blocks before it
+/// reduces them, the sums wrapping in i32 by design; a ragged last run here.
+/// Random values, then the largest products: all weights +1 or -1 (every
+/// head byte 255 or 0 after tripling as often as it may be) against
+/// activations of -128 and 127.
+#[test]
+fn tq1_rows_longer_than_a_carry_run_agree() {
+    let n_in = 64 * packing::BLOCK + 300;
+    let n_out = 7;
+    let x = QuantizedActivations::quantize(&random_activations(1, n_in, 3), 1, n_in).unwrap();
+    check_all_kernels(&random_matrix(n_out, n_in, 9), &x);
+    for value in [1i8, -1] {
+        let w = TernaryMatrix::pack(&vec![value; n_out * n_in], n_out, n_in, 1.0).unwrap();
+        check_all_kernels(&w, &extreme_activations(1, n_in));
+        let lowest = QuantizedActivations::from_codes(&vec![-128; n_in], 1, n_in, &[1.0]).unwrap();
+        check_all_kernels(&w, &lowest);
+    }
+}
+
 /// The small-batch tiles of every path against scalar: every token count
 /// up to SMALL_BATCH (every token remainder of the tile) and one past it,
 /// row ranges leaving every row remainder, rows long enough to widen the

@@ -33,14 +33,31 @@ pub(crate) const GEMV_PREFETCH_BYTES: usize = GEMV_PREFETCH * 64;
 /// 2 · 2 · 128 = 512 in magnitude: 8 · 4 · 512 = 16384 < 32767.
 const GEMV_I16_BLOCKS: usize = 8;
 
-/// `3 · v` in every byte, modulo 256.
+/// `3 · v` in every byte, modulo 256: two byte adds.
 ///
 /// # Safety
 /// The CPU must support AVX2.
 #[inline(always)]
-unsafe fn triple(v: __m256i) -> __m256i {
-    // SAFETY: per the contract.
-    unsafe { _mm256_add_epi8(v, _mm256_add_epi8(v, v)) }
+pub(crate) unsafe fn triple(v: __m256i) -> __m256i {
+    // SAFETY: per the contract (AVX2 includes AVX).
+    unsafe { opaque(_mm256_add_epi8(v, _mm256_add_epi8(v, v))) }
+}
+
+/// `v`, hidden from the optimizer: LLVM turns a chain of `triple`s into
+/// multiplies by 9, 27 and 81, which x86 has only for 16-bit lanes (widen,
+/// `vpmullw`, narrow: several times the two adds).
+///
+/// # Safety
+/// The CPU must support AVX.
+#[inline]
+#[target_feature(enable = "avx")]
+unsafe fn opaque(mut v: __m256i) -> __m256i {
+    // SAFETY: the assembly is empty: it reads and writes only the register
+    // holding v, and leaves it unchanged.
+    unsafe {
+        std::arch::asm!("/* {0} */", inout(ymm_reg) v, options(pure, nomem, nostack, preserves_flags));
+    }
+    v
 }
 
 /// The digit at the top of each byte `p` (stored with its top bit flipped,
@@ -129,6 +146,25 @@ pub(crate) unsafe fn gemv(
     dots: &mut [i32],
 ) {
     counts::enter(Isa::Avx2);
+    // SAFETY: this function runs with AVX2; the rest is the caller's.
+    unsafe { gemv_body(w, xq, xsum, rows, dots) }
+}
+
+/// `gemv` without its call count: also the AVX-512 BW path's GEMV, which
+/// without VNNI has no faster multiply than this one's `vpmaddubsw` on the
+/// decoded 32-byte vectors (pairing them into 64-byte ones cost shuffles).
+///
+/// # Safety
+/// As `gemv`.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn gemv_body(
+    w: &TernaryMatrix,
+    xq: &[i8],
+    xsum: i32,
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
     assert!(w.packing() == Packing::Tq1);
     assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
     let rows = Tq1Rows {

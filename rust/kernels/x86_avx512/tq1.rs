@@ -1,29 +1,35 @@
-//! AVX-512 GEMVs of 1.625-bit ternary weights (`Tq1Block`). A block is
-//! decoded by the AVX2 routine (`x86_avx2::tq1::decode_block`) into eight
-//! 32-code vectors; pairs of them are the codes of 64 consecutive inputs
-//! (32g..32g + 64), which one 64-byte load of activations meets: four
-//! `vpdpbusd` a block with VNNI (`vpmaddubsw` + `vpmaddwd` without) where
-//! AVX2 takes eight multiplies and their adds. The decoding stays on 32-byte
-//! vectors because the block's three parts (32, 16 and 4 bytes) are cut to
-//! them; the GEMM unpacks with the same routine (`Tile::unpack_tq1`).
+//! AVX-512 GEMVs of 1.625-bit ternary weights (`Tq1Block`).
 //!
-//! As in `ternary`, the bodies are `#[inline(always)]`, compiled inside a
-//! VNNI (`*_vnni`) or non-VNNI (`*_bw`) entry point.
+//! With VNNI the base-3 bytes are not decoded into digits at all. The digit
+//! at the top of a byte y is `top(y) = (3y - (3y mod 256)) / 256`, so for a
+//! vector of bytes y meeting activations x,
+//! `Σ top(y)·x = (3 · Σ y·x - Σ (3y mod 256)·x) / 256`:
+//! two `vpdpbusd` of bytes as they are, the second on the bytes tripled
+//! (two byte adds), which the next digit needs anyway. Per 32 weights that is
+//! two byte adds and two `vpdpbusd` where the decoding took two adds, two
+//! compares, an add and an absolute value before its one `vpdpbusd`
+//! (docs/performance.md, "1.6-bit packing"). The sums are exact integers, so
+//! the dots equal the scalar definition's to the bit. The vectors are 32
+//! bytes (AVX-512 VL), the width the block's parts are cut to.
+//!
+//! Without VNNI the AVX2 GEMV is the faster one, and runs as this path's.
+//! The GEMM unpacks with the AVX2 decoding (`Tile::unpack_tq1`).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::ternary::step;
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::driver::{self, RowDots};
-use crate::kernels::packing::{Packing, TernaryMatrix, Tq1Block, BLOCK};
-use crate::kernels::x86_avx2::tq1::{decode_block, GEMV_PREFETCH_BYTES};
+use crate::kernels::packing::{Packing, TernaryMatrix, Tq1Block, BLOCK, TQ1_HEAD, TQ1_MID};
+use crate::kernels::x86_avx2::ternary::hsum_epi32;
+use crate::kernels::x86_avx2::tq1::{triple, GEMV_PREFETCH_BYTES};
 
 /// `dots[i] = Σ_k xq[k] · W[rows.start + i, k]` of a `Packing::Tq1` matrix.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, BW and VNNI; `xq` must hold at least `w.k_padded()` values.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+/// The CPU must support AVX-512 F, BW, VL and VNNI; `xq` must hold at least
+/// `w.k_padded()` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(crate) unsafe fn gemv_vnni(
     w: &TernaryMatrix,
     xq: &[i8],
@@ -32,11 +38,20 @@ pub(crate) unsafe fn gemv_vnni(
     dots: &mut [i32],
 ) {
     counts::enter(Isa::Avx512Vnni);
-    // SAFETY: this function runs with AVX-512 F, BW and VNNI; the rest is the caller's.
-    unsafe { gemv_with::<true>(w, xq, xsum, rows, dots) }
+    assert!(w.packing() == Packing::Tq1);
+    assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
+    let rows = Tq1Rows {
+        w,
+        first: rows.start,
+        xq,
+        xsum,
+    };
+    // SAFETY: this function runs with AVX-512 F, BW, VL and VNNI, and
+    // `rows` covers dots.len() rows.
+    unsafe { driver::three_streams(&rows, dots) }
 }
 
-/// `gemv_vnni` without VNNI.
+/// `gemv_vnni` without VNNI: the AVX2 GEMV (`x86_avx2::tq1::gemv_body`).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F and BW; `xq` must hold at least `w.k_padded()` values.
@@ -49,97 +64,169 @@ pub(crate) unsafe fn gemv_bw(
     dots: &mut [i32],
 ) {
     counts::enter(Isa::Avx512Bw);
-    // SAFETY: this function runs with AVX-512 F and BW; the rest is the caller's.
-    unsafe { gemv_with::<false>(w, xq, xsum, rows, dots) }
-}
-
-/// # Safety
-/// As `gemv_vnni` (`gemv_bw` without VNNI).
-#[inline(always)]
-unsafe fn gemv_with<const VNNI: bool>(
-    w: &TernaryMatrix,
-    xq: &[i8],
-    xsum: i32,
-    rows: Range<usize>,
-    dots: &mut [i32],
-) {
-    assert!(w.packing() == Packing::Tq1);
-    assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
-    let rows = Tq1Rows::<VNNI> {
-        w,
-        first: rows.start,
-        xq,
-        xsum,
-    };
-    // SAFETY: per the contract, and `rows` covers dots.len() rows.
-    unsafe { driver::three_streams(&rows, dots) }
+    // SAFETY: AVX-512 BW implies AVX2; the rest is the caller's.
+    unsafe { crate::kernels::x86_avx2::tq1::gemv_body(w, xq, xsum, rows, dots) }
 }
 
 /// Rows `first..` of a `Packing::Tq1` matrix `w` against one token `xq` (sum `xsum`).
-struct Tq1Rows<'a, const VNNI: bool> {
+struct Tq1Rows<'a> {
     w: &'a TernaryMatrix,
     first: usize,
     xq: &'a [i8],
     xsum: i32,
 }
 
-impl<const VNNI: bool> RowDots for Tq1Rows<'_, VNNI> {
+impl RowDots for Tq1Rows<'_> {
     type Dot = i32;
 
     #[inline(always)]
     unsafe fn dots<const R: usize>(&self, rows: [usize; R]) -> [i32; R] {
         let blocks: [&[Tq1Block]; R] =
             std::array::from_fn(|j| self.w.tq1_row(self.first + rows[j]));
-        // SAFETY: the caller runs this path (AVX-512 F and BW, VNNI if
-        // VNNI); `gemv_with` checked that xq holds the rows' padded length.
-        unsafe { gemv_rows::<R, VNNI>(&blocks, self.xq, self.xsum) }
+        // SAFETY: the caller runs this path (AVX-512 F, BW, VL and VNNI);
+        // `gemv_vnni` checked that xq holds the rows' padded length.
+        unsafe { gemv_rows::<R>(&blocks, self.xq, self.xsum) }
     }
 }
 
-/// The dots of R rows (of equal length) with one token. Four i32
-/// accumulators a row, one per 64 inputs of a block: independent chains
-/// (`vpdpbusd` must wait several cycles before adding to its result again).
-/// Without VNNI each `vpmaddubsw` pair (at most 2 · 2 · 128 = 512) is
-/// widened at once, so nothing can overflow.
+/// Blocks summed before the carry sums are reduced: `3A - B` of a run is
+/// 256 times its dot, at most 256 · 2 · 128 per weight in magnitude, which
+/// for 64 blocks (16384 weights) is 2^30, inside an i32. The sums are
+/// exact modulo 2^32 however far A and B alone wrap.
+const CARRY_RUN_BLOCKS: usize = 64;
+
+/// A row's sums over a run of blocks: `A = Σ y·x` and `B = Σ (3y mod 256)·x`
+/// over the base-3 bytes y, two accumulators each (independent chains:
+/// `vpdpbusd` must wait several cycles before adding to its result again),
+/// and `C = Σ code·x` over the tail's 2-bit codes.
+#[derive(Clone, Copy)]
+struct CarrySums {
+    a: [__m256i; 2],
+    b: [__m256i; 2],
+    c: __m256i,
+}
+
+impl CarrySums {
+    /// # Safety
+    /// AVX2.
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: per the contract.
+        let z = unsafe { _mm256_setzero_si256() };
+        CarrySums {
+            a: [z; 2],
+            b: [z; 2],
+            c: z,
+        }
+    }
+
+    /// Adds `Σ top(y)·x` of the bytes `y` (their tripled bytes `y3`) into
+    /// the chains CHAIN.
+    ///
+    /// # Safety
+    /// AVX-512 VL and VNNI.
+    #[inline(always)]
+    unsafe fn add<const CHAIN: usize>(&mut self, y: __m256i, y3: __m256i, x: __m256i) {
+        // SAFETY: per the contract.
+        unsafe {
+            self.a[CHAIN] = _mm256_dpbusd_epi32(self.a[CHAIN], y, x);
+            self.b[CHAIN] = _mm256_dpbusd_epi32(self.b[CHAIN], y3, x);
+        }
+    }
+
+    /// `Σ code·x` of the run: `(3A - B) / 256 + C`.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline(always)]
+    unsafe fn dot(&self) -> i32 {
+        // SAFETY: per the contract.
+        unsafe {
+            let a = _mm256_add_epi32(self.a[0], self.a[1]);
+            let b = _mm256_add_epi32(self.b[0], self.b[1]);
+            let carries = _mm256_sub_epi32(_mm256_add_epi32(a, _mm256_add_epi32(a, a)), b);
+            (hsum_epi32(carries) >> 8).wrapping_add(hsum_epi32(self.c))
+        }
+    }
+}
+
+/// The dots of R rows (of equal length) with one token, by carry sums (see
+/// the module's documentation).
 ///
 /// # Safety
-/// AVX-512 F and BW, and VNNI if `VNNI`; `xq` holds the rows' padded length.
+/// AVX-512 F, BW, VL and VNNI; `xq` holds the rows' padded length.
 #[inline(always)]
-unsafe fn gemv_rows<const R: usize, const VNNI: bool>(
-    rows: &[&[Tq1Block]; R],
-    xq: &[i8],
-    xsum: i32,
-) -> [i32; R] {
+unsafe fn gemv_rows<const R: usize>(rows: &[&[Tq1Block]; R], xq: &[i8], xsum: i32) -> [i32; R] {
     let x = xq.as_ptr();
     let n_blocks = rows[0].len();
     debug_assert!(rows.iter().all(|row| row.len() == n_blocks));
-    // SAFETY: the CPU has AVX-512 F and BW (so AVX2), and VNNI if VNNI, per
-    // the contract; block b of each row is a Tq1Block; its activations
-    // b·BLOCK..+256 lie inside xq; a prefetch never faults.
+    let mut dots = [-xsum; R];
+    // SAFETY: the CPU has AVX-512 F, BW, VL and VNNI (so AVX2) per the
+    // contract; block b of each row is a Tq1Block (52 bytes: the loads read
+    // 0..32, 32..48 and 48..52); its activations b·BLOCK..+256 lie inside
+    // xq; a prefetch never faults.
     unsafe {
-        let mut acc = [[_mm512_setzero_si512(); 4]; R];
-        for b in 0..n_blocks {
-            for (acc, row) in acc.iter_mut().zip(rows) {
-                let block = row[b].0.as_ptr();
-                _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(GEMV_PREFETCH_BYTES).cast());
-                let codes = decode_block(block);
-                for (g, acc) in acc.iter_mut().enumerate() {
-                    let pair = _mm512_inserti64x4::<1>(
-                        _mm512_castsi256_si512(codes[2 * g]),
-                        codes[2 * g + 1],
+        let flip = _mm256_set1_epi8(-128);
+        // The upper half of the mid bytes' last vector is the tail's.
+        let low_half = _mm256_setr_epi64x(-1, -1, 0, 0);
+        // Dword 4 + i: the tail's codes of bits 2i..2i + 1; the lower half 0.
+        let tail_shifts = _mm256_setr_epi32(32, 32, 32, 32, 0, 2, 4, 6);
+        let three = _mm256_set1_epi8(3);
+        for b0 in (0..n_blocks).step_by(CARRY_RUN_BLOCKS) {
+            let mut sums = [CarrySums::zero(); R];
+            for b in b0..(b0 + CARRY_RUN_BLOCKS).min(n_blocks) {
+                // Each activation vector is loaded once for the R rows, each
+                // row's bytes once: the loops over rows are short and unrolled.
+                let xs = |g: usize| _mm256_loadu_si256(x.add(b * BLOCK + 32 * g).cast());
+                let blocks: [*const u8; R] = std::array::from_fn(|j| rows[j][b].0.as_ptr());
+                for block in blocks {
+                    _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(GEMV_PREFETCH_BYTES).cast());
+                }
+                // Activations g (inputs 32g..32g + 32) meet the bytes y, whose
+                // tops are their codes, in the chains CHAIN; y becomes 3y
+                // (TIMES = 3), or 9y to skip a digit the other half holds.
+                macro_rules! step {
+                    ($sums:ident, $y:ident, $g:literal, $chain:literal, $times:literal) => {
+                        let xg = xs($g);
+                        for (sums, y) in $sums.iter_mut().zip(&mut $y) {
+                            let y3 = triple(*y);
+                            sums.add::<$chain>(*y, y3, xg);
+                            *y = if $times == 9 { triple(y3) } else { y3 };
+                        }
+                    };
+                }
+                // Head byte j, times 3^g, has at its top the code of weight j + 32g.
+                let mut y =
+                    blocks.map(|block| _mm256_xor_si256(_mm256_loadu_si256(block.cast()), flip));
+                step!(sums, y, 0, 0, 3);
+                step!(sums, y, 1, 1, 3);
+                step!(sums, y, 2, 0, 3);
+                step!(sums, y, 3, 1, 3);
+                step!(sums, y, 4, 0, 3);
+                // Mid byte j: [y | 3y] holds the weights 160 + j and 176 + j at
+                // its tops, times 9 the next two, times 81 (lower half) the last.
+                let mut y = blocks.map(|block| {
+                    let mid = _mm_loadu_si128(block.add(TQ1_HEAD).cast());
+                    let mid = _mm256_xor_si256(_mm256_broadcastsi128_si256(mid), flip);
+                    _mm256_blend_epi32::<0xf0>(mid, triple(mid))
+                });
+                step!(sums, y, 5, 1, 9);
+                step!(sums, y, 6, 0, 9);
+                let x7 = xs(7);
+                for ((sums, y), block) in sums.iter_mut().zip(y).zip(blocks) {
+                    let y4 = _mm256_and_si256(y, low_half);
+                    sums.add::<1>(y4, triple(y4), x7);
+                    let tail = block.add(TQ1_HEAD + TQ1_MID).cast::<i32>().read_unaligned();
+                    let codes = _mm256_and_si256(
+                        _mm256_srlv_epi32(_mm256_set1_epi32(tail), tail_shifts),
+                        three,
                     );
-                    let acts = _mm512_loadu_si512(x.add(b * BLOCK + 64 * g).cast());
-                    *acc = step::<VNNI>(*acc, pair, acts);
+                    sums.c = _mm256_dpbusd_epi32(sums.c, codes, x7);
                 }
             }
-        }
-        let mut dots = [0i32; R];
-        for (dot, acc) in dots.iter_mut().zip(&acc) {
-            let sum = _mm512_add_epi32(
-                _mm512_add_epi32(acc[0], acc[1]),
-                _mm512_add_epi32(acc[2], acc[3]),
-            );
-            *dot = _mm512_reduce_add_epi32(sum) - xsum;
+            for (dot, sums) in dots.iter_mut().zip(&sums) {
+                *dot = dot.wrapping_add(sums.dot());
+            }
         }
         dots
     }
