@@ -221,13 +221,13 @@ fn extreme_codes_do_not_overflow() {
 
 /// Rows longer than 64 blocks: the AVX-512 VNNI tq1 GEMV sums its base-3
 /// bytes (up to 255) times the activations over runs of 64 blocks before it
-/// reduces them, the sums wrapping in i32 by design; a ragged last run here.
-/// Random values, then the largest products: all weights +1 or -1 (every
-/// head byte 255 or 0 after tripling as often as it may be) against
-/// activations of -128 and 127.
+/// reduces them, the sums wrapping in i32 by design, and takes blocks two at
+/// a time (their mid bytes in one vector): 67 blocks here, a run of 64 and a
+/// last one of a pair and a lone block. Random values, then the largest
+/// products: all weights +1 or -1 against activations of -128 and 127.
 #[test]
 fn tq1_rows_longer_than_a_carry_run_agree() {
-    let n_in = 64 * packing::BLOCK + 300;
+    let n_in = 66 * packing::BLOCK + 10;
     let n_out = 7;
     let x = QuantizedActivations::quantize(&random_activations(1, n_in, 3), 1, n_in).unwrap();
     check_all_kernels(&random_matrix(n_out, n_in, 9), &x);

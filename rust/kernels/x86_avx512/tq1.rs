@@ -10,7 +10,11 @@
 //! compares, an add and an absolute value before its one `vpdpbusd`
 //! (docs/performance.md, "1.6-bit packing"). The sums are exact integers, so
 //! the dots equal the scalar definition's to the bit. The vectors are 32
-//! bytes (AVX-512 VL), the width the block's parts are cut to.
+//! bytes (AVX-512 VL), the width the block's parts are cut to. Blocks go two
+//! at a time: their 16 mid bytes each make one 32-byte vector of five
+//! digits, as a head does (a lone block's mid bytes take the pairing of
+//! their digits that `x86_avx2::tq1::decode_block` uses), and their tails one
+//! vector of 2-bit codes.
 //!
 //! Without VNNI the AVX2 GEMV is the faster one, and runs as this path's.
 //! The GEMM unpacks with the AVX2 decoding (`Tile::unpack_tq1`).
@@ -20,7 +24,9 @@ use std::ops::Range;
 
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::driver::{self, RowDots};
-use crate::kernels::packing::{Packing, TernaryMatrix, Tq1Block, BLOCK, TQ1_HEAD, TQ1_MID};
+use crate::kernels::packing::{
+    Packing, TernaryMatrix, Tq1Block, BLOCK, TQ1_HEAD, TQ1_HEAD_WEIGHTS, TQ1_MID, TQ1_TAIL_START,
+};
 use crate::kernels::x86_avx2::ternary::hsum_epi32;
 use crate::kernels::x86_avx2::tq1::{triple, GEMV_PREFETCH_BYTES};
 
@@ -167,51 +173,108 @@ unsafe fn gemv_rows<const R: usize>(rows: &[&[Tq1Block]; R], xq: &[i8], xsum: i3
     // xq; a prefetch never faults.
     unsafe {
         let flip = _mm256_set1_epi8(-128);
-        // The upper half of the mid bytes' last vector is the tail's.
+        // The upper half of a lone block's last mid vector is its tail's.
         let low_half = _mm256_setr_epi64x(-1, -1, 0, 0);
         // Dword 4 + i: the tail's codes of bits 2i..2i + 1; the lower half 0.
         let tail_shifts = _mm256_setr_epi32(32, 32, 32, 32, 0, 2, 4, 6);
+        // Two blocks' tails side by side: dword i of each half, bits 2i..2i + 1.
+        let pair_tail_shifts = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
         let three = _mm256_set1_epi8(3);
+        // 16 activations of each of two blocks, side by side.
+        let halves = |lo: *const i8, hi: *const i8| {
+            _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(lo.cast())),
+                _mm_loadu_si128(hi.cast()),
+            )
+        };
+        // The activations x meet the bytes y of each row, whose tops are
+        // their codes, in the chains CHAIN; then y becomes 3y (TIMES = 3),
+        // or 9y to skip a digit the other half of y holds. Each activation
+        // vector is loaded once for the R rows: the loops over rows are
+        // short and unrolled, and the sums stay in registers.
+        macro_rules! step {
+            ($sums:ident, $y:ident, $x:expr, $chain:literal, $times:literal) => {
+                let xg = $x;
+                for (sums, y) in $sums.iter_mut().zip(&mut $y) {
+                    let y3 = triple(*y);
+                    sums.add::<$chain>(*y, y3, xg);
+                    *y = if $times == 9 { triple(y3) } else { y3 };
+                }
+            };
+        }
+        // Head byte j of a block, times 3^g, has at its top the code of weight
+        // j + 32g: five digits against the activations 32g..32g + 32.
+        macro_rules! heads {
+            ($sums:ident, $blocks:ident, $xb:ident, $c0:literal, $c1:literal) => {
+                let mut y =
+                    $blocks.map(|block| _mm256_xor_si256(_mm256_loadu_si256(block.cast()), flip));
+                let xs = |g: usize| _mm256_loadu_si256($xb.add(32 * g).cast());
+                step!($sums, y, xs(0), $c0, 3);
+                step!($sums, y, xs(1), $c1, 3);
+                step!($sums, y, xs(2), $c0, 3);
+                step!($sums, y, xs(3), $c1, 3);
+                step!($sums, y, xs(4), $c0, 3);
+            };
+        }
+        let mid_activations = TQ1_HEAD_WEIGHTS;
         for b0 in (0..n_blocks).step_by(CARRY_RUN_BLOCKS) {
             let mut sums = [CarrySums::zero(); R];
-            for b in b0..(b0 + CARRY_RUN_BLOCKS).min(n_blocks) {
-                // Each activation vector is loaded once for the R rows, each
-                // row's bytes once: the loops over rows are short and unrolled.
-                let xs = |g: usize| _mm256_loadu_si256(x.add(b * BLOCK + 32 * g).cast());
+            let end = (b0 + CARRY_RUN_BLOCKS).min(n_blocks);
+            let mut b = b0;
+            while b < end {
                 let blocks: [*const u8; R] = std::array::from_fn(|j| rows[j][b].0.as_ptr());
                 for block in blocks {
                     _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(GEMV_PREFETCH_BYTES).cast());
                 }
-                // Activations g (inputs 32g..32g + 32) meet the bytes y, whose
-                // tops are their codes, in the chains CHAIN; y becomes 3y
-                // (TIMES = 3), or 9y to skip a digit the other half holds.
-                macro_rules! step {
-                    ($sums:ident, $y:ident, $g:literal, $chain:literal, $times:literal) => {
-                        let xg = xs($g);
-                        for (sums, y) in $sums.iter_mut().zip(&mut $y) {
-                            let y3 = triple(*y);
-                            sums.add::<$chain>(*y, y3, xg);
-                            *y = if $times == 9 { triple(y3) } else { y3 };
-                        }
+                let xb = x.add(b * BLOCK);
+                heads!(sums, blocks, xb, 0, 1);
+                if b + 1 < end {
+                    // Two blocks: their mid bytes make one 32-byte vector of
+                    // five digits, as a head does, and their tails one vector
+                    // of 2-bit codes.
+                    let next: [*const u8; R] = std::array::from_fn(|j| rows[j][b + 1].0.as_ptr());
+                    let xn = x.add((b + 1) * BLOCK);
+                    heads!(sums, next, xn, 1, 0);
+                    // Mid byte j of either block, times 3^i: weight 160 + j + 16i.
+                    let mut y: [__m256i; R] = std::array::from_fn(|j| {
+                        let mid = blocks[j].add(TQ1_HEAD).cast::<i8>();
+                        let next_mid = next[j].add(TQ1_HEAD).cast::<i8>();
+                        _mm256_xor_si256(halves(mid, next_mid), flip)
+                    });
+                    let xm = |i: usize| {
+                        let at = mid_activations + TQ1_MID * i;
+                        halves(xb.add(at), xn.add(at))
                     };
+                    step!(sums, y, xm(0), 0, 3);
+                    step!(sums, y, xm(1), 1, 3);
+                    step!(sums, y, xm(2), 0, 3);
+                    step!(sums, y, xm(3), 1, 3);
+                    step!(sums, y, xm(4), 0, 3);
+                    let xt = halves(xb.add(TQ1_TAIL_START), xn.add(TQ1_TAIL_START));
+                    for ((sums, block), next) in sums.iter_mut().zip(blocks).zip(next) {
+                        let tail = |block: *const u8| {
+                            block.add(TQ1_HEAD + TQ1_MID).cast::<i32>().read_unaligned()
+                        };
+                        let (t0, t1) = (tail(block), tail(next));
+                        let tails = _mm256_setr_epi32(t0, t0, t0, t0, t1, t1, t1, t1);
+                        let codes =
+                            _mm256_and_si256(_mm256_srlv_epi32(tails, pair_tail_shifts), three);
+                        sums.c = _mm256_dpbusd_epi32(sums.c, codes, xt);
+                    }
+                    b += 2;
+                    continue;
                 }
-                // Head byte j, times 3^g, has at its top the code of weight j + 32g.
-                let mut y =
-                    blocks.map(|block| _mm256_xor_si256(_mm256_loadu_si256(block.cast()), flip));
-                step!(sums, y, 0, 0, 3);
-                step!(sums, y, 1, 1, 3);
-                step!(sums, y, 2, 0, 3);
-                step!(sums, y, 3, 1, 3);
-                step!(sums, y, 4, 0, 3);
-                // Mid byte j: [y | 3y] holds the weights 160 + j and 176 + j at
-                // its tops, times 9 the next two, times 81 (lower half) the last.
+                // A lone block. Mid byte j: [y | 3y] holds the weights 160 + j
+                // and 176 + j at its tops, times 9 the next two, times 81
+                // (lower half) the last.
+                let xs = |g: usize| _mm256_loadu_si256(xb.add(32 * g).cast());
                 let mut y = blocks.map(|block| {
                     let mid = _mm_loadu_si128(block.add(TQ1_HEAD).cast());
                     let mid = _mm256_xor_si256(_mm256_broadcastsi128_si256(mid), flip);
                     _mm256_blend_epi32::<0xf0>(mid, triple(mid))
                 });
-                step!(sums, y, 5, 1, 9);
-                step!(sums, y, 6, 0, 9);
+                step!(sums, y, xs(5), 1, 9);
+                step!(sums, y, xs(6), 0, 9);
                 let x7 = xs(7);
                 for ((sums, y), block) in sums.iter_mut().zip(y).zip(blocks) {
                     let y4 = _mm256_and_si256(y, low_half);
@@ -223,6 +286,7 @@ unsafe fn gemv_rows<const R: usize>(rows: &[&[Tq1Block]; R], xq: &[i8], xsum: i3
                     );
                     sums.c = _mm256_dpbusd_epi32(sums.c, codes, x7);
                 }
+                b += 1;
             }
             for (dot, sums) in dots.iter_mut().zip(&sums) {
                 *dot = dot.wrapping_add(sums.dot());
