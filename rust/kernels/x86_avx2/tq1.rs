@@ -17,6 +17,7 @@
 //! GEMM tile reads (`unpack`), and the AVX-512 paths use the same decoding.
 
 use std::arch::x86_64::*;
+use std::marker::PhantomData;
 use std::ops::Range;
 
 use crate::kernels::counts::{self, Isa};
@@ -165,35 +166,60 @@ pub(crate) unsafe fn gemv_body(
     rows: Range<usize>,
     dots: &mut [i32],
 ) {
-    assert!(w.packing() == Packing::Tq1);
-    assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
-    let rows = Tq1Rows {
-        w,
-        first: rows.start,
-        xq,
-        xsum,
-    };
+    let rows = Tq1Rows::<Avx2>::new(w, xq, xsum, rows, dots);
     // SAFETY: this function runs with AVX2, and `rows` covers dots.len() rows.
     unsafe { driver::three_streams(&rows, dots) }
 }
 
-/// Rows `first..` of a `Packing::Tq1` matrix `w` against one token `xq` (sum `xsum`).
-struct Tq1Rows<'a> {
+/// Rows `first..` of a `Packing::Tq1` matrix against one token `xq` (sum
+/// `xsum`), for the GEMV of the path `P`: a marker type, for which that path
+/// implements `RowDots`.
+pub(crate) struct Tq1Rows<'a, P> {
     w: &'a TernaryMatrix,
     first: usize,
-    xq: &'a [i8],
-    xsum: i32,
+    pub(crate) xq: &'a [i8],
+    pub(crate) xsum: i32,
+    path: PhantomData<P>,
 }
 
-impl RowDots for Tq1Rows<'_> {
+impl<'a, P> Tq1Rows<'a, P> {
+    /// The rows `rows` of `w` whose dots with `xq` go to `dots`, after
+    /// checking that every index the GEMV makes is in range.
+    pub(crate) fn new(
+        w: &'a TernaryMatrix,
+        xq: &'a [i8],
+        xsum: i32,
+        rows: Range<usize>,
+        dots: &[i32],
+    ) -> Self {
+        assert!(w.packing() == Packing::Tq1);
+        assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
+        Tq1Rows {
+            w,
+            first: rows.start,
+            xq,
+            xsum,
+            path: PhantomData,
+        }
+    }
+
+    /// The blocks of row `r` (counted from `first`).
+    pub(crate) fn row(&self, r: usize) -> &'a [Tq1Block] {
+        self.w.tq1_row(self.first + r)
+    }
+}
+
+/// The AVX2 path's `Tq1Rows`.
+pub(crate) struct Avx2;
+
+impl RowDots for Tq1Rows<'_, Avx2> {
     type Dot = i32;
 
     #[inline(always)]
     unsafe fn dots<const R: usize>(&self, rows: [usize; R]) -> [i32; R] {
-        let blocks: [&[Tq1Block]; R] =
-            std::array::from_fn(|j| self.w.tq1_row(self.first + rows[j]));
-        // SAFETY: the caller runs the AVX2 path; `gemv` checked that xq
-        // holds the rows' padded length.
+        let blocks: [&[Tq1Block]; R] = std::array::from_fn(|j| self.row(rows[j]));
+        // SAFETY: the caller runs the AVX2 path; `Tq1Rows::new` checked
+        // that xq holds the rows' padded length.
         unsafe { gemv_rows(&blocks, self.xq, self.xsum) }
     }
 }

@@ -25,10 +25,10 @@ use std::ops::Range;
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::driver::{self, RowDots};
 use crate::kernels::packing::{
-    Packing, TernaryMatrix, Tq1Block, BLOCK, TQ1_HEAD, TQ1_HEAD_WEIGHTS, TQ1_MID, TQ1_TAIL_START,
+    TernaryMatrix, Tq1Block, BLOCK, TQ1_HEAD, TQ1_HEAD_WEIGHTS, TQ1_MID, TQ1_TAIL_START,
 };
 use crate::kernels::x86_avx2::ternary::hsum_epi32;
-use crate::kernels::x86_avx2::tq1::{triple, GEMV_PREFETCH_BYTES};
+use crate::kernels::x86_avx2::tq1::{triple, Tq1Rows, GEMV_PREFETCH_BYTES};
 
 /// `dots[i] = Σ_k xq[k] · W[rows.start + i, k]` of a `Packing::Tq1` matrix.
 ///
@@ -44,14 +44,7 @@ pub(crate) unsafe fn gemv_vnni(
     dots: &mut [i32],
 ) {
     counts::enter(Isa::Avx512Vnni);
-    assert!(w.packing() == Packing::Tq1);
-    assert!(xq.len() >= w.k_padded() && dots.len() == rows.len() && rows.end <= w.n_out());
-    let rows = Tq1Rows {
-        w,
-        first: rows.start,
-        xq,
-        xsum,
-    };
+    let rows = Tq1Rows::<Avx512Vnni>::new(w, xq, xsum, rows, dots);
     // SAFETY: this function runs with AVX-512 F, BW, VL and VNNI, and
     // `rows` covers dots.len() rows.
     unsafe { driver::three_streams(&rows, dots) }
@@ -74,23 +67,17 @@ pub(crate) unsafe fn gemv_bw(
     unsafe { crate::kernels::x86_avx2::tq1::gemv_body(w, xq, xsum, rows, dots) }
 }
 
-/// Rows `first..` of a `Packing::Tq1` matrix `w` against one token `xq` (sum `xsum`).
-struct Tq1Rows<'a> {
-    w: &'a TernaryMatrix,
-    first: usize,
-    xq: &'a [i8],
-    xsum: i32,
-}
+/// The AVX-512 VNNI path's `Tq1Rows`.
+struct Avx512Vnni;
 
-impl RowDots for Tq1Rows<'_> {
+impl RowDots for Tq1Rows<'_, Avx512Vnni> {
     type Dot = i32;
 
     #[inline(always)]
     unsafe fn dots<const R: usize>(&self, rows: [usize; R]) -> [i32; R] {
-        let blocks: [&[Tq1Block]; R] =
-            std::array::from_fn(|j| self.w.tq1_row(self.first + rows[j]));
+        let blocks: [&[Tq1Block]; R] = std::array::from_fn(|j| self.row(rows[j]));
         // SAFETY: the caller runs this path (AVX-512 F, BW, VL and VNNI);
-        // `gemv_vnni` checked that xq holds the rows' padded length.
+        // `Tq1Rows::new` checked that xq holds the rows' padded length.
         unsafe { gemv_rows::<R>(&blocks, self.xq, self.xsum) }
     }
 }
