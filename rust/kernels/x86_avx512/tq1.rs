@@ -155,9 +155,10 @@ unsafe fn gemv_rows<const R: usize>(rows: &[&[Tq1Block]; R], xq: &[i8], xsum: i3
     debug_assert!(rows.iter().all(|row| row.len() == n_blocks));
     let mut dots = [-xsum; R];
     // SAFETY: the CPU has AVX-512 F, BW, VL and VNNI (so AVX2) per the
-    // contract; block b of each row is a Tq1Block (52 bytes: the loads read
-    // 0..32, 32..48 and 48..52); its activations b·BLOCK..+256 lie inside
-    // xq; a prefetch never faults.
+    // contract; every block read, b and (for a pair) b + 1, is below `end` <=
+    // n_blocks, so a Tq1Block of each row (52 bytes: the loads read 0..32,
+    // 32..48 and 48..52) whose activations b·BLOCK..+256 lie inside xq; a
+    // prefetch never faults.
     unsafe {
         let flip = _mm256_set1_epi8(-128);
         // The upper half of a lone block's last mid vector is its tail's.
@@ -220,6 +221,9 @@ unsafe fn gemv_rows<const R: usize>(rows: &[&[Tq1Block]; R], xq: &[i8], xsum: i3
                     // five digits, as a head does, and their tails one vector
                     // of 2-bit codes.
                     let next: [*const u8; R] = std::array::from_fn(|j| rows[j][b + 1].0.as_ptr());
+                    for block in next {
+                        _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(GEMV_PREFETCH_BYTES).cast());
+                    }
                     let xn = x.add((b + 1) * BLOCK);
                     heads!(sums, next, xn, 1, 0);
                     // Mid byte j of either block, times 3^i: weight 160 + j + 16i.
