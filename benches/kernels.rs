@@ -414,6 +414,27 @@ fn head_dense(
 /// at 8 tokens (the small-batch tile) and 128 (the prompt tile). With
 /// `isa_peak`, what the tiles reach of the core's multiply-add rate when
 /// memory is out of the way.
+fn gemm_cached(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gemm_cached");
+    group.sample_size(20);
+    let pool = threads::pool(Some(1)).unwrap();
+    for (level, n_out, n_in) in [("l1", 64usize, 512usize), ("l2", 384, 2560)] {
+        let w = random_matrix(n_out, n_in, 11);
+        for m in [8usize, 128] {
+            let x = activations(m, n_in);
+            let mut y = vec![0.0f32; m * n_out]; // [m, n_out]
+            group.throughput(Throughput::Elements((m * n_out * n_in) as u64));
+            for kernel in kernels() {
+                let id = BenchmarkId::new(kernel.name(), format!("{level}/m{m}"));
+                group.bench_function(id, |b| {
+                    b.iter(|| matmul_into(&w, black_box(&x), &mut y, kernel, &pool).unwrap())
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
 /// One token against a matrix that stays in L2 (384 × 2560), in both
 /// packings, one thread: the GEMV's decoding and multiplying speed without
 /// memory (elem/s = weights, i.e. MACs, per second).
@@ -434,27 +455,6 @@ fn gemv_cached(c: &mut Criterion) {
                     b.iter(|| matmul_into(&w, black_box(&x), &mut y, kernel, &pool).unwrap())
                 })
             });
-        }
-    }
-    group.finish();
-}
-
-fn gemm_cached(c: &mut Criterion) {
-    let mut group = c.benchmark_group("gemm_cached");
-    group.sample_size(20);
-    let pool = threads::pool(Some(1)).unwrap();
-    for (level, n_out, n_in) in [("l1", 64usize, 512usize), ("l2", 384, 2560)] {
-        let w = random_matrix(n_out, n_in, 11);
-        for m in [8usize, 128] {
-            let x = activations(m, n_in);
-            let mut y = vec![0.0f32; m * n_out]; // [m, n_out]
-            group.throughput(Throughput::Elements((m * n_out * n_in) as u64));
-            for kernel in kernels() {
-                let id = BenchmarkId::new(kernel.name(), format!("{level}/m{m}"));
-                group.bench_function(id, |b| {
-                    b.iter(|| matmul_into(&w, black_box(&x), &mut y, kernel, &pool).unwrap())
-                });
-            }
         }
     }
     group.finish();

@@ -204,7 +204,6 @@ unsafe fn gemv_rows<const R: usize>(rows: &[&[Tq1Block]; R], xq: &[i8], xsum: i3
                 step!($sums, y, xs(4), $c0, 3);
             };
         }
-        let mid_activations = TQ1_HEAD_WEIGHTS;
         for b0 in (0..n_blocks).step_by(CARRY_RUN_BLOCKS) {
             let mut sums = [CarrySums::zero(); R];
             let end = (b0 + CARRY_RUN_BLOCKS).min(n_blocks);
@@ -233,7 +232,7 @@ unsafe fn gemv_rows<const R: usize>(rows: &[&[Tq1Block]; R], xq: &[i8], xsum: i3
                         _mm256_xor_si256(halves(mid, next_mid), flip)
                     });
                     let xm = |i: usize| {
-                        let at = mid_activations + TQ1_MID * i;
+                        let at = TQ1_HEAD_WEIGHTS + TQ1_MID * i;
                         halves(xb.add(at), xn.add(at))
                     };
                     step!(sums, y, xm(0), 0, 3);
