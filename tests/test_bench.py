@@ -180,6 +180,35 @@ def test_batch_run_reports_every_batch_size() -> None:
     assert "pp128 (one sequence)" in table and "| 3 | 5 | 3 |" in table
 
 
+def test_batch_repetitions_alternate_and_report_medians(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each repetition runs the reference and then every batch size, and every
+    # reported rate is the median of its repetitions.
+    calls: list[object] = []
+    pp_rates = iter([1.0, 100.0, 300.0, 200.0])  # the first: the warm-up
+    tg_seconds = {1: iter([1.0, 3.0, 2.0]), 3: iter([6.0, 2.0, 4.0])}
+
+    def fake_pp_rate(engine: object, ids: list[int]) -> float:
+        calls.append("pp")
+        return next(pp_rates)
+
+    def fake_batched(
+        model: object, prompts: list[list[int]], n_gen: int, threads: object, kv_cache: str
+    ) -> tuple[float, float]:
+        calls.append(len(prompts))
+        return 0.5, next(tg_seconds[len(prompts)])
+
+    monkeypatch.setattr(bench_batch, "pp_rate", fake_pp_rate)
+    monkeypatch.setattr(bench_batch, "batched", fake_batched)
+    results = bench_batch.run(MODEL, batches=[1, 3], n_prompt=5, n_gen=6, repetitions=3)
+    assert calls == ["pp"] + ["pp", 1, 3] * 3
+    assert [r.repetitions for r in results] == [3, 3]
+    assert [r.pp128_ts for r in results] == [200.0, 200.0]
+    assert [r.tg_ts for r in results] == [6 / 2.0, 3 * 6 / 4.0]
+    assert [r.pp_ts for r in results] == [5 / 0.5, 3 * 5 / 0.5]
+    assert [r.tg_of_pp128 for r in results] == [3.0 / 200.0, 4.5 / 200.0]
+    assert "medians of 3 repetitions" in bench_batch.markdown(results)
+
+
 def test_batch_bad_arguments() -> None:
     with pytest.raises(ValueError, match="--batch sizes"):
         bench_batch.run(MODEL, batches=[2, 0])
@@ -189,6 +218,8 @@ def test_batch_bad_arguments() -> None:
         bench_batch.run(MODEL, batches=[1], n_prompt=200, n_gen=200)
     with pytest.raises(ValueError, match="not both"):
         bench_batch.run(MODEL, synthetic_name="2b4t")
+    with pytest.raises(ValueError, match="-r must be"):
+        bench_batch.run(MODEL, batches=[1], repetitions=0)
 
 
 def test_cli_batch_json_per_thread_count() -> None:
@@ -204,7 +235,7 @@ def test_cli_batch_table_and_refused_flags() -> None:
     assert out.returncode == 0, out.stderr
     assert "| 2 | 4 | 2 |" in out.stdout and "[batch 2:" in out.stderr
     for extra, message in (
-        (("-r", "2"), "-r does not apply to --batch"),
+        (("-r", "0"), "-r must be in [1, 100]"),
         (("-d", "8"), "-d does not apply to --batch"),
         (("-p", "4,8"), "-p takes one value with --batch"),
         (("--clients", "2"), "--clients does not apply to --batch"),

@@ -7,10 +7,16 @@ aggregate generation rate (B x n_gen tokens / s) and the rate per sequence,
 beside the pp128 rate of a single sequence in the same run: the GEMM bound
 that batched decoding approaches. Token ids are random (seeded): speed does
 not depend on them.
+
+Each repetition measures the pp128 pass and then every batch size once, so
+that a drift of the machine (another tenant, the memory's speed) lands on the
+reference and the batched rates alike; every figure is the median over the
+repetitions, the same statistic for the reference as for the batches.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +32,8 @@ from trit.loader import load_model, resolve
 PP_REFERENCE = 128
 # Prompt tokens one step takes at most while the batch's prompts are processed.
 PROMPT_STEP_TOKENS = 256
+# Most repetitions `-r` may ask for (each runs every batch size again).
+MAX_REPETITIONS = 100
 
 
 @dataclass
@@ -45,23 +53,22 @@ class BatchResult:
     pp128_ts: float  # one sequence's pp128 rate in the same run
     tg_of_pp128: float  # tg_ts / pp128_ts
     packing: str = "i2"  # how the ternary weights are stored ("i2" or "tq1")
+    repetitions: int = 1  # passes each rate is the median of
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
 
 
-def pp_rate(model: Model, ids: list[int], threads: int | None, kv_cache: str) -> float:
-    """Tokens/s of one prompt of len(ids) tokens (best of three)."""
-    engine = Engine(model, slots=1, n_ctx=len(ids), threads=threads, kv_cache=kv_cache)
-    best = 0.0
-    for _ in range(3):
-        slot = engine.acquire([])
+def pp_rate(engine: Engine, ids: list[int]) -> float:
+    """Tokens/s of one pass over the prompt `ids` from an empty cache, in a slot of `engine`."""
+    slot = engine.acquire([])
+    try:
         engine.reset(slot)
         start = time.perf_counter()
         engine.step([(slot, ids, True)])
-        best = max(best, len(ids) / (time.perf_counter() - start))
+        return len(ids) / (time.perf_counter() - start)
+    finally:
         engine.release(slot)
-    return best
 
 
 def batched(
@@ -98,8 +105,10 @@ def run(
     head: str = "int8",
     kv_cache: str = "f16",
     packing: str = "i2",
+    repetitions: int = 3,
 ) -> list[BatchResult]:
-    """One result per batch size; see the module docstring."""
+    """One result per batch size, each rate the median of `repetitions`
+    passes; see the module docstring."""
     if (model is None) == (synthetic_name is None):
         raise ValueError("give a model or a synthetic model name, not both")
     if not batches or min(batches) < 1:
@@ -108,6 +117,8 @@ def run(
         raise ValueError(f"-p and -n must be >= 1 with --batch, got {n_prompt} and {n_gen}")
     if threads is not None and threads < 1:
         raise ValueError(f"the thread count must be >= 1, got {threads}")
+    if not 1 <= repetitions <= MAX_REPETITIONS:
+        raise ValueError(f"-r must be in [1, {MAX_REPETITIONS}], got {repetitions}")
     say = progress or (lambda _msg: None)
     if synthetic_name is not None:
         say(f"synthetic model {synthetic_name}: preparing its checkpoint (once)")
@@ -126,15 +137,26 @@ def run(
         )
     rng = np.random.default_rng(seed)
     vocab = cfg.vocab_size
-    say(f"pp{PP_REFERENCE} of one sequence")
     reference = [int(i) for i in rng.integers(0, vocab, PP_REFERENCE)]
-    pp128 = pp_rate(loaded, reference, threads, kv_cache)
+    prompts = {b: rng.integers(0, vocab, size=(b, n_prompt)).tolist() for b in batches}
+    reference_engine = Engine(
+        loaded, slots=1, n_ctx=PP_REFERENCE, threads=threads, kv_cache=kv_cache
+    )
+    pp_rate(reference_engine, reference)  # warm-up, as llama-bench's: pages touched, caches filled
+    pp128_runs: list[float] = []
+    runs: dict[int, list[tuple[float, float]]] = {b: [] for b in batches}  # (pp s, tg s)
+    for rep in range(repetitions):
+        which = f" (repetition {rep + 1} of {repetitions})" if repetitions > 1 else ""
+        say(f"pp{PP_REFERENCE} of one sequence{which}")
+        pp128_runs.append(pp_rate(reference_engine, reference))
+        for batch in batches:
+            say(f"batch {batch}: {batch} x pp{n_prompt}, then {batch} x tg{n_gen}{which}")
+            runs[batch].append(batched(loaded, prompts[batch], n_gen, threads, kv_cache))
+    pp128 = statistics.median(pp128_runs)
     results = []
     for batch in batches:
-        say(f"batch {batch}: {batch} x pp{n_prompt}, then {batch} x tg{n_gen}")
-        prompts = rng.integers(0, vocab, size=(batch, n_prompt)).tolist()
-        pp_s, tg_s = batched(loaded, prompts, n_gen, threads, kv_cache)
-        tg_ts = batch * n_gen / tg_s
+        pp_ts = statistics.median(batch * n_prompt / pp_s for pp_s, _ in runs[batch])
+        tg_ts = statistics.median(batch * n_gen / tg_s for _, tg_s in runs[batch])
         results.append(
             BatchResult(
                 model=label,
@@ -144,12 +166,13 @@ def run(
                 batch=batch,
                 n_prompt=n_prompt,
                 n_gen=n_gen,
-                pp_ts=batch * n_prompt / pp_s,
+                pp_ts=pp_ts,
                 tg_ts=tg_ts,
-                tg_ts_per_sequence=n_gen / tg_s,
+                tg_ts_per_sequence=tg_ts / batch,
                 pp128_ts=pp128,
                 tg_of_pp128=tg_ts / pp128,
                 packing=loaded.packing,
+                repetitions=repetitions,
             )
         )
     return results
@@ -162,7 +185,8 @@ def markdown(results: Sequence[BatchResult]) -> str:
     r0 = results[0]
     lines = [
         f"{r0.model}, {r0.n_threads} thread(s), kv {r0.type_k}, packing {r0.packing}: "
-        f"pp{PP_REFERENCE} (one sequence) {r0.pp128_ts:.1f} tokens/s",
+        f"pp{PP_REFERENCE} (one sequence) {r0.pp128_ts:.1f} tokens/s"
+        + (f"; medians of {r0.repetitions} repetitions" if r0.repetitions > 1 else ""),
         "",
         "| B | PP | TG | pp t/s | tg t/s (all) | tg t/s (each) | tg / pp128 |",
         "|---:|---:|---:|---:|---:|---:|---:|",

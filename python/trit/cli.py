@@ -446,7 +446,7 @@ def _bench_batch(args: argparse.Namespace) -> int:
 
     misplaced = _bench_flags_given(
         args,
-        {"repetitions": "-r", "depths": "-d", **SERVER_ONLY_BENCH_FLAGS},
+        {"depths": "-d", **SERVER_ONLY_BENCH_FLAGS},
     )
     if misplaced:
         print(f"trit bench: error: {misplaced[0]} does not apply to --batch", file=sys.stderr)
@@ -470,6 +470,7 @@ def _bench_batch(args: argparse.Namespace) -> int:
                     head=args.head,
                     kv_cache=args.kv_cache,
                     packing=args.packing,
+                    repetitions=3 if args.repetitions is None else args.repetitions,
                     progress=say,
                 )
             )
@@ -895,7 +896,12 @@ def _parser() -> argparse.ArgumentParser:
         "max_tokens of each request, default 64)",
     )
     p.add_argument("-t", "--threads", type=_int_list, help="thread counts (default 1,cores)")
-    p.add_argument("-r", "--repetitions", type=int, help="default 5")
+    p.add_argument(
+        "-r",
+        "--repetitions",
+        type=int,
+        help="default 5 (with --batch 3, each rate the median of alternated runs)",
+    )
     p.add_argument(
         "-d",
         "--depth",
