@@ -9,7 +9,8 @@
 //!
 //! Run: `cargo bench --bench kernels` (all), or a filter such as
 //! `cargo bench --bench kernels -- gemv/avx2`. `TRIT_BENCH_KERNELS=avx2,scalar`
-//! limits the paths.
+//! limits the paths; the groups that run one path only (the model-sized ones,
+//! such as `attention_depth4096`) run `TRIT_KERNEL`'s, else the best.
 
 use std::hint::black_box;
 
@@ -57,7 +58,7 @@ fn activations(m: usize, k: usize) -> QuantizedActivations {
 }
 
 fn read_bandwidth(c: &mut Criterion) {
-    let kernel = Kernel::best();
+    let kernel = Kernel::active().unwrap();
     let buffer: Vec<u64> = (0..STREAM_BYTES / 8).map(|i| i as u64).collect();
     let mut group = c.benchmark_group("read_bandwidth");
     group.throughput(Throughput::BytesDecimal(STREAM_BYTES as u64));
@@ -234,7 +235,7 @@ fn attention(c: &mut Criterion) {
     let mut scores = vec![0.0f32; GROUP * N];
     let mut out = vec![0.0f32; GROUP * HD];
     let mut scratch = ChunkScratch::default();
-    let best = Kernel::best();
+    let best = Kernel::active().unwrap();
     let mut cases = vec![
         // Bytes per 32 values.
         (best, "f16", KvRows::F16(&k16), KvRows::F16(&v16), 64),
@@ -285,7 +286,7 @@ fn attention_depth(c: &mut Criterion) {
     let mut group = c.benchmark_group("attention_depth4096");
     group.sample_size(10);
     for kind in [KvType::F16, KvType::Q8_0] {
-        let kernel = Kernel::best();
+        let kernel = Kernel::active().unwrap();
         let mut cache = KvCache::new(LAYERS, KV_HEADS, N, HD, kind, kernel).unwrap();
         let (mut k, mut v) = (vec![0.0f32; HD], vec![0.0f32; HD]);
         for l in 0..LAYERS {
@@ -373,7 +374,7 @@ fn head_dense(
 ) {
     let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 - 8.0).collect();
     let mut logits = vec![0.0f32; rows];
-    let kernel = Kernel::best();
+    let kernel = Kernel::active().unwrap();
     let mut group = c.benchmark_group(format!("head_{name}"));
     group.throughput(Throughput::BytesDecimal(head.nbytes() as u64));
     group.sample_size(20);

@@ -122,6 +122,50 @@ fn tile_mask(n: usize, t: usize) -> __mmask16 {
     (((1u32 << lanes) - 1) & 0xffff) as u16
 }
 
+/// The cache lines of the sequence's next chunk (its keys, then its
+/// values), which a chunk's passes ask for into L2 a few at a time: `slots`
+/// equal shares, one per tile of each pass (the scores, then one value pass
+/// per block), so that the reads are spread over the whole chunk's
+/// arithmetic rather than bunched where they would wait on memory.
+struct NextChunkLines<'a> {
+    keys: &'a [KeyTileBlock],
+    values: &'a [ValueTileBlock],
+    key_lines: usize,
+    lines: usize,
+    per_slot: usize,
+}
+
+impl<'a> NextChunkLines<'a> {
+    fn new((keys, values): (&'a [KeyTileBlock], &'a [ValueTileBlock]), slots: usize) -> Self {
+        let key_lines = std::mem::size_of_val(keys).div_ceil(64);
+        let lines = key_lines + std::mem::size_of_val(values).div_ceil(64);
+        NextChunkLines {
+            keys,
+            values,
+            key_lines,
+            lines,
+            per_slot: lines.div_ceil(slots.max(1)),
+        }
+    }
+
+    /// Asks for the lines of share `slot`.
+    #[inline(always)]
+    fn prefetch(&self, slot: usize) {
+        let start = (slot * self.per_slot).min(self.lines);
+        for line in start..(start + self.per_slot).min(self.lines) {
+            let at = if line < self.key_lines {
+                self.keys.as_ptr().cast::<u8>().wrapping_add(64 * line)
+            } else {
+                let line = line - self.key_lines;
+                self.values.as_ptr().cast::<u8>().wrapping_add(64 * line)
+            };
+            // SAFETY: a prefetch never faults; the address is inside the
+            // next chunk's keys or values.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(at.cast()) };
+        }
+    }
+}
+
 /// The largest head_dim this kernel takes (its per-head constants live on
 /// the stack); larger heads go to the AVX2 kernel, which gives the same bits.
 pub(crate) const MAX_HEAD_DIM: usize = 512;
@@ -138,6 +182,7 @@ fn scores_q8_0<const H: usize>(
     keys: &[KeyTileBlock], // [n / 16 rounded up, blocks]
     blocks: usize,
     scaling: f32,
+    next: &NextChunkLines<'_>,
 ) {
     let n = rows[0].scores.len();
     assert!(blocks <= MAX_BLOCKS && keys.len() == n.div_ceil(TILE_POSITIONS) * blocks);
@@ -160,6 +205,7 @@ fn scores_q8_0<const H: usize>(
     }
     let scale = _mm512_set1_ps(scaling);
     for (t, tile) in keys.chunks_exact(blocks).enumerate() {
+        next.prefetch(t);
         let mut acc = [_mm512_setzero_ps(); H];
         for (b, kb) in tile.iter().enumerate() {
             // SAFETY: d holds 16 halves (32 bytes).
@@ -194,7 +240,7 @@ fn scores_q8_0<const H: usize>(
 /// halves and one for the low halves: `128 · Σ hi·(c + 128) + Σ lo·(c + 128)
 /// - 128 · Σ code` is Σ code · c exactly (wrapping i32 arithmetic, and the
 /// result within |Σ| < 2^30). The pass also asks for its share of the next
-/// chunk's keys and values (`next_chunk`, into L2), a few lines a tile.
+/// chunk's keys and values (`next`, into L2), a few lines a tile.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
 fn value_sums_q8_0<const H: usize>(
@@ -202,7 +248,7 @@ fn value_sums_q8_0<const H: usize>(
     values: &[ValueTileBlock], // [n / 16 rounded up, blocks]
     blocks: usize,
     b: usize,
-    (next_keys, next_values): (&[KeyTileBlock], &[ValueTileBlock]),
+    next: &NextChunkLines<'_>,
     bytes: &mut [[TileWeightBytes; H]; MAX_TILES],
 ) {
     let n = rows[0].scores.len();
@@ -271,30 +317,10 @@ fn value_sums_q8_0<const H: usize>(
         }
     }
 
-    let key_lines = std::mem::size_of_val(next_keys).div_ceil(64);
-    let next_lines = key_lines + std::mem::size_of_val(next_values).div_ceil(64);
-    // Spread over the passes (one a block): a few lines a tile, the pass's
-    // share of them.
-    let next_per_tile = next_lines.div_ceil(blocks * tiles);
-    let first_line = b * tiles * next_per_tile;
-    let line_at = |line: usize| {
-        if line < key_lines {
-            next_keys.as_ptr().cast::<u8>().wrapping_add(64 * line)
-        } else {
-            next_values
-                .as_ptr()
-                .cast::<u8>()
-                .wrapping_add(64 * (line - key_lines))
-        }
-    };
-
     let mut high = [[_mm512_setzero_si512(); 2]; H];
     let mut low = [[_mm512_setzero_si512(); 2]; H];
     for (t, bytes) in bytes[..tiles].iter().enumerate() {
-        let start = (first_line + t * next_per_tile).min(next_lines);
-        for line in start..(start + next_per_tile).min(next_lines) {
-            _mm_prefetch::<_MM_HINT_T1>(line_at(line).cast());
-        }
+        next.prefetch((b + 1) * tiles + t);
         let block = &values[t * blocks + b];
         for p in 0..4 {
             let c = [0, 1].map(|half| {
@@ -345,13 +371,15 @@ fn heads_chunk_q8_0<const H: usize>(
 ) {
     let blocks = hd / Q8_0_VALUES;
     assert!(blocks >= 1 && blocks * Q8_0_VALUES == hd);
-    scores_q8_0(rows, keys, blocks, scaling);
+    let tiles = keys.len() / blocks;
+    let next = NextChunkLines::new(next_chunk, (blocks + 1) * tiles);
+    scores_q8_0(rows, keys, blocks, scaling, &next);
     for row in rows.iter_mut() {
         *row.stats = softmax_weights(row.scores);
     }
     // Each block's weight codes, tile by tile: one buffer for every block.
     let mut bytes: [[TileWeightBytes; H]; MAX_TILES] = [[[0; 2 * TILE_POSITIONS]; H]; MAX_TILES];
     for b in 0..blocks {
-        value_sums_q8_0::<H>(rows, values, blocks, b, next_chunk, &mut bytes);
+        value_sums_q8_0::<H>(rows, values, blocks, b, &next, &mut bytes);
     }
 }
