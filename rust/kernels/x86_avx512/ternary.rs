@@ -391,12 +391,7 @@ unsafe fn small_tile<const NR: usize, const NT: usize, const VNNI: bool>(
                 }
             }
         }
-        let sums = tile_sums(&acc);
-        for j in 0..NR {
-            for i in 0..NT {
-                out[j * m + i] += sums[j][i];
-            }
-        }
+        add_tile_sums(&acc, out, m);
     }
 }
 
@@ -437,10 +432,69 @@ unsafe fn tile<const NR: usize, const NT: usize, const VNNI: bool>(
             }
             k += 64;
         }
-        let sums = tile_sums(&acc);
-        for j in 0..NR {
-            for i in 0..NT {
-                out[j * m + i] += sums[j][i];
+        add_tile_sums(&acc, out, m);
+    }
+}
+
+/// `out[j·m + i] += ` the horizontal sum of `acc[j][i]`, for every
+/// accumulator of a tile. A full tile's sixteen sums come out of one
+/// transposing tree as one vector, row j in lanes j·NT..(j + 1)·NT, so each
+/// row is added into `out` with one vector load, add and store, where
+/// element by element each sum would cost a lane extraction, a bounds check
+/// and a scalar add: a fixed cost per tile that short rows (a few k-blocks)
+/// do not amortize. Other tiles (partial ones) add their sums one by one.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[inline(always)]
+unsafe fn add_tile_sums<const NR: usize, const NT: usize>(
+    acc: &[[__m512i; NT]; NR],
+    out: &mut [i32], // row j's NT sums at j·m..
+    m: usize,
+) {
+    assert!(NR >= 1 && NT >= 1 && out.len() >= (NR - 1) * m + NT);
+    let o = out.as_mut_ptr();
+    // SAFETY: the CPU has AVX-512 F (so AVX2) per the contract; row j's
+    // NT values j·m..j·m + NT lie inside `out` (asserted above).
+    unsafe {
+        // Macros, not closures: see `sum_sixteen`.
+        macro_rules! tree {
+            () => {{
+                let mut flat = [_mm512_setzero_si512(); 16];
+                for (p, v) in flat.iter_mut().enumerate() {
+                    *v = acc[p / NT][p % NT];
+                }
+                sum_sixteen(flat)
+            }};
+        }
+        if NR == 2 && NT == 8 {
+            let sums = tree!();
+            let halves = [
+                _mm512_castsi512_si256(sums),
+                _mm512_extracti64x4_epi64::<1>(sums),
+            ];
+            for (j, half) in halves.into_iter().enumerate() {
+                let row = o.add(j * m).cast::<__m256i>();
+                _mm256_storeu_si256(row, _mm256_add_epi32(_mm256_loadu_si256(row), half));
+            }
+        } else if NR == 4 && NT == 4 {
+            let sums = tree!();
+            let quarters = [
+                _mm512_castsi512_si128(sums),
+                _mm512_extracti32x4_epi32::<1>(sums),
+                _mm512_extracti32x4_epi32::<2>(sums),
+                _mm512_extracti32x4_epi32::<3>(sums),
+            ];
+            for (j, quarter) in quarters.into_iter().enumerate() {
+                let row = o.add(j * m).cast::<__m128i>();
+                _mm_storeu_si128(row, _mm_add_epi32(_mm_loadu_si128(row), quarter));
+            }
+        } else {
+            let sums = tile_sums(acc);
+            for (j, sums) in sums.iter().enumerate() {
+                for (i, &sum) in sums.iter().enumerate() {
+                    *o.add(j * m + i) += sum;
+                }
             }
         }
     }
