@@ -261,6 +261,7 @@ fn attention(c: &mut Criterion) {
                     &mut out,
                     HD,
                     &mut scratch,
+                    None,
                 )
             })
         });
@@ -274,7 +275,7 @@ fn attention(c: &mut Criterion) {
 /// a token at that depth reads them). The groups are tasks over 1 or 2
 /// threads; bytes per second of keys and values read.
 fn attention_depth(c: &mut Criterion) {
-    use trit::model::attention::{attend_group, ChunkScratch, KEY_CHUNK};
+    use trit::model::attention::{attend_group, ChunkScratch, ThenReads, KEY_CHUNK};
     use trit::model::cache::{KvCache, KvType};
     const HD: usize = 128;
     const GROUP: usize = 4;
@@ -315,6 +316,16 @@ fn attention_depth(c: &mut Criterion) {
                             },
                             |(scores, out, scratch), task| {
                                 let (l, g) = (task / KV_HEADS, task % KV_HEADS);
+                                // The next task's group, as the model's decode
+                                // passes the next KV head's.
+                                let next = task + 1;
+                                let then = (next < LAYERS * KV_HEADS).then(|| {
+                                    let (l, g) = (next / KV_HEADS, next % KV_HEADS);
+                                    ThenReads {
+                                        keys: cache.keys(l, g, N),
+                                        values: cache.values(l, g, N),
+                                    }
+                                });
                                 attend_group(
                                     kernel,
                                     black_box(&q),
@@ -327,6 +338,7 @@ fn attention_depth(c: &mut Criterion) {
                                     out,
                                     HD,
                                     scratch,
+                                    then,
                                 );
                             },
                         )

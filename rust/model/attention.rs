@@ -35,6 +35,17 @@ const _: () = assert!(KEY_CHUNK.is_multiple_of(TILE_POSITIONS));
 // A chunk's q8_0 value sums are exact integers up to this many positions.
 const _: () = assert!(KEY_CHUNK <= crate::kernels::scalar::attention::MAX_VALUE_SUM_POSITIONS);
 
+/// The keys and values a task reads after the group it is computing (the
+/// next KV head's, positions 0..): the last chunk of a group asks the cache
+/// for their first chunk, as every other chunk asks for the next one of
+/// its own group, so that no chunk but a task's first starts cold. Used
+/// over a q8_0 cache; ignored over the others.
+#[derive(Clone, Copy, Debug)]
+pub struct ThenReads<'a> {
+    pub keys: KvRows<'a>,
+    pub values: KvRows<'a>,
+}
+
 /// Reusable buffers of `attend_group`.
 #[derive(Default)]
 pub struct ChunkScratch {
@@ -93,7 +104,8 @@ impl<'a> Queries<'a> {
 /// positions 0..n of `keys` and `values` ([>= n, hd] each): `attend_chunk`
 /// on every chunk of `KEY_CHUNK` keys, then `merge`. `q` is [heads, hd]
 /// (quantized once here for a q8_0 cache); head h's output goes to
-/// `out[h * out_stride..][..hd]`; `scores` is scratch of [heads, KEY_CHUNK].
+/// `out[h * out_stride..][..hd]`; `scores` is scratch of [heads, KEY_CHUNK];
+/// `then`: what the caller reads next, if it knows (`ThenReads`).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_group(
     kernel: Kernel,
@@ -107,6 +119,7 @@ pub fn attend_group(
     out: &mut [f32],
     out_stride: usize,
     scratch: &mut ChunkScratch,
+    then: Option<ThenReads<'_>>,
 ) {
     assert!(hd >= 1 && !q.is_empty() && q.len().is_multiple_of(hd));
     let heads = q.len() / hd;
@@ -122,7 +135,7 @@ pub fn attend_group(
     {
         let range = c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(n);
         attend_chunk(
-            kernel, q, hd, keys, values, range, scaling, scores, KEY_CHUNK, part, hd, stats,
+            kernel, q, hd, keys, values, range, scaling, scores, KEY_CHUNK, part, hd, stats, then,
         );
     }
     merge(
@@ -142,7 +155,10 @@ pub fn attend_group(
 /// at `scores[h * scores_stride..]`, `out[h * out_stride..][..hd]` =
 /// Σ_j exp(s_j - max) v_j and `stats[h]` = (max, Σ_j exp(s_j - max)).
 /// The arguments become one `HeadGroup` view, checked there; every path's
-/// result for each head is exactly the scalar definition's.
+/// result for each head is exactly the scalar definition's. Over a q8_0
+/// cache the chunk asks for the next one's keys and values while it
+/// computes: its group's next chunk, or after the last one the first chunk
+/// of `then`, if given.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_chunk(
     kernel: Kernel,
@@ -157,6 +173,7 @@ pub fn attend_chunk(
     out: &mut [f32],
     out_stride: usize,
     stats: &mut [Partial],
+    then: Option<ThenReads<'_>>,
 ) {
     assert!(hd >= 1 && !range.is_empty());
     let rows = range.start * hd..range.end * hd;
@@ -197,10 +214,17 @@ pub fn attend_chunk(
                     ..positions.end.div_ceil(TILE_POSITIONS) * per_position
             };
             let next = range.end..(range.end + KEY_CHUNK).min(n);
-            let next_chunk = if next.is_empty() {
-                (&[][..], &[][..])
-            } else {
-                (&k[tiles(next.clone())], &v[tiles(next)])
+            let next_chunk = match then {
+                _ if !next.is_empty() => (&k[tiles(next.clone())], &v[tiles(next)]),
+                Some(ThenReads {
+                    keys: KvRows::Q8_0Keys { tiles: k, n },
+                    values: KvRows::Q8_0Values { tiles: v, .. },
+                }) => {
+                    // The same head_dim, so the same tiles per position.
+                    let first = tiles(0..KEY_CHUNK.min(n));
+                    (&k[first.clone()], &v[first])
+                }
+                _ => (&[][..], &[][..]),
             };
             let kv = (&k[tiles(range.clone())], &v[tiles(range)]);
             let mut group =
@@ -319,6 +343,7 @@ mod tests {
             &mut out,
             os,
             &mut scratch,
+            None,
         );
         // The padding between rows is left alone.
         for h in 0..heads {
@@ -358,6 +383,7 @@ mod tests {
             &mut out,
             os,
             &mut stats,
+            None,
         );
         (out, stats)
     }

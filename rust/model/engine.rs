@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::attention::{
-    attend_chunk, attend_group, merge, ChunkScratch, Partial, Queries, KEY_CHUNK,
+    attend_chunk, attend_group, merge, ChunkScratch, Partial, Queries, ThenReads, KEY_CHUNK,
 };
 use super::cache::{BlockQ8_0, KvCache, KvType};
 use super::config::Activation;
@@ -969,8 +969,14 @@ fn attend_decoding(
         let n = slot.tokens.len() + 1; // the cached keys and the token's own
         let mut scores = vec![0.0f32; group * KEY_CHUNK]; // [group, KEY_CHUNK]
         let mut chunk_scratch = ChunkScratch::default();
-        for g in 0..n_heads / group {
+        let n_kv = n_heads / group;
+        for g in 0..n_kv {
             let heads = g * group * hd..(g + 1) * group * hd;
+            // The next KV head's keys and values are this task's next reads.
+            let then = (g + 1 < n_kv).then(|| ThenReads {
+                keys: slot.cache.keys(layer, g + 1, n),
+                values: slot.cache.values(layer, g + 1, n),
+            });
             attend_group(
                 kernel,
                 &q[row * q_dim..][heads.clone()],
@@ -983,6 +989,7 @@ fn attend_decoding(
                 &mut out[heads],
                 hd,
                 &mut chunk_scratch,
+                then,
             );
         }
     });
@@ -1039,8 +1046,15 @@ fn attention(
                 let (keys, values) = kv(g);
                 let range = c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(n_all);
                 let qg = queries.heads(g * group..(g + 1) * group, hd);
+                // Tasks run in order on a thread, mostly: after a group's
+                // last chunk comes the next group's first.
+                let then = (g + 1 < n_kv).then(|| {
+                    let (keys, values) = kv(g + 1);
+                    ThenReads { keys, values }
+                });
                 attend_chunk(
-                    kernel, qg, hd, keys, values, range, scaling, scores, KEY_CHUNK, out, hd, stats,
+                    kernel, qg, hd, keys, values, range, scaling, scores, KEY_CHUNK, out, hd,
+                    stats, then,
                 );
             });
         // A few thousand multiply-adds: not worth waking a thread for.
@@ -1085,6 +1099,7 @@ fn attention(
                         &mut out_t[heads.clone()],
                         hd,
                         &mut chunk_scratch,
+                        None,
                     );
                 }
             }
