@@ -220,9 +220,13 @@ pub fn attend_chunk(
                     keys: KvRows::Q8_0Keys { tiles: k, n },
                     values: KvRows::Q8_0Values { tiles: v, .. },
                 }) => {
-                    // The same head_dim, so the same tiles per position.
+                    // Another head of the same cache: the same tiles per
+                    // position. Only a hint, so a mismatch asks for nothing.
                     let first = tiles(0..KEY_CHUNK.min(n));
-                    (&k[first.clone()], &v[first])
+                    match (k.get(first.clone()), v.get(first)) {
+                        (Some(k), Some(v)) => (k, v),
+                        _ => (&[][..], &[][..]),
+                    }
                 }
                 _ => (&[][..], &[][..]),
             };
