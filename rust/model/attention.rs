@@ -265,7 +265,7 @@ pub fn merge(
 mod tests {
     use super::super::cache::F16;
     use super::*;
-    use crate::kernels::q8_0::{TileBlock, TileLanes};
+    use crate::kernels::q8_0::{KeyTileBlock, TileBlock, TileLanes, ValueTileBlock};
     use crate::kernels::scalar::attention as scalar;
 
     fn paths() -> Vec<Kernel> {
@@ -367,6 +367,19 @@ mod tests {
         values: KvRows<'_>,
         range: std::ops::Range<usize>,
     ) -> (Vec<f32>, Vec<Partial>) {
+        run_chunk_then(path, q, hd, keys, values, range, None)
+    }
+
+    /// `run_chunk` with what the chunk may ask the cache for next.
+    fn run_chunk_then(
+        path: Kernel,
+        q: &[f32],
+        hd: usize,
+        keys: KvRows<'_>,
+        values: KvRows<'_>,
+        range: std::ops::Range<usize>,
+        then: Option<ThenReads<'_>>,
+    ) -> (Vec<f32>, Vec<Partial>) {
         let heads = q.len() / hd;
         let (ss, os) = (range.len() + 5, hd + 3);
         let mut scores = vec![0.0; heads * ss];
@@ -387,7 +400,7 @@ mod tests {
             &mut out,
             os,
             &mut stats,
-            None,
+            then,
         );
         (out, stats)
     }
@@ -592,6 +605,67 @@ mod tests {
             let want = run_group(Kernel::Scalar, &q, hd, k8r, v8r, n, 0.1);
             for path in paths() {
                 proptest::prop_assert_eq!(run_group(path, &q, hd, k8r, v8r, n, 0.1), want.clone(), "{}", path);
+            }
+        }
+    }
+
+    #[test]
+    fn what_a_chunk_asks_for_next_changes_nothing() {
+        // A chunk asks the cache for the next chunk of its group, or after
+        // the last one for the first chunk of `then`: a hint only. Every
+        // path gives the same bits with or without it, and a `then` whose
+        // tiles are another shape's (or rows of another type) asks for nothing.
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let q8 = |rng: &mut Rng, hd: usize, n: usize| {
+            let x: Vec<f32> = (0..n * hd).map(|_| rng.float()).collect();
+            let blocks = q8_0_blocks(&x);
+            let keys: Vec<KeyTileBlock> = tiles(&blocks, hd / Q8_0_VALUES);
+            let values: Vec<ValueTileBlock> = tiles(&blocks, hd / Q8_0_VALUES);
+            (keys, values)
+        };
+        let (hd, n, heads) = (128, 300, 4);
+        let q: Vec<f32> = (0..heads * hd).map(|_| 3.0 * rng.float()).collect();
+        let (k, v) = q8(&mut rng, hd, n);
+        let (keys, values) = (
+            KvRows::Q8_0Keys { tiles: &k, n },
+            KvRows::Q8_0Values { tiles: &v, n },
+        );
+        let (next_k, next_v) = q8(&mut rng, hd, 40);
+        let (small_k, small_v) = q8(&mut rng, 32, 3);
+        let f16 = vec![F16::from_f32(0.5); 40 * hd];
+        let thens = [
+            ThenReads {
+                keys: KvRows::Q8_0Keys {
+                    tiles: &next_k,
+                    n: 40,
+                },
+                values: KvRows::Q8_0Values {
+                    tiles: &next_v,
+                    n: 40,
+                },
+            },
+            ThenReads {
+                keys: KvRows::Q8_0Keys {
+                    tiles: &small_k,
+                    n: 3,
+                },
+                values: KvRows::Q8_0Values {
+                    tiles: &small_v,
+                    n: 3,
+                },
+            },
+            ThenReads {
+                keys: KvRows::F16(&f16),
+                values: KvRows::F16(&f16),
+            },
+        ];
+        for path in paths() {
+            for range in [0..KEY_CHUNK, KEY_CHUNK..n] {
+                let want = run_chunk(path, &q, hd, keys, values, range.clone());
+                for then in thens {
+                    let got = run_chunk_then(path, &q, hd, keys, values, range.clone(), Some(then));
+                    assert_eq!(got, want, "{path:?} {range:?} {then:?}");
+                }
             }
         }
     }
