@@ -358,20 +358,9 @@ mod tests {
             .collect()
     }
 
-    /// `attend_chunk` of one chunk on `path`: (outputs, partials) per head.
+    /// `attend_chunk` of one chunk on `path` (`then`: what it may ask the
+    /// cache for after its group): (outputs, partials) per head.
     fn run_chunk(
-        path: Kernel,
-        q: &[f32],
-        hd: usize,
-        keys: KvRows<'_>,
-        values: KvRows<'_>,
-        range: std::ops::Range<usize>,
-    ) -> (Vec<f32>, Vec<Partial>) {
-        run_chunk_then(path, q, hd, keys, values, range, None)
-    }
-
-    /// `run_chunk` with what the chunk may ask the cache for next.
-    fn run_chunk_then(
         path: Kernel,
         q: &[f32],
         hd: usize,
@@ -434,15 +423,15 @@ mod tests {
             // Every chunk's partial: the paths agree to the bit.
             for c in 0..n.div_ceil(KEY_CHUNK) {
                 let range = c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(n);
-                let want32 = run_chunk(Kernel::Scalar, &q, hd, k32r, v32r, range.clone());
-                let want16 = run_chunk(Kernel::Scalar, &q, hd, k16r, v16r, range.clone());
+                let want32 = run_chunk(Kernel::Scalar, &q, hd, k32r, v32r, range.clone(), None);
+                let want16 = run_chunk(Kernel::Scalar, &q, hd, k16r, v16r, range.clone(), None);
                 for path in paths() {
-                    let got = run_chunk(path, &q, hd, k32r, v32r, range.clone());
+                    let got = run_chunk(path, &q, hd, k32r, v32r, range.clone(), None);
                     assert_eq!(
                         got, want32,
                         "{path:?} f32 hd {hd} n {n} heads {heads} chunk {c}"
                     );
-                    let got = run_chunk(path, &q, hd, k16r, v16r, range.clone());
+                    let got = run_chunk(path, &q, hd, k16r, v16r, range.clone(), None);
                     assert_eq!(
                         got, want16,
                         "{path:?} f16 hd {hd} n {n} heads {heads} chunk {c}"
@@ -541,9 +530,9 @@ mod tests {
             let v8r = KvRows::Q8_0Values { tiles: &v8t, n };
             for c in 0..n.div_ceil(KEY_CHUNK) {
                 let range = c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(n);
-                let want = run_chunk(Kernel::Scalar, &q, hd, k8r, v8r, range.clone());
+                let want = run_chunk(Kernel::Scalar, &q, hd, k8r, v8r, range.clone(), None);
                 for path in paths() {
-                    let got = run_chunk(path, &q, hd, k8r, v8r, range.clone());
+                    let got = run_chunk(path, &q, hd, k8r, v8r, range.clone(), None);
                     assert_eq!(
                         got, want,
                         "{path:?} q8_0 hd {hd} n {n} heads {heads} chunk {c}"
@@ -661,9 +650,9 @@ mod tests {
         ];
         for path in paths() {
             for range in [0..KEY_CHUNK, KEY_CHUNK..n] {
-                let want = run_chunk(path, &q, hd, keys, values, range.clone());
+                let want = run_chunk(path, &q, hd, keys, values, range.clone(), None);
                 for then in thens {
-                    let got = run_chunk_then(path, &q, hd, keys, values, range.clone(), Some(then));
+                    let got = run_chunk(path, &q, hd, keys, values, range.clone(), Some(then));
                     assert_eq!(got, want, "{path:?} {range:?} {then:?}");
                 }
             }
