@@ -32,7 +32,9 @@ from trit.loader import load_model, resolve
 PP_REFERENCE = 128
 # Prompt tokens one step takes at most while the batch's prompts are processed.
 PROMPT_STEP_TOKENS = 256
-# Most repetitions `-r` may ask for (each runs every batch size again).
+# Repetitions when `-r` is not given, and the most it may ask for (each runs
+# every batch size again).
+DEFAULT_REPETITIONS = 3
 MAX_REPETITIONS = 100
 
 
@@ -105,7 +107,7 @@ def run(
     head: str = "int8",
     kv_cache: str = "f16",
     packing: str = "i2",
-    repetitions: int = 3,
+    repetitions: int = DEFAULT_REPETITIONS,
 ) -> list[BatchResult]:
     """One result per batch size, each rate the median of `repetitions`
     passes; see the module docstring."""

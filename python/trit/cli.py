@@ -470,7 +470,11 @@ def _bench_batch(args: argparse.Namespace) -> int:
                     head=args.head,
                     kv_cache=args.kv_cache,
                     packing=args.packing,
-                    repetitions=3 if args.repetitions is None else args.repetitions,
+                    repetitions=(
+                        bench_batch.DEFAULT_REPETITIONS
+                        if args.repetitions is None
+                        else args.repetitions
+                    ),
                     progress=say,
                 )
             )

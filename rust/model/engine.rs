@@ -1048,7 +1048,7 @@ fn attention(
                 let qg = queries.heads(g * group..(g + 1) * group, hd);
                 // Tasks run in order on a thread, mostly: after a group's
                 // last chunk comes the next group's first.
-                let then = (g + 1 < n_kv).then(|| {
+                let then = (c + 1 == chunks && g + 1 < n_kv).then(|| {
                     let (keys, values) = kv(g + 1);
                     ThenReads { keys, values }
                 });

@@ -457,18 +457,8 @@ unsafe fn add_tile_sums<const NR: usize, const NT: usize>(
     // SAFETY: the CPU has AVX-512 F (so AVX2) per the contract; row j's
     // NT values j·m..j·m + NT lie inside `out` (asserted above).
     unsafe {
-        // Macros, not closures: see `sum_sixteen`.
-        macro_rules! tree {
-            () => {{
-                let mut flat = [_mm512_setzero_si512(); 16];
-                for (p, v) in flat.iter_mut().enumerate() {
-                    *v = acc[p / NT][p % NT];
-                }
-                sum_sixteen(flat)
-            }};
-        }
         if NR == 2 && NT == 8 {
-            let sums = tree!();
+            let sums = full_tile_sums(acc);
             let halves = [
                 _mm512_castsi512_si256(sums),
                 _mm512_extracti64x4_epi64::<1>(sums),
@@ -478,7 +468,7 @@ unsafe fn add_tile_sums<const NR: usize, const NT: usize>(
                 _mm256_storeu_si256(row, _mm256_add_epi32(_mm256_loadu_si256(row), half));
             }
         } else if NR == 4 && NT == 4 {
-            let sums = tree!();
+            let sums = full_tile_sums(acc);
             let quarters = [
                 _mm512_castsi512_si128(sums),
                 _mm512_extracti32x4_epi32::<1>(sums),
@@ -500,6 +490,24 @@ unsafe fn add_tile_sums<const NR: usize, const NT: usize>(
     }
 }
 
+/// A full tile's sixteen horizontal sums in one vector: lane j·NT + i is
+/// the sum of `acc[j][i]` (`sum_sixteen`).
+///
+/// # Safety
+/// The CPU must support AVX-512 F; NR · NT = 16.
+#[inline(always)]
+unsafe fn full_tile_sums<const NR: usize, const NT: usize>(acc: &[[__m512i; NT]; NR]) -> __m512i {
+    debug_assert_eq!(NR * NT, 16);
+    // SAFETY: per the contract.
+    unsafe {
+        let mut flat = [_mm512_setzero_si512(); 16];
+        for (p, v) in flat.iter_mut().enumerate() {
+            *v = acc[p / NT][p % NT];
+        }
+        sum_sixteen(flat)
+    }
+}
+
 /// The horizontal sum of each accumulator of a tile: a full tile's sixteen
 /// in one transposing tree (`sum_sixteen`), a partial tile's one by one.
 ///
@@ -513,12 +521,8 @@ pub(crate) unsafe fn tile_sums<const NR: usize, const NT: usize>(
     // SAFETY: per the contract.
     unsafe {
         if NR * NT == 16 {
-            let mut flat = [_mm512_setzero_si512(); 16];
-            for (p, v) in flat.iter_mut().enumerate() {
-                *v = acc[p / NT][p % NT];
-            }
             let mut lanes = [0i32; 16];
-            _mm512_storeu_si512(lanes.as_mut_ptr().cast(), sum_sixteen(flat));
+            _mm512_storeu_si512(lanes.as_mut_ptr().cast(), full_tile_sums(acc));
             for (p, &lane) in lanes.iter().enumerate() {
                 sums[p / NT][p % NT] = lane;
             }
