@@ -375,6 +375,27 @@ fn head_int8(c: &mut Criterion) {
     }
 }
 
+/// The int8 head's dot kernel with its rows in L2 (128 rows of 2560, a
+/// head task's worth; one thread), in multiply-adds per second: what a head
+/// tile reaches when memory is out of the way, beside `isa_peak` and
+/// `gemm_cached`.
+fn head_cached(c: &mut Criterion) {
+    use trit::kernels::head::int8_dots_tokens;
+    let (rows, cols) = (128, 2560);
+    let codes: Vec<i8> = (0..rows * cols).map(|i| ((i * 7919) % 255) as i8).collect(); // [rows, cols]
+    let kernel = Kernel::active().unwrap();
+    let mut group = c.benchmark_group("head_cached");
+    for n in [1usize, 4, 8, 16] {
+        let xs: Vec<i8> = (0..n * cols).map(|i| ((i * 31) % 255) as i8).collect(); // [n, cols]
+        let mut dots = vec![0i32; n * rows]; // [n, rows]
+        group.throughput(Throughput::Elements((n * rows * cols) as u64));
+        group.bench_function(BenchmarkId::new("int8", format!("m{n}")), |b| {
+            b.iter(|| int8_dots_tokens(kernel, black_box(&codes), &xs, n, &mut dots))
+        });
+    }
+    group.finish();
+}
+
 /// `head_int8`'s groups for one head: `head_{name}` (one token) and
 /// `head_{name}_tokens` (n tokens at once).
 fn head_dense(
@@ -616,6 +637,7 @@ criterion_group!(
     gemv,
     gemv_streamed,
     head_int8,
+    head_cached,
     gemm,
     gemm_streamed,
     gemm_cached,

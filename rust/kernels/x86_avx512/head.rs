@@ -137,31 +137,37 @@ unsafe fn tile_dots<const NR: usize, const NT: usize>(ops: Operands, out: &mut T
     unsafe {
         let flip = _mm512_set1_epi8(i8::MIN);
         let mut acc = [[_mm512_setzero_si512(); NT]; NR];
-        let mut k = 0;
-        while k < n {
-            // Lanes past n load as 0: a flipped 0 (128) times an activation 0 adds nothing.
-            let mask: __mmask64 = if n - k >= 64 {
-                !0
-            } else {
-                (1u64 << (n - k)) - 1
-            };
-            if prefetch {
+        // 64 columns from k on, each vector read by `$load` (plain, or
+        // masked to the rows' tail).
+        macro_rules! columns {
+            ($k:expr, $load:expr) => {{
+                let k = $k;
+                if prefetch {
+                    for j in 0..NR {
+                        let ahead = rows.wrapping_add((PREFETCH_ROWS + j) * n + k);
+                        _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
+                    }
+                }
+                let mut x = [_mm512_setzero_si512(); NT];
+                for (i, x) in x.iter_mut().enumerate() {
+                    *x = $load(xs.add(i * n + k));
+                }
                 for j in 0..NR {
-                    let ahead = rows.wrapping_add((PREFETCH_ROWS + j) * n + k);
-                    _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
+                    let w = _mm512_xor_si512($load(rows.add(j * n + k)), flip);
+                    for i in 0..NT {
+                        acc[j][i] = _mm512_dpbusd_epi32(acc[j][i], w, x[i]);
+                    }
                 }
-            }
-            let mut x = [_mm512_setzero_si512(); NT];
-            for (i, x) in x.iter_mut().enumerate() {
-                *x = _mm512_maskz_loadu_epi8(mask, xs.add(i * n + k));
-            }
-            for j in 0..NR {
-                let w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, rows.add(j * n + k)), flip);
-                for i in 0..NT {
-                    acc[j][i] = _mm512_dpbusd_epi32(acc[j][i], w, x[i]);
-                }
-            }
-            k += 64;
+            }};
+        }
+        let whole = n - n % 64;
+        for k in (0..whole).step_by(64) {
+            columns!(k, |at: *const i8| _mm512_loadu_si512(at.cast()));
+        }
+        if whole < n {
+            // Lanes past n load as 0: a flipped 0 (128) times an activation 0 adds nothing.
+            let mask: __mmask64 = (1u64 << (n - whole)) - 1;
+            columns!(whole, |at: *const i8| _mm512_maskz_loadu_epi8(mask, at));
         }
         // Sixteen accumulators (a full tile) in one transposing tree.
         let sums = x86_avx512::ternary::tile_sums(&acc);
