@@ -375,22 +375,45 @@ fn head_int8(c: &mut Criterion) {
     }
 }
 
-/// The int8 head's dot kernel with its rows in L2 (128 rows of 2560, a
-/// head task's worth; one thread), in multiply-adds per second: what a head
-/// tile reaches when memory is out of the way, beside `isa_peak` and
+/// The head's dot kernels with their rows in L2 (128 rows of 2560, a head
+/// task's worth; one thread), in multiply-adds per second: what a head tile
+/// reaches when memory is out of the way, beside `isa_peak` and
 /// `gemm_cached`.
 fn head_cached(c: &mut Criterion) {
-    use trit::kernels::head::int8_dots_tokens;
+    use trit::kernels::head::{int8_dots_tokens, q6_dots_tokens};
+    use trit::kernels::q6::{Q6Activations, Q6Matrix};
     let (rows, cols) = (128, 2560);
     let codes: Vec<i8> = (0..rows * cols).map(|i| ((i * 7919) % 255) as i8).collect(); // [rows, cols]
+    let q6 = Q6Matrix::from_rows(rows, cols, |r, out| {
+        for (c, v) in out.iter_mut().enumerate() {
+            *v = ((r * cols + c) * 7919 % 2001) as f32 / 1000.0 - 1.0;
+        }
+    })
+    .unwrap();
     let kernel = Kernel::active().unwrap();
     let mut group = c.benchmark_group("head_cached");
     for n in [1usize, 4, 8, 16] {
         let xs: Vec<i8> = (0..n * cols).map(|i| ((i * 31) % 255) as i8).collect(); // [n, cols]
+        let mut acts = Q6Activations::new(n, q6.groups());
+        for (codes, x) in acts.code_rows_mut().zip(xs.chunks_exact(cols)) {
+            codes[..cols].copy_from_slice(x);
+        }
+        let q6_xs = acts.finish();
         let mut dots = vec![0i32; n * rows]; // [n, rows]
+        let mut wide_dots = vec![0i64; n * rows]; // [n, rows]
         group.throughput(Throughput::Elements((n * rows * cols) as u64));
         group.bench_function(BenchmarkId::new("int8", format!("m{n}")), |b| {
             b.iter(|| int8_dots_tokens(kernel, black_box(&codes), &xs, n, &mut dots))
+        });
+        group.bench_function(BenchmarkId::new("q6", format!("m{n}")), |b| {
+            b.iter(|| {
+                q6_dots_tokens(
+                    kernel,
+                    black_box(q6.rows_view(0, rows)),
+                    q6_xs,
+                    &mut wide_dots,
+                )
+            })
         });
     }
     group.finish();

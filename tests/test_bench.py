@@ -50,16 +50,17 @@ def test_run_reports_every_test() -> None:
 
 def test_the_q6_head_reads_fewer_bytes_per_token() -> None:
     """The head's bytes come from the matrix as held: the fixture's tied
-    512 × 64 head is 512 × (64 + 4) bytes as int8 rows and 512 × (50 + 4) as
-    q6 rows (a group of 64 columns is 48 code bytes and 2 sub-scales, plus a
-    step per row), and the roofline moves with them."""
+    512 × 64 head is 512 × (64 + 4) bytes as int8 rows and 512 × (56 + 4) as
+    q6 rows (one group of 64 columns: 48 code bytes, the 8 sub-scales of its
+    band, which would hold four groups, and a step per row), and the roofline
+    moves with them."""
     int8, q6 = (
         bench.run(MODEL, n_prompt=[], n_gen=[2], threads=[1], repetitions=1, head=head)[0]
         for head in ("int8", "q6")
     )
     assert (int8.head, q6.head) == ("int8", "q6")
-    assert int8.bytes_per_token - q6.bytes_per_token == 512 * (64 - 50)
-    assert int8.model_size - q6.model_size == 512 * (64 - 50)
+    assert int8.bytes_per_token - q6.bytes_per_token == 512 * (64 - 56)
+    assert int8.model_size - q6.model_size == 512 * (64 - 56)
     assert int8.roofline_ts is not None and q6.roofline_ts is not None
     ratio = int8.bytes_per_token / q6.bytes_per_token
     assert q6.roofline_ts / q6.read_bandwidth_gbs == pytest.approx(

@@ -219,12 +219,16 @@ def test_q6_head_is_close_and_smaller_than_int8() -> None:
     la, lb = exact.logits([509]), q6.logits([509])
     assert np.abs(la - lb).max() < 0.8
     assert np.abs(la - lb).mean() < 0.2
-    assert la.argmax() == lb.argmax()
+    # The exact head's two best tokens here differ by 0.017 (12.023 and
+    # 12.006), less than either quantized head's error: the q6 choice must
+    # be one of the exact near-ties, not necessarily its first.
+    assert la[0, lb.argmax()] > la.max() - 0.05
     # Tied: the embedding itself became q6, a row of 64 values one group:
-    # 48 code bytes, 2 sub-scales and the row's f32 step.
+    # 48 code bytes, the 8 sub-scales of its band (which would hold four
+    # groups) and the row's f32 step.
     cfg = exact.config
     assert cfg.hidden_size == 64
-    saved = cfg.vocab_size * (2 * 64 - (48 + 2 + 4))
+    saved = cfg.vocab_size * (2 * 64 - (48 + 8 + 4))
     assert exact.model.weight_bytes - q6.model.weight_bytes == saved
     with pytest.raises(ValueError, match="q6 rows"):
         q6.model.dense("embed_tokens")

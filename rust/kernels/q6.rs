@@ -20,25 +20,32 @@
 //! sub-scales with the block sums. One float epilogue per row, as for int8:
 //! every path computes the same integer, so the same f32 logit.
 //!
-//! A group of 64 columns is 48 bytes of codes and 2 sub-scales:
+//! A group of 64 columns is 48 bytes of codes:
 //! - `low[32]`: byte i holds the low 4 bits of column i (bits 0-3) and of
 //!   column 32 + i (bits 4-7): one AND gives columns 0..31, a shift and an
 //!   AND columns 32..63.
 //! - `high[16]`: byte i holds the top 2 bits of columns i, 16 + i, 32 + i,
 //!   48 + i in bits 0-1, 2-3, 4-5, 6-7: broadcast to every 16-byte lane, one
 //!   variable shift (or rotate) per lane brings each lane's pair to bits 4-5.
-//! - The two blocks of a group interleave: column c (0..63 in the group)
-//!   belongs to block `(c >> 1) & 1`. `vpmaddubsw` sums neighbouring column
-//!   pairs (2j, 2j + 1) into 16-bit lane j, so lane j holds block j & 1
-//!   on every vector width, and the sub-scales multiply as one broadcast
-//!   pattern `[s0, s1, s0, s1, …]` with `vpmaddwd`. (On Neon the pairs are
-//!   (j, j + 8), whose block is also the same, `(j >> 1) & 1`.) Which
-//!   columns share a scale does not matter to the accuracy: a block is 32
-//!   columns of the row either way.
 //!
-//! A row is its groups' codes, then their sub-scales (`[groups, 48]` then
-//! `[groups, 2]`), so that the short dot with the block sums reads one
-//! contiguous run; rows follow each other with nothing between them.
+//! Four groups make a band (256 columns) of eight blocks of 32 columns, one
+//! sub-scale each: column c (0..63) of each of the band's groups belongs to
+//! block `(c >> 2) & 7`, its lane, so that every run of four columns (what
+//! one 32-bit lane of `vpdpbusd` or `vpmaddubsw` + `vpmaddwd` sums) is of one
+//! block, and columns c and 32 + c are of the same block (AVX2 adds the two
+//! halves' `vpmaddubsw` pairs before scaling them). A tile can then sum a
+//! band's codes times activations in 32-bit lanes as plain u8 · i8 dots, and
+//! multiply each lane by its block's sub-scale once per band instead of once
+//! per group; and the sub-scales of one band are one constant vector
+//! `[s0, s0, s1, s1, …]` for `vpmaddubsw` pairs. Which columns share a scale
+//! does not matter to the accuracy: a block is 32 columns of the row either
+//! way (strided blocks measured as accurate as contiguous ones).
+//!
+//! A row is its groups' codes, then its bands' sub-scales (`[groups, 48]`
+//! then `[bands, 8]`, that is `[groups, 2]`: 6.25 bits a weight), so that
+//! the short dot with the block sums reads one contiguous run; rows follow
+//! each other with nothing between them. A row's groups are padded to whole
+//! bands.
 
 use rayon::prelude::*;
 
@@ -49,11 +56,13 @@ use crate::memory::{advise_huge_pages, try_zeroed};
 pub const GROUP: usize = 64;
 /// Code bytes of a group: 32 of low nibbles, 16 of high bit pairs.
 pub const GROUP_CODE_BYTES: usize = 48;
-/// Blocks (sub-scales) of a group.
-pub const BLOCKS_PER_GROUP: usize = 2;
-/// Bytes of a group, sub-scales included: 6.25 bits a weight.
-pub const GROUP_BYTES: usize = GROUP_CODE_BYTES + BLOCKS_PER_GROUP;
-const _: () = assert!(GROUP_BYTES * 8 == GROUP * 25 / 4);
+/// Groups of a band: the groups whose blocks share sub-scales.
+pub const BAND_GROUPS: usize = 4;
+/// Blocks (sub-scales) of a band.
+pub const BLOCKS_PER_BAND: usize = 8;
+/// Bytes of a whole band, sub-scales included: 6.25 bits a weight.
+const BAND_BYTES: usize = BAND_GROUPS * GROUP_CODE_BYTES + BLOCKS_PER_BAND;
+const _: () = assert!(BAND_BYTES * 8 == BAND_GROUPS * GROUP * 25 / 4);
 /// What a code u stands for: u − CODE_OFFSET, in [−32, 31].
 pub const CODE_OFFSET: i32 = 32;
 /// The largest sub-scale.
@@ -70,6 +79,8 @@ const HALF_RANGE: f32 = 31.5;
 /// lane stays below 1024 · 2,040,255 = 2,089,221,120 < 2^31. The block-sum
 /// dot of a span is smaller: 256 terms of at most 255 · 4064.
 pub const SPAN_GROUPS: usize = 128;
+// A span is whole bands: its blocks are `band_start(g0)..blocks_for(g1)`.
+const _: () = assert!(SPAN_GROUPS.is_multiple_of(BAND_GROUPS));
 const _: () =
     assert!((SPAN_GROUPS * GROUP / 8) as u64 * 63 * 127 * MAX_SUB_SCALE as u64 <= i32::MAX as u64);
 
@@ -77,6 +88,17 @@ const _: () =
 /// row has a place in memory).
 pub fn groups_for(cols: usize) -> usize {
     cols.div_ceil(GROUP).max(1)
+}
+
+/// The sub-scales of a row of `groups` groups (and the block sums of a
+/// token): eight for each band, the last one possibly short of groups.
+pub fn blocks_for(groups: usize) -> usize {
+    groups.div_ceil(BAND_GROUPS) * BLOCKS_PER_BAND
+}
+
+/// The bytes of a row of `groups` groups: its codes, then its sub-scales.
+pub fn row_bytes(groups: usize) -> usize {
+    groups * GROUP_CODE_BYTES + blocks_for(groups)
 }
 
 /// The 6-bit code of column `c` (0..64) of a group's 48 code bytes.
@@ -87,10 +109,23 @@ pub fn code(group: &[u8], c: usize) -> u8 {
     low | high << 4
 }
 
-/// The block (0 or 1, its sub-scale's index) column `c` of a group belongs to.
+/// The block of its band (0..8) that column `c` (0..64) of a group belongs to.
 #[inline(always)]
-pub fn block_of(c: usize) -> usize {
-    (c >> 1) & 1
+pub fn lane_of(c: usize) -> usize {
+    (c >> 2) & 7
+}
+
+/// Where group g's band's sub-scales (or block sums) begin in a row's.
+#[inline(always)]
+pub fn band_start(g: usize) -> usize {
+    g / BAND_GROUPS * BLOCKS_PER_BAND
+}
+
+/// The index among a row's sub-scales (and a token's block sums) of the
+/// block of column `c` (0..64) of group g.
+#[inline(always)]
+pub fn block_index(g: usize, c: usize) -> usize {
+    band_start(g) + lane_of(c)
 }
 
 /// A matrix of 6-bit rows (see the module documentation).
@@ -99,7 +134,7 @@ pub struct Q6Matrix {
     rows: usize,
     cols: usize,
     groups: usize,
-    data: Vec<u8>,   // [rows, groups · GROUP_BYTES]
+    data: Vec<u8>,   // [rows, row_bytes(groups)]
     steps: Vec<f32>, // [rows] value of one code step at sub-scale 1
 }
 
@@ -113,7 +148,7 @@ impl Q6Matrix {
         fill_row: impl Fn(usize, &mut [f32]) + Sync,
     ) -> Result<Q6Matrix> {
         let groups = groups_for(cols);
-        let row_bytes = groups * GROUP_BYTES;
+        let row_bytes = row_bytes(groups);
         let what = format!("the 6-bit rows of a {rows} × {cols} matrix");
         let len = rows
             .checked_mul(row_bytes)
@@ -175,7 +210,7 @@ impl Q6Matrix {
 
     /// Rows `first..first + count`.
     pub fn rows_view(&self, first: usize, count: usize) -> Q6Rows<'_> {
-        let row_bytes = self.groups * GROUP_BYTES;
+        let row_bytes = row_bytes(self.groups);
         Q6Rows::new(
             &self.data[first * row_bytes..(first + count) * row_bytes],
             self.groups,
@@ -190,14 +225,14 @@ impl Q6Matrix {
         for (c, o) in out.iter_mut().enumerate().take(self.cols) {
             let (g, k) = (c / GROUP, c % GROUP);
             let u = code(&codes[g * GROUP_CODE_BYTES..], k);
-            let s = scales[g * BLOCKS_PER_GROUP + block_of(k)];
+            let s = scales[block_index(g, k)];
             *o = (i32::from(s) * (i32::from(u) - CODE_OFFSET)) as f32 * step;
         }
     }
 }
 
 /// Quantizes one row, `values` padded with zeros to whole groups, into
-/// `out` ([groups · GROUP_BYTES]); returns the row's step.
+/// `out` ([row_bytes(groups)]); returns the row's step.
 ///
 /// The step is `max(absmax, 1e-5) / (31.5 · 255)`; a block whose largest
 /// magnitude is a gets the smallest sub-scale s with `a <= 31.5 · s · step`
@@ -209,39 +244,46 @@ fn quantize_row(values: &[f32], out: &mut [u8]) -> f32 {
     let step = absmax.max(1e-5) / (HALF_RANGE * f32::from(MAX_SUB_SCALE));
     let groups = values.len() / GROUP;
     let (codes, scales) = out.split_at_mut(groups * GROUP_CODE_BYTES);
-    for (g, (group, bytes)) in values
-        .chunks_exact(GROUP)
-        .zip(codes.chunks_exact_mut(GROUP_CODE_BYTES))
-        .enumerate()
+    let band_columns = BAND_GROUPS * GROUP;
+    for ((band, band_codes), band_scales) in values
+        .chunks(band_columns)
+        .zip(codes.chunks_mut(BAND_GROUPS * GROUP_CODE_BYTES))
+        .zip(scales.chunks_exact_mut(BLOCKS_PER_BAND))
     {
-        let mut block_max = [0.0f32; BLOCKS_PER_GROUP];
-        for (c, v) in group.iter().enumerate() {
-            block_max[block_of(c)] = block_max[block_of(c)].max(v.abs());
+        let mut block_max = [0.0f32; BLOCKS_PER_BAND];
+        for (k, v) in band.iter().enumerate() {
+            let b = lane_of(k % GROUP);
+            block_max[b] = block_max[b].max(v.abs());
         }
-        let mut inverse = [0.0f32; BLOCKS_PER_GROUP]; // 1 / (s · step), 0 when s = 0
+        let mut inverse = [0.0f32; BLOCKS_PER_BAND]; // 1 / (s · step), 0 when s = 0
         for (b, &a) in block_max.iter().enumerate() {
             let s = (a / (HALF_RANGE * step))
                 .ceil()
                 .clamp(0.0, f32::from(MAX_SUB_SCALE)) as u8;
-            scales[g * BLOCKS_PER_GROUP + b] = s;
+            band_scales[b] = s;
             if s > 0 {
                 inverse[b] = 1.0 / (f32::from(s) * step);
             }
         }
-        bytes.fill(0);
-        for (c, &v) in group.iter().enumerate() {
-            let q = (v * inverse[block_of(c)])
-                .round_ties_even()
-                .clamp(-32.0, 31.0) as i32;
-            let u = (q + CODE_OFFSET) as u8;
-            bytes[c % 32] |= (u & 0x0F) << (4 * (c / 32));
-            bytes[32 + c % 16] |= (u >> 4) << (2 * (c / 16));
+        for (group, bytes) in band
+            .chunks_exact(GROUP)
+            .zip(band_codes.chunks_exact_mut(GROUP_CODE_BYTES))
+        {
+            bytes.fill(0);
+            for (c, &v) in group.iter().enumerate() {
+                let q = (v * inverse[lane_of(c)])
+                    .round_ties_even()
+                    .clamp(-32.0, 31.0) as i32;
+                let u = (q + CODE_OFFSET) as u8;
+                bytes[c % 32] |= (u & 0x0F) << (4 * (c / 32));
+                bytes[32 + c % 16] |= (u >> 4) << (2 * (c / 16));
+            }
         }
     }
     step
 }
 
-/// Consecutive q6 rows: `[len, groups · GROUP_BYTES]`, each row its codes
+/// Consecutive q6 rows: `[len, row_bytes(groups)]`, each row its codes
 /// then its sub-scales.
 #[derive(Clone, Copy)]
 pub struct Q6Rows<'a> {
@@ -252,12 +294,12 @@ pub struct Q6Rows<'a> {
 impl<'a> Q6Rows<'a> {
     /// `data` must hold whole rows of `groups` groups.
     pub fn new(data: &'a [u8], groups: usize) -> Self {
-        assert!(groups > 0 && data.len().is_multiple_of(groups * GROUP_BYTES));
+        assert!(groups > 0 && data.len().is_multiple_of(row_bytes(groups)));
         Q6Rows { data, groups }
     }
 
     pub fn len(&self) -> usize {
-        self.data.len() / (self.groups * GROUP_BYTES)
+        self.data.len() / (row_bytes(self.groups))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -268,10 +310,10 @@ impl<'a> Q6Rows<'a> {
         self.groups
     }
 
-    /// Row r: [groups · GROUP_BYTES].
+    /// Row r: [row_bytes(groups)].
     #[inline(always)]
     pub fn row(&self, r: usize) -> &'a [u8] {
-        let row_bytes = self.groups * GROUP_BYTES;
+        let row_bytes = row_bytes(self.groups);
         &self.data[r * row_bytes..(r + 1) * row_bytes]
     }
 
@@ -281,7 +323,7 @@ impl<'a> Q6Rows<'a> {
         &self.row(r)[..self.groups * GROUP_CODE_BYTES]
     }
 
-    /// Row r's sub-scales: [groups, BLOCKS_PER_GROUP].
+    /// Row r's sub-scales: [bands, BLOCKS_PER_BAND].
     #[inline(always)]
     pub fn scales(&self, r: usize) -> &'a [u8] {
         &self.row(r)[self.groups * GROUP_CODE_BYTES..]
@@ -289,7 +331,7 @@ impl<'a> Q6Rows<'a> {
 
     /// Rows `first..first + count`.
     pub fn slice(&self, first: usize, count: usize) -> Q6Rows<'a> {
-        let row_bytes = self.groups * GROUP_BYTES;
+        let row_bytes = row_bytes(self.groups);
         Q6Rows::new(
             &self.data[first * row_bytes..(first + count) * row_bytes],
             self.groups,
@@ -302,7 +344,7 @@ impl<'a> Q6Rows<'a> {
 #[derive(Clone, Copy)]
 pub struct Q6Tokens<'a> {
     codes: &'a [i8], // [tokens, groups · GROUP]
-    sums: &'a [i16], // [tokens, groups · BLOCKS_PER_GROUP]
+    sums: &'a [i16], // [tokens, blocks_for(groups)]
     groups: usize,
 }
 
@@ -326,10 +368,11 @@ impl<'a> Q6Tokens<'a> {
         &self.codes[i * n..(i + 1) * n]
     }
 
-    /// Token i's block sums: [groups · BLOCKS_PER_GROUP], `X_b = Σ_{c ∈ b} x_c`.
+    /// Token i's block sums: [blocks_for(groups)] (a row's sub-scales'
+    /// layout), `X_b = Σ_{c ∈ b} x_c`.
     #[inline(always)]
     pub fn sums(&self, i: usize) -> &'a [i16] {
-        let n = self.groups * BLOCKS_PER_GROUP;
+        let n = blocks_for(self.groups);
         &self.sums[i * n..(i + 1) * n]
     }
 
@@ -348,7 +391,7 @@ impl<'a> Q6Tokens<'a> {
 #[derive(Clone, Debug, Default)]
 pub struct Q6Activations {
     codes: Vec<i8>, // [tokens, groups · GROUP]
-    sums: Vec<i16>, // [tokens, groups · BLOCKS_PER_GROUP]
+    sums: Vec<i16>, // [tokens, blocks_for(groups)]
     groups: usize,
 }
 
@@ -357,7 +400,7 @@ impl Q6Activations {
     pub fn new(tokens: usize, groups: usize) -> Self {
         Q6Activations {
             codes: vec![0; tokens * groups * GROUP],
-            sums: vec![0; tokens * groups * BLOCKS_PER_GROUP],
+            sums: vec![0; tokens * blocks_for(groups)],
             groups,
         }
     }
@@ -371,16 +414,18 @@ impl Q6Activations {
     /// Takes the block sums of the codes as written, and returns the view.
     /// A sum is at most 32 · 128 = 4096 in magnitude: an i16.
     pub fn finish(&mut self) -> Q6Tokens<'_> {
-        for (group, sums) in self
+        let groups = self.groups;
+        let band_sums = self.sums.chunks_exact_mut(BLOCKS_PER_BAND);
+        // Each token's groups, band by band (its last band possibly short).
+        let token_bands = self
             .codes
-            .chunks_exact(GROUP)
-            .zip(self.sums.chunks_exact_mut(BLOCKS_PER_GROUP))
-        {
-            let mut s = [0i16; BLOCKS_PER_GROUP];
-            for (c, &x) in group.iter().enumerate() {
-                s[block_of(c)] += i16::from(x);
+            .chunks_exact(groups * GROUP)
+            .flat_map(|token| token.chunks(BAND_GROUPS * GROUP));
+        for (band, sums) in token_bands.zip(band_sums) {
+            sums.fill(0);
+            for (k, &x) in band.iter().enumerate() {
+                sums[lane_of(k % GROUP)] += i16::from(x);
             }
-            sums.copy_from_slice(&s);
         }
         Q6Tokens {
             codes: &self.codes,
@@ -428,19 +473,19 @@ mod tests {
                 out.copy_from_slice(&values[r * cols..(r + 1) * cols])
             })
             .unwrap();
-            assert_eq!(m.nbytes(), rows * (groups_for(cols) * GROUP_BYTES + 4));
+            assert_eq!(m.nbytes(), rows * (row_bytes(groups_for(cols)) + 4));
             let mut back = vec![0.0f32; cols];
             for r in 0..rows {
                 m.row_into(r, &mut back);
                 let scales = m.rows_view(r, 1).scales(0);
                 let row = &values[r * cols..(r + 1) * cols];
                 for (c, (&w, &v)) in row.iter().zip(&back).enumerate() {
-                    let b = (c / GROUP) * BLOCKS_PER_GROUP + block_of(c % GROUP);
+                    let b = block_index(c / GROUP, c % GROUP);
                     let s = f32::from(scales[b]);
                     let block_max = row
                         .iter()
                         .enumerate()
-                        .filter(|(k, _)| k / GROUP == c / GROUP && block_of(k % GROUP) == b % 2)
+                        .filter(|(k, _)| block_index(k / GROUP, k % GROUP) == b)
                         .fold(0.0f32, |a, (_, w)| a.max(w.abs()));
                     let block_step = s * m.step(r);
                     let tol = 1e-5 * block_max;
@@ -460,23 +505,42 @@ mod tests {
         }
     }
 
-    /// The block sums are those of the codes as written, block by block,
-    /// and padding columns stay zero.
+    /// The block sums are those of the codes as written, block by block
+    /// (a block: four columns in every eight of each group of a band), and
+    /// padding columns stay zero.
     #[test]
-    fn block_sums_follow_the_interleaved_blocks() {
-        let mut acts = Q6Activations::new(2, 2);
+    fn block_sums_follow_the_banded_blocks() {
+        // Five groups: a whole band and a band of one group.
+        let groups = groups_for(300);
+        assert_eq!((groups, blocks_for(groups)), (5, 16));
+        let mut acts = Q6Activations::new(2, groups);
         for (i, codes) in acts.code_rows_mut().enumerate() {
-            for (c, x) in codes.iter_mut().enumerate().take(100) {
-                *x = if i == 0 { c as i8 } else { -128 };
+            for (c, x) in codes.iter_mut().enumerate().take(300) {
+                *x = if i == 0 { (c % 100) as i8 } else { -128 };
             }
         }
         let xs = acts.finish();
-        // Token 0, group 0: block 0 holds columns 0, 1, 4, 5, … (c & 2 == 0).
-        let even: i16 = (0..64).filter(|c| c & 2 == 0).sum();
-        assert_eq!(xs.sums(0)[..2], [even, (0..64).sum::<i16>() - even]);
-        let tail: i16 = (64..100).filter(|c| c & 2 == 0).sum();
-        assert_eq!(xs.sums(0)[2], tail);
-        // Token 1: every block of group 0 is 32 columns of -128; group 1 has 36 columns.
-        assert_eq!(xs.sums(1), &[-4096, -4096, -18 * 128, -18 * 128]);
+        // Token 0, band 0 (columns 0..256): block 0 holds columns 0-3, 32-35,
+        // 64-67, … (c / 4 % 8 == 0), block 5 columns 20-23, 52-55, ….
+        for b in [0usize, 5, 7] {
+            let want: i16 = (0..256)
+                .filter(|c| c / 4 % 8 == b)
+                .map(|c| (c % 100) as i16)
+                .sum();
+            assert_eq!(xs.sums(0)[b], want, "block {b}");
+        }
+        // Band 1 holds columns 256..300 only: block 1 has 256 + (4..8, 36..40).
+        let want: i16 = (256..300)
+            .filter(|c| c / 4 % 8 == 1)
+            .map(|c| (c % 100) as i16)
+            .sum();
+        assert_eq!(xs.sums(0)[BLOCKS_PER_BAND + 1], want);
+        // Token 1: every block of band 0 is 32 columns of -128; band 1's
+        // 44 columns: blocks 0-2 hold 8 (two runs of 4 below 300), 3-7 hold 4 or 8.
+        assert!(xs.sums(1)[..8].iter().all(|&s| s == -4096));
+        let band1: Vec<i16> = (0..8)
+            .map(|b| -128 * (256..300).filter(|c| c / 4 % 8 == b).count() as i16)
+            .collect();
+        assert_eq!(&xs.sums(1)[8..16], &band1[..]);
     }
 }

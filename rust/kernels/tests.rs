@@ -437,7 +437,7 @@ fn q6_dots_of_every_path_equal_the_definition() {
     for (cols, rows) in shapes {
         let m = random_q6(rows.max(3), cols, (cols * 31 + rows) as u64);
         let view = m.rows_view(0, rows);
-        for tokens in [1usize, 3, 6] {
+        for tokens in [1usize, 3, 6, 8, 11] {
             let mut acts = q6_activations(tokens.max(3), &m, cols as u64);
             let all = acts.finish();
             let mut want = vec![0i64; tokens * rows]; // [tokens, rows]

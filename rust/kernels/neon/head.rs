@@ -7,7 +7,7 @@ use std::arch::aarch64::*;
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::driver::{self, RowDots};
 use crate::kernels::q6::{
-    Q6Rows, Q6Tokens, BLOCKS_PER_GROUP, CODE_OFFSET, GROUP, GROUP_BYTES, GROUP_CODE_BYTES,
+    band_start, blocks_for, row_bytes, Q6Rows, Q6Tokens, CODE_OFFSET, GROUP, GROUP_CODE_BYTES,
     SPAN_GROUPS,
 };
 use crate::kernels::scalar;
@@ -101,7 +101,7 @@ pub(crate) unsafe fn q6_dots(rows: Q6Rows<'_>, x: Q6Tokens<'_>, dots: &mut [i64]
 struct Q6RowDots<'a> {
     rows: Q6Rows<'a>,
     x: &'a [i8],     // [groups · GROUP]
-    sums: &'a [i16], // [groups · BLOCKS_PER_GROUP]
+    sums: &'a [i16], // [blocks_for(groups)]
 }
 
 impl RowDots for Q6RowDots<'_> {
@@ -119,10 +119,11 @@ impl RowDots for Q6RowDots<'_> {
 }
 
 /// The q6 dots of R rows (each `groups` groups) with one token, sharing its
-/// loads. `smull`/`smlal2` multiply codes (0..63, positive as i8) by
-/// activations: a 16-bit lane j then holds columns j and j + 8 of two
-/// quarters of the group, four products of block `(j >> 1) & 1`, at most 4
-/// · 63 · 128 = 32256; `smlal` by the sub-scales `[s0, s0, s1, s1, …]`
+/// loads. `smull`/`smlal` multiply codes (0..63, positive as i8) by
+/// activations, the low and the high halves of quarters h and h + 2 apart: a
+/// 16-bit lane j then holds columns 16h + j and 32 + 16h + j (or 16h + 8 +
+/// j and 40 + 16h + j), two products of one block (`q6::lane_of`), at most
+/// 2 · 63 · 128 = 16128; `smlal` by the band's sub-scales (`q6_sub_scales`)
 /// widens them into two accumulators of 4 lanes (8 columns a group each).
 /// Span by span (`q6::SPAN_GROUPS`), each span's lanes summed into i64.
 ///
@@ -137,8 +138,8 @@ unsafe fn q6_dots_of<const R: usize>(
     sums: &[i16],
 ) -> [i64; R] {
     let code_bytes = groups * GROUP_CODE_BYTES;
-    assert!(x.len() == groups * GROUP && sums.len() == groups * BLOCKS_PER_GROUP);
-    assert!(rows.iter().all(|row| row.len() == groups * GROUP_BYTES));
+    assert!(x.len() == groups * GROUP && sums.len() == blocks_for(groups));
+    assert!(rows.iter().all(|row| row.len() == row_bytes(groups)));
     let mut dots = [0i64; R];
     for g0 in (0..groups).step_by(SPAN_GROUPS) {
         let g1 = (g0 + SPAN_GROUPS).min(groups);
@@ -156,22 +157,27 @@ unsafe fn q6_dots_of<const R: usize>(
                 ];
                 for (acc, row) in acc.iter_mut().zip(rows) {
                     let u = q6_codes(row.as_ptr().add(g * GROUP_CODE_BYTES));
-                    let s = q6_sub_scales(row.as_ptr().add(code_bytes + g * BLOCKS_PER_GROUP));
+                    let s = q6_sub_scales(row.as_ptr().add(code_bytes + band_start(g)));
                     for (h, acc) in acc.iter_mut().enumerate() {
                         // Quarters h and h + 2: columns 16h.. and 32 + 16h..
                         let (a, b) = (u[h], u[h + 2]);
                         let (xa, xb) = (xv[h], xv[h + 2]);
-                        let p = vmull_s8(vget_low_s8(a), vget_low_s8(xa));
-                        let p = vmlal_high_s8(p, a, xa);
-                        let p = vmlal_s8(p, vget_low_s8(b), vget_low_s8(xb));
-                        let p = vmlal_high_s8(p, b, xb);
-                        *acc =
-                            vmlal_high_s16(vmlal_s16(*acc, vget_low_s16(p), vget_low_s16(s)), p, s);
+                        let low = vmull_s8(vget_low_s8(a), vget_low_s8(xa));
+                        let low = vmlal_s8(low, vget_low_s8(b), vget_low_s8(xb));
+                        let high = vmull_high_s8(a, xa);
+                        let high = vmlal_high_s8(high, b, xb);
+                        for (p, s) in [(low, s[2 * h]), (high, s[2 * h + 1])] {
+                            *acc = vmlal_high_s16(
+                                vmlal_s16(*acc, vget_low_s16(p), vget_low_s16(s)),
+                                p,
+                                s,
+                            );
+                        }
                     }
                 }
             }
         }
-        let blocks = g0 * BLOCKS_PER_GROUP..g1 * BLOCKS_PER_GROUP;
+        let blocks = band_start(g0)..blocks_for(g1);
         for ((dot, acc), row) in dots.iter_mut().zip(acc).zip(rows) {
             let scales = &row[code_bytes..][blocks.clone()];
             let sum = vaddlvq_s32(acc[0]) + vaddlvq_s32(acc[1]);
@@ -217,17 +223,25 @@ unsafe fn q6_codes(group: *const u8) -> [int8x16_t; 4] {
     ]
 }
 
-/// A group's two sub-scales as 16-bit lanes `[s0, s0, s1, s1, …]` (lane j
-/// of the products holds block `(j >> 1) & 1`).
+/// A band's eight sub-scales as the 16-bit lanes each product vector of
+/// `q6_dots_of` meets: `[s0 ×4, s1 ×4]`, `[s2 ×4, s3 ×4]`, `[s4 ×4, s5 ×4]`,
+/// `[s6 ×4, s7 ×4]` (the low then the high halves of quarters 0 and 2, then
+/// of quarters 1 and 3: lane j of 16h + j is of block 4h + j / 4).
 ///
 /// # Safety
-/// The CPU must support Neon; `scales` begins 2 readable bytes.
+/// The CPU must support Neon; `scales` begins 8 readable bytes.
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn q6_sub_scales(scales: *const u8) -> int16x8_t {
+unsafe fn q6_sub_scales(scales: *const u8) -> [int16x8_t; 4] {
     // SAFETY: per the contract.
-    let (s0, s1) = unsafe { (u64::from(*scales), u64::from(*scales.add(1))) };
-    vreinterpretq_s16_u64(vdupq_n_u64((s0 * 0x0001_0001) | ((s1 * 0x0001_0001) << 32)))
+    let s = unsafe { std::slice::from_raw_parts(scales, 8) };
+    let quads = |a: u8, b: u8| vcombine_s16(vdup_n_s16(i16::from(a)), vdup_n_s16(i16::from(b)));
+    [
+        quads(s[0], s[1]),
+        quads(s[2], s[3]),
+        quads(s[4], s[5]),
+        quads(s[6], s[7]),
+    ]
 }
 
 /// Σ_b s_b · X_b of a span's sub-scales and block sums (at most 256 terms

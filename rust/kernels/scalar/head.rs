@@ -2,7 +2,7 @@
 //! (exactly for int8 and q6; up to the order of the float additions for bf16).
 
 pub use crate::checkpoint::bf16_to_f32 as bf16_value;
-use crate::kernels::q6::{self, Q6Rows, Q6Tokens, BLOCKS_PER_GROUP, GROUP, GROUP_CODE_BYTES};
+use crate::kernels::q6::{self, Q6Rows, Q6Tokens, GROUP, GROUP_CODE_BYTES};
 
 /// Σ a[i] · b[i] of int8 vectors.
 pub fn int8_dot(a: &[i8], b: &[i8]) -> i32 {
@@ -37,14 +37,14 @@ pub fn int8_dots_tokens(head: &[i8], xs: &[i8], tokens: usize, dots: &mut [i32])
 pub fn q6_dot(rows: Q6Rows<'_>, r: usize, x: &[i8]) -> i64 {
     let (codes, scales) = (rows.codes(r), rows.scales(r));
     let mut dot = 0i64;
-    for ((group, s), x) in codes
+    for (g, (group, x)) in codes
         .chunks_exact(GROUP_CODE_BYTES)
-        .zip(scales.chunks_exact(BLOCKS_PER_GROUP))
         .zip(x.chunks_exact(GROUP))
+        .enumerate()
     {
         for (c, &xc) in x.iter().enumerate() {
             let w = i64::from(q6::code(group, c)) - i64::from(q6::CODE_OFFSET);
-            dot += i64::from(s[q6::block_of(c)]) * w * i64::from(xc);
+            dot += i64::from(scales[q6::block_index(g, c)]) * w * i64::from(xc);
         }
     }
     dot

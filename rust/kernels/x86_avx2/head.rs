@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::driver::{self, RowDots};
 use crate::kernels::q6::{
-    Q6Rows, Q6Tokens, BLOCKS_PER_GROUP, CODE_OFFSET, GROUP, GROUP_BYTES, GROUP_CODE_BYTES,
+    band_start, blocks_for, row_bytes, Q6Rows, Q6Tokens, CODE_OFFSET, GROUP, GROUP_CODE_BYTES,
     SPAN_GROUPS,
 };
 use crate::kernels::scalar;
@@ -214,7 +214,7 @@ pub(crate) unsafe fn q6_dots(rows: Q6Rows<'_>, x: Q6Tokens<'_>, dots: &mut [i64]
 struct Q6RowDots<'a> {
     rows: Q6Rows<'a>,
     x: &'a [i8],     // [groups · GROUP]
-    sums: &'a [i16], // [groups · BLOCKS_PER_GROUP]
+    sums: &'a [i16], // [blocks_for(groups)]
 }
 
 impl RowDots for Q6RowDots<'_> {
@@ -246,8 +246,8 @@ unsafe fn q6_dots_of<const R: usize>(
     sums: &[i16],
 ) -> [i64; R] {
     let code_bytes = groups * GROUP_CODE_BYTES;
-    assert!(x.len() == groups * GROUP && sums.len() == groups * BLOCKS_PER_GROUP);
-    assert!(rows.iter().all(|row| row.len() == groups * GROUP_BYTES));
+    assert!(x.len() == groups * GROUP && sums.len() == blocks_for(groups));
+    assert!(rows.iter().all(|row| row.len() == row_bytes(groups)));
     let mut dots = [0i64; R];
     for g0 in (0..groups).step_by(SPAN_GROUPS) {
         let g1 = (g0 + SPAN_GROUPS).min(groups);
@@ -261,7 +261,7 @@ unsafe fn q6_dots_of<const R: usize>(
                 let (codes, scales) = unsafe {
                     (
                         row.as_ptr().add(g * GROUP_CODE_BYTES),
-                        row.as_ptr().add(code_bytes + g * BLOCKS_PER_GROUP),
+                        row.as_ptr().add(code_bytes + band_start(g)),
                     )
                 };
                 _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(PREFETCH).cast());
@@ -270,7 +270,7 @@ unsafe fn q6_dots_of<const R: usize>(
                 *acc = _mm256_add_epi32(*acc, q6_products(u, xs, s));
             }
         }
-        let blocks = g0 * BLOCKS_PER_GROUP..g1 * BLOCKS_PER_GROUP;
+        let blocks = band_start(g0)..blocks_for(g1);
         for ((dot, acc), row) in dots.iter_mut().zip(acc).zip(rows) {
             let scales = &row[code_bytes..][blocks.clone()];
             *dot += widening_sum(acc)
@@ -338,9 +338,9 @@ unsafe fn q6_tile<const T: usize>(
     sums: &[&[i16]; T],
 ) -> [i64; T] {
     let code_bytes = groups * GROUP_CODE_BYTES;
-    assert!(row.len() == groups * GROUP_BYTES);
+    assert!(row.len() == row_bytes(groups));
     assert!(xs.iter().all(|x| x.len() == groups * GROUP));
-    assert!(sums.iter().all(|s| s.len() == groups * BLOCKS_PER_GROUP));
+    assert!(sums.iter().all(|s| s.len() == blocks_for(groups)));
     let mut dots = [0i64; T];
     for g0 in (0..groups).step_by(SPAN_GROUPS) {
         let g1 = (g0 + SPAN_GROUPS).min(groups);
@@ -351,7 +351,7 @@ unsafe fn q6_tile<const T: usize>(
             let (u, s) = unsafe {
                 (
                     q6_codes(row.as_ptr().add(g * GROUP_CODE_BYTES)),
-                    q6_sub_scales(row.as_ptr().add(code_bytes + g * BLOCKS_PER_GROUP)),
+                    q6_sub_scales(row.as_ptr().add(code_bytes + band_start(g))),
                 )
             };
             for (acc, x) in acc.iter_mut().zip(xs) {
@@ -360,7 +360,7 @@ unsafe fn q6_tile<const T: usize>(
                 *acc = _mm256_add_epi32(*acc, q6_products(u, xv, s));
             }
         }
-        let blocks = g0 * BLOCKS_PER_GROUP..g1 * BLOCKS_PER_GROUP;
+        let blocks = band_start(g0)..blocks_for(g1);
         let scales = &row[code_bytes..][blocks.clone()];
         for ((dot, acc), sums) in dots.iter_mut().zip(acc).zip(sums) {
             *dot += widening_sum(acc)
@@ -419,22 +419,24 @@ unsafe fn q6_codes(group: *const u8) -> [__m256i; 2] {
     ]
 }
 
-/// A group's two sub-scales as 16-bit lanes `[s0, s1, s0, s1, …]`: lane j
-/// of a `vpmaddubsw` result holds columns of block j & 1.
+/// A band's eight sub-scales as 16-bit lanes `[s0, s0, s1, s1, …, s7, s7]`:
+/// lane j of a `vpmaddubsw` result holds columns 2j and 2j + 1 of a half
+/// group, of block j / 2 (`q6::lane_of`).
 ///
 /// # Safety
-/// The CPU must support AVX2; `scales` begins 2 readable bytes.
+/// The CPU must support AVX2; `scales` begins 8 readable bytes.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn q6_sub_scales(scales: *const u8) -> __m256i {
     // SAFETY: per the contract.
-    let (s0, s1) = unsafe { (*scales, *scales.add(1)) };
-    _mm256_set1_epi32(i32::from(s0) | i32::from(s1) << 16)
+    let eight = unsafe { _mm_loadl_epi64(scales.cast()) };
+    _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(eight, eight))
 }
 
 /// Σ s_b · u · x of a group in eight i32 lanes (8 columns each). The two
-/// halves' `vpmaddubsw` pairs are added as i16 before scaling: a lane then
-/// holds four products of the same block, at most 4 · 63 · 128 = 32256.
+/// halves' `vpmaddubsw` pairs are added as i16 before scaling (columns c and
+/// 32 + c are of one block): a lane then holds four products of the same
+/// block, at most 4 · 63 · 128 = 32256.
 #[inline]
 #[target_feature(enable = "avx2")]
 fn q6_products(u: [__m256i; 2], x: [__m256i; 2], scales: __m256i) -> __m256i {

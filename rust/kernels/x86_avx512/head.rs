@@ -2,9 +2,10 @@
 //! (a batched decode step asks for the logits of every sequence: the head is
 //! read from memory once per step, and each 64 bytes of a row, once loaded,
 //! multiply every token's activations), and q6 rows (`kernels::q6`) for one
-//! token (three streams) and for several (4 × 4 tiles), with VNNI's
-//! `vpdpwssd` or without it. The q6 bodies are `#[inline(always)]` generic
-//! over VNNI for the reason given in `x86_avx512::ternary`.
+//! token (three streams) and for several (2 × 4 tiles summing each band in
+//! 32-bit lanes, `q6_tile`), with VNNI or without it. The q6 bodies are
+//! `#[inline(always)]` generic over VNNI for the reason given in
+//! `x86_avx512::ternary`.
 //!
 //! For int8 rows: `vpdpbusd` multiplies u8 by i8, and both the head's codes
 //! and the activations are signed: a row's codes are flipped to `w + 128` (u8, one
@@ -17,8 +18,8 @@ use std::arch::x86_64::*;
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::driver::{self, RowDots};
 use crate::kernels::q6::{
-    Q6Rows, Q6Tokens, BLOCKS_PER_GROUP, CODE_OFFSET, GROUP, GROUP_BYTES, GROUP_CODE_BYTES,
-    SPAN_GROUPS,
+    band_start, blocks_for, row_bytes, Q6Rows, Q6Tokens, BAND_GROUPS, CODE_OFFSET, GROUP,
+    GROUP_CODE_BYTES, SPAN_GROUPS,
 };
 use crate::kernels::{x86_avx2, x86_avx512};
 
@@ -178,8 +179,8 @@ unsafe fn tile_dots<const NR: usize, const NT: usize>(ops: Operands, out: &mut T
 }
 
 /// The q6 dots of a group of 64 columns in 16 i32 lanes (4 columns each):
-/// `vpmaddubsw` pairs of one block each (lane j of block j & 1), times the
-/// sub-scales `[s0, s1, …]`: `vpdpwssd` with VNNI, else `vpmaddwd` + add.
+/// `vpmaddubsw` pairs of one block each, times the band's sub-scales
+/// (`q6_sub_scales`): `vpdpwssd` with VNNI, else `vpmaddwd` + add.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F and BW, and VNNI if `VNNI`.
@@ -223,16 +224,18 @@ unsafe fn q6_codes(group: *const u8) -> __m512i {
     }
 }
 
-/// A group's two sub-scales as 16-bit lanes `[s0, s1, s0, s1, …]`.
+/// A band's eight sub-scales as 16-bit lanes `[s0, s0, s1, s1, …, s7, s7]`
+/// in both halves: lane j of a `vpmaddubsw` result holds columns 2j and
+/// 2j + 1, of block (j / 2) % 8 (`q6::lane_of`).
 ///
 /// # Safety
-/// The CPU must support AVX-512 F; `scales` begins 2 readable bytes.
+/// The CPU must support AVX-512 F and BW; `scales` begins 8 readable bytes.
 #[inline(always)]
 unsafe fn q6_sub_scales(scales: *const u8) -> __m512i {
     // SAFETY: per the contract.
     unsafe {
-        let (s0, s1) = (*scales, *scales.add(1));
-        _mm512_set1_epi32(i32::from(s0) | i32::from(s1) << 16)
+        let eight = _mm_loadl_epi64(scales.cast());
+        _mm512_broadcast_i64x4(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(eight, eight)))
     }
 }
 
@@ -289,7 +292,7 @@ unsafe fn q6_dots_with<const VNNI: bool>(rows: Q6Rows<'_>, x: Q6Tokens<'_>, dots
 struct Q6RowDots<'a, const VNNI: bool> {
     rows: Q6Rows<'a>,
     x: &'a [i8],     // [groups · GROUP]
-    sums: &'a [i16], // [groups · BLOCKS_PER_GROUP]
+    sums: &'a [i16], // [blocks_for(groups)]
 }
 
 impl<const VNNI: bool> RowDots for Q6RowDots<'_, VNNI> {
@@ -303,7 +306,7 @@ impl<const VNNI: bool> RowDots for Q6RowDots<'_, VNNI> {
         for (p, &r) in starts.iter_mut().zip(&rows) {
             *p = self.rows.row(r).as_ptr();
         }
-        assert!(self.x.len() == groups * GROUP && self.sums.len() == groups * BLOCKS_PER_GROUP);
+        assert!(self.x.len() == groups * GROUP && self.sums.len() == blocks_for(groups));
         let mut dots = [0i64; R];
         for g0 in (0..groups).step_by(SPAN_GROUPS) {
             let g1 = (g0 + SPAN_GROUPS).min(groups);
@@ -319,12 +322,12 @@ impl<const VNNI: bool> RowDots for Q6RowDots<'_, VNNI> {
                     for (acc, &row) in acc.iter_mut().zip(&starts) {
                         let codes = row.add(g * GROUP_CODE_BYTES);
                         _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(PREFETCH).cast());
-                        let scales = q6_sub_scales(row.add(code_bytes + g * BLOCKS_PER_GROUP));
+                        let scales = q6_sub_scales(row.add(code_bytes + band_start(g)));
                         *acc = q6_step::<VNNI>(*acc, q6_codes(codes), x, scales);
                     }
                 }
             }
-            let blocks = g0 * BLOCKS_PER_GROUP..g1 * BLOCKS_PER_GROUP;
+            let blocks = band_start(g0)..blocks_for(g1);
             for ((dot, acc), &r) in dots.iter_mut().zip(acc).zip(&rows) {
                 let scales = &self.rows.scales(r)[blocks.clone()];
                 // SAFETY: the caller runs this path, with AVX-512 F (and so AVX2).
@@ -347,10 +350,10 @@ const PREFETCH: usize = 2048;
 
 /// The dots of the tokens of `xs` with the n = dots.len() / tokens first
 /// rows of `rows` (dots is [tokens, n]), as `q6_dots_vnni` gives each:
-/// tiles of 4 rows × 4 tokens, each group of a row decoded once per tile.
-/// Token tile by token tile: the first reads the rows from memory (and
-/// prefetches them), the others from cache (a call's rows are a head task's,
-/// sized to stay in L2).
+/// tiles of 2 rows × 8 tokens (`q6_tile`), each group of a row decoded once
+/// per tile. Token tile by token tile: the first reads the rows from memory
+/// (and prefetches them), the others from cache (a call's rows are a head
+/// task's, sized to stay in L2).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI.
@@ -384,46 +387,83 @@ unsafe fn q6_dots_tokens_with<const VNNI: bool>(
     assert!(tokens > 0 && xs.groups() == rows.groups() && dots.len().is_multiple_of(tokens));
     let (n, groups) = (dots.len() / tokens, rows.groups());
     assert!(rows.len() >= n);
-    let row_bytes = groups * GROUP_BYTES;
-    for t0 in (0..tokens).step_by(TOKENS) {
-        let nt = TOKENS.min(tokens - t0);
-        for r0 in (0..n).step_by(ROWS) {
-            let nr = ROWS.min(n - r0);
+    let row_bytes = row_bytes(groups);
+    let bands = groups.div_ceil(BAND_GROUPS);
+    // SAFETY: per the contract.
+    let offsets = unsafe { band_offsets::<VNNI>(xs) };
+    for t0 in (0..tokens).step_by(Q6_TOKENS) {
+        let nt = Q6_TOKENS.min(tokens - t0);
+        for r0 in (0..n).step_by(Q6_ROWS) {
+            let nr = Q6_ROWS.min(n - r0);
             let operands = Q6Operands {
                 rows: rows.row(r0).as_ptr(),
                 row_bytes,
                 xs: xs.codes(t0).as_ptr(),
+                offsets: offsets[t0 * bands..].as_ptr(),
                 groups,
                 prefetch: t0 == 0,
             };
-            let mut tile = [[0i64; TOKENS]; ROWS];
+            let mut tile = [[0i64; WIDE_TOKENS]; WIDE_ROWS];
             macro_rules! run {
                 ($nr:literal, $nt:literal) => {
                     // SAFETY: per the contract; rows r0..r0 + nr and tokens
-                    // t0..t0 + nt exist (each token's codes follow the last's).
+                    // t0..t0 + nt exist (each token's codes and offsets
+                    // follow the last's).
                     unsafe { q6_tile::<$nr, $nt, VNNI>(operands, &mut tile) }
                 };
             }
-            crate::kernels::driver::tile_4x4!(nr, nt, run);
+            crate::kernels::driver::tile_2x8!(nr, nt, run);
             for (j, tile_row) in tile.iter().enumerate().take(nr) {
-                let scales = rows.scales(r0 + j);
                 for (i, &dot) in tile_row.iter().enumerate().take(nt) {
-                    // SAFETY: per the contract, AVX-512 F (and so AVX2).
-                    let corrected = unsafe { x86_avx2::head::scaled_sums(scales, xs.sums(t0 + i)) };
-                    dots[(t0 + i) * n + r0 + j] =
-                        dot - i64::from(CODE_OFFSET) * i64::from(corrected);
+                    dots[(t0 + i) * n + r0 + j] = dot;
                 }
             }
         }
     }
 }
 
+/// −32 · Σx of each token's band lanes (lane l of a band: columns 4l..4l + 4
+/// of each of its groups), [tokens, bands] of 16 lanes: what a q6 tile's
+/// band accumulators start from, so that they sum (u − 32) · x.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW, and VNNI if `VNNI`.
+#[inline(always)]
+unsafe fn band_offsets<const VNNI: bool>(xs: Q6Tokens<'_>) -> Vec<[i32; 16]> {
+    let (groups, bands) = (xs.groups(), xs.groups().div_ceil(BAND_GROUPS));
+    let mut offsets = vec![[0i32; 16]; xs.len() * bands];
+    // SAFETY: per the contract; every load is 64 of a token's groups · 64
+    // codes, every store one element of `offsets`.
+    unsafe {
+        let ones = _mm512_set1_epi8(1);
+        for (i, token) in offsets.chunks_exact_mut(bands).enumerate() {
+            let x = xs.codes(i).as_ptr();
+            for (b, lanes) in token.iter_mut().enumerate() {
+                let mut sum = _mm512_setzero_si512();
+                for g in b * BAND_GROUPS..((b + 1) * BAND_GROUPS).min(groups) {
+                    let v = _mm512_loadu_si512(x.add(g * GROUP).cast());
+                    sum = x86_avx512::ternary::step::<VNNI>(sum, ones, v);
+                }
+                let scaled = _mm512_mullo_epi32(sum, _mm512_set1_epi32(-CODE_OFFSET));
+                _mm512_storeu_si512(lanes.as_mut_ptr().cast(), scaled);
+            }
+        }
+    }
+    offsets
+}
+
+/// The q6 tile: `Q6_ROWS` rows × `Q6_TOKENS` tokens, each with a band
+/// accumulator and a span total in registers.
+const Q6_ROWS: usize = 2;
+const Q6_TOKENS: usize = 4;
+
 /// One q6 tile's operands: NR consecutive rows and NT consecutive tokens.
 #[derive(Clone, Copy)]
 struct Q6Operands {
     rows: *const u8, // [NR, row_bytes]
     row_bytes: usize,
-    xs: *const i8, // [NT, groups · GROUP]
+    xs: *const i8,             // [NT, groups · GROUP]
+    offsets: *const [i32; 16], // [NT, bands] band lanes' −32 · Σx
     groups: usize,
     /// Whether to prefetch the rows PREFETCH_ROWS on (into L2, as the
     /// int8 tiles do).
@@ -431,7 +471,15 @@ struct Q6Operands {
 }
 
 /// `out[j][i] = Σ s_b · u · x` over row j and token i (the block-sum term
-/// not yet subtracted), span by span in 32-bit lanes (`q6::SPAN_GROUPS`).
+/// not yet subtracted). Band by band (`q6::BAND_GROUPS`): the codes times the
+/// activations summed as plain u8 · i8 dots in 32-bit lanes (`vpdpbusd`, or
+/// `vpmaddubsw` + `vpmaddwd`), lanes l and l + 8 of block l, then each lane
+/// times its block's sub-scale (`vpmulld`) into the span's totals: one
+/// multiply per lane a band, where scaling each group's pairs (as the
+/// one-token dots do) costs a second instruction per group and token. A
+/// band's lane holds at most 16 · 63 · 128 = 129024 before scaling; a span's
+/// total lane at most 512 columns' 63 · 128 · 255, below 2^31
+/// (`q6::SPAN_GROUPS`).
 ///
 /// # Safety
 /// AVX-512 F and BW, and VNNI if `VNNI`; the operands hold NR rows and NT
@@ -439,43 +487,64 @@ struct Q6Operands {
 #[inline(always)]
 unsafe fn q6_tile<const NR: usize, const NT: usize, const VNNI: bool>(
     ops: Q6Operands,
-    out: &mut [[i64; TOKENS]; ROWS],
+    out: &mut [[i64; WIDE_TOKENS]; WIDE_ROWS],
 ) {
     let Q6Operands {
         rows,
         row_bytes,
         xs,
+        offsets,
         groups,
         prefetch,
     } = ops;
     let (code_bytes, n) = (groups * GROUP_CODE_BYTES, groups * GROUP);
+    let bands = groups.div_ceil(BAND_GROUPS);
     // SAFETY: per the contract; every load is inside row j's codes and
     // sub-scales or token i's codes; a prefetch never faults.
     unsafe {
         for g0 in (0..groups).step_by(SPAN_GROUPS) {
             let g1 = (g0 + SPAN_GROUPS).min(groups);
-            let mut acc = [[_mm512_setzero_si512(); NT]; NR];
-            for g in g0..g1 {
-                let mut x = [_mm512_setzero_si512(); NT];
-                for (i, x) in x.iter_mut().enumerate() {
-                    *x = _mm512_loadu_si512(xs.add(i * n + g * GROUP).cast());
+            let mut total = [[_mm512_setzero_si512(); NT]; NR];
+            for b0 in (g0..g1).step_by(BAND_GROUPS) {
+                let mut acc = [[_mm512_setzero_si512(); NT]; NR];
+                for i in 0..NT {
+                    let start = offsets.add(i * bands + b0 / BAND_GROUPS);
+                    let start = _mm512_loadu_si512(start.cast());
+                    for acc in acc.iter_mut() {
+                        acc[i] = start;
+                    }
+                }
+                for g in b0..(b0 + BAND_GROUPS).min(g1) {
+                    let mut x = [_mm512_setzero_si512(); NT];
+                    for (i, x) in x.iter_mut().enumerate() {
+                        *x = _mm512_loadu_si512(xs.add(i * n + g * GROUP).cast());
+                    }
+                    for j in 0..NR {
+                        let row = rows.add(j * row_bytes);
+                        if prefetch {
+                            let ahead = (PREFETCH_ROWS + j) * row_bytes + g * GROUP_CODE_BYTES;
+                            _mm_prefetch::<_MM_HINT_T1>(rows.wrapping_add(ahead).cast());
+                        }
+                        let codes = q6_codes(row.add(g * GROUP_CODE_BYTES));
+                        for i in 0..NT {
+                            acc[j][i] = x86_avx512::ternary::step::<VNNI>(acc[j][i], codes, x[i]);
+                        }
+                    }
                 }
                 for j in 0..NR {
-                    let row = rows.add(j * row_bytes);
-                    if prefetch {
-                        let ahead = (PREFETCH_ROWS + j) * row_bytes + g * GROUP_CODE_BYTES;
-                        _mm_prefetch::<_MM_HINT_T1>(rows.wrapping_add(ahead).cast());
-                    }
-                    let codes = q6_codes(row.add(g * GROUP_CODE_BYTES));
-                    let scales = q6_sub_scales(row.add(code_bytes + g * BLOCKS_PER_GROUP));
+                    let eight = _mm_loadl_epi64(
+                        rows.add(j * row_bytes + code_bytes + band_start(b0)).cast(),
+                    );
+                    let scales = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(eight, eight));
                     for i in 0..NT {
-                        acc[j][i] = q6_step::<VNNI>(acc[j][i], codes, x[i], scales);
+                        total[j][i] =
+                            _mm512_add_epi32(total[j][i], _mm512_mullo_epi32(acc[j][i], scales));
                     }
                 }
             }
             for j in 0..NR {
                 for i in 0..NT {
-                    out[j][i] += widening_sum(acc[j][i]);
+                    out[j][i] += widening_sum(total[j][i]);
                 }
             }
         }
