@@ -239,8 +239,9 @@ impl Sampler {
 /// Index of the first largest value (torch.argmax's tie rule), NaNs passed
 /// over (all NaN: the last index). The largest value is found first, in
 /// `ARGMAX_LANES` running maxima that compile to vector instructions, then
-/// its first index: one 128k-entry vocabulary a sequence every step, where a
-/// compare-and-branch per entry took ~0.5 ms while the pool's threads waited.
+/// its first index, `ARGMAX_LANES` entries a test: one 128k-entry vocabulary
+/// a sequence every step, where a compare-and-branch per entry took ~0.5 ms
+/// while the pool's threads waited.
 pub fn argmax(x: &[f32]) -> u32 {
     let chunks = x.chunks_exact(ARGMAX_LANES);
     let tail = chunks.remainder();
@@ -255,7 +256,15 @@ pub fn argmax(x: &[f32]) -> u32 {
         .iter()
         .chain(tail)
         .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    match x.iter().position(|&v| v == max) {
+    // The first chunk holding it, each chunk tested whole (a compare per
+    // lane, no branch per entry), then its first entry.
+    let hit = |chunk: &[f32]| chunk.iter().fold(false, |h, &v| h | (v == max));
+    let mut chunks = x.chunks(ARGMAX_LANES);
+    let found = chunks.position(hit).and_then(|c| {
+        let first = c * ARGMAX_LANES;
+        x[first..].iter().position(|&v| v == max).map(|i| first + i)
+    });
+    match found {
         Some(i) => i as u32,
         None => x.len().saturating_sub(1) as u32,
     }
