@@ -663,12 +663,10 @@ impl Engine {
             }
             fit(&mut s.o, t_len * q_dim);
             // Positions, the cache and attention are each sequence's own.
-            for (row, seg) in placed() {
-                let (n, start) = (seg.ids.len(), slots[seg.slot].tokens.len());
-                let cache = &mut slots[seg.slot].cache;
-                let q = &mut s.q[row * q_dim..(row + n) * q_dim]; // [n, q_dim]
-                let k = &mut s.k[row * kv_dim..(row + n) * kv_dim]; // [n, kv_dim]
-                let v = &s.v[row * kv_dim..(row + n) * kv_dim]; // [n, kv_dim]
+            // One segment's rotary positions and cache writes: its q and k
+            // rows ([n, q_dim], [n, kv_dim]) and v rows ([n, kv_dim]).
+            let place = |slot: &mut Slot, q: &mut [f32], k: &mut [f32], v: &[f32]| {
+                let (n, start) = (k.len() / kv_dim, slot.tokens.len());
                 rope.apply_batch(q, k, n, start);
                 for (t, (k_row, v_row)) in k
                     .chunks_exact(kv_dim)
@@ -680,9 +678,38 @@ impl Engine {
                         .zip(v_row.chunks_exact(hd))
                         .enumerate()
                     {
-                        cache.write(l, g, start + t, kh, vh);
+                        slot.cache.write(l, g, start + t, kh, vh);
                     }
                 }
+            };
+            if segments.len() < 2 {
+                for (row, seg) in placed() {
+                    let n = seg.ids.len();
+                    place(
+                        &mut slots[seg.slot],
+                        &mut s.q[row * q_dim..(row + n) * q_dim],
+                        &mut s.k[row * kv_dim..(row + n) * kv_dim],
+                        &s.v[row * kv_dim..(row + n) * kv_dim],
+                    );
+                }
+            } else {
+                // Several sequences (a batched step): one task each, over
+                // their distinct slots and consecutive rows.
+                let mut by_slot: Vec<Option<&mut Slot>> = slots.iter_mut().map(Some).collect();
+                let (mut q, mut k, mut v) = (&mut s.q[..], &mut s.k[..], &s.v[..]);
+                let mut tasks = Vec::with_capacity(segments.len());
+                for seg in segments {
+                    let n = seg.ids.len();
+                    let (q_seg, q_rest) = std::mem::take(&mut q).split_at_mut(n * q_dim);
+                    let (k_seg, k_rest) = std::mem::take(&mut k).split_at_mut(n * kv_dim);
+                    let (v_seg, v_rest) = v.split_at(n * kv_dim);
+                    (q, k, v) = (q_rest, k_rest, v_rest);
+                    let slot = by_slot[seg.slot].take().expect("distinct slots");
+                    tasks.push((slot, q_seg, k_seg, v_seg));
+                }
+                tasks
+                    .into_par_iter()
+                    .for_each(|(slot, q, k, v)| place(slot, q, k, v));
             }
             // A prompt chunk spreads its tokens over the threads, and so does
             // one decoded token alone (by KV group and key chunk); the single
