@@ -240,8 +240,8 @@ unsafe fn q6_sub_scales(scales: *const u8) -> __m512i {
 }
 
 /// Σ of sixteen i32 lanes, in i64: widened in two halves and reduced in
-/// vector registers (a store and sixteen scalar adds cost a tile about as
-/// much as its multiply-adds over a 2560-column row).
+/// vector registers, not through memory and sixteen scalar adds (a tile
+/// takes one per row and token).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F.
@@ -474,16 +474,16 @@ struct Q6Operands {
     prefetch: bool,
 }
 
-/// `out[j][i] = Σ s_b · u · x` over row j and token i (the block-sum term
-/// not yet subtracted). Band by band (`q6::BAND_GROUPS`): the codes times the
-/// activations summed as plain u8 · i8 dots in 32-bit lanes (`vpdpbusd`, or
-/// `vpmaddubsw` + `vpmaddwd`), lanes l and l + 8 of block l, then each lane
-/// times its block's sub-scale (`vpmulld`) into the span's totals: one
-/// multiply per lane a band, where scaling each group's pairs (as the
-/// one-token dots do) costs a second instruction per group and token. A
-/// band's lane holds at most 16 · 63 · 128 = 129024 before scaling; a span's
-/// total lane at most 512 columns' 63 · 128 · 255, below 2^31
-/// (`q6::SPAN_GROUPS`).
+/// `out[j][i] = Σ s_b · (u − 32) · x` over row j and token i: the q6 dot.
+/// Band by band (`q6::BAND_GROUPS`): the codes times the activations summed
+/// as plain u8 · i8 dots in 32-bit lanes (`vpdpbusd`, or `vpmaddubsw` +
+/// `vpmaddwd`), lanes l and l + 8 of block l, each lane starting from its
+/// `−32 · Σx` (`band_offsets`), then times its block's sub-scale (`vpmulld`)
+/// into the span's totals: one multiply per lane a band, where scaling each
+/// group's pairs (as the one-token dots do) costs a second instruction per
+/// group and token. A band's lane holds at most 16 · 32 · 128 = 65536 in
+/// magnitude; a span's total lane at most 32 bands of that times 255, below
+/// 2^31 (`q6::SPAN_GROUPS`).
 ///
 /// # Safety
 /// AVX-512 F and BW, and VNNI if `VNNI`; the operands hold NR rows and NT
