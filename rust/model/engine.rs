@@ -682,31 +682,25 @@ impl Engine {
                     }
                 }
             };
-            if segments.len() < 2 {
-                for (row, seg) in placed() {
-                    let n = seg.ids.len();
-                    place(
-                        &mut slots[seg.slot],
-                        &mut s.q[row * q_dim..(row + n) * q_dim],
-                        &mut s.k[row * kv_dim..(row + n) * kv_dim],
-                        &s.v[row * kv_dim..(row + n) * kv_dim],
-                    );
-                }
+            // Each segment's distinct slot and consecutive rows.
+            let mut by_slot: Vec<Option<&mut Slot>> = slots.iter_mut().map(Some).collect();
+            let (mut q, mut k, mut v) = (&mut s.q[..], &mut s.k[..], &s.v[..]);
+            let mut tasks = Vec::with_capacity(segments.len());
+            for seg in segments {
+                let n = seg.ids.len();
+                let (q_seg, q_rest) = std::mem::take(&mut q).split_at_mut(n * q_dim);
+                let (k_seg, k_rest) = std::mem::take(&mut k).split_at_mut(n * kv_dim);
+                let (v_seg, v_rest) = v.split_at(n * kv_dim);
+                (q, k, v) = (q_rest, k_rest, v_rest);
+                let slot = by_slot[seg.slot].take().expect("distinct slots");
+                tasks.push((slot, q_seg, k_seg, v_seg));
+            }
+            if tasks.len() < 2 {
+                tasks
+                    .into_iter()
+                    .for_each(|(slot, q, k, v)| place(slot, q, k, v));
             } else {
-                // Several sequences (a batched step): one task each, over
-                // their distinct slots and consecutive rows.
-                let mut by_slot: Vec<Option<&mut Slot>> = slots.iter_mut().map(Some).collect();
-                let (mut q, mut k, mut v) = (&mut s.q[..], &mut s.k[..], &s.v[..]);
-                let mut tasks = Vec::with_capacity(segments.len());
-                for seg in segments {
-                    let n = seg.ids.len();
-                    let (q_seg, q_rest) = std::mem::take(&mut q).split_at_mut(n * q_dim);
-                    let (k_seg, k_rest) = std::mem::take(&mut k).split_at_mut(n * kv_dim);
-                    let (v_seg, v_rest) = v.split_at(n * kv_dim);
-                    (q, k, v) = (q_rest, k_rest, v_rest);
-                    let slot = by_slot[seg.slot].take().expect("distinct slots");
-                    tasks.push((slot, q_seg, k_seg, v_seg));
-                }
+                // Several sequences (a batched step): a task each.
                 tasks
                     .into_par_iter()
                     .for_each(|(slot, q, k, v)| place(slot, q, k, v));

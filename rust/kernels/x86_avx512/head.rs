@@ -18,8 +18,8 @@ use std::arch::x86_64::*;
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::driver::{self, RowDots};
 use crate::kernels::q6::{
-    band_start, blocks_for, row_bytes, Q6Rows, Q6Tokens, BAND_GROUPS, CODE_OFFSET, GROUP,
-    GROUP_CODE_BYTES, SPAN_GROUPS,
+    band_start, blocks_for, row_bytes, Q6Rows, Q6Tokens, BAND_GROUPS, BLOCKS_PER_BAND, CODE_OFFSET,
+    GROUP, GROUP_CODE_BYTES, SPAN_GROUPS,
 };
 use crate::kernels::{x86_avx2, x86_avx512};
 
@@ -393,8 +393,7 @@ unsafe fn q6_dots_tokens_with<const VNNI: bool>(
     assert!(rows.len() >= n);
     let row_bytes = row_bytes(groups);
     let bands = groups.div_ceil(BAND_GROUPS);
-    // SAFETY: per the contract.
-    let offsets = unsafe { band_offsets::<VNNI>(xs) };
+    let offsets = band_offsets(xs);
     for t0 in (0..tokens).step_by(Q6_TOKENS) {
         let nt = Q6_TOKENS.min(tokens - t0);
         for r0 in (0..n).step_by(Q6_ROWS) {
@@ -426,30 +425,21 @@ unsafe fn q6_dots_tokens_with<const VNNI: bool>(
     }
 }
 
-/// −32 · Σx of each token's band lanes (lane l of a band: columns 4l..4l + 4
-/// of each of its groups), [tokens, bands] of 16 lanes: what a q6 tile's
-/// band accumulators start from, so that they sum (u − 32) · x.
-///
-/// # Safety
-/// The CPU must support AVX-512 F and BW, and VNNI if `VNNI`.
-#[inline(always)]
-unsafe fn band_offsets<const VNNI: bool>(xs: Q6Tokens<'_>) -> Vec<[i32; 16]> {
-    let (groups, bands) = (xs.groups(), xs.groups().div_ceil(BAND_GROUPS));
+/// What a q6 tile's band accumulators start from, [tokens, bands] of 16
+/// lanes: lane l (l < 8) −32 · X_l, the token's sum over block l
+/// (`Q6Tokens::sums`), and lanes 8..16 zero. Lanes l and l + 8 both hold
+/// block l's columns and are scaled alike, so the band then sums
+/// Σ (u − 32) · x per block.
+fn band_offsets(xs: Q6Tokens<'_>) -> Vec<[i32; 16]> {
+    let bands = xs.groups().div_ceil(BAND_GROUPS);
     let mut offsets = vec![[0i32; 16]; xs.len() * bands];
-    // SAFETY: per the contract; every load is 64 of a token's groups · 64
-    // codes, every store one element of `offsets`.
-    unsafe {
-        let ones = _mm512_set1_epi8(1);
-        for (i, token) in offsets.chunks_exact_mut(bands).enumerate() {
-            let x = xs.codes(i).as_ptr();
-            for (b, lanes) in token.iter_mut().enumerate() {
-                let mut sum = _mm512_setzero_si512();
-                for g in b * BAND_GROUPS..((b + 1) * BAND_GROUPS).min(groups) {
-                    let v = _mm512_loadu_si512(x.add(g * GROUP).cast());
-                    sum = x86_avx512::ternary::step::<VNNI>(sum, ones, v);
-                }
-                let scaled = _mm512_mullo_epi32(sum, _mm512_set1_epi32(-CODE_OFFSET));
-                _mm512_storeu_si512(lanes.as_mut_ptr().cast(), scaled);
+    for (i, token) in offsets.chunks_exact_mut(bands).enumerate() {
+        for (lanes, sums) in token
+            .iter_mut()
+            .zip(xs.sums(i).chunks_exact(BLOCKS_PER_BAND))
+        {
+            for (lane, &sum) in lanes.iter_mut().zip(sums) {
+                *lane = -CODE_OFFSET * i32::from(sum);
             }
         }
     }
@@ -477,13 +467,14 @@ struct Q6Operands {
 /// `out[j][i] = Σ s_b · (u − 32) · x` over row j and token i: the q6 dot.
 /// Band by band (`q6::BAND_GROUPS`): the codes times the activations summed
 /// as plain u8 · i8 dots in 32-bit lanes (`vpdpbusd`, or `vpmaddubsw` +
-/// `vpmaddwd`), lanes l and l + 8 of block l, each lane starting from its
-/// `−32 · Σx` (`band_offsets`), then times its block's sub-scale (`vpmulld`)
-/// into the span's totals: one multiply per lane a band, where scaling each
-/// group's pairs (as the one-token dots do) costs a second instruction per
-/// group and token. A band's lane holds at most 16 · 32 · 128 = 65536 in
-/// magnitude; a span's total lane at most 32 bands of that times 255, below
-/// 2^31 (`q6::SPAN_GROUPS`).
+/// `vpmaddwd`), lanes l and l + 8 of block l, lane l starting from the
+/// block's `−32 · X_l` (`band_offsets`), then times its block's sub-scale
+/// (`vpmulld`) into the span's totals: one multiply per lane a band, where
+/// scaling each group's pairs (as the one-token dots do) costs a second
+/// instruction per group and token. A band's lane holds at most its own 16
+/// columns' (u − 32) · x plus 32 times the other lane's 16 activations,
+/// 16 · 32 · 128 + 32 · 16 · 128 = 131072 in magnitude; a span's total lane
+/// at most 32 bands of that times 255, below 2^31 (`q6::SPAN_GROUPS`).
 ///
 /// # Safety
 /// AVX-512 F and BW, and VNNI if `VNNI`; the operands hold NR rows and NT
