@@ -212,7 +212,7 @@ fn kernel_arg(kernel: Option<&str>) -> PyResult<Kernel> {
 // ---------------------------------------------------------------- TernaryMatrix
 
 /// A ternary weight matrix W[n_out, n_in] in {-1, 0, 1}, packed 2 bits per
-/// weight (or 1.625: `packing`), with one float32 scale: the real weights are W * scale.
+/// weight (or 1.625 or 1.6: `packing`), with one float32 scale: the real weights are W * scale.
 #[pyclass(name = "TernaryMatrix", module = "trit._core", frozen)]
 struct PyTernaryMatrix {
     inner: kernels::TernaryMatrix,
@@ -221,7 +221,7 @@ struct PyTernaryMatrix {
 #[pymethods]
 impl PyTernaryMatrix {
     /// Packs `w` (int8 [n_out, n_in], values in {-1, 0, 1}) with `scale`,
-    /// 2 bits per weight ("i2") or 1.625 ("tq1").
+    /// 2 bits per weight ("i2"), 1.625 ("tq1") or 1.6 ("tl").
     #[staticmethod]
     #[pyo3(signature = (w, scale, *, packing=kernels::Packing::I2))]
     #[pyo3(text_signature = "(w, scale, *, packing='i2')")]

@@ -49,7 +49,7 @@ class OutOfMemoryError(TritError, MemoryError):
 @final
 class TernaryMatrix:
     """A ternary weight matrix W[n_out, n_in] in {-1, 0, 1}, packed 2 bits per weight
-    (or 1.625: `packing`), with one float32 scale: the real weights are W * scale."""
+    (or 1.625 or 1.6: `packing`), with one float32 scale: the real weights are W * scale."""
 
     @staticmethod
     def pack(w: npt.NDArray[np.int8], scale: float, *, packing: str = "i2") -> TernaryMatrix: ...

@@ -56,7 +56,7 @@ class BenchResult:
     roofline_fraction: float | None = None  # avg_ts / roofline_ts (tg tests; none for pp)
     peak_rss_bytes: int = 0
     load_s: float = 0.0
-    packing: str = "i2"  # how the ternary weights are stored ("i2" or "tq1")
+    packing: str = "i2"  # how the ternary weights are stored ("i2", "tq1" or "tl")
     # Bytes a generated token reads at the test's depth: every weight (the
     # output head in its precision, `head`) and the cached keys and values;
     # roofline_ts is read_bandwidth_gbs over it.

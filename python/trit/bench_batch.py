@@ -54,7 +54,7 @@ class BatchResult:
     tg_ts_per_sequence: float
     pp128_ts: float  # one sequence's pp128 rate in the same run
     tg_of_pp128: float  # tg_ts / pp128_ts
-    packing: str = "i2"  # how the ternary weights are stored ("i2" or "tq1")
+    packing: str = "i2"  # how the ternary weights are stored ("i2", "tq1" or "tl")
     repetitions: int = 1  # passes each rate is the median of
 
     def to_json(self) -> dict[str, object]:

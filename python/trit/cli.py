@@ -77,10 +77,11 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--packing",
-        choices=["i2", "tq1"],
+        choices=["i2", "tq1", "tl"],
         default="i2",
-        help="ternary weight packing: i2 (default, 2 bits per weight) or tq1 (1.625 bits: "
-        "19 %% fewer bytes per token, more decoding work; the same logits)",
+        help="ternary weight packing: i2 (default, 2 bits per weight), tq1 (1.625 bits: "
+        "19 %% fewer bytes per token, more decoding work) or tl (1.6 bits, read by table "
+        "lookups: the fastest generation on AVX-512 VBMI CPUs); the same logits",
     )
 
 

@@ -370,8 +370,9 @@ class Generator:
         (transformers' attention). With head="bf16" and
         kv_cache="f32" the logits are transformers' own (README, "Precision").
         `packing` stores the ternary weights at "i2" (default: 2 bits per
-        weight) or "tq1" (1.625 bits: fewer bytes per generated token, more
-        decoding work; the same logits).
+        weight), "tq1" (1.625 bits: fewer bytes per generated token, more
+        decoding work) or "tl" (1.6 bits, read by table lookups on AVX-512
+        VBMI CPUs); the same logits.
         `slots` is how many sequences can run at once (each a KV cache of
         `n_ctx` positions, `slot_cache_bytes` when full; memory is taken as
         positions fill)."""

@@ -196,7 +196,7 @@ def model_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
 
 
 HEADS = ("int8", "bf16", "q6")
-PACKINGS = ("i2", "tq1")
+PACKINGS = ("i2", "tq1", "tl")
 
 
 def load_model(
@@ -214,8 +214,9 @@ def load_model(
 
     `packing` is how the ternary projections are stored: "i2" (default) 2
     bits per weight, "tq1" 1.625 (five weights per byte): 19 % fewer bytes
-    per generated token for more decoding work per byte, the same logits
-    (README, "Packing")."""
+    per generated token for more decoding work per byte, or "tl" 1.6 (five
+    weights per byte in tiles of 64 rows, multiplied by table lookups on
+    AVX-512 VBMI CPUs); the same logits (README, "Packing")."""
     if not isinstance(head, str) or head not in HEADS:
         raise InvalidInputError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     if not isinstance(packing, str) or packing not in PACKINGS:

@@ -116,6 +116,23 @@ impl Kernel {
         }
     }
 
+    /// Whether the path has AVX-512 VBMI's byte permutes beside it (an
+    /// AVX-512 path on a CPU with VBMI): the lookups of `Packing::Tl`.
+    pub fn has_vbmi(self) -> bool {
+        static VBMI: OnceLock<bool> = OnceLock::new();
+        let found = *VBMI.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                is_x86_feature_detected!("avx512vbmi")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                false
+            }
+        });
+        found && matches!(self, Kernel::Avx512Bw | Kernel::Avx512Vnni) && self.is_supported()
+    }
+
     /// Whether the x86-64 AVX2 routines (head dots, attention, half
     /// conversions) run under this path: AVX2 and every AVX-512 path.
     pub fn uses_avx2_routines(self) -> bool {
@@ -173,10 +190,10 @@ impl Kernel {
         else {
             return false;
         };
-        let Ok(tq1) = w.repacked(Packing::Tq1) else {
+        let (Ok(tq1), Ok(tl)) = (w.repacked(Packing::Tq1), w.repacked(Packing::Tl)) else {
             return false;
         };
-        [w, tq1].iter().all(|w| self.ternary_agrees_on(w))
+        [w, tq1, tl].iter().all(|w| self.ternary_agrees_on(w))
     }
 
     /// `ternary_agrees` for one matrix, in its packing.

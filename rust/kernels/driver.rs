@@ -188,13 +188,20 @@ pub(crate) unsafe fn gemm<T: GemmTile>(
             for j in 0..nr {
                 // SAFETY: the caller runs T's path; row j of the scratch
                 // starts at j·kb (a multiple of 64 bytes, as kb is of BLOCK)
-                // and takes the len = blocks.len()·BLOCK <= kb codes.
+                // and takes the len = blocks.len()·BLOCK <= kb codes (the
+                // scratch's ROWS·kb bytes, which no other reference holds
+                // while a row is unpacked).
                 unsafe {
                     match packing {
                         Packing::I2 => T::unpack(&w.row(r0 + j)[blocks.clone()], codes.add(j * kb)),
                         Packing::Tq1 => {
                             T::unpack_tq1(&w.tq1_row(r0 + j)[blocks.clone()], codes.add(j * kb))
                         }
+                        Packing::Tl => w.tl_row_codes(
+                            r0 + j,
+                            k0,
+                            std::slice::from_raw_parts_mut(codes.add(j * kb), len),
+                        ),
                     }
                 };
             }
@@ -204,13 +211,14 @@ pub(crate) unsafe fn gemm<T: GemmTile>(
             // not cover fetching the next one on demand. When the k-block is
             // a whole row, those row tiles are contiguous bytes.
             let ahead_rows = r0 + PREFETCH_TILES * T::ROWS;
-            let (ahead, ahead_lines) = if len == kp && ahead_rows + T::ROWS <= w.n_out() {
-                (
+            let (ahead, ahead_lines) = match packing.block_bytes() {
+                Some(bytes) if len == kp && ahead_rows + T::ROWS <= w.n_out() => (
                     w.row_start(ahead_rows),
-                    (T::ROWS * blocks.len() * packing.block_bytes()).div_ceil(64),
-                )
-            } else {
-                (std::ptr::null(), 0)
+                    (T::ROWS * blocks.len() * bytes).div_ceil(64),
+                ),
+                // A tl tile's rows are interleaved: its lines, read by the
+                // first row tile, serve the next 15 from cache.
+                _ => (std::ptr::null(), 0),
             };
             for t0 in (0..m).step_by(T::TOKENS) {
                 let nt = T::TOKENS.min(m - t0);

@@ -20,6 +20,7 @@ pub mod packing;
 pub mod q6;
 pub mod q8_0;
 pub mod scalar;
+pub mod tl;
 
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
@@ -57,6 +58,13 @@ fn gemv_dots(
     dots: &mut [i32],
 ) {
     kernel.assert_supported();
+    if w.packing() == Packing::Tl && kernel != Kernel::Scalar {
+        // Tables for this one call (the matmuls build them once per token
+        // for all their tasks: `TlTables`).
+        let mut tables = vec![tl::ZERO_TABLE; tl::tl_groups(w.n_in())];
+        tl::build_tables(kernel, xq, &mut tables);
+        return gemv_dots_tl(kernel, w, &tables, rows, dots);
+    }
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     use Packing::{Tq1, I2};
     match (kernel, w.packing()) {
@@ -87,6 +95,75 @@ fn gemv_dots(
         // SAFETY: as above.
         (Kernel::Neon, Tq1) => unsafe { neon::tq1::gemv(w, xq, xsum, rows, dots) },
         _ => scalar::ternary::gemv(w, xq, xsum, rows, dots),
+    }
+}
+
+/// `gemv_dots` of a `Packing::Tl` matrix, given the token's tables.
+fn gemv_dots_tl(
+    kernel: Kernel,
+    w: &TernaryMatrix,
+    tables: &[tl::TlTable],
+    rows: Range<usize>,
+    dots: &mut [i32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel.has_vbmi() {
+        let isa = if kernel == Kernel::Avx512Vnni {
+            counts::Isa::Avx512Vnni
+        } else {
+            counts::Isa::Avx512Bw
+        };
+        // SAFETY: the path runs on this CPU, with AVX-512 VBMI (has_vbmi).
+        return unsafe { x86_avx512::tl::gemv(isa, w, tables, rows, dots) };
+    }
+    let _ = kernel;
+    scalar::tl::gemv_tables(w, tables, rows, dots)
+}
+
+/// The lookup tables of a one-token matmul over `Packing::Tl` matrices:
+/// built once on the calling thread, before the tasks, in a buffer the
+/// thread keeps (the tables of a 6912-input token are 354 KB).
+struct TlTables;
+
+thread_local! {
+    static TL_TABLES: std::cell::RefCell<Vec<tl::TlTable>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl TlTables {
+    /// Runs `f` with the tables of `x`'s token when `x` is one token, a
+    /// matrix of `ws` is `Packing::Tl` and the path looks up, else with none.
+    fn with<R>(
+        kernel: Kernel,
+        ws: &[&TernaryMatrix],
+        x: &QuantizedActivations,
+        f: impl FnOnce(Option<&[tl::TlTable]>) -> R,
+    ) -> Result<R> {
+        // The scalar path multiplies by its definition, without tables.
+        if x.m() != 1 || kernel == Kernel::Scalar || ws.iter().all(|w| w.packing() != Packing::Tl) {
+            return Ok(f(None));
+        }
+        let groups = tl::tl_groups(x.k());
+        let build = |tables: &mut Vec<tl::TlTable>| -> Result<()> {
+            if tables.len() < groups {
+                tables.clear();
+                crate::memory::try_reserve_total(tables, groups, "the tl lookup tables")?;
+                tables.resize(groups, tl::ZERO_TABLE);
+            }
+            tl::build_tables(kernel, x.token(0), &mut tables[..groups]);
+            Ok(())
+        };
+        TL_TABLES.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut tables) => {
+                build(&mut tables)?;
+                Ok(f(Some(&tables[..groups])))
+            }
+            // A matmul inside a matmul's task on this thread: its own buffer.
+            Err(_) => {
+                let mut tables = Vec::new();
+                build(&mut tables)?;
+                Ok(f(Some(&tables[..groups])))
+            }
+        })
     }
 }
 
@@ -264,32 +341,33 @@ pub fn matmul_many_into(
     }
     let total: usize = ws.iter().map(|w| w.n_out()).sum();
     let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
-    let blocks = TokenBlocks::new(x);
-    // Rows `rows` of matrix `w`, written through `out` ([m, n_out]).
-    let run_rows = |w: &TernaryMatrix, rows: Range<usize>, out: OutPtr| {
-        let n_out = w.n_out();
-        blocks.for_each_piece(kernel, &[w], rows, |t0, piece, mb, values| {
-            write_tokens(out, n_out, t0, piece, mb, |t, row| {
-                for (y, &v) in row.iter_mut().zip(token_values(values[0], t, mb)) {
-                    *y = v;
-                }
+    TlTables::with(kernel, ws, x, |tables| {
+        let blocks = TokenBlocks::new(x, tables);
+        // Rows `rows` of matrix `w`, written through `out` ([m, n_out]).
+        let run_rows = |w: &TernaryMatrix, rows: Range<usize>, out: OutPtr| {
+            let n_out = w.n_out();
+            blocks.for_each_piece(kernel, &[w], rows, |t0, piece, mb, values| {
+                write_tokens(out, n_out, t0, piece, mb, |t, row| {
+                    for (y, &v) in row.iter_mut().zip(token_values(values[0], t, mb)) {
+                        *y = v;
+                    }
+                });
             });
-        });
-    };
-    // A task covers rows first..last of the matrices' rows listed one after another.
-    let task = |rows: Range<usize>| {
-        let (first, last) = (rows.start, rows.end);
-        let mut base = 0;
-        for (w, &out) in ws.iter().zip(&outs) {
-            let (lo, hi) = (first.max(base), last.min(base + w.n_out()));
-            if lo < hi {
-                run_rows(w, lo - base..hi - base, out);
+        };
+        // A task covers rows first..last of the matrices' rows listed one after another.
+        let task = |rows: Range<usize>| {
+            let (first, last) = (rows.start, rows.end);
+            let mut base = 0;
+            for (w, &out) in ws.iter().zip(&outs) {
+                let (lo, hi) = (first.max(base), last.min(base + w.n_out()));
+                if lo < hi {
+                    run_rows(w, lo - base..hi - base, out);
+                }
+                base += w.n_out();
             }
-            base += w.n_out();
-        }
-    };
-    run_row_tasks(total, m, task, pool);
-    Ok(())
+        };
+        run_row_tasks(total, m, row_align(ws, m), task, pool);
+    })
 }
 
 /// BitNet's MLP input in one pass: `h = relu(x·Wgateᵀ)² · (x·Wupᵀ)`, h is
@@ -319,21 +397,33 @@ pub fn matmul_glu_into(
     check_operands(gate, x, h.len())?;
     let (m, n_out) = (x.m(), gate.n_out());
     let out = OutPtr(h.as_mut_ptr());
-    let blocks = TokenBlocks::new(x);
-    let task = |rows: Range<usize>| {
-        blocks.for_each_piece(kernel, &[gate, up], rows, |t0, piece, mb, values| {
-            write_tokens(out, n_out, t0, piece, mb, |t, row| {
-                let gates = token_values(values[0], t, mb);
-                let ups = token_values(values[1], t, mb);
-                for ((y, &gate), &up) in row.iter_mut().zip(gates).zip(ups) {
-                    let r = gate.max(0.0);
-                    *y = (r * r) * up;
-                }
+    TlTables::with(kernel, &[gate, up], x, |tables| {
+        let blocks = TokenBlocks::new(x, tables);
+        let task = |rows: Range<usize>| {
+            blocks.for_each_piece(kernel, &[gate, up], rows, |t0, piece, mb, values| {
+                write_tokens(out, n_out, t0, piece, mb, |t, row| {
+                    let gates = token_values(values[0], t, mb);
+                    let ups = token_values(values[1], t, mb);
+                    for ((y, &gate), &up) in row.iter_mut().zip(gates).zip(ups) {
+                        let r = gate.max(0.0);
+                        *y = (r * r) * up;
+                    }
+                });
             });
-        });
-    };
-    run_row_tasks(n_out, m, task, pool);
-    Ok(())
+        };
+        run_row_tasks(n_out, m, row_align(&[gate, up], m), task, pool);
+    })
+}
+
+/// What the rows of a matmul's tasks start at multiples of: a tile of a
+/// `Packing::Tl` matrix for one token (whose GEMV multiplies whole tiles),
+/// else `ROW_ALIGN`.
+fn row_align(ws: &[&TernaryMatrix], m: usize) -> usize {
+    if m == 1 && ws.iter().any(|w| w.packing() == Packing::Tl) {
+        tl::TL_ROWS
+    } else {
+        ROW_ALIGN
+    }
 }
 
 /// Whether `w` takes the features of `x`, and `y_len` values hold their
@@ -358,14 +448,20 @@ fn check_operands(w: &TernaryMatrix, x: &QuantizedActivations, y_len: usize) -> 
 
 /// Runs `task` over rows 0..total of a matmul of `m` tokens on the pool, in
 /// pieces the threads claim as they come free (see `threads::run_claimed`).
-fn run_row_tasks(total: usize, m: usize, task: impl Fn(Range<usize>) + Sync, pool: &ThreadPool) {
+fn run_row_tasks(
+    total: usize,
+    m: usize,
+    align: usize,
+    task: impl Fn(Range<usize>) + Sync,
+    pool: &ThreadPool,
+) {
     let claims = if m == 1 {
         // A decoded token's rows are read once from memory: its first
         // claims are 1 / threads of the rows, long streams for the GEMV.
         Claims {
             share: 1,
             min: 48,
-            align: ROW_ALIGN,
+            align,
         }
     } else {
         // A prompt is compute-bound: claims half as long end it more evenly
@@ -373,7 +469,7 @@ fn run_row_tasks(total: usize, m: usize, task: impl Fn(Range<usize>) + Sync, poo
         Claims {
             share: 2,
             min: 24,
-            align: ROW_ALIGN,
+            align,
         }
     };
     run_claimed(pool, total, claims, task);
@@ -414,10 +510,12 @@ struct TokenBlocks<'a> {
     blocks: Vec<(usize, QuantizedActivations)>,
     /// Tokens of the largest block.
     largest: usize,
+    /// The lookup tables of a one-token batch, for `Packing::Tl` matrices.
+    tl_tables: Option<&'a [tl::TlTable]>,
 }
 
 impl<'a> TokenBlocks<'a> {
-    fn new(x: &'a QuantizedActivations) -> Self {
+    fn new(x: &'a QuantizedActivations, tl_tables: Option<&'a [tl::TlTable]>) -> Self {
         let m = x.m();
         let per_block =
             (GEMM_L2_ACTIVATIONS / x.k_padded()).max(TOKEN_ALIGN) / TOKEN_ALIGN * TOKEN_ALIGN;
@@ -433,6 +531,7 @@ impl<'a> TokenBlocks<'a> {
             x,
             blocks,
             largest: m.min(per_block),
+            tl_tables,
         }
     }
 
@@ -481,7 +580,12 @@ impl<'a> TokenBlocks<'a> {
         dots.resize(n, 0);
         for (w, values) in ws.iter().zip(values.iter_mut()) {
             values.resize(n, 0.0);
-            gemv_dots(kernel, w, xq, xsum, rows.clone(), dots);
+            match self.tl_tables {
+                Some(tables) if w.packing() == Packing::Tl => {
+                    gemv_dots_tl(kernel, w, tables, rows.clone(), dots)
+                }
+                _ => gemv_dots(kernel, w, xq, xsum, rows.clone(), dots),
+            }
             for (v, &d) in values.iter_mut().zip(dots.iter()) {
                 *v = dequantize(d, xs, w.scale());
             }

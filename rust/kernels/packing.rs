@@ -1,7 +1,11 @@
-//! The packed ternary matrix every kernel reads, in one of two packings
-//! (`Packing`): 2 bits per weight (`PackedBlock`), or 1.625 (`Tq1Block`).
+//! The packed ternary matrix every kernel reads, in one of three packings
+//! (`Packing`): 2 bits per weight (`PackedBlock`), 1.625 (`Tq1Block`), or 1.6
+//! in tiles of rows read through lookup tables (`kernels::tl`).
 
 use crate::error::{Result, TritError};
+use crate::kernels::tl::{
+    tl_byte, tl_groups, tl_tiles, tl_weights, TlLine, TL_GROUP, TL_NEGATED, TL_ROWS, TL_ZERO,
+};
 use crate::memory::{try_filled, try_reserve_total};
 
 /// Weights per block along the input dimension.
@@ -29,7 +33,7 @@ const _: () = assert!(std::mem::align_of::<PackedBlock>() == 64);
 /// The code of a zero weight; padding past `n_in` holds it.
 const ZERO_BYTE: u8 = 0b01_01_01_01;
 
-/// How a matrix stores its weights; every kernel path reads both.
+/// How a matrix stores its weights; every kernel path reads all three.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub enum Packing {
     /// 2 bits per weight (`PackedBlock`): the cheapest to decode.
@@ -38,16 +42,21 @@ pub enum Packing {
     /// 1.625 bits per weight (`Tq1Block`), five weights per byte: 19 % fewer
     /// bytes than `I2` for a decoded token to read, for more decoding work.
     Tq1,
+    /// 1.6 bits per weight, five weights per byte in tiles of 64 rows
+    /// (`kernels::tl`): a decoded token looks its bytes up in tables of
+    /// activation sums (AVX-512 VBMI) instead of decoding digits.
+    Tl,
 }
 
 impl Packing {
-    pub const ALL: [Packing; 2] = [Packing::I2, Packing::Tq1];
+    pub const ALL: [Packing; 3] = [Packing::I2, Packing::Tq1, Packing::Tl];
 
-    /// "i2" or "tq1", the names `parse` takes.
+    /// "i2", "tq1" or "tl", the names `parse` takes.
     pub fn name(self) -> &'static str {
         match self {
             Packing::I2 => "i2",
             Packing::Tq1 => "tq1",
+            Packing::Tl => "tl",
         }
     }
 
@@ -57,17 +66,19 @@ impl Packing {
             .find(|p| p.name() == name)
             .ok_or_else(|| {
                 TritError::invalid(format!(
-                    "unknown packing {name:?}; expected \"i2\" (2 bits per weight) or \"tq1\" \
-                     (1.625 bits per weight)"
+                    "unknown packing {name:?}; expected \"i2\" (2 bits per weight), \"tq1\" \
+                     (1.625 bits per weight) or \"tl\" (1.6 bits per weight, looked up)"
                 ))
             })
     }
 
-    /// Bytes of one block of `BLOCK` weights.
-    pub fn block_bytes(self) -> usize {
+    /// Bytes of one block of `BLOCK` weights of a row, for the packings
+    /// stored row by row (`Tl` interleaves 64 rows: none).
+    pub fn block_bytes(self) -> Option<usize> {
         match self {
-            Packing::I2 => BLOCK_BYTES,
-            Packing::Tq1 => TQ1_BLOCK_BYTES,
+            Packing::I2 => Some(BLOCK_BYTES),
+            Packing::Tq1 => Some(TQ1_BLOCK_BYTES),
+            Packing::Tl => None,
         }
     }
 }
@@ -207,6 +218,13 @@ enum Blocks {
     I2(Vec<PackedBlock>),
     /// [n_out, blocks_per_row]
     Tq1(Vec<Tq1Block>),
+    Tl {
+        /// [tiles, groups]: line g of tile t holds group g of its 64 rows.
+        lines: Vec<TlLine>,
+        /// [n_out]: the row's bytes with their top bit set (negated groups),
+        /// which the lookup kernels count as one short each.
+        negated: Vec<u32>,
+    },
 }
 
 /// A ternary weight matrix `W[n_out, n_in]` with one f32 scale:
@@ -372,6 +390,7 @@ impl TernaryMatrix {
         match self.blocks {
             Blocks::I2(_) => Packing::I2,
             Blocks::Tq1(_) => Packing::Tq1,
+            Blocks::Tl { .. } => Packing::Tl,
         }
     }
 
@@ -383,7 +402,7 @@ impl TernaryMatrix {
         let per_row = self.blocks_per_row();
         match &self.blocks {
             Blocks::I2(blocks) => &blocks[n * per_row..(n + 1) * per_row],
-            Blocks::Tq1(_) => panic!("row() of a matrix packed as tq1"),
+            _ => panic!("row() of a matrix packed as {}", self.packing().name()),
         }
     }
 
@@ -395,7 +414,70 @@ impl TernaryMatrix {
         let per_row = self.blocks_per_row();
         match &self.blocks {
             Blocks::Tq1(blocks) => &blocks[n * per_row..(n + 1) * per_row],
-            Blocks::I2(_) => panic!("tq1_row() of a matrix packed as i2"),
+            _ => panic!("tq1_row() of a matrix packed as {}", self.packing().name()),
+        }
+    }
+
+    /// The lines of a `Packing::Tl` matrix ([tiles, groups]) and the count of
+    /// negated groups of each row ([n_out]).
+    ///
+    /// # Panics
+    /// If the matrix is packed otherwise (kernels check the packing first).
+    pub fn tl_parts(&self) -> (&[TlLine], &[u32]) {
+        match &self.blocks {
+            Blocks::Tl { lines, negated } => (lines, negated),
+            _ => panic!("tl_parts() of a matrix packed as {}", self.packing().name()),
+        }
+    }
+
+    /// The byte of group `g` of row `n` of a `Packing::Tl` matrix.
+    fn tl_byte_at(&self, n: usize, g: usize) -> u8 {
+        let (lines, _) = self.tl_parts();
+        lines[(n / TL_ROWS) * tl_groups(self.n_in) + g].0[n % TL_ROWS]
+    }
+
+    /// The codes (`w + 1`) of row `n`'s weights `k0..k0 + out.len()` into
+    /// `out` (1, a zero weight, past `n_in`): how the GEMM reads a `Tl` row.
+    ///
+    /// # Panics
+    /// If the matrix is not packed as `Packing::Tl`.
+    pub fn tl_row_codes(&self, n: usize, k0: usize, out: &mut [u8]) {
+        let (lines, _) = self.tl_parts();
+        let groups = tl_groups(self.n_in);
+        let row_lines = &lines[(n / TL_ROWS) * groups..][..groups];
+        let lane = n % TL_ROWS;
+        let codes = |g: usize| TL_CODE_WORDS[usize::from(row_lines[g].0[lane])].to_le_bytes();
+        let code = |k: usize| {
+            let g = k / TL_GROUP;
+            if g < groups {
+                codes(g)[k % TL_GROUP]
+            } else {
+                1
+            }
+        };
+        let end = k0 + out.len();
+        // The groups wholly inside k0..end and the row: their codes five at
+        // a time; the ends (parts of groups, padding) one by one.
+        let g0 = k0.div_ceil(TL_GROUP);
+        let g1 = (end / TL_GROUP).min(groups);
+        if g0 >= g1 {
+            for (k, c) in (k0..end).zip(out.iter_mut()) {
+                *c = code(k);
+            }
+            return;
+        }
+        let (head, rest) = out.split_at_mut(TL_GROUP * g0 - k0);
+        let (whole, tail) = rest.split_at_mut(TL_GROUP * (g1 - g0));
+        for (k, c) in (k0..).zip(head.iter_mut()) {
+            *c = code(k);
+        }
+        for (dst, line) in whole.chunks_exact_mut(TL_GROUP).zip(&row_lines[g0..g1]) {
+            dst.copy_from_slice(
+                &TL_CODE_WORDS[usize::from(line.0[lane])].to_le_bytes()[..TL_GROUP],
+            );
+        }
+        for (k, c) in (TL_GROUP * g1..).zip(tail.iter_mut()) {
+            *c = code(k);
         }
     }
 
@@ -404,6 +486,9 @@ impl TernaryMatrix {
         match self.packing() {
             Packing::I2 => self.row(n).as_ptr().cast(),
             Packing::Tq1 => self.tq1_row(n).as_ptr().cast(),
+            Packing::Tl => self.tl_parts().0[(n / TL_ROWS) * tl_groups(self.n_in)..]
+                .as_ptr()
+                .cast(),
         }
     }
 
@@ -412,16 +497,17 @@ impl TernaryMatrix {
         match &self.blocks {
             Blocks::I2(blocks) => blocks.len() * BLOCK_BYTES,
             Blocks::Tq1(blocks) => blocks.len() * TQ1_BLOCK_BYTES,
+            Blocks::Tl { lines, .. } => std::mem::size_of_val(lines.as_slice()),
         }
     }
 
     /// The weight `[n, k]` in {-1, 0, 1}.
     pub fn get(&self, n: usize, k: usize) -> i8 {
-        let code = match self.packing() {
-            Packing::I2 => self.row(n)[k / BLOCK].code(k % BLOCK),
-            Packing::Tq1 => self.tq1_row(n)[k / BLOCK].code(k % BLOCK),
-        };
-        code as i8 - 1
+        match self.packing() {
+            Packing::I2 => self.row(n)[k / BLOCK].code(k % BLOCK) as i8 - 1,
+            Packing::Tq1 => self.tq1_row(n)[k / BLOCK].code(k % BLOCK) as i8 - 1,
+            Packing::Tl => tl_weights(self.tl_byte_at(n, k / TL_GROUP))[k % TL_GROUP],
+        }
     }
 
     /// The same weights in `packing`: a copy, allocated fallibly (models
@@ -436,12 +522,100 @@ impl TernaryMatrix {
             (Blocks::Tq1(from), Packing::I2) => {
                 Blocks::I2(convert(from, |b| PackedBlock::encode(&b.decode()))?)
             }
+            (_, Packing::Tl) => self.to_tl()?,
+            (Blocks::Tl { .. }, _) => self.tl_to_rows(packing)?,
         };
         Ok(TernaryMatrix {
             n_out: self.n_out,
             n_in: self.n_in,
             scale: self.scale,
             blocks,
+        })
+    }
+
+    /// The codes (`w + 1`) of row `n`, padded with 1 to whole blocks.
+    fn row_codes(&self, n: usize, out: &mut [u8]) {
+        debug_assert_eq!(out.len(), self.k_padded());
+        match &self.blocks {
+            Blocks::I2(_) => {
+                for (block, codes) in self.row(n).iter().zip(out.chunks_exact_mut(BLOCK)) {
+                    codes.copy_from_slice(&decode_i2(block));
+                }
+            }
+            Blocks::Tq1(_) => {
+                for (block, codes) in self.tq1_row(n).iter().zip(out.chunks_exact_mut(BLOCK)) {
+                    codes.copy_from_slice(&block.decode());
+                }
+            }
+            Blocks::Tl { .. } => self.tl_row_codes(n, 0, out),
+        }
+    }
+
+    /// The `Blocks::Tl` of this matrix's weights, allocated fallibly.
+    fn to_tl(&self) -> Result<Blocks> {
+        let groups = tl_groups(self.n_in);
+        // tiles · groups · 64 < n_out · n_in + 64 · groups: both exist as
+        // blocks already, so the product cannot overflow.
+        let mut lines = try_filled(
+            tl_tiles(self.n_out) * groups,
+            TlLine([TL_ZERO; TL_ROWS]),
+            "a tl-packed ternary matrix",
+        )?;
+        let mut negated = try_filled(self.n_out, 0u32, "a tl-packed ternary matrix")?;
+        let mut codes = try_filled(self.k_padded(), 1u8, "a row of codes")?;
+        for n in 0..self.n_out {
+            self.row_codes(n, &mut codes);
+            let tile = &mut lines[(n / TL_ROWS) * groups..][..groups];
+            for (g, line) in tile.iter_mut().enumerate() {
+                let group: [u8; TL_GROUP] = std::array::from_fn(|i| {
+                    let k = g * TL_GROUP + i;
+                    if k < self.n_in {
+                        codes[k]
+                    } else {
+                        1
+                    }
+                });
+                let byte = tl_byte(group);
+                line.0[n % TL_ROWS] = byte;
+                negated[n] += u32::from(byte & TL_NEGATED != 0);
+            }
+        }
+        Ok(Blocks::Tl { lines, negated })
+    }
+
+    /// The blocks in `packing` (I2 or Tq1) of a `Packing::Tl` matrix.
+    fn tl_to_rows(&self, packing: Packing) -> Result<Blocks> {
+        let per_row = self.blocks_per_row();
+        let len = self.n_out * per_row; // as many blocks as the source's bytes cover
+        let mut codes = try_filled(self.k_padded(), 1u8, "a row of codes")?;
+        Ok(match packing {
+            Packing::I2 => {
+                let mut out = Vec::new();
+                try_reserve_total(&mut out, len, "a repacked ternary matrix")?;
+                for n in 0..self.n_out {
+                    self.row_codes(n, &mut codes);
+                    out.extend(
+                        codes
+                            .chunks_exact(BLOCK)
+                            .map(|c| PackedBlock::encode(as_block(c))),
+                    );
+                }
+                Blocks::I2(out)
+            }
+            Packing::Tq1 => {
+                let mut out = Vec::new();
+                try_reserve_total(&mut out, len, "a repacked ternary matrix")?;
+                for n in 0..self.n_out {
+                    self.row_codes(n, &mut codes);
+                    out.extend(
+                        codes
+                            .chunks_exact(BLOCK)
+                            .map(|c| Tq1Block::encode(as_block(c))),
+                    );
+                }
+                Blocks::Tq1(out)
+            }
+            Packing::Tl => unreachable!("tl to tl is a copy"),
         })
     }
 
@@ -468,6 +642,35 @@ impl TernaryMatrix {
             out.extend((0..self.n_in).map(|k| self.get(n, k)));
         }
     }
+}
+
+/// The codes of each `Tl` byte's group in the low five bytes of a word (one
+/// store writes a group's codes).
+static TL_CODE_WORDS: [u64; 256] = {
+    let mut words = [0u64; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        // As `tl_codes`, in a const context.
+        let negated = byte & TL_NEGATED as usize != 0;
+        let mut m = byte & !(TL_NEGATED as usize);
+        let mut word = 0u64;
+        let mut i = 0;
+        while i < TL_GROUP {
+            let digit = (m % 3) as u64;
+            m /= 3;
+            let code = if negated { 2 - digit } else { digit };
+            word |= code << (8 * i);
+            i += 1;
+        }
+        words[byte] = word;
+        byte += 1;
+    }
+    words
+};
+
+/// A chunk of `BLOCK` codes as an array.
+fn as_block(codes: &[u8]) -> &[u8; BLOCK] {
+    codes.try_into().expect("chunks of BLOCK codes")
 }
 
 /// The codes of a 2-bit block, in weight order.
@@ -636,6 +839,43 @@ mod tests {
                 prop_assert_eq!(last[k], 1);
             }
             prop_assert_eq!(tq1.repacked(Packing::I2).unwrap(), i2);
+        }
+
+        #[test]
+        fn tl_pack_unpack_round_trips(
+            n_out in 1usize..140,
+            n_in in 1usize..700,
+            k0 in 0usize..800,
+            len in 0usize..800,
+            seed in any::<u64>(),
+        ) {
+            let mut state = seed | 1;
+            let w: Vec<i8> = (0..n_out * n_in).map(|_| {
+                state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+                (state % 3) as i8 - 1
+            }).collect();
+            let i2 = TernaryMatrix::pack(&w, n_out, n_in, 0.5).unwrap();
+            let tl = i2.repacked(Packing::Tl).unwrap();
+            prop_assert_eq!(tl.packing(), Packing::Tl);
+            prop_assert_eq!(&tl.try_unpack().unwrap(), &w);
+            prop_assert_eq!(tl.packed_bytes(), n_out.div_ceil(64) * n_in.div_ceil(5) * 64);
+            prop_assert_eq!(tl.repacked(Packing::I2).unwrap(), i2.clone());
+            prop_assert_eq!(tl.repacked(Packing::Tq1).unwrap(), i2.repacked(Packing::Tq1).unwrap());
+            // Each row's negated groups, as the lookup kernels count them.
+            let (_, negated) = tl.tl_parts();
+            for n in 0..n_out {
+                let count = (0..n_in.div_ceil(5)).filter(|&g| tl.tl_byte_at(n, g) & TL_NEGATED != 0).count();
+                prop_assert_eq!(negated[n] as usize, count);
+            }
+            // Any range of a row's codes, past n_in too (zero weights, code 1).
+            let n = (seed as usize) % n_out;
+            let mut codes = vec![0u8; len];
+            tl.tl_row_codes(n, k0, &mut codes);
+            for (i, &c) in codes.iter().enumerate() {
+                let k = k0 + i;
+                let want = if k < n_in { (w[n * n_in + k] + 1) as u8 } else { 1 };
+                prop_assert_eq!(c, want, "row {} weight {}", n, k);
+            }
         }
 
         #[test]

@@ -1,7 +1,8 @@
 //! Every supported kernel path's ternary matmul against the scalar
 //! definition (exact), and the scalar definition against a plain i64
-//! reference over unpacked weights, in both packings (every check runs on
-//! a matrix and on its `Packing::Tq1` copy); the same for the q6 head dots.
+//! reference over unpacked weights, in every packing (every check runs on
+//! a matrix and on its `Packing::Tq1` and `Packing::Tl` copies); the same
+//! for the q6 head dots.
 //! (The other routines' paths are compared beside them: `half`,
 //! `model::dense`, `model::attention`, `model::tests`.)
 
@@ -25,9 +26,13 @@ fn random_matrix(n_out: usize, n_in: usize, seed: u64) -> TernaryMatrix {
 }
 
 /// `w` in every packing (it is packed as i2).
-fn packings(w: &TernaryMatrix) -> [TernaryMatrix; 2] {
+fn packings(w: &TernaryMatrix) -> [TernaryMatrix; 3] {
     assert_eq!(w.packing(), Packing::I2);
-    [w.clone(), w.repacked(Packing::Tq1).unwrap()]
+    [
+        w.clone(),
+        w.repacked(Packing::Tq1).unwrap(),
+        w.repacked(Packing::Tl).unwrap(),
+    ]
 }
 
 fn random_activations(m: usize, k: usize, seed: u64) -> Vec<f32> {
@@ -122,7 +127,12 @@ fn fused_matrices_equal_separate_calls() {
     ];
     // Mixed packings too: each matrix is read in its own.
     let tq1 = |w: &TernaryMatrix| w.repacked(Packing::Tq1).unwrap();
-    for ws in [[a.clone(), b.clone(), c.clone()], [tq1(&a), b, tq1(&c)]] {
+    let tl = |w: &TernaryMatrix| w.repacked(Packing::Tl).unwrap();
+    for ws in [
+        [a.clone(), b.clone(), c.clone()],
+        [tq1(&a), b.clone(), tq1(&c)],
+        [tl(&a), b, tl(&c)],
+    ] {
         fused_matrices_agree(&ws, &pool);
     }
     let ws = [a.clone(), a];
@@ -154,12 +164,13 @@ fn fused_glu_equals_gate_and_up_then_relu2() {
     for (n_out, n_in, m) in [(130, 300, 1), (130, 300, 7), (61, 30_000, 29)] {
         let (gate, up) = (random_matrix(n_out, n_in, 4), random_matrix(n_out, n_in, 5));
         let x = QuantizedActivations::quantize(&random_activations(m, n_in, 6), m, n_in).unwrap();
-        let [gate_i2, gate_tq1] = packings(&gate);
-        let [up_i2, up_tq1] = packings(&up);
+        let [gate_i2, gate_tq1, gate_tl] = packings(&gate);
+        let [up_i2, up_tq1, up_tl] = packings(&up);
         for (gate, up, threads) in [
             (&gate_i2, &up_i2, 1),
             (&gate_i2, &up_i2, 3),
             (&gate_tq1, &up_tq1, 3),
+            (&gate_tl, &up_tl, 3),
         ] {
             let pool = threads::pool(Some(threads)).unwrap();
             for kernel in Kernel::supported() {
@@ -236,6 +247,49 @@ fn tq1_rows_longer_than_a_carry_run_agree() {
         check_all_kernels(&w, &extreme_activations(1, n_in));
         let lowest = QuantizedActivations::from_codes(&vec![-128; n_in], 1, n_in, &[1.0]).unwrap();
         check_all_kernels(&w, &lowest);
+    }
+}
+
+/// `Packing::Tl` GEMVs over several tiles (the VBMI kernel takes four at a
+/// time, then the rest) and row ranges that start and end inside tiles,
+/// with rows of several 40-group runs and the largest entries (all weights
+/// +1, whose groups are negated bytes, or -1, against -128 and 127).
+#[test]
+fn tl_tiles_and_row_ranges_agree() {
+    let (n_out, n_in) = (5 * tl::TL_ROWS + 9, 1003);
+    let random = random_matrix(n_out, n_in, 21)
+        .repacked(Packing::Tl)
+        .unwrap();
+    let ones = TernaryMatrix::pack(&vec![1; n_out * n_in], n_out, n_in, 1.0).unwrap();
+    let minus = TernaryMatrix::pack(&vec![-1; n_out * n_in], n_out, n_in, 1.0).unwrap();
+    let xs = [
+        QuantizedActivations::quantize(&random_activations(1, n_in, 4), 1, n_in).unwrap(),
+        extreme_activations(1, n_in),
+        QuantizedActivations::from_codes(&vec![-128; n_in], 1, n_in, &[1.0]).unwrap(),
+    ];
+    for w in [
+        random,
+        ones.repacked(Packing::Tl).unwrap(),
+        minus.repacked(Packing::Tl).unwrap(),
+    ] {
+        for x in &xs {
+            for rows in [0..n_out, 64..128, 70..250, 300..n_out, 5..6] {
+                let mut want = vec![0i32; rows.len()];
+                gemv_dots(
+                    Kernel::Scalar,
+                    &w,
+                    x.token(0),
+                    x.sums()[0],
+                    rows.clone(),
+                    &mut want,
+                );
+                for kernel in Kernel::supported() {
+                    let mut got = vec![0i32; rows.len()];
+                    gemv_dots(kernel, &w, x.token(0), x.sums()[0], rows.clone(), &mut got);
+                    assert_eq!(got, want, "{kernel} rows {rows:?}");
+                }
+            }
+        }
     }
 }
 
@@ -348,9 +402,9 @@ proptest! {
         let x = QuantizedActivations::quantize(&random_activations(m, n_in, seed), m, n_in).unwrap();
         let mut scratch = Vec::new();
         let mut expected = vec![0i32; rows.len() * m];
-        let [i2, tq1] = packings(&random_matrix(n_out, n_in, seed));
+        let [i2, tq1, tl] = packings(&random_matrix(n_out, n_in, seed));
         gemm_dots(Kernel::Scalar, &i2, &x, rows.clone(), &mut expected, &mut scratch);
-        for w in [&i2, &tq1] {
+        for w in [&i2, &tq1, &tl] {
             let packing = w.packing().name();
             for kernel in Kernel::supported() {
                 let mut dots = vec![0i32; rows.len() * m];

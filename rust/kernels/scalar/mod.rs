@@ -6,4 +6,5 @@ pub mod half;
 pub mod head;
 pub mod q8_0;
 pub mod ternary;
+pub mod tl;
 pub mod tq1;

@@ -3,7 +3,7 @@
 use std::ops::Range;
 
 use crate::kernels::packing::{PackedBlock, Packing, TernaryMatrix, BLOCK, BLOCK_BYTES};
-use crate::kernels::scalar::tq1;
+use crate::kernels::scalar::{tl, tq1};
 use crate::kernels::QuantizedActivations;
 
 /// Σ_k xq[k] · W[k] for one packed row; `xq` is at least the row's padded length.
@@ -20,11 +20,12 @@ pub fn dot_row(row: &[PackedBlock], xq: &[i8]) -> i32 {
     sum
 }
 
-/// Σ_k xq[k] · W[n, k] for row `n` of `w`, in either packing.
+/// Σ_k xq[k] · W[n, k] for row `n` of `w`, in any packing.
 fn dot_matrix_row(w: &TernaryMatrix, n: usize, xq: &[i8]) -> i32 {
     match w.packing() {
         Packing::I2 => dot_row(w.row(n), xq),
         Packing::Tq1 => tq1::dot_row(w.tq1_row(n), xq),
+        Packing::Tl => tl::dot_row(w, n, xq),
     }
 }
 

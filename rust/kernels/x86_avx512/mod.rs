@@ -7,4 +7,5 @@
 pub mod attention;
 pub mod head;
 pub mod ternary;
+pub mod tl;
 pub mod tq1;

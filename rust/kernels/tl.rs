@@ -1,0 +1,176 @@
+//! The 1.6-bit lookup packing (`Packing::Tl`): five ternary weights per byte,
+//! the bytes of 64 rows side by side, multiplied by looking up tables of
+//! activation sums instead of decoding digits.
+//!
+//! Layout. A matrix is cut into tiles of `TL_ROWS` rows (the last padded with
+//! zero weights). Group `g` of a row is its weights `5g..5g + 5` (past `n_in`,
+//! zeros). A tile is `groups` lines of 64 bytes: line `g`, byte `r` holds
+//! group `g` of the tile's row `r`. So a tile's bytes for one group are one
+//! 64-byte vector, one lane per row, and every lane looks up the same table.
+//!
+//! A byte. The weights `w_i` of a group (i = 0..5) make `e = Σ_i (w_i + 1) ·
+//! 3^i` (0..243). Negating every weight maps `e` to `242 - e`, so a group and
+//! its negation share one table entry: the byte is `e` when `e <= 121`, else
+//! `0x80 | (242 - e)`, the top bit saying "negated". The low seven bits are
+//! then at most 121 (121 itself is the group of zeros) and index a table of
+//! 128 entries, which two 64-byte registers hold (`vpermi2b`).
+//!
+//! A table. For one token and group `g`, entry `m` (0..122) is the dot of the
+//! group whose byte is `m` with the activations `x[5g..5g + 5]`: an i16 of at
+//! most 5 · 128 in magnitude, stored as its low bytes (128) and then its high
+//! bytes (128). A byte with its top bit set contributes minus its entry.
+//! Tables depend on the token only; every matrix that takes it shares them.
+
+use crate::kernels::cpu::Kernel;
+
+/// Rows side by side in a tile: one lane of a 64-byte vector each.
+pub const TL_ROWS: usize = 64;
+/// Weights per byte.
+pub const TL_GROUP: usize = 5;
+/// The byte of five zero weights (and of padding).
+pub const TL_ZERO: u8 = 121;
+/// The top bit of a byte: its group is the negation of entry `byte & 0x7f`.
+pub const TL_NEGATED: u8 = 0x80;
+/// Entries of a table that bytes can index (0..=121).
+pub const TL_ENTRIES: usize = 122;
+/// Entries a table holds (the rest zero): what two 64-byte registers take.
+pub const TL_TABLE_ENTRIES: usize = 128;
+
+/// The bytes of one group of 64 rows of a tile.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(C, align(64))]
+pub struct TlLine(pub [u8; TL_ROWS]);
+
+const _: () = assert!(std::mem::size_of::<TlLine>() == 64);
+
+/// One token's table for one group: `lo[m]`, `hi[m]` are the low and high
+/// bytes of the i16 entry `m`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(C, align(64))]
+pub struct TlTable {
+    pub lo: [u8; TL_TABLE_ENTRIES],
+    pub hi: [u8; TL_TABLE_ENTRIES],
+}
+
+const _: () = assert!(std::mem::size_of::<TlTable>() == 256);
+
+/// A table of zeros (a buffer's initial value).
+pub const ZERO_TABLE: TlTable = TlTable {
+    lo: [0; TL_TABLE_ENTRIES],
+    hi: [0; TL_TABLE_ENTRIES],
+};
+
+/// Groups of a row of `n_in` weights.
+pub fn tl_groups(n_in: usize) -> usize {
+    n_in.div_ceil(TL_GROUP)
+}
+
+/// Tiles of `n_out` rows.
+pub fn tl_tiles(n_out: usize) -> usize {
+    n_out.div_ceil(TL_ROWS)
+}
+
+/// The byte of a group whose weights have the codes `codes` (`w + 1`: 0, 1
+/// or 2), weight `i` as digit `i`.
+pub fn tl_byte(codes: [u8; TL_GROUP]) -> u8 {
+    let e = codes.iter().rev().fold(0u8, |e, &c| e * 3 + c);
+    if e as usize >= TL_ENTRIES {
+        TL_NEGATED | (242 - e)
+    } else {
+        e
+    }
+}
+
+/// The weights (-1, 0, 1) of the group a byte holds.
+pub fn tl_weights(byte: u8) -> [i8; TL_GROUP] {
+    let sign = if byte & TL_NEGATED != 0 { -1 } else { 1 };
+    let mut m = byte & !TL_NEGATED;
+    std::array::from_fn(|_| {
+        let digit = (m % 3) as i8;
+        m /= 3;
+        sign * (digit - 1)
+    })
+}
+
+/// The codes (`w + 1`) of the group a byte holds, as the GEMM tiles read them.
+pub fn tl_codes(byte: u8) -> [u8; TL_GROUP] {
+    tl_weights(byte).map(|w| (w + 1) as u8)
+}
+
+/// Entry `m` of the table of activations `x` (a group's five, zero past the
+/// end of the token): the dot of the group with byte `m`.
+fn entry(m: u8, x: [i8; TL_GROUP]) -> i16 {
+    tl_weights(m)
+        .iter()
+        .zip(x)
+        .map(|(&w, x)| i16::from(w) * i16::from(x))
+        .sum()
+}
+
+/// The activations of group `g` of a token `xq` (zero past its end).
+pub fn group_activations(xq: &[i8], g: usize) -> [i8; TL_GROUP] {
+    std::array::from_fn(|i| xq.get(g * TL_GROUP + i).copied().unwrap_or(0))
+}
+
+/// The tables of `tables.len()` groups of the token `xq`, by the definition
+/// (every entry its own dot): what the SIMD builders must give.
+pub fn build_tables_scalar(xq: &[i8], tables: &mut [TlTable]) {
+    for (g, table) in tables.iter_mut().enumerate() {
+        let x = group_activations(xq, g);
+        *table = ZERO_TABLE;
+        for m in 0..TL_ENTRIES as u8 {
+            let [lo, hi] = entry(m, x).to_le_bytes();
+            table.lo[m as usize] = lo;
+            table.hi[m as usize] = hi;
+        }
+    }
+}
+
+/// `tables` (one per group) built for the token `xq` on `kernel`'s path.
+pub(crate) fn build_tables(kernel: Kernel, xq: &[i8], tables: &mut [TlTable]) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel.has_vbmi() {
+        // SAFETY: the path runs on this CPU, with AVX-512 VBMI (has_vbmi).
+        unsafe { crate::kernels::x86_avx512::tl::build_tables(xq, tables) };
+        return;
+    }
+    let _ = kernel;
+    build_tables_scalar(xq, tables);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_hold_every_group_and_its_negation_shares_the_entry() {
+        for e in 0..243u32 {
+            let codes: [u8; 5] = std::array::from_fn(|i| (e / 3u32.pow(i as u32) % 3) as u8);
+            let byte = tl_byte(codes);
+            assert_eq!(tl_codes(byte), codes, "e = {e}");
+            assert!(((byte & !TL_NEGATED) as usize) < TL_ENTRIES);
+            let negated = codes.map(|c| 2 - c);
+            assert_eq!(tl_byte(negated) & !TL_NEGATED, byte & !TL_NEGATED);
+        }
+        assert_eq!(tl_byte([1; 5]), TL_ZERO);
+        assert_eq!(tl_weights(TL_ZERO), [0; 5]);
+    }
+
+    #[test]
+    fn table_entries_are_the_groups_dots() {
+        let xq: Vec<i8> = (0..12).map(|i| (i * 53 % 255 - 127) as i8).collect();
+        let mut tables = vec![ZERO_TABLE; tl_groups(xq.len())];
+        build_tables_scalar(&xq, &mut tables);
+        for (g, table) in tables.iter().enumerate() {
+            for m in 0..TL_ENTRIES {
+                let want: i32 = tl_weights(m as u8)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &w)| i32::from(w) * i32::from(*xq.get(5 * g + i).unwrap_or(&0)))
+                    .sum();
+                let got = i16::from_le_bytes([table.lo[m], table.hi[m]]);
+                assert_eq!(i32::from(got), want, "group {g} entry {m}");
+            }
+        }
+    }
+}
