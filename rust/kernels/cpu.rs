@@ -69,6 +69,23 @@ fn detected() -> &'static [bool; 5] {
     })
 }
 
+/// Whether the CPU has AVX-512 VBMI (read once per process): the AVX-512
+/// paths' byte permutes of `Packing::Tl` (`Kernel::has_vbmi`, and the
+/// AVX-512 GEMM tiles' unpacking of its rows).
+pub(crate) fn vbmi_detected() -> bool {
+    static VBMI: OnceLock<bool> = OnceLock::new();
+    *VBMI.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512vbmi")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 impl Kernel {
     /// Every path, from the most portable to the fastest.
     pub const ALL: [Kernel; 5] = [
@@ -119,18 +136,9 @@ impl Kernel {
     /// Whether the path has AVX-512 VBMI's byte permutes beside it (an
     /// AVX-512 path on a CPU with VBMI): the lookups of `Packing::Tl`.
     pub fn has_vbmi(self) -> bool {
-        static VBMI: OnceLock<bool> = OnceLock::new();
-        let found = *VBMI.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                is_x86_feature_detected!("avx512vbmi")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                false
-            }
-        });
-        found && matches!(self, Kernel::Avx512Bw | Kernel::Avx512Vnni) && self.is_supported()
+        vbmi_detected()
+            && matches!(self, Kernel::Avx512Bw | Kernel::Avx512Vnni)
+            && self.is_supported()
     }
 
     /// Whether the x86-64 AVX2 routines (head dots, attention, half

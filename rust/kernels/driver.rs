@@ -92,6 +92,7 @@ pub(crate) use tile_1x8;
 use std::ops::Range;
 
 use super::packing::{PackedBlock, Packing, TernaryMatrix, Tq1Block, BLOCK};
+use super::tl::{tl_groups, TL_ROWS};
 use super::{gemm_k_block, CacheLine, QuantizedActivations};
 
 /// The operands of one GEMM tile.
@@ -143,6 +144,26 @@ pub(crate) trait GemmTile {
     /// As `unpack`.
     unsafe fn unpack_tq1(blocks: &[Tq1Block], out: *mut u8);
 
+    /// The codes of rows `r0..r0 + nr` of a `Packing::Tl` matrix, weights
+    /// `k0..k0 + len`, row j's at `out + j·stride` (`unpack_tl_rows`
+    /// unless the path has faster).
+    ///
+    /// # Safety
+    /// The CPU runs the implementing path; the rows exist; `out` takes
+    /// `(nr - 1)·stride + len` bytes, `len <= stride`.
+    unsafe fn unpack_tl(
+        w: &TernaryMatrix,
+        r0: usize,
+        nr: usize,
+        k0: usize,
+        len: usize,
+        out: *mut u8,
+        stride: usize,
+    ) {
+        // SAFETY: per the contract.
+        unsafe { unpack_tl_rows(w, r0, nr, k0, len, out, stride) }
+    }
+
     /// `out[j·m + i] += Σ_{k < len} codes[j·code_stride + k] · acts[i·act_stride + k]`
     /// for `nr` rows j and `nt` tokens i.
     ///
@@ -151,6 +172,27 @@ pub(crate) trait GemmTile {
     /// TOKENS; the operands hold nr rows and nt tokens of `len` codes; `out`
     /// holds `(nr - 1)·m + nt` values.
     unsafe fn tile(nr: usize, nt: usize, ops: TileOperands, out: &mut [i32], m: usize);
+}
+
+/// `GemmTile::unpack_tl` row by row (`TernaryMatrix::tl_row_codes`).
+///
+/// # Safety
+/// As `GemmTile::unpack_tl`.
+pub(crate) unsafe fn unpack_tl_rows(
+    w: &TernaryMatrix,
+    r0: usize,
+    nr: usize,
+    k0: usize,
+    len: usize,
+    out: *mut u8,
+    stride: usize,
+) {
+    for j in 0..nr {
+        // SAFETY: row j's len bytes at j·stride are inside `out` (the
+        // contract), and no other reference to them is live.
+        let codes = unsafe { std::slice::from_raw_parts_mut(out.add(j * stride), len) };
+        w.tl_row_codes(r0 + j, k0, codes);
+    }
 }
 
 /// `dots[i, t] = Σ_k x[t, k] · W[rows.start + i, k]`, dots is [rows.len(), m]:
@@ -185,25 +227,23 @@ pub(crate) unsafe fn gemm<T: GemmTile>(
         let blocks = k0 / BLOCK..(k0 + len) / BLOCK;
         for r0 in rows.clone().step_by(T::ROWS) {
             let nr = T::ROWS.min(rows.end - r0);
-            for j in 0..nr {
-                // SAFETY: the caller runs T's path; row j of the scratch
-                // starts at j·kb (a multiple of 64 bytes, as kb is of BLOCK)
-                // and takes the len = blocks.len()·BLOCK <= kb codes (the
-                // scratch's ROWS·kb bytes, which no other reference holds
-                // while a row is unpacked).
-                unsafe {
-                    match packing {
-                        Packing::I2 => T::unpack(&w.row(r0 + j)[blocks.clone()], codes.add(j * kb)),
-                        Packing::Tq1 => {
-                            T::unpack_tq1(&w.tq1_row(r0 + j)[blocks.clone()], codes.add(j * kb))
+            // SAFETY: the caller runs T's path; row j of the scratch starts
+            // at j·kb (a multiple of 64 bytes, as kb is of BLOCK) and takes
+            // the len = blocks.len()·BLOCK <= kb codes; rows r0..r0 + nr exist.
+            unsafe {
+                match packing {
+                    Packing::I2 => {
+                        for j in 0..nr {
+                            T::unpack(&w.row(r0 + j)[blocks.clone()], codes.add(j * kb));
                         }
-                        Packing::Tl => w.tl_row_codes(
-                            r0 + j,
-                            k0,
-                            std::slice::from_raw_parts_mut(codes.add(j * kb), len),
-                        ),
                     }
-                };
+                    Packing::Tq1 => {
+                        for j in 0..nr {
+                            T::unpack_tq1(&w.tq1_row(r0 + j)[blocks.clone()], codes.add(j * kb));
+                        }
+                    }
+                    Packing::Tl => T::unpack_tl(w, r0, nr, k0, len, codes, kb),
+                }
             }
             let out_row = (r0 - rows.start) * m;
             // The packed weights PREFETCH_TILES row tiles on, fetched while the
@@ -211,13 +251,24 @@ pub(crate) unsafe fn gemm<T: GemmTile>(
             // not cover fetching the next one on demand. When the k-block is
             // a whole row, those row tiles are contiguous bytes.
             let ahead_rows = r0 + PREFETCH_TILES * T::ROWS;
+            let next_tile = (r0 / TL_ROWS + 1) * TL_ROWS;
             let (ahead, ahead_lines) = match packing.block_bytes() {
                 Some(bytes) if len == kp && ahead_rows + T::ROWS <= w.n_out() => (
                     w.row_start(ahead_rows),
                     (T::ROWS * blocks.len() * bytes).div_ceil(64),
                 ),
-                // A tl tile's rows are interleaved: its lines, read by the
-                // first row tile, serve the next 15 from cache.
+                // A tl tile interleaves its 64 rows, so every row tile of it
+                // reads all its lines: each takes its share of the next
+                // tile's lines, which then come from cache.
+                None if len == kp && next_tile < w.n_out() => {
+                    let tile_lines = tl_groups(w.n_in());
+                    let share = tile_lines.div_ceil(TL_ROWS / T::ROWS);
+                    let first = ((r0 % TL_ROWS) / T::ROWS * share).min(tile_lines);
+                    (
+                        w.row_start(next_tile).wrapping_add(64 * first),
+                        share.min(tile_lines - first),
+                    )
+                }
                 _ => (std::ptr::null(), 0),
             };
             for t0 in (0..m).step_by(T::TOKENS) {

@@ -234,6 +234,28 @@ impl<const VNNI: bool> GemmTile for Tile<VNNI> {
     }
 
     #[inline(always)]
+    unsafe fn unpack_tl(
+        w: &TernaryMatrix,
+        r0: usize,
+        nr: usize,
+        k0: usize,
+        len: usize,
+        out: *mut u8,
+        stride: usize,
+    ) {
+        let isa = if VNNI { Isa::Avx512Vnni } else { Isa::Avx512Bw };
+        // SAFETY: per the trait's contract; the VBMI routine runs only on a
+        // CPU with VBMI, for four rows of one tile (r0 a multiple of 4).
+        unsafe {
+            if nr == 4 && r0.is_multiple_of(4) && crate::kernels::cpu::vbmi_detected() {
+                crate::kernels::x86_avx512::tl::unpack_rows4(isa, w, r0, k0, len, out, stride)
+            } else {
+                driver::unpack_tl_rows(w, r0, nr, k0, len, out, stride)
+            }
+        }
+    }
+
+    #[inline(always)]
     unsafe fn tile(nr: usize, nt: usize, ops: TileOperands, out: &mut [i32], m: usize) {
         macro_rules! run {
             ($nr:literal, $nt:literal) => {
