@@ -112,17 +112,18 @@ def test_cli_json() -> None:
     assert pp["roofline_fraction"] is None and pp["roofline_ts"] is None
 
 
-def test_cli_packing_is_reported_and_checked() -> None:
-    """--packing tq1: the rows say so, and the model is 52/64 of the ternary bytes
-    smaller; an unknown value is refused naming the flag."""
+@pytest.mark.parametrize("packing", ["tq1", "tl"])
+def test_cli_packing_is_reported_and_checked(packing: str) -> None:
+    """--packing tq1 or tl: the rows say so, and the model's ternary bytes are
+    fewer (52/64 or 51.2/64); an unknown value is refused naming the flag."""
     args = ("bench", "-m", MODEL, "-p", "8", "-n", "4", "-t", "1", "-r", "1", "--json")
     i2 = json.loads(run(*args).stdout)
-    tq1 = json.loads(run(*args, "--packing", "tq1").stdout)
-    assert {r["packing"] for r in tq1} == {"tq1"}
-    assert tq1[0]["model_size"] < i2[0]["model_size"]
-    table = run(*args[:-1], "--packing", "tq1")
+    small = json.loads(run(*args, "--packing", packing).stdout)
+    assert {r["packing"] for r in small} == {packing}
+    assert small[0]["model_size"] < i2[0]["model_size"]
+    table = run(*args[:-1], "--packing", packing)
     assert table.returncode == 0, table.stderr
-    assert "| packing |" in table.stdout and "| tq1 |" in table.stdout
+    assert "| packing |" in table.stdout and f"| {packing} |" in table.stdout
     bad = run(*args, "--packing", "tq2")
     assert bad.returncode == 2 and "--packing" in bad.stderr
 

@@ -90,6 +90,24 @@ def test_tq1_packing_gives_the_same_bits(n_out: int, n_in: int, m: int, seed: in
             np.testing.assert_array_equal(y.view(np.uint32), want.view(np.uint32), err_msg=kernel)
 
 
+@settings(max_examples=40, deadline=None)
+@given(n_out=dims, n_in=dims, m=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_tl_packing_gives_the_same_bits(n_out: int, n_in: int, m: int, seed: int) -> None:
+    """1.6 bits per weight in tiles of 64 rows: the same weights, 64 bytes per
+    5 weights of 64 rows, and every path's product the same bits as the 2-bit
+    matrix's (one token: the table lookups; several: the GEMM)."""
+    w, x = random_case(seed, n_out, n_in, m)
+    tl = TernaryMatrix.pack(w, 0.37, packing="tl")
+    assert tl.packing == "tl"
+    assert tl.nbytes == -(-n_out // 64) * -(-n_in // 5) * 64
+    np.testing.assert_array_equal(tl.unpack(), w)
+    expected = numpy_matmul(w, 0.37, x)
+    for kernel in KERNELS:
+        for xs, want in ((x, expected), (x[0], expected[0])):
+            y = tl.matmul(xs, kernel=kernel, threads=2)
+            np.testing.assert_array_equal(y.view(np.uint32), want.view(np.uint32), err_msg=kernel)
+
+
 def test_pack_rejects_an_unknown_packing() -> None:
     w = np.zeros((2, 3), dtype=np.int8)
     with pytest.raises(trit.InvalidInputError, match='unknown packing "i3"'):

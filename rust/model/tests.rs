@@ -884,47 +884,62 @@ fn a_step_is_checked_whole_before_any_work() {
     assert!(Engine::new(e.model().clone(), 0, None, None, KvType::F32, kernel).is_err());
 }
 
-/// A model whose projections are packed as tq1 computes the same integer
-/// dots as the 2-bit one, so its logits are the same bits: a prompt (the
-/// GEMM, in small- and large-batch sizes) and decoding (the GEMV). It reads
-/// 52 bytes per 256 weights instead of 64.
+/// A model whose projections are packed as tq1 or tl computes the same
+/// integer dots as the 2-bit one, so its logits are the same bits: a prompt
+/// (the GEMM, in small- and large-batch sizes) and decoding (the GEMV; for
+/// tl the table lookups). tq1 reads 52 bytes per 256 weights instead of 64,
+/// tl 64 per 5 weights of 64 rows.
 #[test]
-fn tq1_packing_gives_the_same_logits() {
+fn smaller_packings_give_the_same_logits() {
+    for packing in [Packing::Tq1, Packing::Tl] {
+        same_logits_when_packed(packing);
+    }
+}
+
+fn same_logits_when_packed(packing: Packing) {
     let c = tiny();
     let i2 = model(&c);
-    let mut tq1 = (*i2).clone();
-    tq1.repack(Packing::Tq1, &threads::pool(Some(2)).unwrap())
+    let mut small = (*i2).clone();
+    small
+        .repack(packing, &threads::pool(Some(2)).unwrap())
         .unwrap();
-    assert_eq!(tq1.packing(), Packing::Tq1);
-    for (a, b) in i2.layers.iter().zip(&tq1.layers) {
+    assert_eq!(small.packing(), packing);
+    for (a, b) in i2.layers.iter().zip(&small.layers) {
         for p in Proj::ALL {
             let (a, b) = (a.proj(p), b.proj(p));
-            assert_eq!(b.packing(), Packing::Tq1, "{p:?}");
+            assert_eq!(b.packing(), packing, "{p:?}");
             assert_eq!(a.unpack(), b.unpack(), "{p:?}");
-            assert_eq!(b.packed_bytes() * 64, a.packed_bytes() * 52, "{p:?}");
+            let bytes = match packing {
+                Packing::Tq1 => a.n_out() * a.n_in().div_ceil(256) * 52,
+                _ => a.n_out().div_ceil(64) * a.n_in().div_ceil(5) * 64,
+            };
+            assert_eq!(b.packed_bytes(), bytes, "{p:?}");
         }
     }
-    assert!(tq1.bytes_per_token() < i2.bytes_per_token());
-    let tq1 = Arc::new(tq1);
+    let small = Arc::new(small);
     let ids: Vec<u32> = (0..24).map(|i| (i * 7 + 3) % c.vocab_size as u32).collect();
     for len in [5, ids.len()] {
         let ids = &ids[..len];
         let mut a = Session::new(i2.clone(), None, Some(2), KvType::F32).unwrap();
-        let mut b = Session::new(tq1.clone(), None, Some(2), KvType::F32).unwrap();
+        let mut b = Session::new(small.clone(), None, Some(2), KvType::F32).unwrap();
         assert_eq!(
             a.logits(ids).unwrap(),
             b.logits(ids).unwrap(),
-            "{len} tokens"
+            "{len} tokens ({packing:?})"
         );
     }
     let mut a = Session::new(i2, Some(16), Some(2), KvType::F32).unwrap();
-    let mut b = Session::new(tq1, Some(16), Some(2), KvType::F32).unwrap();
+    let mut b = Session::new(small, Some(16), Some(2), KvType::F32).unwrap();
     a.prefill(&ids[..3]).unwrap();
     b.prefill(&ids[..3]).unwrap();
     for &id in &ids[3..10] {
         a.push(id).unwrap();
         b.push(id).unwrap();
-        assert_eq!(a.last_logits().unwrap(), b.last_logits().unwrap());
+        assert_eq!(
+            a.last_logits().unwrap(),
+            b.last_logits().unwrap(),
+            "{packing:?}"
+        );
     }
 }
 
