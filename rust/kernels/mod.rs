@@ -121,8 +121,8 @@ fn gemv_dots_tl(
 }
 
 /// The lookup tables of a one-token matmul over `Packing::Tl` matrices:
-/// built once on the calling thread, before the tasks, in a buffer the
-/// thread keeps (the tables of a 6912-input token are 354 KB).
+/// built once, before the tasks (half by a second thread), in a buffer the
+/// calling thread keeps (the tables of a 6912-input token are 354 KB).
 struct TlTables;
 
 thread_local! {
@@ -134,6 +134,7 @@ impl TlTables {
     /// matrix of `ws` is `Packing::Tl` and the path looks up, else with none.
     fn with<R>(
         kernel: Kernel,
+        pool: &ThreadPool,
         ws: &[&TernaryMatrix],
         x: &QuantizedActivations,
         f: impl FnOnce(Option<&[tl::TlTable]>) -> R,
@@ -149,7 +150,16 @@ impl TlTables {
                 crate::memory::try_reserve_total(tables, groups, "the tl lookup tables")?;
                 tables.resize(groups, tl::ZERO_TABLE);
             }
-            tl::build_tables(kernel, x.token(0), &mut tables[..groups]);
+            // Two halves, so that a second thread builds one while the
+            // caller builds the other (the tasks wait for all of them).
+            let (first, second) = tables[..groups].split_at_mut(groups / 2);
+            let token = x.token(0);
+            pool.install(|| {
+                rayon::join(
+                    || tl::build_tables(kernel, token, first),
+                    || tl::build_tables(kernel, &token[(groups / 2) * tl::TL_GROUP..], second),
+                )
+            });
             Ok(())
         };
         TL_TABLES.with(|cell| match cell.try_borrow_mut() {
@@ -341,7 +351,7 @@ pub fn matmul_many_into(
     }
     let total: usize = ws.iter().map(|w| w.n_out()).sum();
     let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
-    TlTables::with(kernel, ws, x, |tables| {
+    TlTables::with(kernel, pool, ws, x, |tables| {
         let blocks = TokenBlocks::new(x, tables);
         // Rows `rows` of matrix `w`, written through `out` ([m, n_out]).
         let run_rows = |w: &TernaryMatrix, rows: Range<usize>, out: OutPtr| {
@@ -397,7 +407,7 @@ pub fn matmul_glu_into(
     check_operands(gate, x, h.len())?;
     let (m, n_out) = (x.m(), gate.n_out());
     let out = OutPtr(h.as_mut_ptr());
-    TlTables::with(kernel, &[gate, up], x, |tables| {
+    TlTables::with(kernel, pool, &[gate, up], x, |tables| {
         let blocks = TokenBlocks::new(x, tables);
         let task = |rows: Range<usize>| {
             blocks.for_each_piece(kernel, &[gate, up], rows, |t0, piece, mb, values| {
