@@ -492,8 +492,8 @@ fn gemm_cached(c: &mut Criterion) {
     group.finish();
 }
 
-/// One token against a matrix that stays in L2 (384 × 2560), in both
-/// packings, one thread: the GEMV's decoding and multiplying speed without
+/// One token against a matrix that stays in L2 (384 × 2560), in every
+/// packing, one thread: the GEMV's decoding and multiplying speed without
 /// memory (elem/s = weights, i.e. MACs, per second).
 fn gemv_cached(c: &mut Criterion) {
     let mut group = c.benchmark_group("gemv_cached");
@@ -503,7 +503,7 @@ fn gemv_cached(c: &mut Criterion) {
     let x = activations(1, n_in);
     let mut y = vec![0.0f32; n_out];
     group.throughput(Throughput::Elements((n_out * n_in) as u64));
-    for packing in [Packing::I2, Packing::Tq1] {
+    for packing in Packing::ALL {
         let w = random_matrix(n_out, n_in, 5).repacked(packing).unwrap();
         for kernel in kernels().into_iter().filter(|&k| k != Kernel::Scalar) {
             let id = BenchmarkId::new(kernel.name(), packing.name());
