@@ -179,7 +179,7 @@ def test_tq1_packing_gives_the_same_logits_in_fewer_bytes() -> None:
     assert b.packing == "tq1" and b.nbytes * 64 == a.nbytes * 52
     np.testing.assert_array_equal(a.unpack(), b.unpack())
     assert tq1.model.bytes_per_token < i2.model.bytes_per_token
-    with pytest.raises(InvalidInputError, match="packing must be one of i2, tq1, got 'tq2'"):
+    with pytest.raises(InvalidInputError, match="packing must be one of i2, tq1, tl, got 'tq2'"):
         Generator.from_pretrained(path, packing="tq2")
     # The engine's own check, for callers of Model.open.
     with pytest.raises(InvalidInputError, match='unknown packing "tq2"'):

@@ -59,11 +59,15 @@ fn gemv_dots(
 ) {
     kernel.assert_supported();
     if w.packing() == Packing::Tl && kernel != Kernel::Scalar {
-        // Tables for this one call (the matmuls build them once per token
-        // for all their tasks: `TlTables`).
-        let mut tables = vec![tl::ZERO_TABLE; tl::tl_groups(w.n_in())];
-        tl::build_tables(kernel, xq, &mut tables);
-        return gemv_dots_tl(kernel, w, &tables, rows, dots);
+        let groups = tl::tl_groups(w.n_in());
+        let looked_up = tl::with_thread_tables(kernel, xq, groups, |tables| {
+            gemv_dots_tl(kernel, w, tables, rows.clone(), dots)
+        });
+        if looked_up.is_none() {
+            // No memory for the tables: the definition needs none.
+            scalar::ternary::gemv(w, xq, xsum, rows, dots);
+        }
+        return;
     }
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     use Packing::{Tq1, I2};
@@ -118,63 +122,6 @@ fn gemv_dots_tl(
     }
     let _ = kernel;
     scalar::tl::gemv_tables(w, tables, rows, dots)
-}
-
-/// The lookup tables of a one-token matmul over `Packing::Tl` matrices:
-/// built once, before the tasks (half by a second thread), in a buffer the
-/// calling thread keeps (the tables of a 6912-input token are 354 KB).
-struct TlTables;
-
-thread_local! {
-    static TL_TABLES: std::cell::RefCell<Vec<tl::TlTable>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-impl TlTables {
-    /// Runs `f` with the tables of `x`'s token when `x` is one token, a
-    /// matrix of `ws` is `Packing::Tl` and the path looks up, else with none.
-    fn with<R>(
-        kernel: Kernel,
-        pool: &ThreadPool,
-        ws: &[&TernaryMatrix],
-        x: &QuantizedActivations,
-        f: impl FnOnce(Option<&[tl::TlTable]>) -> R,
-    ) -> Result<R> {
-        // The scalar path multiplies by its definition, without tables.
-        if x.m() != 1 || kernel == Kernel::Scalar || ws.iter().all(|w| w.packing() != Packing::Tl) {
-            return Ok(f(None));
-        }
-        let groups = tl::tl_groups(x.k());
-        let build = |tables: &mut Vec<tl::TlTable>| -> Result<()> {
-            if tables.len() < groups {
-                tables.clear();
-                crate::memory::try_reserve_total(tables, groups, "the tl lookup tables")?;
-                tables.resize(groups, tl::ZERO_TABLE);
-            }
-            // Two halves, so that a second thread builds one while the
-            // caller builds the other (the tasks wait for all of them).
-            let (first, second) = tables[..groups].split_at_mut(groups / 2);
-            let token = x.token(0);
-            pool.install(|| {
-                rayon::join(
-                    || tl::build_tables(kernel, token, first),
-                    || tl::build_tables(kernel, &token[(groups / 2) * tl::TL_GROUP..], second),
-                )
-            });
-            Ok(())
-        };
-        TL_TABLES.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut tables) => {
-                build(&mut tables)?;
-                Ok(f(Some(&tables[..groups])))
-            }
-            // A matmul inside a matmul's task on this thread: its own buffer.
-            Err(_) => {
-                let mut tables = Vec::new();
-                build(&mut tables)?;
-                Ok(f(Some(&tables[..groups])))
-            }
-        })
-    }
 }
 
 /// Most tokens a GEMM multiplies with the small-batch tile (every SIMD path
@@ -351,33 +298,32 @@ pub fn matmul_many_into(
     }
     let total: usize = ws.iter().map(|w| w.n_out()).sum();
     let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
-    TlTables::with(kernel, pool, ws, x, |tables| {
-        let blocks = TokenBlocks::new(x, tables);
-        // Rows `rows` of matrix `w`, written through `out` ([m, n_out]).
-        let run_rows = |w: &TernaryMatrix, rows: Range<usize>, out: OutPtr| {
-            let n_out = w.n_out();
-            blocks.for_each_piece(kernel, &[w], rows, |t0, piece, mb, values| {
-                write_tokens(out, n_out, t0, piece, mb, |t, row| {
-                    for (y, &v) in row.iter_mut().zip(token_values(values[0], t, mb)) {
-                        *y = v;
-                    }
-                });
-            });
-        };
-        // A task covers rows first..last of the matrices' rows listed one after another.
-        let task = |rows: Range<usize>| {
-            let (first, last) = (rows.start, rows.end);
-            let mut base = 0;
-            for (w, &out) in ws.iter().zip(&outs) {
-                let (lo, hi) = (first.max(base), last.min(base + w.n_out()));
-                if lo < hi {
-                    run_rows(w, lo - base..hi - base, out);
+    let blocks = TokenBlocks::new(x);
+    // Rows `rows` of matrix `w`, written through `out` ([m, n_out]).
+    let run_rows = |w: &TernaryMatrix, rows: Range<usize>, out: OutPtr| {
+        let n_out = w.n_out();
+        blocks.for_each_piece(kernel, &[w], rows, |t0, piece, mb, values| {
+            write_tokens(out, n_out, t0, piece, mb, |t, row| {
+                for (y, &v) in row.iter_mut().zip(token_values(values[0], t, mb)) {
+                    *y = v;
                 }
-                base += w.n_out();
+            });
+        });
+    };
+    // A task covers rows first..last of the matrices' rows listed one after another.
+    let task = |rows: Range<usize>| {
+        let (first, last) = (rows.start, rows.end);
+        let mut base = 0;
+        for (w, &out) in ws.iter().zip(&outs) {
+            let (lo, hi) = (first.max(base), last.min(base + w.n_out()));
+            if lo < hi {
+                run_rows(w, lo - base..hi - base, out);
             }
-        };
-        run_row_tasks(total, m, row_align(ws, m), task, pool);
-    })
+            base += w.n_out();
+        }
+    };
+    run_row_tasks(total, m, row_align(ws, m), task, pool);
+    Ok(())
 }
 
 /// BitNet's MLP input in one pass: `h = relu(x·Wgateᵀ)² · (x·Wupᵀ)`, h is
@@ -407,22 +353,21 @@ pub fn matmul_glu_into(
     check_operands(gate, x, h.len())?;
     let (m, n_out) = (x.m(), gate.n_out());
     let out = OutPtr(h.as_mut_ptr());
-    TlTables::with(kernel, pool, &[gate, up], x, |tables| {
-        let blocks = TokenBlocks::new(x, tables);
-        let task = |rows: Range<usize>| {
-            blocks.for_each_piece(kernel, &[gate, up], rows, |t0, piece, mb, values| {
-                write_tokens(out, n_out, t0, piece, mb, |t, row| {
-                    let gates = token_values(values[0], t, mb);
-                    let ups = token_values(values[1], t, mb);
-                    for ((y, &gate), &up) in row.iter_mut().zip(gates).zip(ups) {
-                        let r = gate.max(0.0);
-                        *y = (r * r) * up;
-                    }
-                });
+    let blocks = TokenBlocks::new(x);
+    let task = |rows: Range<usize>| {
+        blocks.for_each_piece(kernel, &[gate, up], rows, |t0, piece, mb, values| {
+            write_tokens(out, n_out, t0, piece, mb, |t, row| {
+                let gates = token_values(values[0], t, mb);
+                let ups = token_values(values[1], t, mb);
+                for ((y, &gate), &up) in row.iter_mut().zip(gates).zip(ups) {
+                    let r = gate.max(0.0);
+                    *y = (r * r) * up;
+                }
             });
-        };
-        run_row_tasks(n_out, m, row_align(&[gate, up], m), task, pool);
-    })
+        });
+    };
+    run_row_tasks(n_out, m, row_align(&[gate, up], m), task, pool);
+    Ok(())
 }
 
 /// What the rows of a matmul's tasks start at multiples of: a tile of a
@@ -520,12 +465,10 @@ struct TokenBlocks<'a> {
     blocks: Vec<(usize, QuantizedActivations)>,
     /// Tokens of the largest block.
     largest: usize,
-    /// The lookup tables of a one-token batch, for `Packing::Tl` matrices.
-    tl_tables: Option<&'a [tl::TlTable]>,
 }
 
 impl<'a> TokenBlocks<'a> {
-    fn new(x: &'a QuantizedActivations, tl_tables: Option<&'a [tl::TlTable]>) -> Self {
+    fn new(x: &'a QuantizedActivations) -> Self {
         let m = x.m();
         let per_block =
             (GEMM_L2_ACTIVATIONS / x.k_padded()).max(TOKEN_ALIGN) / TOKEN_ALIGN * TOKEN_ALIGN;
@@ -541,7 +484,6 @@ impl<'a> TokenBlocks<'a> {
             x,
             blocks,
             largest: m.min(per_block),
-            tl_tables,
         }
     }
 
@@ -590,12 +532,7 @@ impl<'a> TokenBlocks<'a> {
         dots.resize(n, 0);
         for (w, values) in ws.iter().zip(values.iter_mut()) {
             values.resize(n, 0.0);
-            match self.tl_tables {
-                Some(tables) if w.packing() == Packing::Tl => {
-                    gemv_dots_tl(kernel, w, tables, rows.clone(), dots)
-                }
-                _ => gemv_dots(kernel, w, xq, xsum, rows.clone(), dots),
-            }
+            gemv_dots(kernel, w, xq, xsum, rows.clone(), dots);
             for (v, &d) in values.iter_mut().zip(dots.iter()) {
                 *v = dequantize(d, xs, w.scale());
             }

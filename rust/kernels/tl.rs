@@ -138,6 +138,56 @@ pub(crate) fn build_tables(kernel: Kernel, xq: &[i8], tables: &mut [TlTable]) {
     build_tables_scalar(xq, tables);
 }
 
+/// A thread's tables and the token they were built for.
+#[derive(Default)]
+struct ThreadTables {
+    token: Vec<i8>,
+    kernel: Option<Kernel>,
+    tables: Vec<TlTable>,
+}
+
+thread_local! {
+    static TABLES: std::cell::RefCell<ThreadTables> = std::cell::RefCell::default();
+}
+
+/// Runs `f` with the tables of `groups` groups of the token `xq`, built on
+/// `kernel`'s path by this thread: each thread that multiplies the token
+/// builds its own copy, which stays in its own cache (tables one thread built
+/// and another read cost more in transfers between the cores than the
+/// building they saved). They are kept with a copy of the token, compared in
+/// full, so the matrices that take the same input (q, k and v; gate and up)
+/// and a thread's later tasks find them built, and never another token's.
+/// None if there is no memory for them (or the thread's are in use).
+pub(crate) fn with_thread_tables<R>(
+    kernel: Kernel,
+    xq: &[i8],
+    groups: usize,
+    f: impl FnOnce(&[TlTable]) -> R,
+) -> Option<R> {
+    TABLES.with(|cell| {
+        let mut cache = cell.try_borrow_mut().ok()?;
+        let token = &xq[..xq.len().min(groups * TL_GROUP)];
+        let fresh = cache.kernel == Some(kernel)
+            && cache.tables.len() == groups
+            && cache.token.as_slice() == token;
+        if !fresh {
+            let cache = &mut *cache;
+            cache.kernel = None;
+            if cache.tables.len() != groups {
+                cache.tables.clear();
+                crate::memory::try_reserve_total(&mut cache.tables, groups, "tl tables").ok()?;
+                cache.tables.resize(groups, ZERO_TABLE);
+            }
+            cache.token.clear();
+            crate::memory::try_reserve_total(&mut cache.token, token.len(), "a token").ok()?;
+            cache.token.extend_from_slice(token);
+            build_tables(kernel, token, &mut cache.tables);
+            cache.kernel = Some(kernel);
+        }
+        Some(f(&cache.tables))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
