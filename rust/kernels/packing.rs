@@ -583,40 +583,27 @@ impl TernaryMatrix {
         Ok(Blocks::Tl { lines, negated })
     }
 
-    /// The blocks in `packing` (I2 or Tq1) of a `Packing::Tl` matrix.
+    /// The blocks in `packing` of a `Packing::Tl` matrix.
     fn tl_to_rows(&self, packing: Packing) -> Result<Blocks> {
-        let per_row = self.blocks_per_row();
-        let len = self.n_out * per_row; // as many blocks as the source's bytes cover
-        let mut codes = try_filled(self.k_padded(), 1u8, "a row of codes")?;
         Ok(match packing {
-            Packing::I2 => {
-                let mut out = Vec::new();
-                try_reserve_total(&mut out, len, "a repacked ternary matrix")?;
-                for n in 0..self.n_out {
-                    self.row_codes(n, &mut codes);
-                    out.extend(
-                        codes
-                            .chunks_exact(BLOCK)
-                            .map(|c| PackedBlock::encode(as_block(c))),
-                    );
-                }
-                Blocks::I2(out)
-            }
-            Packing::Tq1 => {
-                let mut out = Vec::new();
-                try_reserve_total(&mut out, len, "a repacked ternary matrix")?;
-                for n in 0..self.n_out {
-                    self.row_codes(n, &mut codes);
-                    out.extend(
-                        codes
-                            .chunks_exact(BLOCK)
-                            .map(|c| Tq1Block::encode(as_block(c))),
-                    );
-                }
-                Blocks::Tq1(out)
-            }
-            Packing::Tl => unreachable!("tl to tl is a copy"),
+            Packing::I2 => Blocks::I2(self.encode_rows(PackedBlock::encode)?),
+            Packing::Tq1 => Blocks::Tq1(self.encode_rows(Tq1Block::encode)?),
+            Packing::Tl => self.to_tl()?,
         })
+    }
+
+    /// Every row's blocks as `encode` makes them from their codes, allocated fallibly.
+    fn encode_rows<B>(&self, encode: impl Fn(&[u8; BLOCK]) -> B) -> Result<Vec<B>> {
+        let mut out = Vec::new();
+        // As many blocks as the matrix's own bytes cover: no overflow.
+        let len = self.n_out * self.blocks_per_row();
+        try_reserve_total(&mut out, len, "a repacked ternary matrix")?;
+        let mut codes = try_filled(self.k_padded(), 1u8, "a row of codes")?;
+        for n in 0..self.n_out {
+            self.row_codes(n, &mut codes);
+            out.extend(codes.chunks_exact(BLOCK).map(|c| encode(as_block(c))));
+        }
+        Ok(out)
     }
 
     /// The weights as [n_out, n_in] row-major values in {-1, 0, 1}.
@@ -820,14 +807,23 @@ mod tests {
         assert!(err.to_string().contains("unknown packing \"i3\""), "{err}");
     }
 
+    /// `len` weights in {-1, 0, 1} from `seed`.
+    fn random_weights(len: usize, seed: u64) -> Vec<i8> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 3) as i8 - 1
+            })
+            .collect()
+    }
+
     proptest! {
         #[test]
         fn tq1_pack_unpack_round_trips(n_out in 1usize..9, n_in in 1usize..700, seed in any::<u64>()) {
-            let mut state = seed | 1;
-            let w: Vec<i8> = (0..n_out * n_in).map(|_| {
-                state ^= state << 13; state ^= state >> 7; state ^= state << 17;
-                (state % 3) as i8 - 1
-            }).collect();
+            let w = random_weights(n_out * n_in, seed);
             let i2 = TernaryMatrix::pack(&w, n_out, n_in, 0.5).unwrap();
             let tq1 = i2.repacked(Packing::Tq1).unwrap();
             prop_assert_eq!(tq1.packing(), Packing::Tq1);
@@ -849,11 +845,7 @@ mod tests {
             len in 0usize..800,
             seed in any::<u64>(),
         ) {
-            let mut state = seed | 1;
-            let w: Vec<i8> = (0..n_out * n_in).map(|_| {
-                state ^= state << 13; state ^= state >> 7; state ^= state << 17;
-                (state % 3) as i8 - 1
-            }).collect();
+            let w = random_weights(n_out * n_in, seed);
             let i2 = TernaryMatrix::pack(&w, n_out, n_in, 0.5).unwrap();
             let tl = i2.repacked(Packing::Tl).unwrap();
             prop_assert_eq!(tl.packing(), Packing::Tl);
@@ -896,11 +888,7 @@ mod tests {
 
         #[test]
         fn pack_unpack_round_trips(n_out in 1usize..9, n_in in 1usize..700, seed in any::<u64>()) {
-            let mut state = seed | 1;
-            let w: Vec<i8> = (0..n_out * n_in).map(|_| {
-                state ^= state << 13; state ^= state >> 7; state ^= state << 17;
-                (state % 3) as i8 - 1
-            }).collect();
+            let w = random_weights(n_out * n_in, seed);
             let m = TernaryMatrix::pack(&w, n_out, n_in, 0.5).unwrap();
             prop_assert_eq!(m.try_unpack().unwrap(), w);
             prop_assert_eq!(m.packed_bytes(), n_out * n_in.div_ceil(256) * 64);
