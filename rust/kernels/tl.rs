@@ -143,7 +143,9 @@ pub(crate) fn build_tables(kernel: Kernel, xq: &[i8], tables: &mut [TlTable]) {
 struct ThreadTables {
     token: Vec<i8>,
     kernel: Option<Kernel>,
+    /// The tables of the token's groups first; it only grows.
     tables: Vec<TlTable>,
+    groups: usize,
 }
 
 thread_local! {
@@ -166,25 +168,25 @@ pub(crate) fn with_thread_tables<R>(
 ) -> Option<R> {
     TABLES.with(|cell| {
         let mut cache = cell.try_borrow_mut().ok()?;
+        let cache = &mut *cache;
         let token = &xq[..xq.len().min(groups * TL_GROUP)];
         let fresh = cache.kernel == Some(kernel)
-            && cache.tables.len() == groups
+            && cache.groups == groups
             && cache.token.as_slice() == token;
         if !fresh {
-            let cache = &mut *cache;
             cache.kernel = None;
-            if cache.tables.len() != groups {
-                cache.tables.clear();
+            if cache.tables.len() < groups {
                 crate::memory::try_reserve_total(&mut cache.tables, groups, "tl tables").ok()?;
                 cache.tables.resize(groups, ZERO_TABLE);
             }
             cache.token.clear();
             crate::memory::try_reserve_total(&mut cache.token, token.len(), "a token").ok()?;
             cache.token.extend_from_slice(token);
-            build_tables(kernel, token, &mut cache.tables);
+            build_tables(kernel, token, &mut cache.tables[..groups]);
+            cache.groups = groups;
             cache.kernel = Some(kernel);
         }
-        Some(f(&cache.tables))
+        Some(f(&cache.tables[..groups]))
     })
 }
 
