@@ -142,9 +142,10 @@ pub(crate) fn build_tables(kernel: Kernel, xq: &[i8], tables: &mut [TlTable]) {
 #[derive(Default)]
 struct ThreadTables {
     token: Vec<i8>,
-    kernel: Option<Kernel>,
     /// The tables of the token's groups first; it only grows.
     tables: Vec<TlTable>,
+    /// Groups built for `token`; 0 while none are (every path builds the
+    /// same tables, so which one built them does not matter).
     groups: usize,
 }
 
@@ -170,11 +171,9 @@ pub(crate) fn with_thread_tables<R>(
         let mut cache = cell.try_borrow_mut().ok()?;
         let cache = &mut *cache;
         let token = &xq[..xq.len().min(groups * TL_GROUP)];
-        let fresh = cache.kernel == Some(kernel)
-            && cache.groups == groups
-            && cache.token.as_slice() == token;
+        let fresh = cache.groups == groups && cache.token.as_slice() == token;
         if !fresh {
-            cache.kernel = None;
+            cache.groups = 0;
             if cache.tables.len() < groups {
                 crate::memory::try_reserve_total(&mut cache.tables, groups, "tl tables").ok()?;
                 cache.tables.resize(groups, ZERO_TABLE);
@@ -184,7 +183,6 @@ pub(crate) fn with_thread_tables<R>(
             cache.token.extend_from_slice(token);
             build_tables(kernel, token, &mut cache.tables[..groups]);
             cache.groups = groups;
-            cache.kernel = Some(kernel);
         }
         Some(f(&cache.tables[..groups]))
     })
@@ -206,6 +204,18 @@ mod tests {
         }
         assert_eq!(tl_byte([1; 5]), TL_ZERO);
         assert_eq!(tl_weights(TL_ZERO), [0; 5]);
+    }
+
+    #[test]
+    fn every_path_builds_the_definitions_tables() {
+        let xq: Vec<i8> = (0..1003).map(|i| (i * 37 % 256) as u8 as i8).collect();
+        let mut want = vec![ZERO_TABLE; tl_groups(xq.len())];
+        build_tables_scalar(&xq, &mut want);
+        for kernel in Kernel::supported() {
+            let mut got = vec![ZERO_TABLE; want.len()];
+            build_tables(kernel, &xq, &mut got);
+            assert!(got == want, "{kernel}");
+        }
     }
 
     #[test]

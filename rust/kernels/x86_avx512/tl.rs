@@ -21,8 +21,7 @@ use std::ops::Range;
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::packing::TernaryMatrix;
 use crate::kernels::tl::{
-    group_activations, tl_groups, tl_weights, TlLine, TlTable, TL_ENTRIES, TL_GROUP, TL_ROWS,
-    TL_TABLE_ENTRIES,
+    group_activations, tl_groups, TlLine, TlTable, TL_ENTRIES, TL_GROUP, TL_ROWS, TL_TABLE_ENTRIES,
 };
 
 /// Groups summed in 8 and 16 bits before widening: the high bytes' sum stays
@@ -33,20 +32,35 @@ const TILES: usize = 4;
 /// Lines (64 bytes) ahead of the one read that each tile prefetches.
 const PREFETCH_LINES: usize = 64;
 
-/// Weight `i` of the group each table entry stands for ([5, 128], zero past
-/// the last entry): the factors of the activations in a table.
-static ENTRY_WEIGHTS: [[i16; TL_TABLE_ENTRIES]; TL_GROUP] = {
-    let mut weights = [[0i16; TL_TABLE_ENTRIES]; TL_GROUP];
+/// Digit i of each table index m (0..128): `DIGITS[i][m]`.
+static DIGITS: [[u8; TL_TABLE_ENTRIES]; TL_GROUP] = {
+    let mut digits = [[0u8; TL_TABLE_ENTRIES]; TL_GROUP];
     let mut m = 0;
-    while m < TL_ENTRIES {
+    while m < TL_TABLE_ENTRIES {
         let mut rest = m;
         let mut i = 0;
         while i < TL_GROUP {
-            weights[i][m] = (rest % 3) as i16 - 1;
+            digits[i][m] = (rest % 3) as u8;
             rest /= 3;
             i += 1;
         }
         m += 1;
+    }
+    digits
+};
+
+/// Weight `i` of the group each table entry stands for ([5, 128], zero past
+/// the last entry): the factors of the activations in a table.
+static ENTRY_WEIGHTS: [[i16; TL_TABLE_ENTRIES]; TL_GROUP] = {
+    let mut weights = [[0i16; TL_TABLE_ENTRIES]; TL_GROUP];
+    let mut i = 0;
+    while i < TL_GROUP {
+        let mut m = 0;
+        while m < TL_ENTRIES {
+            weights[i][m] = DIGITS[i][m] as i16 - 1;
+            m += 1;
+        }
+        i += 1;
     }
     weights
 };
@@ -102,17 +116,6 @@ pub(crate) unsafe fn build_tables(xq: &[i8], tables: &mut [TlTable]) {
             }
         }
     }
-    debug_assert!(tables.iter().enumerate().all(|(g, t)| {
-        let x = group_activations(xq, g);
-        (0..TL_ENTRIES).all(|m| {
-            let want: i16 = tl_weights(m as u8)
-                .iter()
-                .zip(x)
-                .map(|(&w, x)| i16::from(w) * i16::from(x))
-                .sum();
-            i16::from_le_bytes([t.lo[m], t.hi[m]]) == want
-        })
-    }));
 }
 
 /// `dots[i] = Σ_k x[k] · W[rows.start + i, k]` of a `Packing::Tl` matrix,
@@ -253,23 +256,6 @@ unsafe fn tiles<const TT: usize>(
         }
     }
 }
-
-/// Digit i of each table index m (0..128): `DIGITS[i][m]`.
-static DIGITS: [[u8; TL_TABLE_ENTRIES]; TL_GROUP] = {
-    let mut digits = [[0u8; TL_TABLE_ENTRIES]; TL_GROUP];
-    let mut m = 0;
-    while m < TL_TABLE_ENTRIES {
-        let mut rest = m;
-        let mut i = 0;
-        while i < TL_GROUP {
-            digits[i][m] = (rest % 3) as u8;
-            rest /= 3;
-            i += 1;
-        }
-        m += 1;
-    }
-    digits
-};
 
 /// For the c-th 64 codes of 64 groups (c in 0..5): the group of each code,
 /// `(64c + e) / 5`.
