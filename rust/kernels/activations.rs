@@ -2,9 +2,12 @@
 //! `s = 127 / max(absmax(x), 1e-5)`, `q = clamp(round_half_even(x * s), -128, 127)`,
 //! all in f32, one division then one multiplication (transformers' order).
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 use super::packing::{blocks_for, BLOCK};
+use super::tl::{tl_plane_chunks, to_plane_order};
 use super::{aligned_scratch, CacheLine};
 use crate::error::{Result, TritError};
 use crate::memory::try_reserve_total;
@@ -29,6 +32,9 @@ pub struct QuantizedActivations {
     scale: Vec<f32>,
     /// [m] Σ_k q[t, k]: the kernels subtract it to undo the `+1` of the weight codes.
     sum: Vec<i32>,
+    /// [m, k_padded] the codes in a tl matrix's GEMM order (`tl_planes`),
+    /// made by the first GEMM that asks; None inside if there was no memory.
+    tl_planes: OnceLock<Option<Vec<CacheLine>>>,
 }
 
 /// Makes room in `q` for the codes of `m` tokens of `k_padded` (a multiple
@@ -70,6 +76,7 @@ impl QuantizedActivations {
         self.m = m;
         self.k = k;
         self.k_padded = k_padded;
+        self.tl_planes = OnceLock::new();
         // No clearing: each token writes all of its row, padding included,
         // so a prompt batch leaves no serial pass over the buffer.
         self.q.resize(lines, CacheLine([0; 64]));
@@ -142,6 +149,7 @@ impl QuantizedActivations {
             q,
             scale: scales.to_vec(),
             sum,
+            tl_planes: OnceLock::new(),
         })
     }
 
@@ -160,7 +168,31 @@ impl QuantizedActivations {
             q: self.q[range.start * lines_per_token..range.end * lines_per_token].to_vec(),
             scale: self.scale[range.clone()].to_vec(),
             sum: self.sum[range].to_vec(),
+            tl_planes: OnceLock::new(),
         }
+    }
+
+    /// The codes ([m, k_padded]) with each token's inputs in the order a GEMM
+    /// reads a `Packing::Tl` matrix's (`tl::to_plane_order`), made on the
+    /// first call and kept until the activations change, so that every tl
+    /// matrix that takes them and every thread share one copy. None if there
+    /// is no memory for them.
+    pub fn tl_planes(&self) -> Option<&[i8]> {
+        let lines = self.tl_planes.get_or_init(|| {
+            let mut lines = Vec::new();
+            try_reserve_total(&mut lines, self.q.len(), "the tl-ordered activations").ok()?;
+            lines.resize(self.q.len(), CacheLine([0; 64]));
+            let chunks = tl_plane_chunks(self.k, self.k_padded);
+            for (src, dst) in self
+                .codes()
+                .chunks_exact(self.k_padded)
+                .zip(as_codes_mut(&mut lines).chunks_exact_mut(self.k_padded))
+            {
+                to_plane_order(src, chunks, dst);
+            }
+            Some(lines)
+        });
+        lines.as_deref().map(as_codes)
     }
 
     pub fn k(&self) -> usize {
@@ -173,10 +205,7 @@ impl QuantizedActivations {
 
     /// All codes, [m, k_padded].
     pub fn codes(&self) -> &[i8] {
-        let lines: &[CacheLine] = &self.q;
-        // SAFETY: the lines are plain bytes (m * k_padded of them, k_padded being a
-        // multiple of 64), and i8 has the size and alignment of u8.
-        unsafe { std::slice::from_raw_parts(lines.as_ptr().cast::<i8>(), lines.len() * 64) }
+        as_codes(&self.q)
     }
 
     /// The codes of token `t`, [k_padded].
@@ -196,6 +225,12 @@ impl QuantizedActivations {
 }
 
 /// The bytes of `lines` as int8 codes.
+fn as_codes(lines: &[CacheLine]) -> &[i8] {
+    // SAFETY: the lines are plain bytes, and i8 has the size and alignment of u8.
+    unsafe { std::slice::from_raw_parts(lines.as_ptr().cast::<i8>(), lines.len() * 64) }
+}
+
+/// The bytes of `lines` as int8 codes, to write.
 fn as_codes_mut(lines: &mut [CacheLine]) -> &mut [i8] {
     // SAFETY: the lines are plain bytes, i8 has the size and alignment of u8,
     // and the borrow is exclusive.

@@ -144,9 +144,9 @@ pub(crate) trait GemmTile {
     /// As `unpack`.
     unsafe fn unpack_tq1(blocks: &[Tq1Block], out: *mut u8);
 
-    /// The codes of rows `r0..r0 + nr` of a `Packing::Tl` matrix, weights
-    /// `k0..k0 + len`, row j's at `out + j·stride` (`unpack_tl_rows`
-    /// unless the path has faster).
+    /// The codes of rows `r0..r0 + nr` of a `Packing::Tl` matrix at
+    /// positions `k0..k0 + len` of its plane order (`kernels::tl`), row j's
+    /// at `out + j·stride` (`unpack_tl_rows` unless the path has faster).
     ///
     /// # Safety
     /// The CPU runs the implementing path; the rows exist; `out` takes
@@ -174,7 +174,7 @@ pub(crate) trait GemmTile {
     unsafe fn tile(nr: usize, nt: usize, ops: TileOperands, out: &mut [i32], m: usize);
 }
 
-/// `GemmTile::unpack_tl` row by row (`TernaryMatrix::tl_row_codes`).
+/// `GemmTile::unpack_tl` row by row (`TernaryMatrix::tl_plane_codes`).
 ///
 /// # Safety
 /// As `GemmTile::unpack_tl`.
@@ -191,18 +191,24 @@ pub(crate) unsafe fn unpack_tl_rows(
         // SAFETY: row j's len bytes at j·stride are inside `out` (the
         // contract), and no other reference to them is live.
         let codes = unsafe { std::slice::from_raw_parts_mut(out.add(j * stride), len) };
-        w.tl_row_codes(r0 + j, k0, codes);
+        w.tl_plane_codes(r0 + j, k0, codes);
     }
 }
 
 /// `dots[i, t] = Σ_k x[t, k] · W[rows.start + i, k]`, dots is [rows.len(), m]:
 /// over k-blocks (`gemm_k_block`), each row tile's codes unpacked once into
 /// `scratch` (the caller's, kept from call to call) and multiplied with every
-/// token tile; then Σx subtracted to undo the `+ 1` of the codes. Either
-/// packing unpacks to the same codes, so the tiles are the same.
+/// token tile; then Σx subtracted to undo the `+ 1` of the codes. Every
+/// packing unpacks to the same codes, so the tiles are the same; a tl
+/// matrix's in its plane order, multiplied with the activations in that
+/// order (`QuantizedActivations::tl_planes`), the same dots.
 ///
 /// # Safety
 /// The CPU runs the path `T` belongs to.
+///
+/// # Panics
+/// For a `Packing::Tl` matrix, if there is no memory for `x.tl_planes()`
+/// (`gemm_dots` asks first, and takes the definition then).
 #[inline(always)]
 pub(crate) unsafe fn gemm<T: GemmTile>(
     w: &TernaryMatrix,
@@ -221,7 +227,11 @@ pub(crate) unsafe fn gemm<T: GemmTile>(
         scratch.resize(lines, CacheLine([0; 64]));
     }
     let codes = scratch.as_mut_ptr().cast::<u8>(); // [ROWS, kb] unpacked codes
-    let acts = x.codes().as_ptr(); // [m, kp]
+    let acts = match packing {
+        Packing::Tl => x.tl_planes().expect("gemm_dots made them"),
+        _ => x.codes(),
+    }
+    .as_ptr(); // [m, kp]
     for k0 in (0..kp).step_by(kb) {
         let len = kb.min(kp - k0);
         let blocks = k0 / BLOCK..(k0 + len) / BLOCK;

@@ -149,6 +149,11 @@ fn gemm_dots(
     scratch: &mut Vec<CacheLine>,
 ) {
     kernel.assert_supported();
+    if w.packing() == Packing::Tl && kernel != Kernel::Scalar && x.tl_planes().is_none() {
+        // No memory for the activations in the order the tl tiles read:
+        // the definition, slower, gives the same dots.
+        return scalar::ternary::gemm(w, x, rows, dots);
+    }
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     let small = |limit: usize| x.m() <= limit && w.packing() == Packing::I2;
     match kernel {

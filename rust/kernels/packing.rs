@@ -4,7 +4,8 @@
 
 use crate::error::{Result, TritError};
 use crate::kernels::tl::{
-    tl_byte, tl_groups, tl_tiles, tl_weights, TlLine, TL_GROUP, TL_NEGATED, TL_ROWS, TL_ZERO,
+    tl_byte, tl_groups, tl_plane_chunks, tl_plane_input, tl_tiles, tl_weights, TlLine, TL_CHUNK,
+    TL_GROUP, TL_NEGATED, TL_ROWS, TL_ZERO,
 };
 use crate::memory::{try_filled, try_reserve_total};
 
@@ -481,6 +482,56 @@ impl TernaryMatrix {
         }
     }
 
+    /// `tl_row_codes` in the GEMM's order of a tl matrix's inputs: position
+    /// `p` of `k0..k0 + out.len()` gets the code of input `tl_plane_input(p)`
+    /// (`kernels::tl`, "digit planes"). What every GEMM path unpacks.
+    ///
+    /// # Panics
+    /// If the matrix is not packed as `Packing::Tl`.
+    pub fn tl_plane_codes(&self, n: usize, k0: usize, out: &mut [u8]) {
+        let (lines, _) = self.tl_parts();
+        let groups = tl_groups(self.n_in);
+        let row_lines = &lines[(n / TL_ROWS) * groups..][..groups];
+        let lane = n % TL_ROWS;
+        let chunks = tl_plane_chunks(self.n_in, self.k_padded());
+        let planes_end = chunks * TL_CHUNK;
+        let end = k0 + out.len();
+        if end > planes_end {
+            // Past the planes the inputs keep their order.
+            let from = k0.max(planes_end);
+            self.tl_row_codes(n, from, &mut out[from - k0..]);
+        }
+        // Whole chunks five planes at a time; the ends of the range one by one.
+        let c0 = k0.div_ceil(TL_CHUNK);
+        let c1 = (end / TL_CHUNK).min(chunks);
+        let code = |p: usize| {
+            let k = tl_plane_input(p, chunks);
+            TL_CODE_WORDS[usize::from(row_lines[k / TL_GROUP].0[lane])].to_le_bytes()[k % TL_GROUP]
+        };
+        let singles = if c0 < c1 {
+            k0..TL_CHUNK * c0
+        } else {
+            k0..end.min(planes_end)
+        };
+        for p in singles {
+            out[p - k0] = code(p);
+        }
+        for c in c0..c1.max(c0) {
+            let dst = &mut out[TL_CHUNK * c - k0..][..TL_CHUNK];
+            for (g, line) in row_lines[64 * c..64 * (c + 1)].iter().enumerate() {
+                let codes = TL_CODE_WORDS[usize::from(line.0[lane])].to_le_bytes();
+                for (i, &code) in codes[..TL_GROUP].iter().enumerate() {
+                    dst[64 * i + g] = code;
+                }
+            }
+        }
+        if c0 < c1 {
+            for p in TL_CHUNK * c1..end.min(planes_end) {
+                out[p - k0] = code(p);
+            }
+        }
+    }
+
     /// The first byte of row `n`'s blocks, whatever the packing (for prefetching).
     pub(crate) fn row_start(&self, n: usize) -> *const u8 {
         match self.packing() {
@@ -867,6 +918,14 @@ mod tests {
                 let k = k0 + i;
                 let want = if k < n_in { (w[n * n_in + k] + 1) as u8 } else { 1 };
                 prop_assert_eq!(c, want, "row {} weight {}", n, k);
+            }
+            // The same range in the GEMM's plane order.
+            let chunks = tl_plane_chunks(n_in, tl.k_padded());
+            tl.tl_plane_codes(n, k0, &mut codes);
+            for (i, &c) in codes.iter().enumerate() {
+                let k = tl_plane_input(k0 + i, chunks);
+                let want = if k < n_in { (w[n * n_in + k] + 1) as u8 } else { 1 };
+                prop_assert_eq!(c, want, "row {} position {}", n, k0 + i);
             }
         }
 

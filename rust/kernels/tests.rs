@@ -250,6 +250,49 @@ fn tq1_rows_longer_than_a_carry_run_agree() {
     }
 }
 
+/// The VBMI unpacking of tl rows against `tl_plane_codes`, over ranges that
+/// start and end inside plane chunks, span several, and run past the planes
+/// (the GEMM's k-blocks and the inputs after the last whole chunk).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn tl_unpacking_gives_the_plane_codes() {
+    let Some(kernel) = Kernel::supported().into_iter().find(|k| k.has_vbmi()) else {
+        return; // no VBMI path on this CPU
+    };
+    let (n_out, n_in) = (2 * tl::TL_ROWS, 6912 + 37);
+    let w = random_matrix(n_out, n_in, 5).repacked(Packing::Tl).unwrap();
+    let kp = w.k_padded();
+    let stride = kp + 64;
+    let isa = match kernel {
+        Kernel::Avx512Vnni => counts::Isa::Avx512Vnni,
+        _ => counts::Isa::Avx512Bw,
+    };
+    for (k0, len) in [
+        (0, kp),
+        (0, 320),
+        (320, 640),
+        (7, 1000),
+        (300, 2000),
+        (6700, kp - 6700),
+        (6720, 5),
+    ] {
+        for r0 in [0, 4, 60, 64, 124] {
+            let mut got = vec![0u8; 3 * stride + len];
+            // SAFETY: the CPU has VBMI (has_vbmi), rows r0..r0 + 4 exist and
+            // `got` takes 3·stride + len bytes.
+            unsafe { x86_avx512::tl::unpack_rows4(isa, &w, r0, k0, len, got.as_mut_ptr(), stride) };
+            for j in 0..4 {
+                let mut want = vec![0u8; len];
+                w.tl_plane_codes(r0 + j, k0, &mut want);
+                assert!(
+                    got[j * stride..][..len] == want[..],
+                    "rows {r0}+{j}, {k0}..+{len}"
+                );
+            }
+        }
+    }
+}
+
 /// `Packing::Tl` GEMVs over several tiles (the VBMI kernel takes four at a
 /// time, then the rest) and row ranges that start and end inside tiles,
 /// with rows of several 40-group runs and the largest entries (all weights

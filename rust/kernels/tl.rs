@@ -60,6 +60,48 @@ pub const ZERO_TABLE: TlTable = TlTable {
     hi: [0; TL_TABLE_ENTRIES],
 };
 
+/// Inputs of a plane chunk: 64 groups, one 64-byte vector per digit.
+pub const TL_CHUNK: usize = TL_GROUP * 64;
+
+/// The order in which a GEMM reads a tl matrix's inputs ("digit planes").
+/// The first `tl_plane_chunks` chunks of 320 inputs each hold input `5g + i`
+/// (digit `i` of the chunk's group `g`) at position `64i + g`; the inputs
+/// after them keep their places. Unpacked in this order, a group byte's
+/// digit `i` lands in lane `g` of vector `i`: one table lookup per 64
+/// codes, where the inputs' own order needs a shuffle and five lookups. The
+/// activations are put in the same order (`to_plane_order`), which leaves
+/// every dot unchanged.
+pub fn tl_plane_chunks(n_in: usize, k_padded: usize) -> usize {
+    (tl_groups(n_in) / 64).min(k_padded / TL_CHUNK)
+}
+
+/// The input at position `p` of the plane order of `chunks` chunks.
+pub fn tl_plane_input(p: usize, chunks: usize) -> usize {
+    if p >= chunks * TL_CHUNK {
+        return p;
+    }
+    let (chunk, q) = (p / TL_CHUNK, p % TL_CHUNK);
+    chunk * TL_CHUNK + TL_GROUP * (q % 64) + q / 64
+}
+
+/// `out[p] = xq[tl_plane_input(p, chunks)]`: a token's codes in the plane
+/// order (`xq` and `out` of one length, at least `chunks · TL_CHUNK`).
+pub fn to_plane_order(xq: &[i8], chunks: usize, out: &mut [i8]) {
+    assert!(xq.len() == out.len() && chunks * TL_CHUNK <= xq.len());
+    let whole = chunks * TL_CHUNK;
+    for (src, dst) in xq[..whole]
+        .chunks_exact(TL_CHUNK)
+        .zip(out[..whole].chunks_exact_mut(TL_CHUNK))
+    {
+        for (g, group) in src.chunks_exact(TL_GROUP).enumerate() {
+            for (i, &x) in group.iter().enumerate() {
+                dst[64 * i + g] = x;
+            }
+        }
+    }
+    out[whole..].copy_from_slice(&xq[whole..]);
+}
+
 /// Groups of a row of `n_in` weights.
 pub fn tl_groups(n_in: usize) -> usize {
     n_in.div_ceil(TL_GROUP)
@@ -216,6 +258,37 @@ mod tests {
             build_tables(kernel, &xq, &mut got);
             assert!(got == want, "{kernel}");
         }
+    }
+
+    #[test]
+    fn plane_order_moves_each_input_once() {
+        for (n_in, k_padded) in [
+            (2560, 2560),
+            (6912, 6912),
+            (1003, 1024),
+            (318, 384),
+            (300, 384),
+        ] {
+            let chunks = tl_plane_chunks(n_in, k_padded);
+            assert!(chunks * TL_CHUNK <= k_padded.min(TL_GROUP * tl_groups(n_in)));
+            let mut seen = vec![false; k_padded];
+            for p in 0..k_padded {
+                let k = tl_plane_input(p, chunks);
+                assert!(
+                    k < k_padded && !std::mem::replace(&mut seen[k], true),
+                    "{n_in}: {p}"
+                );
+            }
+            let xq: Vec<i8> = (0..k_padded).map(|k| (k * 31 % 251) as u8 as i8).collect();
+            let mut out = vec![0i8; k_padded];
+            to_plane_order(&xq, chunks, &mut out);
+            for (p, &x) in out.iter().enumerate() {
+                assert_eq!(x, xq[tl_plane_input(p, chunks)], "{n_in}: {p}");
+            }
+        }
+        assert_eq!(tl_plane_chunks(2560, 2560), 8);
+        assert_eq!(tl_plane_chunks(6912, 6912), 21);
+        assert_eq!(tl_plane_input(64 * 3 + 7, 1), 5 * 7 + 3);
     }
 
     #[test]

@@ -21,7 +21,8 @@ use std::ops::Range;
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::packing::TernaryMatrix;
 use crate::kernels::tl::{
-    group_activations, tl_groups, TlLine, TlTable, TL_ENTRIES, TL_GROUP, TL_ROWS, TL_TABLE_ENTRIES,
+    group_activations, tl_groups, tl_plane_chunks, TlLine, TlTable, TL_CHUNK, TL_ENTRIES, TL_GROUP,
+    TL_ROWS, TL_TABLE_ENTRIES,
 };
 
 /// Groups summed in 8 and 16 bits before widening: the high bytes' sum stays
@@ -257,38 +258,6 @@ unsafe fn tiles<const TT: usize>(
     }
 }
 
-/// For the c-th 64 codes of 64 groups (c in 0..5): the group of each code,
-/// `(64c + e) / 5`.
-static CODE_GROUPS: [[u8; 64]; TL_GROUP] = {
-    let mut groups = [[0u8; 64]; TL_GROUP];
-    let mut c = 0;
-    while c < TL_GROUP {
-        let mut e = 0;
-        while e < 64 {
-            groups[c][e] = ((64 * c + e) / TL_GROUP) as u8;
-            e += 1;
-        }
-        c += 1;
-    }
-    groups
-};
-
-/// For the c-th 64 codes of 64 groups: the codes that are digit i,
-/// `(64c + e) % 5 == i`, as lane masks ([c][i]).
-static CODE_DIGITS: [[u64; TL_GROUP]; TL_GROUP] = {
-    let mut masks = [[0u64; TL_GROUP]; TL_GROUP];
-    let mut c = 0;
-    while c < TL_GROUP {
-        let mut e = 0;
-        while e < 64 {
-            masks[c][(64 * c + e) % TL_GROUP] |= 1 << e;
-            e += 1;
-        }
-        c += 1;
-    }
-    masks
-};
-
 /// The byte picks that turn four gathered vectors (dword i of vector q: the
 /// bytes of rows 0..4 of group 16q + i) into row j's 64 bytes of groups, from
 /// (q0, q1) for groups 0..32 and from (q2, q3) for 32..64 (the same indices).
@@ -308,14 +277,14 @@ static ROW_PICKS: [[u8; 64]; 4] = {
 };
 
 /// The codes (`w + 1`) of four rows `r0..r0 + 4` (r0 a multiple of 4, so one
-/// tile's lanes `r0 % 64..+4`) of a `Packing::Tl` matrix, weights `k0..k0 +
-/// len`, row j's at `out + j·stride`. Per 64 groups: four gathers of 16
-/// dwords (each dword the four rows' bytes of one group), byte permutes into
-/// each row's 64 bytes, and for each 64 codes a permute placing each group's
-/// byte at its five codes, five table lookups of the digits (`vpermi2b` over
-/// 128 entries: the low seven bits), blended by digit, and `2 - digit` where
-/// the group is negated. The ends (parts of groups, and fewer than 64
-/// groups) are the scalar `tl_row_codes`'. `isa` is the path (counted).
+/// tile's lanes `r0 % 64..+4`) of a `Packing::Tl` matrix at positions `k0..k0
+/// + len` of its plane order (`kernels::tl`), row j's at `out + j·stride`.
+/// Per chunk of 64 groups: sixteen dword loads into each of four vectors
+/// (each dword the four rows' bytes of one group), byte permutes into each
+/// row's 64 group bytes, then per digit plane one table lookup of the digit
+/// (`vpermi2b` over 128 entries: the low seven bits) and `2 - digit` where
+/// the group is negated. The ends (parts of chunks, the inputs past the
+/// planes) are the scalar `tl_plane_codes`'. `isa` is the path (counted).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VBMI; rows r0..r0 + 4 exist; `out`
@@ -337,38 +306,36 @@ pub(crate) unsafe fn unpack_rows4(
     let tile = &lines[(r0 / TL_ROWS) * groups..][..groups];
     let lane = r0 % TL_ROWS;
     let end = k0 + len;
-    // Chunks of 64 whole groups inside k0..end and the row.
-    let first = k0.div_ceil(TL_GROUP);
-    let mut g = first;
-    while g + 64 <= groups && TL_GROUP * (g + 64) <= end {
-        g += 64;
-    }
-    let last = g;
-    // SAFETY: row j's bytes k - k0 for k in k0..end lie at out + j·stride
-    // + (k - k0), inside `out` (the contract); the scalar ends take
+    // The whole chunks inside k0..end; the positions outside them, scalar.
+    let chunks = tl_plane_chunks(w.n_in(), w.k_padded());
+    let first = k0.div_ceil(TL_CHUNK).min(chunks);
+    let last = (end / TL_CHUNK).min(chunks).max(first);
+    // SAFETY: row j's bytes for positions p in k0..end lie at out + j·stride
+    // + (p - k0), inside `out` (the contract); the scalar ends take
     // disjoint ranges from the chunks.
     let row_codes = |j: usize, from: usize, to: usize| unsafe {
         std::slice::from_raw_parts_mut(out.add(j * stride + (from - k0)), to - from)
     };
     for j in 0..4 {
-        w.tl_row_codes(r0 + j, k0, row_codes(j, k0, (TL_GROUP * first).min(end)));
-        if TL_GROUP * last < end {
-            let from = (TL_GROUP * last).max(k0);
-            w.tl_row_codes(r0 + j, from, row_codes(j, from, end));
+        if first == last {
+            w.tl_plane_codes(r0 + j, k0, row_codes(j, k0, end));
+            continue;
         }
+        w.tl_plane_codes(r0 + j, k0, row_codes(j, k0, TL_CHUNK * first));
+        w.tl_plane_codes(r0 + j, TL_CHUNK * last, row_codes(j, TL_CHUNK * last, end));
     }
-    // SAFETY: AVX-512 F, BW and VBMI per the contract. The gathers read the
-    // dwords at lane (a multiple of 4) of lines g..g + 64 < groups of the
-    // tile; the loads of the static tables are inside them; the stores
-    // write codes 5g - k0 .. 5(g + 64) - k0 <= len of each row.
+    // SAFETY: AVX-512 F, BW and VBMI per the contract. The dword loads read
+    // lane..lane + 4 (lane a multiple of 4) of lines 64c..64(c + 1) <= groups
+    // of the tile; the loads of the static tables are inside them; the
+    // stores write positions 320c - k0 .. 320(c + 1) - k0 <= len of each row.
     unsafe {
         let twos = _mm512_set1_epi8(2);
         let load = |p: *const u8| _mm512_loadu_si512(p.cast());
         let digit_tables: [[__m512i; 2]; TL_GROUP] =
             std::array::from_fn(|i| [load(DIGITS[i].as_ptr()), load(DIGITS[i][64..].as_ptr())]);
         let row_picks: [__m512i; 4] = std::array::from_fn(|j| load(ROW_PICKS[j].as_ptr()));
-        for g in (first..last).step_by(64) {
-            let base = tile[g..].as_ptr().cast::<u8>().add(lane);
+        for c in first..last {
+            let base = tile[64 * c..].as_ptr().cast::<u8>().add(lane);
             // Sixteen plain loads a vector: a gather (whose loads of far
             // apart lines did not overlap) took half the unpacking.
             let gathered: [__m512i; 4] = std::array::from_fn(|q| {
@@ -396,18 +363,12 @@ pub(crate) unsafe fn unpack_rows4(
                 let low = _mm512_permutex2var_epi8(gathered[0], picks, gathered[1]);
                 let high = _mm512_permutex2var_epi8(gathered[2], picks, gathered[3]);
                 let bytes = _mm512_mask_blend_epi8(0xffff_ffff_0000_0000, low, high);
-                let dst = out.add(j * stride + TL_GROUP * g - k0);
-                for c in 0..TL_GROUP {
-                    let at = _mm512_permutexvar_epi8(load(CODE_GROUPS[c].as_ptr()), bytes);
-                    let mut digits =
-                        _mm512_permutex2var_epi8(digit_tables[0][0], at, digit_tables[0][1]);
-                    for (i, table) in digit_tables.iter().enumerate().skip(1) {
-                        let digit = _mm512_permutex2var_epi8(table[0], at, table[1]);
-                        digits = _mm512_mask_blend_epi8(CODE_DIGITS[c][i], digits, digit);
-                    }
-                    let negated = _mm512_movepi8_mask(at);
+                let negated = _mm512_movepi8_mask(bytes);
+                let dst = out.add(j * stride + TL_CHUNK * c - k0);
+                for (i, table) in digit_tables.iter().enumerate() {
+                    let digits = _mm512_permutex2var_epi8(table[0], bytes, table[1]);
                     let codes = _mm512_mask_sub_epi8(digits, negated, twos, digits);
-                    _mm512_storeu_si512(dst.add(64 * c).cast(), codes);
+                    _mm512_storeu_si512(dst.add(64 * i).cast(), codes);
                 }
             }
         }
