@@ -81,7 +81,8 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
         default="i2",
         help="ternary weight packing: i2 (default, 2 bits per weight), tq1 (1.625 bits: "
         "19 %% fewer bytes per token, more decoding work) or tl (1.6 bits, read by table "
-        "lookups: the fastest generation on AVX-512 VBMI CPUs); the same logits",
+        "lookups: on AVX-512 VBMI CPUs faster generation of one sequence, slower prompts "
+        "and batches); the same logits",
     )
 
 
