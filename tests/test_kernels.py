@@ -72,6 +72,17 @@ def test_every_kernel_matches_scalar_and_numpy(n_out: int, n_in: int, m: int, se
         np.testing.assert_array_equal(y.view(np.uint32), scalar.view(np.uint32), err_msg=kernel)
 
 
+def assert_every_path_matches(matrix: TernaryMatrix, w: np.ndarray, x: np.ndarray) -> None:
+    """`matrix` (holding the weights `w`, scale 0.37) times the tokens `x` on
+    every path, and times one token, in the bits of the 2-bit product's
+    definition (several tokens: the GEMM; one: the GEMV or the lookups)."""
+    expected = numpy_matmul(w, 0.37, x)
+    for kernel in KERNELS:
+        for xs, want in ((x, expected), (x[0], expected[0])):
+            y = matrix.matmul(xs, kernel=kernel, threads=2)
+            np.testing.assert_array_equal(y.view(np.uint32), want.view(np.uint32), err_msg=kernel)
+
+
 @settings(max_examples=40, deadline=None)
 @given(n_out=dims, n_in=dims, m=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
 def test_tq1_packing_gives_the_same_bits(n_out: int, n_in: int, m: int, seed: int) -> None:
@@ -83,11 +94,7 @@ def test_tq1_packing_gives_the_same_bits(n_out: int, n_in: int, m: int, seed: in
     assert (i2.packing, tq1.packing) == ("i2", "tq1")
     assert tq1.nbytes == n_out * ((n_in + 255) // 256) * 52
     np.testing.assert_array_equal(tq1.unpack(), w)
-    expected = numpy_matmul(w, 0.37, x)
-    for kernel in KERNELS:
-        for xs, want in ((x, expected), (x[0], expected[0])):
-            y = tq1.matmul(xs, kernel=kernel, threads=2)
-            np.testing.assert_array_equal(y.view(np.uint32), want.view(np.uint32), err_msg=kernel)
+    assert_every_path_matches(tq1, w, x)
 
 
 @settings(max_examples=40, deadline=None)
@@ -101,11 +108,7 @@ def test_tl_packing_gives_the_same_bits(n_out: int, n_in: int, m: int, seed: int
     assert tl.packing == "tl"
     assert tl.nbytes == -(-n_out // 64) * -(-n_in // 5) * 64
     np.testing.assert_array_equal(tl.unpack(), w)
-    expected = numpy_matmul(w, 0.37, x)
-    for kernel in KERNELS:
-        for xs, want in ((x, expected), (x[0], expected[0])):
-            y = tl.matmul(xs, kernel=kernel, threads=2)
-            np.testing.assert_array_equal(y.view(np.uint32), want.view(np.uint32), err_msg=kernel)
+    assert_every_path_matches(tl, w, x)
 
 
 def test_pack_rejects_an_unknown_packing() -> None:

@@ -4,8 +4,8 @@
 
 use crate::error::{Result, TritError};
 use crate::kernels::tl::{
-    tl_byte, tl_groups, tl_plane_chunks, tl_plane_input, tl_tiles, tl_weights, TlLine, TL_CHUNK,
-    TL_GROUP, TL_NEGATED, TL_ROWS, TL_ZERO,
+    tl_byte, tl_groups, tl_plane_chunks, tl_plane_input, tl_tiles, tl_weights, tl_whole_chunks,
+    TlLine, TL_CHUNK, TL_GROUP, TL_NEGATED, TL_ROWS, TL_ZERO,
 };
 use crate::memory::{try_filled, try_reserve_total};
 
@@ -501,33 +501,26 @@ impl TernaryMatrix {
             let from = k0.max(planes_end);
             self.tl_row_codes(n, from, &mut out[from - k0..]);
         }
-        // Whole chunks five planes at a time; the ends of the range one by one.
-        let c0 = k0.div_ceil(TL_CHUNK);
-        let c1 = (end / TL_CHUNK).min(chunks);
-        let code = |p: usize| {
-            let k = tl_plane_input(p, chunks);
-            TL_CODE_WORDS[usize::from(row_lines[k / TL_GROUP].0[lane])].to_le_bytes()[k % TL_GROUP]
-        };
-        let singles = if c0 < c1 {
-            k0..TL_CHUNK * c0
+        // Whole chunks five planes at a time; the positions around them one by one.
+        let whole = tl_whole_chunks(k0, end, chunks);
+        let planes_stop = end.min(planes_end);
+        let (w0, w1) = if whole.is_empty() {
+            (planes_stop, planes_stop)
         } else {
-            k0..end.min(planes_end)
+            (TL_CHUNK * whole.start, TL_CHUNK * whole.end)
         };
-        for p in singles {
-            out[p - k0] = code(p);
+        for p in (k0..w0).chain(w1..planes_stop) {
+            let k = tl_plane_input(p, chunks);
+            out[p - k0] = TL_CODE_WORDS[usize::from(row_lines[k / TL_GROUP].0[lane])].to_le_bytes()
+                [k % TL_GROUP];
         }
-        for c in c0..c1.max(c0) {
+        for c in whole {
             let dst = &mut out[TL_CHUNK * c - k0..][..TL_CHUNK];
             for (g, line) in row_lines[64 * c..64 * (c + 1)].iter().enumerate() {
                 let codes = TL_CODE_WORDS[usize::from(line.0[lane])].to_le_bytes();
                 for (i, &code) in codes[..TL_GROUP].iter().enumerate() {
                     dst[64 * i + g] = code;
                 }
-            }
-        }
-        if c0 < c1 {
-            for p in TL_CHUNK * c1..end.min(planes_end) {
-                out[p - k0] = code(p);
             }
         }
     }

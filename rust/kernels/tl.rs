@@ -84,6 +84,13 @@ pub fn tl_plane_input(p: usize, chunks: usize) -> usize {
     chunk * TL_CHUNK + TL_GROUP * (q % 64) + q / 64
 }
 
+/// The chunks of a plane order of `chunks` that lie wholly inside the
+/// positions `k0..end` (empty when none does).
+pub fn tl_whole_chunks(k0: usize, end: usize, chunks: usize) -> std::ops::Range<usize> {
+    let first = k0.div_ceil(TL_CHUNK).min(chunks);
+    first..(end / TL_CHUNK).min(chunks).max(first)
+}
+
 /// `out[p] = xq[tl_plane_input(p, chunks)]`: a token's codes in the plane
 /// order (`xq` and `out` of one length, at least `chunks · TL_CHUNK`).
 pub fn to_plane_order(xq: &[i8], chunks: usize, out: &mut [i8]) {

@@ -21,8 +21,8 @@ use std::ops::Range;
 use crate::kernels::counts::{self, Isa};
 use crate::kernels::packing::TernaryMatrix;
 use crate::kernels::tl::{
-    group_activations, tl_groups, tl_plane_chunks, TlLine, TlTable, TL_CHUNK, TL_ENTRIES, TL_GROUP,
-    TL_ROWS, TL_TABLE_ENTRIES,
+    group_activations, tl_groups, tl_plane_chunks, tl_whole_chunks, TlLine, TlTable, TL_CHUNK,
+    TL_ENTRIES, TL_GROUP, TL_ROWS, TL_TABLE_ENTRIES,
 };
 
 /// Groups summed in 8 and 16 bits before widening: the high bytes' sum stays
@@ -307,9 +307,7 @@ pub(crate) unsafe fn unpack_rows4(
     let lane = r0 % TL_ROWS;
     let end = k0 + len;
     // The whole chunks inside k0..end; the positions outside them, scalar.
-    let chunks = tl_plane_chunks(w.n_in(), w.k_padded());
-    let first = k0.div_ceil(TL_CHUNK).min(chunks);
-    let last = (end / TL_CHUNK).min(chunks).max(first);
+    let whole = tl_whole_chunks(k0, end, tl_plane_chunks(w.n_in(), w.k_padded()));
     // SAFETY: row j's bytes for positions p in k0..end lie at out + j·stride
     // + (p - k0), inside `out` (the contract); the scalar ends take
     // disjoint ranges from the chunks.
@@ -317,12 +315,13 @@ pub(crate) unsafe fn unpack_rows4(
         std::slice::from_raw_parts_mut(out.add(j * stride + (from - k0)), to - from)
     };
     for j in 0..4 {
-        if first == last {
+        if whole.is_empty() {
             w.tl_plane_codes(r0 + j, k0, row_codes(j, k0, end));
             continue;
         }
-        w.tl_plane_codes(r0 + j, k0, row_codes(j, k0, TL_CHUNK * first));
-        w.tl_plane_codes(r0 + j, TL_CHUNK * last, row_codes(j, TL_CHUNK * last, end));
+        let (from, to) = (TL_CHUNK * whole.start, TL_CHUNK * whole.end);
+        w.tl_plane_codes(r0 + j, k0, row_codes(j, k0, from));
+        w.tl_plane_codes(r0 + j, to, row_codes(j, to, end));
     }
     // SAFETY: AVX-512 F, BW and VBMI per the contract. The dword loads read
     // lane..lane + 4 (lane a multiple of 4) of lines 64c..64(c + 1) <= groups
@@ -334,7 +333,7 @@ pub(crate) unsafe fn unpack_rows4(
         let digit_tables: [[__m512i; 2]; TL_GROUP] =
             std::array::from_fn(|i| [load(DIGITS[i].as_ptr()), load(DIGITS[i][64..].as_ptr())]);
         let row_picks: [__m512i; 4] = std::array::from_fn(|j| load(ROW_PICKS[j].as_ptr()));
-        for c in first..last {
+        for c in whole {
             let base = tile[64 * c..].as_ptr().cast::<u8>().add(lane);
             // Sixteen plain loads a vector: a gather (whose loads of far
             // apart lines did not overlap) took half the unpacking.
