@@ -2,13 +2,16 @@
 //! heads of a GQA group over a chunk of keys) and their dispatch by
 //! `Kernel`. What attention computes, and how chunks are formed and merged,
 //! is `model::attention`'s; the kernels are `scalar::attention` (the
-//! definition), `x86_avx2::attention` and, over q8_0, `x86_avx512::attention`,
+//! definition), `x86_avx2::attention` and `x86_avx512::attention` (over
+//! q8_0, and over float rows whose head_dim is whole 16-lane vectors),
 //! which perform the very same floating-point operations in the same order,
 //! so they agree to the bit. Keys and values are f32 or F16 rows, or q8_0
 //! tiles of 16 positions (`KeyTileBlock`, `ValueTileBlock`), the queries
 //! quantized to q8_0 blocks too, and integer dots for scores and for the
 //! weighted sums of values.
 
+#[cfg(target_arch = "x86_64")]
+use super::counts::Isa;
 use super::half::F16;
 use super::q8_0::{
     BlockQ8_0, KeyTileBlock, TileBlock, TileLanes, ValueTileBlock, Q8_0_VALUES, TILE_POSITIONS,
@@ -18,9 +21,11 @@ use super::Kernel;
 #[cfg(target_arch = "x86_64")]
 use super::{x86_avx2, x86_avx512};
 
-/// The loads an instruction set's attention needs from an element type.
+/// The loads the x86-64 attention paths need from an element type.
 #[cfg(target_arch = "x86_64")]
-pub use super::x86_avx2::attention::Load8 as ArchLoads;
+pub trait ArchLoads: x86_avx2::attention::Load8 + x86_avx512::attention::Load16 {}
+#[cfg(target_arch = "x86_64")]
+impl<T: x86_avx2::attention::Load8 + x86_avx512::attention::Load16> ArchLoads for T {}
 
 /// The loads an instruction set's attention needs from an element type
 /// (none on this architecture).
@@ -235,6 +240,21 @@ impl<'a, T: ChunkElement, Q: RowElement, K: ChunkElement> HeadGroup<'a, T, Q, K>
 /// with `s_j = q_h · k_j · scaling` (left in the head's scores). Every
 /// path's result is exactly `scalar::attention::attend_head` of each head.
 pub fn attend_chunk<T: KvElement>(kernel: Kernel, group: &mut HeadGroup<'_, T>) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(kernel, Kernel::Avx512Bw | Kernel::Avx512Vnni)
+        && group.head_dim().is_multiple_of(16)
+    {
+        kernel.assert_supported();
+        let isa = if kernel == Kernel::Avx512Vnni {
+            Isa::Avx512Vnni
+        } else {
+            Isa::Avx512Bw
+        };
+        // SAFETY: the path runs on this CPU (asserted): it has AVX-512 F
+        // and VL, and AVX2, FMA and F16C.
+        unsafe { x86_avx512::attention::attend_chunk_float(isa, group) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if kernel.uses_avx2_routines() {
         kernel.assert_supported();

@@ -30,9 +30,9 @@ pub enum Kernel {
     /// x86-64-v3 CPU): `vpmaddubsw` matmuls, FMA head dots and attention,
     /// `vcvtps2ph` half conversions.
     Avx2,
-    /// x86-64 AVX-512 F and BW without VNNI (Skylake-SP and the like):
-    /// `vpmaddubsw` + `vpmaddwd` on 64-byte vectors for the matmuls, the
-    /// AVX2 routines for the rest.
+    /// x86-64 AVX-512 F, BW and VL without VNNI (Skylake-SP and the like):
+    /// `vpmaddubsw` + `vpmaddwd` on 64-byte vectors for the matmuls and
+    /// float attention, the AVX2 routines for the rest.
     Avx512Bw,
     /// As `Avx512Bw`, with VNNI's `vpdpbusd` in the matmuls.
     Avx512Vnni,
@@ -51,15 +51,16 @@ fn detected() -> &'static [bool; 5] {
             let avx2 = is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c");
-            let bw =
-                avx2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+            // Every CPU with BW has VL too (Skylake-SP on); the AVX-512
+            // routines use it for 32-byte vectors in registers 16..32, and
+            // the VNNI path for its 32-byte `vpdpbusd`.
+            let bw = avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl");
             found[1] = avx2;
             found[2] = bw;
-            // Every CPU with VNNI has VL too; the VNNI path's 32-byte
-            // `vpdpbusd` needs both.
-            found[3] = bw
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("avx512vl");
+            found[3] = bw && is_x86_feature_detected!("avx512vnni");
         }
         #[cfg(target_arch = "aarch64")]
         {

@@ -38,8 +38,8 @@ const _: () = assert!(KEY_CHUNK <= crate::kernels::scalar::attention::MAX_VALUE_
 /// The keys and values a task reads after the group it is computing (the
 /// next KV head's, positions 0..): the last chunk of a group asks the cache
 /// for their first chunk, as every other chunk asks for the next one of
-/// its own group, so that no chunk but a task's first starts cold. Used
-/// over a q8_0 cache; ignored over the others.
+/// its own group, so that no chunk but a task's first starts cold. A path
+/// may ignore it (the scalar and AVX2 float kernels do).
 #[derive(Clone, Copy, Debug)]
 pub struct ThenReads<'a> {
     pub keys: KvRows<'a>,
@@ -155,10 +155,9 @@ pub fn attend_group(
 /// at `scores[h * scores_stride..]`, `out[h * out_stride..][..hd]` =
 /// Σ_j exp(s_j - max) v_j and `stats[h]` = (max, Σ_j exp(s_j - max)).
 /// The arguments become one `HeadGroup` view, checked there; every path's
-/// result for each head is exactly the scalar definition's. Over a q8_0
-/// cache the chunk asks for the next one's keys and values while it
-/// computes: its group's next chunk, or after the last one the first chunk
-/// of `then`, if given.
+/// result for each head is exactly the scalar definition's. The chunk may
+/// ask for the next one's keys and values while it computes: its group's
+/// next chunk, or after the last one the first chunk of `then`, if given.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_chunk(
     kernel: Kernel,
@@ -186,15 +185,54 @@ pub fn attend_chunk(
         stride: out_stride,
     };
     let len = range.len();
+    // The float rows of the chunk after this one: the group's next, else
+    // the first of `then`'s (another head of the same cache: rows of hd).
+    fn next_rows<'r, T>(
+        k: &'r [T],
+        v: &'r [T],
+        hd: usize,
+        range: &std::ops::Range<usize>,
+        then: Option<(&'r [T], &'r [T])>,
+    ) -> (&'r [T], &'r [T]) {
+        let n = k.len().min(v.len()) / hd;
+        let next = range.end..(range.end + KEY_CHUNK).min(n);
+        let (k, v, next) = match then {
+            _ if !next.is_empty() => (k, v, next),
+            Some((k, v)) => (k, v, 0..KEY_CHUNK.min(k.len().min(v.len()) / hd)),
+            None => return (&[], &[]),
+        };
+        (
+            &k[next.start * hd..next.end * hd],
+            &v[next.start * hd..next.end * hd],
+        )
+    }
     match (q, keys, values) {
         (Queries::F32(q), KvRows::F32(k), KvRows::F32(v)) => {
+            let then = match then {
+                Some(ThenReads {
+                    keys: KvRows::F32(k),
+                    values: KvRows::F32(v),
+                }) => Some((k, v)),
+                _ => None,
+            };
+            let next_chunk = next_rows(k, v, hd, &range, then);
             let kv = (&k[rows.clone()], &v[rows]);
-            let mut group = HeadGroup::new(q, hd, len, kv, scaling, scores, out, stats);
+            let mut group =
+                HeadGroup::new(q, hd, len, kv, scaling, scores, out, stats).prefetching(next_chunk);
             kernels::attend_chunk(kernel, &mut group);
         }
         (Queries::F32(q), KvRows::F16(k), KvRows::F16(v)) => {
+            let then = match then {
+                Some(ThenReads {
+                    keys: KvRows::F16(k),
+                    values: KvRows::F16(v),
+                }) => Some((k, v)),
+                _ => None,
+            };
+            let next_chunk = next_rows(k, v, hd, &range, then);
             let kv = (&k[rows.clone()], &v[rows]);
-            let mut group = HeadGroup::new(q, hd, len, kv, scaling, scores, out, stats);
+            let mut group =
+                HeadGroup::new(q, hd, len, kv, scaling, scores, out, stats).prefetching(next_chunk);
             kernels::attend_chunk(kernel, &mut group);
         }
         (
@@ -410,6 +448,10 @@ mod tests {
             (3, 4, 2),
             (72, 65, 8),
             (200, 11, 1),
+            (48, 19, 3),
+            (80, 10, 6),
+            (32, 2, 4),
+            (16, 3, 1),
         ] {
             let scaling = (hd as f32).powf(-0.5);
             // Scores of several units: a peaked softmax, as in real models.
@@ -654,6 +696,47 @@ mod tests {
                 for then in thens {
                     let got = run_chunk(path, &q, hd, keys, values, range.clone(), Some(then));
                     assert_eq!(got, want, "{path:?} {range:?} {then:?}");
+                }
+            }
+        }
+        // The same over float rows: the next chunk of the group, the first
+        // of a `then` of the same type (longer or shorter than a chunk, or
+        // less than a row), or of another type (which asks for nothing).
+        let k16: Vec<F16> = (0..n * hd).map(|_| F16::from_f32(rng.float())).collect();
+        let v16: Vec<F16> = (0..n * hd).map(|_| F16::from_f32(rng.float())).collect();
+        let k32: Vec<f32> = (0..n * hd).map(|_| rng.float()).collect();
+        let long16 = vec![F16::from_f32(0.25); 300 * hd];
+        let part_row = vec![F16::from_f32(0.25); hd / 2];
+        let thens = [
+            ThenReads {
+                keys: KvRows::F16(&f16),
+                values: KvRows::F16(&f16),
+            },
+            ThenReads {
+                keys: KvRows::F16(&long16),
+                values: KvRows::F16(&long16),
+            },
+            ThenReads {
+                keys: KvRows::F16(&part_row),
+                values: KvRows::F16(&part_row),
+            },
+            ThenReads {
+                keys: KvRows::F32(&k32),
+                values: KvRows::F32(&k32),
+            },
+            thens[0],
+        ];
+        for path in paths() {
+            for (keys, values) in [
+                (KvRows::F16(&k16), KvRows::F16(&v16)),
+                (KvRows::F32(&k32), KvRows::F32(&k32)),
+            ] {
+                for range in [0..KEY_CHUNK, KEY_CHUNK..n, 7..8] {
+                    let want = run_chunk(path, &q, hd, keys, values, range.clone(), None);
+                    for then in thens {
+                        let got = run_chunk(path, &q, hd, keys, values, range.clone(), Some(then));
+                        assert_eq!(got, want, "{path:?} {range:?} {then:?}");
+                    }
                 }
             }
         }

@@ -70,7 +70,7 @@ pub(crate) unsafe fn attend_chunk<T: KvElement>(group: &mut HeadGroup<'_, T>) {
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn reduce(v: __m256) -> f32 {
+pub(crate) fn reduce(v: __m256) -> f32 {
     // (l + l+4), then (l + l+2), then the pair: as `reduce_lanes`.
     let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
@@ -82,7 +82,7 @@ fn reduce(v: __m256) -> f32 {
 /// v[[0, 2, 4, 6, 1, 3, 5, 7][i]].
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn reduce8(v: [__m256; 8]) -> __m256 {
+pub(crate) fn reduce8(v: [__m256; 8]) -> __m256 {
     // Halves: [v(2p).lo + v(2p).hi | v(2p+1).lo + v(2p+1).hi], i.e. l + l+4.
     let half = |x: __m256, y: __m256| {
         _mm256_add_ps(
@@ -144,7 +144,7 @@ fn exp8(x: __m256) -> __m256 {
 /// The CPU must support AVX2, FMA and F16C; keys j..j + K exist; each q row holds hd values.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scores_step<T: KvElement, const H: usize, const K: usize>(
+pub(crate) unsafe fn scores_step<T: KvElement, const H: usize, const K: usize>(
     rows: &mut [HeadRows<'_>; H],
     keys: &[T],
     hd: usize,

@@ -1,8 +1,15 @@
-//! AVX-512 VNNI attention over a q8_0 cache: `scalar::attention::attend_head_q8_0`
-//! for up to four heads at a time, with the very same floating-point
-//! operations in the same order, so the results agree to the bit. The
+//! AVX-512 attention, for up to four heads at a time, with the very same
+//! floating-point operations in the same order as the scalar definitions,
+//! so the results agree to the bit: over a q8_0 cache with VNNI
+//! (`scalar::attention::attend_head_q8_0`), and over f32 or F16 rows
+//! (`scalar::attention::attend_head`, `attend_chunk_float`, at the end). The
 //! softmax is the AVX2 path's (`x86_avx2::attention::softmax_weights`),
 //! with its exponentials 16 lanes at a time.
+//!
+//! Over float rows, the scores take two keys a vector (eight lanes each,
+//! every lane the scalar dot's chain), and the value sums 16 outputs a
+//! vector (each output its own chain in key order); the value pass asks for
+//! the next chunk's rows while it computes, as the q8_0 one does.
 //!
 //! Scores: a key tile (`KeyTileBlock`) holds codes 4 g..4 g + 4 of 16 keys
 //! in 64 bytes, so one `vpdpbusd` against four query codes broadcast adds
@@ -21,14 +28,16 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::attention::{HeadRows, Partial, Q8_0Group};
+use crate::kernels::attention::{HeadGroup, HeadRows, KvElement, Partial, Q8_0Group};
 use crate::kernels::counts::{self, Isa};
+use crate::kernels::half::F16;
 use crate::kernels::q8_0::{
     BlockQ8_0, KeyTileBlock, ValueTileBlock, Q8_0_VALUES, TILE_CODE_OFFSET, TILE_POSITIONS,
 };
 use crate::kernels::scalar::attention as scalar;
 use crate::kernels::x86_avx2::attention::{
-    heads_by_four, largest_score, query_group, softmax_from, MAX_TILES,
+    heads_by_four, largest_score, query_group, reduce, reduce8, scores_step, softmax_from,
+    MAX_TILES,
 };
 use scalar::exp_consts as c;
 
@@ -127,16 +136,16 @@ fn tile_mask(n: usize, t: usize) -> __mmask16 {
 /// equal shares, one per tile of each pass (the scores, then one value pass
 /// per block), so that the reads are spread over the whole chunk's
 /// arithmetic rather than bunched where they would wait on memory.
-struct NextChunkLines<'a> {
-    keys: &'a [KeyTileBlock],
-    values: &'a [ValueTileBlock],
+struct NextChunkLines<'a, K, V> {
+    keys: &'a [K],
+    values: &'a [V],
     key_lines: usize,
     lines: usize,
     per_slot: usize,
 }
 
-impl<'a> NextChunkLines<'a> {
-    fn new((keys, values): (&'a [KeyTileBlock], &'a [ValueTileBlock]), slots: usize) -> Self {
+impl<'a, K, V> NextChunkLines<'a, K, V> {
+    fn new((keys, values): (&'a [K], &'a [V]), slots: usize) -> Self {
         let key_lines = std::mem::size_of_val(keys).div_ceil(64);
         let lines = key_lines + std::mem::size_of_val(values).div_ceil(64);
         NextChunkLines {
@@ -182,7 +191,7 @@ fn scores_q8_0<const H: usize>(
     keys: &[KeyTileBlock], // [n / 16 rounded up, blocks]
     blocks: usize,
     scaling: f32,
-    next: &NextChunkLines<'_>,
+    next: &NextChunkLines<'_, KeyTileBlock, ValueTileBlock>,
 ) {
     let n = rows[0].scores.len();
     assert!(blocks <= MAX_BLOCKS && keys.len() == n.div_ceil(TILE_POSITIONS) * blocks);
@@ -248,7 +257,7 @@ fn value_sums_q8_0<const H: usize>(
     values: &[ValueTileBlock], // [n / 16 rounded up, blocks]
     blocks: usize,
     b: usize,
-    next: &NextChunkLines<'_>,
+    next: &NextChunkLines<'_, KeyTileBlock, ValueTileBlock>,
     bytes: &mut [[TileWeightBytes; H]; MAX_TILES],
 ) {
     let n = rows[0].scores.len();
@@ -381,5 +390,270 @@ fn heads_chunk_q8_0<const H: usize>(
     let mut bytes: [[TileWeightBytes; H]; MAX_TILES] = [[[0; 2 * TILE_POSITIONS]; H]; MAX_TILES];
     for b in 0..blocks {
         value_sums_q8_0::<H>(rows, values, blocks, b, &next, &mut bytes);
+    }
+}
+
+/// Loads of cached f32 or F16 values as 16 f32 lanes.
+pub trait Load16: Sized {
+    /// 16 consecutive values from `p`.
+    ///
+    /// # Safety
+    /// `p` points at 16 readable elements; the CPU has AVX-512 F and F16C.
+    unsafe fn load16(p: *const Self) -> __m512;
+
+    /// Eight values from `a` in lanes 0..8, eight from `b` in lanes 8..16.
+    ///
+    /// # Safety
+    /// `a` and `b` each point at 8 readable elements; the CPU has AVX-512 F and F16C.
+    unsafe fn load8x2(a: *const Self, b: *const Self) -> __m512;
+}
+
+impl Load16 for f32 {
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> __m512 {
+        // SAFETY: per the trait's contract.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+
+    #[inline(always)]
+    unsafe fn load8x2(a: *const f32, b: *const f32) -> __m512 {
+        // SAFETY: per the trait's contract.
+        unsafe {
+            let low = _mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(a)));
+            let high = _mm256_castps_pd(_mm256_loadu_ps(b));
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(low, high))
+        }
+    }
+}
+
+impl Load16 for F16 {
+    #[inline(always)]
+    unsafe fn load16(p: *const F16) -> __m512 {
+        // SAFETY: per the trait's contract; F16 is a transparent u16.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+
+    #[inline(always)]
+    unsafe fn load8x2(a: *const F16, b: *const F16) -> __m512 {
+        // SAFETY: per the trait's contract; F16 is a transparent u16.
+        unsafe {
+            let low = _mm256_castsi128_si256(_mm_loadu_si128(a.cast()));
+            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(low, _mm_loadu_si128(b.cast())))
+        }
+    }
+}
+
+/// `scalar::attention::attend_chunk` over f32 or F16 keys and values whose
+/// head_dim is a multiple of 16, heads four at a time (`heads_chunk_float`).
+///
+/// `isa`: the AVX-512 path that runs it, as the call counts name it.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and VL, AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+pub(crate) unsafe fn attend_chunk_float<T: KvElement>(isa: Isa, group: &mut HeadGroup<'_, T>) {
+    counts::enter(isa);
+    assert!(group.head_dim().is_multiple_of(16));
+    let next_chunk = group.next_chunk();
+    heads_by_four!(group, heads_chunk_float, next_chunk);
+}
+
+/// The high 256 bits of `v` (AVX-512 F, where `vextractf32x8` needs DQ).
+#[inline(always)]
+fn high_half(v: __m512) -> __m256 {
+    // SAFETY: the callers run with AVX-512 F.
+    unsafe { _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))) }
+}
+
+/// Scores of keys j..j + 2P for H heads (H <= 4), as `scalar::attention::dot`
+/// times `scaling`: key pair p (keys j + 2p and j + 2p + 1) in one vector,
+/// the first key's eight lanes in 0..8 and the second's in 8..16, so each
+/// lane runs the very chain of fused multiply-adds that lane of the scalar
+/// dot does (eight inputs on per step), with half the instructions of eight
+/// lanes a vector. Each head's eight query values are broadcast to both
+/// halves once for the P pairs; the sums are reduced by the AVX2 path's
+/// tree, one 256-bit half at a time.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and VL, AVX2, FMA and F16C; keys j..j + 2P
+/// exist; each q row holds hd values; hd is a multiple of 8.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+unsafe fn score_pairs<T: KvElement, const H: usize, const P: usize>(
+    rows: &mut [HeadRows<'_>; H],
+    keys: &[T],
+    hd: usize,
+    scaling: f32,
+    j: usize,
+) {
+    let kp = keys.as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); P]; H];
+    for c in (0..hd).step_by(8) {
+        let mut kv = [_mm512_setzero_ps(); P];
+        for (p, kv) in kv.iter_mut().enumerate() {
+            let first = j + 2 * p;
+            // SAFETY: keys j + 2p and j + 2p + 1 exist (the contract), c + 8 <= hd.
+            *kv = unsafe { T::load8x2(kp.add(first * hd + c), kp.add((first + 1) * hd + c)) };
+        }
+        for (row, acc_h) in rows.iter().zip(acc.iter_mut()) {
+            // SAFETY: c + 8 <= hd values of the head's q row.
+            let q8 = unsafe { _mm256_loadu_ps(row.q.as_ptr().add(c)) };
+            let qv = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(q8)));
+            for (acc_hp, &kv) in acc_h.iter_mut().zip(&kv) {
+                *acc_hp = _mm512_fmadd_ps(qv, kv, *acc_hp);
+            }
+        }
+    }
+    let scale = _mm256_set1_ps(scaling);
+    for p in 0..P {
+        let first = j + 2 * p;
+        if H == 4 {
+            // Eight sums at once: reduce8's lane i is the sum of its input
+            // [0 2 4 6 1 3 5 7][i], input 2h + u being head h, key first + u.
+            let mut halves = [_mm256_setzero_ps(); 8];
+            for (h, acc_h) in acc.iter().enumerate() {
+                halves[2 * h] = _mm512_castps512_ps256(acc_h[p]);
+                halves[2 * h + 1] = high_half(acc_h[p]);
+            }
+            let sums = reduce8(halves);
+            let mut lanes = [0.0f32; 8];
+            // SAFETY: `lanes` holds 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_mul_ps(sums, scale)) };
+            for (h, row) in rows.iter_mut().enumerate() {
+                row.scores[first] = lanes[h];
+                row.scores[first + 1] = lanes[4 + h];
+            }
+        } else {
+            for (row, acc_h) in rows.iter_mut().zip(&acc) {
+                let pair = acc_h[p];
+                row.scores[first] = reduce(_mm512_castps512_ps256(pair)) * scaling;
+                row.scores[first + 1] = reduce(high_half(pair)) * scaling;
+            }
+        }
+    }
+}
+
+/// out_h[d..d + 16B] = Σ_j e_h[j] v_j[d..d + 16B] for H heads, as
+/// `scalar::attention::attend_head`'s value sums: each output its own
+/// chain of fused multiply-adds in key order, 16 outputs a vector; each
+/// value row loaded (and widened) once for all heads. The pass also asks
+/// for its share of the next chunk's keys and values (`next`, into L2): slot
+/// `pass · n + j` at key j.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and VL, AVX2, FMA and F16C; `values` is [n, hd]
+/// with n the heads' score count; d + 16B <= hd.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+unsafe fn value_sums<T: KvElement, const H: usize, const B: usize>(
+    rows: &mut [HeadRows<'_>; H],
+    values: &[T],
+    hd: usize,
+    d: usize,
+    next: &NextChunkLines<'_, T, T>,
+    pass: usize,
+) {
+    let n = rows[0].scores.len();
+    assert!(values.len() == n * hd && d + 16 * B <= hd);
+    let vp = values.as_ptr();
+    let mut weights = [std::ptr::null::<f32>(); H];
+    for (w, row) in weights.iter_mut().zip(rows.iter()) {
+        assert_eq!(row.scores.len(), n);
+        *w = row.scores.as_ptr();
+    }
+    let mut acc = [[_mm512_setzero_ps(); B]; H];
+    for j in 0..n {
+        next.prefetch(pass * n + j);
+        let mut v = [_mm512_setzero_ps(); B];
+        for (b, vb) in v.iter_mut().enumerate() {
+            // SAFETY: j < n rows of values, d + 16b + 16 <= hd (asserted).
+            *vb = unsafe { T::load16(vp.add(j * hd + d + 16 * b)) };
+        }
+        for (acc_h, &w) in acc.iter_mut().zip(&weights) {
+            // SAFETY: j < n, the length of every head's scores (asserted).
+            let e = _mm512_set1_ps(unsafe { *w.add(j) });
+            for (acc_hb, &vb) in acc_h.iter_mut().zip(&v) {
+                *acc_hb = _mm512_fmadd_ps(e, vb, *acc_hb);
+            }
+        }
+    }
+    for (row, acc_h) in rows.iter_mut().zip(&acc) {
+        for (b, &acc_hb) in acc_h.iter().enumerate() {
+            let o = &mut row.out[d + 16 * b..d + 16 * b + 16];
+            // SAFETY: `o` holds 16 floats.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), acc_hb) };
+        }
+    }
+}
+
+/// Value outputs per pass of `heads_chunk_float` (four vectors a head, so
+/// four heads' sums and the value vectors take 21 of the 32 registers).
+const VALUE_PASS: usize = 64;
+
+/// `scalar::attention::attend_head` for each of H heads sharing keys and
+/// values (f32 or F16, head_dim a multiple of 16): the scores eight keys,
+/// then two, at a time (`score_pairs`; a last odd key by the AVX2 step),
+/// the chunk's values asked for meanwhile; the softmax as on the q8_0
+/// path; then the value sums, 64 outputs a pass (then 16), which ask for
+/// the next chunk's keys and values.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+fn heads_chunk_float<T: KvElement, const H: usize>(
+    rows: &mut [HeadRows<'_>; H],
+    keys: &[T],
+    values: &[T],
+    hd: usize,
+    scaling: f32,
+    next_chunk: (&[T], &[T]),
+) {
+    let n = keys.len() / hd;
+    assert!(hd.is_multiple_of(16) && keys.len() == n * hd && values.len() == n * hd);
+    assert!(rows
+        .iter()
+        .all(|r| r.scores.len() == n && r.q.len() == hd && r.out.len() == hd));
+    // While the scores are computed, ask for the value rows too: the
+    // weighted sums then read them from cache.
+    let row_bytes = hd * std::mem::size_of::<T>();
+    let value_bytes = std::mem::size_of_val(values);
+    let value_lines = values.as_ptr().cast::<u8>();
+    let prefetch_values = |j: usize, keys: usize| {
+        for line in 0..(keys * row_bytes).div_ceil(64) {
+            // Only a hint (it never faults), at an address inside `values`.
+            let at = (j * row_bytes + 64 * line).min(value_bytes - 1);
+            _mm_prefetch::<_MM_HINT_T1>(value_lines.wrapping_add(at).cast());
+        }
+    };
+    let mut j = 0;
+    while j + 8 <= n {
+        prefetch_values(j, 8);
+        // SAFETY: keys j..j + 8 exist; q rows hold hd values (asserted).
+        unsafe { score_pairs::<T, H, 4>(rows, keys, hd, scaling, j) };
+        j += 8;
+    }
+    while j + 2 <= n {
+        prefetch_values(j, 2);
+        // SAFETY: keys j, j + 1 exist.
+        unsafe { score_pairs::<T, H, 1>(rows, keys, hd, scaling, j) };
+        j += 2;
+    }
+    if j < n {
+        // SAFETY: key j exists; hd is whole vectors of 8.
+        unsafe { scores_step::<T, H, 1>(rows, keys, hd, scaling, j) };
+    }
+    for row in rows.iter_mut() {
+        *row.stats = softmax_weights(row.scores);
+    }
+    let passes = hd.div_ceil(VALUE_PASS);
+    let next = NextChunkLines::new(next_chunk, passes * n);
+    let mut d = 0;
+    while d + VALUE_PASS <= hd {
+        // SAFETY: values is [n, hd] (asserted), d + 64 <= hd.
+        unsafe { value_sums::<T, H, 4>(rows, values, hd, d, &next, d / VALUE_PASS) };
+        d += VALUE_PASS;
+    }
+    while d < hd {
+        // SAFETY: as above, d + 16 <= hd (hd a multiple of 16).
+        unsafe { value_sums::<T, H, 1>(rows, values, hd, d, &next, d / VALUE_PASS) };
+        d += 16;
     }
 }
