@@ -350,6 +350,93 @@ fn attention_depth(c: &mut Criterion) {
     group.finish();
 }
 
+/// The attention of one batched decode step of 2B4T: 8 sequences at depth
+/// 160 (a llama-batched-bench step after 128-token prompts), each with its
+/// own keys and values (98 MB in f16, 52 MB in q8_0: read from memory, as a
+/// step reads them). Layer by layer, one task per sequence taking its 5 KV
+/// groups in turn, each group passing the next (and a sequence's last, the
+/// next sequence's first) as what it reads next, as the engine's batched
+/// decode does; bytes per second of keys and values read.
+fn attention_batch(c: &mut Criterion) {
+    use trit::model::attention::{attend_group, ChunkScratch, ThenReads, KEY_CHUNK};
+    use trit::model::cache::{KvCache, KvType};
+    const HD: usize = 128;
+    const GROUP: usize = 4;
+    const LAYERS: usize = 30;
+    const KV_HEADS: usize = 5;
+    const SEQUENCES: usize = 8;
+    const N: usize = 160;
+    let x = |i: usize| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0;
+    let q: Vec<f32> = (0..GROUP * HD).map(x).collect();
+    let mut group = c.benchmark_group("attention_batch8_d160");
+    group.sample_size(10);
+    for kind in [KvType::F16, KvType::Q8_0] {
+        let kernel = Kernel::active().unwrap();
+        // Sequence s's layer l is the cache's layer l·SEQUENCES + s.
+        let mut cache = KvCache::new(LAYERS * SEQUENCES, KV_HEADS, N, HD, kind, kernel).unwrap();
+        let (mut k, mut v) = (vec![0.0f32; HD], vec![0.0f32; HD]);
+        for l in 0..LAYERS * SEQUENCES {
+            for g in 0..KV_HEADS {
+                for p in 0..N {
+                    let seed = (l * KV_HEADS + g) * N + p;
+                    for d in 0..HD {
+                        k[d] = x(seed * 3 + d);
+                        v[d] = x(seed * 5 + d + 1);
+                    }
+                    cache.write(l, g, p, &k, &v);
+                }
+            }
+        }
+        group.throughput(Throughput::BytesDecimal(cache.nbytes() as u64));
+        for threads in THREADS {
+            let pool = threads::pool(Some(threads)).unwrap();
+            let id = BenchmarkId::new(kernel.name(), format!("{}/t{threads}", kind.name()));
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    pool.install(|| {
+                        for layer in 0..LAYERS {
+                            (0..SEQUENCES).into_par_iter().for_each(|s| {
+                                let mut scores = vec![0.0f32; GROUP * KEY_CHUNK];
+                                let mut out = vec![0.0f32; GROUP * HD];
+                                let mut scratch = ChunkScratch::default();
+                                let l = layer * SEQUENCES + s;
+                                for g in 0..KV_HEADS {
+                                    let (l_next, g_next) = if g + 1 < KV_HEADS {
+                                        (l, g + 1)
+                                    } else {
+                                        (l + 1, 0)
+                                    };
+                                    let then = (s + 1 < SEQUENCES || g + 1 < KV_HEADS).then(|| {
+                                        ThenReads {
+                                            keys: cache.keys(l_next, g_next, N),
+                                            values: cache.values(l_next, g_next, N),
+                                        }
+                                    });
+                                    attend_group(
+                                        kernel,
+                                        black_box(&q),
+                                        HD,
+                                        cache.keys(l, g, N),
+                                        cache.values(l, g, N),
+                                        N,
+                                        0.088,
+                                        &mut scores,
+                                        &mut out,
+                                        HD,
+                                        &mut scratch,
+                                        then,
+                                    );
+                                }
+                            })
+                        }
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 /// The output head of 2B4T (the tied embedding, 128256 × 2560) as int8
 /// rows (328 MB of codes) and as q6 rows (257 MB) times one token and times
 /// a few: read once per generated token (or decode step), like the weights.
@@ -667,6 +754,7 @@ criterion_group!(
     gemv_cached,
     isa_peak,
     attention,
-    attention_depth
+    attention_depth,
+    attention_batch
 );
 criterion_main!(benches);

@@ -985,35 +985,57 @@ fn attend_decoding(
     let tasks: Vec<(usize, usize, &mut [f32])> = decoding
         .map(|(row, slot)| (row, slot, rows[row].take().expect("one token per row")))
         .collect();
-    tasks.into_par_iter().for_each(|(row, slot, out)| {
-        let slot = &slots[slot];
-        let n = slot.tokens.len() + 1; // the cached keys and the token's own
-        let mut scores = vec![0.0f32; group * KEY_CHUNK]; // [group, KEY_CHUNK]
-        let mut chunk_scratch = ChunkScratch::default();
-        let n_kv = n_heads / group;
-        for g in 0..n_kv {
-            let heads = g * group * hd..(g + 1) * group * hd;
-            // The next KV head's keys and values are this task's next reads.
-            let then = (g + 1 < n_kv).then(|| ThenReads {
-                keys: slot.cache.keys(layer, g + 1, n),
-                values: slot.cache.values(layer, g + 1, n),
-            });
-            attend_group(
-                kernel,
-                &q[row * q_dim..][heads.clone()],
-                hd,
-                slot.cache.keys(layer, g, n),
-                slot.cache.values(layer, g, n),
-                n,
-                scaling,
-                &mut scores,
-                &mut out[heads],
-                hd,
-                &mut chunk_scratch,
-                then,
-            );
-        }
-    });
+    // Each task's slot and the next task's: a thread mostly takes the tasks
+    // in order, so the next one's first KV head is its likely next read.
+    let order: Vec<usize> = tasks.iter().map(|&(_, slot, _)| slot).collect();
+    let tasks: Vec<_> = tasks
+        .into_iter()
+        .enumerate()
+        .map(|(i, (row, slot, out))| (row, slot, order.get(i + 1).copied(), out))
+        .collect();
+    tasks
+        .into_par_iter()
+        .for_each(|(row, slot, next_slot, out)| {
+            let slot = &slots[slot];
+            let n = slot.tokens.len() + 1; // the cached keys and the token's own
+            let mut scores = vec![0.0f32; group * KEY_CHUNK]; // [group, KEY_CHUNK]
+            let mut chunk_scratch = ChunkScratch::default();
+            let n_kv = n_heads / group;
+            for g in 0..n_kv {
+                let heads = g * group * hd..(g + 1) * group * hd;
+                // The next KV head's keys and values are this task's next
+                // reads; after its last, the next task's first.
+                let then = if g + 1 < n_kv {
+                    Some(ThenReads {
+                        keys: slot.cache.keys(layer, g + 1, n),
+                        values: slot.cache.values(layer, g + 1, n),
+                    })
+                } else {
+                    next_slot.map(|next| {
+                        let next = &slots[next];
+                        let n = next.tokens.len() + 1;
+                        ThenReads {
+                            keys: next.cache.keys(layer, 0, n),
+                            values: next.cache.values(layer, 0, n),
+                        }
+                    })
+                };
+                attend_group(
+                    kernel,
+                    &q[row * q_dim..][heads.clone()],
+                    hd,
+                    slot.cache.keys(layer, g, n),
+                    slot.cache.values(layer, g, n),
+                    n,
+                    scaling,
+                    &mut scores,
+                    &mut out[heads],
+                    hd,
+                    &mut chunk_scratch,
+                    then,
+                );
+            }
+        });
 }
 
 /// Causal attention of a batch of `t_len` tokens at positions `start..` over

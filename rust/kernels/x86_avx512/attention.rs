@@ -8,8 +8,9 @@
 //!
 //! Over float rows, the scores take two keys a vector (eight lanes each,
 //! every lane the scalar dot's chain), and the value sums 16 outputs a
-//! vector (each output its own chain in key order); the value pass asks for
-//! the next chunk's rows while it computes, as the q8_0 one does.
+//! vector (each output its own chain in key order). The scores pass asks
+//! for the chunk's value rows, and the value pass for the next chunk's key
+//! rows, while they compute: one chunk's reads ahead of its arithmetic.
 //!
 //! Scores: a key tile (`KeyTileBlock`) holds codes 4 g..4 g + 4 of 16 keys
 //! in 64 bytes, so one `vpdpbusd` against four query codes broadcast adds
@@ -595,7 +596,7 @@ const VALUE_PASS: usize = 64;
 /// then two, at a time (`score_pairs`; a last odd key by the AVX2 step),
 /// the chunk's values asked for meanwhile; the softmax as on the q8_0
 /// path; then the value sums, 64 outputs a pass (then 16), which ask for
-/// the next chunk's keys and values.
+/// the next chunk's keys.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
 fn heads_chunk_float<T: KvElement, const H: usize>(
@@ -644,7 +645,9 @@ fn heads_chunk_float<T: KvElement, const H: usize>(
         *row.stats = softmax_weights(row.scores);
     }
     let passes = hd.div_ceil(VALUE_PASS);
-    let next = NextChunkLines::new(next_chunk, passes * n);
+    // Only the next chunk's keys: its values are asked for by its own
+    // scores pass, so that each pass asks for as many lines as it reads.
+    let next = NextChunkLines::new((next_chunk.0, &next_chunk.1[..0]), passes * n);
     let mut d = 0;
     while d + VALUE_PASS <= hd {
         // SAFETY: values is [n, hd] (asserted), d + 64 <= hd.
