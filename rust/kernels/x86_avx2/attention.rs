@@ -58,6 +58,51 @@ macro_rules! heads_by_four {
 }
 pub(crate) use heads_by_four;
 
+/// The cache lines of the sequence's next chunk (its keys, then its
+/// values), which a chunk's passes ask for into L2 a few at a time: `slots`
+/// equal shares, taken in turn as the passes go (over q8_0, one per tile of
+/// each pass; over float rows, one per key of each value pass), so that the
+/// reads are spread over the chunk's arithmetic rather than bunched where
+/// they would wait on memory.
+pub(crate) struct NextChunkLines<'a, K, V> {
+    keys: &'a [K],
+    values: &'a [V],
+    key_lines: usize,
+    lines: usize,
+    per_slot: usize,
+}
+
+impl<'a, K, V> NextChunkLines<'a, K, V> {
+    pub(crate) fn new((keys, values): (&'a [K], &'a [V]), slots: usize) -> Self {
+        let key_lines = std::mem::size_of_val(keys).div_ceil(64);
+        let lines = key_lines + std::mem::size_of_val(values).div_ceil(64);
+        NextChunkLines {
+            keys,
+            values,
+            key_lines,
+            lines,
+            per_slot: lines.div_ceil(slots.max(1)),
+        }
+    }
+
+    /// Asks for the lines of share `slot`.
+    #[inline(always)]
+    pub(crate) fn prefetch(&self, slot: usize) {
+        let start = (slot * self.per_slot).min(self.lines);
+        for line in start..(start + self.per_slot).min(self.lines) {
+            let at = if line < self.key_lines {
+                self.keys.as_ptr().cast::<u8>().wrapping_add(64 * line)
+            } else {
+                let line = line - self.key_lines;
+                self.values.as_ptr().cast::<u8>().wrapping_add(64 * line)
+            };
+            // SAFETY: a prefetch never faults; the address is inside the
+            // next chunk's keys or values.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(at.cast()) };
+        }
+    }
+}
+
 /// `scalar::attention::attend_chunk`: heads four at a time.
 ///
 /// # Safety
@@ -65,7 +110,8 @@ pub(crate) use heads_by_four;
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn attend_chunk<T: KvElement>(group: &mut HeadGroup<'_, T>) {
     counts::enter(Isa::Avx2);
-    heads_by_four!(group, heads_chunk);
+    let next_chunk = group.next_chunk();
+    heads_by_four!(group, heads_chunk, next_chunk);
 }
 
 #[inline]
@@ -267,6 +313,8 @@ unsafe fn values_step<T: KvElement, const H: usize, const B: usize>(
     values: &[T],
     hd: usize,
     d: usize,
+    next: &NextChunkLines<'_, T, T>,
+    pass: usize,
 ) {
     let n = rows[0].scores.len();
     let vp = values.as_ptr();
@@ -277,6 +325,7 @@ unsafe fn values_step<T: KvElement, const H: usize, const B: usize>(
     }
     let mut acc = [[_mm256_setzero_ps(); B]; H];
     for j in 0..n {
+        next.prefetch(pass * n + j);
         let mut v = [_mm256_setzero_ps(); B];
         for (b, vb) in v.iter_mut().enumerate() {
             // SAFETY: j < n rows of values, d + 8b + 8 <= hd.
@@ -309,6 +358,7 @@ fn heads_chunk<T: KvElement, const H: usize>(
     values: &[T],
     hd: usize,
     scaling: f32,
+    next_chunk: (&[T], &[T]),
 ) {
     let n = keys.len() / hd;
     assert!(keys.len() == n * hd && values.len() == n * hd);
@@ -344,15 +394,18 @@ fn heads_chunk<T: KvElement, const H: usize>(
     // Σ e_j v_j, 16 outputs per pass over the chunk's value rows
     // (prefetched above: at most a chunk of rows, in cache), then the
     // last hd % 8 one by one.
+    // Meanwhile, ask for the next chunk's keys (its values come with its
+    // own scores), spread over the passes: pass p's key j takes slot p·n + j.
+    let next = NextChunkLines::new((next_chunk.0, &next_chunk.1[..0]), full.div_ceil(16) * n);
     let mut d = 0;
     while d + 16 <= full {
         // SAFETY: values is [n, hd] (asserted), d + 16 <= hd.
-        unsafe { values_step::<T, H, 2>(rows, values, hd, d) };
+        unsafe { values_step::<T, H, 2>(rows, values, hd, d, &next, d / 16) };
         d += 16;
     }
     if d < full {
         // SAFETY: as above, d + 8 <= hd.
-        unsafe { values_step::<T, H, 1>(rows, values, hd, d) };
+        unsafe { values_step::<T, H, 1>(rows, values, hd, d, &next, d / 16) };
     }
     for row in rows.iter_mut() {
         for d in full..hd {

@@ -38,7 +38,7 @@ use crate::kernels::q8_0::{
 use crate::kernels::scalar::attention as scalar;
 use crate::kernels::x86_avx2::attention::{
     heads_by_four, largest_score, query_group, reduce, reduce8, scores_step, softmax_from,
-    MAX_TILES,
+    NextChunkLines, MAX_TILES,
 };
 use scalar::exp_consts as c;
 
@@ -130,50 +130,6 @@ fn four_bytes(bytes: &TileWeightBytes, at: usize) -> i32 {
 fn tile_mask(n: usize, t: usize) -> __mmask16 {
     let lanes = (n - t * TILE_POSITIONS).min(TILE_POSITIONS);
     (((1u32 << lanes) - 1) & 0xffff) as u16
-}
-
-/// The cache lines of the sequence's next chunk (its keys, then its
-/// values), which a chunk's passes ask for into L2 a few at a time: `slots`
-/// equal shares, one per tile of each pass (the scores, then one value pass
-/// per block), so that the reads are spread over the whole chunk's
-/// arithmetic rather than bunched where they would wait on memory.
-struct NextChunkLines<'a, K, V> {
-    keys: &'a [K],
-    values: &'a [V],
-    key_lines: usize,
-    lines: usize,
-    per_slot: usize,
-}
-
-impl<'a, K, V> NextChunkLines<'a, K, V> {
-    fn new((keys, values): (&'a [K], &'a [V]), slots: usize) -> Self {
-        let key_lines = std::mem::size_of_val(keys).div_ceil(64);
-        let lines = key_lines + std::mem::size_of_val(values).div_ceil(64);
-        NextChunkLines {
-            keys,
-            values,
-            key_lines,
-            lines,
-            per_slot: lines.div_ceil(slots.max(1)),
-        }
-    }
-
-    /// Asks for the lines of share `slot`.
-    #[inline(always)]
-    fn prefetch(&self, slot: usize) {
-        let start = (slot * self.per_slot).min(self.lines);
-        for line in start..(start + self.per_slot).min(self.lines) {
-            let at = if line < self.key_lines {
-                self.keys.as_ptr().cast::<u8>().wrapping_add(64 * line)
-            } else {
-                let line = line - self.key_lines;
-                self.values.as_ptr().cast::<u8>().wrapping_add(64 * line)
-            };
-            // SAFETY: a prefetch never faults; the address is inside the
-            // next chunk's keys or values.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(at.cast()) };
-        }
-    }
 }
 
 /// The largest head_dim this kernel takes (its per-head constants live on
