@@ -269,6 +269,35 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
+/// A KV cache of `kind` with all `n` positions of every layer and head
+/// written, each its own pseudo-random values in [-1, 1].
+fn filled_cache(
+    layers: usize,
+    kv_heads: usize,
+    n: usize,
+    hd: usize,
+    kind: trit::model::cache::KvType,
+    kernel: Kernel,
+) -> trit::model::cache::KvCache {
+    let x = |i: usize| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0;
+    let mut cache =
+        trit::model::cache::KvCache::new(layers, kv_heads, n, hd, kind, kernel).unwrap();
+    let (mut k, mut v) = (vec![0.0f32; hd], vec![0.0f32; hd]);
+    for l in 0..layers {
+        for g in 0..kv_heads {
+            for p in 0..n {
+                let seed = (l * kv_heads + g) * n + p;
+                for d in 0..hd {
+                    k[d] = x(seed * 3 + d);
+                    v[d] = x(seed * 5 + d + 1);
+                }
+                cache.write(l, g, p, &k, &v);
+            }
+        }
+    }
+    cache
+}
+
 /// One 2B4T token's attention at depth 4096: 30 layers × 5 KV groups (4
 /// query heads of 128 each) over 4096 cached positions, every group's keys
 /// and values its own (315 MB in f16, 167 MB in q8_0: read from memory, as
@@ -276,7 +305,7 @@ fn attention(c: &mut Criterion) {
 /// threads; bytes per second of keys and values read.
 fn attention_depth(c: &mut Criterion) {
     use trit::model::attention::{attend_group, ChunkScratch, ThenReads, KEY_CHUNK};
-    use trit::model::cache::{KvCache, KvType};
+    use trit::model::cache::KvType;
     const HD: usize = 128;
     const GROUP: usize = 4;
     const LAYERS: usize = 30;
@@ -288,20 +317,7 @@ fn attention_depth(c: &mut Criterion) {
     group.sample_size(10);
     for kind in [KvType::F16, KvType::Q8_0] {
         let kernel = Kernel::active().unwrap();
-        let mut cache = KvCache::new(LAYERS, KV_HEADS, N, HD, kind, kernel).unwrap();
-        let (mut k, mut v) = (vec![0.0f32; HD], vec![0.0f32; HD]);
-        for l in 0..LAYERS {
-            for g in 0..KV_HEADS {
-                for p in 0..N {
-                    let seed = (l * KV_HEADS + g) * N + p;
-                    for d in 0..HD {
-                        k[d] = x(seed * 3 + d);
-                        v[d] = x(seed * 5 + d + 1);
-                    }
-                    cache.write(l, g, p, &k, &v);
-                }
-            }
-        }
+        let cache = filled_cache(LAYERS, KV_HEADS, N, HD, kind, kernel);
         group.throughput(Throughput::BytesDecimal(cache.nbytes() as u64));
         for threads in THREADS {
             let pool = threads::pool(Some(threads)).unwrap();
@@ -359,7 +375,7 @@ fn attention_depth(c: &mut Criterion) {
 /// decode does; bytes per second of keys and values read.
 fn attention_batch(c: &mut Criterion) {
     use trit::model::attention::{attend_group, ChunkScratch, ThenReads, KEY_CHUNK};
-    use trit::model::cache::{KvCache, KvType};
+    use trit::model::cache::KvType;
     const HD: usize = 128;
     const GROUP: usize = 4;
     const LAYERS: usize = 30;
@@ -373,20 +389,7 @@ fn attention_batch(c: &mut Criterion) {
     for kind in [KvType::F16, KvType::Q8_0] {
         let kernel = Kernel::active().unwrap();
         // Sequence s's layer l is the cache's layer l·SEQUENCES + s.
-        let mut cache = KvCache::new(LAYERS * SEQUENCES, KV_HEADS, N, HD, kind, kernel).unwrap();
-        let (mut k, mut v) = (vec![0.0f32; HD], vec![0.0f32; HD]);
-        for l in 0..LAYERS * SEQUENCES {
-            for g in 0..KV_HEADS {
-                for p in 0..N {
-                    let seed = (l * KV_HEADS + g) * N + p;
-                    for d in 0..HD {
-                        k[d] = x(seed * 3 + d);
-                        v[d] = x(seed * 5 + d + 1);
-                    }
-                    cache.write(l, g, p, &k, &v);
-                }
-            }
-        }
+        let cache = filled_cache(LAYERS * SEQUENCES, KV_HEADS, N, HD, kind, kernel);
         group.throughput(Throughput::BytesDecimal(cache.nbytes() as u64));
         for threads in THREADS {
             let pool = threads::pool(Some(threads)).unwrap();

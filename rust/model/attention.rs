@@ -16,8 +16,9 @@
 //! per call rather than per chunk, and each score is a sum of exact integer
 //! block dots times the two blocks' scales.
 
+use super::cache::F16;
 use super::cache::{KvRows, KvType};
-use crate::kernels::attention::{self as kernels, HeadGroup, Strided};
+use crate::kernels::attention::{self as kernels, HeadGroup, KvElement, Strided};
 use crate::kernels::q8_0::{quantize_q8_0, BlockQ8_0, Q8_0_VALUES, TILE_POSITIONS};
 use crate::kernels::Kernel;
 
@@ -175,7 +176,6 @@ pub fn attend_chunk(
     then: Option<ThenReads<'_>>,
 ) {
     assert!(hd >= 1 && !range.is_empty());
-    let rows = range.start * hd..range.end * hd;
     let scores = Strided {
         data: scores,
         stride: scores_stride,
@@ -185,55 +185,32 @@ pub fn attend_chunk(
         stride: out_stride,
     };
     let len = range.len();
-    // The float rows of the chunk after this one: the group's next, else
-    // the first of `then`'s (another head of the same cache: rows of hd).
-    fn next_rows<'r, T>(
-        k: &'r [T],
-        v: &'r [T],
-        hd: usize,
-        range: &std::ops::Range<usize>,
-        then: Option<(&'r [T], &'r [T])>,
-    ) -> (&'r [T], &'r [T]) {
-        let n = k.len().min(v.len()) / hd;
-        let next = range.end..(range.end + KEY_CHUNK).min(n);
-        let (k, v, next) = match then {
-            _ if !next.is_empty() => (k, v, next),
-            Some((k, v)) => (k, v, 0..KEY_CHUNK.min(k.len().min(v.len()) / hd)),
-            None => return (&[], &[]),
-        };
-        (
-            &k[next.start * hd..next.end * hd],
-            &v[next.start * hd..next.end * hd],
-        )
-    }
     match (q, keys, values) {
         (Queries::F32(q), KvRows::F32(k), KvRows::F32(v)) => {
-            let then = match then {
-                Some(ThenReads {
-                    keys: KvRows::F32(k),
-                    values: KvRows::F32(v),
-                }) => Some((k, v)),
-                _ => None,
-            };
-            let next_chunk = next_rows(k, v, hd, &range, then);
-            let kv = (&k[rows.clone()], &v[rows]);
-            let mut group =
-                HeadGroup::new(q, hd, len, kv, scaling, scores, out, stats).prefetching(next_chunk);
-            kernels::attend_chunk(kernel, &mut group);
+            let group = HeadGroup::new(
+                q,
+                hd,
+                len,
+                float_chunk(k, v, &range, hd),
+                scaling,
+                scores,
+                out,
+                stats,
+            );
+            attend_float_chunk(kernel, group, k, v, range, hd, then);
         }
         (Queries::F32(q), KvRows::F16(k), KvRows::F16(v)) => {
-            let then = match then {
-                Some(ThenReads {
-                    keys: KvRows::F16(k),
-                    values: KvRows::F16(v),
-                }) => Some((k, v)),
-                _ => None,
-            };
-            let next_chunk = next_rows(k, v, hd, &range, then);
-            let kv = (&k[rows.clone()], &v[rows]);
-            let mut group =
-                HeadGroup::new(q, hd, len, kv, scaling, scores, out, stats).prefetching(next_chunk);
-            kernels::attend_chunk(kernel, &mut group);
+            let group = HeadGroup::new(
+                q,
+                hd,
+                len,
+                float_chunk(k, v, &range, hd),
+                scaling,
+                scores,
+                out,
+                stats,
+            );
+            attend_float_chunk(kernel, group, k, v, range, hd, then);
         }
         (
             Queries::Q8_0(q),
@@ -275,6 +252,66 @@ pub fn attend_chunk(
         }
         _ => unreachable!("queries, keys and values are made for the cache's type"),
     }
+}
+
+/// Float keys and values as the cache's rows hold them.
+trait FloatRows: KvElement {
+    /// `rows`' elements, if they are of this type.
+    fn of(rows: KvRows<'_>) -> Option<&[Self]>;
+}
+
+impl FloatRows for f32 {
+    fn of(rows: KvRows<'_>) -> Option<&[f32]> {
+        match rows {
+            KvRows::F32(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+impl FloatRows for F16 {
+    fn of(rows: KvRows<'_>) -> Option<&[F16]> {
+        match rows {
+            KvRows::F16(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// The keys and values of positions `range` of float rows of hd.
+fn float_chunk<'r, T>(
+    k: &'r [T],
+    v: &'r [T],
+    range: &std::ops::Range<usize>,
+    hd: usize,
+) -> (&'r [T], &'r [T]) {
+    let rows = range.start * hd..range.end * hd;
+    (&k[rows.clone()], &v[rows])
+}
+
+/// `attend_chunk` of a float group over positions `range` of `k` and `v`
+/// (rows of hd), asking for the chunk after it while it computes: the
+/// group's next, else the first of `then`'s (another head of the same
+/// cache; one of another type asks for nothing).
+fn attend_float_chunk<T: FloatRows>(
+    kernel: Kernel,
+    group: HeadGroup<'_, T>,
+    k: &[T],
+    v: &[T],
+    range: std::ops::Range<usize>,
+    hd: usize,
+    then: Option<ThenReads<'_>>,
+) {
+    let n = k.len().min(v.len()) / hd;
+    let next = range.end..(range.end + KEY_CHUNK).min(n);
+    let then = then.and_then(|t| Some((T::of(t.keys)?, T::of(t.values)?)));
+    let next_chunk = match then {
+        _ if !next.is_empty() => float_chunk(k, v, &next, hd),
+        Some((k, v)) => float_chunk(k, v, &(0..KEY_CHUNK.min(k.len().min(v.len()) / hd)), hd),
+        None => (&[][..], &[][..]),
+    };
+    let mut group = group.prefetching(next_chunk);
+    kernels::attend_chunk(kernel, &mut group);
 }
 
 /// Combines the partials of consecutive chunks, in chunk order:
