@@ -216,12 +216,10 @@ fn gemm(c: &mut Criterion) {
 fn attention(c: &mut Criterion) {
     use trit::model::attention::{attend_group, ChunkScratch};
     use trit::model::cache::{KvCache, KvRows, KvType, F16};
-    const HD: usize = 128;
-    const GROUP: usize = 4;
     const N: usize = 1024;
     let mut group = c.benchmark_group("attention_d1024");
-    let x = |i: usize| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0;
-    let q: Vec<f32> = (0..GROUP * HD).map(x).collect();
+    let x = bench_value;
+    let q = group_query();
     let k32: Vec<f32> = (0..N * HD).map(|i| x(i + 5)).collect();
     let v32: Vec<f32> = (0..N * HD).map(|i| x(i + 11)).collect();
     let k16: Vec<F16> = k32.iter().map(|&v| F16::from_f32(v)).collect();
@@ -269,6 +267,22 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
+/// 2B4T's attention: head_dim, query heads per KV head, layers, KV heads.
+const HD: usize = 128;
+const GROUP: usize = 4;
+const LAYERS: usize = 30;
+const KV_HEADS: usize = 5;
+
+/// The pseudo-random value in [-1, 1] the attention benches fill with.
+fn bench_value(i: usize) -> f32 {
+    ((i * 7919) % 2001) as f32 / 1000.0 - 1.0
+}
+
+/// One GQA group's queries, [GROUP, HD].
+fn group_query() -> Vec<f32> {
+    (0..GROUP * HD).map(bench_value).collect()
+}
+
 /// A KV cache of `kind` with all `n` positions of every layer and head
 /// written, each its own pseudo-random values in [-1, 1].
 fn filled_cache(
@@ -279,7 +293,7 @@ fn filled_cache(
     kind: trit::model::cache::KvType,
     kernel: Kernel,
 ) -> trit::model::cache::KvCache {
-    let x = |i: usize| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0;
+    let x = bench_value;
     let mut cache =
         trit::model::cache::KvCache::new(layers, kv_heads, n, hd, kind, kernel).unwrap();
     let (mut k, mut v) = (vec![0.0f32; hd], vec![0.0f32; hd]);
@@ -306,13 +320,8 @@ fn filled_cache(
 fn attention_depth(c: &mut Criterion) {
     use trit::model::attention::{attend_group, ChunkScratch, ThenReads, KEY_CHUNK};
     use trit::model::cache::KvType;
-    const HD: usize = 128;
-    const GROUP: usize = 4;
-    const LAYERS: usize = 30;
-    const KV_HEADS: usize = 5;
     const N: usize = 4096;
-    let x = |i: usize| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0;
-    let q: Vec<f32> = (0..GROUP * HD).map(x).collect();
+    let q = group_query();
     let mut group = c.benchmark_group("attention_depth4096");
     group.sample_size(10);
     for kind in [KvType::F16, KvType::Q8_0] {
@@ -376,14 +385,9 @@ fn attention_depth(c: &mut Criterion) {
 fn attention_batch(c: &mut Criterion) {
     use trit::model::attention::{attend_group, ChunkScratch, ThenReads, KEY_CHUNK};
     use trit::model::cache::KvType;
-    const HD: usize = 128;
-    const GROUP: usize = 4;
-    const LAYERS: usize = 30;
-    const KV_HEADS: usize = 5;
     const SEQUENCES: usize = 8;
     const N: usize = 160;
-    let x = |i: usize| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0;
-    let q: Vec<f32> = (0..GROUP * HD).map(x).collect();
+    let q = group_query();
     let mut group = c.benchmark_group("attention_batch8_d160");
     group.sample_size(10);
     for kind in [KvType::F16, KvType::Q8_0] {

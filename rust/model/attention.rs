@@ -187,30 +187,12 @@ pub fn attend_chunk(
     let len = range.len();
     match (q, keys, values) {
         (Queries::F32(q), KvRows::F32(k), KvRows::F32(v)) => {
-            let group = HeadGroup::new(
-                q,
-                hd,
-                len,
-                float_chunk(k, v, &range, hd),
-                scaling,
-                scores,
-                out,
-                stats,
-            );
-            attend_float_chunk(kernel, group, k, v, range, hd, then);
+            let views = (scores, out, stats);
+            attend_float_chunk(kernel, q, hd, (k, v), range, scaling, views, then);
         }
         (Queries::F32(q), KvRows::F16(k), KvRows::F16(v)) => {
-            let group = HeadGroup::new(
-                q,
-                hd,
-                len,
-                float_chunk(k, v, &range, hd),
-                scaling,
-                scores,
-                out,
-                stats,
-            );
-            attend_float_chunk(kernel, group, k, v, range, hd, then);
+            let views = (scores, out, stats);
+            attend_float_chunk(kernel, q, hd, (k, v), range, scaling, views, then);
         }
         (
             Queries::Q8_0(q),
@@ -289,19 +271,24 @@ fn float_chunk<'r, T>(
     (&k[rows.clone()], &v[rows])
 }
 
-/// `attend_chunk` of a float group over positions `range` of `k` and `v`
-/// (rows of hd), asking for the chunk after it while it computes: the
+/// `attend_chunk` of a float group (queries `q`, the views its results go
+/// to) over positions `range` of `k` and `v` (rows of hd), asking for the
+/// chunk after it while it computes: the
 /// group's next, else the first of `then`'s (another head of the same
 /// cache; one of another type asks for nothing).
+#[allow(clippy::too_many_arguments)]
 fn attend_float_chunk<T: FloatRows>(
     kernel: Kernel,
-    group: HeadGroup<'_, T>,
-    k: &[T],
-    v: &[T],
-    range: std::ops::Range<usize>,
+    q: &[f32],
     hd: usize,
+    (k, v): (&[T], &[T]),
+    range: std::ops::Range<usize>,
+    scaling: f32,
+    (scores, out, stats): (Strided<'_>, Strided<'_>, &mut [Partial]),
     then: Option<ThenReads<'_>>,
 ) {
+    let chunk = float_chunk(k, v, &range, hd);
+    let group = HeadGroup::new(q, hd, range.len(), chunk, scaling, scores, out, stats);
     let n = k.len().min(v.len()) / hd;
     let next = range.end..(range.end + KEY_CHUNK).min(n);
     let then = then.and_then(|t| Some((T::of(t.keys)?, T::of(t.values)?)));
