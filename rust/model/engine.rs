@@ -982,16 +982,22 @@ fn attend_decoding(
     let scaling = (hd as f64).powf(-0.5) as f32;
     // The output rows of the decoding tokens, each [q_dim], with their slots.
     let mut rows: Vec<Option<&mut [f32]>> = o.chunks_exact_mut(q_dim).map(Some).collect();
-    let tasks: Vec<(usize, usize, &mut [f32])> = decoding
-        .map(|(row, slot)| (row, slot, rows[row].take().expect("one token per row")))
-        .collect();
-    // Each task's slot and the next task's: a thread mostly takes the tasks
-    // in order, so the next one's first KV head is its likely next read.
-    let order: Vec<usize> = tasks.iter().map(|&(_, slot, _)| slot).collect();
-    let tasks: Vec<_> = tasks
-        .into_iter()
-        .enumerate()
-        .map(|(i, (row, slot, out))| (row, slot, order.get(i + 1).copied(), out))
+    // Each task: its row, slot and output, and the next task's slot (a
+    // thread mostly takes the tasks in order, so the next one's first KV
+    // head is its likely next read).
+    let decoding: Vec<(usize, usize)> = decoding.collect();
+    let next_slots = decoding.iter().skip(1).map(|&(_, slot)| Some(slot));
+    let tasks: Vec<(usize, usize, Option<usize>, &mut [f32])> = decoding
+        .iter()
+        .zip(next_slots.chain([None]))
+        .map(|(&(row, slot), next)| {
+            (
+                row,
+                slot,
+                next,
+                rows[row].take().expect("one token per row"),
+            )
+        })
         .collect();
     tasks
         .into_par_iter()

@@ -300,6 +300,16 @@ pub(crate) fn softmax_from(scores: &mut [f32], from: usize, max: f32, mut sum8: 
     Partial { max, sum: total }
 }
 
+/// Each head's softmax weights (its scores row, checked to hold n) as a
+/// pointer, for the value sums' loads by key index.
+#[inline(always)]
+pub(crate) fn weight_rows<const H: usize>(rows: &[HeadRows<'_>; H], n: usize) -> [*const f32; H] {
+    rows.each_ref().map(|row| {
+        assert_eq!(row.scores.len(), n);
+        row.scores.as_ptr()
+    })
+}
+
 /// out_h[d..d+8B] = Σ_j e_h[j] v_j[d..d+8B]: each value row is loaded (and
 /// widened) once for all heads.
 ///
@@ -318,11 +328,7 @@ unsafe fn values_step<T: KvElement, const H: usize, const B: usize>(
 ) {
     let n = rows[0].scores.len();
     let vp = values.as_ptr();
-    let mut weights = [std::ptr::null::<f32>(); H];
-    for (w, row) in weights.iter_mut().zip(rows.iter()) {
-        assert_eq!(row.scores.len(), n);
-        *w = row.scores.as_ptr();
-    }
+    let weights = weight_rows(rows, n);
     let mut acc = [[_mm256_setzero_ps(); B]; H];
     for j in 0..n {
         next.prefetch(pass * n + j);

@@ -38,7 +38,7 @@ use crate::kernels::q8_0::{
 use crate::kernels::scalar::attention as scalar;
 use crate::kernels::x86_avx2::attention::{
     heads_by_four, largest_score, query_group, reduce, reduce8, scores_step, softmax_from,
-    NextChunkLines, MAX_TILES,
+    weight_rows, NextChunkLines, MAX_TILES,
 };
 use scalar::exp_consts as c;
 
@@ -416,10 +416,10 @@ pub(crate) unsafe fn attend_chunk_float<T: KvElement>(isa: Isa, group: &mut Head
 }
 
 /// The high 256 bits of `v` (AVX-512 F, where `vextractf32x8` needs DQ).
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx512f")]
 fn high_half(v: __m512) -> __m256 {
-    // SAFETY: the callers run with AVX-512 F.
-    unsafe { _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))) }
+    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
 }
 
 /// Scores of keys j..j + 2P for H heads (H <= 4), as `scalar::attention::dot`
@@ -513,11 +513,7 @@ unsafe fn value_sums<T: KvElement, const H: usize, const B: usize>(
     let n = rows[0].scores.len();
     assert!(values.len() == n * hd && d + 16 * B <= hd);
     let vp = values.as_ptr();
-    let mut weights = [std::ptr::null::<f32>(); H];
-    for (w, row) in weights.iter_mut().zip(rows.iter()) {
-        assert_eq!(row.scores.len(), n);
-        *w = row.scores.as_ptr();
-    }
+    let weights = weight_rows(rows, n);
     let mut acc = [[_mm512_setzero_ps(); B]; H];
     for j in 0..n {
         next.prefetch(pass * n + j);
