@@ -5,7 +5,7 @@ use crate::error::{Result, TritError};
 use crate::kernels::half::halves_from_f32;
 use crate::kernels::q8_0::{quantize_q8_0, TileBlock, TileLanes, Q8_0_VALUES, TILE_POSITIONS};
 use crate::kernels::Kernel;
-use crate::memory::{advise_huge_pages, try_zeroed};
+use crate::memory::ZeroedPages;
 
 /// What the cache stores keys and values as.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,10 +85,10 @@ impl KvRows<'_> {
 /// positions of `hd` values each, head after head.
 #[derive(Clone, Debug)]
 enum Store {
-    F32(Vec<f32>),                   // [heads, n_ctx, hd]
-    F16(Vec<F16>),                   // [heads, n_ctx, hd]
-    Q8_0Keys(Vec<KeyTileBlock>),     // [heads, n_ctx / 16 rounded up, hd / 32]
-    Q8_0Values(Vec<ValueTileBlock>), // [heads, n_ctx / 16 rounded up, hd / 32]
+    F32(ZeroedPages<f32>),                   // [heads, n_ctx, hd]
+    F16(ZeroedPages<F16>),                   // [heads, n_ctx, hd]
+    Q8_0Keys(ZeroedPages<KeyTileBlock>),     // [heads, n_ctx / 16 rounded up, hd / 32]
+    Q8_0Values(ZeroedPages<ValueTileBlock>), // [heads, n_ctx / 16 rounded up, hd / 32]
 }
 
 /// The shape every store of a cache shares.
@@ -125,22 +125,18 @@ impl Store {
             .n_ctx
             .checked_mul(shape.hd)
             .ok_or_else(|| TritError::invalid(format!("{what}: its size overflows")))?;
-        // Zero pages from the allocator: memory is only touched as positions
-        // fill, in 2 MiB pages where the system allows them. Attention reads
-        // a head's positions in one sweep per token; in 4 KiB pages every
-        // 4 KiB of it is a TLB miss.
+        // Untouched zero pages: memory is only used as positions fill, in
+        // 2 MiB pages where the system allows them. Attention reads a head's
+        // positions in one sweep per token; in 4 KiB pages every 4 KiB of it
+        // is a TLB miss.
         let store = match kind {
-            KvType::F32 => Store::F32(try_zeroed(len(values)?, what)?),
-            KvType::F16 => Store::F16(try_zeroed(len(values)?, what)?),
-            KvType::Q8_0 if keys => Store::Q8_0Keys(try_zeroed(len(shape.tile_blocks())?, what)?),
-            KvType::Q8_0 => Store::Q8_0Values(try_zeroed(len(shape.tile_blocks())?, what)?),
+            KvType::F32 => Store::F32(ZeroedPages::new(len(values)?, what)?),
+            KvType::F16 => Store::F16(ZeroedPages::new(len(values)?, what)?),
+            KvType::Q8_0 if keys => {
+                Store::Q8_0Keys(ZeroedPages::new(len(shape.tile_blocks())?, what)?)
+            }
+            KvType::Q8_0 => Store::Q8_0Values(ZeroedPages::new(len(shape.tile_blocks())?, what)?),
         };
-        match &store {
-            Store::F32(v) => advise_huge_pages(v),
-            Store::F16(v) => advise_huge_pages(v),
-            Store::Q8_0Keys(v) => advise_huge_pages(v),
-            Store::Q8_0Values(v) => advise_huge_pages(v),
-        }
         Ok(store)
     }
 
@@ -195,10 +191,10 @@ impl Store {
 
     fn nbytes(&self) -> usize {
         match self {
-            Store::F32(v) => std::mem::size_of_val(v.as_slice()),
-            Store::F16(v) => std::mem::size_of_val(v.as_slice()),
-            Store::Q8_0Keys(v) => std::mem::size_of_val(v.as_slice()),
-            Store::Q8_0Values(v) => std::mem::size_of_val(v.as_slice()),
+            Store::F32(v) => std::mem::size_of_val(&v[..]),
+            Store::F16(v) => std::mem::size_of_val(&v[..]),
+            Store::Q8_0Keys(v) => std::mem::size_of_val(&v[..]),
+            Store::Q8_0Values(v) => std::mem::size_of_val(&v[..]),
         }
     }
 }
