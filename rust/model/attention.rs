@@ -365,8 +365,9 @@ mod tests {
     }
 
     #[test]
-    fn exp_is_within_two_ulp() {
-        let mut x = -87.0f32;
+    fn exp_is_within_two_ulp_and_zero_at_or_below_its_cut() {
+        use crate::kernels::scalar::attention::exp_consts::MIN;
+        let mut x = MIN + 0.000_37;
         while x < 88.0 {
             let want = f64::from(x).exp();
             let got = f64::from(scalar::exp(x));
@@ -377,8 +378,69 @@ mod tests {
             x += 0.000_37;
         }
         assert_eq!(scalar::exp(0.0), 1.0);
-        assert!(scalar::exp(-1000.0) < 1e-37);
-        assert_eq!(scalar::exp(f32::NEG_INFINITY), scalar::exp(-87.0));
+        assert!(scalar::exp(MIN.next_up()) > 1e-28);
+        for x in [MIN, -64.5, -87.0, -1000.0, f32::NEG_INFINITY, f32::NAN] {
+            assert_eq!(scalar::exp(x).to_bits(), 0, "exp({x})");
+        }
+    }
+
+    /// Scores spread over hundreds of units (a peaked head, as at depth):
+    /// most softmax weights fall below exp's cut and are 0. Every path
+    /// zeroes the same ones (equal to scalar bit for bit, chunk by chunk
+    /// and whole, over f32, f16 and q8_0 rows), and the result is the
+    /// formula's, which keeps them.
+    #[test]
+    fn weights_past_the_exponential_cut_are_zero_on_every_path() {
+        let mut rng = Rng(0x5851_f42d_4c95_7f2d);
+        let (hd, n, heads) = (128, 300, 4);
+        let scaling = (hd as f32).powf(-0.5);
+        let q: Vec<f32> = (0..heads * hd).map(|_| 30.0 * rng.float()).collect();
+        let k: Vec<f32> = (0..n * hd).map(|_| 3.0 * rng.float()).collect();
+        let v: Vec<f32> = (0..n * hd).map(|_| rng.float()).collect();
+        let k16: Vec<F16> = k.iter().map(|&x| F16::from_f32(x)).collect();
+        let v16: Vec<F16> = v.iter().map(|&x| F16::from_f32(x)).collect();
+        let (k8, v8) = (q8_0_blocks(&k), q8_0_blocks(&v));
+        let (k8t, v8t) = (tiles(&k8, hd / Q8_0_VALUES), tiles(&v8, hd / Q8_0_VALUES));
+        let caches = [
+            ("f32", KvRows::F32(&k), KvRows::F32(&v)),
+            ("f16", KvRows::F16(&k16), KvRows::F16(&v16)),
+            (
+                "q8_0",
+                KvRows::Q8_0Keys { tiles: &k8t, n },
+                KvRows::Q8_0Values { tiles: &v8t, n },
+            ),
+        ];
+        // The cut is reached: most of head 0's scores lie 64 below its largest.
+        let scores: Vec<f32> = (0..n)
+            .map(|j| scalar::dot::<f32>(&q[..hd], &k[j * hd..(j + 1) * hd]) * scaling)
+            .collect();
+        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let cut = scores.iter().filter(|&&s| s - max <= -64.0).count();
+        assert!(cut > n / 2, "{cut} of {n}");
+        for (name, keys, values) in caches {
+            for c in 0..n.div_ceil(KEY_CHUNK) {
+                let range = c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(n);
+                let want = run_chunk(Kernel::Scalar, &q, hd, keys, values, range.clone(), None);
+                for path in paths() {
+                    let got = run_chunk(path, &q, hd, keys, values, range.clone(), None);
+                    assert_eq!(got, want, "{path:?} {name} chunk {c}");
+                }
+            }
+            let want = run_group(Kernel::Scalar, &q, hd, keys, values, n, scaling);
+            for path in paths() {
+                let got = run_group(path, &q, hd, keys, values, n, scaling);
+                assert_eq!(got, want, "{path:?} {name}");
+            }
+            if name == "f32" {
+                for h in 0..heads {
+                    let exact = reference(&q[h * hd..(h + 1) * hd], &k, &v, scaling);
+                    for (d, &w) in exact.iter().enumerate() {
+                        let got = f64::from(want[h][d]);
+                        assert!((got - w).abs() < 1e-5, "h {h} d {d}: {got} vs {w}");
+                    }
+                }
+            }
+        }
     }
 
     /// Runs `attend_group` on `path` with a padded output stride; returns

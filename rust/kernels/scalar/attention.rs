@@ -10,10 +10,18 @@ use crate::kernels::scalar::q8_0::tile_dot;
 
 /// Cephes' single-precision exp: `x = n ln2 + r`, |r| <= ln2 / 2, a degree-5
 /// polynomial for exp(r) - 1 - r, then a scaling by 2^n. Within 2 ulp of the
-/// true value on [-87, 88]; inputs are clamped to that range (exp(-87) is
-/// 1.6e-38, nothing beside the softmax's largest weight, 1).
+/// true value on (-64, 88]; inputs above are clamped to 88, and at or below
+/// -64 (and NaN) the result is 0.
+///
+/// Why 0 below e^-64 (1.6e-28): these are softmax weights beside the
+/// largest, 1, where no sum at f32's precision can tell them from 0, while
+/// their products with the cache's values (an f16 value or scale is at
+/// least 2^-24) would be subnormal numbers, which x86 cores multiply by
+/// microcode assists of a hundred cycles or more. Every weight kept is at
+/// least 2^-92, so those products stay normal. At depth most keys of a
+/// peaked head fall below the cut.
 pub mod exp_consts {
-    pub const MIN: f32 = -87.0;
+    pub const MIN: f32 = -64.0;
     pub const MAX: f32 = 88.0;
     pub const LOG2E: f32 = std::f32::consts::LOG2_E;
     pub const LN2_HI: f32 = 0.693_359_4;
@@ -53,7 +61,12 @@ pub fn exp(x: f32) -> f32 {
         p = p.mul_add(r, coef);
     }
     let y = p.mul_add(r * r, r) + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    let e = y * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x > c::MIN {
+        e
+    } else {
+        0.0
+    }
 }
 
 /// Σ_d q[d] · k[d]: eight lanes of fused multiply-adds, reduced, then

@@ -180,7 +180,9 @@ fn exp8(x: __m256) -> __m256 {
         _mm256_set1_ps(1.0),
     );
     let exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-    _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(exponent)))
+    let e = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(exponent)));
+    // 0 at or below MIN (x is clamped: a NaN is MIN by now).
+    _mm256_and_ps(e, _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(c::MIN)))
 }
 
 /// Scores of keys j..j+K for H heads: each key is loaded (and widened) once

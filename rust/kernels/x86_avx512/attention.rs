@@ -76,7 +76,11 @@ fn exp16(x: __m512) -> __m512 {
         _mm512_set1_ps(1.0),
     );
     let exponent = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
-    _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(exponent)))
+    let e = _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(exponent)));
+    _mm512_maskz_mov_ps(
+        _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(c::MIN)),
+        e,
+    )
 }
 
 /// `x86_avx2::attention::softmax_weights` (so `scalar::attention::softmax_weights`):
