@@ -4,6 +4,8 @@
 //! the same tokens.
 
 use crate::error::{Result, TritError};
+use crate::kernels::attention::softmax_in_place;
+use crate::kernels::Kernel;
 
 /// How to pick tokens. `temperature == 0` means greedy; `top_k == 0`,
 /// `top_p == 1`, `min_p == 0` and `repetition_penalty == 1` switch a filter off.
@@ -104,6 +106,7 @@ pub struct Sampler {
     rng: Pcg32,
     work: Vec<f32>,              // [vocab] penalised, tempered logits
     candidates: Vec<(f32, u32)>, // surviving (logit, id) pairs
+    probs: Vec<f32>,             // [candidates] their softmax
 }
 
 impl Sampler {
@@ -114,6 +117,7 @@ impl Sampler {
             rng: Pcg32::new(seed),
             work: Vec::new(),
             candidates: Vec::new(),
+            probs: Vec::new(),
         })
     }
 
@@ -151,7 +155,9 @@ impl Sampler {
         if p.temperature == 0.0 {
             return Ok(argmax(work));
         }
+        let kernel = Kernel::active()?;
         let cands = &mut self.candidates;
+        let probs = &mut self.probs;
         cands.clear();
         cands.extend(
             work.iter()
@@ -186,7 +192,7 @@ impl Sampler {
             // top-p as transformers: in ascending order, drop tokens while the
             // cumulative probability is <= 1 - top_p; the top token always stays.
             cands.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
-            let probs = softmax_of(cands);
+            softmax_of(kernel, cands, probs);
             let mut cum = 0.0f32;
             let mut drop = 0;
             for (i, &pr) in probs.iter().enumerate() {
@@ -200,7 +206,7 @@ impl Sampler {
             cands.drain(..drop);
         }
         if p.min_p > 0.0 {
-            let probs = softmax_of(cands);
+            softmax_of(kernel, cands, probs);
             let top = probs.iter().fold(0.0f32, |m, &v| m.max(v));
             let threshold = p.min_p * top;
             let mut i = 0;
@@ -216,10 +222,10 @@ impl Sampler {
             return Ok(argmax(work));
         }
         // Draw from the softmax of what is left.
-        let probs = softmax_of(cands);
+        softmax_of(kernel, cands, probs);
         let total: f64 = probs.iter().map(|&v| f64::from(v)).sum();
         let mut u = self.rng.next_f64() * total;
-        for (c, &pr) in cands.iter().zip(&probs) {
+        for (c, &pr) in cands.iter().zip(probs.iter()) {
             u -= f64::from(pr);
             if u < 0.0 {
                 return Ok(c.1);
@@ -228,7 +234,7 @@ impl Sampler {
         // Rounding left u just above zero: take the last token with mass.
         let last = cands
             .iter()
-            .zip(&probs)
+            .zip(probs.iter())
             .rev()
             .find(|(_, &pr)| pr > 0.0)
             .map_or(cands[0].1, |(c, _)| c.1);
@@ -273,15 +279,18 @@ pub fn argmax(x: &[f32]) -> u32 {
 /// Running maxima of `argmax`: one AVX-512 vector, two AVX2 ones.
 const ARGMAX_LANES: usize = 16;
 
-/// Softmax of the candidates' logits, in their order.
-fn softmax_of(cands: &[(f32, u32)]) -> Vec<f32> {
-    let max = cands.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.0));
-    let mut probs: Vec<f32> = cands.iter().map(|c| (c.0 - max).exp()).collect();
-    let sum: f32 = probs.iter().sum();
-    for v in &mut probs {
+/// Softmax of the candidates' logits, in their order, into `probs`: the
+/// engine's vectorized exponential (a vocabulary of logits is ~128k of them,
+/// every step of every sampled sequence), which also keeps the far tail
+/// from subnormal numbers: a candidate at or below e^-64 of the most
+/// likely is 0.
+fn softmax_of(kernel: Kernel, cands: &[(f32, u32)], probs: &mut Vec<f32>) {
+    probs.clear();
+    probs.extend(cands.iter().map(|c| c.0));
+    let sum = softmax_in_place(kernel, probs).sum;
+    for v in probs.iter_mut() {
         *v /= sum;
     }
-    probs
 }
 
 #[cfg(test)]

@@ -267,6 +267,34 @@ pub fn attend_chunk<T: KvElement>(kernel: Kernel, group: &mut HeadGroup<'_, T>) 
     scalar::attention::attend_chunk(group);
 }
 
+/// x_j becomes exp(x_j - max) in place (attention's exponential, so 0 at or
+/// below e^-64 of the largest); returns (max, Σ_j exp(x_j - max)). Every
+/// path's result is exactly `scalar::attention::softmax_weights`. The
+/// sampler's softmax over a vocabulary of logits.
+pub fn softmax_in_place(kernel: Kernel, x: &mut [f32]) -> Partial {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(kernel, Kernel::Avx512Bw | Kernel::Avx512Vnni) {
+        kernel.assert_supported();
+        let isa = if kernel == Kernel::Avx512Vnni {
+            Isa::Avx512Vnni
+        } else {
+            Isa::Avx512Bw
+        };
+        // SAFETY: the path runs on this CPU (asserted): it has AVX-512 F,
+        // AVX2 and FMA.
+        return unsafe { x86_avx512::attention::softmax_in_place(isa, x) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel.uses_avx2_routines() {
+        kernel.assert_supported();
+        // SAFETY: the path runs on this CPU (asserted), and every path that
+        // uses the AVX2 routines has AVX2 and FMA.
+        return unsafe { x86_avx2::attention::softmax_in_place(x) };
+    }
+    let _ = kernel;
+    scalar::attention::softmax_weights(x)
+}
+
 /// `attend_chunk` over q8_0 keys and values (in tiles), the queries
 /// quantized to q8_0 too: `s_j = scaling · Σ_b (d_q[b] · d_k[b]) · (q_b · k_b)`,
 /// each block's integer dot exact, and each block of `out_h` an exact

@@ -384,6 +384,49 @@ mod tests {
         }
     }
 
+    /// The sampler's softmax (`softmax_in_place`): every path equals scalar
+    /// bit for bit over rows of any length, a vocabulary's included, with
+    /// logits spread past the exponential's cut and some -inf; each weight
+    /// is exp(x - max) within 2 ulp, or 0 at or below e^-64.
+    #[test]
+    fn softmax_in_place_equals_scalar_on_every_path() {
+        use crate::kernels::attention::softmax_in_place;
+        let mut rng = Rng(0x1405_7b7e_f767_814f);
+        for n in [1usize, 7, 8, 15, 16, 17, 33, 1000, 128_256] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| {
+                    if i % 97 == 5 {
+                        f32::NEG_INFINITY
+                    } else {
+                        60.0 * rng.float()
+                    }
+                })
+                .collect();
+            let mut want = x.clone();
+            let partial = scalar::softmax_weights(&mut want);
+            let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(partial.max, max);
+            for (&w, &xj) in want.iter().zip(&x) {
+                let exact = f64::from(xj - max).exp();
+                if xj - max > -64.0 {
+                    assert!(
+                        ((f64::from(w) - exact) / exact).abs() < 2.5e-7,
+                        "{xj} - {max}: {w} vs {exact}"
+                    );
+                } else {
+                    assert_eq!(w.to_bits(), 0, "{xj}");
+                }
+            }
+            for path in paths() {
+                let mut got = x.clone();
+                let p = softmax_in_place(path, &mut got);
+                assert_eq!((p.max, p.sum), (partial.max, partial.sum), "{path:?} n {n}");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{path:?} n {n}");
+            }
+        }
+    }
+
     /// Scores spread over hundreds of units (a peaked head, as at depth):
     /// most softmax weights fall below exp's cut and are 0. Every path
     /// zeroes the same ones (equal to scalar bit for bit, chunk by chunk

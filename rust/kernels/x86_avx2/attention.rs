@@ -248,6 +248,16 @@ pub(crate) unsafe fn scores_step<T: KvElement, const H: usize, const K: usize>(
     }
 }
 
+/// `softmax_weights` of any row of numbers (the sampler's logits).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn softmax_in_place(x: &mut [f32]) -> Partial {
+    counts::enter(Isa::Avx2);
+    softmax_weights(x)
+}
+
 /// exp(s - max) over one head's scores, in place; returns the max and their sum.
 #[inline]
 #[target_feature(enable = "avx2,fma")]

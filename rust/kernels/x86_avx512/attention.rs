@@ -83,6 +83,17 @@ fn exp16(x: __m512) -> __m512 {
     )
 }
 
+/// `softmax_weights` of any row of numbers (the sampler's logits), counted
+/// under `isa`, the AVX-512 path that runs it.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,avx512f")]
+pub(crate) unsafe fn softmax_in_place(isa: Isa, x: &mut [f32]) -> Partial {
+    counts::enter(isa);
+    softmax_weights(x)
+}
+
 /// `x86_avx2::attention::softmax_weights` (so `scalar::attention::softmax_weights`):
 /// the same maximum; the exponentials 16 at a time, each half added into
 /// the eight-lane sum in turn, so every sum is the same; then the rest as
