@@ -126,8 +126,9 @@ impl Sampler {
     }
 
     /// The next token given `logits` ([vocab]) and the tokens so far
-    /// (`history`, prompt included, for the repetition penalty).
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+    /// (`history`, prompt included, for the repetition penalty), its softmax
+    /// on `kernel`'s path (the engine's that made the logits).
+    pub fn sample(&mut self, kernel: Kernel, logits: &[f32], history: &[u32]) -> Result<u32> {
         if logits.is_empty() {
             return Err(TritError::invalid("no logits to sample from"));
         }
@@ -155,7 +156,6 @@ impl Sampler {
         if p.temperature == 0.0 {
             return Ok(argmax(work));
         }
-        let kernel = Kernel::active()?;
         let cands = &mut self.candidates;
         let probs = &mut self.probs;
         cands.clear();
@@ -362,7 +362,7 @@ mod tests {
             };
             let mut s = Sampler::new(p, 7).unwrap();
             for _ in 0..20 {
-                assert_eq!(s.sample(&logits, &[]).unwrap(), 1);
+                assert_eq!(s.sample(Kernel::Scalar, &logits, &[]).unwrap(), 1);
             }
         }
         // Logits that are not finite never reach an index panic either.
@@ -371,7 +371,9 @@ mod tests {
             ..params()
         };
         let mut s = Sampler::new(p, 7).unwrap();
-        let got = s.sample(&[f32::INFINITY, 1.0, f32::INFINITY], &[]).unwrap();
+        let got = s
+            .sample(Kernel::Scalar, &[f32::INFINITY, 1.0, f32::INFINITY], &[])
+            .unwrap();
         assert!(got == 0 || got == 2);
     }
 
@@ -416,7 +418,11 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum() {
         let mut s = Sampler::new(SamplingParams::default(), 0).unwrap();
-        assert_eq!(s.sample(&[1.0, 3.0, 3.0, -1.0], &[]).unwrap(), 1);
+        assert_eq!(
+            s.sample(Kernel::Scalar, &[1.0, 3.0, 3.0, -1.0], &[])
+                .unwrap(),
+            1
+        );
     }
 
     #[test]
@@ -427,9 +433,9 @@ mod tests {
         };
         let mut s = Sampler::new(p, 0).unwrap();
         // 4.0 -> 2.0 loses to 3.0; seen twice it is still penalised once.
-        assert_eq!(s.sample(&[4.0, 3.0], &[0, 0]).unwrap(), 1);
+        assert_eq!(s.sample(Kernel::Scalar, &[4.0, 3.0], &[0, 0]).unwrap(), 1);
         // -1.0 -> -2.0 loses to -1.5.
-        assert_eq!(s.sample(&[-1.0, -1.5], &[0]).unwrap(), 1);
+        assert_eq!(s.sample(Kernel::Scalar, &[-1.0, -1.5], &[0]).unwrap(), 1);
     }
 
     #[test]
@@ -437,7 +443,9 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let draw = |p: SamplingParams, seed: u64| -> Vec<u32> {
             let mut s = Sampler::new(p, seed).unwrap();
-            (0..200).map(|_| s.sample(&logits, &[]).unwrap()).collect()
+            (0..200)
+                .map(|_| s.sample(Kernel::Scalar, &logits, &[]).unwrap())
+                .collect()
         };
         assert_eq!(draw(params(), 7), draw(params(), 7));
         assert_ne!(draw(params(), 7), draw(params(), 8));
@@ -481,7 +489,7 @@ mod tests {
         let mut s = Sampler::new(params(), 42).unwrap();
         let n = 20_000;
         let ones = (0..n)
-            .filter(|_| s.sample(&logits, &[]).unwrap() == 1)
+            .filter(|_| s.sample(Kernel::Scalar, &logits, &[]).unwrap() == 1)
             .count();
         let frac = ones as f64 / n as f64;
         assert!((frac - 0.8).abs() < 0.02, "{frac}");
@@ -499,7 +507,9 @@ mod tests {
             5,
         )
         .unwrap();
-        let got: Vec<u32> = (0..500).map(|_| s.sample(&logits, &[]).unwrap()).collect();
+        let got: Vec<u32> = (0..500)
+            .map(|_| s.sample(Kernel::Scalar, &logits, &[]).unwrap())
+            .collect();
         assert!(got.contains(&0) && got.contains(&1) && !got.contains(&2));
     }
 }

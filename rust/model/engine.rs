@@ -215,6 +215,11 @@ impl Engine {
         self.n_ctx
     }
 
+    /// The kernel path the engine runs (and its sampling should).
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
     }

@@ -54,6 +54,11 @@ impl Session {
         self.engine.n_ctx()
     }
 
+    /// The kernel path the session runs (and its sampling should).
+    pub fn kernel(&self) -> Kernel {
+        self.engine.kernel()
+    }
+
     pub fn threads(&self) -> usize {
         self.engine.threads()
     }

@@ -577,7 +577,8 @@ impl PySession {
             .ok_or_else(|| invalid("nothing to sample from: feed the session a prompt first"))?;
         let mut sampler = sampler.inner.get()?;
         let sampler = &mut *sampler;
-        py.detach(|| sampler.sample(logits, s.tokens())).py()
+        py.detach(|| sampler.sample(s.kernel(), logits, s.tokens()))
+            .py()
     }
 
     /// Forgets the cached tokens.
@@ -782,7 +783,8 @@ impl PyEngine {
         let tokens = e.tokens(slot).py()?;
         let mut sampler = sampler.inner.get()?;
         let sampler = &mut *sampler;
-        py.detach(|| sampler.sample(logits, tokens)).py()
+        let kernel = e.kernel();
+        py.detach(|| sampler.sample(kernel, logits, tokens)).py()
     }
 
     /// Forgets a slot's cached tokens.

@@ -119,7 +119,7 @@ fn run_everything(owned: &Owned, kernel: Kernel) {
             let mut sampler = Sampler::new(params, 7).unwrap();
             for _ in 0..3 {
                 let next = sampler
-                    .sample(s.last_logits().unwrap(), s.tokens())
+                    .sample(s.kernel(), s.last_logits().unwrap(), s.tokens())
                     .unwrap();
                 s.push(next).unwrap();
             }
