@@ -189,21 +189,7 @@ impl Sampler {
             cands.retain(|c| c.0 >= kth);
         }
         if p.top_p < 1.0 {
-            // top-p as transformers: in ascending order, drop tokens while the
-            // cumulative probability is <= 1 - top_p; the top token always stays.
-            cands.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
-            softmax_of(kernel, cands, probs);
-            let mut cum = 0.0f32;
-            let mut drop = 0;
-            for (i, &pr) in probs.iter().enumerate() {
-                cum += pr;
-                if cum <= 1.0 - p.top_p && i + 1 < probs.len() {
-                    drop = i + 1;
-                } else {
-                    break;
-                }
-            }
-            cands.drain(..drop);
+            top_p_filter(kernel, cands, probs, p.top_p);
         }
         if p.min_p > 0.0 {
             softmax_of(kernel, cands, probs);
@@ -278,6 +264,57 @@ pub fn argmax(x: &[f32]) -> u32 {
 
 /// Running maxima of `argmax`: one AVX-512 vector, two AVX2 ones.
 const ARGMAX_LANES: usize = 16;
+
+/// Candidates `top_p_filter` sorts first: those of the largest logits, which
+/// hold the kept mass whenever the rest holds at most 1 - top_p.
+const TOP_P_FIRST_SORTED: usize = 512;
+
+/// top-p as transformers: in ascending order of logit, drop candidates while
+/// the cumulative probability is <= 1 - top_p; the top one always stays.
+/// `cands` is left in that order. Sorting a whole vocabulary (~128k) took ms
+/// a token, and top-p keeps a few: only the `m` largest are sorted (a
+/// selection puts them last), the rest summed as the start of the
+/// cumulative, whose every prefix is then at most 1 - top_p too, so all of
+/// it goes; if the rest holds more, `m` grows (to all of them at worst). The
+/// cumulative is kept in f64: over a flat vocabulary an f32 one drifts by
+/// thousands of candidates' worth, and the order it is summed in must not
+/// matter.
+fn top_p_filter(kernel: Kernel, cands: &mut Vec<(f32, u32)>, probs: &mut Vec<f32>, top_p: f32) {
+    let ascending = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1));
+    let n = cands.len();
+    let mut m = TOP_P_FIRST_SORTED;
+    loop {
+        let rest = if m >= n {
+            cands.sort_unstable_by(ascending);
+            0
+        } else {
+            cands.select_nth_unstable_by(n - m, ascending);
+            cands[n - m..].sort_unstable_by(ascending);
+            n - m
+        };
+        softmax_of(kernel, cands, probs);
+        let limit = f64::from(1.0 - top_p);
+        let rest_mass: f64 = probs[..rest].iter().map(|&p| f64::from(p)).sum();
+        // (A NaN mass, from logits all -inf, goes the whole way, as before.)
+        if rest > 0 && (rest_mass > limit || rest_mass.is_nan()) {
+            // Some of the rest would stay: sort more of them.
+            m = m.saturating_mul(8);
+            continue;
+        }
+        let mut cum = rest_mass;
+        let mut drop = rest;
+        for (i, &pr) in probs.iter().enumerate().skip(rest) {
+            cum += f64::from(pr);
+            if cum <= limit && i + 1 < n {
+                drop = i + 1;
+            } else {
+                break;
+            }
+        }
+        cands.drain(..drop);
+        return;
+    }
+}
 
 /// Softmax of the candidates' logits, in their order, into `probs`: the
 /// engine's vectorized exponential (a vocabulary of logits is ~128k of them,
@@ -493,6 +530,41 @@ mod tests {
             .count();
         let frac = ones as f64 / n as f64;
         assert!((frac - 0.8).abs() < 0.02, "{frac}");
+    }
+
+    /// `top_p_filter` keeps what sorting every candidate keeps, in the same
+    /// order: vocabularies past its first sorted share, flat and peaked
+    /// logits, so that the kept set is a few or most of them.
+    #[test]
+    fn top_p_over_a_vocabulary_keeps_what_a_full_sort_keeps() {
+        let mut rng = Pcg32::new(11);
+        for n in [3usize, 100, 600, 5000, 128_256] {
+            for scale in [0.5f32, 3.0, 20.0] {
+                let cands: Vec<(f32, u32)> = (0..n as u32)
+                    .map(|i| ((rng.next_f64() as f32 - 0.5) * scale, i))
+                    .collect();
+                for top_p in [0.3f32, 0.9, 0.95, 0.999] {
+                    let mut want = cands.clone();
+                    want.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
+                    let mut probs = Vec::new();
+                    softmax_of(Kernel::Scalar, &want, &mut probs);
+                    let (mut cum, mut drop) = (0.0f64, 0);
+                    for (i, &pr) in probs.iter().enumerate() {
+                        cum += f64::from(pr);
+                        if cum <= f64::from(1.0 - top_p) && i + 1 < n {
+                            drop = i + 1;
+                        } else {
+                            break;
+                        }
+                    }
+                    want.drain(..drop);
+                    let mut got = cands.clone();
+                    top_p_filter(Kernel::Scalar, &mut got, &mut probs, top_p);
+                    let ids = |c: &[(f32, u32)]| c.iter().map(|c| c.1).collect::<Vec<_>>();
+                    assert_eq!(ids(&got), ids(&want), "n {n} scale {scale} top_p {top_p}");
+                }
+            }
+        }
     }
 
     #[test]
