@@ -312,13 +312,62 @@ fn filled_cache(
     cache
 }
 
+/// Buffers of one task's `attend_group` calls in the attention benches.
+struct GroupBuffers {
+    scores: Vec<f32>, // [GROUP, KEY_CHUNK]
+    out: Vec<f32>,    // [GROUP, HD]
+    chunks: trit::model::attention::ChunkScratch,
+}
+
+impl GroupBuffers {
+    fn new() -> GroupBuffers {
+        GroupBuffers {
+            scores: vec![0.0; GROUP * trit::model::attention::KEY_CHUNK],
+            out: vec![0.0; GROUP * HD],
+            chunks: Default::default(),
+        }
+    }
+}
+
+/// `attend_group` of the benches' query over positions 0..n of `cache`'s
+/// (layer, KV head) `head`, passing `next`'s rows as what it reads next, as
+/// the engine's decode passes the next KV head's.
+fn attend_cached(
+    kernel: Kernel,
+    q: &[f32],
+    cache: &trit::model::cache::KvCache,
+    n: usize,
+    (l, g): (usize, usize),
+    next: Option<(usize, usize)>,
+    buffers: &mut GroupBuffers,
+) {
+    use trit::model::attention::{attend_group, ThenReads};
+    let then = next.map(|(l, g)| ThenReads {
+        keys: cache.keys(l, g, n),
+        values: cache.values(l, g, n),
+    });
+    attend_group(
+        kernel,
+        black_box(q),
+        HD,
+        cache.keys(l, g, n),
+        cache.values(l, g, n),
+        n,
+        0.088,
+        &mut buffers.scores,
+        &mut buffers.out,
+        HD,
+        &mut buffers.chunks,
+        then,
+    );
+}
+
 /// One 2B4T token's attention at depth 4096: 30 layers × 5 KV groups (4
 /// query heads of 128 each) over 4096 cached positions, every group's keys
 /// and values its own (315 MB in f16, 167 MB in q8_0: read from memory, as
 /// a token at that depth reads them). The groups are tasks over 1 or 2
 /// threads; bytes per second of keys and values read.
 fn attention_depth(c: &mut Criterion) {
-    use trit::model::attention::{attend_group, ChunkScratch, ThenReads, KEY_CHUNK};
     use trit::model::cache::KvType;
     const N: usize = 4096;
     let q = group_query();
@@ -335,36 +384,14 @@ fn attention_depth(c: &mut Criterion) {
                 b.iter(|| {
                     pool.install(|| {
                         (0..LAYERS * KV_HEADS).into_par_iter().for_each_init(
-                            || {
-                                let scores = vec![0.0f32; GROUP * KEY_CHUNK];
-                                (scores, vec![0.0f32; GROUP * HD], ChunkScratch::default())
-                            },
-                            |(scores, out, scratch), task| {
-                                let (l, g) = (task / KV_HEADS, task % KV_HEADS);
+                            GroupBuffers::new,
+                            |buffers, task| {
                                 // The next task's group, as the model's decode
                                 // passes the next KV head's.
-                                let next = task + 1;
-                                let then = (next < LAYERS * KV_HEADS).then(|| {
-                                    let (l, g) = (next / KV_HEADS, next % KV_HEADS);
-                                    ThenReads {
-                                        keys: cache.keys(l, g, N),
-                                        values: cache.values(l, g, N),
-                                    }
-                                });
-                                attend_group(
-                                    kernel,
-                                    black_box(&q),
-                                    HD,
-                                    cache.keys(l, g, N),
-                                    cache.values(l, g, N),
-                                    N,
-                                    0.088,
-                                    scores,
-                                    out,
-                                    HD,
-                                    scratch,
-                                    then,
-                                );
+                                let next = (task + 1 < LAYERS * KV_HEADS)
+                                    .then(|| ((task + 1) / KV_HEADS, (task + 1) % KV_HEADS));
+                                let head = (task / KV_HEADS, task % KV_HEADS);
+                                attend_cached(kernel, &q, &cache, N, head, next, buffers);
                             },
                         )
                     })
@@ -383,7 +410,6 @@ fn attention_depth(c: &mut Criterion) {
 /// next sequence's first) as what it reads next, as the engine's batched
 /// decode does; bytes per second of keys and values read.
 fn attention_batch(c: &mut Criterion) {
-    use trit::model::attention::{attend_group, ChunkScratch, ThenReads, KEY_CHUNK};
     use trit::model::cache::KvType;
     const SEQUENCES: usize = 8;
     const N: usize = 160;
@@ -403,35 +429,22 @@ fn attention_batch(c: &mut Criterion) {
                     pool.install(|| {
                         for layer in 0..LAYERS {
                             (0..SEQUENCES).into_par_iter().for_each(|s| {
-                                let mut scores = vec![0.0f32; GROUP * KEY_CHUNK];
-                                let mut out = vec![0.0f32; GROUP * HD];
-                                let mut scratch = ChunkScratch::default();
+                                let mut buffers = GroupBuffers::new();
                                 let l = layer * SEQUENCES + s;
                                 for g in 0..KV_HEADS {
-                                    let (l_next, g_next) = if g + 1 < KV_HEADS {
-                                        (l, g + 1)
+                                    let next = if g + 1 < KV_HEADS {
+                                        Some((l, g + 1))
                                     } else {
-                                        (l + 1, 0)
+                                        (s + 1 < SEQUENCES).then_some((l + 1, 0))
                                     };
-                                    let then = (s + 1 < SEQUENCES || g + 1 < KV_HEADS).then(|| {
-                                        ThenReads {
-                                            keys: cache.keys(l_next, g_next, N),
-                                            values: cache.values(l_next, g_next, N),
-                                        }
-                                    });
-                                    attend_group(
+                                    attend_cached(
                                         kernel,
-                                        black_box(&q),
-                                        HD,
-                                        cache.keys(l, g, N),
-                                        cache.values(l, g, N),
+                                        &q,
+                                        &cache,
                                         N,
-                                        0.088,
-                                        &mut scores,
-                                        &mut out,
-                                        HD,
-                                        &mut scratch,
-                                        then,
+                                        (l, g),
+                                        next,
+                                        &mut buffers,
                                     );
                                 }
                             })

@@ -245,11 +245,7 @@ pub fn attend_chunk<T: KvElement>(kernel: Kernel, group: &mut HeadGroup<'_, T>) 
         && group.head_dim().is_multiple_of(16)
     {
         kernel.assert_supported();
-        let isa = if kernel == Kernel::Avx512Vnni {
-            Isa::Avx512Vnni
-        } else {
-            Isa::Avx512Bw
-        };
+        let isa = Isa::avx512_of(kernel);
         // SAFETY: the path runs on this CPU (asserted): it has AVX-512 F
         // and VL, and AVX2, FMA and F16C.
         unsafe { x86_avx512::attention::attend_chunk_float(isa, group) };
@@ -275,11 +271,7 @@ pub fn softmax_in_place(kernel: Kernel, x: &mut [f32]) -> Partial {
     #[cfg(target_arch = "x86_64")]
     if matches!(kernel, Kernel::Avx512Bw | Kernel::Avx512Vnni) {
         kernel.assert_supported();
-        let isa = if kernel == Kernel::Avx512Vnni {
-            Isa::Avx512Vnni
-        } else {
-            Isa::Avx512Bw
-        };
+        let isa = Isa::avx512_of(kernel);
         // SAFETY: the path runs on this CPU (asserted): it has AVX-512 F,
         // AVX2 and FMA.
         return unsafe { x86_avx512::attention::softmax_in_place(isa, x) };

@@ -19,6 +19,16 @@ pub enum Isa {
 
 impl Isa {
     pub const ALL: [Isa; 4] = [Isa::Avx2, Isa::Avx512Bw, Isa::Avx512Vnni, Isa::Neon];
+
+    /// The instruction set an AVX-512 routine counts under on `kernel`'s path:
+    /// VNNI on `Kernel::Avx512Vnni`, BW on the other AVX-512 path.
+    pub fn avx512_of(kernel: super::Kernel) -> Isa {
+        if kernel == super::Kernel::Avx512Vnni {
+            Isa::Avx512Vnni
+        } else {
+            Isa::Avx512Bw
+        }
+    }
 }
 
 #[cfg(feature = "simd-call-counts")]

@@ -112,11 +112,7 @@ fn gemv_dots_tl(
 ) {
     #[cfg(target_arch = "x86_64")]
     if kernel.has_vbmi() {
-        let isa = if kernel == Kernel::Avx512Vnni {
-            counts::Isa::Avx512Vnni
-        } else {
-            counts::Isa::Avx512Bw
-        };
+        let isa = counts::Isa::avx512_of(kernel);
         // SAFETY: the path runs on this CPU, with AVX-512 VBMI (has_vbmi).
         return unsafe { x86_avx512::tl::gemv(isa, w, tables, rows, dots) };
     }

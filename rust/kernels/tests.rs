@@ -263,10 +263,7 @@ fn tl_unpacking_gives_the_plane_codes() {
     let w = random_matrix(n_out, n_in, 5).repacked(Packing::Tl).unwrap();
     let kp = w.k_padded();
     let stride = kp + 64;
-    let isa = match kernel {
-        Kernel::Avx512Vnni => counts::Isa::Avx512Vnni,
-        _ => counts::Isa::Avx512Bw,
-    };
+    let isa = counts::Isa::avx512_of(kernel);
     for (k0, len) in [
         (0, kp),
         (0, 320),
