@@ -112,7 +112,8 @@ def test_layer0_projections_match(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_default_options_stay_close(name: str) -> None:
-    """trit's defaults (int8 head, f16 KV cache) against the exact options,
+    """trit's defaults (int8 head; KV cache "auto": q8_0 where head_dim is a
+    multiple of 32, else f16) against the exact options,
     with test_model.py's bounds for the int8 head: a 1-token prompt isolates
     the head's own error; over 12 tokens a tied int8 embedding (Falcon-E)
     also moves the residual stream, so there only the mean and the clear

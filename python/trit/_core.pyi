@@ -180,7 +180,7 @@ class Session:
         *,
         n_ctx: int | None = None,
         threads: int | None = None,
-        kv_cache: str = "f16",
+        kv_cache: str = "auto",
     ) -> Session: ...
     @property
     def n_ctx(self) -> int: ...
@@ -214,7 +214,7 @@ class Engine:
         slots: int = 1,
         n_ctx: int | None = None,
         threads: int | None = None,
-        kv_cache: str = "f16",
+        kv_cache: str = "auto",
     ) -> Engine: ...
     @property
     def n_ctx(self) -> int: ...

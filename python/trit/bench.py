@@ -124,7 +124,7 @@ def run(
     seed: int = 0,
     progress: object = None,
     head: str = "int8",
-    kv_cache: str = "f16",
+    kv_cache: str = "auto",
     packing: str = "i2",
 ) -> list[BenchResult]:
     """Runs every test for every thread count; see the module docstring."""
@@ -186,8 +186,8 @@ def run(
                     model=label,
                     model_size=size,
                     head=head,
-                    type_k=kv_cache,
-                    type_v=kv_cache,
+                    type_k=session.kv_cache,
+                    type_v=session.kv_cache,
                     n_threads=n_threads,
                     n_prompt=n_p,
                     n_gen=n_g,

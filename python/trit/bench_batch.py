@@ -105,7 +105,7 @@ def run(
     seed: int = 0,
     progress: Callable[[str], object] | None = None,
     head: str = "int8",
-    kv_cache: str = "f16",
+    kv_cache: str = "auto",
     packing: str = "i2",
     repetitions: int = DEFAULT_REPETITIONS,
 ) -> list[BatchResult]:
@@ -163,8 +163,8 @@ def run(
             BatchResult(
                 model=label,
                 n_threads=threads or default_threads(),
-                type_k=kv_cache,
-                type_v=kv_cache,
+                type_k=reference_engine.kv_cache,
+                type_v=reference_engine.kv_cache,
                 batch=batch,
                 n_prompt=n_prompt,
                 n_gen=n_gen,

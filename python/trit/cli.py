@@ -69,11 +69,12 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--kv-cache",
-        choices=["f16", "f32", "q8_0"],
-        default="f16",
-        help="KV cache precision: f16 (default, half the bytes attention reads), q8_0 "
-        "(8-bit blocks as llama.cpp's -ctk/-ctv q8_0: 53%% of f16's bytes, for long "
-        "contexts) or f32 (exact: transformers' attention)",
+        choices=["auto", "q8_0", "f16", "f32"],
+        default="auto",
+        help="KV cache precision: auto (default: q8_0 where head_dim is a multiple of 32, "
+        "else f16), q8_0 (8-bit blocks as llama.cpp's -ctk/-ctv q8_0: 53%% of f16's bytes, "
+        "generation at depth slows half as much), f16 (half the bytes of f32) or f32 (exact: "
+        "transformers' attention)",
     )
     p.add_argument(
         "--packing",

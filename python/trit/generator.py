@@ -349,7 +349,7 @@ class Generator:
         n_ctx: int | None = None,
         revision: str | None = None,
         head: str = "int8",
-        kv_cache: str = "f16",
+        kv_cache: str = "auto",
         packing: str = "i2",
         filename: str | None = None,
         slots: int = 1,
@@ -363,12 +363,13 @@ class Generator:
         `head` the output head's precision: "int8" (default: half the bytes
         per generated token), "q6" (6-bit rows: 78 % of int8's bytes) or
         "bf16" (as stored: transformers' logits);
-        `kv_cache` the KV cache's: "f16" (default: half the bytes attention
-        reads), "q8_0" (blocks of 32 values as an f16 scale and int8 codes,
-        llama.cpp's q8_0: 53 % of f16's bytes, so generation slows less with
-        depth; needs a head_dim that is a multiple of 32) or "f32"
-        (transformers' attention). With head="bf16" and
-        kv_cache="f32" the logits are transformers' own (README, "Precision").
+        `kv_cache` the KV cache's: "auto" (default: "q8_0" where the model's
+        head_dim is a multiple of 32, else "f16"), "q8_0" (blocks of 32 values
+        as an f16 scale and int8 codes, llama.cpp's q8_0: 53 % of f16's bytes,
+        so generation slows less with depth), "f16" (half the bytes of f32) or
+        "f32" (transformers' attention); the `kv_cache` property says which
+        it is. With head="bf16" and kv_cache="f32" the logits are
+        transformers' own (README, "Precision").
         `packing` stores the ternary weights at "i2" (default: 2 bits per
         weight), "tq1" (1.625 bits: fewer bytes per generated token, more
         decoding work) or "tl" (1.6 bits, read by table lookups on AVX-512
@@ -414,6 +415,11 @@ class Generator:
     def free_slots(self) -> int:
         with self._lock:
             return self._engine.free_slots
+
+    @property
+    def kv_cache(self) -> str:
+        """What the KV caches hold: "q8_0", "f16" or "f32" ("auto" resolved)."""
+        return self._engine.kv_cache
 
     @property
     def slot_cache_bytes(self) -> int:

@@ -65,7 +65,7 @@ class EngineOptions:
     """Worker threads, and the CPUs Ray reserves for them."""
     n_ctx: int | None = None
     head: str = "int8"
-    kv_cache: str = "f16"
+    kv_cache: str = "auto"
     packing: str = "i2"
 
     def load(self, slots: int) -> Generator:

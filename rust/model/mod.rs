@@ -13,7 +13,7 @@ pub mod scoring;
 pub mod session;
 pub mod weights;
 
-pub use cache::KvType;
+pub use cache::{KvType, AUTO as KV_AUTO};
 pub use config::{Activation, Config, Family, LinearClass, QuantizationMode};
 pub use engine::{Engine, Work};
 pub use open::open;

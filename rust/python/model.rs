@@ -456,16 +456,16 @@ pub(super) struct PySession {
 #[pymethods]
 impl PySession {
     #[new]
-    #[pyo3(signature = (model, *, n_ctx=None, threads=None, kv_cache="f16".to_string()))]
+    #[pyo3(signature = (model, *, n_ctx=None, threads=None, kv_cache=model::KV_AUTO.to_string()))]
     // The default as Python sees it (PyO3 writes a computed default as `...`).
-    #[pyo3(text_signature = "(model, *, n_ctx=None, threads=None, kv_cache='f16')")]
+    #[pyo3(text_signature = "(model, *, n_ctx=None, threads=None, kv_cache='auto')")]
     fn new(
         model: &PyModel,
         #[pyo3(from_py_with = args::n_ctx)] n_ctx: Option<usize>,
         #[pyo3(from_py_with = args::threads)] threads: Option<usize>,
         #[pyo3(from_py_with = args::kv_cache)] kv_cache: String,
     ) -> PyResult<Self> {
-        let kv = model::KvType::parse(&kv_cache).py()?;
+        let kv = model::KvType::for_head_dim(&kv_cache, model.inner.config.head_dim).py()?;
         let session = model::Session::new(model.inner.clone(), n_ctx, threads, kv).py()?;
         Ok(PySession {
             n_ctx: session.n_ctx(),
@@ -481,7 +481,8 @@ impl PySession {
         self.n_ctx
     }
 
-    /// What the KV cache stores keys and values as: "f16", "f32" or "q8_0".
+    /// What the KV cache stores keys and values as: "f16", "f32" or "q8_0"
+    /// ("auto" resolved for the model).
     #[getter]
     fn kv_cache(&self) -> &'static str {
         self.kv.name()
@@ -604,9 +605,9 @@ pub(super) struct PyEngine {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (model, *, slots=1, n_ctx=None, threads=None, kv_cache="f16".to_string()))]
+    #[pyo3(signature = (model, *, slots=1, n_ctx=None, threads=None, kv_cache=model::KV_AUTO.to_string()))]
     // The default as Python sees it (PyO3 writes a computed default as `...`).
-    #[pyo3(text_signature = "(model, *, slots=1, n_ctx=None, threads=None, kv_cache='f16')")]
+    #[pyo3(text_signature = "(model, *, slots=1, n_ctx=None, threads=None, kv_cache='auto')")]
     fn new(
         model: &PyModel,
         #[pyo3(from_py_with = args::slots)] slots: usize,
@@ -614,7 +615,7 @@ impl PyEngine {
         #[pyo3(from_py_with = args::threads)] threads: Option<usize>,
         #[pyo3(from_py_with = args::kv_cache)] kv_cache: String,
     ) -> PyResult<Self> {
-        let kv = model::KvType::parse(&kv_cache).py()?;
+        let kv = model::KvType::for_head_dim(&kv_cache, model.inner.config.head_dim).py()?;
         let kernel = crate::kernels::Kernel::active().py()?;
         let engine =
             model::Engine::new(model.inner.clone(), slots, n_ctx, threads, kv, kernel).py()?;
@@ -633,7 +634,8 @@ impl PyEngine {
         self.n_ctx
     }
 
-    /// What the KV caches store keys and values as: "f16", "f32" or "q8_0".
+    /// What the KV caches store keys and values as: "f16", "f32" or "q8_0"
+    /// ("auto" resolved for the model).
     #[getter]
     fn kv_cache(&self) -> &'static str {
         self.kv.name()
