@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from functools import cache
 from types import GeneratorType
+from typing import Any
 
 import pytest
 from conftest import FIXTURES
 
 from trit import Generator, InvalidInputError, SamplingOptions
+from trit._core import Sampler
+from trit.generator import Batch, Generation
 
 MODEL = FIXTURES / "tiny-gqa-packed"
 PROMPTS = [
@@ -137,3 +140,70 @@ def test_every_family_batches_as_it_runs_alone(name: str) -> None:
     single = Generator.from_pretrained(folder, threads=2)
     prompts = PROMPTS[:3]
     assert batched.generate_batch(prompts, 10) == [single.generate(p, 10) for p in prompts]
+
+
+def test_a_batch_samples_every_sequence_in_one_call_as_one_by_one() -> None:
+    """`Engine.sample_many` draws on the engine's threads what `sample` draws
+    pair after pair: greedy and seeded samplers, the same slot twice."""
+    g = Generator.from_pretrained(MODEL, threads=2, slots=3)
+    engine = g._engine
+    slots = [engine.acquire([]) for _ in range(3)]
+    engine.step([(s, g.encode(p), True) for s, p in zip(slots, PROMPTS)])
+    options: list[dict[str, Any]] = [
+        {},
+        {"temperature": 0.9, "top_p": 0.9},
+        {"temperature": 1.2, "top_k": 8, "repetition_penalty": 1.3},
+    ]
+
+    def samplers(seed: int) -> list[Sampler]:
+        return [
+            SamplingOptions(**options[o], seed=seed + i).sampler()
+            for i, (_, o) in enumerate(requests)
+        ]
+
+    requests = [(slots[i % 3], i % 3) for i in range(4)]  # slot 0 twice
+    for seed in range(5):
+        together, apart = samplers(seed), samplers(seed)
+        for _ in range(3):
+            got = engine.sample_many([(s, smp) for (s, _), smp in zip(requests, together)])
+            assert got == [engine.sample(s, smp) for (s, _), smp in zip(requests, apart)]
+
+
+class _SamplingFailsIn:
+    """An engine whose sampling fails in one slot, as NaN logits would."""
+
+    def __init__(self, engine: object, slot: int) -> None:
+        self._engine, self._slot = engine, slot
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def sample_many(self, requests: list[tuple[int, object]]) -> list[int]:
+        if any(s == self._slot for s, _ in requests):
+            raise InvalidInputError("every logit is NaN")
+        return self._engine.sample_many(requests)  # type: ignore[attr-defined]
+
+    def sample(self, slot: int, sampler: object) -> int:
+        if slot == self._slot:
+            raise InvalidInputError("every logit is NaN")
+        return self._engine.sample(slot, sampler)  # type: ignore[attr-defined]
+
+
+def test_a_sequence_whose_sampling_fails_ends_alone_with_the_error() -> None:
+    g = Generator.from_pretrained(MODEL, threads=1, slots=2)
+    want = alone(PROMPTS[0], 6)
+    batch = Batch(g)
+    seqs = [
+        Generation(i, g.encode(p), SamplingOptions().sampler(), 6, [])
+        for i, p in enumerate(PROMPTS[:2])
+    ]
+    for seq in seqs:
+        batch.add(seq)
+    g._engine = _SamplingFailsIn(g._engine, seqs[1].slot)  # type: ignore[assignment]
+    text = {0: "", 1: ""}
+    while len(batch):
+        for seq, piece, _ in batch.step():
+            text[seq.index] += piece
+    assert seqs[1].stats is not None and seqs[1].stats.finish_reason == "error"
+    assert isinstance(seqs[1].error, InvalidInputError)
+    assert seqs[0].error is None and text[0] == want

@@ -253,6 +253,23 @@ def test_sampling_values_name_the_argument(field: str, value: Any, expected: str
         (lambda s: Engine(s_model()).step([(2**64, [1], True)]), "slot must be an integer from 0"),
         (lambda s: Engine(s_model()).release(-1), "slot must be an integer from 0"),
         (lambda s: Engine(s_model()).step("abc"), r"work\[0\] must be"),  # type: ignore[arg-type]
+        (lambda s: Engine(s_model()).sample_many(3), "requests must be a list of"),  # type: ignore[arg-type]
+        (
+            lambda s: Engine(s_model()).sample_many([(0, "greedy")]),  # type: ignore[list-item]
+            r"requests\[0\]'s sampler must be a trit._core.Sampler, got str",
+        ),
+        (
+            lambda s: Engine(s_model()).sample_many([(-1, Sampler())]),
+            "slot must be an integer from 0",
+        ),
+        (lambda s: Engine(s_model()).sample_many([(0, Sampler())]), "slot 0 has no logits"),
+        (lambda s: Engine(s_model()).sample_many([(7, Sampler())]), "slot 7 does not exist"),
+        (
+            lambda s: (lambda g: Engine(s_model(), slots=2).sample_many([(0, g), (1, g)]))(
+                Sampler()
+            ),
+            r"requests\[0\] and requests\[1\] share one Sampler",
+        ),
     ],
 )
 def test_engine_arguments_name_themselves(call: Any, expected: str) -> None:

@@ -227,22 +227,43 @@ class Batch:
                 events.append((seq, self._finish(seq, "error"), True))
             return events
         now = time.perf_counter()
-        for seq in ready:
+        for seq, token in zip(ready, self._sample(ready)):
+            if isinstance(token, Exception):
+                seq.error = token
+                events.append((seq, self._finish(seq, "error"), True))
+                continue
             if seq.decoding:
                 seq.passes += 1
             else:
                 seq.t1 = now
                 seq.decoding = True
-            piece, ended = self._advance(seq)
+            piece, ended = self._advance(seq, token)
             if piece or ended:
                 events.append((seq, piece, ended))
         return events
 
-    def _advance(self, seq: Generation) -> tuple[str, bool]:
-        """Samples `seq`'s next token and handles it: (text to emit, ended)."""
+    def _sample(self, ready: list[Generation]) -> list[int | Exception]:
+        """The next token of each sequence in `ready`, in one call that samples
+        them on the engine's threads; if that fails, one by one, so that only
+        the sequence whose sampling fails gets the error."""
         g = self._g
         with g._lock:
-            token = g._engine.sample(seq.slot, seq.sampler)
+            try:
+                return list(g._engine.sample_many([(seq.slot, seq.sampler) for seq in ready]))
+            except Exception:
+                pass
+            tokens: list[int | Exception] = []
+            for seq in ready:
+                try:
+                    tokens.append(g._engine.sample(seq.slot, seq.sampler))
+                except Exception as exc:
+                    tokens.append(exc)
+            return tokens
+
+    def _advance(self, seq: Generation, token: int) -> tuple[str, bool]:
+        """Handles `seq`'s next token, just sampled: (text to emit, ended)."""
+        g = self._g
+        with g._lock:
             wants = seq.on_token is not None and _wants_logits(seq.on_token)
             logits = g._engine.last_logits(seq.slot) if wants else _NO_LOGITS
             n_tokens = g._engine.n_tokens(seq.slot)

@@ -28,6 +28,7 @@ use crate::kernels::{
     matmul_glu_into, matmul_into, matmul_many_into, Kernel, QuantizedActivations,
 };
 use crate::memory::{try_filled, try_reserve_total};
+use crate::sampling::Sampler;
 use crate::threads;
 
 /// Most tokens of a prompt processed in one batch: bounds the scratch memory
@@ -268,6 +269,39 @@ impl Engine {
     pub fn last_logits(&self, slot: usize) -> Result<Option<&[f32]>> {
         let s = self.slot(slot)?;
         Ok(s.has_logits.then_some(&s.last_logits[..]))
+    }
+
+    /// The next token of each `(slot, sampler)` pair, drawn from the slot's
+    /// last logits (its tokens as the history a repetition penalty reads),
+    /// the pairs spread over the engine's threads. Each sampler keeps its own
+    /// random state and buffers, so every token is what `sampler.sample`
+    /// called pair after pair would give; a slot may appear more than once.
+    /// Sampling a 128k vocabulary takes ~0.5-1 ms (temperature, top-p), so a
+    /// step of many sequences would otherwise wait on them one by one.
+    pub fn sample_many(&self, requests: &mut [(usize, &mut Sampler)]) -> Result<Vec<u32>> {
+        let mut inputs = Vec::new(); // [requests] (logits, history)
+        inputs.try_reserve_exact(requests.len()).map_err(|_| {
+            TritError::invalid(format!(
+                "{} sampling requests do not fit in memory",
+                requests.len()
+            ))
+        })?;
+        for &mut (slot, _) in requests.iter_mut() {
+            let logits = self.last_logits(slot)?.ok_or_else(|| {
+                TritError::invalid(format!(
+                    "nothing to sample from: slot {slot} has no logits (run its tokens first)"
+                ))
+            })?;
+            inputs.push((logits, self.tokens(slot)?));
+        }
+        let kernel = self.kernel;
+        self.pool.install(|| {
+            requests
+                .par_iter_mut()
+                .zip(inputs)
+                .map(|((_, sampler), (logits, history))| sampler.sample(kernel, logits, history))
+                .collect()
+        })
     }
 
     /// Forgets `slot`'s cached tokens.

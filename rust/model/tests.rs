@@ -1012,3 +1012,80 @@ fn a_q8_0_prefix_another_slot_computed_gives_a_fresh_sequence_s_logits() {
         fresh.last_logits().unwrap()
     );
 }
+
+#[test]
+fn sampling_many_slots_at_once_draws_what_one_after_another_draws() {
+    use crate::sampling::{Sampler, SamplingParams};
+    let m = model(&tiny());
+    let kernel = Kernel::active().unwrap();
+    let mut e = Engine::new(m, 3, None, Some(2), KvType::F32, kernel).unwrap();
+    let slots: Vec<usize> = (0..3).map(|_| e.acquire(&[]).unwrap()).collect();
+    let prompts: [&[u32]; 3] = [&[1, 2, 3], &[4, 5, 6, 7], &[8, 9]];
+    let work: Vec<Work<'_>> = slots
+        .iter()
+        .zip(prompts)
+        .map(|(&slot, ids)| Work {
+            slot,
+            ids,
+            logits: true,
+        })
+        .collect();
+    e.step(&work).unwrap();
+    let params = [
+        SamplingParams::default(),
+        SamplingParams {
+            temperature: 0.9,
+            top_p: 0.8,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 1.3,
+            top_k: 5,
+            repetition_penalty: 1.2,
+            ..SamplingParams::default()
+        },
+    ];
+    // Slot 1 twice, with two samplers: each draws from its own state.
+    let requests = [(slots[0], 0), (slots[1], 1), (slots[2], 2), (slots[1], 2)];
+    let samplers = |seed: u64| -> Vec<Sampler> {
+        requests
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, p))| Sampler::new(params[p], seed + i as u64).unwrap())
+            .collect()
+    };
+    for seed in 0..20 {
+        let (mut together, mut apart) = (samplers(seed), samplers(seed));
+        for _ in 0..3 {
+            let mut pairs: Vec<(usize, &mut Sampler)> = requests
+                .iter()
+                .zip(together.iter_mut())
+                .map(|(&(slot, _), s)| (slot, s))
+                .collect();
+            let got = e.sample_many(&mut pairs).unwrap();
+            let want: Vec<u32> = requests
+                .iter()
+                .zip(apart.iter_mut())
+                .map(|(&(slot, _), s)| {
+                    let logits = e.last_logits(slot).unwrap().unwrap();
+                    s.sample(kernel, logits, e.tokens(slot).unwrap()).unwrap()
+                })
+                .collect();
+            assert_eq!(got, want, "seed {seed}");
+        }
+    }
+    // A slot with nothing to sample from, or none at all, is named.
+    let idle = Engine::new(e.model().clone(), 2, None, Some(1), KvType::F32, kernel).unwrap();
+    let mut s = Sampler::new(SamplingParams::default(), 0).unwrap();
+    let err = idle
+        .sample_many(&mut [(1, &mut s)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("slot 1 has no logits"), "{err}");
+    let err = idle
+        .sample_many(&mut [(5, &mut s)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("slot 5 does not exist"), "{err}");
+    assert!(idle.sample_many(&mut []).unwrap().is_empty());
+}

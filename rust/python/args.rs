@@ -9,6 +9,7 @@ use pyo3::exceptions::PyOverflowError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyString};
 
+use super::model::PySampler;
 use super::{invalid, type_name};
 use crate::kernels::Packing;
 
@@ -218,6 +219,33 @@ pub(super) fn work(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(usize, Vec<u32>, boo
             ))
         })
         .collect()
+}
+
+/// `Engine.sample_many`'s requests: (slot, sampler) pairs, each sampler its
+/// own object (one sampler cannot draw for two sequences at once).
+pub(super) fn sample_requests<'py>(
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<Vec<(usize, Bound<'py, PySampler>)>> {
+    let mut out: Vec<(usize, Bound<'py, PySampler>)> = Vec::new();
+    for (i, f) in records(obj, "requests", 2, "(slot, Sampler) pairs")?
+        .into_iter()
+        .enumerate()
+    {
+        let slot = int(&f[0], "slot")?;
+        let sampler = f[1].cast::<PySampler>().map_err(|_| {
+            invalid(format!(
+                "requests[{i}]'s sampler must be a trit._core.Sampler, got {}",
+                type_name(&f[1])
+            ))
+        })?;
+        if let Some(j) = out.iter().position(|(_, s)| s.is(sampler)) {
+            return Err(invalid(format!(
+                "requests[{j}] and requests[{i}] share one Sampler: each sequence needs its own"
+            )));
+        }
+        out.push((slot, sampler.clone()));
+    }
+    Ok(out)
 }
 
 /// The `packing` of a model or matrix: "i2" or "tq1" (`Packing::parse`).

@@ -789,6 +789,26 @@ impl PyEngine {
         py.detach(|| sampler.sample(kernel, logits, tokens)).py()
     }
 
+    /// The next token of each (slot, sampler) pair, sampled on the engine's
+    /// threads: the same tokens as `sample` called pair after pair.
+    fn sample_many(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::sample_requests)] requests: Vec<(usize, Bound<'_, PySampler>)>,
+    ) -> PyResult<Vec<u32>> {
+        let e = self.inner.get()?;
+        let mut guards = requests
+            .iter()
+            .map(|(_, s)| s.get().inner.get())
+            .collect::<PyResult<Vec<_>>>()?;
+        let mut pairs: Vec<(usize, &mut Sampler)> = requests
+            .iter()
+            .zip(guards.iter_mut())
+            .map(|((slot, _), guard)| (*slot, &mut **guard))
+            .collect();
+        py.detach(|| e.sample_many(&mut pairs)).py()
+    }
+
     /// Forgets a slot's cached tokens.
     fn reset(&self, #[pyo3(from_py_with = args::slot)] slot: usize) -> PyResult<()> {
         self.inner.get()?.reset(slot).py()
