@@ -316,40 +316,46 @@ pub fn argmax(x: &[f32]) -> u32 {
 /// Running maxima of `argmax`: one AVX-512 vector, two AVX2 ones.
 const ARGMAX_LANES: usize = 16;
 
-/// Candidates `top_p_filter` sorts first: those of the largest logits, which
-/// hold the kept mass whenever the rest holds at most 1 - top_p.
-const TOP_P_FIRST_SORTED: usize = 512;
+/// How far below the largest score `top_p_filter` first looks (e^-8: a
+/// candidate there is 1/2981 as likely as the top one); doubled each time the
+/// rest would keep some of its mass.
+const TOP_P_FIRST_WIDTH: f32 = 8.0;
 
 /// top-p as transformers: in ascending order of logit, drop candidates while
 /// the cumulative probability is <= 1 - top_p; the top one always stays.
 /// `cands` is left in that order. Sorting a whole vocabulary (~128k) took ms
-/// a token, and top-p keeps a few: only the `m` largest are sorted (a
-/// selection puts them last), the rest summed as the start of the
-/// cumulative, whose every prefix is then at most 1 - top_p too, so all of
-/// it goes; if the rest holds more, `m` grows (to all of them at worst). The
-/// cumulative is kept in f64: over a flat vocabulary an f32 one drifts by
-/// thousands of candidates' worth, and the order it is summed in must not
-/// matter.
+/// a token, and top-p keeps a few: only the candidates scoring within a
+/// width of the largest are sorted (a partition puts them last), the rest
+/// summed as the start of the cumulative, whose every prefix is then at
+/// most 1 - top_p too, so all of it goes; if the rest holds more, the width
+/// doubles (to every candidate at worst). The cumulative is kept in f64:
+/// over a flat vocabulary an f32 one drifts by thousands of candidates'
+/// worth, and the order it is summed in must not matter.
 fn top_p_filter(kernel: Kernel, cands: &mut Vec<(f32, u32)>, probs: &mut Vec<f32>, top_p: f32) {
     let ascending = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1));
     let n = cands.len();
-    let mut m = TOP_P_FIRST_SORTED;
+    // Scores are finite or -inf here (`sample` made them so).
+    let max = cands.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.0));
+    let mut width = TOP_P_FIRST_WIDTH;
     loop {
-        let rest = if m >= n {
+        let threshold = max - width;
+        let rest = if !threshold.is_finite() {
             cands.sort_unstable_by(ascending);
             0
         } else {
-            cands.select_nth_unstable_by(n - m, ascending);
-            cands[n - m..].sort_unstable_by(ascending);
-            n - m
+            // Those at or below the threshold first, in any order; every
+            // one after them scores more, so they end the ascending order.
+            let rest = partition_at_most(cands, threshold);
+            cands[rest..].sort_unstable_by(ascending);
+            rest
         };
         softmax_of(kernel, cands, probs);
         let limit = f64::from(1.0 - top_p);
         let rest_mass = sum_f64(&probs[..rest]);
         // (A NaN mass, from logits all -inf, goes the whole way, as before.)
         if rest > 0 && (rest_mass > limit || rest_mass.is_nan()) {
-            // Some of the rest would stay: sort more of them.
-            m = m.saturating_mul(8);
+            // Some of the rest would stay: look further down.
+            width *= 2.0;
             continue;
         }
         let mut cum = rest_mass;
@@ -365,6 +371,19 @@ fn top_p_filter(kernel: Kernel, cands: &mut Vec<(f32, u32)>, probs: &mut Vec<f32
         cands.drain(..drop);
         return;
     }
+}
+
+/// Moves the candidates scoring at most `threshold` to the front (in any
+/// order); returns how many there are.
+fn partition_at_most(cands: &mut [(f32, u32)], threshold: f32) -> usize {
+    let mut front = 0;
+    for i in 0..cands.len() {
+        if cands[i].0 <= threshold {
+            cands.swap(front, i);
+            front += 1;
+        }
+    }
+    front
 }
 
 /// Softmax of the candidates' logits, in their order, into `probs`: the
