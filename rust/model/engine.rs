@@ -295,6 +295,11 @@ impl Engine {
             inputs.push((logits, self.tokens(slot)?));
         }
         let kernel = self.kernel;
+        if let [(_, sampler)] = requests {
+            // One sequence: on this thread (a call into the pool costs tens of µs).
+            let (logits, history) = inputs[0];
+            return Ok(vec![sampler.sample(kernel, logits, history)?]);
+        }
         self.pool.install(|| {
             requests
                 .par_iter_mut()

@@ -1074,6 +1074,14 @@ fn sampling_many_slots_at_once_draws_what_one_after_another_draws() {
             assert_eq!(got, want, "seed {seed}");
         }
     }
+    // One pair alone, sampled on the calling thread.
+    let (mut one, mut other) = (samplers(5), samplers(5));
+    for _ in 0..5 {
+        let got = e.sample_many(&mut [(slots[2], &mut one[2])]).unwrap();
+        let logits = e.last_logits(slots[2]).unwrap().unwrap();
+        let want = other[2].sample(kernel, logits, e.tokens(slots[2]).unwrap());
+        assert_eq!(got, vec![want.unwrap()]);
+    }
     // A slot with nothing to sample from, or none at all, is named.
     let idle = Engine::new(e.model().clone(), 2, None, Some(1), KvType::F32, kernel).unwrap();
     let mut s = Sampler::new(SamplingParams::default(), 0).unwrap();
