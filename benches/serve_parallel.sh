@@ -7,6 +7,7 @@
 #
 #   benches/serve_parallel.sh
 #   THREADS=2 CLIENTS=8 REQUESTS=16 N=32 MODES="1 8" benches/serve_parallel.sh
+#   SERVE_ARGS="--kv-cache f16" benches/serve_parallel.sh   # more `trit serve` flags
 #
 # The machine should be quiet; the synthetic checkpoint is written once (~1 GB).
 set -euo pipefail
@@ -18,6 +19,7 @@ REQUESTS=${REQUESTS:-16}
 N=${N:-32}
 MODES=${MODES:-1 8}
 PORT=${PORT:-8766}
+read -r -a serve_args <<<"${SERVE_ARGS:-}"
 folder=$(mktemp -d)
 log=$(mktemp)
 server=
@@ -30,7 +32,7 @@ python benches/synthetic_serving_folder.py "$folder" >/dev/null
 
 for parallel in $MODES; do
     printf '\n== --parallel %s, %s thread(s)\n' "$parallel" "$THREADS"
-    trit serve -m "$folder" -t "$THREADS" --parallel "$parallel" --port "$PORT" \
+    trit serve -m "$folder" -t "$THREADS" --parallel "$parallel" --port "$PORT" "${serve_args[@]}" \
         --max-concurrency "$CLIENTS" --log-level warning >"$log" 2>&1 &
     server=$!
     until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do

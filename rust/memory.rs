@@ -21,6 +21,27 @@ pub fn advise_huge_pages<T>(buf: &[T]) {
     let _ = buf;
 }
 
+/// Asks Linux to keep `buf` in 4 KiB pages even where transparent huge pages
+/// are on for every mapping (`always`): `ZeroedPages` says why.
+fn advise_small_pages<T>(buf: &[T]) {
+    #[cfg(target_os = "linux")]
+    if !buf.is_empty() {
+        // A refused advice leaves the system's choice: nothing to handle.
+        // SAFETY: `buf` is a whole mapping (page-aligned, its length);
+        // MADV_NOHUGEPAGE changes how its pages are backed, never their
+        // contents.
+        unsafe {
+            libc::madvise(
+                buf.as_ptr() as *mut libc::c_void,
+                std::mem::size_of_val(buf),
+                libc::MADV_NOHUGEPAGE,
+            )
+        };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
 // ---------------------------------------------------------------- fallible allocation
 //
 // Every buffer whose size comes from input (a config, a tensor's shape, an
@@ -102,12 +123,15 @@ pub fn try_zeroed<T: ZeroBits>(len: usize, what: &str) -> Result<Vec<T>> {
 
 /// A buffer of zero values in a mapping of its own, for the large buffers
 /// that fill slowly (the KV cache, whose positions fill as a sequence grows):
-/// the system hands out its pages only when they are first written, in 2 MiB
-/// pages where it allows them (`advise_huge_pages`, asked before any page is
-/// touched). `try_zeroed` gives untouched pages only to types of at most 16
-/// bytes' alignment (the allocator's `calloc`); past that the allocator
-/// writes the zeros itself, every page at once, in 4 KiB pages. The mapping
-/// starts on a page, so any alignment up to 4 KiB holds.
+/// the system hands out its 4 KiB pages only when they are first written.
+/// Never in 2 MiB pages (advised so before any page is touched, even where
+/// huge pages are on for everything): a KV cache holds each head's
+/// positions one after another, heads a MiB or more apart, so a sequence's
+/// first token would touch, and take, a huge page per head and layer, the
+/// whole cache at once (docs/batching.md, "Memory"). `try_zeroed` gives untouched pages only to
+/// types of at most 16 bytes' alignment (the allocator's `calloc`); past
+/// that the allocator writes the zeros itself, every page at once. The
+/// mapping starts on a page, so any alignment up to 4 KiB holds.
 pub struct ZeroedPages<T: ZeroBits> {
     map: memmap2::MmapMut, // [len * size_of::<T>()] bytes (1 when len is 0)
     len: usize,
@@ -126,7 +150,7 @@ impl<T: ZeroBits> ZeroedPages<T> {
             .len(bytes.max(1))
             .map_anon()
             .map_err(|_| TritError::out_of_memory(what, bytes))?;
-        advise_huge_pages(&map[..]);
+        advise_small_pages(&map[..]);
         Ok(ZeroedPages {
             map,
             len,
@@ -175,6 +199,14 @@ impl<T: ZeroBits> std::fmt::Debug for ZeroedPages<T> {
     }
 }
 
+/// This process's resident memory in bytes (/proc/self/statm), for tests.
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) fn resident_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,14 +238,6 @@ mod tests {
         pages[4] = 2.0;
         assert_eq!(&pages.clone()[..], [0.0, 0.0, 0.0, 0.0, 2.0]);
         assert!(ZeroedPages::<u8>::new(0, "z").unwrap().is_empty());
-    }
-
-    /// Resident memory of this process, from /proc/self/statm.
-    #[cfg(target_os = "linux")]
-    fn resident_bytes() -> usize {
-        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-        let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-        pages * 4096
     }
 
     /// The point of `ZeroedPages`: a large buffer of an over-aligned type

@@ -147,10 +147,8 @@ impl Store {
             .n_ctx
             .checked_mul(shape.hd)
             .ok_or_else(|| TritError::invalid(format!("{what}: its size overflows")))?;
-        // Untouched zero pages: memory is only used as positions fill, in
-        // 2 MiB pages where the system allows them. Attention reads a head's
-        // positions in one sweep per token; in 4 KiB pages every 4 KiB of it
-        // is a TLB miss.
+        // Untouched zero pages: memory is only used as positions fill
+        // (`ZeroedPages` says why not in 2 MiB pages).
         let store = match kind {
             KvType::F32 => Store::F32(ZeroedPages::new(len(values)?, what)?),
             KvType::F16 => Store::F16(ZeroedPages::new(len(values)?, what)?),
@@ -616,6 +614,37 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// A sequence's first token takes a page per head and layer, not the
+    /// cache: with 2 MiB pages it took 2 MiB per head and layer, the whole
+    /// cache of a model whose heads hold a MiB or more of positions.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_first_position_takes_pages_not_the_whole_cache() {
+        const MB: usize = 1 << 20;
+        // 2 layers, 64 heads of 32 values, 2^18 positions: 4 stores of 1 GiB
+        // (f16) or 544 MiB (q8_0), each head's positions 16 MiB (8.5) long.
+        for kind in [KvType::F16, KvType::Q8_0] {
+            let before = crate::memory::resident_bytes();
+            let mut c = KvCache::new(2, 64, 1 << 18, 32, kind, Kernel::Scalar).unwrap();
+            let x = [0.5f32; 32];
+            for layer in 0..2 {
+                for head in 0..64 {
+                    c.write(layer, head, 0, &x, &x);
+                }
+            }
+            let after = crate::memory::resident_bytes();
+            // 256 pages of 4 KiB written: 1 MiB; in 2 MiB pages it was 512 MiB.
+            // Other tests run alongside: allow them some growth.
+            assert!(
+                after < before + 96 * MB,
+                "{kind:?}: {} MiB -> {} MiB",
+                before / MB,
+                after / MB
+            );
+            assert_eq!(c.keys(1, 63, 1).kind(), kind);
         }
     }
 
