@@ -126,12 +126,13 @@ pub fn try_zeroed<T: ZeroBits>(len: usize, what: &str) -> Result<Vec<T>> {
 /// the system hands out its 4 KiB pages only when they are first written.
 /// Never in 2 MiB pages (advised so before any page is touched, even where
 /// huge pages are on for everything): a KV cache holds each head's
-/// positions one after another, heads a MiB or more apart, so a sequence's
-/// first token would touch, and take, a huge page per head and layer, the
-/// whole cache at once (docs/batching.md, "Memory"). `try_zeroed` gives untouched pages only to
-/// types of at most 16 bytes' alignment (the allocator's `calloc`); past
-/// that the allocator writes the zeros itself, every page at once. The
-/// mapping starts on a page, so any alignment up to 4 KiB holds.
+/// positions one after another, heads a MiB or less apart, so a 2 MiB page
+/// spans several heads and a sequence's first token would take the whole
+/// cache at once (docs/performance.md, "Generation at depth"). `try_zeroed`
+/// gives untouched pages only to types of at most 16 bytes' alignment (the
+/// allocator's `calloc`); past that the allocator writes the zeros itself,
+/// every page at once. The mapping starts on a page, so any alignment up to
+/// 4 KiB holds.
 pub struct ZeroedPages<T: ZeroBits> {
     map: memmap2::MmapMut, // [len * size_of::<T>()] bytes (1 when len is 0)
     len: usize,

@@ -172,10 +172,7 @@ impl Sampler {
             for l in work.iter_mut() {
                 *l /= p.temperature;
             }
-            let sum = softmax_in_place(kernel, work).sum;
-            for v in work.iter_mut() {
-                *v /= sum;
-            }
+            normalized_softmax(kernel, work);
             return Ok(draw(&mut self.rng, work).unwrap_or(0) as u32);
         }
         let cands = &mut self.candidates;
@@ -394,8 +391,13 @@ fn partition_at_most(cands: &mut [(f32, u32)], threshold: f32) -> usize {
 fn softmax_of(kernel: Kernel, cands: &[(f32, u32)], probs: &mut Vec<f32>) {
     probs.clear();
     probs.extend(cands.iter().map(|c| c.0));
-    let sum = softmax_in_place(kernel, probs).sum;
-    for v in probs.iter_mut() {
+    normalized_softmax(kernel, probs);
+}
+
+/// x becomes its softmax in place, on `kernel`'s path.
+fn normalized_softmax(kernel: Kernel, x: &mut [f32]) {
+    let sum = softmax_in_place(kernel, x).sum;
+    for v in x.iter_mut() {
         *v /= sum;
     }
 }

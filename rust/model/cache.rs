@@ -618,8 +618,8 @@ mod tests {
     }
 
     /// A sequence's first token takes a page per head and layer, not the
-    /// cache: with 2 MiB pages it took 2 MiB per head and layer, the whole
-    /// cache of a model whose heads hold a MiB or more of positions.
+    /// cache: with 2 MiB pages it took 2 MiB per head and layer (here), and
+    /// the whole cache where a head's positions fill a MiB or less.
     #[cfg(target_os = "linux")]
     #[test]
     fn a_first_position_takes_pages_not_the_whole_cache() {

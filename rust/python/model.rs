@@ -777,16 +777,10 @@ impl PyEngine {
         sampler: &PySampler,
     ) -> PyResult<u32> {
         let e = self.inner.get()?;
-        let logits = e.last_logits(slot).py()?.ok_or_else(|| {
-            invalid(format!(
-                "nothing to sample from: slot {slot} has no logits (run its tokens first)"
-            ))
-        })?;
-        let tokens = e.tokens(slot).py()?;
         let mut sampler = sampler.inner.get()?;
-        let sampler = &mut *sampler;
-        let kernel = e.kernel();
-        py.detach(|| sampler.sample(kernel, logits, tokens)).py()
+        let mut pair = [(slot, &mut *sampler)];
+        let tokens = py.detach(|| e.sample_many(&mut pair)).py()?;
+        Ok(tokens[0])
     }
 
     /// The next token of each (slot, sampler) pair, sampled on the engine's
