@@ -50,7 +50,7 @@ def shrunk(shape: synthetic.Shape) -> synthetic.Shape:
 
 def test_names_and_aliases() -> None:
     expected = {"2b4t", "falcon3-1b", "falcon3-3b", "falcon3-7b", "falcon3-10b"}
-    expected |= {"falcon-e-1b", "falcon-e-3b", "bitnet-large", "bitnet-3b", "llama3-8b"}
+    expected |= {"falcon-e-1b", "falcon-e-3b", "bitnet-large", "bitnet-3b", "llama3-8b", "100b"}
     assert set(synthetic.SHAPES) == expected
     assert all(target in synthetic.SHAPES for target in synthetic.ALIASES.values())
     for name, shape in synthetic.SHAPES.items():

@@ -106,6 +106,12 @@ SHAPES = {
         "in bitnet.cpp's kernel shape table); its own config not seen",
         4096, 14336, 32, 32, 8, 128256, False, 8192, family="llama",
     ),
+    "100b": Shape(
+        "bitnet.cpp's utils/generate-dummy-bitnet-model.py, size '100B' (hidden, ffn, layers and "
+        "heads; KV heads as many as heads and vocab 32002, as the bitnet_b1_58-large folder it "
+        "runs on gives), in the 2B4T layout: the dummy's own float masters would be 200 GB",
+        8192, 45568, 72, 64, 64, 32002, True, 2048, family="bitnet",
+    ),
 }
 # fmt: on
 

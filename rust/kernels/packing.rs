@@ -73,6 +73,20 @@ impl Packing {
             })
     }
 
+    /// Bytes a matrix of `n_out` rows of `n_in` weights takes in this
+    /// packing, as its constructors lay it out (None where that overflows).
+    pub fn matrix_bytes(self, n_out: usize, n_in: usize) -> Option<usize> {
+        match self {
+            Packing::I2 | Packing::Tq1 => {
+                let row = blocks_for(n_in).checked_mul(self.block_bytes()?)?;
+                n_out.checked_mul(row)
+            }
+            Packing::Tl => tl_tiles(n_out)
+                .checked_mul(tl_groups(n_in))?
+                .checked_mul(std::mem::size_of::<TlLine>()),
+        }
+    }
+
     /// Bytes of one block of `BLOCK` weights of a row, for the packings
     /// stored row by row (`Tl` interleaves 64 rows: none).
     pub fn block_bytes(self) -> Option<usize> {

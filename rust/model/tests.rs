@@ -142,6 +142,15 @@ fn build_with(
     owned: &Owned,
     head: HeadPrecision,
 ) -> crate::Result<(Model, Vec<String>)> {
+    build_packed(c, owned, head, Packing::I2)
+}
+
+fn build_packed(
+    c: &Config,
+    owned: &Owned,
+    head: HeadPrecision,
+    packing: Packing,
+) -> crate::Result<(Model, Vec<String>)> {
     let mut checkpoint = MemoryCheckpoint::new();
     for (name, (dtype, shape, bytes)) in owned {
         checkpoint
@@ -153,6 +162,7 @@ fn build_with(
         &checkpoint,
         &threads::pool(Some(2)).unwrap(),
         head,
+        packing,
     )
 }
 
@@ -899,10 +909,10 @@ fn smaller_packings_give_the_same_logits() {
 fn same_logits_when_packed(packing: Packing) {
     let c = tiny();
     let i2 = model(&c);
-    let mut small = (*i2).clone();
-    small
-        .repack(packing, &threads::pool(Some(2)).unwrap())
-        .unwrap();
+    // Loaded straight into the packing, layer by layer.
+    let (small, warnings) =
+        build_packed(&c, &checkpoint(&c, 5), HeadPrecision::AsStored, packing).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(small.packing(), packing);
     for (a, b) in i2.layers.iter().zip(&small.layers) {
         for p in Proj::ALL {
@@ -914,6 +924,11 @@ fn same_logits_when_packed(packing: Packing) {
                 _ => a.n_out().div_ceil(64) * a.n_in().div_ceil(5) * 64,
             };
             assert_eq!(b.packed_bytes(), bytes, "{p:?}");
+            assert_eq!(packing.matrix_bytes(a.n_out(), a.n_in()), Some(bytes));
+            assert_eq!(
+                Packing::I2.matrix_bytes(a.n_out(), a.n_in()),
+                Some(a.packed_bytes())
+            );
         }
     }
     let small = Arc::new(small);
@@ -941,6 +956,38 @@ fn same_logits_when_packed(packing: Packing) {
             "{packing:?}"
         );
     }
+}
+
+/// The memory probe counts the projections at their packed size from the
+/// config: a layer count far beyond the file's is refused at once (the
+/// probe multiplies, it never walks the layers), and a checkpoint's own
+/// projection bytes are not counted twice.
+#[test]
+fn the_memory_probe_refuses_a_layer_count_beyond_memory_at_once() {
+    let c = tiny();
+    let owned = checkpoint(&c, 5);
+    let mut huge = c.clone();
+    huge.num_layers = 1 << 40;
+    let start = std::time::Instant::now();
+    let err = build_packed(&huge, &owned, HeadPrecision::AsStored, Packing::Tl).unwrap_err();
+    assert!(matches!(err, crate::TritError::OutOfMemory(_)), "{err}");
+    assert!(start.elapsed().as_secs() < 5);
+    assert!(super::weights::is_projection(
+        &c,
+        "model.layers.1.mlp.down_proj.weight"
+    ));
+    assert!(!super::weights::is_projection(
+        &c,
+        "model.layers.1.mlp.down_proj.weight_scale"
+    ));
+    assert!(!super::weights::is_projection(
+        &c,
+        "model.layers.99.self_attn.q_proj.weight"
+    ));
+    assert!(!super::weights::is_projection(
+        &c,
+        "model.embed_tokens.weight"
+    ));
 }
 
 /// Random weights amplify every rounding (an f16 cache moves these logits by

@@ -162,17 +162,6 @@ impl Model {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Stores every ternary projection in `packing` (`Packing::I2` as
-    /// loaded), layers converted in parallel on `pool`. The kernels compute
-    /// the same integer dots from either packing, so the logits do not change.
-    pub fn repack(&mut self, packing: Packing, pool: &ThreadPool) -> Result<()> {
-        pool.install(|| {
-            self.layers
-                .par_iter_mut()
-                .try_for_each(|layer| layer.repack(packing))
-        })
-    }
-
     /// The packing of the ternary projections (all share one).
     pub fn packing(&self) -> Packing {
         self.layers
@@ -540,33 +529,69 @@ impl HeadPrecision {
     }
 }
 
-/// Asks the allocator once, without touching the memory, for as many bytes
-/// as the checkpoint's tensors hold: the model keeps about that much (up to
-/// twice, for F16 widened to f32). A file can declare far more than the
-/// machine has (a sparse file costs no disk), and its tensors would then be
-/// scanned for hours before an allocation aborted; this makes it an
-/// `OutOfMemory` error before any work.
-fn probe_memory(checkpoint: &dyn Checkpoint) -> Result<()> {
-    let bytes = checkpoint
+/// Asks the allocator once, without touching the memory, for about as many
+/// bytes as the model will keep: the checkpoint's tensors as they are (up to
+/// twice that for F16 widened to f32), except the ternary projections, which
+/// take their size in `packing` whatever they are stored as (2-bit packs,
+/// float masters, GGUF blocks). A file can declare far more than the machine
+/// has (a sparse file costs no disk), and its tensors would then be scanned
+/// for hours before an allocation aborted; this makes it an `OutOfMemory`
+/// error before any work. Counting the projections at their packed size lets
+/// a model whose file is larger than memory load where its 1.6-bit packing
+/// fits (each layer is repacked as it is read).
+fn probe_memory(config: &Config, checkpoint: &dyn Checkpoint, packing: Packing) -> Result<()> {
+    let stored = checkpoint
         .names()
         .into_iter()
+        .filter(|name| !is_projection(config, name))
         .filter_map(|name| checkpoint.tensor(name))
         .fold(0usize, |sum, t| sum.saturating_add(t.data.len()));
+    // Every layer's projections have the same shapes.
+    let packed = Proj::ALL
+        .iter()
+        .try_fold(0usize, |sum, p| {
+            let (n_out, n_in) = p.dims(config);
+            sum.checked_add(packing.matrix_bytes(n_out, n_in)?)
+        })
+        .and_then(|layer| layer.checked_mul(config.num_layers))
+        .unwrap_or(usize::MAX);
     let mut probe: Vec<u8> = Vec::new();
-    try_reserve_total(&mut probe, bytes, "the model's weights")
+    try_reserve_total(
+        &mut probe,
+        stored.saturating_add(packed),
+        "the model's weights",
+    )
 }
 
-/// Builds the model from the tensors of `checkpoint`. Returns it with the
-/// warnings a user should see (all-zero tensors, tensors left unused). Each
-/// tensor is released (`Checkpoint::release`) once converted.
+/// Whether `name` is the weight of one of the config's ternary projections
+/// (`model.layers.{l}.{path}.weight`, l below the layer count).
+pub(super) fn is_projection(config: &Config, name: &str) -> bool {
+    let Some((layer, rest)) = name
+        .strip_prefix("model.layers.")
+        .and_then(|rest| rest.split_once('.'))
+    else {
+        return false;
+    };
+    let Some(path) = rest.strip_suffix(".weight") else {
+        return false;
+    };
+    layer.parse::<usize>().is_ok_and(|l| l < config.num_layers)
+        && Proj::ALL.iter().any(|p| p.path() == path)
+}
+
+/// Builds the model from the tensors of `checkpoint`, its ternary
+/// projections in `packing`. Returns it with the warnings a user should see
+/// (all-zero tensors, tensors left unused). Each tensor is released
+/// (`Checkpoint::release`) once converted.
 pub fn load(
     config: Config,
     checkpoint: &dyn Checkpoint,
     pool: &ThreadPool,
     head: HeadPrecision,
+    packing: Packing,
 ) -> Result<(Model, Vec<String>)> {
     config.validate()?;
-    probe_memory(checkpoint)?;
+    probe_memory(&config, checkpoint, packing)?;
     let ck = Loader {
         checkpoint,
         tensors: Usage::new(checkpoint),
@@ -601,7 +626,7 @@ pub fn load(
                 .transpose()
         };
         let sub_norms = c.family.sub_norms();
-        let layer = Layer {
+        let mut layer = Layer {
             input_norm: ck.vector(&format!("{prefix}.input_layernorm.weight"), hidden)?,
             q: ck.projection(c, l, Proj::Q)?,
             k: ck.projection(c, l, Proj::K)?,
@@ -619,6 +644,9 @@ pub fn load(
             },
         };
         ck.tensors.release_prefix(&format!("{prefix}."));
+        // Now, not after every layer is read: the model is then never held
+        // in two packings at once, only the layers being read.
+        layer.repack(packing)?;
         Ok(layer)
     };
     // Layers unpack independently; the real model has 30 of them.

@@ -10,7 +10,6 @@ use pyo3::prelude::*;
 
 use super::{args, busy, invalid, IntoPyResult, PyTernaryMatrix};
 use crate::checkpoint::MemoryCheckpoint;
-use crate::error::TritError;
 use crate::kernels::Packing;
 use crate::model::dense::DenseMatrix;
 use crate::model::{self, Config, DType, LinearClass, QuantizationMode};
@@ -202,11 +201,7 @@ impl PyModel {
         let pool = threads::pool(threads).py()?;
         let head = model::HeadPrecision::parse(&head).py()?;
         let (m, warnings) = py
-            .detach(|| {
-                let (mut m, warnings) = model::open(&folder, &pool, head)?;
-                m.repack(packing, &pool)?;
-                Ok::<_, TritError>((m, warnings))
-            })
+            .detach(|| model::open(&folder, &pool, head, packing))
             .py()?;
         Ok((PyModel { inner: Arc::new(m) }, warnings))
     }
@@ -240,11 +235,7 @@ impl PyModel {
         }
         let config = config.inner.clone();
         let (m, warnings) = py
-            .detach(|| {
-                let (mut m, warnings) = model::load(config, &checkpoint, &pool, head)?;
-                m.repack(packing, &pool)?;
-                Ok::<_, TritError>((m, warnings))
-            })
+            .detach(|| model::load(config, &checkpoint, &pool, head, packing))
             .py()?;
         Ok((PyModel { inner: Arc::new(m) }, warnings))
     }

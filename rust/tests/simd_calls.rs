@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use trit::checkpoint::MemoryCheckpoint;
 use trit::kernels::counts::{calls, Isa};
-use trit::kernels::Kernel;
+use trit::kernels::{Kernel, Packing};
 use trit::model::{
     load, Config, DType, Family, HeadPrecision, KvType, LinearClass, Proj, QuantizationMode,
     Session,
@@ -105,7 +105,7 @@ fn run_everything(owned: &Owned, kernel: Kernel) {
     let pool = threads::pool(Some(2)).unwrap();
     let ids: Vec<u32> = (0..270u32).map(|i| (i * 37 + 11) % 70).collect();
     for head in HeadPrecision::ALL {
-        let (model, _) = load(c.clone(), &views, &pool, head).unwrap();
+        let (model, _) = load(c.clone(), &views, &pool, head, Packing::I2).unwrap();
         let model = Arc::new(model);
         for kv in KvType::ALL {
             let mut s = Session::with_kernel(model.clone(), None, Some(2), kv, kernel).unwrap();
