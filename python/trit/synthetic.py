@@ -108,8 +108,8 @@ SHAPES = {
     ),
     "100b": Shape(
         "bitnet.cpp's utils/generate-dummy-bitnet-model.py, size '100B' (hidden, ffn, layers and "
-        "heads; KV heads as many as heads and vocab 32002, as the bitnet_b1_58-large folder it "
-        "runs on gives), in the 2B4T layout: the dummy's own float masters would be 200 GB",
+        "heads; KV heads as many as heads and vocab 32002, as that script writes them), in the "
+        "2B4T layout (2-bit packs, 25.5 GB)",
         8192, 45568, 72, 64, 64, 32002, True, 2048, family="bitnet",
     ),
 }

@@ -555,12 +555,13 @@ fn probe_memory(config: &Config, checkpoint: &dyn Checkpoint, packing: Packing) 
         })
         .and_then(|layer| layer.checked_mul(config.num_layers))
         .unwrap_or(usize::MAX);
+    let what = match packing {
+        Packing::I2 => "the model's weights (packing \"i2\"; \"tq1\" or \"tl\" take a fifth less)",
+        Packing::Tq1 => "the model's weights (packing \"tq1\")",
+        Packing::Tl => "the model's weights (packing \"tl\")",
+    };
     let mut probe: Vec<u8> = Vec::new();
-    try_reserve_total(
-        &mut probe,
-        stored.saturating_add(packed),
-        "the model's weights",
-    )
+    try_reserve_total(&mut probe, stored.saturating_add(packed), what)
 }
 
 /// Whether `name` is the weight of one of the config's ternary projections
