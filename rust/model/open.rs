@@ -16,10 +16,10 @@ use crate::kernels::Packing;
 pub const CONFIG_FILE: &str = "config.json";
 
 /// Reads the model at `path`: a model folder, or a GGUF file, its ternary
-/// projections in `packing`. Returns it with
-/// the load warnings (all-zero or unused tensors). Errors name the file at
-/// fault, or the folder (or GGUF file) for a tensor the model needs but the
-/// checkpoint lacks or holds wrongly.
+/// projections in `packing`. Returns it with the load warnings (all-zero or
+/// unused tensors). Errors name the file at fault, or the folder (or GGUF
+/// file) for a tensor the model needs but the checkpoint lacks or holds
+/// wrongly.
 pub fn open(
     path: &Path,
     pool: &ThreadPool,

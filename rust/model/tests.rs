@@ -960,8 +960,8 @@ fn same_logits_when_packed(packing: Packing) {
 
 /// The memory probe counts the projections at their packed size from the
 /// config: a layer count far beyond the file's is refused at once (the
-/// probe multiplies, it never walks the layers), and a checkpoint's own
-/// projection bytes are not counted twice.
+/// probe multiplies, it never walks the layers). Which tensors it counts
+/// that way: the projections' weights of the config's layers only.
 #[test]
 fn the_memory_probe_refuses_a_layer_count_beyond_memory_at_once() {
     let c = tiny();
