@@ -621,22 +621,36 @@ impl TernaryMatrix {
         )?;
         let mut negated = try_filled(self.n_out, 0u32, "a tl-packed ternary matrix")?;
         let mut codes = try_filled(self.k_padded(), 1u8, "a row of codes")?;
+        let whole = self.n_in / TL_GROUP; // groups with no input past n_in
         for n in 0..self.n_out {
             self.row_codes(n, &mut codes);
             let tile = &mut lines[(n / TL_ROWS) * groups..][..groups];
-            for (g, line) in tile.iter_mut().enumerate() {
-                let group: [u8; TL_GROUP] = std::array::from_fn(|i| {
-                    let k = g * TL_GROUP + i;
-                    if k < self.n_in {
-                        codes[k]
-                    } else {
-                        1
-                    }
-                });
+            let lane = n % TL_ROWS;
+            let mut count = 0u32;
+            let mut put = |line: &mut TlLine, group: [u8; TL_GROUP]| {
                 let byte = tl_byte(group);
-                line.0[n % TL_ROWS] = byte;
-                negated[n] += u32::from(byte & TL_NEGATED != 0);
+                line.0[lane] = byte;
+                count += u32::from(byte & TL_NEGATED != 0);
+            };
+            let (full, last) = tile.split_at_mut(whole);
+            for (line, group) in full.iter_mut().zip(codes.chunks_exact(TL_GROUP)) {
+                put(line, [group[0], group[1], group[2], group[3], group[4]]);
             }
+            if let Some(line) = last.first_mut() {
+                // Past n_in: zero weights (code 1).
+                put(
+                    line,
+                    std::array::from_fn(|i| {
+                        let k = whole * TL_GROUP + i;
+                        if k < self.n_in {
+                            codes[k]
+                        } else {
+                            1
+                        }
+                    }),
+                );
+            }
+            negated[n] = count;
         }
         Ok(Blocks::Tl { lines, negated })
     }
@@ -720,7 +734,15 @@ fn as_block(codes: &[u8]) -> &[u8; BLOCK] {
 
 /// The codes of a 2-bit block, in weight order.
 fn decode_i2(block: &PackedBlock) -> [u8; BLOCK] {
-    std::array::from_fn(|k| block.code(k))
+    // Plane by plane (weight k = 64 · plane + byte, as `PackedBlock::code`
+    // reads it): shifts and masks of whole byte runs, which vectorize.
+    let mut codes = [0u8; BLOCK];
+    for (plane, out) in codes.chunks_exact_mut(BLOCK_BYTES).enumerate() {
+        for (code, &byte) in out.iter_mut().zip(&block.0) {
+            *code = (byte >> (2 * plane)) & 3;
+        }
+    }
+    codes
 }
 
 /// `from` block by block through `f`, into a vector allocated fallibly.

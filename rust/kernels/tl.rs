@@ -123,12 +123,27 @@ pub fn tl_tiles(n_out: usize) -> usize {
 /// or 2), weight `i` as digit `i`.
 pub fn tl_byte(codes: [u8; TL_GROUP]) -> u8 {
     let e = codes.iter().rev().fold(0u8, |e, &c| e * 3 + c);
-    if e as usize >= TL_ENTRIES {
-        TL_NEGATED | (242 - e)
-    } else {
-        e
-    }
+    // A table, not a branch: which half a group falls in is as random as
+    // the weights, and a load converts whole models (a mispredicted branch
+    // per five weights).
+    TL_BYTE_OF[usize::from(e)]
 }
+
+/// `tl_byte` by base-3 value `e`: e itself below TL_ENTRIES, else the
+/// negation of entry 242 - e.
+const TL_BYTE_OF: [u8; 243] = {
+    let mut table = [0u8; 243];
+    let mut e = 0;
+    while e < 243 {
+        table[e] = if e >= TL_ENTRIES {
+            TL_NEGATED | (242 - e) as u8
+        } else {
+            e as u8
+        };
+        e += 1;
+    }
+    table
+};
 
 /// The weights (-1, 0, 1) of the group a byte holds.
 pub fn tl_weights(byte: u8) -> [i8; TL_GROUP] {
