@@ -320,13 +320,18 @@ impl TernaryMatrix {
         check_scale(scale)?;
         let per_row = blocks_for(n_in);
         let mut blocks = zero_blocks(n_out, n_in)?;
-        for n in 0..n_out {
-            for k in 0..n_in {
+        // A row's codes first, then whole blocks encoded from them: a
+        // read-modify-write of a byte per weight took most of a load of
+        // float masters. Codes past n_in stay 1 (zero weights).
+        let mut codes = try_filled(per_row * BLOCK, 1u8, "a row of codes")?;
+        for (n, row) in blocks.chunks_exact_mut(per_row).enumerate() {
+            for (k, code) in codes[..n_in].iter_mut().enumerate() {
                 let w = weight(n, k);
                 debug_assert!((-1..=1).contains(&w));
-                let (block, byte, shift) = position(k);
-                let cell = &mut blocks[n * per_row + block].0[byte];
-                *cell = (*cell & !(3 << shift)) | (((w + 1) as u8) << shift);
+                *code = (w + 1) as u8;
+            }
+            for (block, c) in row.iter_mut().zip(codes.chunks_exact(BLOCK)) {
+                *block = PackedBlock::encode(as_block(c));
             }
         }
         Ok(TernaryMatrix {
@@ -751,17 +756,6 @@ fn convert<A, B: Clone>(from: &[A], f: impl Fn(&A) -> B) -> Result<Vec<B>> {
     try_reserve_total(&mut out, from.len(), "a repacked ternary matrix")?;
     out.extend(from.iter().map(f));
     Ok(out)
-}
-
-/// Where weight `k` of a row lives: (block, byte within the block, bit shift).
-#[inline]
-fn position(k: usize) -> (usize, usize, u32) {
-    let within = k % BLOCK;
-    (
-        k / BLOCK,
-        within % BLOCK_BYTES,
-        2 * (within / BLOCK_BYTES) as u32,
-    )
 }
 
 fn check_scale(scale: f32) -> Result<()> {
