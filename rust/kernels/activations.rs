@@ -254,6 +254,19 @@ pub(crate) fn int8_code(v: f32) -> i8 {
     ((v + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32) as i8
 }
 
+/// `clamp(round_half_even(v), lo, hi)` for a code narrower than int8 (a
+/// ternarized weight, a q6 code), 0 for NaN (as `as` made it): `int8_code`'s
+/// rounding, without the libm call `round_ties_even` is on the baseline
+/// x86-64 target, once per weight of a model at load.
+#[inline(always)]
+pub(crate) fn clamped_code(v: f32, lo: i8, hi: i8) -> i8 {
+    if v.is_nan() {
+        0
+    } else {
+        int8_code(v).clamp(lo, hi)
+    }
+}
+
 /// max |x_i| (0 for an empty slice; NaNs are passed over, as `f32::max` does).
 /// Sixteen running maxima, so that the comparisons vectorize (a single chain
 /// of `max` waits for each result); the largest is the same in any order.

@@ -50,7 +50,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Result, TritError};
-use crate::kernels::activations::int8_code;
+use crate::kernels::activations::clamped_code;
 use crate::memory::{advise_huge_pages, try_zeroed};
 
 /// Columns of a group.
@@ -282,15 +282,10 @@ fn quantize_row(values: &[f32], out: &mut [u8]) -> f32 {
     step
 }
 
-/// `clamp(round_half_even(v), -32, 31)`, 0 for NaN, without the libm call
-/// that `round_ties_even` is on the baseline x86-64 target (once per weight
-/// of the head at load): `int8_code`'s rounding, then the narrower clamp.
+/// `clamp(round_half_even(v), -32, 31)`, 0 for NaN.
 #[inline(always)]
 fn six_bit_code(v: f32) -> i32 {
-    if v.is_nan() {
-        return 0;
-    }
-    i32::from(int8_code(v)).clamp(-32, 31)
+    i32::from(clamped_code(v, -32, 31))
 }
 
 /// Consecutive q6 rows: `[len, row_bytes(groups)]`, each row its codes

@@ -16,7 +16,7 @@ use super::config::{Config, LinearClass, QuantizationMode};
 use super::dense::DenseMatrix;
 use crate::checkpoint::{Checkpoint, DType, RawTensor, Usage};
 use crate::error::{Result, TritError};
-use crate::kernels::activations::int8_code;
+use crate::kernels::activations::clamped_code;
 use crate::kernels::{Packing, TernaryMatrix};
 use crate::memory::try_reserve_total;
 
@@ -477,14 +477,7 @@ pub fn ternarize_absmean(
     let s = 1.0f32 / mean.max(1e-5);
     let scale = 1.0f32 / s;
     TernaryMatrix::from_fn(n_out, n_in, scale, |n, k| {
-        // round_half_even and clamp, as `int8_code` does them without a
-        // libm call (one per weight here); NaN is 0, as `as i8` made it.
-        let v = w[n * n_in + k] * s;
-        if v.is_nan() {
-            0
-        } else {
-            int8_code(v).clamp(-1, 1)
-        }
+        clamped_code(w[n * n_in + k] * s, -1, 1)
     })
 }
 
